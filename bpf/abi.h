@@ -1,0 +1,218 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * The one ABI shared by the BPF programs and the Rust agent.
+ *
+ * Every type here reaches Rust through the skeleton's `types` module (BTF),
+ * so constants are enum members, not #defines, and every struct is referenced
+ * from a map or a dummy global in ringfence.bpf.c so it survives into BTF.
+ * Rust asserts the sizes (src/abi.rs); keep fields naturally aligned and pad
+ * explicitly so C and Rust agree byte for byte.
+ *
+ * Addresses are always 16 bytes: IPv4 is stored IPv4-mapped (::ffff:a.b.c.d),
+ * so one LPM trie and one flow table serve both families.
+ */
+#ifndef RINGFENCE_ABI_H
+#define RINGFENCE_ABI_H
+
+enum rf_limits {
+	RF_MAX_PORTS = 8,        /* ports one endpoint entry can carry; more => "any" is refused by the policy compiler */
+	RF_NAME_MAX = 256,       /* wire-format name buffer (names are <= 255 bytes) */
+	RF_LABELS_MAX = 128,     /* labels in a name (255 bytes => at most 127 labels) */
+	RF_GLOBS_MAX = 4,        /* label globs ("ab*cd") sharing one suffix */
+	RF_GLOB_PART_MAX = 64,   /* prefix / suffix bytes of one label glob */
+	RF_DNS_BUF = 4096,       /* DNS payload copied for parsing and for the audit trail */
+	RF_DNS_ADDRS_MAX = 64,   /* A/AAAA records bound from one answer */
+	RF_DNS_RR_MAX = 256,     /* resource records walked in one answer */
+	RF_JOB_LEVELS = 32,      /* cgroup ancestor levels searched for a job */
+	RF_LPM_FULL = 160,       /* prefixlen of a host entry: 32 bits job id + 128 bits address */
+};
+
+enum rf_verdict {
+	RF_VERDICT_ALLOWED = 0,
+	RF_VERDICT_BLOCKED = 1,
+	RF_VERDICT_AUDITED = 2, /* would have been blocked; audit mode let it pass */
+};
+
+enum rf_reason {
+	RF_REASON_ALLOWED = 0,
+	RF_REASON_NOT_ALLOWED = 1,  /* a DNS answer named it, but the name/port is not allowed */
+	RF_REASON_DIRECT_IP = 2,    /* no DNS answer produced this address and no CIDR lists it */
+	RF_REASON_DNS_RESOLVER = 3, /* DNS to a server that is not a configured resolver */
+	RF_REASON_METADATA = 4,     /* link-local / cloud metadata address not listed */
+};
+
+enum rf_mode {
+	RF_MODE_AUDIT = 0,
+	RF_MODE_BLOCK = 1,
+};
+
+enum rf_event_type {
+	RF_EVENT_FLOW = 1,
+	RF_EVENT_DNS = 2,
+};
+
+/* rf_addr_val.flags */
+enum rf_addr_flags {
+	RF_ADDR_STATIC = 1,  /* listed in the policy as an address or CIDR */
+	RF_ADDR_LEARNED = 2, /* bound from a DNS answer to an allowed name */
+	RF_ADDR_SEEN = 4,    /* produced by a DNS answer to a name that is not allowed */
+};
+
+/* rf_dns_event.flags */
+enum rf_dns_flags {
+	RF_DNS_ALLOWED = 1,   /* question name allowed by the job's policy: addresses bound */
+	RF_DNS_MALFORMED = 2, /* did not validate: nothing bound */
+	RF_DNS_TRUNCATED = 4, /* payload larger than RF_DNS_BUF: copy cut, nothing bound */
+	RF_DNS_TRIE_FULL = 8, /* some address could not be inserted */
+};
+
+/* Index into the per-CPU `counters` array. */
+enum rf_counter {
+	RF_CNT_PACKETS = 0,
+	RF_CNT_JOB_PACKETS,
+	RF_CNT_ALLOWED,
+	RF_CNT_BLOCKED,
+	RF_CNT_AUDITED,
+	RF_CNT_NEW_FLOWS,
+	RF_CNT_DNS_QUERIES,
+	RF_CNT_DNS_ANSWERS,
+	RF_CNT_DNS_BOUND,      /* addresses inserted or refreshed */
+	RF_CNT_DNS_MALFORMED,
+	RF_CNT_DNS_UNMATCHED,  /* answer with no outstanding query: ignored */
+	RF_CNT_DNS_FRAGMENT,   /* fragmented answer: cannot be parsed at TC, nothing bound */
+	RF_CNT_DNS_TOO_BIG,
+	RF_CNT_TRIE_FULL,
+	RF_CNT_RINGBUF_DROP,
+	RF_CNT_MAX,
+};
+
+/* A set of destination ports. any != 0 means every port. */
+struct rf_ports {
+	__u16 port[RF_MAX_PORTS];
+	__u8 n;
+	__u8 any;
+	__u8 _pad[6];
+};
+
+/* jobs: key __u64 cgroup id (cgroup v2 inode number). */
+struct rf_job {
+	__u32 job_id;    /* policy slot: keys the trie, the names and the resolvers */
+	__u8 mode;       /* enum rf_mode */
+	__u8 direct_ip;  /* enum rf_mode: RF_MODE_BLOCK blocks direct-ip even in audit mode */
+	__u8 _pad[2];
+};
+
+/* allow: LPM trie. prefixlen counts the 32 job-id bits plus the address bits. */
+struct rf_lpm_key {
+	__u32 prefixlen;
+	__u32 job_id; /* always fully inside the prefix, so byte order does not matter */
+	__u8 addr[16];
+};
+
+struct rf_addr_val {
+	struct rf_ports ports;
+	__u64 expires_ns;   /* CLOCK_BOOTTIME; 0 = never (static entries) */
+	__u64 last_used_ns; /* refreshed at most once a second by live flows */
+	__u32 flags;        /* enum rf_addr_flags */
+	__u32 prefixlen;    /* same as the key's: tells a host entry from a covering CIDR */
+	__u64 name_hash;    /* question name that last bound it */
+};
+
+/* names: hash of a lowercased wire-format suffix (see rf_name_hash) -> what it allows. */
+struct rf_name_key {
+	__u32 job_id;
+	__u32 _pad;
+	__u64 hash;
+};
+
+struct rf_glob {
+	struct rf_ports ports;
+	__u8 prefix_len;
+	__u8 suffix_len;
+	__u8 _pad[6];
+	__u8 prefix[RF_GLOB_PART_MAX];
+	__u8 suffix[RF_GLOB_PART_MAX];
+};
+
+struct rf_name_val {
+	struct rf_ports exact;    /* the name itself ("github.com") */
+	struct rf_ports wildcard; /* any name strictly below it ("*.npmjs.org") */
+	struct rf_glob globs[RF_GLOBS_MAX]; /* one glob label directly below it ("ab*.blob...") */
+	__u32 nglobs;
+	__u32 name_len;           /* bytes of the suffix, wire format, no terminating zero */
+	/* The suffix, lowercased, RIGHT-aligned: it fills name[RF_NAME_MAX - name_len ..] and
+	 * the bytes before it are zero. Suffixes compare right-aligned, 8 bytes at a time,
+	 * which confirms every hash hit byte by byte without a loop over the name. */
+	__u8 name[RF_NAME_MAX];
+};
+
+/* resolvers: which servers a job may send DNS to. value: __u8 1. */
+struct rf_resolver_key {
+	__u32 job_id;
+	__u8 addr[16];
+};
+
+/* queries: outstanding DNS queries seen at egress; answers must match one. */
+struct rf_query_key {
+	__u8 server[16];
+	__u16 client_port; /* host order */
+	__u16 txid;        /* host order */
+};
+
+struct rf_query_val {
+	__u64 name_hash;
+	__u64 sent_ns;
+	__u32 job_id;
+	__u32 _pad;
+};
+
+/* flows: key of one flow of one job; the verdict is made once, on its first packet. */
+struct rf_flow_key {
+	__u8 daddr[16];
+	__u32 job_id;
+	__u16 sport; /* host order */
+	__u16 dport; /* host order */
+	__u8 proto;
+	__u8 _pad[3];
+};
+
+struct rf_flow_val {
+	__u64 first_ns;
+	__u64 last_ns;
+	__u8 verdict;
+	__u8 reason;
+	__u8 _pad[6];
+};
+
+struct rf_event_hdr {
+	__u32 type;   /* enum rf_event_type */
+	__u32 job_id;
+	__u64 ts_ns;  /* CLOCK_BOOTTIME */
+};
+
+struct rf_flow_event {
+	struct rf_event_hdr hdr;
+	__u64 cgroup_id;
+	__u32 pid;    /* 0 when the packet was not sent from process context */
+	__u32 _pad;
+	char comm[16];
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;   /* IPPROTO_* */
+	__u8 verdict; /* enum rf_verdict */
+	__u8 reason;  /* enum rf_reason */
+	__u8 _pad2;
+};
+
+/* Followed by `len` bytes of the DNS message. */
+struct rf_dns_event {
+	struct rf_event_hdr hdr;
+	__u8 server[16];
+	__u16 len;
+	__u16 bound;  /* addresses inserted or refreshed */
+	__u32 flags;  /* enum rf_dns_flags */
+};
+
+#endif

@@ -1,0 +1,68 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* Maps shared by the egress and ingress programs. Sizes are set from userspace before load. */
+#ifndef RINGFENCE_MAPS_H
+#define RINGFENCE_MAPS_H
+
+#include "abi.h"
+
+/* cgroup id -> job. A job's child cgroups are found through their ancestors. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u64);
+	__type(value, struct rf_job);
+} jobs SEC(".maps");
+
+/* (job, address/prefix) -> ports allowed. Static CIDRs and addresses learned from DNS. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct rf_lpm_key);
+	__type(value, struct rf_addr_val);
+} allow SEC(".maps");
+
+/* (job, hash of a name suffix) -> what that name allows. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct rf_name_key);
+	__type(value, struct rf_name_val);
+} names SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct rf_resolver_key);
+	__type(value, __u8);
+} resolvers SEC(".maps");
+
+/* Outstanding queries: an answer binds only if it matches one. LRU: no cleanup needed. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, struct rf_query_key);
+	__type(value, struct rf_query_val);
+} queries SEC(".maps");
+
+/* Flow verdict cache: a flow is judged once; later packets follow the cached verdict. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 262144);
+	__type(key, struct rf_flow_key);
+	__type(value, struct rf_flow_val);
+} flows SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 8 << 20);
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, RF_CNT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} counters SEC(".maps");
+
+#endif

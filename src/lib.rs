@@ -1,0 +1,2 @@
+//! ringfence: an eBPF egress firewall and audit trail for CI runners.
+pub mod bpf_skel;
