@@ -163,7 +163,8 @@ struct rf_query_val {
 	__u64 name_hash;
 	__u64 sent_ns;
 	__u32 job_id;
-	__u32 _pad;
+	__u8 bind_seen; /* audit mode: bind addresses of names that are not allowed as RF_ADDR_SEEN */
+	__u8 _pad[3];
 };
 
 /* flows: key of one flow of one job; the verdict is made once, on its first packet. */

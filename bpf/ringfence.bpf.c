@@ -1,10 +1,234 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
+/*
+ * ringfence dataplane: one TC program on egress judges every new flow of a job, one on
+ * ingress parses DNS answers and binds their addresses before the socket sees them.
+ *
+ * Return codes work for both attach paths: TC_ACT_UNSPEC (-1) is TCX_NEXT and "next
+ * filter" for clsact, so ringfence never ends the chain for traffic it allows — other
+ * programs on the device still get their say. Only a block returns TC_ACT_SHOT.
+ */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
+
 #include "abi.h"
 #include "maps.h"
+#include "parse.h"
+#include "dns.h"
 
+/* Bit n set: some job's cgroup sits at level n of the hierarchy. Written by the agent as
+ * jobs come and go, so the ancestor walk only asks about levels that can match. */
+volatile __u32 job_levels = 0;
+
+/* Keep the event types in BTF for the skeleton (see abi.h). */
+struct rf_flow_event _rf_flow_event = {};
+struct rf_dns_event _rf_dns_event = {};
+
+#define RF_SEC 1000000000ULL
+
+static __always_inline struct rf_job *find_job(struct __sk_buff *skb, __u64 *cgid)
+{
+	__u64 id = bpf_skb_cgroup_id(skb);
+	struct rf_job *j;
+	__u32 levels;
+
+	if (!id)
+		return NULL;
+	*cgid = id;
+	j = bpf_map_lookup_elem(&jobs, &id);
+	if (j)
+		return j;
+	levels = job_levels;
+	for (int l = 0; l < RF_JOB_LEVELS; l++) {
+		if (!(levels >> l))
+			break;
+		if (!(levels & (1U << l)))
+			continue;
+		__u64 a = bpf_skb_ancestor_cgroup_id(skb, l);
+
+		if (!a)
+			break;
+		j = bpf_map_lookup_elem(&jobs, &a);
+		if (j)
+			return j;
+	}
+	return NULL;
+}
+
+static __always_inline __u8 deny(const struct rf_job *job, int direct)
+{
+	if (job->mode == RF_MODE_BLOCK)
+		return RF_VERDICT_BLOCKED;
+	if (direct && job->direct_ip == RF_MODE_BLOCK)
+		return RF_VERDICT_BLOCKED;
+	return RF_VERDICT_AUDITED;
+}
+
+static __always_inline __u8 judge(const struct rf_job *job, struct pkt *p, __u64 now, __u8 *reason)
+{
+	struct rf_lpm_key key = {};
+	struct rf_addr_val *v;
+
+	if ((p->proto == IPPROTO_UDP || p->proto == IPPROTO_TCP) && p->dport == 53) {
+		struct rf_resolver_key rk = {};
+
+		rk.job_id = job->job_id;
+		__builtin_memcpy(rk.addr, p->daddr, 16);
+		if (bpf_map_lookup_elem(&resolvers, &rk)) {
+			*reason = RF_REASON_ALLOWED;
+			return RF_VERDICT_ALLOWED;
+		}
+		*reason = RF_REASON_DNS_RESOLVER;
+		return deny(job, 1);
+	}
+
+	key.prefixlen = RF_LPM_FULL;
+	key.job_id = job->job_id;
+	__builtin_memcpy(key.addr, p->daddr, 16);
+	v = bpf_map_lookup_elem(&allow, &key);
+	if (v) {
+		if (ports_has(&v->ports, p->dport)) {
+			v->last_used_ns = now;
+			*reason = RF_REASON_ALLOWED;
+			return RF_VERDICT_ALLOWED;
+		}
+		*reason = RF_REASON_NOT_ALLOWED;
+		return deny(job, 0);
+	}
+	if (is_metadata(p->daddr)) {
+		*reason = RF_REASON_METADATA;
+		return RF_VERDICT_BLOCKED;
+	}
+	*reason = RF_REASON_DIRECT_IP;
+	return deny(job, 1);
+}
+
+static __always_inline void emit_flow(const struct rf_job *job, __u64 cgid, struct pkt *p,
+				      __u64 now, __u8 verdict, __u8 reason)
+{
+	struct rf_flow_event *e;
+
+	if (!emit_events)
+		return;
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	if (!e) {
+		count(RF_CNT_RINGBUF_DROP);
+		return;
+	}
+	e->hdr.type = RF_EVENT_FLOW;
+	e->hdr.job_id = job->job_id;
+	e->hdr.ts_ns = now;
+	e->cgroup_id = cgid;
+	/* The first packet of a flow is sent from the process that opened it (connect(),
+	 * sendmsg()); a retransmit from a timer has no process, which the agent tells by
+	 * checking the pid against the job's cgroup. */
+	e->pid = bpf_get_current_pid_tgid() >> 32;
+	e->_pad = 0;
+	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	__builtin_memcpy(e->saddr, p->saddr, 16);
+	__builtin_memcpy(e->daddr, p->daddr, 16);
+	e->sport = p->sport;
+	e->dport = p->dport;
+	e->proto = p->proto;
+	e->verdict = verdict;
+	e->reason = reason;
+	e->_pad2 = 0;
+	bpf_ringbuf_submit(e, 0);
+}
+
+SEC("tc")
+int rf_egress(struct __sk_buff *skb)
+{
+	struct rf_flow_key fk = {};
+	struct rf_flow_val fv = {}, *cached;
+	struct pkt p = {};
+	struct rf_job *job;
+	__u64 cgid = 0, now;
+	__u8 verdict, reason = RF_REASON_ALLOWED;
+
+	count(RF_CNT_PACKETS);
+	job = find_job(skb, &cgid);
+	if (!job)
+		return TC_ACT_UNSPEC;
+	if (parse_pkt(skb, &p))
+		return TC_ACT_UNSPEC;
+	count(RF_CNT_JOB_PACKETS);
+	if (is_loopback(p.daddr))
+		return TC_ACT_UNSPEC;
+
+	__builtin_memcpy(fk.daddr, p.daddr, 16);
+	fk.job_id = job->job_id;
+	fk.sport = p.sport;
+	fk.dport = p.dport;
+	fk.proto = p.proto;
+	now = bpf_ktime_get_boot_ns();
+
+	cached = bpf_map_lookup_elem(&flows, &fk);
+	if (cached) {
+		/* Established path: the verdict was made on the first packet. Touch the entry
+		 * at most once a second so live flows keep their learned address alive. */
+		if (now - cached->last_ns > RF_SEC) {
+			cached->last_ns = now;
+			if (cached->verdict != RF_VERDICT_BLOCKED) {
+				struct rf_lpm_key key = {};
+				struct rf_addr_val *v;
+
+				key.prefixlen = RF_LPM_FULL;
+				key.job_id = job->job_id;
+				__builtin_memcpy(key.addr, p.daddr, 16);
+				v = bpf_map_lookup_elem(&allow, &key);
+				if (v)
+					v->last_used_ns = now;
+			}
+		}
+		if (cached->verdict == RF_VERDICT_BLOCKED) {
+			count(RF_CNT_BLOCKED);
+			return TC_ACT_SHOT;
+		}
+		if (p.proto == IPPROTO_UDP && p.dport == 53 && cached->verdict == RF_VERDICT_ALLOWED)
+			dns_query(skb, &p, job);
+		return TC_ACT_UNSPEC;
+	}
+
+	/* Only the first packet of an outbound connection opens a flow. A TCP segment without
+	 * SYN (or a SYN-ACK: an inbound connection) cannot open one: a dropped SYN means there
+	 * is no connection to continue, and replies to inbound connections must pass. */
+	if (p.proto == IPPROTO_TCP && (!(p.tcp_flags & RF_TCP_SYN) || (p.tcp_flags & RF_TCP_ACK)))
+		return TC_ACT_UNSPEC;
+	/* A later fragment has no ports: judge it by address like its first fragment was. */
+
+	verdict = judge(job, &p, now, &reason);
+	fv.first_ns = now;
+	fv.last_ns = now;
+	fv.verdict = verdict;
+	fv.reason = reason;
+	bpf_map_update_elem(&flows, &fk, &fv, BPF_ANY);
+	count(RF_CNT_NEW_FLOWS);
+	emit_flow(job, cgid, &p, now, verdict, reason);
+
+	if (verdict == RF_VERDICT_BLOCKED) {
+		count(RF_CNT_BLOCKED);
+		return TC_ACT_SHOT;
+	}
+	count(verdict == RF_VERDICT_AUDITED ? RF_CNT_AUDITED : RF_CNT_ALLOWED);
+	if (p.proto == IPPROTO_UDP && p.dport == 53 && verdict == RF_VERDICT_ALLOWED)
+		dns_query(skb, &p, job);
+	return TC_ACT_UNSPEC;
+}
+
+SEC("tc")
+int rf_ingress(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+
+	if (parse_pkt(skb, &p))
+		return TC_ACT_UNSPEC;
+	if (p.proto == IPPROTO_UDP && p.sport == 53)
+		dns_answer(skb, &p);
+	return TC_ACT_UNSPEC;
+}
+
+/* The baseline for benchmarks: what an attached program costs before it does anything. */
 SEC("tc")
 int rf_empty(struct __sk_buff *skb)
 {

@@ -1,0 +1,618 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/*
+ * DNS in the kernel: the question name of queries (egress) and answers (ingress),
+ * and the A/AAAA records of answers, bound into the job's allow trie before the
+ * answer reaches the application.
+ *
+ * Verifier notes (see DESIGN.md, "Known facts about in-kernel DNS binding"):
+ * - every loop is a bpf_loop callback; loop state lives in the per-CPU scratch
+ *   map value, never in a stack context (6.7+ verifies callbacks to convergence);
+ * - the payload is copied once into scratch and read there through masks
+ *   (`off & (RF_DNS_BUF - 1)`), with `slack` after the buffer so that a masked
+ *   offset plus a small fixed read stays inside the map value;
+ * - barrier_var() before each mask so clang does not drop a mask it thinks redundant.
+ */
+#ifndef RINGFENCE_DNS_H
+#define RINGFENCE_DNS_H
+
+#include "abi.h"
+#include "maps.h"
+#include "parse.h"
+
+#define RF_FNV_OFFSET 0xcbf29ce484222325ULL
+#define RF_FNV_PRIME 0x100000001b3ULL
+#define RF_BUF_MASK (RF_DNS_BUF - 1)
+
+/* Minimum lifetime and grace of a learned address, set by the agent before load. */
+const volatile __u64 dns_min_ttl_ns = 0;
+const volatile __u64 dns_grace_ns = 30ULL * 1000000000ULL;
+/* Benchmarks turn the ring buffer off so a full buffer does not distort the figures. */
+const volatile __u8 emit_events = 1;
+
+struct rf_scratch {
+	/* ev and buf are contiguous: one bpf_ringbuf_output() sends the header and the copy. */
+	struct rf_dns_event ev;
+	__u8 buf[RF_DNS_BUF];
+	__u8 slack[64];
+	/* The question name, lowercased, right-aligned like rf_name_val.name. */
+	__u8 rname[RF_NAME_MAX];
+	__u8 rslack[64];
+	__u64 suffix_hash[RF_LABELS_MAX]; /* hash of the suffix starting at label i */
+	__u8 label_off[RF_LABELS_MAX];    /* offset of label i's length byte in the name */
+	__u8 addrs[RF_DNS_ADDRS_MAX][16];
+	__u32 ttls[RF_DNS_ADDRS_MAX];
+	struct rf_ports ports; /* union of what the question name matched */
+	struct rf_addr_val nv; /* a new trie value is built here: variable-offset stack writes are refused */
+	__u64 hash;
+	__u64 now;
+	__u32 len;      /* bytes in buf */
+	__u32 off;      /* parse cursor */
+	__u32 name_len; /* question name, wire format, without the terminating zero */
+	__u32 nlabels;
+	__s32 cur;      /* label being hashed, right to left */
+	__u32 err;
+	__u32 done;
+	__u32 naddrs;
+	__u32 rr_left;
+	__u32 in_name;
+	__u32 rr_start;
+	__u32 job_id;
+	__u32 bound;
+	__u32 flags;
+	__u32 overflow;
+	__u32 matched;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rf_scratch);
+} scratch SEC(".maps");
+
+static __always_inline struct rf_scratch *get_scratch(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&scratch, &zero);
+}
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *c = bpf_map_lookup_elem(&counters, &idx);
+
+	if (c)
+		*c += 1;
+}
+
+static __always_inline __u8 buf_at(struct rf_scratch *s, __u32 off)
+{
+	barrier_var(off);
+	return s->buf[off & RF_BUF_MASK];
+}
+
+static __always_inline __u16 buf16(struct rf_scratch *s, __u32 off)
+{
+	return ((__u16)buf_at(s, off) << 8) | buf_at(s, off + 1);
+}
+
+/* ---- ports ---------------------------------------------------------------- */
+
+static __always_inline int ports_has(const struct rf_ports *ps, __u16 port)
+{
+	if (ps->any)
+		return 1;
+#pragma unroll
+	for (int i = 0; i < RF_MAX_PORTS; i++) {
+		if (i >= ps->n)
+			break;
+		if (ps->port[i] == port)
+			return 1;
+	}
+	return 0;
+}
+
+static __always_inline int ports_empty(const struct rf_ports *ps)
+{
+	return !ps->any && !ps->n;
+}
+
+/* dst |= src. Fails closed: a port that does not fit is left out (and counted by the caller). */
+static __always_inline void ports_union(struct rf_ports *dst, const struct rf_ports *src)
+{
+	if (src->any) {
+		dst->any = 1;
+		return;
+	}
+#pragma unroll
+	for (int i = 0; i < RF_MAX_PORTS; i++) {
+		if (i >= src->n)
+			break;
+		__u16 p = src->port[i];
+
+		if (ports_has(dst, p))
+			continue;
+		__u32 n = dst->n;
+
+		if (n >= RF_MAX_PORTS)
+			break;
+		barrier_var(n);
+		dst->port[n & (RF_MAX_PORTS - 1)] = p;
+		dst->n = n + 1;
+	}
+}
+
+/* ---- question name -------------------------------------------------------- */
+
+/* One label of the question name per call. Compression is not valid in a question. */
+static long qname_label_cb(__u32 i, void *ctx)
+{
+	struct rf_scratch *s = get_scratch();
+	__u32 off, rel, n;
+	__u8 l;
+
+	if (!s)
+		return 1;
+	off = s->off;
+	if (off >= s->len) {
+		s->err = 1;
+		return 1;
+	}
+	l = buf_at(s, off);
+	rel = off - 12;
+	if (l == 0) {
+		s->name_len = rel;
+		s->off = off + 1;
+		s->done = 1;
+		return 1;
+	}
+	n = s->nlabels;
+	/* l > 63 also rejects compression pointers (0xc0) and the reserved 0x40/0x80 forms. */
+	if (l > 63 || n >= RF_LABELS_MAX || rel + 1 + l > 254) {
+		s->err = 1;
+		return 1;
+	}
+	s->label_off[n & (RF_LABELS_MAX - 1)] = rel;
+	s->nlabels = n + 1;
+	s->off = off + 1 + l;
+	return 0;
+}
+
+/* One byte per call, right to left: lowercases into rname and hashes; at each label's
+ * length byte the running hash is the hash of that suffix. */
+static long qname_hash_cb(__u32 i, void *ctx)
+{
+	struct rf_scratch *s = get_scratch();
+	__u32 pos, nl;
+	__s32 cur;
+	__u8 b;
+
+	if (!s)
+		return 1;
+	nl = s->name_len;
+	if (i >= nl)
+		return 1;
+	pos = nl - 1 - i;
+	b = buf_at(s, 12 + pos);
+	if (b >= 'A' && b <= 'Z')
+		b |= 0x20;
+	s->rname[(RF_NAME_MAX - nl + pos) & (RF_NAME_MAX - 1)] = b;
+	s->hash = (s->hash ^ b) * RF_FNV_PRIME;
+	cur = s->cur;
+	if (cur >= 0 && s->label_off[cur & (RF_LABELS_MAX - 1)] == pos) {
+		s->suffix_hash[cur & (RF_LABELS_MAX - 1)] = s->hash;
+		s->cur = cur - 1;
+	}
+	return 0;
+}
+
+/* Parses the question at offset 12: fills label offsets, rname, suffix hashes and
+ * leaves s->off after QTYPE/QCLASS. Returns 0 on success. */
+static __always_inline int parse_question(struct rf_scratch *s)
+{
+	s->off = 12;
+	s->nlabels = 0;
+	s->name_len = 0;
+	s->err = 0;
+	s->done = 0;
+	bpf_loop(RF_LABELS_MAX, qname_label_cb, NULL, 0);
+	if (s->err || !s->done || s->nlabels == 0)
+		return -1;
+	s->hash = RF_FNV_OFFSET;
+	s->cur = (__s32)s->nlabels - 1;
+	bpf_loop(RF_NAME_MAX, qname_hash_cb, NULL, 0);
+	if (s->off + 4 > s->len)
+		return -1;
+	s->off += 4;
+	return 0;
+}
+
+/* Right-aligned suffix compare, 8 bytes at a time: the last L bytes of a and b. */
+static __always_inline int suffix_equal(const __u8 *a, const __u8 *b, __u32 L)
+{
+#pragma unroll
+	for (int i = 0; i < RF_NAME_MAX / 8; i++) {
+		if (i * 8 >= L)
+			break;
+		__u64 x = *(const __u64 *)(a + RF_NAME_MAX - 8 - i * 8) ^
+			  *(const __u64 *)(b + RF_NAME_MAX - 8 - i * 8);
+		__u32 n = L - i * 8;
+
+		if (n < 8)
+			x &= ~0ULL << (8 * (8 - n));
+		if (x)
+			return 0;
+	}
+	return 1;
+}
+
+/* The first n (<= 64) bytes at rname[at] equal pat? */
+static __always_inline int part_equal(struct rf_scratch *s, __u32 at, const __u8 *pat, __u32 n)
+{
+	barrier_var(at);
+	at &= RF_NAME_MAX - 1;
+#pragma unroll
+	for (int i = 0; i < RF_GLOB_PART_MAX / 8; i++) {
+		if (i * 8 >= n)
+			break;
+		__u64 x = *(const __u64 *)(s->rname + at + i * 8) ^ *(const __u64 *)(pat + i * 8);
+		__u32 m = n - i * 8;
+
+		if (m < 8)
+			x &= (1ULL << (8 * m)) - 1;
+		if (x)
+			return 0;
+	}
+	return 1;
+}
+
+/* Label 0 of the question against the globs of the suffix that starts at label 1. */
+static __always_inline void match_globs(struct rf_scratch *s, const struct rf_name_val *v)
+{
+	__u32 start0 = RF_NAME_MAX - s->name_len + 1;
+	__u32 len0 = s->label_off[1] - 1;
+
+#pragma unroll
+	for (int g = 0; g < RF_GLOBS_MAX; g++) {
+		if (g >= v->nglobs)
+			break;
+		const struct rf_glob *gl = &v->globs[g];
+		__u32 pl = gl->prefix_len, sl = gl->suffix_len;
+
+		if (pl > RF_GLOB_PART_MAX || sl > RF_GLOB_PART_MAX || pl + sl > len0)
+			continue;
+		if (!part_equal(s, start0, gl->prefix, pl))
+			continue;
+		if (!part_equal(s, start0 + len0 - sl, gl->suffix, sl))
+			continue;
+		ports_union(&s->ports, &gl->ports);
+		s->matched = 1;
+	}
+}
+
+/* One label start per call: the suffix from label k against the job's names. */
+static long match_cb(__u32 k, void *ctx)
+{
+	struct rf_scratch *s = get_scratch();
+	struct rf_name_key key = {};
+	struct rf_name_val *v;
+	__u32 L;
+
+	if (!s || k >= s->nlabels)
+		return 1;
+	key.job_id = s->job_id;
+	key.hash = s->suffix_hash[k & (RF_LABELS_MAX - 1)];
+	v = bpf_map_lookup_elem(&names, &key);
+	if (!v)
+		return 0;
+	L = s->name_len - s->label_off[k & (RF_LABELS_MAX - 1)];
+	/* A hash hit is only a candidate: a crafted collision must not bind anything. */
+	if (v->name_len != L || !suffix_equal(s->rname, v->name, L))
+		return 0;
+	if (k == 0) {
+		if (!ports_empty(&v->exact))
+			s->matched = 1;
+		ports_union(&s->ports, &v->exact);
+	} else {
+		if (!ports_empty(&v->wildcard))
+			s->matched = 1;
+		ports_union(&s->ports, &v->wildcard);
+	}
+	if (k == 1 && v->nglobs)
+		match_globs(s, v);
+	return 0;
+}
+
+/* ---- answer records ------------------------------------------------------- */
+
+/* One step per call: one label of an owner name, or one record's fixed part and data.
+ * Owner names are skipped, never decompressed: a pointer ends the name and must point
+ * backwards to at least offset 12, so no loop can be built. */
+static long rr_cb(__u32 i, void *ctx)
+{
+	struct rf_scratch *s = get_scratch();
+	__u32 off, rd, rdlen, type, class, ttl, n;
+	__u8 l;
+
+	if (!s)
+		return 1;
+	if (s->rr_left == 0) {
+		s->done = 1;
+		return 1;
+	}
+	off = s->off;
+	if (s->in_name) {
+		if (off >= s->len)
+			goto bad;
+		l = buf_at(s, off);
+		if (l == 0) {
+			s->off = off + 1;
+			s->in_name = 0;
+			return 0;
+		}
+		if ((l & 0xc0) == 0xc0) {
+			__u32 ptr = ((__u32)(l & 0x3f) << 8) | buf_at(s, off + 1);
+
+			if (off + 2 > s->len || ptr < 12 || ptr >= s->rr_start)
+				goto bad;
+			s->off = off + 2;
+			s->in_name = 0;
+			return 0;
+		}
+		if (l > 63 || off + 1 + l - s->rr_start > 255)
+			goto bad;
+		s->off = off + 1 + l;
+		return 0;
+	}
+	if (off + 10 > s->len)
+		goto bad;
+	type = buf16(s, off);
+	class = buf16(s, off + 2);
+	ttl = ((__u32)buf16(s, off + 4) << 16) | buf16(s, off + 6);
+	rdlen = buf16(s, off + 8);
+	rd = off + 10;
+	if (rd + rdlen > s->len)
+		goto bad;
+	if (type == 1 || type == 28) {
+		if (class != 1)
+			goto next; /* not IN: nothing to bind */
+		if ((type == 1 && rdlen != 4) || (type == 28 && rdlen != 16))
+			goto bad;
+		n = s->naddrs;
+		if (n >= RF_DNS_ADDRS_MAX) {
+			s->overflow = 1;
+			goto next;
+		}
+		__u8 *dst = s->addrs[n & (RF_DNS_ADDRS_MAX - 1)];
+
+		barrier_var(rd);
+		rd &= RF_BUF_MASK;
+		if (type == 1) {
+			__builtin_memset(dst, 0, 10);
+			dst[10] = 0xff;
+			dst[11] = 0xff;
+			__builtin_memcpy(dst + 12, s->buf + rd, 4);
+		} else {
+			__builtin_memcpy(dst, s->buf + rd, 16);
+		}
+		/* A TTL with the top bit set is treated as 0 (RFC 2181 section 8). */
+		s->ttls[n & (RF_DNS_ADDRS_MAX - 1)] = (ttl & 0x80000000) ? 0 : ttl;
+		s->naddrs = n + 1;
+	}
+next:
+	s->off = off + 10 + rdlen;
+	s->rr_left -= 1;
+	s->in_name = 1;
+	s->rr_start = s->off;
+	return 0;
+bad:
+	s->err = 1;
+	return 1;
+}
+
+/* One address per call into the job's trie: refresh in place when the host entry exists
+ * (an update would allocate), otherwise insert, inheriting the ports of a covering CIDR. */
+static long bind_cb(__u32 i, void *ctx)
+{
+	struct rf_scratch *s = get_scratch();
+	struct rf_lpm_key key = {};
+	struct rf_addr_val *v, *nv;
+	__u64 life, exp;
+	int allowed;
+
+	if (!s || i >= s->naddrs)
+		return 1;
+	allowed = s->matched;
+	key.prefixlen = RF_LPM_FULL;
+	key.job_id = s->job_id;
+	__builtin_memcpy(key.addr, s->addrs[i & (RF_DNS_ADDRS_MAX - 1)], 16);
+	life = (__u64)s->ttls[i & (RF_DNS_ADDRS_MAX - 1)] * 1000000000ULL;
+	if (life < dns_min_ttl_ns)
+		life = dns_min_ttl_ns;
+	exp = s->now + life + dns_grace_ns;
+
+	v = bpf_map_lookup_elem(&allow, &key);
+	if (v && v->prefixlen == RF_LPM_FULL) {
+		if (allowed) {
+			ports_union(&v->ports, &s->ports);
+			v->flags |= RF_ADDR_LEARNED;
+			v->name_hash = s->suffix_hash[0];
+		} else {
+			v->flags |= RF_ADDR_SEEN;
+		}
+		if (v->expires_ns && exp > v->expires_ns)
+			v->expires_ns = exp;
+		s->bound += 1;
+		return 0;
+	}
+	nv = &s->nv;
+	__builtin_memset(nv, 0, sizeof(*nv));
+	if (v) {
+		nv->ports = v->ports;
+		nv->flags = v->flags & RF_ADDR_STATIC;
+	}
+	if (allowed) {
+		ports_union(&nv->ports, &s->ports);
+		nv->flags |= RF_ADDR_LEARNED;
+	} else {
+		nv->flags |= RF_ADDR_SEEN;
+	}
+	nv->expires_ns = exp;
+	nv->prefixlen = RF_LPM_FULL;
+	nv->name_hash = s->suffix_hash[0];
+	if (bpf_map_update_elem(&allow, &key, nv, BPF_ANY)) {
+		count(RF_CNT_TRIE_FULL);
+		s->flags |= RF_DNS_TRIE_FULL;
+		return 0;
+	}
+	s->bound += 1;
+	return 0;
+}
+
+/* Copies the DNS payload of the packet into scratch. Returns the scratch or NULL. */
+static __always_inline struct rf_scratch *load_dns(struct __sk_buff *skb, struct pkt *p)
+{
+	struct rf_scratch *s = get_scratch();
+	__u32 len = p->l4_len;
+
+	if (!s)
+		return NULL;
+	s->flags = 0;
+	if (len > RF_DNS_BUF) {
+		s->flags |= RF_DNS_TRUNCATED;
+		len = RF_DNS_BUF;
+	}
+	barrier_var(len);
+	if (len < 12 || len > RF_DNS_BUF)
+		return NULL;
+	if (bpf_skb_load_bytes(skb, p->payload, s->buf, len))
+		return NULL;
+	s->len = len;
+	return s;
+}
+
+/* Egress: a UDP query to an allowed resolver is remembered, so that only its answer binds. */
+static __always_inline void dns_query(struct __sk_buff *skb, struct pkt *p, const struct rf_job *job)
+{
+	struct rf_query_key qk = {};
+	struct rf_query_val qv = {};
+	struct rf_scratch *s;
+
+	if (p->fragment)
+		return;
+	s = load_dns(skb, p);
+	if (!s || (s->flags & RF_DNS_TRUNCATED))
+		return;
+	/* QR must be 0 and exactly one question. */
+	if ((buf_at(s, 2) & 0x80) || buf16(s, 4) != 1)
+		return;
+	if (parse_question(s))
+		return;
+	count(RF_CNT_DNS_QUERIES);
+	__builtin_memcpy(qk.server, p->daddr, 16);
+	qk.client_port = p->sport;
+	qk.txid = buf16(s, 0);
+	qv.name_hash = s->hash;
+	qv.sent_ns = bpf_ktime_get_boot_ns();
+	qv.job_id = job->job_id;
+	qv.bind_seen = job->mode == RF_MODE_AUDIT;
+	bpf_map_update_elem(&queries, &qk, &qv, BPF_ANY);
+}
+
+/* Ingress: an answer from a resolver that matches an outstanding query of a job. Binds
+ * the A/AAAA records when the question is allowed, copies the answer to the ring buffer.
+ * Never drops: what does not validate binds nothing and passes on to the socket. */
+static __always_inline void dns_answer(struct __sk_buff *skb, struct pkt *p)
+{
+	struct rf_query_key qk = {};
+	struct rf_query_val *q;
+	struct rf_scratch *s;
+	__u32 an, job_id, bind_seen;
+	__u64 qhash;
+	__u16 txid;
+
+	if (p->fragment) {
+		count(RF_CNT_DNS_FRAGMENT);
+		return;
+	}
+	if (p->l4_len > RF_DNS_BUF) {
+		count(RF_CNT_DNS_TOO_BIG);
+		return;
+	}
+	s = load_dns(skb, p);
+	if (!s)
+		return;
+	count(RF_CNT_DNS_ANSWERS);
+	txid = buf16(s, 0);
+	__builtin_memcpy(qk.server, p->saddr, 16);
+	qk.client_port = p->dport;
+	qk.txid = txid;
+	q = bpf_map_lookup_elem(&queries, &qk);
+	if (!q) {
+		count(RF_CNT_DNS_UNMATCHED);
+		return;
+	}
+	job_id = q->job_id;
+	qhash = q->name_hash;
+	bind_seen = q->bind_seen;
+
+	s->job_id = job_id;
+	s->now = bpf_ktime_get_boot_ns();
+	s->naddrs = 0;
+	s->bound = 0;
+	s->overflow = 0;
+	s->matched = 0;
+	__builtin_memset(&s->ports, 0, sizeof(s->ports));
+
+	/* QR=1, opcode 0, one question, and the name we saw leave. */
+	if (!(buf_at(s, 2) & 0x80) || (buf_at(s, 2) & 0x78) || buf16(s, 4) != 1 ||
+	    parse_question(s) || s->hash != qhash)
+		goto malformed;
+	an = buf16(s, 6);
+	if (an > RF_DNS_RR_MAX)
+		goto malformed;
+
+	bpf_loop(RF_LABELS_MAX, match_cb, NULL, 0);
+
+	/* Validate the whole answer section before inserting anything. */
+	s->rr_left = an;
+	s->in_name = 1;
+	s->rr_start = s->off;
+	s->err = 0;
+	s->done = 0;
+	bpf_loop(RF_DNS_RR_MAX * 8, rr_cb, NULL, 0);
+	if (s->err || (!s->done && s->rr_left))
+		goto malformed;
+	if ((buf_at(s, 3) & 0x0f) == 0 && (s->matched || bind_seen))
+		bpf_loop(RF_DNS_ADDRS_MAX, bind_cb, NULL, 0);
+	if (s->matched)
+		s->flags |= RF_DNS_ALLOWED;
+	if (s->bound)
+		count(RF_CNT_DNS_BOUND);
+	goto out;
+malformed:
+	count(RF_CNT_DNS_MALFORMED);
+	s->flags |= RF_DNS_MALFORMED;
+	s->bound = 0;
+out:
+	if (!emit_events)
+		return;
+	s->ev.hdr.type = RF_EVENT_DNS;
+	s->ev.hdr.job_id = job_id;
+	s->ev.hdr.ts_ns = bpf_ktime_get_boot_ns();
+	__builtin_memcpy(s->ev.server, p->saddr, 16);
+	s->ev.bound = s->bound;
+	s->ev.flags = s->flags;
+	{
+		__u32 len = s->len;
+
+		barrier_var(len);
+		if (len > RF_DNS_BUF)
+			return;
+		s->ev.len = len;
+		if (bpf_ringbuf_output(&events, &s->ev, sizeof(s->ev) + len, 0))
+			count(RF_CNT_RINGBUF_DROP);
+	}
+}
+
+#endif
