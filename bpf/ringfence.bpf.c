@@ -23,6 +23,14 @@ volatile __u32 job_levels = 0;
 /* Keep the event types in BTF for the skeleton (see abi.h). */
 struct rf_flow_event _rf_flow_event = {};
 struct rf_dns_event _rf_dns_event = {};
+enum rf_limits _rf_limits = 0;
+enum rf_verdict _rf_verdict = 0;
+enum rf_reason _rf_reason = 0;
+enum rf_mode _rf_mode = 0;
+enum rf_event_type _rf_event_type = 0;
+enum rf_addr_flags _rf_addr_flags = 0;
+enum rf_dns_flags _rf_dns_flags = 0;
+enum rf_counter _rf_counter = 0;
 
 #define RF_SEC 1000000000ULL
 

@@ -1,2 +1,29 @@
 //! ringfence: an eBPF egress firewall and audit trail for CI runners.
+//!
+//! Map of the crate: `bpf/` holds the kernel programs (C) and `abi.h`, the one ABI they
+//! share with Rust (`abi`). `dataplane` loads and attaches them and owns their maps;
+//! `policy` parses and compiles policies; `agent` is the event loop that turns kernel
+//! events into the audit trail (`events`, `dns`, `report`); `exec` runs one command as a
+//! job in a `cgroup`. `demo` and `testbed` build network namespaces with real DNS servers.
+pub mod abi;
+pub mod agent;
 pub mod bpf_skel;
+pub mod cgroup;
+pub mod cli;
+pub mod dataplane;
+pub mod exec;
+pub mod logging;
+pub mod netif;
+pub mod probe;
+
+/// The exit status for an error: 2 for bad usage or policy (the input is wrong), 1 for
+/// everything that went wrong at run time.
+pub fn exit_status(e: &anyhow::Error) -> i32 {
+    if e.downcast_ref::<exec::UsageError>().is_some()
+        || e.downcast_ref::<policy::PolicyError>().is_some()
+    {
+        2
+    } else {
+        1
+    }
+}

@@ -1,1 +1,20 @@
-fn main() {}
+use clap::Parser;
+
+use ringfence::cli::{Cli, Cmd};
+
+fn main() {
+    ringfence::logging::init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Exec(args) => ringfence::exec::run(&args),
+        Cmd::Demo => ringfence::demo::run().map(|()| 0),
+        Cmd::Probe => ringfence::probe::print().map(|()| 0),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("ringfence: {e:#}");
+            std::process::exit(ringfence::exit_status(&e));
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! The agent: turns what the kernel reports into the audit trail, and keeps learned state
+//! honest. One thread, one mio loop: the ring buffer's epoll fd, signals, the job's pidfd
+//! and the expiry timer all wake the same `poll`, so nothing needs a lock.
+use std::cell::RefCell;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
+use std::io;
+use std::net::IpAddr;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+
+use crate::abi;
+use crate::dataplane::Dataplane;
+use crate::dns;
+use crate::events::{
+    boottime_to_system, DnsEvent, Event, FlowEvent, JsonLinesWriter, Proto, Reason, Verdict,
+};
+use crate::report::Report;
+
+/// How long a learned address outlives its TTL while a flow to it was seen recently.
+/// (Live flows do not need the trie at all — their verdict is cached in the flow table —
+/// this only keeps a just-used address for the flow's next connection.)
+const FLOW_IDLE_NS: u64 = 60_000_000_000;
+
+/// One job as the agent knows it.
+pub struct JobState {
+    pub name: String,
+    pub step: Option<String>,
+    /// For checking that the pid the kernel saw really belongs to the job.
+    pub cgroup: Option<PathBuf>,
+    pub report: Report,
+    /// Address -> the question name whose answer produced it (for naming flows).
+    names: HashMap<IpAddr, String>,
+}
+
+impl JobState {
+    pub fn new(name: &str, mode: &str, cgroup: Option<PathBuf>) -> JobState {
+        JobState {
+            name: name.to_string(),
+            step: None,
+            cgroup,
+            report: Report::new(name, mode),
+            names: HashMap::new(),
+        }
+    }
+}
+
+pub struct Agent {
+    pub jobs: HashMap<u32, JobState>,
+    sink: Option<JsonLinesWriter<io::BufWriter<std::fs::File>>>,
+    /// (deadline in CLOCK_BOOTTIME ns, job, address) of learned addresses to re-check.
+    expiry: BinaryHeap<Reverse<(u64, u32, IpAddr)>>,
+    min_ttl_ns: u64,
+    grace_ns: u64,
+    pub decode_errors: u64,
+    pub expired: u64,
+}
+
+pub fn boottime_ns() -> u64 {
+    let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
+        .expect("CLOCK_BOOTTIME is always available on Linux");
+    ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
+}
+
+fn proto_of(p: u8) -> Proto {
+    match p {
+        6 => Proto::Tcp,
+        17 => Proto::Udp,
+        1 => Proto::Icmp,
+        58 => Proto::Icmpv6,
+        n => Proto::Other(n),
+    }
+}
+
+fn verdict_of(v: u8) -> Verdict {
+    match v {
+        0 => Verdict::Allowed,
+        2 => Verdict::Audited,
+        _ => Verdict::Blocked,
+    }
+}
+
+fn reason_of(r: u8) -> Reason {
+    match r {
+        0 => Reason::Allowed,
+        1 => Reason::NotAllowed,
+        3 => Reason::DnsResolver,
+        4 => Reason::Metadata,
+        _ => Reason::DirectIp,
+    }
+}
+
+fn rcode_name(r: u16) -> String {
+    match r {
+        0 => "NOERROR".into(),
+        1 => "FORMERR".into(),
+        2 => "SERVFAIL".into(),
+        3 => "NXDOMAIN".into(),
+        4 => "NOTIMP".into(),
+        5 => "REFUSED".into(),
+        n => format!("RCODE{n}"),
+    }
+}
+
+fn qtype_name(t: u16) -> String {
+    match t {
+        1 => "A".into(),
+        28 => "AAAA".into(),
+        5 => "CNAME".into(),
+        15 => "MX".into(),
+        16 => "TXT".into(),
+        33 => "SRV".into(),
+        65 => "HTTPS".into(),
+        n => format!("TYPE{n}"),
+    }
+}
+
+impl Agent {
+    pub fn new(events_file: Option<&std::path::Path>, min_ttl: Duration, grace: Duration) -> Result<Agent> {
+        let sink = match events_file {
+            Some(p) => Some(
+                JsonLinesWriter::create(p)
+                    .with_context(|| format!("creating the events file {}", p.display()))?,
+            ),
+            None => None,
+        };
+        Ok(Agent {
+            jobs: HashMap::new(),
+            sink,
+            expiry: BinaryHeap::new(),
+            min_ttl_ns: min_ttl.as_nanos() as u64,
+            grace_ns: grace.as_nanos() as u64,
+            decode_errors: 0,
+            expired: 0,
+        })
+    }
+
+    fn emit(&mut self, job_id: u32, ev: Event) {
+        if let Some(w) = self.sink.as_mut() {
+            if let Err(e) = w.write(&ev) {
+                tracing::error!("writing the events file: {e}");
+            }
+        }
+        if let Some(j) = self.jobs.get_mut(&job_id) {
+            j.report.add(&ev);
+        }
+    }
+
+    /// One ring buffer record.
+    pub fn handle(&mut self, data: &[u8]) {
+        let Some(hdr) = abi::from_bytes::<abi::rf_event_hdr>(data) else {
+            self.decode_errors += 1;
+            return;
+        };
+        match abi::rf_event_type(hdr.r#type) {
+            abi::rf_event_type::RF_EVENT_FLOW => match abi::from_bytes::<abi::rf_flow_event>(data)
+            {
+                Some(ev) => self.on_flow(&ev),
+                None => self.decode_errors += 1,
+            },
+            abi::rf_event_type::RF_EVENT_DNS => {
+                let n = std::mem::size_of::<abi::rf_dns_event>();
+                match abi::from_bytes::<abi::rf_dns_event>(data) {
+                    Some(ev) if data.len() >= n + ev.len as usize => {
+                        self.on_dns(&ev, &data[n..n + ev.len as usize])
+                    }
+                    _ => self.decode_errors += 1,
+                }
+            }
+            _ => self.decode_errors += 1,
+        }
+    }
+
+    fn on_flow(&mut self, ev: &abi::rf_flow_event) {
+        let Some(job) = self.jobs.get(&ev.hdr.job_id) else {
+            return;
+        };
+        let dst = abi::addr_from_bytes(ev.daddr);
+        let domain = job.names.get(&dst).cloned();
+        let mut reason = reason_of(ev.reason);
+        // In block mode the kernel does not keep addresses of names it will not allow, so
+        // it can only say "direct-ip"; the agent saw the answer and knows better.
+        if reason == Reason::DirectIp && domain.is_some() {
+            reason = Reason::NotAllowed;
+        }
+        // The first packet of a flow is sent in the context of the process that opened it,
+        // but a retransmit from a timer is not: keep the pid only if it is the job's.
+        let (mut pid, mut comm) = (ev.pid, abi::comm_to_string(&ev.comm));
+        if let Some(cg) = &job.cgroup {
+            if pid == 0 || crate::cgroup::pid_in(cg, pid) == Some(false) {
+                pid = 0;
+                comm = String::new();
+            }
+        }
+        let flow = FlowEvent {
+            ts: boottime_to_system(ev.hdr.ts_ns),
+            job: job.name.clone(),
+            step: job.step.clone(),
+            pid,
+            comm,
+            cgroup: ev.cgroup_id,
+            proto: proto_of(ev.proto),
+            dst,
+            port: ev.dport,
+            domain,
+            verdict: verdict_of(ev.verdict),
+            reason,
+        };
+        self.emit(ev.hdr.job_id, Event::Flow(flow));
+    }
+
+    fn on_dns(&mut self, ev: &abi::rf_dns_event, payload: &[u8]) {
+        let job_id = ev.hdr.job_id;
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        let msg = match dns::parse(payload) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(job = job.name, "DNS answer the agent cannot parse: {e}");
+                self.decode_errors += 1;
+                return;
+            }
+        };
+        let Some(q) = msg.question.as_ref() else {
+            return;
+        };
+        let addrs = msg.addresses();
+        for (a, _) in &addrs {
+            job.names.insert(*a, q.name.clone());
+        }
+        let mut answers: Vec<String> = msg.cname_chain().into_iter().skip(1).collect();
+        answers.extend(addrs.iter().map(|(a, _)| a.to_string()));
+        let bound = ev.flags & abi::DNS_ALLOWED != 0 && ev.bound > 0;
+        let dns_ev = DnsEvent {
+            ts: boottime_to_system(ev.hdr.ts_ns),
+            job: job.name.clone(),
+            step: job.step.clone(),
+            name: q.name.clone(),
+            qtype: qtype_name(q.qtype),
+            answers,
+            ttl: msg.min_ttl().unwrap_or(0),
+            server: abi::addr_from_bytes(ev.server),
+            rcode: rcode_name(msg.rcode),
+            bound,
+        };
+        if ev.bound > 0 {
+            for (a, ttl) in &addrs {
+                let life = (u64::from(*ttl) * 1_000_000_000).max(self.min_ttl_ns);
+                self.expiry
+                    .push(Reverse((ev.hdr.ts_ns + life + self.grace_ns, job_id, *a)));
+            }
+        }
+        if ev.flags & abi::DNS_MALFORMED != 0 {
+            tracing::warn!(job = dns_ev.job, name = dns_ev.name, "DNS answer did not validate in the kernel: nothing bound");
+        }
+        self.emit(job_id, Event::Dns(dns_ev));
+    }
+
+    /// The next expiry deadline, CLOCK_BOOTTIME ns.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.expiry.peek().map(|Reverse((t, _, _))| *t)
+    }
+
+    /// Removes learned addresses whose TTL and grace have run out and that no flow used
+    /// lately. The kernel may have refreshed an entry since it was scheduled: its own
+    /// `expires_ns` decides, and the entry is re-queued for then.
+    pub fn expire(&mut self, dp: &Dataplane, now: u64) {
+        while let Some(Reverse((t, job_id, addr))) = self.expiry.peek().copied() {
+            if t > now {
+                break;
+            }
+            self.expiry.pop();
+            let Ok(Some(v)) = dp.host_entry(job_id, addr) else {
+                continue;
+            };
+            if v.flags & abi::ADDR_STATIC != 0 || v.expires_ns == 0 {
+                continue;
+            }
+            let keep_until = v.expires_ns.max(v.last_used_ns.saturating_add(FLOW_IDLE_NS));
+            if keep_until > now {
+                self.expiry.push(Reverse((keep_until, job_id, addr)));
+                continue;
+            }
+            match dp.delete_host_entry(job_id, addr) {
+                Ok(()) => self.expired += 1,
+                Err(e) => tracing::warn!("expiring {addr}: {e}"),
+            }
+        }
+    }
+
+    pub fn flush(&mut self) {
+        if let Some(w) = self.sink.as_mut() {
+            if let Err(e) = w.flush() {
+                tracing::error!("flushing the events file: {e}");
+            }
+        }
+    }
+}
+
+/// Opens a pidfd for `pid` (Linux 5.3+): readable when the process exits.
+pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the returned fd is owned by us.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor from the kernel.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+const RINGBUF: Token = Token(0);
+const SIGNALS: Token = Token(1);
+const CHILD: Token = Token(2);
+
+/// Runs the event loop until `child` exits; returns its wait status. Signals that would
+/// stop ringfence (INT, TERM, HUP, QUIT) are forwarded to the child instead: the job ends,
+/// and the report and the events of everything it did are still written.
+pub fn run_until_exit(
+    dp: &Dataplane,
+    agent: &mut Agent,
+    child: &mut std::process::Child,
+) -> Result<std::process::ExitStatus> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
+
+    let agent = RefCell::new(agent);
+    let events_map = dp.events_map()?;
+    let mut rb_builder = libbpf_rs::RingBufferBuilder::new();
+    rb_builder
+        .add(&events_map, |data: &[u8]| {
+            agent.borrow_mut().handle(data);
+            0
+        })
+        .context("setting up the ring buffer")?;
+    let rb = rb_builder.build().context("setting up the ring buffer")?;
+
+    let mut poll = Poll::new().context("creating the event loop")?;
+    let rb_fd = rb.epoll_fd();
+    poll.registry()
+        .register(&mut SourceFd(&rb_fd), RINGBUF, Interest::READABLE)?;
+    let mut signals = signal_hook_mio::v1_0::Signals::new([SIGINT, SIGTERM, SIGHUP, SIGQUIT])
+        .context("installing signal handlers")?;
+    poll.registry()
+        .register(&mut signals, SIGNALS, Interest::READABLE)?;
+    let pidfd = pidfd_open(child.id()).context("pidfd_open on the job's process")?;
+    let pidfd_raw = pidfd.as_raw_fd();
+    poll.registry()
+        .register(&mut SourceFd(&pidfd_raw), CHILD, Interest::READABLE)?;
+
+    let mut events = Events::with_capacity(64);
+    let status = loop {
+        let timeout = agent.borrow().next_deadline().map(|t| {
+            let now = boottime_ns();
+            Duration::from_nanos(t.saturating_sub(now)).min(Duration::from_secs(1))
+        });
+        match poll.poll(&mut events, timeout.or(Some(Duration::from_secs(1)))) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("polling"),
+        }
+        let mut child_done = false;
+        for e in events.iter() {
+            match e.token() {
+                RINGBUF => {
+                    if let Err(e) = rb.consume() {
+                        tracing::warn!("reading the ring buffer: {e}");
+                    }
+                }
+                SIGNALS => {
+                    for sig in signals.pending() {
+                        tracing::info!("signal {sig}: passing it to the job");
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(child.id() as i32),
+                            nix::sys::signal::Signal::try_from(sig).ok(),
+                        );
+                    }
+                }
+                CHILD => child_done = true,
+                _ => {}
+            }
+        }
+        agent.borrow_mut().expire(dp, boottime_ns());
+        agent.borrow_mut().flush();
+        if child_done {
+            if let Some(st) = child.try_wait()? {
+                break st;
+            }
+        }
+    };
+    // Whatever the job's last packets produced is already in the ring buffer: drain it.
+    let _ = rb.consume();
+    agent.borrow_mut().flush();
+    Ok(status)
+}

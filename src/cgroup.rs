@@ -1,0 +1,199 @@
+//! cgroup v2: find the unified hierarchy, give each job a cgroup of its own, and clean it up.
+//! A job is known to the kernel by its cgroup id (the directory's inode number), and every
+//! process it starts stays in it or below it.
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum CgroupError {
+    #[error("no cgroup v2 hierarchy is mounted (looked for a cgroup2 entry in /proc/self/mountinfo); mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup`")]
+    NoCgroup2,
+    #[error("cgroup {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, CgroupError>;
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
+    move |source| CgroupError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where cgroup v2 is mounted: /sys/fs/cgroup on most hosts, /sys/fs/cgroup/unified on
+/// hybrid ones. Read from mountinfo rather than assumed.
+pub fn find_cgroup2() -> Result<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").map_err(|_| CgroupError::NoCgroup2)?;
+    parse_mountinfo(&info).ok_or(CgroupError::NoCgroup2)
+}
+
+fn parse_mountinfo(info: &str) -> Option<PathBuf> {
+    info.lines().find_map(|line| {
+        // "36 35 0:30 / /sys/fs/cgroup rw,... shared:9 - cgroup2 cgroup2 rw"
+        let (pre, post) = line.split_once(" - ")?;
+        let fstype = post.split_whitespace().next()?;
+        if fstype != "cgroup2" {
+            return None;
+        }
+        let mount_point = pre.split_whitespace().nth(4)?;
+        Some(PathBuf::from(mount_point.replace("\\040", " ")))
+    })
+}
+
+/// A job's cgroup. Dropping it kills what is left in it and removes it.
+pub struct JobCgroup {
+    path: PathBuf,
+    id: u64,
+    level: u32,
+}
+
+impl JobCgroup {
+    /// Creates `<cgroup2>/ringfence/<name>`.
+    pub fn create(name: &str) -> Result<JobCgroup> {
+        let root = find_cgroup2()?;
+        let parent = root.join("ringfence");
+        fs::create_dir_all(&parent).map_err(io_err(&parent))?;
+        let path = parent.join(name);
+        match fs::create_dir(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io_err(&path)(e)),
+        }
+        let id = fs::metadata(&path).map_err(io_err(&path))?.ino();
+        let level = path
+            .strip_prefix(&root)
+            .map(|p| p.components().count() as u32)
+            .unwrap_or(0);
+        Ok(JobCgroup { path, id, level })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The id the kernel reports for sockets of this cgroup (bpf_skb_cgroup_id).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Depth below the cgroup2 root (bpf_skb_ancestor_cgroup_id level).
+    pub fn level(&self) -> u32 {
+        self.level
+    }
+
+    /// An open `cgroup.procs`, for a child to move itself in before exec: then even its
+    /// very first packet belongs to the job.
+    pub fn procs_file(&self) -> Result<fs::File> {
+        let p = self.path.join("cgroup.procs");
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .map_err(io_err(&p))
+    }
+
+    pub fn add_pid(&self, pid: u32) -> Result<()> {
+        let mut f = self.procs_file()?;
+        write!(f, "{pid}").map_err(io_err(&self.path))
+    }
+
+    pub fn pids(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        collect_pids(&self.path, &mut out);
+        out
+    }
+
+    /// Kills every process left in the job (a job's daemons do not outlive it).
+    pub fn kill_all(&self) {
+        let kill = self.path.join("cgroup.kill");
+        if kill.exists() && fs::write(&kill, "1").is_ok() {
+        } else {
+            for pid in self.pids() {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid as i32),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !self.pids().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Does `pid` live in the cgroup at `path` or below it? None when it cannot be told (the
+/// process is gone).
+pub fn pid_in(path: &Path, pid: u32) -> Option<bool> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let root = find_cgroup2().ok()?;
+    let rel = path.strip_prefix(&root).ok()?;
+    let want = format!("/{}", rel.display());
+    let below = format!("{want}/");
+    Some(text.lines().any(|l| {
+        l.strip_prefix("0::")
+            .is_some_and(|p| p == want || p.starts_with(&below))
+    }))
+}
+
+fn collect_pids(dir: &Path, out: &mut Vec<u32>) {
+    if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+    }
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                collect_pids(&e.path(), out);
+            }
+        }
+    }
+}
+
+fn remove_tree(dir: &Path) {
+    if let Ok(rd) = fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    let _ = fs::remove_dir(dir);
+}
+
+impl Drop for JobCgroup {
+    fn drop(&mut self) {
+        self.kill_all();
+        remove_tree(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_in_hybrid_and_unified_mountinfo() {
+        let hybrid = "25 24 0:22 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755\n\
+                      26 25 0:23 / /sys/fs/cgroup/unified rw,nosuid - cgroup2 cgroup2 rw\n\
+                      27 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw,cpu\n";
+        assert_eq!(
+            parse_mountinfo(hybrid),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        let unified = "35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw\n";
+        assert_eq!(parse_mountinfo(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            parse_mountinfo("27 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw\n"),
+            None
+        );
+    }
+}

@@ -1,0 +1,27 @@
+//! The command line (clap derive; doc comments are the help text).
+use clap::{Parser, Subcommand};
+
+use crate::exec::ExecArgs;
+
+/// ringfence: an eBPF egress firewall and audit trail for CI jobs.
+///
+/// Every outbound connection a job makes is seen in the kernel, named by the DNS answer
+/// behind it, attributed to the job and process, and — in block mode — allowed only if
+/// the job's policy lists it.
+#[derive(Debug, Parser)]
+#[command(name = "ringfence", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Cmd {
+    /// Run one command as a job under a policy, then print its report.
+    Exec(ExecArgs),
+    /// The seed tutorial: a job with a poisoned install script, in audit then block mode,
+    /// inside network namespaces it creates and removes.
+    Demo,
+    /// Print what this kernel supports (version, BTF, attach path) as JSON.
+    Probe,
+}

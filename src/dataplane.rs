@@ -1,0 +1,539 @@
+//! The kernel side as the agent sees it: load the skeleton, attach it to interfaces (TCX on
+//! 6.6+, clsact through netlink before), and read and write its maps.
+use std::mem::MaybeUninit;
+use std::net::IpAddr;
+use std::os::fd::AsFd;
+use std::path::Path;
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use libbpf_rs::skel::{OpenSkel, SkelBuilder};
+use libbpf_rs::{
+    AsRawLibbpf, Link, MapCore, MapFlags, MapHandle, ProgramAttachType, TcHook, TcHookBuilder,
+    TC_EGRESS, TC_INGRESS,
+};
+use thiserror::Error;
+
+use crate::abi::{self, bytes_of, from_bytes};
+use crate::bpf_skel::{RingfenceSkel, RingfenceSkelBuilder};
+use crate::policy::{Compiled, PortSet};
+
+#[derive(Debug, Error)]
+pub enum DataplaneError {
+    #[error("ringfence must run as root (it loads BPF programs and attaches them to interfaces)")]
+    NotRoot,
+    #[error("this kernel has no BTF (/sys/kernel/btf/vmlinux is missing); ringfence needs a kernel built with CONFIG_DEBUG_INFO_BTF=y")]
+    NoBtf,
+    #[error("kernel {0} is too old: ringfence needs Linux 5.17 or newer (bpf_loop)")]
+    KernelTooOld(String),
+    #[error("interface {0:?} does not exist in this network namespace")]
+    NoInterface(String),
+    #[error("loading the BPF programs failed: {0} (run with RUST_LOG=debug for the verifier log)")]
+    Load(#[source] libbpf_rs::Error),
+    #[error("attaching to {ifname} ({dir}) with {kind} failed: {source}")]
+    Attach {
+        ifname: String,
+        dir: &'static str,
+        kind: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("BPF map {map}: {source}")]
+    Map {
+        map: &'static str,
+        #[source]
+        source: libbpf_rs::Error,
+    },
+    #[error("policy does not fit the dataplane: {0}")]
+    Policy(String),
+}
+
+type Result<T> = std::result::Result<T, DataplaneError>;
+
+/// How programs are attached. `Auto` takes TCX where the kernel has it (6.6+).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum AttachMode {
+    #[default]
+    Auto,
+    Tcx,
+    Clsact,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachKind {
+    Tcx,
+    Clsact,
+}
+
+impl AttachKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttachKind::Tcx => "tcx",
+            AttachKind::Clsact => "clsact",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub attach: AttachMode,
+    /// Learned addresses live at least this long, whatever the DNS TTL.
+    pub dns_min_ttl: Duration,
+    /// Added to every learned address's TTL: clients reuse answers a little past their TTL.
+    pub dns_grace: Duration,
+    /// Off only for benchmarks.
+    pub emit_events: bool,
+    pub allow_entries: u32,
+    pub flow_entries: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            attach: AttachMode::Auto,
+            dns_min_ttl: Duration::from_secs(0),
+            dns_grace: Duration::from_secs(30),
+            emit_events: true,
+            allow_entries: 65536,
+            flow_entries: 262144,
+        }
+    }
+}
+
+/// The running kernel's release and what it supports.
+#[derive(Clone, Debug)]
+pub struct KernelInfo {
+    pub release: String,
+    pub version: (u32, u32),
+    pub btf: bool,
+    pub tcx: bool,
+}
+
+impl KernelInfo {
+    pub fn probe() -> KernelInfo {
+        let release = nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let version = parse_release(&release);
+        KernelInfo {
+            btf: Path::new("/sys/kernel/btf/vmlinux").exists(),
+            tcx: version >= (6, 6),
+            version,
+            release,
+        }
+    }
+}
+
+fn parse_release(r: &str) -> (u32, u32) {
+    let mut it = r.split(|c: char| !c.is_ascii_digit());
+    let major = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let minor = it.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+    (major, minor)
+}
+
+/// What must hold before anything is loaded, each with an error that names the cause.
+pub fn preflight() -> Result<KernelInfo> {
+    if !nix::unistd::geteuid().is_root() {
+        return Err(DataplaneError::NotRoot);
+    }
+    let k = KernelInfo::probe();
+    if k.version < (5, 17) {
+        return Err(DataplaneError::KernelTooOld(k.release));
+    }
+    if !k.btf {
+        return Err(DataplaneError::NoBtf);
+    }
+    Ok(k)
+}
+
+enum Attachment {
+    /// A TCX link: detached when the link is dropped (or the process dies).
+    Tcx(#[allow(dead_code)] Link),
+    /// A clsact filter: netlink state that outlives the process, so it is detached on drop.
+    Clsact(TcHook),
+}
+
+pub struct Dataplane {
+    skel: RingfenceSkel<'static>,
+    kind: AttachKind,
+    attached: Vec<(String, Attachment)>,
+    kernel: KernelInfo,
+}
+
+/// A host entry of the allow trie as userspace reads it.
+#[derive(Clone, Debug)]
+pub struct AddrEntry {
+    pub job_id: u32,
+    pub addr: IpAddr,
+    pub prefix_bits: u32,
+    pub val: abi::rf_addr_val,
+}
+
+fn map_err(map: &'static str) -> impl FnOnce(libbpf_rs::Error) -> DataplaneError {
+    move |source| DataplaneError::Map { map, source }
+}
+
+fn ports_to_abi(p: &PortSet) -> abi::rf_ports {
+    let mut out = abi::rf_ports::default();
+    match p {
+        PortSet::None => {}
+        PortSet::Any => out.any = 1,
+        PortSet::Ports(set) => {
+            for (i, port) in set.iter().take(abi::MAX_PORTS).enumerate() {
+                out.port[i] = *port;
+                out.n = (i + 1) as u8;
+            }
+        }
+    }
+    out
+}
+
+impl Dataplane {
+    /// Opens and loads the embedded object. Nothing is attached yet.
+    pub fn load(opts: &Options) -> Result<Dataplane> {
+        let kernel = preflight()?;
+        crate::logging::route_libbpf_logs();
+        let kind = match opts.attach {
+            AttachMode::Tcx => AttachKind::Tcx,
+            AttachMode::Clsact => AttachKind::Clsact,
+            AttachMode::Auto if kernel.tcx => AttachKind::Tcx,
+            AttachMode::Auto => AttachKind::Clsact,
+        };
+        // The skeleton borrows its object storage for its whole life; the dataplane lives as
+        // long as the process, so the (pointer-sized) storage is leaked on purpose.
+        let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
+            Box::leak(Box::new(MaybeUninit::uninit()));
+        let mut open = RingfenceSkelBuilder::default()
+            .open(storage)
+            .map_err(DataplaneError::Load)?;
+        {
+            let ro = open
+                .maps
+                .rodata_data
+                .as_deref_mut()
+                .expect("rodata is mmapped by the skeleton");
+            ro.dns_min_ttl_ns = opts.dns_min_ttl.as_nanos() as u64;
+            ro.dns_grace_ns = opts.dns_grace.as_nanos() as u64;
+            ro.emit_events = u8::from(opts.emit_events);
+        }
+        open.maps
+            .allow
+            .set_max_entries(opts.allow_entries)
+            .map_err(map_err("allow"))?;
+        open.maps
+            .flows
+            .set_max_entries(opts.flow_entries)
+            .map_err(map_err("flows"))?;
+        if kind == AttachKind::Tcx {
+            open.progs
+                .rf_egress
+                .set_attach_type(ProgramAttachType::TcxEgress);
+            open.progs
+                .rf_ingress
+                .set_attach_type(ProgramAttachType::TcxIngress);
+            open.progs
+                .rf_empty
+                .set_attach_type(ProgramAttachType::TcxEgress);
+        }
+        let skel = open.load().map_err(DataplaneError::Load)?;
+        Ok(Dataplane {
+            skel,
+            kind,
+            attached: Vec::new(),
+            kernel,
+        })
+    }
+
+    pub fn attach_kind(&self) -> AttachKind {
+        self.kind
+    }
+
+    pub fn kernel(&self) -> &KernelInfo {
+        &self.kernel
+    }
+
+    /// Attaches the egress verdict program and the ingress DNS program to `ifname`.
+    pub fn attach(&mut self, ifname: &str) -> Result<()> {
+        let ifindex = nix::net::if_::if_nametoindex(ifname)
+            .map_err(|_| DataplaneError::NoInterface(ifname.to_string()))?
+            as i32;
+        let egress = self.attach_one(ifname, ifindex, true)?;
+        self.attached.push((ifname.to_string(), egress));
+        let ingress = self.attach_one(ifname, ifindex, false)?;
+        self.attached.push((ifname.to_string(), ingress));
+        tracing::info!(ifname, attach = self.kind.name(), "attached");
+        Ok(())
+    }
+
+    fn attach_one(&self, ifname: &str, ifindex: i32, egress: bool) -> Result<Attachment> {
+        let prog = if egress {
+            &self.skel.progs.rf_egress
+        } else {
+            &self.skel.progs.rf_ingress
+        };
+        let dir = if egress { "egress" } else { "ingress" };
+        let err = |source: std::io::Error| DataplaneError::Attach {
+            ifname: ifname.to_string(),
+            dir,
+            kind: self.kind.name(),
+            source,
+        };
+        match self.kind {
+            AttachKind::Tcx => {
+                // libbpf-rs 0.27 does not wrap TCX attach; the link it returns is owned here.
+                let raw = prog.as_libbpf_object().as_ptr();
+                // SAFETY: raw is a loaded program of this skeleton; NULL opts are allowed.
+                let link = unsafe {
+                    libbpf_rs::libbpf_sys::bpf_program__attach_tcx(raw, ifindex, std::ptr::null())
+                };
+                let link = NonNull::new(link).ok_or_else(|| err(std::io::Error::last_os_error()))?;
+                // SAFETY: a fresh link from libbpf, owned by nobody else.
+                Ok(Attachment::Tcx(unsafe { Link::from_ptr(link) }))
+            }
+            AttachKind::Clsact => {
+                let mut b = TcHookBuilder::new(prog.as_fd());
+                // handle 0 and priority 0: the kernel picks free ones, so several ringfence
+                // instances (and other tools) can share the device.
+                b.ifindex(ifindex).replace(false).handle(0).priority(0);
+                let mut hook = b.hook(if egress { TC_EGRESS } else { TC_INGRESS });
+                if let Err(e) = hook.create() {
+                    // EEXIST: the clsact qdisc is already there, which is fine.
+                    if e.kind() != libbpf_rs::ErrorKind::AlreadyExists {
+                        return Err(err(std::io::Error::other(e.to_string())));
+                    }
+                }
+                let attached = hook
+                    .attach()
+                    .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+                Ok(Attachment::Clsact(attached))
+            }
+        }
+    }
+
+    /// Detaches everything this instance attached (also done on drop).
+    pub fn detach_all(&mut self) {
+        for (ifname, a) in self.attached.drain(..) {
+            match a {
+                Attachment::Tcx(link) => drop(link),
+                Attachment::Clsact(mut hook) => {
+                    if let Err(e) = hook.detach() {
+                        tracing::warn!(ifname, "detaching clsact filter: {e}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Registers a job: packets from `cgroup_id` and its descendants belong to it.
+    pub fn add_job(&mut self, cgroup_id: u64, cgroup_level: u32, job: abi::rf_job) -> Result<()> {
+        self.skel
+            .maps
+            .jobs
+            .update(&cgroup_id.to_ne_bytes(), bytes_of(&job), MapFlags::ANY)
+            .map_err(map_err("jobs"))?;
+        if cgroup_level < 32 {
+            let bss = self
+                .skel
+                .maps
+                .bss_data
+                .as_deref_mut()
+                .expect("bss is mmapped by the skeleton");
+            bss.job_levels |= 1 << cgroup_level;
+        }
+        Ok(())
+    }
+
+    pub fn remove_job(&mut self, cgroup_id: u64) -> Result<()> {
+        self.skel
+            .maps
+            .jobs
+            .delete(&cgroup_id.to_ne_bytes())
+            .map_err(map_err("jobs"))
+    }
+
+    /// Writes a job's compiled policy: names, static prefixes and resolvers.
+    pub fn install_policy(
+        &mut self,
+        job_id: u32,
+        compiled: &Compiled,
+        resolvers: &[IpAddr],
+    ) -> Result<()> {
+        for n in &compiled.names {
+            if n.wire.len() > abi::NAME_MAX - 1 || n.globs.len() > abi::GLOBS_MAX {
+                return Err(DataplaneError::Policy(format!(
+                    "name entry {:?} does not fit",
+                    String::from_utf8_lossy(&n.wire)
+                )));
+            }
+            let key = abi::rf_name_key {
+                job_id,
+                _pad: 0,
+                hash: n.hash,
+            };
+            let mut val = abi::rf_name_val {
+                exact: ports_to_abi(&n.exact),
+                wildcard: ports_to_abi(&n.wildcard),
+                nglobs: n.globs.len() as u32,
+                name_len: n.wire.len() as u32,
+                ..Default::default()
+            };
+            // Right-aligned, lowercased: see rf_name_val in bpf/abi.h.
+            let start = abi::NAME_MAX - n.wire.len();
+            for (i, b) in n.wire.iter().enumerate() {
+                val.name[start + i] = b.to_ascii_lowercase();
+            }
+            for (i, g) in n.globs.iter().enumerate() {
+                let gl = &mut val.globs[i];
+                if g.prefix.len() > abi::GLOB_PART_MAX || g.suffix.len() > abi::GLOB_PART_MAX {
+                    return Err(DataplaneError::Policy("glob label too long".into()));
+                }
+                gl.ports = ports_to_abi(&g.ports);
+                gl.prefix_len = g.prefix.len() as u8;
+                gl.suffix_len = g.suffix.len() as u8;
+                gl.prefix[..g.prefix.len()].copy_from_slice(&g.prefix);
+                gl.suffix[..g.suffix.len()].copy_from_slice(&g.suffix);
+            }
+            self.skel
+                .maps
+                .names
+                .update(bytes_of(&key), bytes_of(&val), MapFlags::ANY)
+                .map_err(map_err("names"))?;
+        }
+        for (net, ports) in &compiled.prefixes {
+            let addr = net.network();
+            let prefixlen = abi::lpm_prefixlen(addr, net.prefix_len());
+            let key = abi::rf_lpm_key {
+                prefixlen,
+                job_id,
+                addr: abi::addr_to_bytes(addr),
+            };
+            let val = abi::rf_addr_val {
+                ports: ports_to_abi(ports),
+                flags: abi::ADDR_STATIC,
+                prefixlen,
+                ..Default::default()
+            };
+            self.skel
+                .maps
+                .allow
+                .update(bytes_of(&key), bytes_of(&val), MapFlags::ANY)
+                .map_err(map_err("allow"))?;
+        }
+        for r in resolvers {
+            let key = abi::rf_resolver_key {
+                job_id,
+                addr: abi::addr_to_bytes(*r),
+            };
+            self.skel
+                .maps
+                .resolvers
+                .update(bytes_of(&key), &[1u8], MapFlags::ANY)
+                .map_err(map_err("resolvers"))?;
+        }
+        Ok(())
+    }
+
+    /// The ring buffer map, as an owned handle the event loop can poll.
+    pub fn events_map(&self) -> Result<MapHandle> {
+        MapHandle::try_from(&self.skel.maps.events).map_err(map_err("events"))
+    }
+
+    /// Per-CPU counters summed, indexed by `rf_counter`.
+    pub fn counters(&self) -> Result<[u64; abi::COUNTERS]> {
+        let mut out = [0u64; abi::COUNTERS];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = self
+                .skel
+                .maps
+                .counters
+                .lookup_percpu(&(i as u32).to_ne_bytes(), MapFlags::ANY)
+                .map_err(map_err("counters"))?
+                .unwrap_or_default();
+            *slot = per_cpu
+                .iter()
+                .map(|v| u64::from_ne_bytes(v[..8].try_into().unwrap_or([0; 8])))
+                .sum();
+        }
+        Ok(out)
+    }
+
+    /// The host entry for `addr` in job `job_id`'s trie, if there is one.
+    pub fn host_entry(&self, job_id: u32, addr: IpAddr) -> Result<Option<abi::rf_addr_val>> {
+        let key = abi::rf_lpm_key {
+            prefixlen: abi::LPM_FULL,
+            job_id,
+            addr: abi::addr_to_bytes(addr),
+        };
+        let v = self
+            .skel
+            .maps
+            .allow
+            .lookup(bytes_of(&key), MapFlags::ANY)
+            .map_err(map_err("allow"))?;
+        Ok(v.and_then(|b| from_bytes::<abi::rf_addr_val>(&b))
+            .filter(|v| v.prefixlen == abi::LPM_FULL))
+    }
+
+    pub fn delete_host_entry(&self, job_id: u32, addr: IpAddr) -> Result<()> {
+        let key = abi::rf_lpm_key {
+            prefixlen: abi::LPM_FULL,
+            job_id,
+            addr: abi::addr_to_bytes(addr),
+        };
+        self.skel
+            .maps
+            .allow
+            .delete(bytes_of(&key))
+            .map_err(map_err("allow"))
+    }
+
+    /// Every entry of the allow trie (tests, status, reports).
+    pub fn allow_entries(&self) -> Vec<AddrEntry> {
+        let map = &self.skel.maps.allow;
+        map.keys()
+            .filter_map(|k| {
+                let key = from_bytes::<abi::rf_lpm_key>(&k)?;
+                let v = map.lookup(&k, MapFlags::ANY).ok()??;
+                let val = from_bytes::<abi::rf_addr_val>(&v)?;
+                Some(AddrEntry {
+                    job_id: key.job_id,
+                    addr: abi::addr_from_bytes(key.addr),
+                    prefix_bits: key.prefixlen,
+                    val,
+                })
+            })
+            .collect()
+    }
+
+    /// The programs, for BPF_PROG_TEST_RUN tests and benchmarks.
+    pub fn egress_prog(&self) -> &libbpf_rs::ProgramMut<'static> {
+        &self.skel.progs.rf_egress
+    }
+
+    pub fn ingress_prog(&self) -> &libbpf_rs::ProgramMut<'static> {
+        &self.skel.progs.rf_ingress
+    }
+
+    pub fn empty_prog(&self) -> &libbpf_rs::ProgramMut<'static> {
+        &self.skel.progs.rf_empty
+    }
+}
+
+impl Drop for Dataplane {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn release_parses() {
+        assert_eq!(parse_release("6.18.44-fc-v669"), (6, 18));
+        assert_eq!(parse_release("6.1.0-27-amd64"), (6, 1));
+        assert_eq!(parse_release("5.15.0"), (5, 15));
+        assert_eq!(parse_release("garbage"), (0, 0));
+    }
+}

@@ -1,0 +1,263 @@
+//! `ringfence exec`: one command run as a job under a policy, start to finish.
+//!
+//! Order matters: everything that can be wrong with the input (policy, interfaces) is
+//! checked before anything is loaded or attached; the command starts only once the
+//! programs are attached and its cgroup is registered, so its first packet is judged.
+use std::ffi::OsString;
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::PathBuf;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+
+use crate::abi;
+use crate::agent::{self, Agent, JobState};
+use crate::cgroup::JobCgroup;
+use crate::dataplane::{self, AttachMode, Dataplane};
+use crate::policy::{Mode, Policy, PolicyError};
+use crate::report::Format;
+
+/// Everything `exec` takes from the command line.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ExecArgs {
+    /// audit: report, block nothing the policy would allow in block mode; block: enforce.
+    #[arg(long, value_enum)]
+    pub mode: Option<ModeArg>,
+    /// Allowed endpoints, as in a policy's allowed-endpoints ("github.com:443 *.npmjs.org").
+    /// May be given more than once; adds to --policy.
+    #[arg(long = "allow", value_name = "ENDPOINTS")]
+    pub allow: Vec<String>,
+    /// A TOML policy file.
+    #[arg(long, value_name = "FILE")]
+    pub policy: Option<PathBuf>,
+    /// Connections to addresses no DNS answer produced: block (default) or audit.
+    #[arg(long = "direct-ip", value_enum)]
+    pub direct_ip: Option<ModeArg>,
+    /// A DNS server the job may use (repeatable). Default: the policy's, else /etc/resolv.conf.
+    #[arg(long = "dns-resolver", value_name = "IP")]
+    pub dns_resolvers: Vec<std::net::IpAddr>,
+    /// Also write the report to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub report: Option<PathBuf>,
+    /// Report format.
+    #[arg(long, value_enum, default_value = "text")]
+    pub format: Format,
+    /// Write every event as JSON Lines to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<PathBuf>,
+    /// Interfaces to attach to (repeatable). Default: every routed interface of this
+    /// network namespace except lo.
+    #[arg(long = "interface", value_name = "IFNAME")]
+    pub interfaces: Vec<String>,
+    /// tcx (Linux 6.6+), clsact, or auto.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub attach: AttachMode,
+    /// The job's name in events and reports. Default: exec-<pid>.
+    #[arg(long = "job", value_name = "ID")]
+    pub job: Option<String>,
+    /// The step's name in events. Default: the command line.
+    #[arg(long = "step", value_name = "NAME")]
+    pub step: Option<String>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<OsString>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum ModeArg {
+    Audit,
+    Block,
+}
+
+impl From<ModeArg> for Mode {
+    fn from(m: ModeArg) -> Mode {
+        match m {
+            ModeArg::Audit => Mode::Audit,
+            ModeArg::Block => Mode::Block,
+        }
+    }
+}
+
+/// Errors that are the user's input, not the machine: exit status 2.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Builds the job's policy: the file, then the command line on top.
+pub fn build_policy(args: &ExecArgs) -> std::result::Result<Policy, UsageError> {
+    let mut policy = match &args.policy {
+        Some(p) => Policy::from_file(p)?,
+        None => Policy::default(),
+    };
+    if let Some(m) = args.mode {
+        policy.mode = m.into();
+    }
+    if let Some(m) = args.direct_ip {
+        policy.direct_ip = m.into();
+    }
+    for a in &args.allow {
+        policy
+            .endpoints
+            .extend(Policy::parse_endpoints(a, "--allow")?);
+    }
+    if !args.dns_resolvers.is_empty() {
+        policy.dns_resolvers = args.dns_resolvers.clone();
+    }
+    if policy.dns_resolvers.is_empty() {
+        policy.dns_resolvers = crate::policy::system_resolvers();
+    }
+    // Compile now, so a policy that cannot fit the dataplane fails before anything loads.
+    policy.compile()?;
+    Ok(policy)
+}
+
+fn mode_name(m: Mode) -> &'static str {
+    match m {
+        Mode::Audit => "audit",
+        Mode::Block => "block",
+    }
+}
+
+/// Runs the command as a job. Returns the exit status ringfence should exit with.
+pub fn run(args: &ExecArgs) -> Result<i32> {
+    let policy = build_policy(args).map_err(anyhow::Error::new)?;
+    let compiled = policy.compile()?;
+    let interfaces = if args.interfaces.is_empty() {
+        crate::netif::routed_interfaces()
+    } else {
+        args.interfaces.clone()
+    };
+    for i in &interfaces {
+        if nix::net::if_::if_nametoindex(i.as_str()).is_err() {
+            return Err(dataplane::DataplaneError::NoInterface(i.clone()).into());
+        }
+    }
+    if interfaces.is_empty() {
+        anyhow::bail!("no interface to attach to: this network namespace has no routes (give --interface)");
+    }
+
+    let job_name = args
+        .job
+        .clone()
+        .unwrap_or_else(|| format!("exec-{}", std::process::id()));
+    let step = args.step.clone().unwrap_or_else(|| {
+        args.command
+            .iter()
+            .map(|s| s.to_string_lossy())
+            .collect::<Vec<_>>()
+            .join(" ")
+    });
+
+    let opts = dataplane::Options {
+        attach: args.attach,
+        ..Default::default()
+    };
+    dataplane::preflight()?;
+    let cgroup = JobCgroup::create(&format!(
+        "{}-{}",
+        sanitize(&job_name),
+        std::process::id()
+    ))?;
+    let mut dp = Dataplane::load(&opts)?;
+    const JOB_ID: u32 = 1;
+    dp.install_policy(JOB_ID, &compiled, &policy.dns_resolvers)?;
+    dp.add_job(
+        cgroup.id(),
+        cgroup.level(),
+        abi::rf_job {
+            job_id: JOB_ID,
+            mode: match policy.mode {
+                Mode::Audit => 0,
+                Mode::Block => 1,
+            },
+            direct_ip: match policy.direct_ip {
+                Mode::Audit => 0,
+                Mode::Block => 1,
+            },
+            _pad: [0; 2],
+        },
+    )?;
+    for i in &interfaces {
+        dp.attach(i)?;
+    }
+    tracing::info!(
+        job = job_name,
+        mode = mode_name(policy.mode),
+        attach = dp.attach_kind().name(),
+        interfaces = ?interfaces,
+        "job started"
+    );
+
+    let mut agent = Agent::new(args.events.as_deref(), opts.dns_min_ttl, opts.dns_grace)?;
+    let mut state = JobState::new(
+        &job_name,
+        mode_name(policy.mode),
+        Some(cgroup.path().to_path_buf()),
+    );
+    state.step = Some(step);
+    agent.jobs.insert(JOB_ID, state);
+
+    let procs = cgroup.procs_file()?;
+    let procs_fd = procs.as_raw_fd();
+    let mut cmd = Command::new(&args.command[0]);
+    cmd.args(&args.command[1..]);
+    // SAFETY: only async-signal-safe calls between fork and exec (write, prctl).
+    unsafe {
+        cmd.pre_exec(move || {
+            // Join the job's cgroup before exec: the first packet already belongs to it.
+            let me = b"0";
+            if libc::write(procs_fd, me.as_ptr().cast(), me.len()) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // If ringfence dies, the job must not go on unwatched.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().with_context(|| {
+        format!(
+            "starting {}",
+            args.command[0].to_string_lossy()
+        )
+    })?;
+    drop(procs);
+
+    let status = agent::run_until_exit(&dp, &mut agent, &mut child)?;
+    // The job's leftovers (daemons, background jobs) end with it.
+    cgroup.kill_all();
+    let counters = dp.counters().unwrap_or([0; abi::COUNTERS]);
+    dp.detach_all();
+
+    let job = agent.jobs.get(&JOB_ID).expect("the job was registered");
+    let mut text = job.report.render(args.format);
+    let drops = counters[abi::rf_counter::RF_CNT_RINGBUF_DROP.0 as usize];
+    if drops > 0 {
+        text.push_str(&format!(
+            "\nwarning: {drops} events were lost (ring buffer full); verdicts were still enforced\n"
+        ));
+    }
+    if let Some(p) = &args.report {
+        std::fs::write(p, &text).with_context(|| format!("writing the report {}", p.display()))?;
+    }
+    let mut err = std::io::stderr().lock();
+    let _ = err.write_all(text.as_bytes());
+    drop(cgroup);
+
+    Ok(match status.code() {
+        Some(c) => c,
+        None => 128 + status.signal().unwrap_or(0),
+    })
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .take(64)
+        .collect()
+}

@@ -1,0 +1,16 @@
+//! `ringfence probe`: what this kernel offers, for humans and for vm-tests.
+use crate::dataplane::KernelInfo;
+
+pub fn print() -> anyhow::Result<()> {
+    let k = KernelInfo::probe();
+    let cg = crate::cgroup::find_cgroup2().ok();
+    let v = serde_json::json!({
+        "kernel": k.release,
+        "btf": k.btf,
+        "tcx": k.tcx,
+        "attach": if k.tcx { "tcx" } else { "clsact" },
+        "cgroup2": cg.map(|p| p.display().to_string()),
+    });
+    println!("{v}");
+    Ok(())
+}
