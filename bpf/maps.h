@@ -13,6 +13,16 @@ struct {
 	__type(value, struct rf_job);
 } jobs SEC(".maps");
 
+/* ifindex -> job, for jobs that are a network namespace / container / microVM behind a
+ * device (the verdict program then sits on the host side's ingress), and for
+ * BPF_PROG_TEST_RUN, where packets have no socket and so no cgroup. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, struct rf_job);
+} ifjobs SEC(".maps");
+
 /* (job, address/prefix) -> ports allowed. Static CIDRs and addresses learned from DNS. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);

@@ -19,6 +19,8 @@
 /* Bit n set: some job's cgroup sits at level n of the hierarchy. Written by the agent as
  * jobs come and go, so the ancestor walk only asks about levels that can match. */
 volatile __u32 job_levels = 0;
+/* Set once any job is keyed by interface: saves the lookup for everyone else. */
+volatile __u32 have_ifjobs = 0;
 
 /* Keep the event types in BTF for the skeleton (see abi.h). */
 struct rf_flow_event _rf_flow_event = {};
@@ -40,6 +42,15 @@ static __always_inline struct rf_job *find_job(struct __sk_buff *skb, __u64 *cgi
 	struct rf_job *j;
 	__u32 levels;
 
+	if (have_ifjobs) {
+		__u32 ifindex = skb->ifindex;
+
+		j = bpf_map_lookup_elem(&ifjobs, &ifindex);
+		if (j) {
+			*cgid = id;
+			return j;
+		}
+	}
 	if (!id)
 		return NULL;
 	*cgid = id;

@@ -343,6 +343,24 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Registers a job by interface: every packet the verdict program sees on `ifindex`
+    /// belongs to it (a job's namespace behind a veth, or BPF_PROG_TEST_RUN).
+    pub fn add_interface_job(&mut self, ifindex: u32, job: abi::rf_job) -> Result<()> {
+        self.skel
+            .maps
+            .ifjobs
+            .update(&ifindex.to_ne_bytes(), bytes_of(&job), MapFlags::ANY)
+            .map_err(map_err("ifjobs"))?;
+        let bss = self
+            .skel
+            .maps
+            .bss_data
+            .as_deref_mut()
+            .expect("bss is mmapped by the skeleton");
+        bss.have_ifjobs = 1;
+        Ok(())
+    }
+
     pub fn remove_job(&mut self, cgroup_id: u64) -> Result<()> {
         self.skel
             .maps

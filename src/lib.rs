@@ -15,6 +15,7 @@ pub mod exec;
 pub mod logging;
 pub mod netif;
 pub mod probe;
+pub mod testrun;
 
 /// The exit status for an error: 2 for bad usage or policy (the input is wrong), 1 for
 /// everything that went wrong at run time.

@@ -1,0 +1,172 @@
+//! BPF_PROG_TEST_RUN for the TC programs, and frame builders: shared by the packet tests
+//! (tests/bpf_prog.rs) and the per-packet benchmarks (bench/).
+use std::net::IpAddr;
+
+use anyhow::{Context, Result};
+use libbpf_rs::ProgramInput;
+
+use crate::bpf_skel::types::__sk_buff;
+
+/// What a TC program returned: -1 = pass on (TC_ACT_UNSPEC / TCX_NEXT), 2 = drop.
+pub const PASS: i32 = -1;
+pub const DROP: i32 = 2;
+
+/// Runs `prog` once (or `repeat` times) on `frame` as if it arrived on `ifindex`.
+/// Returns the program's return value and the mean run time.
+pub fn run_tc(
+    prog: &libbpf_rs::ProgramMut<'_>,
+    frame: &[u8],
+    ifindex: u32,
+    repeat: u32,
+) -> Result<(i32, std::time::Duration)> {
+    let mut ctx = __sk_buff {
+        ifindex,
+        ..Default::default()
+    };
+    // SAFETY: __sk_buff is a plain C struct; the kernel reads it as bytes.
+    let ctx_bytes = unsafe {
+        std::slice::from_raw_parts_mut(
+            (&mut ctx as *mut __sk_buff).cast::<u8>(),
+            std::mem::size_of::<__sk_buff>(),
+        )
+    };
+    let mut input = ProgramInput::default();
+    input.data_in = Some(frame);
+    input.context_in = Some(ctx_bytes);
+    input.repeat = repeat;
+    let out = prog.test_run(input).context("BPF_PROG_TEST_RUN")?;
+    Ok((out.return_value as i32, out.duration))
+}
+
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_ACK: u8 = 0x10;
+
+/// An Ethernet frame carrying IPv4 or IPv6 and a TCP or UDP header plus payload.
+/// Checksums are left zero: TC programs do not look at them.
+pub fn frame(src: IpAddr, dst: IpAddr, proto: u8, sport: u16, dport: u16, tcp_flags: u8, payload: &[u8]) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    match proto {
+        6 => {
+            l4.extend_from_slice(&sport.to_be_bytes());
+            l4.extend_from_slice(&dport.to_be_bytes());
+            l4.extend_from_slice(&1u32.to_be_bytes()); // seq
+            l4.extend_from_slice(&0u32.to_be_bytes()); // ack
+            l4.push(5 << 4); // data offset
+            l4.push(tcp_flags);
+            l4.extend_from_slice(&64240u16.to_be_bytes());
+            l4.extend_from_slice(&[0, 0, 0, 0]);
+        }
+        17 => {
+            l4.extend_from_slice(&sport.to_be_bytes());
+            l4.extend_from_slice(&dport.to_be_bytes());
+            l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+            l4.extend_from_slice(&[0, 0]);
+        }
+        _ => {}
+    }
+    l4.extend_from_slice(payload);
+    ip_frame(src, dst, proto, &l4, 0)
+}
+
+/// An IP packet in an Ethernet frame; `frag` is the IPv4 fragment field (flags+offset).
+pub fn ip_frame(src: IpAddr, dst: IpAddr, proto: u8, l4: &[u8], frag: u16) -> Vec<u8> {
+    let mut f = vec![0x02, 0, 0, 0, 0, 2, 0x02, 0, 0, 0, 0, 1];
+    match (src, dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            f.extend_from_slice(&0x0800u16.to_be_bytes());
+            f.push(0x45);
+            f.push(0);
+            f.extend_from_slice(&((20 + l4.len()) as u16).to_be_bytes());
+            f.extend_from_slice(&[0x12, 0x34]);
+            f.extend_from_slice(&frag.to_be_bytes());
+            f.push(64);
+            f.push(proto);
+            f.extend_from_slice(&[0, 0]);
+            f.extend_from_slice(&s.octets());
+            f.extend_from_slice(&d.octets());
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            f.extend_from_slice(&0x86ddu16.to_be_bytes());
+            f.extend_from_slice(&[0x60, 0, 0, 0]);
+            f.extend_from_slice(&(l4.len() as u16).to_be_bytes());
+            f.push(proto);
+            f.push(64);
+            f.extend_from_slice(&s.octets());
+            f.extend_from_slice(&d.octets());
+        }
+        _ => panic!("mixed address families"),
+    }
+    f.extend_from_slice(l4);
+    f
+}
+
+/// A DNS query for `name` (type 1 = A, 28 = AAAA).
+pub fn dns_query(id: u16, name: &str, qtype: u16) -> Vec<u8> {
+    let mut m = Vec::new();
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    m.extend_from_slice(&wire(name));
+    m.push(0);
+    m.extend_from_slice(&qtype.to_be_bytes());
+    m.extend_from_slice(&1u16.to_be_bytes());
+    m
+}
+
+/// The wire form of `name` without the terminating zero.
+pub fn wire(name: &str) -> Vec<u8> {
+    let mut w = Vec::new();
+    for label in name.trim_end_matches('.').split('.') {
+        w.push(label.len() as u8);
+        w.extend_from_slice(label.as_bytes());
+    }
+    w
+}
+
+/// One answer record for a DNS answer under construction.
+pub enum Rr<'a> {
+    A(&'a str, u32, [u8; 4]),
+    Aaaa(&'a str, u32, [u8; 16]),
+    Cname(&'a str, u32, &'a str),
+    Txt(&'a str, u32, &'a [u8]),
+}
+
+/// A DNS answer: the question `name`/`qtype`, then `rrs`. Owner names equal to the
+/// question are written as a compression pointer to offset 12, like real servers do.
+pub fn dns_answer(id: u16, name: &str, qtype: u16, rrs: &[Rr<'_>]) -> Vec<u8> {
+    let mut m = Vec::new();
+    m.extend_from_slice(&id.to_be_bytes());
+    m.extend_from_slice(&[0x81, 0x80, 0, 1]);
+    m.extend_from_slice(&(rrs.len() as u16).to_be_bytes());
+    m.extend_from_slice(&[0, 0, 0, 0]);
+    m.extend_from_slice(&wire(name));
+    m.push(0);
+    m.extend_from_slice(&qtype.to_be_bytes());
+    m.extend_from_slice(&1u16.to_be_bytes());
+    let owner = |m: &mut Vec<u8>, o: &str| {
+        if o.eq_ignore_ascii_case(name) {
+            m.extend_from_slice(&[0xc0, 12]);
+        } else {
+            m.extend_from_slice(&wire(o));
+            m.push(0);
+        }
+    };
+    for rr in rrs {
+        let (o, ty, ttl, data): (&str, u16, u32, Vec<u8>) = match rr {
+            Rr::A(o, t, a) => (o, 1, *t, a.to_vec()),
+            Rr::Aaaa(o, t, a) => (o, 28, *t, a.to_vec()),
+            Rr::Cname(o, t, target) => {
+                let mut d = wire(target);
+                d.push(0);
+                (o, 5, *t, d)
+            }
+            Rr::Txt(o, t, d) => (o, 16, *t, d.to_vec()),
+        };
+        owner(&mut m, o);
+        m.extend_from_slice(&ty.to_be_bytes());
+        m.extend_from_slice(&1u16.to_be_bytes());
+        m.extend_from_slice(&ttl.to_be_bytes());
+        m.extend_from_slice(&(data.len() as u16).to_be_bytes());
+        m.extend_from_slice(&data);
+    }
+    m
+}

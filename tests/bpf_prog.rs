@@ -1,0 +1,536 @@
+//! The dataplane, packet by packet, through BPF_PROG_TEST_RUN on the real kernel: frames
+//! in, verdicts, trie contents and ring-buffer events out. Needs root (CI is root).
+//!
+//! Packets in BPF_PROG_TEST_RUN have no socket and so no cgroup: the job is keyed by the
+//! interface the run pretends the packet came from (loopback, ifindex 1).
+use std::cell::RefCell;
+use std::net::IpAddr;
+
+use ringfence::abi;
+use ringfence::dataplane::{Dataplane, Options};
+use ringfence::policy::{Mode, Policy};
+use ringfence::testrun::{self, dns_answer, dns_query, frame, run_tc, Rr, DROP, PASS, TCP_ACK, TCP_SYN};
+
+const LO: u32 = 1;
+const JOB: u32 = 1;
+const CLIENT: &str = "198.51.100.1";
+const RESOLVER: &str = "198.51.100.53";
+const CLIENT6: &str = "2001:db8:1::1";
+const RESOLVER6: &str = "2001:db8:1::53";
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+struct Rig {
+    dp: Dataplane,
+    next_port: std::cell::Cell<u16>,
+}
+
+#[derive(Debug, Clone)]
+enum Ev {
+    Flow(abi::rf_flow_event),
+    Dns(abi::rf_dns_event),
+}
+
+fn rig(mode: Mode, direct_ip: Mode, allow: &str) -> Rig {
+    let mut dp = Dataplane::load(&Options::default()).expect("load the dataplane (root?)");
+    let policy = Policy {
+        mode,
+        direct_ip,
+        dns_resolvers: vec![ip(RESOLVER), ip(RESOLVER6)],
+        endpoints: Policy::parse_endpoints(allow, "test").expect("test policy"),
+    };
+    let compiled = policy.compile().expect("compile");
+    dp.install_policy(JOB, &compiled, &policy.dns_resolvers)
+        .unwrap();
+    dp.add_interface_job(
+        LO,
+        abi::rf_job {
+            job_id: JOB,
+            mode: (mode == Mode::Block) as u8,
+            direct_ip: (direct_ip == Mode::Block) as u8,
+            _pad: [0; 2],
+        },
+    )
+    .unwrap();
+    Rig {
+        dp,
+        next_port: std::cell::Cell::new(40000),
+    }
+}
+
+impl Rig {
+    fn port(&self) -> u16 {
+        let p = self.next_port.get();
+        self.next_port.set(p + 1);
+        p
+    }
+
+    fn egress(&self, f: &[u8]) -> i32 {
+        run_tc(self.dp.egress_prog(), f, LO, 1).unwrap().0
+    }
+
+    fn ingress(&self, f: &[u8]) -> i32 {
+        run_tc(self.dp.ingress_prog(), f, LO, 1).unwrap().0
+    }
+
+    fn syn(&self, dst: &str, dport: u16) -> i32 {
+        let src = if dst.contains(':') { CLIENT6 } else { CLIENT };
+        self.egress(&frame(ip(src), ip(dst), 6, self.port(), dport, TCP_SYN, &[]))
+    }
+
+    /// Sends a query for `name` from a fresh port and returns that port.
+    fn query(&self, id: u16, name: &str, qtype: u16) -> u16 {
+        let (src, dst) = if qtype == 28 { (CLIENT6, RESOLVER6) } else { (CLIENT, RESOLVER) };
+        let sport = self.port();
+        let rc = self.egress(&frame(ip(src), ip(dst), 17, sport, 53, 0, &dns_query(id, name, qtype)));
+        assert_eq!(rc, PASS, "a query to the resolver passes");
+        sport
+    }
+
+    fn answer_to(&self, dport: u16, msg: &[u8], v6: bool) -> i32 {
+        let (src, dst) = if v6 { (RESOLVER6, CLIENT6) } else { (RESOLVER, CLIENT) };
+        self.ingress(&frame(ip(src), ip(dst), 17, 53, dport, 0, msg))
+    }
+
+    /// Query then answer, the way a resolver conversation goes.
+    fn resolve(&self, id: u16, name: &str, qtype: u16, rrs: &[Rr<'_>]) -> i32 {
+        let port = self.query(id, name, qtype);
+        self.answer_to(port, &dns_answer(id, name, qtype, rrs), qtype == 28)
+    }
+
+    fn host(&self, a: &str) -> Option<abi::rf_addr_val> {
+        self.dp.host_entry(JOB, ip(a)).unwrap()
+    }
+
+    fn learned(&self) -> Vec<IpAddr> {
+        let mut v: Vec<IpAddr> = self
+            .dp
+            .allow_entries()
+            .into_iter()
+            .filter(|e| e.prefix_bits == abi::LPM_FULL && e.val.flags & abi::ADDR_LEARNED != 0)
+            .map(|e| e.addr)
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn events(&self) -> Vec<Ev> {
+        let out = RefCell::new(Vec::new());
+        let map = self.dp.events_map().unwrap();
+        let mut b = libbpf_rs::RingBufferBuilder::new();
+        b.add(&map, |d: &[u8]| {
+            let hdr: abi::rf_event_hdr = abi::from_bytes(d).unwrap();
+            out.borrow_mut().push(if hdr.r#type == 1 {
+                Ev::Flow(abi::from_bytes(d).unwrap())
+            } else {
+                Ev::Dns(abi::from_bytes(d).unwrap())
+            });
+            0
+        })
+        .unwrap();
+        let rb = b.build().unwrap();
+        rb.consume().unwrap();
+        drop(rb);
+        out.into_inner()
+    }
+
+    fn flows(&self) -> Vec<abi::rf_flow_event> {
+        self.events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Ev::Flow(f) => Some(f),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn counter(&self, c: abi::rf_counter) -> u64 {
+        self.dp.counters().unwrap()[c.0 as usize]
+    }
+}
+
+fn a4(s: &str) -> [u8; 4] {
+    match ip(s) {
+        IpAddr::V4(v) => v.octets(),
+        _ => panic!(),
+    }
+}
+
+fn a6(s: &str) -> [u8; 16] {
+    match ip(s) {
+        IpAddr::V6(v) => v.octets(),
+        _ => panic!(),
+    }
+}
+
+// ---- verdicts on the first packet of a flow ------------------------------------------
+
+#[test]
+fn verdict_table() {
+    struct Case {
+        what: &'static str,
+        mode: Mode,
+        direct_ip: Mode,
+        allow: &'static str,
+        dst: &'static str,
+        port: u16,
+        rc: i32,
+        verdict: u8,
+        reason: u8,
+    }
+    use abi::rf_reason as R;
+    use abi::rf_verdict as V;
+    let cases = [
+        Case { what: "listed CIDR, default port 443", mode: Mode::Block, direct_ip: Mode::Block, allow: "203.0.113.0/24", dst: "203.0.113.9", port: 443, rc: PASS, verdict: V::RF_VERDICT_ALLOWED.0 as u8, reason: R::RF_REASON_ALLOWED.0 as u8 },
+        Case { what: "listed CIDR, other port", mode: Mode::Block, direct_ip: Mode::Block, allow: "203.0.113.0/24", dst: "203.0.113.9", port: 80, rc: DROP, verdict: V::RF_VERDICT_BLOCKED.0 as u8, reason: R::RF_REASON_NOT_ALLOWED.0 as u8 },
+        Case { what: "CIDR any port", mode: Mode::Block, direct_ip: Mode::Block, allow: "203.0.113.0/24:*", dst: "203.0.113.200", port: 8080, rc: PASS, verdict: 0, reason: 0 },
+        Case { what: "unlisted address, block mode", mode: Mode::Block, direct_ip: Mode::Block, allow: "203.0.113.0/24", dst: "198.51.100.66", port: 443, rc: DROP, verdict: 1, reason: R::RF_REASON_DIRECT_IP.0 as u8 },
+        Case { what: "direct IP blocked even in audit mode", mode: Mode::Audit, direct_ip: Mode::Block, allow: "", dst: "198.51.100.66", port: 443, rc: DROP, verdict: 1, reason: 2 },
+        Case { what: "direct IP audited with direct-ip=audit", mode: Mode::Audit, direct_ip: Mode::Audit, allow: "", dst: "198.51.100.66", port: 443, rc: PASS, verdict: V::RF_VERDICT_AUDITED.0 as u8, reason: 2 },
+        Case { what: "metadata blocked in audit mode", mode: Mode::Audit, direct_ip: Mode::Audit, allow: "", dst: "169.254.169.254", port: 80, rc: DROP, verdict: 1, reason: R::RF_REASON_METADATA.0 as u8 },
+        Case { what: "metadata allowed when listed", mode: Mode::Block, direct_ip: Mode::Block, allow: "169.254.169.254:80", dst: "169.254.169.254", port: 80, rc: PASS, verdict: 0, reason: 0 },
+        Case { what: "v6 metadata", mode: Mode::Audit, direct_ip: Mode::Audit, allow: "", dst: "fd00:ec2::254", port: 80, rc: DROP, verdict: 1, reason: 4 },
+        Case { what: "v6 CIDR with port", mode: Mode::Block, direct_ip: Mode::Block, allow: "2001:db8:2::/64:443", dst: "2001:db8:2::7", port: 443, rc: PASS, verdict: 0, reason: 0 },
+        Case { what: "v6 unlisted", mode: Mode::Block, direct_ip: Mode::Block, allow: "2001:db8:2::/64:443", dst: "2001:db8:3::7", port: 443, rc: DROP, verdict: 1, reason: 2 },
+    ];
+    for c in &cases {
+        let r = rig(c.mode, c.direct_ip, c.allow);
+        let rc = r.syn(c.dst, c.port);
+        assert_eq!(rc, c.rc, "{}: return code", c.what);
+        let flows = r.flows();
+        assert_eq!(flows.len(), 1, "{}: one flow event", c.what);
+        let f = &flows[0];
+        assert_eq!(f.verdict, c.verdict, "{}: verdict", c.what);
+        assert_eq!(f.reason, c.reason, "{}: reason", c.what);
+        assert_eq!(abi::addr_from_bytes(f.daddr), ip(c.dst), "{}: dst", c.what);
+        assert_eq!(f.dport, c.port, "{}: port", c.what);
+        assert_eq!(f.proto, 6);
+    }
+}
+
+#[test]
+fn one_event_per_flow_not_per_packet() {
+    let r = rig(Mode::Block, Mode::Block, "203.0.113.0/24");
+    let sport = 41000;
+    let syn = frame(ip(CLIENT), ip("203.0.113.5"), 6, sport, 443, TCP_SYN, &[]);
+    let ack = frame(ip(CLIENT), ip("203.0.113.5"), 6, sport, 443, TCP_ACK, b"data");
+    assert_eq!(r.egress(&syn), PASS);
+    for _ in 0..10 {
+        assert_eq!(r.egress(&ack), PASS);
+    }
+    let blocked = frame(ip(CLIENT), ip("198.51.100.99"), 6, sport + 1, 443, TCP_SYN, &[]);
+    for _ in 0..3 {
+        // SYN retransmits of a blocked flow stay blocked, with no new event.
+        assert_eq!(r.egress(&blocked), DROP);
+    }
+    assert_eq!(r.flows().len(), 2);
+    assert_eq!(r.counter(abi::rf_counter::RF_CNT_NEW_FLOWS), 2);
+}
+
+#[test]
+fn packets_that_are_not_ours_pass() {
+    let r = rig(Mode::Block, Mode::Block, "");
+    // ARP
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
+    arp.extend_from_slice(&[0; 28]);
+    assert_eq!(r.egress(&arp), PASS);
+    // A frame cut inside the IP header
+    let f = frame(ip(CLIENT), ip("198.51.100.66"), 6, 1, 443, TCP_SYN, &[]);
+    assert_eq!(r.egress(&f[..20]), PASS);
+    // A TCP segment without SYN cannot open a flow (its connection's SYN was judged)
+    assert_eq!(
+        r.egress(&frame(ip(CLIENT), ip("198.51.100.66"), 6, 1, 443, TCP_ACK, b"x")),
+        PASS
+    );
+    // SYN-ACK: a reply of an inbound connection
+    assert_eq!(
+        r.egress(&frame(ip(CLIENT), ip("198.51.100.66"), 6, 1, 443, TCP_SYN | TCP_ACK, &[])),
+        PASS
+    );
+    // Loopback
+    assert_eq!(r.syn("127.0.0.1", 8080), PASS);
+    assert!(r.flows().is_empty());
+}
+
+#[test]
+fn dns_to_other_servers_is_blocked() {
+    let r = rig(Mode::Block, Mode::Block, "github.test");
+    let q = dns_query(7, "github.test", 1);
+    assert_eq!(r.egress(&frame(ip(CLIENT), ip("203.0.113.53"), 17, 5353, 53, 0, &q)), DROP);
+    let f = &r.flows()[0];
+    assert_eq!(f.reason, abi::rf_reason::RF_REASON_DNS_RESOLVER.0 as u8);
+    // ...also in audit mode (it is a direct IP), unless direct-ip = audit
+    let r = rig(Mode::Audit, Mode::Block, "github.test");
+    assert_eq!(r.egress(&frame(ip(CLIENT), ip("203.0.113.53"), 17, 5353, 53, 0, &q)), DROP);
+    let r = rig(Mode::Audit, Mode::Audit, "github.test");
+    assert_eq!(r.egress(&frame(ip(CLIENT), ip("203.0.113.53"), 17, 5353, 53, 0, &q)), PASS);
+    // TCP to a non-resolver on 53 as well
+    let r = rig(Mode::Block, Mode::Block, "github.test");
+    assert_eq!(r.syn("203.0.113.53", 53), DROP);
+    assert_eq!(r.syn(RESOLVER, 53), PASS);
+}
+
+// ---- DNS answers bind addresses --------------------------------------------------------
+
+#[test]
+fn allowed_answer_binds_before_the_first_syn() {
+    let r = rig(Mode::Block, Mode::Block, "github.test:443");
+    assert_eq!(r.syn("198.51.100.10", 443), DROP, "not bound yet");
+    let rc = r.resolve(0x1111, "github.test", 1, &[Rr::A("github.test", 60, a4("198.51.100.10"))]);
+    assert_eq!(rc, PASS, "answers are never dropped");
+    assert_eq!(r.learned(), vec![ip("198.51.100.10")]);
+    let v = r.host("198.51.100.10").unwrap();
+    assert_eq!((v.ports.n, v.ports.port[0], v.ports.any), (1, 443, 0));
+    assert!(v.expires_ns > 0);
+    // A new flow (new source port) to the learned address on 443 passes; on 80 it does not.
+    assert_eq!(r.syn("198.51.100.10", 443), PASS);
+    assert_eq!(r.syn("198.51.100.10", 80), DROP);
+    // The copy of the answer reached the ring buffer, flagged as allowed.
+    let dns: Vec<_> = r
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Ev::Dns(d) => Some(d),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(dns.len(), 1);
+    assert_eq!(dns[0].flags & abi::DNS_ALLOWED, abi::DNS_ALLOWED);
+    assert_eq!(dns[0].bound, 1);
+}
+
+#[test]
+fn dns_answer_table() {
+    struct Case {
+        what: &'static str,
+        allow: &'static str,
+        name: &'static str,
+        qtype: u16,
+        rrs: Vec<Rr<'static>>,
+        learned: Vec<&'static str>,
+    }
+    let cases = vec![
+        Case { what: "AAAA", allow: "v6.test", name: "v6.test", qtype: 28, rrs: vec![Rr::Aaaa("v6.test", 30, a6("2001:db8:2::10"))], learned: vec!["2001:db8:2::10"] },
+        Case { what: "several A records", allow: "multi.test", name: "multi.test", qtype: 1, rrs: vec![Rr::A("multi.test", 30, a4("198.51.100.11")), Rr::A("multi.test", 30, a4("198.51.100.12")), Rr::A("multi.test", 30, a4("198.51.100.13"))], learned: vec!["198.51.100.11", "198.51.100.12", "198.51.100.13"] },
+        Case { what: "CNAME chain", allow: "www.cdn-user.test", name: "www.cdn-user.test", qtype: 1, rrs: vec![Rr::Cname("www.cdn-user.test", 30, "edge.cdn.test"), Rr::Cname("edge.cdn.test", 30, "e1.cdn.test"), Rr::A("e1.cdn.test", 30, a4("203.0.113.77"))], learned: vec!["203.0.113.77"] },
+        Case { what: "other record types between A records", allow: "mixed.test", name: "mixed.test", qtype: 1, rrs: vec![Rr::A("mixed.test", 30, a4("198.51.100.21")), Rr::Txt("mixed.test", 30, b"\x05hello"), Rr::A("mixed.test", 30, a4("198.51.100.22"))], learned: vec!["198.51.100.21", "198.51.100.22"] },
+        Case { what: "wildcard at any depth", allow: "*.npm.test", name: "a.b.registry.npm.test", qtype: 1, rrs: vec![Rr::A("a.b.registry.npm.test", 30, a4("198.51.100.31"))], learned: vec!["198.51.100.31"] },
+        Case { what: "wildcard excludes the bare domain", allow: "*.npm.test", name: "npm.test", qtype: 1, rrs: vec![Rr::A("npm.test", 30, a4("198.51.100.32"))], learned: vec![] },
+        Case { what: "glob inside a label", allow: "results*.blob.test", name: "resultsabc123.blob.test", qtype: 1, rrs: vec![Rr::A("resultsabc123.blob.test", 30, a4("198.51.100.41"))], learned: vec!["198.51.100.41"] },
+        Case { what: "glob prefix mismatch", allow: "results*.blob.test", name: "other.blob.test", qtype: 1, rrs: vec![Rr::A("other.blob.test", 30, a4("198.51.100.42"))], learned: vec![] },
+        Case { what: "glob is one label only", allow: "results*.blob.test", name: "x.results1.blob.test", qtype: 1, rrs: vec![Rr::A("x.results1.blob.test", 30, a4("198.51.100.43"))], learned: vec![] },
+        Case { what: "glob with a suffix", allow: "ab*yz.glob.test", name: "abMIDDLEyz.glob.test", qtype: 1, rrs: vec![Rr::A("abMIDDLEyz.glob.test", 30, a4("198.51.100.44"))], learned: vec!["198.51.100.44"] },
+        Case { what: "mixed-case question (0x20)", allow: "github.test", name: "GiThUb.TeSt", qtype: 1, rrs: vec![Rr::A("GiThUb.TeSt", 30, a4("198.51.100.51"))], learned: vec!["198.51.100.51"] },
+        Case { what: "name not allowed", allow: "github.test", name: "attacker.test", qtype: 1, rrs: vec![Rr::A("attacker.test", 30, a4("198.51.100.66"))], learned: vec![] },
+        Case { what: "suffix of an allowed name is not allowed", allow: "api.github.test", name: "github.test", qtype: 1, rrs: vec![Rr::A("github.test", 30, a4("198.51.100.52"))], learned: vec![] },
+        Case { what: "allowed name as a label inside another", allow: "github.test", name: "github.test.attacker.test", qtype: 1, rrs: vec![Rr::A("github.test.attacker.test", 30, a4("198.51.100.67"))], learned: vec![] },
+        Case { what: "zero answers", allow: "empty.test", name: "empty.test", qtype: 1, rrs: vec![], learned: vec![] },
+        Case { what: "64 records", allow: "many.test", name: "many.test", qtype: 1, rrs: (0..64u8).map(|i| Rr::A("many.test", 30, [198, 51, 100, 100 + i])).collect(), learned: (0..64u8).map(|i| Box::leak(format!("198.51.100.{}", 100 + i).into_boxed_str()) as &str).collect() },
+    ];
+    for c in &cases {
+        let r = rig(Mode::Block, Mode::Block, c.allow);
+        assert_eq!(r.resolve(0x2222, c.name, c.qtype, &c.rrs), PASS, "{}", c.what);
+        let mut want: Vec<IpAddr> = c.learned.iter().map(|s| ip(s)).collect();
+        want.sort();
+        assert_eq!(r.learned(), want, "{}", c.what);
+    }
+}
+
+#[test]
+fn audit_mode_keeps_unlisted_answers_as_seen_not_allowed() {
+    let r = rig(Mode::Audit, Mode::Block, "github.test");
+    r.resolve(3, "attacker.test", 1, &[Rr::A("attacker.test", 30, a4("198.51.100.66"))]);
+    let v = r.host("198.51.100.66").expect("seen entry");
+    assert_eq!(v.flags & abi::ADDR_SEEN, abi::ADDR_SEEN);
+    assert_eq!(v.flags & abi::ADDR_LEARNED, 0);
+    assert!(r.learned().is_empty());
+    // A connection to it is audited as not-allowed (not blocked as a direct IP).
+    assert_eq!(r.syn("198.51.100.66", 443), PASS);
+    let f = r.flows().pop().unwrap();
+    assert_eq!(f.verdict, abi::rf_verdict::RF_VERDICT_AUDITED.0 as u8);
+    assert_eq!(f.reason, abi::rf_reason::RF_REASON_NOT_ALLOWED.0 as u8);
+}
+
+#[test]
+fn refresh_keeps_one_entry_and_merges_ports() {
+    let r = rig(Mode::Block, Mode::Block, "github.test:443 github.test:22");
+    for id in 0..5 {
+        r.resolve(100 + id, "github.test", 1, &[Rr::A("github.test", 30, a4("198.51.100.10"))]);
+    }
+    assert_eq!(r.learned(), vec![ip("198.51.100.10")]);
+    let v = r.host("198.51.100.10").unwrap();
+    let mut ports: Vec<u16> = v.ports.port[..v.ports.n as usize].to_vec();
+    ports.sort();
+    assert_eq!(ports, vec![22, 443]);
+    assert_eq!(r.syn("198.51.100.10", 22), PASS);
+}
+
+#[test]
+fn learned_host_inside_listed_cidr_keeps_the_cidr_ports() {
+    let r = rig(Mode::Block, Mode::Block, "203.0.113.0/24:8443 cdn.test:443");
+    r.resolve(5, "cdn.test", 1, &[Rr::A("cdn.test", 30, a4("203.0.113.40"))]);
+    assert_eq!(r.syn("203.0.113.40", 443), PASS);
+    assert_eq!(r.syn("203.0.113.40", 8443), PASS);
+}
+
+// ---- answers that must bind nothing ------------------------------------------------------
+
+fn allowed_answer() -> Vec<u8> {
+    dns_answer(0x4242, "github.test", 1, &[Rr::A("github.test", 30, a4("198.51.100.10"))])
+}
+
+#[test]
+fn unmatched_answers_bind_nothing() {
+    let r = rig(Mode::Block, Mode::Block, "github.test");
+    // No query at all
+    assert_eq!(r.answer_to(33333, &allowed_answer(), false), PASS);
+    // A query with another transaction id
+    let port = r.query(0x9999, "github.test", 1);
+    assert_eq!(r.answer_to(port, &allowed_answer(), false), PASS);
+    // The right id but another question name than was asked
+    let port = r.query(0x4242, "other.test", 1);
+    assert_eq!(r.answer_to(port, &allowed_answer(), false), PASS);
+    // From a server that was not asked
+    let port = r.query(0x4242, "github.test", 1);
+    let f = frame(ip("203.0.113.53"), ip(CLIENT), 17, 53, port, 0, &allowed_answer());
+    assert_eq!(r.ingress(&f), PASS);
+    assert!(r.learned().is_empty());
+    assert!(r.counter(abi::rf_counter::RF_CNT_DNS_UNMATCHED) >= 2);
+    // ...and the same answer to the right query does bind: the cases above were real.
+    assert_eq!(r.answer_to(port, &allowed_answer(), false), PASS);
+    assert_eq!(r.learned(), vec![ip("198.51.100.10")]);
+}
+
+#[test]
+fn malformed_answers_bind_nothing_and_pass() {
+    let good = allowed_answer();
+    let qend = 12 + testrun::wire("github.test").len() + 1 + 4;
+    let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
+    cases.push(("truncated inside the record", good[..good.len() - 2].to_vec()));
+    cases.push(("truncated inside the question", good[..16].to_vec()));
+    let mut m = good.clone();
+    m[qend] = 0xc0;
+    m[qend + 1] = 0xff; // pointer past the end (and forward)
+    cases.push(("pointer forward", m));
+    let mut m = good.clone();
+    m[qend] = 0xc0;
+    m[qend + 1] = qend as u8; // pointer to itself: a loop if followed
+    cases.push(("pointer loop", m));
+    let mut m = good.clone();
+    m[qend] = 0xc0;
+    m[qend + 1] = 3; // into the header
+    cases.push(("pointer into the header", m));
+    let mut m = good.clone();
+    m[qend] = 0x3f; // a label running past the packet
+    m[qend + 1] = b'a';
+    cases.push(("label past the end", m));
+    let mut m = good.clone();
+    let rdlen = qend + 2 + 2 + 2 + 4;
+    m[rdlen + 1] = 5; // A record with rdlength 5
+    cases.push(("A with bad rdlength", m));
+    let mut m = good.clone();
+    m[7] = 3; // ancount 3, only 1 present
+    cases.push(("answer count beyond the data", m));
+    let mut m = good.clone();
+    m[2] &= 0x7f; // QR=0: a query, not an answer
+    cases.push(("not a response", m));
+    let mut m = good.clone();
+    m[5] = 2; // qdcount 2
+    cases.push(("two questions", m));
+    let mut m = good.clone();
+    m[12] = 0xc0; // compression in the question
+    cases.push(("compressed question", m));
+
+    for (what, msg) in &cases {
+        let r = rig(Mode::Block, Mode::Block, "github.test");
+        let port = r.query(0x4242, "github.test", 1);
+        assert_eq!(r.answer_to(port, msg, false), PASS, "{what}: never dropped");
+        assert!(r.learned().is_empty(), "{what}: nothing bound");
+    }
+}
+
+#[test]
+fn hash_collision_binds_nothing() {
+    // Plant an entry whose hash is that of attacker.test but whose stored name is
+    // github.test, as a crafted 64-bit collision would look. The byte-by-byte check
+    // must refuse it.
+    let r = rig(Mode::Block, Mode::Block, "github.test");
+    let mut compiled = Policy {
+        mode: Mode::Block,
+        direct_ip: Mode::Block,
+        dns_resolvers: vec![],
+        endpoints: Policy::parse_endpoints("github.test", "test").unwrap(),
+    }
+    .compile()
+    .unwrap();
+    let evil = ringfence::policy::name_hash(&ringfence::policy::wire_name("attacker.test"));
+    compiled.names[0].hash = evil;
+    compiled.prefixes.clear();
+    let mut dp = r.dp;
+    dp.install_policy(JOB, &compiled, &[]).unwrap();
+    let r = Rig { dp, next_port: std::cell::Cell::new(50000) };
+    r.resolve(9, "attacker.test", 1, &[Rr::A("attacker.test", 30, a4("198.51.100.66"))]);
+    assert!(r.learned().is_empty());
+}
+
+#[test]
+fn fragmented_answers_are_counted_not_parsed() {
+    let r = rig(Mode::Block, Mode::Block, "github.test");
+    let port = r.query(0x4242, "github.test", 1);
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&53u16.to_be_bytes());
+    udp.extend_from_slice(&port.to_be_bytes());
+    udp.extend_from_slice(&((8 + allowed_answer().len()) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(&allowed_answer());
+    // More-fragments set: the first fragment of a datagram.
+    let f = testrun::ip_frame(ip(RESOLVER), ip(CLIENT), 17, &udp, 0x2000);
+    assert_eq!(r.ingress(&f), PASS);
+    assert!(r.learned().is_empty());
+    assert_eq!(r.counter(abi::rf_counter::RF_CNT_DNS_FRAGMENT), 1);
+}
+
+#[test]
+fn random_mutations_never_bind_a_name_that_is_not_allowed() {
+    // A small deterministic fuzz: mutate answers for a name that is NOT allowed. Whatever
+    // the bytes, the program must pass the packet and bind nothing.
+    let r = rig(Mode::Block, Mode::Block, "github.test");
+    let base = dns_answer(
+        0x5151,
+        "attacker.test",
+        1,
+        &[
+            Rr::Cname("attacker.test", 5, "github.test"),
+            Rr::A("github.test", 30, a4("198.51.100.10")),
+            Rr::Aaaa("github.test", 30, a6("2001:db8:2::10")),
+        ],
+    );
+    let mut seed: u64 = 0x9e3779b97f4a7c15;
+    let mut rnd = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for i in 0..1500 {
+        let port = r.query(0x5151, "attacker.test", 1);
+        let mut m = base.clone();
+        for _ in 0..(1 + rnd() % 6) {
+            let at = (rnd() as usize) % m.len();
+            // Keep the id and the question intact half of the time so parsing goes deep.
+            if i % 2 == 0 && at < 12 + 15 {
+                continue;
+            }
+            m[at] = rnd() as u8;
+        }
+        if rnd() % 4 == 0 {
+            let cut = (rnd() as usize) % m.len();
+            m.truncate(cut.max(12));
+        }
+        assert_eq!(r.answer_to(port, &m, false), PASS);
+    }
+    assert!(r.learned().is_empty(), "learned {:?}", r.learned());
+}
