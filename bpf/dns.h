@@ -28,6 +28,9 @@ const volatile __u64 dns_min_ttl_ns = 0;
 const volatile __u64 dns_grace_ns = 30ULL * 1000000000ULL;
 /* Benchmarks turn the ring buffer off so a full buffer does not distort the figures. */
 const volatile __u8 emit_events = 1;
+/* Benchmarks of the new-flow path set this: every packet is judged as if it opened a flow
+ * (BPF_PROG_TEST_RUN repeats one frame, which would otherwise hit the flow cache). */
+const volatile __u8 always_judge = 0;
 
 struct rf_scratch {
 	/* ev and buf are contiguous: one bpf_ringbuf_output() sends the header and the copy. */

@@ -182,7 +182,7 @@ int rf_egress(struct __sk_buff *skb)
 	fk.proto = p.proto;
 	now = bpf_ktime_get_boot_ns();
 
-	cached = bpf_map_lookup_elem(&flows, &fk);
+	cached = always_judge ? NULL : bpf_map_lookup_elem(&flows, &fk);
 	if (cached) {
 		/* Established path: the verdict was made on the first packet. Touch the entry
 		 * at most once a second so live flows keep their learned address alive. */
@@ -212,7 +212,8 @@ int rf_egress(struct __sk_buff *skb)
 	/* Only the first packet of an outbound connection opens a flow. A TCP segment without
 	 * SYN (or a SYN-ACK: an inbound connection) cannot open one: a dropped SYN means there
 	 * is no connection to continue, and replies to inbound connections must pass. */
-	if (p.proto == IPPROTO_TCP && (!(p.tcp_flags & RF_TCP_SYN) || (p.tcp_flags & RF_TCP_ACK)))
+	if (p.proto == IPPROTO_TCP && (!(p.tcp_flags & RF_TCP_SYN) || (p.tcp_flags & RF_TCP_ACK)) &&
+	    !always_judge)
 		return TC_ACT_UNSPEC;
 	/* A later fragment has no ports: judge it by address like its first fragment was. */
 

@@ -83,6 +83,8 @@ pub struct Options {
     pub dns_grace: Duration,
     /// Off only for benchmarks.
     pub emit_events: bool,
+    /// Benchmarks only: judge every packet as a new flow (skips the flow cache).
+    pub always_judge: bool,
     pub allow_entries: u32,
     pub flow_entries: u32,
 }
@@ -94,6 +96,7 @@ impl Default for Options {
             dns_min_ttl: Duration::from_secs(0),
             dns_grace: Duration::from_secs(30),
             emit_events: true,
+            always_judge: false,
             allow_entries: 65536,
             flow_entries: 262144,
         }
@@ -215,6 +218,7 @@ impl Dataplane {
             ro.dns_min_ttl_ns = opts.dns_min_ttl.as_nanos() as u64;
             ro.dns_grace_ns = opts.dns_grace.as_nanos() as u64;
             ro.emit_events = u8::from(opts.emit_events);
+            ro.always_judge = u8::from(opts.always_judge);
         }
         open.maps
             .allow
