@@ -154,7 +154,9 @@ fn run_with_input(cmd: &mut Command, input: Option<&str>) -> Result<String> {
     })
     .stdout(Stdio::piped())
     .stderr(Stdio::piped());
-    let mut child = cmd.spawn().map_err(io_err(format!("starting `{command}`")))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(io_err(format!("starting `{command}`")))?;
     if let (Some(text), Some(mut stdin)) = (input, child.stdin.take()) {
         stdin
             .write_all(text.as_bytes())
@@ -341,7 +343,10 @@ impl Testbed {
             self.resolv_dir.join("resolv.conf"),
             format!("nameserver {DNS_V4}\n"),
         )
-        .map_err(io_err(format!("writing {}/resolv.conf", self.resolv_dir.display())))?;
+        .map_err(io_err(format!(
+            "writing {}/resolv.conf",
+            self.resolv_dir.display()
+        )))?;
         Ok(())
     }
 
@@ -560,7 +565,10 @@ impl Testbed {
             let hits = self.counter('t', addr);
             let stop = self.stop.clone();
             let handle = thread::spawn(move || serve_http(listener, addr, hits, stop));
-            self.threads.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+            self.threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(handle);
         }
         Ok(())
     }
@@ -590,7 +598,10 @@ impl Testbed {
                     }
                 }
             });
-            self.threads.lock().unwrap_or_else(|e| e.into_inner()).push(handle);
+            self.threads
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(handle);
         }
         Ok(())
     }
@@ -710,7 +721,12 @@ where
     .unwrap_or_else(|_| Err(Error::NotReady(format!("thread in {ns} panicked"))))
 }
 
-fn serve_http(listener: TcpListener, addr: SocketAddr, hits: Arc<AtomicUsize>, stop: Arc<AtomicBool>) {
+fn serve_http(
+    listener: TcpListener,
+    addr: SocketAddr,
+    hits: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
+) {
     while !stop.load(Ordering::Relaxed) {
         match listener.accept() {
             Ok((stream, _)) => {
