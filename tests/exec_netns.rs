@@ -47,12 +47,12 @@ fn testbed_baseline_without_ringfence() {
         format!("http://{routed}:8080/"),
         format!("http://{METADATA_V4}/"),
     ] {
-        let (st, out, err) = run_timeout(tb.client_cmd("curl", curl(&["-4"], &url)), JOB_TIMEOUT);
+        let (st, out, err) = run_timeout(client(&tb, &curl(&["-4"], &url)), JOB_TIMEOUT);
         assert!(st.success(), "curl {url}: {err}");
         assert!(out.starts_with("hello from "), "curl {url}: {out}");
     }
     let (st, out, err) = run_timeout(
-        tb.client_cmd("curl", curl(&["-6"], "http://base.test/")),
+        client(&tb, &curl(&["-6"], "http://base.test/")),
         JOB_TIMEOUT,
     );
     assert!(st.success(), "curl -6: {err}");

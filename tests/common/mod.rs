@@ -220,6 +220,11 @@ pub fn curl(extra: &[&str], url: &str) -> Vec<String> {
     v
 }
 
+/// `argv` (program first) as a command in the client namespace, without ringfence.
+pub fn client(tb: &Testbed, argv: &[String]) -> Command {
+    tb.client_cmd(&argv[0], &argv[1..])
+}
+
 pub fn as_strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
