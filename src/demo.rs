@@ -115,7 +115,7 @@ fn run_scenario(opts: &DemoOptions, binary: &Path, interrupted: &AtomicBool) -> 
     };
     say("ringfence demo: a CI job whose dependency tries to steal a token.");
     say("");
-    say("Step 1. Building a private network: a 'runner' namespace (the job runs here) and a");
+    say("Step 1. Building a private network: a 'runner' namespace (the job runs here) and an");
     say("        'internet' namespace playing the registry, GitHub, a DNS server and an attacker.");
     let tb = Testbed::new().context("building the demo network")?;
     say(&format!(
