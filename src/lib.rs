@@ -2,3 +2,4 @@
 pub mod bpf_skel;
 pub mod dns;
 pub mod events;
+pub mod report;
