@@ -12,11 +12,14 @@ pub mod cgroup;
 pub mod cli;
 pub mod dataplane;
 pub mod demo;
+pub mod dns;
+pub mod events;
 pub mod exec;
 pub mod logging;
 pub mod netif;
 pub mod policy;
 pub mod probe;
+pub mod report;
 pub mod testbed;
 pub mod testrun;
 
