@@ -24,6 +24,8 @@ pub const DNS_ALLOWED: u32 = 1;
 pub const DNS_MALFORMED: u32 = 2;
 pub const DNS_TRUNCATED: u32 = 4;
 pub const DNS_TRIE_FULL: u32 = 8;
+pub const DNS_QUERY: u32 = 16;
+pub const DNS_REFUSED: u32 = 32;
 
 // The C compiler and the skeleton generator must agree on every layout we exchange.
 const _: () = {

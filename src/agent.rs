@@ -67,34 +67,6 @@ pub fn boottime_ns() -> u64 {
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
-fn proto_of(p: u8) -> Proto {
-    match p {
-        6 => Proto::Tcp,
-        17 => Proto::Udp,
-        1 => Proto::Icmp,
-        58 => Proto::Icmpv6,
-        n => Proto::Other(n),
-    }
-}
-
-fn verdict_of(v: u8) -> Verdict {
-    match v {
-        0 => Verdict::Allowed,
-        2 => Verdict::Audited,
-        _ => Verdict::Blocked,
-    }
-}
-
-fn reason_of(r: u8) -> Reason {
-    match r {
-        0 => Reason::Allowed,
-        1 => Reason::NotAllowed,
-        3 => Reason::DnsResolver,
-        4 => Reason::Metadata,
-        _ => Reason::DirectIp,
-    }
-}
-
 fn rcode_name(r: u16) -> String {
     match r {
         0 => "NOERROR".into(),
@@ -182,7 +154,7 @@ impl Agent {
         };
         let dst = abi::addr_from_bytes(ev.daddr);
         let domain = job.names.get(&dst).cloned();
-        let mut reason = reason_of(ev.reason);
+        let mut reason = Reason::try_from(ev.reason).unwrap_or(Reason::DirectIp);
         // In block mode the kernel does not keep addresses of names it will not allow, so
         // it can only say "direct-ip"; the agent saw the answer and knows better.
         if reason == Reason::DirectIp && domain.is_some() {
@@ -204,11 +176,11 @@ impl Agent {
             pid,
             comm,
             cgroup: ev.cgroup_id,
-            proto: proto_of(ev.proto),
+            proto: Proto::from(ev.proto),
             dst,
             port: ev.dport,
             domain,
-            verdict: verdict_of(ev.verdict),
+            verdict: Verdict::try_from(ev.verdict).unwrap_or(Verdict::Blocked),
             reason,
         };
         self.emit(ev.hdr.job_id, Event::Flow(flow));
@@ -230,6 +202,30 @@ impl Agent {
         let Some(q) = msg.question.as_ref() else {
             return;
         };
+        if ev.flags & abi::DNS_QUERY != 0 {
+            // A query for a name the policy does not allow: refused in the kernel (block
+            // mode) or let through and reported (audit mode). Either way it is a finding.
+            let flow = FlowEvent {
+                ts: boottime_to_system(ev.hdr.ts_ns),
+                job: job.name.clone(),
+                step: job.step.clone(),
+                pid: 0,
+                comm: String::new(),
+                cgroup: 0,
+                proto: Proto::Udp,
+                dst: abi::addr_from_bytes(ev.server),
+                port: 53,
+                domain: Some(q.name.clone()),
+                verdict: if ev.flags & abi::DNS_REFUSED != 0 {
+                    Verdict::Blocked
+                } else {
+                    Verdict::Audited
+                },
+                reason: Reason::DnsQuery,
+            };
+            self.emit(job_id, Event::Flow(flow));
+            return;
+        }
         let addrs = msg.addresses();
         for (a, _) in &addrs {
             job.names.insert(*a, q.name.clone());

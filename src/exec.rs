@@ -35,6 +35,10 @@ pub struct ExecArgs {
     /// Connections to addresses no DNS answer produced: block (default) or audit.
     #[arg(long = "direct-ip", value_enum)]
     pub direct_ip: Option<ModeArg>,
+    /// allowed-only (default): in block mode, DNS queries for names the policy does not
+    /// allow are answered REFUSED and never leave the host; any: no query filtering.
+    #[arg(long = "dns-policy", value_parser = ["allowed-only", "any"])]
+    pub dns_policy: Option<String>,
     /// A DNS server the job may use (repeatable). Default: the policy's, else /etc/resolv.conf.
     #[arg(long = "dns-resolver", value_name = "IP")]
     pub dns_resolvers: Vec<std::net::IpAddr>,
@@ -107,6 +111,9 @@ pub fn build_policy(args: &ExecArgs) -> std::result::Result<Policy, UsageError> 
     if !args.dns_resolvers.is_empty() {
         b.dns_resolvers = Some(args.dns_resolvers.clone());
     }
+    if let Some(p) = &args.dns_policy {
+        b.dns_filter = crate::policy::parse_dns_policy(p);
+    }
     let policy = b.build()?;
     // Compile now, so a policy that cannot fit the dataplane fails before anything loads.
     policy.compile()?;
@@ -176,7 +183,8 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
                 Mode::Audit => 0,
                 Mode::Block => 1,
             },
-            _pad: [0; 2],
+            dns_filter: u8::from(policy.mode == Mode::Block && policy.dns_filter),
+            _pad: 0,
         },
     )?;
     for i in &interfaces {

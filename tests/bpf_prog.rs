@@ -33,13 +33,20 @@ enum Ev {
     Dns(abi::rf_dns_event),
 }
 
+/// A job whose queries for unlisted names go through to the resolver (`dns-policy = "any"`),
+/// so that answers to them can be tested.
 fn rig(mode: Mode, direct_ip: Mode, allow: &str) -> Rig {
+    rig_with(mode, direct_ip, allow, false)
+}
+
+fn rig_with(mode: Mode, direct_ip: Mode, allow: &str, dns_filter: bool) -> Rig {
     let mut dp = Dataplane::load(&Options::default()).expect("load the dataplane (root?)");
     let policy = Policy {
         mode,
         direct_ip,
         dns_resolvers: vec![ip(RESOLVER), ip(RESOLVER6)],
         endpoints: Policy::parse_endpoints(allow, "test").expect("test policy"),
+        dns_filter,
     };
     let compiled = policy.compile().expect("compile");
     dp.install_policy(JOB, &compiled, &policy.dns_resolvers)
@@ -50,7 +57,8 @@ fn rig(mode: Mode, direct_ip: Mode, allow: &str) -> Rig {
             job_id: JOB,
             mode: (mode == Mode::Block) as u8,
             direct_ip: (direct_ip == Mode::Block) as u8,
-            _pad: [0; 2],
+            dns_filter: (mode == Mode::Block && dns_filter) as u8,
+            _pad: 0,
         },
     )
     .unwrap();
@@ -464,6 +472,7 @@ fn hash_collision_binds_nothing() {
         direct_ip: Mode::Block,
         dns_resolvers: vec![],
         endpoints: Policy::parse_endpoints("github.test", "test").unwrap(),
+        dns_filter: true,
     }
     .compile()
     .unwrap();
@@ -534,4 +543,135 @@ fn random_mutations_never_bind_a_name_that_is_not_allowed() {
         assert_eq!(r.answer_to(port, &m, false), PASS);
     }
     assert!(r.learned().is_empty(), "learned {:?}", r.learned());
+}
+
+// ---- query filtering ---------------------------------------------------------------------
+
+/// Runs the egress program and returns its return code and the packet as it left.
+fn egress_out(r: &Rig, f: &[u8]) -> (i32, Vec<u8>) {
+    let mut ctx = [0u8; std::mem::size_of::<ringfence::bpf_skel::types::__sk_buff>()];
+    let at = std::mem::offset_of!(ringfence::bpf_skel::types::__sk_buff, ifindex);
+    ctx[at..at + 4].copy_from_slice(&LO.to_ne_bytes());
+    let mut out = vec![0u8; f.len() + 64];
+    let mut input = libbpf_rs::ProgramInput::default();
+    input.data_in = Some(f);
+    input.context_in = Some(&mut ctx[..]);
+    input.data_out = Some(&mut out[..]);
+    let o = r.dp.egress_prog().test_run(input).unwrap();
+    let n = o.data.map(|d| d.len()).unwrap_or(0);
+    (o.return_value as i32, out[..n].to_vec())
+}
+
+const TC_ACT_REDIRECT: i32 = 7;
+
+fn ones_complement_ok(sum_over: &[u8]) -> bool {
+    let mut sum: u32 = 0;
+    for c in sum_over.chunks(2) {
+        let w = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { u16::from(c[0]) << 8 };
+        sum += u32::from(w);
+    }
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum == 0xffff
+}
+
+#[test]
+fn unlisted_query_is_answered_refused_in_block_mode() {
+    for v6 in [false, true] {
+        let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
+        let (src, dst) = if v6 { (CLIENT6, RESOLVER6) } else { (CLIENT, RESOLVER) };
+        let q = dns_query(0x7777, "s3cr3t.attacker.test", 1);
+        let mut f = frame(ip(src), ip(dst), 17, 40123, 53, 0, &q);
+        // Give the UDP header a real checksum, as the stack would without offload.
+        let l4 = if v6 { 14 + 40 } else { 14 + 20 };
+        let mut pseudo = Vec::new();
+        if v6 {
+            pseudo.extend_from_slice(&f[14 + 8..14 + 40]);
+            pseudo.extend_from_slice(&((f.len() - l4) as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, 17]);
+        } else {
+            pseudo.extend_from_slice(&f[14 + 12..14 + 20]);
+            pseudo.extend_from_slice(&[0, 17]);
+            pseudo.extend_from_slice(&((f.len() - l4) as u16).to_be_bytes());
+        }
+        pseudo.extend_from_slice(&f[l4..]);
+        let mut sum: u32 = pseudo.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+        while sum >> 16 != 0 {
+            sum = (sum & 0xffff) + (sum >> 16);
+        }
+        let csum = !(sum as u16);
+        f[l4 + 6..l4 + 8].copy_from_slice(&csum.to_be_bytes());
+
+        let (rc, out) = egress_out(&r, &f);
+        assert_eq!(rc, TC_ACT_REDIRECT, "v6={v6}: turned around, not sent");
+        // MACs, addresses and ports swapped
+        assert_eq!(&out[0..6], &f[6..12]);
+        assert_eq!(&out[6..12], &f[0..6]);
+        let (sa, da) = if v6 { (14 + 8, 14 + 24) } else { (14 + 12, 14 + 16) };
+        let alen = if v6 { 16 } else { 4 };
+        assert_eq!(&out[sa..sa + alen], &f[da..da + alen]);
+        assert_eq!(&out[da..da + alen], &f[sa..sa + alen]);
+        assert_eq!(&out[l4..l4 + 2], &53u16.to_be_bytes());
+        assert_eq!(&out[l4 + 2..l4 + 4], &40123u16.to_be_bytes());
+        // QR set, RCODE REFUSED, same id and question
+        let dns = &out[l4 + 8..];
+        assert_eq!(&dns[0..2], &0x7777u16.to_be_bytes());
+        assert_eq!(dns[2] & 0x80, 0x80);
+        assert_eq!(dns[3] & 0x0f, 5);
+        assert_eq!(&dns[12..], &q[12..]);
+        // The UDP checksum still holds over the rewritten datagram.
+        let mut pseudo = Vec::new();
+        if v6 {
+            pseudo.extend_from_slice(&out[14 + 8..14 + 40]);
+            pseudo.extend_from_slice(&((out.len() - l4) as u32).to_be_bytes());
+            pseudo.extend_from_slice(&[0, 0, 0, 17]);
+        } else {
+            pseudo.extend_from_slice(&out[14 + 12..14 + 20]);
+            pseudo.extend_from_slice(&[0, 17]);
+            pseudo.extend_from_slice(&((out.len() - l4) as u16).to_be_bytes());
+        }
+        pseudo.extend_from_slice(&out[l4..]);
+        assert!(ones_complement_ok(&pseudo), "v6={v6}: checksum");
+        // Reported with the name, counted
+        let copies: Vec<_> = r
+            .events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Ev::Dns(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(copies.len(), 1);
+        assert_eq!(copies[0].flags & (abi::DNS_QUERY | abi::DNS_REFUSED), abi::DNS_QUERY | abi::DNS_REFUSED);
+        assert_eq!(r.counter(abi::rf_counter::RF_CNT_DNS_REFUSED), 1);
+    }
+}
+
+#[test]
+fn allowed_queries_and_audit_mode_go_through() {
+    let r = rig_with(Mode::Block, Mode::Block, "github.test *.npm.test", true);
+    for name in ["github.test", "GITHUB.test", "a.b.npm.test"] {
+        let q = dns_query(1, name, 1);
+        let (rc, _) = egress_out(&r, &frame(ip(CLIENT), ip(RESOLVER), 17, r.port(), 53, 0, &q));
+        assert_eq!(rc, PASS, "{name}");
+    }
+    // Audit mode reports the unlisted query but sends it.
+    let r = rig_with(Mode::Audit, Mode::Block, "github.test", true);
+    let q = dns_query(2, "attacker.test", 1);
+    let (rc, _) = egress_out(&r, &frame(ip(CLIENT), ip(RESOLVER), 17, 40200, 53, 0, &q));
+    assert_eq!(rc, PASS);
+    let flags: Vec<u32> = r
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Ev::Dns(d) => Some(d.flags),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(flags, vec![abi::DNS_QUERY]);
+    // dns-policy = "any" in block mode: sent too.
+    let r = rig_with(Mode::Block, Mode::Block, "github.test", false);
+    let (rc, _) = egress_out(&r, &frame(ip(CLIENT), ip(RESOLVER), 17, 40201, 53, 0, &q));
+    assert_eq!(rc, PASS);
 }

@@ -15,6 +15,7 @@ struct RawPolicy {
     allowed_endpoints: Option<Spanned<String>>,
     direct_ip: Option<Spanned<String>>,
     dns_resolvers: Option<Vec<Spanned<String>>>,
+    dns_policy: Option<Spanned<String>>,
 }
 
 /// The same keys with any value: a first pass that finds each key's span, so that a type
@@ -26,6 +27,7 @@ struct KeySpans {
     allowed_endpoints: Option<Spanned<toml::Value>>,
     direct_ip: Option<Spanned<toml::Value>>,
     dns_resolvers: Option<Spanned<toml::Value>>,
+    dns_policy: Option<Spanned<toml::Value>>,
 }
 
 impl KeySpans {
@@ -35,6 +37,7 @@ impl KeySpans {
             ("allowed-endpoints", &self.allowed_endpoints),
             ("direct-ip", &self.direct_ip),
             ("dns-resolvers", &self.dns_resolvers),
+            ("dns-policy", &self.dns_policy),
         ]
         .into_iter()
         .find(|(_, v)| v.as_ref().is_some_and(|v| v.span().contains(&offset)))
@@ -83,6 +86,17 @@ pub(super) fn parse_toml(text: &str, source: &str) -> Result<PolicyBuilder, Poli
         direct_ip: mode("direct-ip", raw.direct_ip, "\"block\" or \"audit\"")?,
         ..PolicyBuilder::default()
     };
+    if let Some(v) = raw.dns_policy {
+        builder.dns_filter = Some(super::parse_dns_policy(v.get_ref()).ok_or_else(|| {
+            at_span(
+                v.span(),
+                format!(
+                    "bad dns-policy {:?}: expected \"allowed-only\" or \"any\"",
+                    v.get_ref()
+                ),
+            )
+        })?);
+    }
     if let Some(resolvers) = raw.dns_resolvers {
         let parsed = resolvers
             .into_iter()

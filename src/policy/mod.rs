@@ -254,6 +254,19 @@ pub struct Policy {
     /// Servers DNS may go to.
     pub dns_resolvers: Vec<IpAddr>,
     pub endpoints: Vec<Endpoint>,
+    /// `dns-policy = "allowed-only"` (the default): in block mode, queries for names the
+    /// policy does not allow are answered REFUSED in the kernel and never leave the host.
+    /// `"any"` lets every query through to the resolver.
+    pub dns_filter: bool,
+}
+
+/// `dns-policy` values: "allowed-only" filters queries, "any" does not.
+pub fn parse_dns_policy(s: &str) -> Option<bool> {
+    match s {
+        "allowed-only" => Some(true),
+        "any" => Some(false),
+        _ => None,
+    }
 }
 
 impl Default for Policy {
@@ -265,6 +278,7 @@ impl Default for Policy {
             direct_ip: Mode::Block,
             dns_resolvers: Vec::new(),
             endpoints: Vec::new(),
+            dns_filter: true,
         }
     }
 }
@@ -336,6 +350,7 @@ pub struct PolicyBuilder {
     pub direct_ip: Option<Mode>,
     pub dns_resolvers: Option<Vec<IpAddr>>,
     pub endpoints: Vec<Endpoint>,
+    pub dns_filter: Option<bool>,
 }
 
 impl PolicyBuilder {
@@ -369,6 +384,7 @@ impl PolicyBuilder {
         self.mode = later.mode.or(self.mode);
         self.direct_ip = later.direct_ip.or(self.direct_ip);
         self.dns_resolvers = later.dns_resolvers.or(self.dns_resolvers.take());
+        self.dns_filter = later.dns_filter.or(self.dns_filter);
         self.endpoints.extend(later.endpoints);
         self
     }
@@ -390,6 +406,7 @@ impl PolicyBuilder {
             direct_ip: self.direct_ip.unwrap_or(Mode::Block),
             dns_resolvers,
             endpoints: self.endpoints,
+            dns_filter: self.dns_filter.unwrap_or(true),
         })
     }
 }
