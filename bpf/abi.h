@@ -219,6 +219,11 @@ struct rf_dns_event {
 	__u16 len;
 	__u16 bound;  /* addresses inserted or refreshed */
 	__u32 flags;  /* enum rf_dns_flags */
+	/* Who sent it: filled for query copies (egress runs in the sender's context). */
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 _pad;
+	char comm[16];
 };
 
 #endif

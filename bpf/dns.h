@@ -48,6 +48,7 @@ struct rf_scratch {
 	__u8 addrs[RF_DNS_ADDRS_MAX][16];
 	__u32 ttls[RF_DNS_ADDRS_MAX];
 	struct rf_ports ports; /* union of what the question name matched */
+	__u64 cgroup_id;       /* of the sender, for query copies */
 	struct rf_addr_val nv; /* a new trie value is built here: variable-offset stack writes are refused */
 	__u64 hash;
 	__u64 now;
@@ -510,6 +511,17 @@ static __always_inline void emit_dns_copy(struct rf_scratch *s, __u32 job_id, co
 	__builtin_memcpy(s->ev.server, server, 16);
 	s->ev.bound = s->bound;
 	s->ev.flags = s->flags;
+	s->ev.cgroup_id = 0;
+	s->ev.pid = 0;
+	s->ev._pad = 0;
+	__builtin_memset(s->ev.comm, 0, sizeof(s->ev.comm));
+	if (s->flags & RF_DNS_QUERY) {
+		s->ev.cgroup_id = s->cgroup_id;
+		if (have_task_helpers) {
+			s->ev.pid = bpf_get_current_pid_tgid() >> 32;
+			bpf_get_current_comm(s->ev.comm, sizeof(s->ev.comm));
+		}
+	}
 	barrier_var(len);
 	if (len > RF_DNS_BUF)
 		return;
@@ -585,7 +597,8 @@ static __always_inline int refuse_query(struct __sk_buff *skb, struct pkt *p)
  * policy: an allowed one is remembered (server, client port, id, name hash) so that only
  * its answer binds; one that is not allowed is reported, and in block mode with query
  * filtering answered REFUSED on the spot. Returns the TC action for the packet. */
-static __always_inline int dns_query(struct __sk_buff *skb, struct pkt *p, const struct rf_job *job)
+static __always_inline int dns_query(struct __sk_buff *skb, struct pkt *p, const struct rf_job *job,
+				     __u64 cgid)
 {
 	struct rf_query_key qk = {};
 	struct rf_query_val qv = {};
@@ -604,6 +617,7 @@ static __always_inline int dns_query(struct __sk_buff *skb, struct pkt *p, const
 	count(RF_CNT_DNS_QUERIES);
 
 	s->job_id = job->job_id;
+	s->cgroup_id = cgid;
 	s->matched = 0;
 	s->bound = 0;
 	__builtin_memset(&s->ports, 0, sizeof(s->ports));

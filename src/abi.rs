@@ -41,7 +41,7 @@ const _: () = {
     assert!(std::mem::size_of::<rf_flow_key>() == 28);
     assert!(std::mem::size_of::<rf_event_hdr>() == 16);
     assert!(std::mem::size_of::<rf_flow_event>() == 88);
-    assert!(std::mem::size_of::<rf_dns_event>() == 40);
+    assert!(std::mem::size_of::<rf_dns_event>() == 72);
 };
 
 // SAFETY: plain-old-data C structs, every bit pattern valid.

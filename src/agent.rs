@@ -39,6 +39,17 @@ pub struct JobState {
 }
 
 impl JobState {
+    /// The first packet of a flow is sent in the context of the process that opened it,
+    /// but a retransmit from a timer is not: keep the pid only if it is the job's.
+    fn attribute(&self, pid: u32, comm: String) -> (u32, String) {
+        match &self.cgroup {
+            Some(cg) if pid == 0 || crate::cgroup::pid_in(cg, pid) == Some(false) => {
+                (0, String::new())
+            }
+            _ => (pid, comm),
+        }
+    }
+
     pub fn new(name: &str, mode: &str, cgroup: Option<PathBuf>) -> JobState {
         JobState {
             name: name.to_string(),
@@ -160,15 +171,7 @@ impl Agent {
         if reason == Reason::DirectIp && domain.is_some() {
             reason = Reason::NotAllowed;
         }
-        // The first packet of a flow is sent in the context of the process that opened it,
-        // but a retransmit from a timer is not: keep the pid only if it is the job's.
-        let (mut pid, mut comm) = (ev.pid, abi::comm_to_string(&ev.comm));
-        if let Some(cg) = &job.cgroup {
-            if pid == 0 || crate::cgroup::pid_in(cg, pid) == Some(false) {
-                pid = 0;
-                comm = String::new();
-            }
-        }
+        let (pid, comm) = job.attribute(ev.pid, abi::comm_to_string(&ev.comm));
         let flow = FlowEvent {
             ts: boottime_to_system(ev.hdr.ts_ns),
             job: job.name.clone(),
@@ -205,13 +208,14 @@ impl Agent {
         if ev.flags & abi::DNS_QUERY != 0 {
             // A query for a name the policy does not allow: refused in the kernel (block
             // mode) or let through and reported (audit mode). Either way it is a finding.
+            let (pid, comm) = job.attribute(ev.pid, abi::comm_to_string(&ev.comm));
             let flow = FlowEvent {
                 ts: boottime_to_system(ev.hdr.ts_ns),
                 job: job.name.clone(),
                 step: job.step.clone(),
-                pid: 0,
-                comm: String::new(),
-                cgroup: 0,
+                pid,
+                comm,
+                cgroup: ev.cgroup_id,
                 proto: Proto::Udp,
                 dst: abi::addr_from_bytes(ev.server),
                 port: 53,

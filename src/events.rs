@@ -633,11 +633,12 @@ mod tests {
     fn kernel_values_convert() {
         assert_eq!(Verdict::try_from(2), Ok(Verdict::Audited));
         assert_eq!(Reason::try_from(4), Ok(Reason::Metadata));
+        assert_eq!(Reason::try_from(5), Ok(Reason::DnsQuery));
         assert_eq!(
-            Reason::try_from(5),
+            Reason::try_from(6),
             Err(UnknownValue {
                 what: "reason",
-                value: 5
+                value: 6
             })
         );
         assert!(Verdict::try_from(3).is_err());
