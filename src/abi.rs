@@ -3,9 +3,9 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 pub use crate::bpf_skel::types::{
-    rf_addr_val, rf_counter, rf_dns_event, rf_event_hdr, rf_event_type, rf_flow_event,
-    rf_flow_key, rf_flow_val, rf_glob, rf_job, rf_limits, rf_lpm_key, rf_name_key, rf_name_val,
-    rf_ports, rf_query_key, rf_query_val, rf_reason, rf_resolver_key, rf_verdict,
+    rf_addr_val, rf_counter, rf_dns_event, rf_event_hdr, rf_event_type, rf_flow_event, rf_flow_key,
+    rf_flow_val, rf_glob, rf_job, rf_limits, rf_lpm_key, rf_name_key, rf_name_val, rf_ports,
+    rf_query_key, rf_query_val, rf_reason, rf_resolver_key, rf_verdict,
 };
 
 /// Bytes of a host entry's prefix in the trie: 32 bits of job id + 128 bits of address.
@@ -90,9 +90,12 @@ pub fn lpm_prefixlen(a: IpAddr, prefix: u8) -> u32 {
     }
 }
 
-
 pub fn comm_to_string(c: &[i8; 16]) -> String {
-    let bytes: Vec<u8> = c.iter().take_while(|&&b| b != 0).map(|&b| b as u8).collect();
+    let bytes: Vec<u8> = c
+        .iter()
+        .take_while(|&&b| b != 0)
+        .map(|&b| b as u8)
+        .collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 

@@ -104,7 +104,11 @@ fn qtype_name(t: u16) -> String {
 }
 
 impl Agent {
-    pub fn new(events_file: Option<&std::path::Path>, min_ttl: Duration, grace: Duration) -> Result<Agent> {
+    pub fn new(
+        events_file: Option<&std::path::Path>,
+        min_ttl: Duration,
+        grace: Duration,
+    ) -> Result<Agent> {
         let sink = match events_file {
             Some(p) => Some(
                 JsonLinesWriter::create(p)
@@ -141,11 +145,12 @@ impl Agent {
             return;
         };
         match abi::rf_event_type(hdr.r#type) {
-            abi::rf_event_type::RF_EVENT_FLOW => match abi::from_bytes::<abi::rf_flow_event>(data)
-            {
-                Some(ev) => self.on_flow(&ev),
-                None => self.decode_errors += 1,
-            },
+            abi::rf_event_type::RF_EVENT_FLOW => {
+                match abi::from_bytes::<abi::rf_flow_event>(data) {
+                    Some(ev) => self.on_flow(&ev),
+                    None => self.decode_errors += 1,
+                }
+            }
             abi::rf_event_type::RF_EVENT_DNS => {
                 let n = std::mem::size_of::<abi::rf_dns_event>();
                 match abi::from_bytes::<abi::rf_dns_event>(data) {
@@ -257,7 +262,11 @@ impl Agent {
             }
         }
         if ev.flags & abi::DNS_MALFORMED != 0 {
-            tracing::warn!(job = dns_ev.job, name = dns_ev.name, "DNS answer did not validate in the kernel: nothing bound");
+            tracing::warn!(
+                job = dns_ev.job,
+                name = dns_ev.name,
+                "DNS answer did not validate in the kernel: nothing bound"
+            );
         }
         self.emit(job_id, Event::Dns(dns_ev));
     }
@@ -282,7 +291,9 @@ impl Agent {
             if v.flags & abi::ADDR_STATIC != 0 || v.expires_ns == 0 {
                 continue;
             }
-            let keep_until = v.expires_ns.max(v.last_used_ns.saturating_add(FLOW_IDLE_NS));
+            let keep_until = v
+                .expires_ns
+                .max(v.last_used_ns.saturating_add(FLOW_IDLE_NS));
             if keep_until > now {
                 self.expiry.push(Reverse((keep_until, job_id, addr)));
                 continue;

@@ -12,7 +12,10 @@ use thiserror::Error;
 #[derive(Debug, Error)]
 pub enum CgroupError {
     #[error("no cgroup v2 hierarchy is mounted (no cgroup2 entry in /proc/self/mountinfo) and mounting one at {path} failed: {errno}; this kernel may lack cgroup v2")]
-    NoCgroup2 { path: String, errno: nix::errno::Errno },
+    NoCgroup2 {
+        path: String,
+        errno: nix::errno::Errno,
+    },
     #[error("cgroup {path}: {source}")]
     Io {
         path: PathBuf,
@@ -44,12 +47,15 @@ pub fn find_cgroup2() -> Result<PathBuf> {
         path: PRIVATE_MOUNT.to_string(),
         errno,
     };
-    fs::create_dir_all(&path).map_err(|e| fail(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+    fs::create_dir_all(&path)
+        .map_err(|e| fail(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
     nix::mount::mount(
         Some("cgroup2"),
         &path,
         Some("cgroup2"),
-        nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV | nix::mount::MsFlags::MS_NOEXEC,
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
         None::<&str>,
     )
     .map_err(fail)?;
@@ -211,7 +217,10 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         let unified = "35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_mountinfo(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            parse_mountinfo(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
         assert_eq!(
             parse_mountinfo("27 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw\n"),
             None

@@ -155,7 +155,10 @@ fn task_helpers_in_tc() -> bool {
     use libbpf_rs::libbpf_sys as sys;
     let probe = |helper| {
         // SAFETY: a read-only feature probe; NULL opts are allowed.
-        unsafe { sys::libbpf_probe_bpf_helper(sys::BPF_PROG_TYPE_SCHED_CLS, helper, std::ptr::null()) == 1 }
+        unsafe {
+            sys::libbpf_probe_bpf_helper(sys::BPF_PROG_TYPE_SCHED_CLS, helper, std::ptr::null())
+                == 1
+        }
     };
     probe(sys::BPF_FUNC_get_current_pid_tgid) && probe(sys::BPF_FUNC_get_current_comm)
 }
@@ -302,7 +305,8 @@ impl Dataplane {
                 let link = unsafe {
                     libbpf_rs::libbpf_sys::bpf_program__attach_tcx(raw, ifindex, std::ptr::null())
                 };
-                let link = NonNull::new(link).ok_or_else(|| err(std::io::Error::last_os_error()))?;
+                let link =
+                    NonNull::new(link).ok_or_else(|| err(std::io::Error::last_os_error()))?;
                 // SAFETY: a fresh link from libbpf, owned by nobody else.
                 Ok(Attachment::Tcx(unsafe { Link::from_ptr(link) }))
             }

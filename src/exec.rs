@@ -142,7 +142,9 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
         }
     }
     if interfaces.is_empty() {
-        anyhow::bail!("no interface to attach to: this network namespace has no routes (give --interface)");
+        anyhow::bail!(
+            "no interface to attach to: this network namespace has no routes (give --interface)"
+        );
     }
 
     let job_name = args
@@ -162,11 +164,7 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
         ..Default::default()
     };
     dataplane::preflight()?;
-    let cgroup = JobCgroup::create(&format!(
-        "{}-{}",
-        sanitize(&job_name),
-        std::process::id()
-    ))?;
+    let cgroup = JobCgroup::create(&format!("{}-{}", sanitize(&job_name), std::process::id()))?;
     let mut dp = Dataplane::load(&opts)?;
     const JOB_ID: u32 = 1;
     dp.install_policy(JOB_ID, &compiled, &policy.dns_resolvers)?;
@@ -224,12 +222,9 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().with_context(|| {
-        format!(
-            "starting {}",
-            args.command[0].to_string_lossy()
-        )
-    })?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", args.command[0].to_string_lossy()))?;
     drop(procs);
 
     let status = agent::run_until_exit(&dp, &mut agent, &mut child)?;
@@ -261,7 +256,13 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
 
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(64)
         .collect()
 }

@@ -9,7 +9,9 @@ use std::net::IpAddr;
 use ringfence::abi;
 use ringfence::dataplane::{Dataplane, Options};
 use ringfence::policy::{Mode, Policy};
-use ringfence::testrun::{self, dns_answer, dns_query, frame, run_tc, Rr, DROP, PASS, TCP_ACK, TCP_SYN};
+use ringfence::testrun::{
+    self, dns_answer, dns_query, frame, run_tc, Rr, DROP, PASS, TCP_ACK, TCP_SYN,
+};
 
 const LO: u32 = 1;
 const JOB: u32 = 1;
@@ -85,20 +87,44 @@ impl Rig {
 
     fn syn(&self, dst: &str, dport: u16) -> i32 {
         let src = if dst.contains(':') { CLIENT6 } else { CLIENT };
-        self.egress(&frame(ip(src), ip(dst), 6, self.port(), dport, TCP_SYN, &[]))
+        self.egress(&frame(
+            ip(src),
+            ip(dst),
+            6,
+            self.port(),
+            dport,
+            TCP_SYN,
+            &[],
+        ))
     }
 
     /// Sends a query for `name` from a fresh port and returns that port.
     fn query(&self, id: u16, name: &str, qtype: u16) -> u16 {
-        let (src, dst) = if qtype == 28 { (CLIENT6, RESOLVER6) } else { (CLIENT, RESOLVER) };
+        let (src, dst) = if qtype == 28 {
+            (CLIENT6, RESOLVER6)
+        } else {
+            (CLIENT, RESOLVER)
+        };
         let sport = self.port();
-        let rc = self.egress(&frame(ip(src), ip(dst), 17, sport, 53, 0, &dns_query(id, name, qtype)));
+        let rc = self.egress(&frame(
+            ip(src),
+            ip(dst),
+            17,
+            sport,
+            53,
+            0,
+            &dns_query(id, name, qtype),
+        ));
         assert_eq!(rc, PASS, "a query to the resolver passes");
         sport
     }
 
     fn answer_to(&self, dport: u16, msg: &[u8], v6: bool) -> i32 {
-        let (src, dst) = if v6 { (RESOLVER6, CLIENT6) } else { (RESOLVER, CLIENT) };
+        let (src, dst) = if v6 {
+            (RESOLVER6, CLIENT6)
+        } else {
+            (RESOLVER, CLIENT)
+        };
         self.ingress(&frame(ip(src), ip(dst), 17, 53, dport, 0, msg))
     }
 
@@ -191,17 +217,127 @@ fn verdict_table() {
     use abi::rf_reason as R;
     use abi::rf_verdict as V;
     let cases = [
-        Case { what: "listed CIDR, default port 443", mode: Mode::Block, direct_ip: Mode::Block, allow: "203.0.113.0/24", dst: "203.0.113.9", port: 443, rc: PASS, verdict: V::RF_VERDICT_ALLOWED.0 as u8, reason: R::RF_REASON_ALLOWED.0 as u8 },
-        Case { what: "listed CIDR, other port", mode: Mode::Block, direct_ip: Mode::Block, allow: "203.0.113.0/24", dst: "203.0.113.9", port: 80, rc: DROP, verdict: V::RF_VERDICT_BLOCKED.0 as u8, reason: R::RF_REASON_NOT_ALLOWED.0 as u8 },
-        Case { what: "CIDR any port", mode: Mode::Block, direct_ip: Mode::Block, allow: "203.0.113.0/24:*", dst: "203.0.113.200", port: 8080, rc: PASS, verdict: 0, reason: 0 },
-        Case { what: "unlisted address, block mode", mode: Mode::Block, direct_ip: Mode::Block, allow: "203.0.113.0/24", dst: "198.51.100.66", port: 443, rc: DROP, verdict: 1, reason: R::RF_REASON_DIRECT_IP.0 as u8 },
-        Case { what: "direct IP blocked even in audit mode", mode: Mode::Audit, direct_ip: Mode::Block, allow: "", dst: "198.51.100.66", port: 443, rc: DROP, verdict: 1, reason: 2 },
-        Case { what: "direct IP audited with direct-ip=audit", mode: Mode::Audit, direct_ip: Mode::Audit, allow: "", dst: "198.51.100.66", port: 443, rc: PASS, verdict: V::RF_VERDICT_AUDITED.0 as u8, reason: 2 },
-        Case { what: "metadata blocked in audit mode", mode: Mode::Audit, direct_ip: Mode::Audit, allow: "", dst: "169.254.169.254", port: 80, rc: DROP, verdict: 1, reason: R::RF_REASON_METADATA.0 as u8 },
-        Case { what: "metadata allowed when listed", mode: Mode::Block, direct_ip: Mode::Block, allow: "169.254.169.254:80", dst: "169.254.169.254", port: 80, rc: PASS, verdict: 0, reason: 0 },
-        Case { what: "v6 metadata", mode: Mode::Audit, direct_ip: Mode::Audit, allow: "", dst: "fd00:ec2::254", port: 80, rc: DROP, verdict: 1, reason: 4 },
-        Case { what: "v6 CIDR with port", mode: Mode::Block, direct_ip: Mode::Block, allow: "2001:db8:2::/64:443", dst: "2001:db8:2::7", port: 443, rc: PASS, verdict: 0, reason: 0 },
-        Case { what: "v6 unlisted", mode: Mode::Block, direct_ip: Mode::Block, allow: "2001:db8:2::/64:443", dst: "2001:db8:3::7", port: 443, rc: DROP, verdict: 1, reason: 2 },
+        Case {
+            what: "listed CIDR, default port 443",
+            mode: Mode::Block,
+            direct_ip: Mode::Block,
+            allow: "203.0.113.0/24",
+            dst: "203.0.113.9",
+            port: 443,
+            rc: PASS,
+            verdict: V::RF_VERDICT_ALLOWED.0 as u8,
+            reason: R::RF_REASON_ALLOWED.0 as u8,
+        },
+        Case {
+            what: "listed CIDR, other port",
+            mode: Mode::Block,
+            direct_ip: Mode::Block,
+            allow: "203.0.113.0/24",
+            dst: "203.0.113.9",
+            port: 80,
+            rc: DROP,
+            verdict: V::RF_VERDICT_BLOCKED.0 as u8,
+            reason: R::RF_REASON_NOT_ALLOWED.0 as u8,
+        },
+        Case {
+            what: "CIDR any port",
+            mode: Mode::Block,
+            direct_ip: Mode::Block,
+            allow: "203.0.113.0/24:*",
+            dst: "203.0.113.200",
+            port: 8080,
+            rc: PASS,
+            verdict: 0,
+            reason: 0,
+        },
+        Case {
+            what: "unlisted address, block mode",
+            mode: Mode::Block,
+            direct_ip: Mode::Block,
+            allow: "203.0.113.0/24",
+            dst: "198.51.100.66",
+            port: 443,
+            rc: DROP,
+            verdict: 1,
+            reason: R::RF_REASON_DIRECT_IP.0 as u8,
+        },
+        Case {
+            what: "direct IP blocked even in audit mode",
+            mode: Mode::Audit,
+            direct_ip: Mode::Block,
+            allow: "",
+            dst: "198.51.100.66",
+            port: 443,
+            rc: DROP,
+            verdict: 1,
+            reason: 2,
+        },
+        Case {
+            what: "direct IP audited with direct-ip=audit",
+            mode: Mode::Audit,
+            direct_ip: Mode::Audit,
+            allow: "",
+            dst: "198.51.100.66",
+            port: 443,
+            rc: PASS,
+            verdict: V::RF_VERDICT_AUDITED.0 as u8,
+            reason: 2,
+        },
+        Case {
+            what: "metadata blocked in audit mode",
+            mode: Mode::Audit,
+            direct_ip: Mode::Audit,
+            allow: "",
+            dst: "169.254.169.254",
+            port: 80,
+            rc: DROP,
+            verdict: 1,
+            reason: R::RF_REASON_METADATA.0 as u8,
+        },
+        Case {
+            what: "metadata allowed when listed",
+            mode: Mode::Block,
+            direct_ip: Mode::Block,
+            allow: "169.254.169.254:80",
+            dst: "169.254.169.254",
+            port: 80,
+            rc: PASS,
+            verdict: 0,
+            reason: 0,
+        },
+        Case {
+            what: "v6 metadata",
+            mode: Mode::Audit,
+            direct_ip: Mode::Audit,
+            allow: "",
+            dst: "fd00:ec2::254",
+            port: 80,
+            rc: DROP,
+            verdict: 1,
+            reason: 4,
+        },
+        Case {
+            what: "v6 CIDR with port",
+            mode: Mode::Block,
+            direct_ip: Mode::Block,
+            allow: "2001:db8:2::/64:443",
+            dst: "2001:db8:2::7",
+            port: 443,
+            rc: PASS,
+            verdict: 0,
+            reason: 0,
+        },
+        Case {
+            what: "v6 unlisted",
+            mode: Mode::Block,
+            direct_ip: Mode::Block,
+            allow: "2001:db8:2::/64:443",
+            dst: "2001:db8:3::7",
+            port: 443,
+            rc: DROP,
+            verdict: 1,
+            reason: 2,
+        },
     ];
     for c in &cases {
         let r = rig(c.mode, c.direct_ip, c.allow);
@@ -223,12 +359,28 @@ fn one_event_per_flow_not_per_packet() {
     let r = rig(Mode::Block, Mode::Block, "203.0.113.0/24");
     let sport = 41000;
     let syn = frame(ip(CLIENT), ip("203.0.113.5"), 6, sport, 443, TCP_SYN, &[]);
-    let ack = frame(ip(CLIENT), ip("203.0.113.5"), 6, sport, 443, TCP_ACK, b"data");
+    let ack = frame(
+        ip(CLIENT),
+        ip("203.0.113.5"),
+        6,
+        sport,
+        443,
+        TCP_ACK,
+        b"data",
+    );
     assert_eq!(r.egress(&syn), PASS);
     for _ in 0..10 {
         assert_eq!(r.egress(&ack), PASS);
     }
-    let blocked = frame(ip(CLIENT), ip("198.51.100.99"), 6, sport + 1, 443, TCP_SYN, &[]);
+    let blocked = frame(
+        ip(CLIENT),
+        ip("198.51.100.99"),
+        6,
+        sport + 1,
+        443,
+        TCP_SYN,
+        &[],
+    );
     for _ in 0..3 {
         // SYN retransmits of a blocked flow stay blocked, with no new event.
         assert_eq!(r.egress(&blocked), DROP);
@@ -251,12 +403,28 @@ fn packets_that_are_not_ours_pass() {
     assert_eq!(r.egress(&f[..40]), PASS);
     // A TCP segment without SYN cannot open a flow (its connection's SYN was judged)
     assert_eq!(
-        r.egress(&frame(ip(CLIENT), ip("198.51.100.66"), 6, 1, 443, TCP_ACK, b"x")),
+        r.egress(&frame(
+            ip(CLIENT),
+            ip("198.51.100.66"),
+            6,
+            1,
+            443,
+            TCP_ACK,
+            b"x"
+        )),
         PASS
     );
     // SYN-ACK: a reply of an inbound connection
     assert_eq!(
-        r.egress(&frame(ip(CLIENT), ip("198.51.100.66"), 6, 1, 443, TCP_SYN | TCP_ACK, &[])),
+        r.egress(&frame(
+            ip(CLIENT),
+            ip("198.51.100.66"),
+            6,
+            1,
+            443,
+            TCP_SYN | TCP_ACK,
+            &[]
+        )),
         PASS
     );
     // Loopback
@@ -268,14 +436,23 @@ fn packets_that_are_not_ours_pass() {
 fn dns_to_other_servers_is_blocked() {
     let r = rig(Mode::Block, Mode::Block, "github.test");
     let q = dns_query(7, "github.test", 1);
-    assert_eq!(r.egress(&frame(ip(CLIENT), ip("203.0.113.53"), 17, 5353, 53, 0, &q)), DROP);
+    assert_eq!(
+        r.egress(&frame(ip(CLIENT), ip("203.0.113.53"), 17, 5353, 53, 0, &q)),
+        DROP
+    );
     let f = &r.flows()[0];
     assert_eq!(f.reason, abi::rf_reason::RF_REASON_DNS_RESOLVER.0 as u8);
     // ...also in audit mode (it is a direct IP), unless direct-ip = audit
     let r = rig(Mode::Audit, Mode::Block, "github.test");
-    assert_eq!(r.egress(&frame(ip(CLIENT), ip("203.0.113.53"), 17, 5353, 53, 0, &q)), DROP);
+    assert_eq!(
+        r.egress(&frame(ip(CLIENT), ip("203.0.113.53"), 17, 5353, 53, 0, &q)),
+        DROP
+    );
     let r = rig(Mode::Audit, Mode::Audit, "github.test");
-    assert_eq!(r.egress(&frame(ip(CLIENT), ip("203.0.113.53"), 17, 5353, 53, 0, &q)), PASS);
+    assert_eq!(
+        r.egress(&frame(ip(CLIENT), ip("203.0.113.53"), 17, 5353, 53, 0, &q)),
+        PASS
+    );
     // TCP to a non-resolver on 53 as well
     let r = rig(Mode::Block, Mode::Block, "github.test");
     assert_eq!(r.syn("203.0.113.53", 53), DROP);
@@ -288,7 +465,12 @@ fn dns_to_other_servers_is_blocked() {
 fn allowed_answer_binds_before_the_first_syn() {
     let r = rig(Mode::Block, Mode::Block, "github.test:443");
     assert_eq!(r.syn("198.51.100.10", 443), DROP, "not bound yet");
-    let rc = r.resolve(0x1111, "github.test", 1, &[Rr::A("github.test", 60, a4("198.51.100.10"))]);
+    let rc = r.resolve(
+        0x1111,
+        "github.test",
+        1,
+        &[Rr::A("github.test", 60, a4("198.51.100.10"))],
+    );
     assert_eq!(rc, PASS, "answers are never dropped");
     assert_eq!(r.learned(), vec![ip("198.51.100.10")]);
     let v = r.host("198.51.100.10").unwrap();
@@ -322,26 +504,159 @@ fn dns_answer_table() {
         learned: Vec<&'static str>,
     }
     let cases = vec![
-        Case { what: "AAAA", allow: "v6.test", name: "v6.test", qtype: 28, rrs: vec![Rr::Aaaa("v6.test", 30, a6("2001:db8:2::10"))], learned: vec!["2001:db8:2::10"] },
-        Case { what: "several A records", allow: "multi.test", name: "multi.test", qtype: 1, rrs: vec![Rr::A("multi.test", 30, a4("198.51.100.11")), Rr::A("multi.test", 30, a4("198.51.100.12")), Rr::A("multi.test", 30, a4("198.51.100.13"))], learned: vec!["198.51.100.11", "198.51.100.12", "198.51.100.13"] },
-        Case { what: "CNAME chain", allow: "www.cdn-user.test", name: "www.cdn-user.test", qtype: 1, rrs: vec![Rr::Cname("www.cdn-user.test", 30, "edge.cdn.test"), Rr::Cname("edge.cdn.test", 30, "e1.cdn.test"), Rr::A("e1.cdn.test", 30, a4("203.0.113.77"))], learned: vec!["203.0.113.77"] },
-        Case { what: "other record types between A records", allow: "mixed.test", name: "mixed.test", qtype: 1, rrs: vec![Rr::A("mixed.test", 30, a4("198.51.100.21")), Rr::Txt("mixed.test", 30, b"\x05hello"), Rr::A("mixed.test", 30, a4("198.51.100.22"))], learned: vec!["198.51.100.21", "198.51.100.22"] },
-        Case { what: "wildcard at any depth", allow: "*.npm.test", name: "a.b.registry.npm.test", qtype: 1, rrs: vec![Rr::A("a.b.registry.npm.test", 30, a4("198.51.100.31"))], learned: vec!["198.51.100.31"] },
-        Case { what: "wildcard excludes the bare domain", allow: "*.npm.test", name: "npm.test", qtype: 1, rrs: vec![Rr::A("npm.test", 30, a4("198.51.100.32"))], learned: vec![] },
-        Case { what: "glob inside a label", allow: "results*.blob.test", name: "resultsabc123.blob.test", qtype: 1, rrs: vec![Rr::A("resultsabc123.blob.test", 30, a4("198.51.100.41"))], learned: vec!["198.51.100.41"] },
-        Case { what: "glob prefix mismatch", allow: "results*.blob.test", name: "other.blob.test", qtype: 1, rrs: vec![Rr::A("other.blob.test", 30, a4("198.51.100.42"))], learned: vec![] },
-        Case { what: "glob is one label only", allow: "results*.blob.test", name: "x.results1.blob.test", qtype: 1, rrs: vec![Rr::A("x.results1.blob.test", 30, a4("198.51.100.43"))], learned: vec![] },
-        Case { what: "glob with a suffix", allow: "ab*yz.glob.test", name: "abMIDDLEyz.glob.test", qtype: 1, rrs: vec![Rr::A("abMIDDLEyz.glob.test", 30, a4("198.51.100.44"))], learned: vec!["198.51.100.44"] },
-        Case { what: "mixed-case question (0x20)", allow: "github.test", name: "GiThUb.TeSt", qtype: 1, rrs: vec![Rr::A("GiThUb.TeSt", 30, a4("198.51.100.51"))], learned: vec!["198.51.100.51"] },
-        Case { what: "name not allowed", allow: "github.test", name: "attacker.test", qtype: 1, rrs: vec![Rr::A("attacker.test", 30, a4("198.51.100.66"))], learned: vec![] },
-        Case { what: "suffix of an allowed name is not allowed", allow: "api.github.test", name: "github.test", qtype: 1, rrs: vec![Rr::A("github.test", 30, a4("198.51.100.52"))], learned: vec![] },
-        Case { what: "allowed name as a label inside another", allow: "github.test", name: "github.test.attacker.test", qtype: 1, rrs: vec![Rr::A("github.test.attacker.test", 30, a4("198.51.100.67"))], learned: vec![] },
-        Case { what: "zero answers", allow: "empty.test", name: "empty.test", qtype: 1, rrs: vec![], learned: vec![] },
-        Case { what: "64 records", allow: "many.test", name: "many.test", qtype: 1, rrs: (0..64u8).map(|i| Rr::A("many.test", 30, [198, 51, 100, 100 + i])).collect(), learned: (0..64u8).map(|i| Box::leak(format!("198.51.100.{}", 100 + i).into_boxed_str()) as &str).collect() },
+        Case {
+            what: "AAAA",
+            allow: "v6.test",
+            name: "v6.test",
+            qtype: 28,
+            rrs: vec![Rr::Aaaa("v6.test", 30, a6("2001:db8:2::10"))],
+            learned: vec!["2001:db8:2::10"],
+        },
+        Case {
+            what: "several A records",
+            allow: "multi.test",
+            name: "multi.test",
+            qtype: 1,
+            rrs: vec![
+                Rr::A("multi.test", 30, a4("198.51.100.11")),
+                Rr::A("multi.test", 30, a4("198.51.100.12")),
+                Rr::A("multi.test", 30, a4("198.51.100.13")),
+            ],
+            learned: vec!["198.51.100.11", "198.51.100.12", "198.51.100.13"],
+        },
+        Case {
+            what: "CNAME chain",
+            allow: "www.cdn-user.test",
+            name: "www.cdn-user.test",
+            qtype: 1,
+            rrs: vec![
+                Rr::Cname("www.cdn-user.test", 30, "edge.cdn.test"),
+                Rr::Cname("edge.cdn.test", 30, "e1.cdn.test"),
+                Rr::A("e1.cdn.test", 30, a4("203.0.113.77")),
+            ],
+            learned: vec!["203.0.113.77"],
+        },
+        Case {
+            what: "other record types between A records",
+            allow: "mixed.test",
+            name: "mixed.test",
+            qtype: 1,
+            rrs: vec![
+                Rr::A("mixed.test", 30, a4("198.51.100.21")),
+                Rr::Txt("mixed.test", 30, b"\x05hello"),
+                Rr::A("mixed.test", 30, a4("198.51.100.22")),
+            ],
+            learned: vec!["198.51.100.21", "198.51.100.22"],
+        },
+        Case {
+            what: "wildcard at any depth",
+            allow: "*.npm.test",
+            name: "a.b.registry.npm.test",
+            qtype: 1,
+            rrs: vec![Rr::A("a.b.registry.npm.test", 30, a4("198.51.100.31"))],
+            learned: vec!["198.51.100.31"],
+        },
+        Case {
+            what: "wildcard excludes the bare domain",
+            allow: "*.npm.test",
+            name: "npm.test",
+            qtype: 1,
+            rrs: vec![Rr::A("npm.test", 30, a4("198.51.100.32"))],
+            learned: vec![],
+        },
+        Case {
+            what: "glob inside a label",
+            allow: "results*.blob.test",
+            name: "resultsabc123.blob.test",
+            qtype: 1,
+            rrs: vec![Rr::A("resultsabc123.blob.test", 30, a4("198.51.100.41"))],
+            learned: vec!["198.51.100.41"],
+        },
+        Case {
+            what: "glob prefix mismatch",
+            allow: "results*.blob.test",
+            name: "other.blob.test",
+            qtype: 1,
+            rrs: vec![Rr::A("other.blob.test", 30, a4("198.51.100.42"))],
+            learned: vec![],
+        },
+        Case {
+            what: "glob is one label only",
+            allow: "results*.blob.test",
+            name: "x.results1.blob.test",
+            qtype: 1,
+            rrs: vec![Rr::A("x.results1.blob.test", 30, a4("198.51.100.43"))],
+            learned: vec![],
+        },
+        Case {
+            what: "glob with a suffix",
+            allow: "ab*yz.glob.test",
+            name: "abMIDDLEyz.glob.test",
+            qtype: 1,
+            rrs: vec![Rr::A("abMIDDLEyz.glob.test", 30, a4("198.51.100.44"))],
+            learned: vec!["198.51.100.44"],
+        },
+        Case {
+            what: "mixed-case question (0x20)",
+            allow: "github.test",
+            name: "GiThUb.TeSt",
+            qtype: 1,
+            rrs: vec![Rr::A("GiThUb.TeSt", 30, a4("198.51.100.51"))],
+            learned: vec!["198.51.100.51"],
+        },
+        Case {
+            what: "name not allowed",
+            allow: "github.test",
+            name: "attacker.test",
+            qtype: 1,
+            rrs: vec![Rr::A("attacker.test", 30, a4("198.51.100.66"))],
+            learned: vec![],
+        },
+        Case {
+            what: "suffix of an allowed name is not allowed",
+            allow: "api.github.test",
+            name: "github.test",
+            qtype: 1,
+            rrs: vec![Rr::A("github.test", 30, a4("198.51.100.52"))],
+            learned: vec![],
+        },
+        Case {
+            what: "allowed name as a label inside another",
+            allow: "github.test",
+            name: "github.test.attacker.test",
+            qtype: 1,
+            rrs: vec![Rr::A("github.test.attacker.test", 30, a4("198.51.100.67"))],
+            learned: vec![],
+        },
+        Case {
+            what: "zero answers",
+            allow: "empty.test",
+            name: "empty.test",
+            qtype: 1,
+            rrs: vec![],
+            learned: vec![],
+        },
+        Case {
+            what: "64 records",
+            allow: "many.test",
+            name: "many.test",
+            qtype: 1,
+            rrs: (0..64u8)
+                .map(|i| Rr::A("many.test", 30, [198, 51, 100, 100 + i]))
+                .collect(),
+            learned: (0..64u8)
+                .map(|i| Box::leak(format!("198.51.100.{}", 100 + i).into_boxed_str()) as &str)
+                .collect(),
+        },
     ];
     for c in &cases {
         let r = rig(Mode::Block, Mode::Block, c.allow);
-        assert_eq!(r.resolve(0x2222, c.name, c.qtype, &c.rrs), PASS, "{}", c.what);
+        assert_eq!(
+            r.resolve(0x2222, c.name, c.qtype, &c.rrs),
+            PASS,
+            "{}",
+            c.what
+        );
         let mut want: Vec<IpAddr> = c.learned.iter().map(|s| ip(s)).collect();
         want.sort();
         assert_eq!(r.learned(), want, "{}", c.what);
@@ -351,7 +666,12 @@ fn dns_answer_table() {
 #[test]
 fn audit_mode_keeps_unlisted_answers_as_seen_not_allowed() {
     let r = rig(Mode::Audit, Mode::Block, "github.test");
-    r.resolve(3, "attacker.test", 1, &[Rr::A("attacker.test", 30, a4("198.51.100.66"))]);
+    r.resolve(
+        3,
+        "attacker.test",
+        1,
+        &[Rr::A("attacker.test", 30, a4("198.51.100.66"))],
+    );
     let v = r.host("198.51.100.66").expect("seen entry");
     assert_eq!(v.flags & abi::ADDR_SEEN, abi::ADDR_SEEN);
     assert_eq!(v.flags & abi::ADDR_LEARNED, 0);
@@ -367,7 +687,12 @@ fn audit_mode_keeps_unlisted_answers_as_seen_not_allowed() {
 fn refresh_keeps_one_entry_and_merges_ports() {
     let r = rig(Mode::Block, Mode::Block, "github.test:443 github.test:22");
     for id in 0..5 {
-        r.resolve(100 + id, "github.test", 1, &[Rr::A("github.test", 30, a4("198.51.100.10"))]);
+        r.resolve(
+            100 + id,
+            "github.test",
+            1,
+            &[Rr::A("github.test", 30, a4("198.51.100.10"))],
+        );
     }
     assert_eq!(r.learned(), vec![ip("198.51.100.10")]);
     let v = r.host("198.51.100.10").unwrap();
@@ -380,7 +705,12 @@ fn refresh_keeps_one_entry_and_merges_ports() {
 #[test]
 fn learned_host_inside_listed_cidr_keeps_the_cidr_ports() {
     let r = rig(Mode::Block, Mode::Block, "203.0.113.0/24:8443 cdn.test:443");
-    r.resolve(5, "cdn.test", 1, &[Rr::A("cdn.test", 30, a4("203.0.113.40"))]);
+    r.resolve(
+        5,
+        "cdn.test",
+        1,
+        &[Rr::A("cdn.test", 30, a4("203.0.113.40"))],
+    );
     assert_eq!(r.syn("203.0.113.40", 443), PASS);
     assert_eq!(r.syn("203.0.113.40", 8443), PASS);
 }
@@ -388,7 +718,12 @@ fn learned_host_inside_listed_cidr_keeps_the_cidr_ports() {
 // ---- answers that must bind nothing ------------------------------------------------------
 
 fn allowed_answer() -> Vec<u8> {
-    dns_answer(0x4242, "github.test", 1, &[Rr::A("github.test", 30, a4("198.51.100.10"))])
+    dns_answer(
+        0x4242,
+        "github.test",
+        1,
+        &[Rr::A("github.test", 30, a4("198.51.100.10"))],
+    )
 }
 
 #[test]
@@ -404,7 +739,15 @@ fn unmatched_answers_bind_nothing() {
     assert_eq!(r.answer_to(port, &allowed_answer(), false), PASS);
     // From a server that was not asked
     let port = r.query(0x4242, "github.test", 1);
-    let f = frame(ip("203.0.113.53"), ip(CLIENT), 17, 53, port, 0, &allowed_answer());
+    let f = frame(
+        ip("203.0.113.53"),
+        ip(CLIENT),
+        17,
+        53,
+        port,
+        0,
+        &allowed_answer(),
+    );
     assert_eq!(r.ingress(&f), PASS);
     assert!(r.learned().is_empty());
     assert!(r.counter(abi::rf_counter::RF_CNT_DNS_UNMATCHED) >= 2);
@@ -418,7 +761,10 @@ fn malformed_answers_bind_nothing_and_pass() {
     let good = allowed_answer();
     let qend = 12 + testrun::wire("github.test").len() + 1 + 4;
     let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
-    cases.push(("truncated inside the record", good[..good.len() - 2].to_vec()));
+    cases.push((
+        "truncated inside the record",
+        good[..good.len() - 2].to_vec(),
+    ));
     cases.push(("truncated inside the question", good[..16].to_vec()));
     let mut m = good.clone();
     m[qend] = 0xc0;
@@ -481,8 +827,16 @@ fn hash_collision_binds_nothing() {
     compiled.prefixes.clear();
     let mut dp = r.dp;
     dp.install_policy(JOB, &compiled, &[]).unwrap();
-    let r = Rig { dp, next_port: std::cell::Cell::new(50000) };
-    r.resolve(9, "attacker.test", 1, &[Rr::A("attacker.test", 30, a4("198.51.100.66"))]);
+    let r = Rig {
+        dp,
+        next_port: std::cell::Cell::new(50000),
+    };
+    r.resolve(
+        9,
+        "attacker.test",
+        1,
+        &[Rr::A("attacker.test", 30, a4("198.51.100.66"))],
+    );
     assert!(r.learned().is_empty());
 }
 
@@ -549,17 +903,7 @@ fn random_mutations_never_bind_a_name_that_is_not_allowed() {
 
 /// Runs the egress program and returns its return code and the packet as it left.
 fn egress_out(r: &Rig, f: &[u8]) -> (i32, Vec<u8>) {
-    let mut ctx = [0u8; std::mem::size_of::<ringfence::bpf_skel::types::__sk_buff>()];
-    let at = std::mem::offset_of!(ringfence::bpf_skel::types::__sk_buff, ifindex);
-    ctx[at..at + 4].copy_from_slice(&LO.to_ne_bytes());
-    let mut out = vec![0u8; f.len() + 64];
-    let mut input = libbpf_rs::ProgramInput::default();
-    input.data_in = Some(f);
-    input.context_in = Some(&mut ctx[..]);
-    input.data_out = Some(&mut out[..]);
-    let o = r.dp.egress_prog().test_run(input).unwrap();
-    let n = o.data.map(|d| d.len()).unwrap_or(0);
-    (o.return_value as i32, out[..n].to_vec())
+    testrun::run_tc_output(r.dp.egress_prog(), f, LO).unwrap()
 }
 
 const TC_ACT_REDIRECT: i32 = 7;
@@ -567,7 +911,11 @@ const TC_ACT_REDIRECT: i32 = 7;
 fn ones_complement_ok(sum_over: &[u8]) -> bool {
     let mut sum: u32 = 0;
     for c in sum_over.chunks(2) {
-        let w = if c.len() == 2 { u16::from_be_bytes([c[0], c[1]]) } else { u16::from(c[0]) << 8 };
+        let w = if c.len() == 2 {
+            u16::from_be_bytes([c[0], c[1]])
+        } else {
+            u16::from(c[0]) << 8
+        };
         sum += u32::from(w);
     }
     while sum >> 16 != 0 {
@@ -580,7 +928,11 @@ fn ones_complement_ok(sum_over: &[u8]) -> bool {
 fn unlisted_query_is_answered_refused_in_block_mode() {
     for v6 in [false, true] {
         let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
-        let (src, dst) = if v6 { (CLIENT6, RESOLVER6) } else { (CLIENT, RESOLVER) };
+        let (src, dst) = if v6 {
+            (CLIENT6, RESOLVER6)
+        } else {
+            (CLIENT, RESOLVER)
+        };
         let q = dns_query(0x7777, "s3cr3t.attacker.test", 1);
         let mut f = frame(ip(src), ip(dst), 17, 40123, 53, 0, &q);
         // Give the UDP header a real checksum, as the stack would without offload.
@@ -596,7 +948,10 @@ fn unlisted_query_is_answered_refused_in_block_mode() {
             pseudo.extend_from_slice(&((f.len() - l4) as u16).to_be_bytes());
         }
         pseudo.extend_from_slice(&f[l4..]);
-        let mut sum: u32 = pseudo.chunks(2).map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)]))).sum();
+        let mut sum: u32 = pseudo
+            .chunks(2)
+            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+            .sum();
         while sum >> 16 != 0 {
             sum = (sum & 0xffff) + (sum >> 16);
         }
@@ -608,7 +963,11 @@ fn unlisted_query_is_answered_refused_in_block_mode() {
         // MACs, addresses and ports swapped
         assert_eq!(&out[0..6], &f[6..12]);
         assert_eq!(&out[6..12], &f[0..6]);
-        let (sa, da) = if v6 { (14 + 8, 14 + 24) } else { (14 + 12, 14 + 16) };
+        let (sa, da) = if v6 {
+            (14 + 8, 14 + 24)
+        } else {
+            (14 + 12, 14 + 16)
+        };
         let alen = if v6 { 16 } else { 4 };
         assert_eq!(&out[sa..sa + alen], &f[da..da + alen]);
         assert_eq!(&out[da..da + alen], &f[sa..sa + alen]);
@@ -643,7 +1002,10 @@ fn unlisted_query_is_answered_refused_in_block_mode() {
             })
             .collect();
         assert_eq!(copies.len(), 1);
-        assert_eq!(copies[0].flags & (abi::DNS_QUERY | abi::DNS_REFUSED), abi::DNS_QUERY | abi::DNS_REFUSED);
+        assert_eq!(
+            copies[0].flags & (abi::DNS_QUERY | abi::DNS_REFUSED),
+            abi::DNS_QUERY | abi::DNS_REFUSED
+        );
         assert_eq!(r.counter(abi::rf_counter::RF_CNT_DNS_REFUSED), 1);
     }
 }
@@ -653,7 +1015,10 @@ fn allowed_queries_and_audit_mode_go_through() {
     let r = rig_with(Mode::Block, Mode::Block, "github.test *.npm.test", true);
     for name in ["github.test", "GITHUB.test", "a.b.npm.test"] {
         let q = dns_query(1, name, 1);
-        let (rc, _) = egress_out(&r, &frame(ip(CLIENT), ip(RESOLVER), 17, r.port(), 53, 0, &q));
+        let (rc, _) = egress_out(
+            &r,
+            &frame(ip(CLIENT), ip(RESOLVER), 17, r.port(), 53, 0, &q),
+        );
         assert_eq!(rc, PASS, "{name}");
     }
     // Audit mode reports the unlisted query but sends it.

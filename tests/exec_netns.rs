@@ -139,29 +139,58 @@ fn unlisted_name_blocked_and_named() {
         &["--mode", "block", "--allow", "ok.test:80"],
         &as_strs(&curl(&[], "http://evil.test/")),
     );
-    assert_ne!(job.code(), Some(0), "curl to a blocked name succeeded\n{}", job.dump());
+    assert_ne!(
+        job.code(),
+        Some(0),
+        "curl to a blocked name succeeded\n{}",
+        job.dump()
+    );
     assert!(
         started.elapsed() < std::time::Duration::from_secs(3),
         "a refused lookup must not wait for a timeout\n{}",
         job.dump()
     );
-    assert_eq!(tb.dns_queries_for("evil.test"), 0, "the query reached the server");
+    assert_eq!(
+        tb.dns_queries_for("evil.test"),
+        0,
+        "the query reached the server"
+    );
     let q = job
         .events
         .iter()
         .find(|e| e["reason"] == "dns-query" && e["domain"] == "evil.test")
         .unwrap_or_else(|| panic!("no dns-query event for evil.test\n{}", job.dump()));
     assert_eq!(q["verdict"], "blocked");
-    assert!(job.stderr.contains("evil.test"), "report does not name evil.test:\n{}", job.stderr);
+    assert!(
+        job.stderr.contains("evil.test"),
+        "report does not name evil.test:\n{}",
+        job.stderr
+    );
 
     // With dns-policy = any the name resolves, and the connection is what gets blocked.
     let job = exec(
         &tb,
-        &["--mode", "block", "--dns-policy", "any", "--allow", "ok.test:80"],
+        &[
+            "--mode",
+            "block",
+            "--dns-policy",
+            "any",
+            "--allow",
+            "ok.test:80",
+        ],
         &as_strs(&curl(&[], "http://evil.test/")),
     );
-    assert_ne!(job.code(), Some(0), "curl to a blocked name succeeded\n{}", job.dump());
-    assert_eq!(tb.http_hits(sa(evil, 80)), 0, "the blocked connection reached the server");
+    assert_ne!(
+        job.code(),
+        Some(0),
+        "curl to a blocked name succeeded\n{}",
+        job.dump()
+    );
+    assert_eq!(
+        tb.http_hits(sa(evil, 80)),
+        0,
+        "the blocked connection reached the server"
+    );
     let flow = job.expect_flow(evil.into(), 80, "blocked", "not-allowed");
     assert_eq!(flow["domain"], "evil.test", "{}", job.dump());
     assert!(tb.dns_queries_for("evil.test") >= 1);
@@ -247,7 +276,14 @@ fn wildcard_matches_subdomains_at_any_depth_not_the_apex() {
 
     // dns-policy any: the address-level check is the one under test here (the query
     // filter would stop x.test even earlier).
-    let any = ["--mode", "block", "--dns-policy", "any", "--allow", "*.x.test:80"];
+    let any = [
+        "--mode",
+        "block",
+        "--dns-policy",
+        "any",
+        "--allow",
+        "*.x.test:80",
+    ];
     let job = exec(&tb, &any, &as_strs(&curl(&[], "http://x.test/")));
     assert_ne!(
         job.code(),
@@ -339,7 +375,14 @@ fn ipv6_aaaa_and_curl_6() {
     );
 
     // dns-policy any, so the name resolves and the v6 address check is what blocks.
-    let any = ["--mode", "block", "--dns-policy", "any", "--allow", "v6.test:80"];
+    let any = [
+        "--mode",
+        "block",
+        "--dns-policy",
+        "any",
+        "--allow",
+        "v6.test:80",
+    ];
     let job = exec(&tb, &any, &as_strs(&curl(&["-6"], "http://other6.test/")));
     assert_ne!(job.code(), Some(0), "{}", job.dump());
     assert_eq!(tb.http_hits(sa(bad, 80)), 0);
