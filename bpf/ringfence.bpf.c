@@ -36,6 +36,11 @@ enum rf_counter _rf_counter = 0;
 
 #define RF_SEC 1000000000ULL
 
+static __always_inline int is_dns(const struct pkt *p)
+{
+	return p->proto == IPPROTO_UDP || p->proto == IPPROTO_TCP;
+}
+
 static __always_inline struct rf_job *find_job(struct __sk_buff *skb, __u64 *cgid)
 {
 	__u64 id = bpf_skb_cgroup_id(skb);
@@ -209,7 +214,7 @@ int rf_egress(struct __sk_buff *skb)
 			count(RF_CNT_BLOCKED);
 			return TC_ACT_SHOT;
 		}
-		if (p.proto == IPPROTO_UDP && p.dport == 53 && cached->verdict == RF_VERDICT_ALLOWED)
+		if (is_dns(&p) && p.dport == 53 && cached->verdict == RF_VERDICT_ALLOWED)
 			return dns_query(skb, &p, job, cgid);
 		return TC_ACT_UNSPEC;
 	}
@@ -236,7 +241,7 @@ int rf_egress(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 	count(verdict == RF_VERDICT_AUDITED ? RF_CNT_AUDITED : RF_CNT_ALLOWED);
-	if (p.proto == IPPROTO_UDP && p.dport == 53 && verdict == RF_VERDICT_ALLOWED)
+	if (is_dns(&p) && p.dport == 53 && verdict == RF_VERDICT_ALLOWED)
 		return dns_query(skb, &p, job, cgid);
 	return TC_ACT_UNSPEC;
 }
@@ -248,7 +253,7 @@ int rf_ingress(struct __sk_buff *skb)
 
 	if (parse_pkt(skb, &p))
 		return TC_ACT_UNSPEC;
-	if (p.proto == IPPROTO_UDP && p.sport == 53)
+	if (is_dns(&p) && p.sport == 53)
 		dns_answer(skb, &p);
 	return TC_ACT_UNSPEC;
 }

@@ -75,18 +75,11 @@ pub fn frame(
     tcp_flags: u8,
     payload: &[u8],
 ) -> Vec<u8> {
+    if proto == 6 {
+        return tcp_frame(src, dst, sport, dport, 1, 0, tcp_flags, &[], payload);
+    }
     let mut l4 = Vec::new();
     match proto {
-        6 => {
-            l4.extend_from_slice(&sport.to_be_bytes());
-            l4.extend_from_slice(&dport.to_be_bytes());
-            l4.extend_from_slice(&1u32.to_be_bytes()); // seq
-            l4.extend_from_slice(&0u32.to_be_bytes()); // ack
-            l4.push(5 << 4); // data offset
-            l4.push(tcp_flags);
-            l4.extend_from_slice(&64240u16.to_be_bytes());
-            l4.extend_from_slice(&[0, 0, 0, 0]);
-        }
         17 => {
             l4.extend_from_slice(&sport.to_be_bytes());
             l4.extend_from_slice(&dport.to_be_bytes());
@@ -97,6 +90,40 @@ pub fn frame(
     }
     l4.extend_from_slice(payload);
     ip_frame(src, dst, proto, &l4, 0)
+}
+
+/// A TCP segment with sequence numbers and options (`options.len()` a multiple of 4).
+#[allow(clippy::too_many_arguments)]
+pub fn tcp_frame(
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&seq.to_be_bytes());
+    l4.extend_from_slice(&ack.to_be_bytes());
+    l4.push(((5 + options.len() / 4) as u8) << 4);
+    l4.push(flags);
+    l4.extend_from_slice(&64240u16.to_be_bytes());
+    l4.extend_from_slice(&[0, 0, 0, 0]);
+    l4.extend_from_slice(options);
+    l4.extend_from_slice(payload);
+    ip_frame(src, dst, 6, &l4, 0)
+}
+
+/// A DNS message with TCP's 2-byte length prefix.
+pub fn tcp_dns(msg: &[u8]) -> Vec<u8> {
+    let mut v = (msg.len() as u16).to_be_bytes().to_vec();
+    v.extend_from_slice(msg);
+    v
 }
 
 /// An IP packet in an Ethernet frame; `frag` is the IPv4 fragment field (flags+offset).

@@ -25,7 +25,7 @@ fn ip(s: &str) -> IpAddr {
 }
 
 struct Rig {
-    dp: Dataplane,
+    dp: Option<Dataplane>,
     next_port: std::cell::Cell<u16>,
 }
 
@@ -41,8 +41,27 @@ fn rig(mode: Mode, direct_ip: Mode, allow: &str) -> Rig {
     rig_with(mode, direct_ip, allow, false)
 }
 
+/// Loaded dataplanes not in use. Loading verifies the programs, which takes seconds under
+/// qemu's emulation (vm-tests): each test thread loads at most one and resets it per case.
+static POOL: std::sync::Mutex<Vec<Dataplane>> = std::sync::Mutex::new(Vec::new());
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some(dp) = self.dp.take() {
+            POOL.lock().unwrap().push(dp);
+        }
+    }
+}
+
 fn rig_with(mode: Mode, direct_ip: Mode, allow: &str, dns_filter: bool) -> Rig {
-    let mut dp = Dataplane::load(&Options::default()).expect("load the dataplane (root?)");
+    let pooled = POOL.lock().unwrap().pop();
+    let mut dp = match pooled {
+        Some(mut dp) => {
+            dp.reset().expect("reset the dataplane");
+            dp
+        }
+        None => Dataplane::load(&Options::default()).expect("load the dataplane (root?)"),
+    };
     let policy = Policy {
         mode,
         direct_ip,
@@ -65,12 +84,18 @@ fn rig_with(mode: Mode, direct_ip: Mode, allow: &str, dns_filter: bool) -> Rig {
     )
     .unwrap();
     Rig {
-        dp,
+        dp: Some(dp),
         next_port: std::cell::Cell::new(40000),
     }
 }
 
 impl Rig {
+    fn dp(&self) -> &Dataplane {
+        self.dp
+            .as_ref()
+            .expect("a rig always holds a dataplane until dropped")
+    }
+
     fn port(&self) -> u16 {
         let p = self.next_port.get();
         self.next_port.set(p + 1);
@@ -78,11 +103,11 @@ impl Rig {
     }
 
     fn egress(&self, f: &[u8]) -> i32 {
-        run_tc(self.dp.egress_prog(), f, LO, 1).unwrap().0
+        run_tc(self.dp().egress_prog(), f, LO, 1).unwrap().0
     }
 
     fn ingress(&self, f: &[u8]) -> i32 {
-        run_tc(self.dp.ingress_prog(), f, LO, 1).unwrap().0
+        run_tc(self.dp().ingress_prog(), f, LO, 1).unwrap().0
     }
 
     fn syn(&self, dst: &str, dport: u16) -> i32 {
@@ -135,12 +160,12 @@ impl Rig {
     }
 
     fn host(&self, a: &str) -> Option<abi::rf_addr_val> {
-        self.dp.host_entry(JOB, ip(a)).unwrap()
+        self.dp().host_entry(JOB, ip(a)).unwrap()
     }
 
     fn learned(&self) -> Vec<IpAddr> {
         let mut v: Vec<IpAddr> = self
-            .dp
+            .dp()
             .allow_entries()
             .into_iter()
             .filter(|e| e.prefix_bits == abi::LPM_FULL && e.val.flags & abi::ADDR_LEARNED != 0)
@@ -152,7 +177,7 @@ impl Rig {
 
     fn events(&self) -> Vec<Ev> {
         let out = RefCell::new(Vec::new());
-        let map = self.dp.events_map().unwrap();
+        let map = self.dp().events_map().unwrap();
         let mut b = libbpf_rs::RingBufferBuilder::new();
         b.add(&map, |d: &[u8]| {
             let hdr: abi::rf_event_hdr = abi::from_bytes(d).unwrap();
@@ -181,7 +206,7 @@ impl Rig {
     }
 
     fn counter(&self, c: abi::rf_counter) -> u64 {
-        self.dp.counters().unwrap()[c.0 as usize]
+        self.dp().counters().unwrap()[c.0 as usize]
     }
 }
 
@@ -825,12 +850,11 @@ fn hash_collision_binds_nothing() {
     let evil = ringfence::policy::name_hash(&ringfence::policy::wire_name("attacker.test"));
     compiled.names[0].hash = evil;
     compiled.prefixes.clear();
-    let mut dp = r.dp;
-    dp.install_policy(JOB, &compiled, &[]).unwrap();
-    let r = Rig {
-        dp,
-        next_port: std::cell::Cell::new(50000),
-    };
+    let mut r = r;
+    r.dp.as_mut()
+        .unwrap()
+        .install_policy(JOB, &compiled, &[])
+        .unwrap();
     r.resolve(
         9,
         "attacker.test",
@@ -903,25 +927,46 @@ fn random_mutations_never_bind_a_name_that_is_not_allowed() {
 
 /// Runs the egress program and returns its return code and the packet as it left.
 fn egress_out(r: &Rig, f: &[u8]) -> (i32, Vec<u8>) {
-    testrun::run_tc_output(r.dp.egress_prog(), f, LO).unwrap()
+    testrun::run_tc_output(r.dp().egress_prog(), f, LO).unwrap()
 }
 
 const TC_ACT_REDIRECT: i32 = 7;
 
-fn ones_complement_ok(sum_over: &[u8]) -> bool {
-    let mut sum: u32 = 0;
-    for c in sum_over.chunks(2) {
-        let w = if c.len() == 2 {
-            u16::from_be_bytes([c[0], c[1]])
-        } else {
-            u16::from(c[0]) << 8
-        };
-        sum += u32::from(w);
+/// The ones' complement sum of the L4 pseudo-header and segment of `f` (Ethernet frame).
+fn l4_sum(f: &[u8], v6: bool, proto: u8) -> u16 {
+    let l4 = if v6 { 14 + 40 } else { 14 + 20 };
+    let mut data = Vec::new();
+    if v6 {
+        data.extend_from_slice(&f[14 + 8..14 + 40]);
+        data.extend_from_slice(&((f.len() - l4) as u32).to_be_bytes());
+        data.extend_from_slice(&[0, 0, 0, proto]);
+    } else {
+        data.extend_from_slice(&f[14 + 12..14 + 20]);
+        data.extend_from_slice(&[0, proto]);
+        data.extend_from_slice(&((f.len() - l4) as u16).to_be_bytes());
     }
+    data.extend_from_slice(&f[l4..]);
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
     while sum >> 16 != 0 {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    sum == 0xffff
+    sum as u16
+}
+
+/// Fills in a correct UDP/TCP checksum, as the stack does without offload.
+fn set_l4_checksum(f: &mut [u8], v6: bool, proto: u8) {
+    let l4 = if v6 { 14 + 40 } else { 14 + 20 };
+    let at = l4 + if proto == 6 { 16 } else { 6 };
+    f[at..at + 2].copy_from_slice(&[0, 0]);
+    let c = !l4_sum(f, v6, proto);
+    f[at..at + 2].copy_from_slice(&c.to_be_bytes());
+}
+
+fn l4_checksum_ok(f: &[u8], v6: bool, proto: u8) -> bool {
+    l4_sum(f, v6, proto) == 0xffff
 }
 
 #[test]
@@ -937,26 +982,7 @@ fn unlisted_query_is_answered_refused_in_block_mode() {
         let mut f = frame(ip(src), ip(dst), 17, 40123, 53, 0, &q);
         // Give the UDP header a real checksum, as the stack would without offload.
         let l4 = if v6 { 14 + 40 } else { 14 + 20 };
-        let mut pseudo = Vec::new();
-        if v6 {
-            pseudo.extend_from_slice(&f[14 + 8..14 + 40]);
-            pseudo.extend_from_slice(&((f.len() - l4) as u32).to_be_bytes());
-            pseudo.extend_from_slice(&[0, 0, 0, 17]);
-        } else {
-            pseudo.extend_from_slice(&f[14 + 12..14 + 20]);
-            pseudo.extend_from_slice(&[0, 17]);
-            pseudo.extend_from_slice(&((f.len() - l4) as u16).to_be_bytes());
-        }
-        pseudo.extend_from_slice(&f[l4..]);
-        let mut sum: u32 = pseudo
-            .chunks(2)
-            .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-            .sum();
-        while sum >> 16 != 0 {
-            sum = (sum & 0xffff) + (sum >> 16);
-        }
-        let csum = !(sum as u16);
-        f[l4 + 6..l4 + 8].copy_from_slice(&csum.to_be_bytes());
+        set_l4_checksum(&mut f, v6, 17);
 
         let (rc, out) = egress_out(&r, &f);
         assert_eq!(rc, TC_ACT_REDIRECT, "v6={v6}: turned around, not sent");
@@ -980,18 +1006,7 @@ fn unlisted_query_is_answered_refused_in_block_mode() {
         assert_eq!(dns[3] & 0x0f, 5);
         assert_eq!(&dns[12..], &q[12..]);
         // The UDP checksum still holds over the rewritten datagram.
-        let mut pseudo = Vec::new();
-        if v6 {
-            pseudo.extend_from_slice(&out[14 + 8..14 + 40]);
-            pseudo.extend_from_slice(&((out.len() - l4) as u32).to_be_bytes());
-            pseudo.extend_from_slice(&[0, 0, 0, 17]);
-        } else {
-            pseudo.extend_from_slice(&out[14 + 12..14 + 20]);
-            pseudo.extend_from_slice(&[0, 17]);
-            pseudo.extend_from_slice(&((out.len() - l4) as u16).to_be_bytes());
-        }
-        pseudo.extend_from_slice(&out[l4..]);
-        assert!(ones_complement_ok(&pseudo), "v6={v6}: checksum");
+        assert!(l4_checksum_ok(&out, v6, 17), "v6={v6}: checksum");
         // Reported with the name, counted
         let copies: Vec<_> = r
             .events()
@@ -1039,4 +1054,154 @@ fn allowed_queries_and_audit_mode_go_through() {
     let r = rig_with(Mode::Block, Mode::Block, "github.test", false);
     let (rc, _) = egress_out(&r, &frame(ip(CLIENT), ip(RESOLVER), 17, 40201, 53, 0, &q));
     assert_eq!(rc, PASS);
+}
+
+// ---- DNS over TCP -------------------------------------------------------------------------
+
+const PSH_ACK: u8 = 0x18;
+
+#[test]
+fn tcp_answer_in_one_segment_binds() {
+    let r = rig_with(Mode::Block, Mode::Block, "github.test:443", true);
+    let sport = r.port();
+    // The connection to the resolver, then the query in one segment.
+    assert_eq!(
+        r.egress(&frame(ip(CLIENT), ip(RESOLVER), 6, sport, 53, TCP_SYN, &[])),
+        PASS
+    );
+    let q = testrun::tcp_dns(&dns_query(0x3131, "github.test", 1));
+    let seg = testrun::tcp_frame(
+        ip(CLIENT),
+        ip(RESOLVER),
+        sport,
+        53,
+        100,
+        500,
+        PSH_ACK,
+        &[],
+        &q,
+    );
+    assert_eq!(r.egress(&seg), PASS);
+    let a = testrun::tcp_dns(&dns_answer(
+        0x3131,
+        "github.test",
+        1,
+        &[Rr::A("github.test", 30, a4("198.51.100.10"))],
+    ));
+    let seg = testrun::tcp_frame(
+        ip(RESOLVER),
+        ip(CLIENT),
+        53,
+        sport,
+        500,
+        100 + q.len() as u32,
+        PSH_ACK,
+        &[],
+        &a,
+    );
+    assert_eq!(r.ingress(&seg), PASS);
+    assert_eq!(r.learned(), vec![ip("198.51.100.10")]);
+    assert_eq!(r.syn("198.51.100.10", 443), PASS);
+}
+
+#[test]
+fn tcp_answer_split_across_segments_is_counted_not_parsed() {
+    let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
+    let sport = r.port();
+    let q = testrun::tcp_dns(&dns_query(0x3232, "github.test", 1));
+    assert_eq!(
+        r.egress(&frame(ip(CLIENT), ip(RESOLVER), 6, sport, 53, TCP_SYN, &[])),
+        PASS
+    );
+    assert_eq!(
+        r.egress(&testrun::tcp_frame(
+            ip(CLIENT),
+            ip(RESOLVER),
+            sport,
+            53,
+            100,
+            500,
+            PSH_ACK,
+            &[],
+            &q
+        )),
+        PASS
+    );
+    let a = testrun::tcp_dns(&dns_answer(
+        0x3232,
+        "github.test",
+        1,
+        &[Rr::A("github.test", 30, a4("198.51.100.10"))],
+    ));
+    let first = &a[..a.len() - 6];
+    let seg = testrun::tcp_frame(
+        ip(RESOLVER),
+        ip(CLIENT),
+        53,
+        sport,
+        500,
+        100,
+        PSH_ACK,
+        &[],
+        first,
+    );
+    assert_eq!(r.ingress(&seg), PASS);
+    assert!(r.learned().is_empty());
+    assert_eq!(r.counter(abi::rf_counter::RF_CNT_DNS_TCP_SPLIT), 1);
+}
+
+#[test]
+fn unlisted_tcp_query_is_answered_refused() {
+    let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
+    let q = testrun::tcp_dns(&dns_query(0x3333, "leak.attacker.test", 1));
+    // NOP NOP TS(TSval=0x11111111, TSecr=0x22222222)
+    let opts = [1, 1, 8, 10, 0x11, 0x11, 0x11, 0x11, 0x22, 0x22, 0x22, 0x22];
+    assert_eq!(
+        r.egress(&frame(ip(CLIENT), ip(RESOLVER), 6, 40999, 53, TCP_SYN, &[])),
+        PASS
+    );
+    let mut seg = testrun::tcp_frame(
+        ip(CLIENT),
+        ip(RESOLVER),
+        40999,
+        53,
+        1000,
+        7000,
+        PSH_ACK,
+        &opts,
+        &q,
+    );
+    set_l4_checksum(&mut seg, false, 6);
+    let (rc, out) = egress_out(&r, &seg);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let l4 = 14 + 20;
+    assert_eq!(&out[14 + 12..14 + 16], &a4(RESOLVER));
+    assert_eq!(&out[14 + 16..14 + 20], &a4(CLIENT));
+    assert_eq!(&out[l4..l4 + 2], &53u16.to_be_bytes());
+    assert_eq!(&out[l4 + 2..l4 + 4], &40999u16.to_be_bytes());
+    assert_eq!(
+        &out[l4 + 4..l4 + 8],
+        &7000u32.to_be_bytes(),
+        "seq = what the client acked"
+    );
+    assert_eq!(
+        &out[l4 + 8..l4 + 12],
+        &(1000 + q.len() as u32).to_be_bytes(),
+        "ack covers the query"
+    );
+    assert_eq!(out[l4 + 13], PSH_ACK);
+    assert_eq!(
+        &out[l4 + 24..l4 + 32],
+        &[0x22, 0x22, 0x22, 0x22, 0x11, 0x11, 0x11, 0x11],
+        "timestamps swapped"
+    );
+    let dns = &out[l4 + 32 + 2..];
+    assert_eq!(dns[2] & 0x80, 0x80);
+    assert_eq!(dns[3] & 0x0f, 5);
+    assert_eq!(&dns[12..], &q[2 + 12..]);
+    assert!(
+        l4_checksum_ok(&out, false, 6),
+        "TCP checksum after the rewrite"
+    );
+    assert_eq!(r.counter(abi::rf_counter::RF_CNT_DNS_REFUSED), 1);
 }
