@@ -554,6 +554,17 @@ static __always_inline void emit_dns_copy(struct rf_scratch *s, __u32 job_id, co
 		count(RF_CNT_RINGBUF_DROP);
 }
 
+/* Sends a rewritten reply back to the socket. On a real device: redirect to its ingress.
+ * On loopback the packet comes back to this host anyway, and keeps its local route on the
+ * way, so it just goes on; redirecting would drop the route and the input lookup would
+ * then refuse loopback addresses as martians. */
+static __always_inline int turn_around(struct __sk_buff *skb, struct pkt *p)
+{
+	if (is_loopback(p->daddr))
+		return TC_ACT_UNSPEC;
+	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+}
+
 /* Turns the query in the packet into a REFUSED answer from the resolver and hands it to
  * the device's ingress: the application gets its answer at once and the name never
  * leaves the host. Swapping addresses and ports leaves every checksum as it was (ones'
@@ -614,7 +625,7 @@ static __always_inline int refuse_query(struct __sk_buff *skb, struct pkt *p)
 	if (bpf_skb_store_bytes(skb, p->dns_off + 2, &newf, 2, 0))
 		return TC_ACT_SHOT;
 	count(RF_CNT_DNS_REFUSED);
-	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+	return turn_around(skb, p);
 }
 
 /* The same over TCP: the query segment becomes the server's reply segment. Its sequence
@@ -684,7 +695,7 @@ static __always_inline int refuse_tcp_query(struct __sk_buff *skb, struct pkt *p
 	    bpf_skb_store_bytes(skb, p->dns_off + 2, &newf, 2, 0))
 		return TC_ACT_SHOT;
 	count(RF_CNT_DNS_REFUSED);
-	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+	return turn_around(skb, p);
 }
 
 /* Egress, a UDP query to an allowed resolver. Its name is matched against the job's

@@ -131,11 +131,17 @@ fn mode_name(m: Mode) -> &'static str {
 pub fn run(args: &ExecArgs) -> Result<i32> {
     let policy = build_policy(args).map_err(anyhow::Error::new)?;
     let compiled = policy.compile()?;
-    let interfaces = if args.interfaces.is_empty() {
+    let mut interfaces = if args.interfaces.is_empty() {
         crate::netif::routed_interfaces()
     } else {
         args.interfaces.clone()
     };
+    // A local stub or cache (systemd-resolved's 127.0.0.53, dnsmasq on the host) answers
+    // over loopback: lo must be watched too, or its answers would bind nothing.
+    if policy.dns_resolvers.iter().any(|r| r.is_loopback()) && !interfaces.iter().any(|i| i == "lo")
+    {
+        interfaces.push("lo".to_string());
+    }
     for i in &interfaces {
         if nix::net::if_::if_nametoindex(i.as_str()).is_err() {
             return Err(dataplane::DataplaneError::NoInterface(i.clone()).into());
