@@ -261,6 +261,9 @@ impl Agent {
                     .push(Reverse((ev.hdr.ts_ns + life + self.grace_ns, job_id, *a)));
             }
         }
+        if ev.flags & abi::DNS_TRIE_FULL != 0 {
+            tracing::warn!(job = dns_ev.job, name = dns_ev.name, "the learned-address map is full: some answers were not bound, connections to them are blocked (fail closed)");
+        }
         if ev.flags & abi::DNS_MALFORMED != 0 {
             tracing::warn!(
                 job = dns_ev.job,

@@ -167,6 +167,8 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
 
     let opts = dataplane::Options {
         attach: args.attach,
+        dns_min_ttl: policy.dns_min_ttl,
+        dns_grace: policy.dns_grace,
         ..Default::default()
     };
     dataplane::preflight()?;
@@ -241,11 +243,29 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
 
     let job = agent.jobs.get(&JOB_ID).expect("the job was registered");
     let mut text = job.report.render(args.format);
-    let drops = counters[abi::rf_counter::RF_CNT_RINGBUF_DROP.0 as usize];
-    if drops > 0 {
-        text.push_str(&format!(
-            "\nwarning: {drops} events were lost (ring buffer full); verdicts were still enforced\n"
-        ));
+    let c = |k: abi::rf_counter| counters[k.0 as usize];
+    let warnings = [
+        (
+            c(abi::rf_counter::RF_CNT_RINGBUF_DROP),
+            "events were lost (ring buffer full); verdicts were still enforced",
+        ),
+        (
+            c(abi::rf_counter::RF_CNT_TRIE_FULL),
+            "learned addresses did not fit the map: connections to them were blocked",
+        ),
+        (
+            c(abi::rf_counter::RF_CNT_DNS_TCP_SPLIT),
+            "DNS answers over TCP were split across segments and not bound in the kernel",
+        ),
+        (
+            c(abi::rf_counter::RF_CNT_DNS_FRAGMENT),
+            "DNS answers arrived as IP fragments and were not bound (fail closed)",
+        ),
+    ];
+    for (n, what) in warnings {
+        if n > 0 {
+            text.push_str(&format!("\nwarning: {n} {what}\n"));
+        }
     }
     if let Some(p) = &args.report {
         std::fs::write(p, &text).with_context(|| format!("writing the report {}", p.display()))?;

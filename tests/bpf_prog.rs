@@ -68,6 +68,7 @@ fn rig_with(mode: Mode, direct_ip: Mode, allow: &str, dns_filter: bool) -> Rig {
         dns_resolvers: vec![ip(RESOLVER), ip(RESOLVER6)],
         endpoints: Policy::parse_endpoints(allow, "test").expect("test policy"),
         dns_filter,
+        ..Policy::default()
     };
     let compiled = policy.compile().expect("compile");
     dp.install_policy(JOB, &compiled, &policy.dns_resolvers)
@@ -844,6 +845,7 @@ fn hash_collision_binds_nothing() {
         dns_resolvers: vec![],
         endpoints: Policy::parse_endpoints("github.test", "test").unwrap(),
         dns_filter: true,
+        ..Policy::default()
     }
     .compile()
     .unwrap();
@@ -1204,4 +1206,92 @@ fn unlisted_tcp_query_is_answered_refused() {
         "TCP checksum after the rewrite"
     );
     assert_eq!(r.counter(abi::rf_counter::RF_CNT_DNS_REFUSED), 1);
+}
+
+// ---- learned-state lifetime --------------------------------------------------------------
+
+#[test]
+fn a_live_flow_outlives_its_expired_address() {
+    let r = rig(Mode::Block, Mode::Block, "github.test:443");
+    r.resolve(
+        0x6161,
+        "github.test",
+        1,
+        &[Rr::A("github.test", 1, a4("198.51.100.10"))],
+    );
+    let syn = frame(ip(CLIENT), ip("198.51.100.10"), 6, 42424, 443, TCP_SYN, &[]);
+    let data = frame(
+        ip(CLIENT),
+        ip("198.51.100.10"),
+        6,
+        42424,
+        443,
+        TCP_ACK,
+        b"GET /",
+    );
+    assert_eq!(r.egress(&syn), PASS);
+    // What the agent does when TTL and grace have run out.
+    r.dp().delete_host_entry(JOB, ip("198.51.100.10")).unwrap();
+    // The established flow goes on: its verdict lives in the flow table.
+    for _ in 0..5 {
+        assert_eq!(r.egress(&data), PASS);
+    }
+    // A new connection needs a fresh answer.
+    assert_eq!(r.syn("198.51.100.10", 443), DROP);
+}
+
+#[test]
+fn a_full_trie_fails_closed_and_counts() {
+    // A dataplane of its own: a trie of 4 entries (the pool's are full size).
+    let mut dp = Dataplane::load(&Options {
+        allow_entries: 4,
+        ..Options::default()
+    })
+    .unwrap();
+    dp.reset().unwrap();
+    let policy = Policy {
+        mode: Mode::Block,
+        direct_ip: Mode::Block,
+        dns_resolvers: vec![ip(RESOLVER)],
+        endpoints: Policy::parse_endpoints("many.test:443", "test").unwrap(),
+        ..Policy::default()
+    };
+    dp.install_policy(JOB, &policy.compile().unwrap(), &policy.dns_resolvers)
+        .unwrap();
+    dp.add_interface_job(
+        LO,
+        abi::rf_job {
+            job_id: JOB,
+            mode: 1,
+            direct_ip: 1,
+            dns_filter: 1,
+            _pad: 0,
+        },
+    )
+    .unwrap();
+    let mut r = Rig {
+        dp: Some(dp),
+        next_port: std::cell::Cell::new(45000),
+    };
+    let rrs: Vec<Rr<'_>> = (0..8u8)
+        .map(|i| Rr::A("many.test", 30, [198, 51, 100, 100 + i]))
+        .collect();
+    assert_eq!(r.resolve(0x7171, "many.test", 1, &rrs), PASS);
+    let bound = r.learned().len();
+    assert_eq!(bound, 4, "the trie holds what fits");
+    assert!(r.counter(abi::rf_counter::RF_CNT_TRIE_FULL) >= 4);
+    // What did not fit stays blocked; nothing in use was evicted to make room.
+    assert_eq!(r.syn("198.51.100.107", 443), DROP);
+    assert_eq!(r.syn("198.51.100.100", 443), PASS);
+    let copies: Vec<_> = r
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Ev::Dns(d) => Some(d),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(copies[0].flags & abi::DNS_TRIE_FULL, abi::DNS_TRIE_FULL);
+    // Not back to the pool: its trie is too small for the other tests.
+    drop(r.dp.take());
 }

@@ -204,3 +204,45 @@ fn answers_from_a_local_caching_stub_bind() {
     assert!(job.stdout.contains("status: REFUSED"), "{}", job.dump());
     assert_eq!(tb.dns_queries_for("exfil.leak.test"), 0);
 }
+
+#[test]
+fn learned_addresses_expire_after_ttl_and_grace() {
+    require_root();
+    let ip = link_v4(29);
+    let tb = ringfence::testbed::Testbed::new().expect("testbed");
+    tb.start_dns(
+        &[DnsRecord::a("short.test", ip)],
+        &ringfence::testbed::DnsOptions {
+            ttl: 1,
+            ..Default::default()
+        },
+    )
+    .expect("dnsmasq");
+    tb.start_http(&[sa(ip, 80)]).expect("http");
+    let policy = scratch(
+        &tb,
+        "p.toml",
+        "mode = \"block\"\nallowed-endpoints = \"short.test:80\"\ndns-grace = 0\n",
+    );
+    // 4 s after the answer (TTL 1 s, no grace, no flow used it) the agent has expired the
+    // address and a connection to it is blocked. (An address a flow used keeps living for a
+    // while after its TTL; established flows never depend on it: see tests/bpf_prog.rs.)
+    let script = "a=$(dig +short +tries=1 +time=3 short.test | tail -n 1); \
+                  sleep 4; \
+                  curl -sS --connect-timeout 2 --max-time 3 http://$a/ && exit 11; exit 0";
+    let job = exec(
+        &tb,
+        &["--policy", policy.to_str().unwrap()],
+        &["sh", "-c", script],
+    );
+    assert_eq!(job.code(), Some(0), "{}", job.dump());
+    assert!(
+        job.dns_events("short.test")
+            .iter()
+            .any(|e| e["bound"] == true),
+        "the answer was not bound at first\n{}",
+        job.dump()
+    );
+    job.expect_flow(ip.into(), 80, "blocked", "not-allowed");
+    assert_eq!(tb.http_hits(sa(ip, 80)), 0);
+}
