@@ -79,14 +79,11 @@ pub fn frame(
         return tcp_frame(src, dst, sport, dport, 1, 0, tcp_flags, &[], payload);
     }
     let mut l4 = Vec::new();
-    match proto {
-        17 => {
-            l4.extend_from_slice(&sport.to_be_bytes());
-            l4.extend_from_slice(&dport.to_be_bytes());
-            l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-            l4.extend_from_slice(&[0, 0]);
-        }
-        _ => {}
+    if proto == 17 {
+        l4.extend_from_slice(&sport.to_be_bytes());
+        l4.extend_from_slice(&dport.to_be_bytes());
+        l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
     }
     l4.extend_from_slice(payload);
     ip_frame(src, dst, proto, &l4, 0)

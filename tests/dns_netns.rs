@@ -4,10 +4,20 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use ringfence::testbed::{link_v4, DnsRecord};
+
+/// dig's own measurement of the exchange (the job's start-up is not part of it).
+fn query_time_ms(job: &Job) -> u64 {
+    job.stdout
+        .lines()
+        .find_map(|l| l.strip_prefix(";; Query time: "))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no query time\n{}", job.dump()))
+}
 
 #[test]
 fn tcp_answer_binds_before_the_connection() {
@@ -33,21 +43,20 @@ fn tcp_answer_binds_before_the_connection() {
 fn unlisted_tcp_query_is_refused_at_once_and_never_sent() {
     let ip = link_v4(26);
     let tb = testbed(&[DnsRecord::a("leak.test", ip)], &[]);
-    let started = Instant::now();
     let job = exec(
         &tb,
         &["--mode", "block", "--allow", "ok.test:80"],
         &["dig", "+tcp", "+tries=1", "+time=5", "c2VjcmV0.leak.test"],
     );
-    let took = started.elapsed();
     assert!(
         job.stdout.contains("status: REFUSED"),
         "dig did not get REFUSED\n{}",
         job.dump()
     );
+    let ms = query_time_ms(&job);
     assert!(
-        took < Duration::from_secs(3),
-        "REFUSED took {took:?}: the client waited\n{}",
+        ms < 50,
+        "REFUSED took {ms} ms: the client waited\n{}",
         job.dump()
     );
     assert_eq!(
@@ -74,13 +83,7 @@ fn unlisted_udp_query_is_refused_within_50ms() {
         &["dig", "+tries=1", "+time=5", "x1y2z3.leak.test"],
     );
     assert!(job.stdout.contains("status: REFUSED"), "{}", job.dump());
-    let ms: u64 = job
-        .stdout
-        .lines()
-        .find_map(|l| l.strip_prefix(";; Query time: "))
-        .and_then(|l| l.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no query time\n{}", job.dump()));
+    let ms = query_time_ms(&job);
     assert!(ms < 50, "REFUSED took {ms} ms\n{}", job.dump());
     assert_eq!(
         tb.dns_queries_for("x1y2z3.leak.test"),

@@ -132,8 +132,8 @@ fn unlisted_name_blocked_and_named() {
         &[sa(ok, 80), sa(evil, 80)],
     );
     // Block mode filters queries by default: the name never leaves the host, the query is
-    // answered REFUSED at once, and the attempt is named in the events and the report.
-    let started = std::time::Instant::now();
+    // answered REFUSED at once (tests/dns_netns.rs times it), and the attempt is named in
+    // the events and the report.
     let job = exec(
         &tb,
         &["--mode", "block", "--allow", "ok.test:80"],
@@ -143,11 +143,6 @@ fn unlisted_name_blocked_and_named() {
         job.code(),
         Some(0),
         "curl to a blocked name succeeded\n{}",
-        job.dump()
-    );
-    assert!(
-        started.elapsed() < std::time::Duration::from_secs(3),
-        "a refused lookup must not wait for a timeout\n{}",
         job.dump()
     );
     assert_eq!(
