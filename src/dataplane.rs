@@ -167,7 +167,8 @@ enum Attachment {
     /// A TCX link: detached when the link is dropped (or the process dies).
     Tcx(#[allow(dead_code)] Link),
     /// A clsact filter: netlink state that outlives the process, so it is detached on drop.
-    Clsact(TcHook),
+    /// `true` when this instance created the clsact qdisc (removed again after the filters).
+    Clsact(TcHook, bool),
 }
 
 pub struct Dataplane {
@@ -316,16 +317,17 @@ impl Dataplane {
                 // instances (and other tools) can share the device.
                 b.ifindex(ifindex).replace(false).handle(0).priority(0);
                 let mut hook = b.hook(if egress { TC_EGRESS } else { TC_INGRESS });
-                if let Err(e) = hook.create() {
-                    // EEXIST: the clsact qdisc is already there, which is fine.
-                    if e.kind() != libbpf_rs::ErrorKind::AlreadyExists {
-                        return Err(err(std::io::Error::other(e.to_string())));
-                    }
-                }
+                let created = match hook.create() {
+                    Ok(_) => true,
+                    // EEXIST: the clsact qdisc is already there (another tool's, or ours
+                    // from the other direction), which is fine.
+                    Err(e) if e.kind() == libbpf_rs::ErrorKind::AlreadyExists => false,
+                    Err(e) => return Err(err(std::io::Error::other(e.to_string()))),
+                };
                 let attached = hook
                     .attach()
                     .map_err(|e| err(std::io::Error::other(e.to_string())))?;
-                Ok(Attachment::Clsact(attached))
+                Ok(Attachment::Clsact(attached, created))
             }
         }
     }
@@ -335,9 +337,17 @@ impl Dataplane {
         for (ifname, a) in self.attached.drain(..) {
             match a {
                 Attachment::Tcx(link) => drop(link),
-                Attachment::Clsact(mut hook) => {
+                Attachment::Clsact(mut hook, created) => {
                     if let Err(e) = hook.detach() {
                         tracing::warn!(ifname, "detaching clsact filter: {e}");
+                    }
+                    // A qdisc this instance created goes too, so nothing is left behind.
+                    if created {
+                        let mut all = hook;
+                        all.attach_point(TC_EGRESS | TC_INGRESS);
+                        if let Err(e) = all.destroy() {
+                            tracing::warn!(ifname, "removing the clsact qdisc: {e}");
+                        }
                     }
                 }
             }

@@ -574,3 +574,33 @@ fn resolve_then_connect_never_races() {
         job.dump()
     );
 }
+
+#[test]
+fn clsact_fallback_path_enforces_and_cleans_up() {
+    // The path kernels before 6.6 take, forced on this kernel.
+    let ok = link_v4(21);
+    let evil = link_v4(22);
+    let tb = testbed(
+        &[DnsRecord::a("ok.test", ok), DnsRecord::a("evil.test", evil)],
+        &[sa(ok, 80), sa(evil, 80)],
+    );
+    let opts = [
+        "--attach",
+        "clsact",
+        "--mode",
+        "block",
+        "--dns-policy",
+        "any",
+        "--allow",
+        "ok.test:80",
+    ];
+    let job = exec(&tb, &opts, &as_strs(&curl(&[], "http://ok.test/")));
+    assert_eq!(job.code(), Some(0), "{}", job.dump());
+    job.expect_flow(ok.into(), 80, "allowed", "allowed");
+    let job = exec(&tb, &opts, &as_strs(&curl(&[], "http://evil.test/")));
+    assert_ne!(job.code(), Some(0), "{}", job.dump());
+    job.expect_flow(evil.into(), 80, "blocked", "not-allowed");
+    assert_eq!(tb.http_hits(sa(evil, 80)), 0);
+    let attached = attached_programs(&tb);
+    assert!(attached.is_empty(), "left attached: {attached:?}");
+}
