@@ -249,3 +249,27 @@ fn learned_addresses_expire_after_ttl_and_grace() {
     job.expect_flow(ip.into(), 80, "blocked", "not-allowed");
     assert_eq!(tb.http_hits(sa(ip, 80)), 0);
 }
+
+#[test]
+fn truncated_udp_answer_then_tcp_retry_binds() {
+    // 60 A records do not fit a 512-byte UDP answer: the server sets TC, dig retries over
+    // TCP, and that answer (one segment) binds all of them in the kernel.
+    let target = ringfence::testbed::routed_v4(30);
+    let mut records: Vec<DnsRecord> = (0..59u8)
+        .map(|i| DnsRecord::a("big.test", std::net::Ipv4Addr::new(198, 51, 100, 150 + i)))
+        .collect();
+    records.push(DnsRecord::a("big.test", target));
+    let tb = testbed(&records, &[sa(target, 80)]);
+    let script = "set -e; out=$(dig +bufsize=512 +noedns +tries=1 +time=3 big.test); \
+                  echo \"$out\" | grep -q 'Truncated, retrying in TCP mode'; \
+                  n=$(echo \"$out\" | grep -c 'IN[[:space:]]*A[[:space:]]'); echo records=$n; \
+                  curl -sS --connect-timeout 3 --max-time 5 http://203.0.113.30/";
+    let job = exec(
+        &tb,
+        &["--mode", "block", "--allow", "big.test:80"],
+        &["sh", "-c", script],
+    );
+    assert_eq!(job.code(), Some(0), "{}", job.dump());
+    assert!(job.stdout.contains("records=60"), "{}", job.dump());
+    job.expect_flow(target.into(), 80, "allowed", "allowed");
+}
