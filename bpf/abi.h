@@ -69,6 +69,8 @@ enum rf_dns_flags {
 	RF_DNS_REFUSED = 32,  /* ...and it was answered REFUSED in the kernel, never sent */
 	RF_DNS_TCP = 64,      /* carried over TCP */
 	RF_DNS_TCP_SPLIT = 128, /* a TCP answer split across segments: not parsed in the kernel */
+	RF_DNS_TCP_SEGMENT = 256, /* the copy is one raw TCP segment of such an answer */
+	RF_DNS_TCP_FIRST = 512,   /* ...the one the message starts in */
 };
 
 /* Index into the per-CPU `counters` array. */
@@ -227,6 +229,22 @@ struct rf_dns_event {
 	__u32 pid;
 	__u32 _pad;
 	char comm[16];
+	/* For RF_DNS_TCP_SEGMENT copies: where the bytes sit in the stream. */
+	__u32 seq;
+	__u16 client_port;
+	__u16 _pad2;
+};
+
+/* tcp_streams: TCP DNS answers being reassembled by the agent. */
+struct rf_stream_key {
+	__u8 server[16];
+	__u16 client_port;
+	__u16 _pad;
+};
+
+struct rf_stream_val {
+	__u32 job_id;
+	__u32 _pad;
 };
 
 #endif

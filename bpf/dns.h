@@ -550,8 +550,37 @@ static __always_inline void emit_dns_copy(struct rf_scratch *s, __u32 job_id, co
 	if (len > RF_DNS_BUF)
 		return;
 	s->ev.len = len;
+	s->ev._pad2 = 0;
+	if (!(s->flags & RF_DNS_TCP_SEGMENT)) {
+		s->ev.seq = 0;
+		s->ev.client_port = 0;
+	}
 	if (bpf_ringbuf_output(&events, &s->ev, sizeof(s->ev) + len, 0))
 		count(RF_CNT_RINGBUF_DROP);
+}
+
+/* Copies one raw TCP segment of a split DNS answer to the agent. */
+static __always_inline void copy_segment(struct __sk_buff *skb, struct pkt *p, __u32 job_id,
+					 __u32 flags)
+{
+	struct rf_scratch *s = get_scratch();
+	__u32 len = p->l4_len, seq;
+
+	if (!s || bpf_skb_load_bytes(skb, p->l4_off + 4, &seq, 4))
+		return;
+	if (len > RF_DNS_BUF)
+		len = RF_DNS_BUF; /* the agent sees the gap and gives up on this answer */
+	barrier_var(len);
+	if (len < 1 || len > RF_DNS_BUF)
+		return;
+	if (bpf_skb_load_bytes(skb, p->payload, s->buf, len))
+		return;
+	s->len = len;
+	s->bound = 0;
+	s->flags = RF_DNS_TCP | RF_DNS_TCP_SEGMENT | flags;
+	s->ev.seq = bpf_ntohl(seq);
+	s->ev.client_port = p->dport;
+	emit_dns_copy(s, job_id, p->saddr);
 }
 
 /* Sends a rewritten reply back to the socket. On a real device: redirect to its ingress.
@@ -768,12 +797,42 @@ static __always_inline void dns_answer(struct __sk_buff *skb, struct pkt *p)
 		count(RF_CNT_DNS_FRAGMENT);
 		return;
 	}
+	if (p->proto == IPPROTO_TCP && p->l4_len) {
+		struct rf_stream_key sk = {};
+		struct rf_stream_val *sv;
+
+		__builtin_memcpy(sk.server, p->saddr, 16);
+		sk.client_port = p->dport;
+		sv = bpf_map_lookup_elem(&tcp_streams, &sk);
+		if (sv) {
+			copy_segment(skb, p, sv->job_id, 0);
+			return;
+		}
+	}
 	where = dns_locate(skb, p);
 	if (where < 0)
 		return;
 	if (where > 0) {
-		/* Parsing needs the whole message; the agent binds these from userspace. */
+		/* Parsing needs the whole message, which the kernel never holds at once: if it
+		 * answers a job's query, its segments go to the agent, which binds it late. */
+		struct rf_stream_key sk = {};
+		struct rf_stream_val sv = {};
+		__u16 id;
+
 		count(RF_CNT_DNS_TCP_SPLIT);
+		if (bpf_skb_load_bytes(skb, p->dns_off, &id, 2))
+			return;
+		__builtin_memcpy(qk.server, p->saddr, 16);
+		qk.client_port = p->dport;
+		qk.txid = bpf_ntohs(id);
+		q = bpf_map_lookup_elem(&queries, &qk);
+		if (!q)
+			return;
+		__builtin_memcpy(sk.server, p->saddr, 16);
+		sk.client_port = p->dport;
+		sv.job_id = q->job_id;
+		bpf_map_update_elem(&tcp_streams, &sk, &sv, BPF_ANY);
+		copy_segment(skb, p, sv.job_id, RF_DNS_TCP_FIRST);
 		return;
 	}
 	if (p->dns_len > RF_DNS_BUF) {

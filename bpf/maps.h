@@ -56,6 +56,15 @@ struct {
 	__type(value, struct rf_query_val);
 } queries SEC(".maps");
 
+/* TCP DNS answers split across segments, by stream: their segments are copied to the agent,
+ * which reassembles and binds them. The agent deletes an entry when the answer is whole. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 4096);
+	__type(key, struct rf_stream_key);
+	__type(value, struct rf_stream_val);
+} tcp_streams SEC(".maps");
+
 /* Flow verdict cache: a flow is judged once; later packets follow the cached verdict. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

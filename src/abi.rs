@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv6Addr};
 pub use crate::bpf_skel::types::{
     rf_addr_val, rf_counter, rf_dns_event, rf_event_hdr, rf_event_type, rf_flow_event, rf_flow_key,
     rf_flow_val, rf_glob, rf_job, rf_limits, rf_lpm_key, rf_name_key, rf_name_val, rf_ports,
-    rf_query_key, rf_query_val, rf_reason, rf_resolver_key, rf_verdict,
+    rf_query_key, rf_query_val, rf_reason, rf_resolver_key, rf_stream_key, rf_verdict,
 };
 
 /// Bytes of a host entry's prefix in the trie: 32 bits of job id + 128 bits of address.
@@ -26,6 +26,10 @@ pub const DNS_TRUNCATED: u32 = 4;
 pub const DNS_TRIE_FULL: u32 = 8;
 pub const DNS_QUERY: u32 = 16;
 pub const DNS_REFUSED: u32 = 32;
+pub const DNS_TCP: u32 = 64;
+pub const DNS_TCP_SPLIT: u32 = 128;
+pub const DNS_TCP_SEGMENT: u32 = 256;
+pub const DNS_TCP_FIRST: u32 = 512;
 
 // The C compiler and the skeleton generator must agree on every layout we exchange.
 const _: () = {
@@ -41,7 +45,7 @@ const _: () = {
     assert!(std::mem::size_of::<rf_flow_key>() == 28);
     assert!(std::mem::size_of::<rf_event_hdr>() == 16);
     assert!(std::mem::size_of::<rf_flow_event>() == 88);
-    assert!(std::mem::size_of::<rf_dns_event>() == 72);
+    assert!(std::mem::size_of::<rf_dns_event>() == 80);
 };
 
 // SAFETY: plain-old-data C structs, every bit pattern valid.

@@ -34,8 +34,30 @@ pub struct JobState {
     /// For checking that the pid the kernel saw really belongs to the job.
     pub cgroup: Option<PathBuf>,
     pub report: Report,
+    /// For answers bound from userspace (TCP answers split across segments).
+    pub policy: Option<crate::policy::Policy>,
     /// Address -> the question name whose answer produced it (for naming flows).
     names: HashMap<IpAddr, String>,
+}
+
+/// A TCP DNS answer being put back together from the segments the kernel copied.
+struct Stream {
+    job_id: u32,
+    base_seq: u32,
+    buf: Vec<u8>,
+    filled: Vec<bool>,
+    got: usize,
+}
+
+/// Map work found while handling ring-buffer records, done when the dataplane is at hand.
+enum Pending {
+    Bind {
+        job_id: u32,
+        addrs: Vec<(IpAddr, u32)>,
+        ports: crate::policy::PortSet,
+        ts_ns: u64,
+    },
+    ForgetStream(IpAddr, u16),
 }
 
 impl JobState {
@@ -56,6 +78,7 @@ impl JobState {
             step: None,
             cgroup,
             report: Report::new(name, mode),
+            policy: None,
             names: HashMap::new(),
         }
     }
@@ -70,6 +93,10 @@ pub struct Agent {
     grace_ns: u64,
     pub decode_errors: u64,
     pub expired: u64,
+    /// Addresses bound from userspace, late (their answer was split across TCP segments).
+    pub bound_late: u64,
+    streams: HashMap<(IpAddr, u16), Stream>,
+    pending: Vec<Pending>,
 }
 
 pub fn boottime_ns() -> u64 {
@@ -124,6 +151,9 @@ impl Agent {
             grace_ns: grace.as_nanos() as u64,
             decode_errors: 0,
             expired: 0,
+            bound_late: 0,
+            streams: HashMap::new(),
+            pending: Vec::new(),
         })
     }
 
@@ -194,18 +224,134 @@ impl Agent {
         self.emit(ev.hdr.job_id, Event::Flow(flow));
     }
 
-    fn on_dns(&mut self, ev: &abi::rf_dns_event, payload: &[u8]) {
-        let job_id = ev.hdr.job_id;
-        let Some(job) = self.jobs.get_mut(&job_id) else {
+    /// One raw segment of a TCP DNS answer the kernel could not parse whole. When every
+    /// byte of the message is there, it is parsed here and, if its name is allowed, bound.
+    fn on_segment(&mut self, ev: &abi::rf_dns_event, data: &[u8]) {
+        let server = abi::addr_from_bytes(ev.server);
+        let key = (server, ev.client_port);
+        if ev.flags & abi::DNS_TCP_FIRST != 0 && data.len() >= 2 {
+            let total = 2 + usize::from(u16::from_be_bytes([data[0], data[1]]));
+            self.streams.insert(
+                key,
+                Stream {
+                    job_id: ev.hdr.job_id,
+                    base_seq: ev.seq,
+                    buf: vec![0; total],
+                    filled: vec![false; total],
+                    got: 0,
+                },
+            );
+        }
+        let Some(st) = self.streams.get_mut(&key) else {
             return;
         };
+        let off = ev.seq.wrapping_sub(st.base_seq) as usize;
+        for (i, b) in data.iter().enumerate() {
+            let at = off.saturating_add(i);
+            if at >= st.buf.len() {
+                break;
+            }
+            if !st.filled[at] {
+                st.filled[at] = true;
+                st.buf[at] = *b;
+                st.got += 1;
+            }
+        }
+        if st.got < st.buf.len() {
+            return;
+        }
+        let st = self.streams.remove(&key).expect("present");
+        self.pending
+            .push(Pending::ForgetStream(server, ev.client_port));
+        let Ok(msg) = dns::parse(&st.buf[2..]) else {
+            self.decode_errors += 1;
+            return;
+        };
+        let Some(job) = self.jobs.get(&st.job_id) else {
+            return;
+        };
+        let Some(q) = msg.question.as_ref() else {
+            return;
+        };
+        let ports = job
+            .policy
+            .as_ref()
+            .map(|p| p.ports_for(&q.name))
+            .unwrap_or(crate::policy::PortSet::None);
+        let addrs = msg.addresses();
+        let allowed = !matches!(ports, crate::policy::PortSet::None) && msg.rcode == 0;
+        if allowed && !addrs.is_empty() {
+            tracing::info!(
+                job = job.name,
+                name = q.name,
+                n = addrs.len(),
+                "TCP answer split across segments: bound by the agent (late)"
+            );
+            self.pending.push(Pending::Bind {
+                job_id: st.job_id,
+                addrs: addrs.clone(),
+                ports,
+                ts_ns: ev.hdr.ts_ns,
+            });
+        }
+        // The trail gets the answer like any other.
+        let mut copy = *ev;
+        copy.flags = abi::DNS_TCP | abi::DNS_TCP_SPLIT | if allowed { abi::DNS_ALLOWED } else { 0 };
+        copy.bound = if allowed { addrs.len() as u16 } else { 0 };
+        self.on_dns_message(&copy, msg);
+    }
+
+    /// Does what handling records found to do to the maps: late binds, finished streams.
+    pub fn apply(&mut self, dp: &Dataplane) {
+        for p in std::mem::take(&mut self.pending) {
+            match p {
+                Pending::Bind {
+                    job_id,
+                    addrs,
+                    ports,
+                    ts_ns,
+                } => {
+                    for (a, ttl) in addrs {
+                        let life = (u64::from(ttl) * 1_000_000_000).max(self.min_ttl_ns);
+                        let exp = ts_ns + life + self.grace_ns;
+                        match dp.bind_learned(job_id, a, &ports, exp) {
+                            Ok(()) => {
+                                self.bound_late += 1;
+                                self.expiry.push(Reverse((exp, job_id, a)));
+                            }
+                            Err(e) => tracing::warn!("binding {a} from a split TCP answer: {e}"),
+                        }
+                    }
+                }
+                Pending::ForgetStream(server, port) => {
+                    if let Err(e) = dp.forget_tcp_stream(server, port) {
+                        tracing::warn!("{e}");
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_dns(&mut self, ev: &abi::rf_dns_event, payload: &[u8]) {
+        if ev.flags & abi::DNS_TCP_SEGMENT != 0 {
+            self.on_segment(ev, payload);
+            return;
+        }
         let msg = match dns::parse(payload) {
             Ok(m) => m,
             Err(e) => {
-                tracing::debug!(job = job.name, "DNS answer the agent cannot parse: {e}");
+                tracing::debug!("DNS copy the agent cannot parse: {e}");
                 self.decode_errors += 1;
                 return;
             }
+        };
+        self.on_dns_message(ev, msg);
+    }
+
+    fn on_dns_message(&mut self, ev: &abi::rf_dns_event, msg: dns::DnsMessage) {
+        let job_id = ev.hdr.job_id;
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
         };
         let Some(q) = msg.question.as_ref() else {
             return;
@@ -384,6 +530,7 @@ pub fn run_until_exit(
                     if let Err(e) = rb.consume() {
                         tracing::warn!("reading the ring buffer: {e}");
                     }
+                    agent.borrow_mut().apply(dp);
                 }
                 SIGNALS => {
                     for sig in signals.pending() {
@@ -408,6 +555,7 @@ pub fn run_until_exit(
     };
     // Whatever the job's last packets produced is already in the ring buffer: drain it.
     let _ = rb.consume();
+    agent.borrow_mut().apply(dp);
     agent.borrow_mut().flush();
     Ok(status)
 }

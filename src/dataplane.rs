@@ -206,6 +206,22 @@ fn ports_to_abi(p: &PortSet) -> abi::rf_ports {
     out
 }
 
+/// a |= b, the kernel's rule: `any` absorbs, ports that do not fit are left out.
+fn merge_ports(a: &mut abi::rf_ports, b: &abi::rf_ports) {
+    if b.any != 0 {
+        a.any = 1;
+        return;
+    }
+    for &p in &b.port[..usize::from(b.n).min(abi::MAX_PORTS)] {
+        let n = usize::from(a.n).min(abi::MAX_PORTS);
+        if a.port[..n].contains(&p) || n == abi::MAX_PORTS {
+            continue;
+        }
+        a.port[n] = p;
+        a.n += 1;
+    }
+}
+
 impl Dataplane {
     /// Opens and loads the embedded object. Nothing is attached yet.
     pub fn load(opts: &Options) -> Result<Dataplane> {
@@ -494,6 +510,7 @@ impl Dataplane {
             ("resolvers", &maps.resolvers),
             ("queries", &maps.queries),
             ("flows", &maps.flows),
+            ("tcp_streams", &maps.tcp_streams),
         ] {
             let keys: Vec<Vec<u8>> = map.keys().collect();
             for k in keys {
@@ -564,6 +581,64 @@ impl Dataplane {
             .map_err(map_err("allow"))?;
         Ok(v.and_then(|b| from_bytes::<abi::rf_addr_val>(&b))
             .filter(|v| v.prefixlen == abi::LPM_FULL))
+    }
+
+    /// Binds `addr` for `job_id` from userspace, as the kernel does for answers it can
+    /// parse: refresh a host entry in place (ports merged, expiry extended), or insert one
+    /// that inherits the ports of a covering CIDR. For answers the kernel could not parse
+    /// (DNS over TCP split across segments).
+    pub fn bind_learned(
+        &self,
+        job_id: u32,
+        addr: IpAddr,
+        ports: &PortSet,
+        expires_ns: u64,
+    ) -> Result<()> {
+        let key = abi::rf_lpm_key {
+            prefixlen: abi::LPM_FULL,
+            job_id,
+            addr: abi::addr_to_bytes(addr),
+        };
+        let found = self
+            .skel
+            .maps
+            .allow
+            .lookup(bytes_of(&key), MapFlags::ANY)
+            .map_err(map_err("allow"))?
+            .and_then(|b| from_bytes::<abi::rf_addr_val>(&b));
+        let mut v = match found {
+            Some(v) if v.prefixlen == abi::LPM_FULL => v,
+            Some(cover) => abi::rf_addr_val {
+                ports: cover.ports,
+                flags: cover.flags & abi::ADDR_STATIC,
+                ..Default::default()
+            },
+            None => abi::rf_addr_val::default(),
+        };
+        merge_ports(&mut v.ports, &ports_to_abi(ports));
+        v.flags |= abi::ADDR_LEARNED;
+        v.prefixlen = abi::LPM_FULL;
+        v.expires_ns = v.expires_ns.max(expires_ns);
+        self.skel
+            .maps
+            .allow
+            .update(bytes_of(&key), bytes_of(&v), MapFlags::ANY)
+            .map_err(map_err("allow"))
+    }
+
+    /// The agent has reassembled a TCP DNS answer: stop copying that stream's segments.
+    pub fn forget_tcp_stream(&self, server: IpAddr, client_port: u16) -> Result<()> {
+        let key = abi::rf_stream_key {
+            server: abi::addr_to_bytes(server),
+            client_port,
+            _pad: 0,
+        };
+        match self.skel.maps.tcp_streams.delete(bytes_of(&key)) {
+            Ok(()) => Ok(()),
+            // Already gone (LRU) is fine.
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(map_err("tcp_streams")(e)),
+        }
     }
 
     pub fn delete_host_entry(&self, job_id: u32, addr: IpAddr) -> Result<()> {

@@ -211,6 +211,7 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
         Some(cgroup.path().to_path_buf()),
     );
     state.step = Some(step);
+    state.policy = Some(policy.clone());
     agent.jobs.insert(JOB_ID, state);
 
     let procs = cgroup.procs_file()?;

@@ -273,3 +273,41 @@ fn truncated_udp_answer_then_tcp_retry_binds() {
     assert!(job.stdout.contains("records=60"), "{}", job.dump());
     job.expect_flow(target.into(), 80, "allowed", "allowed");
 }
+
+#[test]
+fn tcp_answer_split_across_segments_is_bound_by_the_agent() {
+    // 100 A records: a ~1.6 kB answer. With segmentation offload off on the server's side,
+    // it crosses the veth as two TCP segments, which the kernel cannot parse as one message:
+    // the agent reassembles the copies and binds the addresses, late but not lost.
+    let target = ringfence::testbed::routed_v4(29);
+    let mut records: Vec<DnsRecord> = (0..99u8)
+        .map(|i| DnsRecord::a("split.test", std::net::Ipv4Addr::new(198, 51, 100, 100 + i)))
+        .collect();
+    records.push(DnsRecord::a("split.test", target));
+    let tb = testbed(&records, &[sa(target, 80)]);
+    let st = tb
+        .server_cmd(
+            "ip",
+            ["link", "set", "dev", tb.server_if(), "gso_max_segs", "1"],
+        )
+        .status()
+        .expect("ip link set gso_max_segs");
+    assert!(st.success());
+    let script = "set -e; n=$(dig +tcp +tries=1 +time=3 split.test | grep -c 'IN[[:space:]]*A[[:space:]]'); \
+                  echo records=$n; \
+                  curl -sS --connect-timeout 4 --max-time 6 http://203.0.113.29/";
+    let job = exec(
+        &tb,
+        &["--mode", "block", "--allow", "split.test:80"],
+        &["sh", "-c", script],
+    );
+    assert_eq!(job.code(), Some(0), "{}", job.dump());
+    assert!(job.stdout.contains("records=100"), "{}", job.dump());
+    assert!(
+        job.stderr.contains("split across segments"),
+        "the split was not reported\n{}",
+        job.dump()
+    );
+    let flow = job.expect_flow(target.into(), 80, "allowed", "allowed");
+    assert_eq!(flow["domain"], "split.test", "{}", job.dump());
+}

@@ -333,6 +333,27 @@ impl Policy {
             .any(|e| e.port.matches(port) && e.host.matches_name(&name))
     }
 
+    /// The ports an address learned from an answer for `name` is allowed on (the union over
+    /// every endpoint whose name pattern matches; `PortSet::None` when none does).
+    pub fn ports_for(&self, name: &str) -> PortSet {
+        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        if name.is_empty() || name.split('.').any(str::is_empty) {
+            return PortSet::None;
+        }
+        let mut set = PortSet::None;
+        for e in self.endpoints.iter().filter(|e| e.host.matches_name(&name)) {
+            set = match (set, e.port) {
+                (PortSet::Any, _) | (_, PortSpec::Any) => PortSet::Any,
+                (PortSet::None, PortSpec::Port(p)) => PortSet::Ports([p].into_iter().collect()),
+                (PortSet::Ports(mut ps), PortSpec::Port(p)) => {
+                    ps.insert(p);
+                    PortSet::Ports(ps)
+                }
+            };
+        }
+        set
+    }
+
     /// Whether a connection to `addr:port` is allowed by the policy's addresses and
     /// networks, as the dataplane's trie decides it: loopback always is; IPv4 and
     /// IPv4-mapped IPv6 are one address (the trie stores IPv4 mapped, so `::/0` covers
