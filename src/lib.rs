@@ -14,6 +14,7 @@ pub mod dataplane;
 pub mod demo;
 pub mod dns;
 pub mod events;
+pub mod exfil;
 pub mod exec;
 pub mod logging;
 pub mod netif;
