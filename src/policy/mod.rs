@@ -16,6 +16,10 @@
 //! """
 //! direct-ip = "block"            # "block" (default) or "audit"
 //! dns-resolvers = ["127.0.0.53"] # default: the nameservers in /etc/resolv.conf
+//! dns-exfil-max-label = 50       # a label longer than this is a finding (1-63)
+//! dns-exfil-entropy = 4.0        # bits/char above which a run is a finding (0-8]
+//! dns-exfil-entropy-min-length = 20 # runs shorter than this are not measured (1-63)
+//! dns-exfil-max-names = 50       # distinct names per domain within a job (1-10000)
 //! "#;
 //! let policy = Policy::from_toml_str(text, "policy.toml").unwrap();
 //! assert_eq!(policy.mode, Mode::Block);
@@ -32,6 +36,15 @@
 //!     r#"policy.toml:2:1: bad port "44x" in endpoint "github.com:44x": ports are 1-65535 or *"#
 //! );
 //! ```
+//!
+//! The `dns-exfil-*` keys are the thresholds of the DNS exfiltration signals (see
+//! [`crate::exfil`]); the values above are the defaults. They never block anything: in
+//! either mode, a job's query names that cross them are reported as findings (`long-label`:
+//! a label longer than `dns-exfil-max-label`; `high-entropy`: a hyphen-free run of at least
+//! `dns-exfil-entropy-min-length` characters measuring more than `dns-exfil-entropy` bits
+//! per character; `many-names`: more than `dns-exfil-max-names` distinct names under one
+//! domain, taken as the last two labels). A value out of range is rejected with its line
+//! and column like any other key.
 //!
 //! Endpoints: `host` (port 443), `host:PORT`, `host:*`. Hosts: an exact name; `*.example.com`
 //! (every name strictly below example.com, at any depth); `ab*cd.example.com` (one `*` in the
@@ -258,6 +271,8 @@ pub struct Policy {
     /// policy does not allow are answered REFUSED in the kernel and never leave the host.
     /// `"any"` lets every query through to the resolver.
     pub dns_filter: bool,
+    /// The `dns-exfil-*` thresholds.
+    pub dns_exfil: crate::exfil::Thresholds,
 }
 
 /// `dns-policy` values: "allowed-only" filters queries, "any" does not.
@@ -279,6 +294,7 @@ impl Default for Policy {
             dns_resolvers: Vec::new(),
             endpoints: Vec::new(),
             dns_filter: true,
+            dns_exfil: crate::exfil::Thresholds::default(),
         }
     }
 }
@@ -344,14 +360,21 @@ impl Policy {
 
 /// A policy under construction: each setting is `None` until a source gives it, so later
 /// sources (command-line flags) override earlier ones (the file); endpoints accumulate.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PolicyBuilder {
     pub mode: Option<Mode>,
     pub direct_ip: Option<Mode>,
     pub dns_resolvers: Option<Vec<IpAddr>>,
     pub endpoints: Vec<Endpoint>,
     pub dns_filter: Option<bool>,
+    pub dns_exfil_max_label: Option<u32>,
+    pub dns_exfil_entropy: Option<f64>,
+    pub dns_exfil_entropy_min_length: Option<u32>,
+    pub dns_exfil_max_names: Option<u32>,
 }
+
+// `dns_exfil_entropy` is never NaN: the parser accepts only values in (0, 8].
+impl Eq for PolicyBuilder {}
 
 impl PolicyBuilder {
     pub fn new() -> PolicyBuilder {
@@ -385,6 +408,12 @@ impl PolicyBuilder {
         self.direct_ip = later.direct_ip.or(self.direct_ip);
         self.dns_resolvers = later.dns_resolvers.or(self.dns_resolvers.take());
         self.dns_filter = later.dns_filter.or(self.dns_filter);
+        self.dns_exfil_max_label = later.dns_exfil_max_label.or(self.dns_exfil_max_label);
+        self.dns_exfil_entropy = later.dns_exfil_entropy.or(self.dns_exfil_entropy);
+        self.dns_exfil_entropy_min_length = later
+            .dns_exfil_entropy_min_length
+            .or(self.dns_exfil_entropy_min_length);
+        self.dns_exfil_max_names = later.dns_exfil_max_names.or(self.dns_exfil_max_names);
         self.endpoints.extend(later.endpoints);
         self
     }
@@ -407,6 +436,17 @@ impl PolicyBuilder {
             dns_resolvers,
             endpoints: self.endpoints,
             dns_filter: self.dns_filter.unwrap_or(true),
+            dns_exfil: {
+                let d = crate::exfil::Thresholds::default();
+                crate::exfil::Thresholds {
+                    max_label: self.dns_exfil_max_label.unwrap_or(d.max_label),
+                    entropy: self.dns_exfil_entropy.unwrap_or(d.entropy),
+                    entropy_min_length: self
+                        .dns_exfil_entropy_min_length
+                        .unwrap_or(d.entropy_min_length),
+                    max_names: self.dns_exfil_max_names.unwrap_or(d.max_names),
+                }
+            },
         })
     }
 }
