@@ -395,7 +395,9 @@ mod tests {
         let mut x = seed;
         (0..n)
             .map(|_| {
-                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
                 (x >> 33) as u8
             })
             .collect()
@@ -549,7 +551,10 @@ mod tests {
         }
         assert_eq!(fired.len(), 1, "{fired:?}");
         let (i, f) = &fired[0];
-        assert_eq!((*i, f.signal, f.domain.as_str()), (50, Signal::ManyNames, "leak.test"));
+        assert_eq!(
+            (*i, f.signal, f.domain.as_str()),
+            (50, Signal::ManyNames, "leak.test")
+        );
         assert_eq!((f.value, f.threshold, f.count), (51.0, 50.0, 51));
         assert!(f.example.ends_with(".leak.test"));
         // Later lookups are counted in the kept finding.
