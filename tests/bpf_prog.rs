@@ -49,6 +49,7 @@ fn rig_with(mode: Mode, direct_ip: Mode, allow: &str, dns_filter: bool) -> Rig {
         dns_resolvers: vec![ip(RESOLVER), ip(RESOLVER6)],
         endpoints: Policy::parse_endpoints(allow, "test").expect("test policy"),
         dns_filter,
+        ..Policy::default()
     };
     let compiled = policy.compile().expect("compile");
     dp.install_policy(JOB, &compiled, &policy.dns_resolvers)
@@ -819,6 +820,7 @@ fn hash_collision_binds_nothing() {
         dns_resolvers: vec![],
         endpoints: Policy::parse_endpoints("github.test", "test").unwrap(),
         dns_filter: true,
+        ..Policy::default()
     }
     .compile()
     .unwrap();
