@@ -18,8 +18,10 @@ use crate::abi;
 use crate::dataplane::Dataplane;
 use crate::dns;
 use crate::events::{
-    boottime_to_system, DnsEvent, Event, FlowEvent, JsonLinesWriter, Proto, Reason, Verdict,
+    boottime_to_system, DnsEvent, Event, FindingEvent, FlowEvent, JsonLinesWriter, Proto, Reason,
+    Verdict,
 };
+use crate::exfil::{ExfilDetector, Thresholds};
 use crate::report::Report;
 
 /// How long a learned address outlives its TTL while a flow to it was seen recently.
@@ -36,6 +38,8 @@ pub struct JobState {
     pub report: Report,
     /// For answers bound from userspace (TCP answers split across segments).
     pub policy: Option<crate::policy::Policy>,
+    /// DNS exfiltration signals over every query name of the job.
+    pub exfil: ExfilDetector,
     /// Address -> the question name whose answer produced it (for naming flows).
     names: HashMap<IpAddr, String>,
 }
@@ -79,6 +83,7 @@ impl JobState {
             cgroup,
             report: Report::new(name, mode),
             policy: None,
+            exfil: ExfilDetector::new(Thresholds::default()),
             names: HashMap::new(),
         }
     }
@@ -356,6 +361,12 @@ impl Agent {
         let Some(q) = msg.question.as_ref() else {
             return;
         };
+        // Every name the job looks up reaches here once or twice (the query copy of a name
+        // the policy does not allow, and any answer): the detector counts a lookup once.
+        let ts = boottime_to_system(ev.hdr.ts_ns);
+        let findings: Vec<Event> = (job.exfil.observe(&q.name).iter())
+            .map(|f| Event::Finding(FindingEvent::new(f, ts, &job.name, job.step.as_deref())))
+            .collect();
         if ev.flags & abi::DNS_QUERY != 0 {
             // A query for a name the policy does not allow: refused in the kernel (block
             // mode) or let through and reported (audit mode). Either way it is a finding.
@@ -379,6 +390,7 @@ impl Agent {
                 reason: Reason::DnsQuery,
             };
             self.emit(job_id, Event::Flow(flow));
+            findings.into_iter().for_each(|f| self.emit(job_id, f));
             return;
         }
         let addrs = msg.addresses();
@@ -418,6 +430,7 @@ impl Agent {
             );
         }
         self.emit(job_id, Event::Dns(dns_ev));
+        findings.into_iter().for_each(|f| self.emit(job_id, f));
     }
 
     /// The next expiry deadline, CLOCK_BOOTTIME ns.

@@ -277,11 +277,54 @@ impl DnsEvent {
     }
 }
 
+/// A DNS exfiltration signal crossing its threshold for one domain in a job (see
+/// [`crate::exfil`]): written once per (signal, domain), when first crossed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "finding")]
+pub struct FindingEvent {
+    #[serde(with = "ts_serde")]
+    pub ts: SystemTime,
+    pub job: String,
+    pub step: Option<String>,
+    pub signal: crate::exfil::Signal,
+    /// The last two labels of the names.
+    pub domain: String,
+    pub value: f64,
+    pub threshold: f64,
+    /// The name that crossed the threshold.
+    pub example: String,
+}
+
+// The detector never produces NaN, and one read back from a file cannot be NaN either:
+// JSON has no NaN.
+impl Eq for FindingEvent {}
+
+impl FindingEvent {
+    pub fn new(
+        f: &crate::exfil::Finding,
+        ts: SystemTime,
+        job: &str,
+        step: Option<&str>,
+    ) -> FindingEvent {
+        FindingEvent {
+            ts,
+            job: job.to_owned(),
+            step: step.map(str::to_owned),
+            signal: f.signal,
+            domain: f.domain.clone(),
+            value: f.value,
+            threshold: f.threshold,
+            example: f.example.clone(),
+        }
+    }
+}
+
 /// One line of the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Flow(FlowEvent),
     Dns(DnsEvent),
+    Finding(FindingEvent),
 }
 
 impl Event {
@@ -289,6 +332,7 @@ impl Event {
         match self {
             Self::Flow(f) => &f.job,
             Self::Dns(d) => &d.job,
+            Self::Finding(f) => &f.job,
         }
     }
 
@@ -296,6 +340,7 @@ impl Event {
         match self {
             Self::Flow(f) => f.ts,
             Self::Dns(d) => d.ts,
+            Self::Finding(f) => f.ts,
         }
     }
 }
@@ -305,6 +350,7 @@ impl Serialize for Event {
         match self {
             Self::Flow(f) => f.serialize(s),
             Self::Dns(d) => d.serialize(s),
+            Self::Finding(f) => f.serialize(s),
         }
     }
 }
@@ -325,6 +371,9 @@ impl<'de> Deserialize<'de> for Event {
                 .map_err(de::Error::custom),
             "dns" => DnsEvent::deserialize(v)
                 .map(Self::Dns)
+                .map_err(de::Error::custom),
+            "finding" => FindingEvent::deserialize(v)
+                .map(Self::Finding)
                 .map_err(de::Error::custom),
             other => Err(de::Error::custom(format!("unknown event type {other:?}"))),
         }
@@ -576,6 +625,41 @@ mod tests {
         );
     }
 
+    fn finding() -> FindingEvent {
+        FindingEvent {
+            ts: t0(),
+            job: "build-42".into(),
+            step: Some("npm install".into()),
+            signal: crate::exfil::Signal::ManyNames,
+            domain: "leak.test".into(),
+            value: 51.0,
+            threshold: 50.0,
+            example: "0a1b2c.leak.test".into(),
+        }
+    }
+
+    #[test]
+    fn finding_line() {
+        let l = line(&Event::Finding(finding()));
+        assert_eq!(
+            l,
+            concat!(
+                r#"{"type":"finding","ts":"2026-11-25T21:04:05.123456Z","job":"build-42","#,
+                r#""step":"npm install","signal":"many-names","domain":"leak.test","#,
+                r#""value":51.0,"threshold":50.0,"example":"0a1b2c.leak.test"}"#,
+                "\n"
+            )
+        );
+        let mut back = finding();
+        back.ts = micros(back.ts);
+        assert_eq!(
+            read_events(l.as_bytes()).unwrap(),
+            vec![Event::Finding(back)]
+        );
+        let bad = l.replace("many-names", "many-domains");
+        assert!(read_events(bad.as_bytes()).is_err());
+    }
+
     #[test]
     fn every_enum_value_serialises_as_documented() {
         let names = |v: Vec<serde_json::Value>| -> Vec<String> {
@@ -663,6 +747,7 @@ mod tests {
         let events = vec![
             Event::Flow(flow()),
             Event::Dns(dns_event()),
+            Event::Finding(finding()),
             Event::Flow(other),
         ];
         {
@@ -685,6 +770,10 @@ mod tests {
                     d.ts = micros(d.ts);
                     Event::Dns(d)
                 }
+                Event::Finding(mut f) => {
+                    f.ts = micros(f.ts);
+                    Event::Finding(f)
+                }
             })
             .collect();
         assert_eq!(back, expected);
@@ -695,7 +784,7 @@ mod tests {
             w.write(&Event::Dns(dns_event())).unwrap();
         }
         let back = read_events(io::BufReader::new(File::open(&path).unwrap())).unwrap();
-        assert_eq!(back.len(), 4);
+        assert_eq!(back.len(), 5);
     }
 
     #[test]

@@ -212,6 +212,7 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     );
     state.step = Some(step);
     state.policy = Some(policy.clone());
+    state.exfil = crate::exfil::ExfilDetector::new(policy.dns_exfil);
     agent.jobs.insert(JOB_ID, state);
 
     let procs = cgroup.procs_file()?;
@@ -242,7 +243,9 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     let counters = dp.counters().unwrap_or([0; abi::COUNTERS]);
     dp.detach_all();
 
-    let job = agent.jobs.get(&JOB_ID).expect("the job was registered");
+    let job = agent.jobs.get_mut(&JOB_ID).expect("the job was registered");
+    // The events carry each finding as first crossed; the report shows the final counts.
+    job.report.set_findings(job.exfil.findings());
     let mut text = job.report.render(args.format);
     let c = |k: abi::rf_counter| counters[k.0 as usize];
     let warnings = [

@@ -15,6 +15,7 @@ pub mod demo;
 pub mod dns;
 pub mod events;
 pub mod exec;
+pub mod exfil;
 pub mod logging;
 pub mod netif;
 pub mod policy;

@@ -14,6 +14,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::events::{format_ts, Event, FlowEvent, Proto, Reason, Verdict};
+use crate::exfil::{Finding, Signal};
 
 /// How a report is rendered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -72,6 +73,8 @@ pub struct Report {
     mode: String,
     rows: HashMap<RowKey, Row>,
     dns: BTreeMap<String, DnsRow>,
+    /// DNS exfiltration findings by (domain, signal).
+    findings: BTreeMap<(String, Signal), Finding>,
     flows: usize,
     allowed: usize,
     blocked: usize,
@@ -86,6 +89,7 @@ impl Report {
             mode: mode.to_owned(),
             rows: HashMap::new(),
             dns: BTreeMap::new(),
+            findings: BTreeMap::new(),
             flows: 0,
             allowed: 0,
             blocked: 0,
@@ -102,6 +106,20 @@ impl Report {
         }
         match ev {
             Event::Flow(f) => self.add_flow(f),
+            // A finding event is written when first crossed; a later one for the same key
+            // (another run's file) does not replace it.
+            Event::Finding(f) => {
+                self.findings
+                    .entry((f.domain.clone(), f.signal))
+                    .or_insert_with(|| Finding {
+                        signal: f.signal,
+                        domain: f.domain.clone(),
+                        value: f.value,
+                        threshold: f.threshold,
+                        count: 1,
+                        example: f.example.clone(),
+                    });
+            }
             Event::Dns(d) => {
                 self.dns_answers += 1;
                 let row = self.dns.entry(d.name.clone()).or_default();
@@ -147,6 +165,37 @@ impl Report {
             };
         }
         row.count += 1;
+    }
+
+    /// Replaces the findings with the detector's current ones, whose values and counts kept
+    /// growing after the events were written.
+    pub fn set_findings(&mut self, findings: Vec<Finding>) {
+        self.findings = findings
+            .into_iter()
+            .map(|f| ((f.domain.clone(), f.signal), f))
+            .collect();
+    }
+
+    /// The DNS exfiltration findings, by domain then signal.
+    pub fn findings(&self) -> impl Iterator<Item = &Finding> {
+        self.findings.values()
+    }
+
+    /// The findings' table cells, unescaped.
+    fn finding_cells(&self) -> Vec<[String; 6]> {
+        self.findings
+            .values()
+            .map(|f| {
+                [
+                    f.domain.clone(),
+                    f.signal.to_string(),
+                    number(f.value),
+                    number(f.threshold),
+                    f.count.to_string(),
+                    f.example.clone(),
+                ]
+            })
+            .collect()
     }
 
     /// Flow events the kernel blocked.
@@ -273,6 +322,29 @@ impl Report {
                 out.push('\n');
             }
         }
+        let findings = self.finding_cells();
+        if !findings.is_empty() {
+            out.push_str("\nFindings (DNS exfiltration signals: value above threshold)\n");
+            let mut table = vec![FINDING_HEADERS.map(str::to_owned)];
+            table.extend(findings.into_iter().map(|row| row.map(|c| text_clean(&c))));
+            let mut widths = [0; 6];
+            for row in &table {
+                for (w, c) in widths.iter_mut().zip(row) {
+                    *w = (*w).max(c.chars().count());
+                }
+            }
+            for row in &table {
+                out.push_str("  ");
+                for (i, (c, w)) in row.iter().zip(widths).enumerate() {
+                    if i + 1 < row.len() {
+                        let _ = write!(out, "{c:<w$}  ");
+                    } else {
+                        out.push_str(c);
+                    }
+                }
+                out.push('\n');
+            }
+        }
         if !self.dns.is_empty() {
             out.push_str("\nDNS\n");
             for (name, row) in &self.dns {
@@ -298,6 +370,19 @@ impl Report {
             );
             out.push_str("|---|---|---|---|---|---|---:|---|\n");
             for row in cells {
+                out.push('|');
+                for c in row {
+                    let _ = write!(out, " {} |", md_escape(&c));
+                }
+                out.push('\n');
+            }
+        }
+        let findings = self.finding_cells();
+        if !findings.is_empty() {
+            out.push_str("\nFindings (DNS exfiltration signals: value above threshold):\n\n");
+            out.push_str("| Domain | Signal | Value | Threshold | Count | Example |\n");
+            out.push_str("|---|---|---:|---:|---:|---|\n");
+            for row in findings {
                 out.push('|');
                 for c in row {
                     let _ = write!(out, " {} |", md_escape(&c));
@@ -345,11 +430,23 @@ impl Report {
             rcodes: &'a BTreeSet<String>,
         }
         #[derive(Serialize)]
+        struct JsonFinding<'a> {
+            domain: &'a str,
+            signal: Signal,
+            value: f64,
+            threshold: f64,
+            count: u64,
+            example: &'a str,
+        }
+        #[derive(Serialize)]
         struct JsonReport<'a> {
             job: &'a str,
             mode: &'a str,
             totals: Totals,
             rows: Vec<JsonRow<'a>>,
+            // Absent rather than empty, so reports of jobs without findings keep their shape.
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            findings: Vec<JsonFinding<'a>>,
             dns: Vec<JsonDns<'a>>,
         }
         let report = JsonReport {
@@ -376,6 +473,18 @@ impl Report {
                     first_pid: r.first_pid,
                     first_comm: &r.first_comm,
                     first_ts: format_ts(r.first_ts),
+                })
+                .collect(),
+            findings: self
+                .findings
+                .values()
+                .map(|f| JsonFinding {
+                    domain: &f.domain,
+                    signal: f.signal,
+                    value: f.value,
+                    threshold: f.threshold,
+                    count: f.count,
+                    example: &f.example,
                 })
                 .collect(),
             dns: self
@@ -407,6 +516,17 @@ const HEADERS: [&str; 8] = [
     "COUNT",
     "FIRST PROCESS",
 ];
+
+const FINDING_HEADERS: [&str; 6] = ["DOMAIN", "SIGNAL", "VALUE", "THRESHOLD", "COUNT", "EXAMPLE"];
+
+/// Whole numbers without decimals (label lengths, name counts), others with two (entropy).
+fn number(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}
 
 /// A process picks its own `comm`, and job and step names come from CI configuration:
 /// control characters in them must not reach a terminal as escape sequences.
@@ -677,6 +797,146 @@ DNS:
 }
 "#;
         assert_eq!(sample().render(Format::Json), expected);
+    }
+
+    fn finding(signal: Signal, domain: &str, value: f64, threshold: f64, example: &str) -> Event {
+        Event::Finding(crate::events::FindingEvent {
+            ts: at(4),
+            job: "build-42".into(),
+            step: Some("npm install".into()),
+            signal,
+            domain: domain.into(),
+            value,
+            threshold,
+            example: example.into(),
+        })
+    }
+
+    /// The sample job, plus a leak through DNS: the events as first crossed, then the
+    /// detector's final counts laid over them.
+    fn with_findings() -> Report {
+        let mut r = sample();
+        let hex = "3f9a0c1be27d4c5e8a9b0c1d2e3f4a5b";
+        for e in [
+            finding(
+                Signal::ManyNames,
+                "leak.test",
+                51.0,
+                50.0,
+                &format!("{hex}.leak.test"),
+            ),
+            finding(
+                Signal::HighEntropy,
+                "attacker.test",
+                4.21,
+                4.0,
+                "mzxw6ytboi3tmnrtgq2dkmrqgaydamb.attacker.test",
+            ),
+            finding(
+                Signal::LongLabel,
+                "leak.test",
+                56.0,
+                50.0,
+                &format!("{hex}0123456789abcdef01234567.leak.test"),
+            ),
+        ] {
+            r.add(&e);
+        }
+        let mut current: Vec<Finding> = r.findings().cloned().collect();
+        for f in &mut current {
+            if f.signal == Signal::ManyNames {
+                f.count = 60;
+            }
+        }
+        r.set_findings(current);
+        r
+    }
+
+    #[test]
+    fn findings_text_golden() {
+        let text = with_findings().render(Format::Text);
+        let expected = "\
+github.com     140.82.112.3   443   tcp    allowed  allowed      2      curl[200]
+
+Findings (DNS exfiltration signals: value above threshold)
+  DOMAIN         SIGNAL        VALUE  THRESHOLD  COUNT  EXAMPLE
+  attacker.test  high-entropy  4.21   4          1      mzxw6ytboi3tmnrtgq2dkmrqgaydamb.attacker.test
+  leak.test      long-label    56     50         1      3f9a0c1be27d4c5e8a9b0c1d2e3f4a5b0123456789abcdef01234567.leak.test
+  leak.test      many-names    51     50         60     3f9a0c1be27d4c5e8a9b0c1d2e3f4a5b.leak.test
+
+DNS
+";
+        assert!(text.contains(expected), "{text}");
+        // Without findings, nothing changes (the other goldens).
+        assert!(!sample().render(Format::Text).contains("Findings"));
+    }
+
+    #[test]
+    fn findings_markdown_golden() {
+        let md = with_findings().render(Format::Markdown);
+        let expected = "\
+| github.com | 140.82.112.3 | 443 | tcp | allowed | allowed | 2 | curl\\[200\\] |
+
+Findings (DNS exfiltration signals: value above threshold):
+
+| Domain | Signal | Value | Threshold | Count | Example |
+|---|---|---:|---:|---:|---|
+| attacker.test | high-entropy | 4.21 | 4 | 1 | mzxw6ytboi3tmnrtgq2dkmrqgaydamb.attacker.test |
+| leak.test | long-label | 56 | 50 | 1 | 3f9a0c1be27d4c5e8a9b0c1d2e3f4a5b0123456789abcdef01234567.leak.test |
+| leak.test | many-names | 51 | 50 | 60 | 3f9a0c1be27d4c5e8a9b0c1d2e3f4a5b.leak.test |
+
+DNS:
+";
+        assert!(md.contains(expected), "{md}");
+    }
+
+    #[test]
+    fn findings_json_golden() {
+        let json = with_findings().render(Format::Json);
+        let expected = r#"  ],
+  "findings": [
+    {
+      "domain": "attacker.test",
+      "signal": "high-entropy",
+      "value": 4.21,
+      "threshold": 4.0,
+      "count": 1,
+      "example": "mzxw6ytboi3tmnrtgq2dkmrqgaydamb.attacker.test"
+    },
+    {
+      "domain": "leak.test",
+      "signal": "long-label",
+      "value": 56.0,
+      "threshold": 50.0,
+      "count": 1,
+      "example": "3f9a0c1be27d4c5e8a9b0c1d2e3f4a5b0123456789abcdef01234567.leak.test"
+    },
+    {
+      "domain": "leak.test",
+      "signal": "many-names",
+      "value": 51.0,
+      "threshold": 50.0,
+      "count": 60,
+      "example": "3f9a0c1be27d4c5e8a9b0c1d2e3f4a5b.leak.test"
+    }
+  ],
+  "dns": [
+"#;
+        assert!(json.contains(expected), "{json}");
+        assert!(!sample().render(Format::Json).contains("findings"));
+    }
+
+    #[test]
+    fn finding_events_of_other_jobs_are_ignored() {
+        let mut r = Report::new("other-job", "audit");
+        r.add(&finding(
+            Signal::LongLabel,
+            "leak.test",
+            60.0,
+            50.0,
+            "x.leak.test",
+        ));
+        assert_eq!(r.findings().count(), 0);
     }
 
     #[test]

@@ -18,6 +18,10 @@ struct RawPolicy {
     dns_policy: Option<Spanned<String>>,
     dns_min_ttl: Option<Spanned<i64>>,
     dns_grace: Option<Spanned<i64>>,
+    dns_exfil_max_label: Option<Spanned<i64>>,
+    dns_exfil_entropy: Option<Spanned<f64>>,
+    dns_exfil_entropy_min_length: Option<Spanned<i64>>,
+    dns_exfil_max_names: Option<Spanned<i64>>,
 }
 
 /// The same keys with any value: a first pass that finds each key's span, so that a type
@@ -32,6 +36,10 @@ struct KeySpans {
     dns_policy: Option<Spanned<toml::Value>>,
     dns_min_ttl: Option<Spanned<toml::Value>>,
     dns_grace: Option<Spanned<toml::Value>>,
+    dns_exfil_max_label: Option<Spanned<toml::Value>>,
+    dns_exfil_entropy: Option<Spanned<toml::Value>>,
+    dns_exfil_entropy_min_length: Option<Spanned<toml::Value>>,
+    dns_exfil_max_names: Option<Spanned<toml::Value>>,
 }
 
 impl KeySpans {
@@ -44,6 +52,13 @@ impl KeySpans {
             ("dns-policy", &self.dns_policy),
             ("dns-min-ttl", &self.dns_min_ttl),
             ("dns-grace", &self.dns_grace),
+            ("dns-exfil-max-label", &self.dns_exfil_max_label),
+            ("dns-exfil-entropy", &self.dns_exfil_entropy),
+            (
+                "dns-exfil-entropy-min-length",
+                &self.dns_exfil_entropy_min_length,
+            ),
+            ("dns-exfil-max-names", &self.dns_exfil_max_names),
         ]
         .into_iter()
         .find(|(_, v)| v.as_ref().is_some_and(|v| v.span().contains(&offset)))
@@ -119,6 +134,48 @@ pub(super) fn parse_toml(text: &str, source: &str) -> Result<PolicyBuilder, Poli
                 ),
             )
         })?);
+    }
+    let int = |key: &str, v: Option<Spanned<i64>>, max: u32| match v {
+        None => Ok(None),
+        Some(v) => u32::try_from(*v.get_ref())
+            .ok()
+            .filter(|n| (1..=max).contains(n))
+            .map(Some)
+            .ok_or_else(|| {
+                at_span(
+                    v.span(),
+                    format!("bad {key} {}: expected 1 to {max}", v.get_ref()),
+                )
+            }),
+    };
+    builder.dns_exfil_max_label = int(
+        "dns-exfil-max-label",
+        raw.dns_exfil_max_label,
+        crate::exfil::MAX_LABEL_LIMIT,
+    )?;
+    builder.dns_exfil_entropy_min_length = int(
+        "dns-exfil-entropy-min-length",
+        raw.dns_exfil_entropy_min_length,
+        crate::exfil::MAX_LABEL_LIMIT,
+    )?;
+    builder.dns_exfil_max_names = int(
+        "dns-exfil-max-names",
+        raw.dns_exfil_max_names,
+        crate::exfil::MAX_NAMES_LIMIT,
+    )?;
+    if let Some(v) = raw.dns_exfil_entropy {
+        let h = *v.get_ref();
+        // NaN fails the range test too.
+        if !(h > 0.0 && h <= crate::exfil::ENTROPY_LIMIT) {
+            return Err(at_span(
+                v.span(),
+                format!(
+                    "bad dns-exfil-entropy {h}: expected bits per character above 0 and at most {}",
+                    crate::exfil::ENTROPY_LIMIT
+                ),
+            ));
+        }
+        builder.dns_exfil_entropy = Some(h);
     }
     if let Some(resolvers) = raw.dns_resolvers {
         let parsed = resolvers

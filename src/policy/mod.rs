@@ -19,6 +19,10 @@
 //! dns-policy = "allowed-only"    # block mode: queries for unlisted names get REFUSED; "any" to send them
 //! dns-min-ttl = 0                # seconds a learned address lives at least (0..86400)
 //! dns-grace = 30                 # seconds added to every learned address's TTL (0..86400)
+//! dns-exfil-max-label = 50       # a label longer than this is a finding (1-63)
+//! dns-exfil-entropy = 4.0        # bits/char above which a run is a finding (0-8]
+//! dns-exfil-entropy-min-length = 20 # runs shorter than this are not measured (1-63)
+//! dns-exfil-max-names = 50       # distinct names per domain within a job (1-10000)
 //! "#;
 //! let policy = Policy::from_toml_str(text, "policy.toml").unwrap();
 //! assert_eq!(policy.mode, Mode::Block);
@@ -35,6 +39,15 @@
 //!     r#"policy.toml:2:1: bad port "44x" in endpoint "github.com:44x": ports are 1-65535 or *"#
 //! );
 //! ```
+//!
+//! The `dns-exfil-*` keys are the thresholds of the DNS exfiltration signals (see
+//! [`crate::exfil`]); the values above are the defaults. They never block anything: in
+//! either mode, a job's query names that cross them are reported as findings (`long-label`:
+//! a label longer than `dns-exfil-max-label`; `high-entropy`: a hyphen-free run of at least
+//! `dns-exfil-entropy-min-length` characters measuring more than `dns-exfil-entropy` bits
+//! per character; `many-names`: more than `dns-exfil-max-names` distinct names under one
+//! domain, taken as the last two labels). A value out of range is rejected with its line
+//! and column like any other key.
 //!
 //! Endpoints: `host` (port 443), `host:PORT`, `host:*`. Hosts: an exact name; `*.example.com`
 //! (every name strictly below example.com, at any depth); `ab*cd.example.com` (one `*` in the
@@ -266,6 +279,8 @@ pub struct Policy {
     /// `dns-grace` (seconds): added to every learned address's TTL, since clients reuse
     /// answers a little past it.
     pub dns_grace: std::time::Duration,
+    /// The `dns-exfil-*` thresholds.
+    pub dns_exfil: crate::exfil::Thresholds,
 }
 
 /// Defaults of `dns-min-ttl` and `dns-grace`.
@@ -293,6 +308,7 @@ impl Default for Policy {
             dns_filter: true,
             dns_min_ttl: DEFAULT_DNS_MIN_TTL,
             dns_grace: DEFAULT_DNS_GRACE,
+            dns_exfil: crate::exfil::Thresholds::default(),
         }
     }
 }
@@ -379,7 +395,7 @@ impl Policy {
 
 /// A policy under construction: each setting is `None` until a source gives it, so later
 /// sources (command-line flags) override earlier ones (the file); endpoints accumulate.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct PolicyBuilder {
     pub mode: Option<Mode>,
     pub direct_ip: Option<Mode>,
@@ -388,7 +404,14 @@ pub struct PolicyBuilder {
     pub dns_filter: Option<bool>,
     pub dns_min_ttl: Option<std::time::Duration>,
     pub dns_grace: Option<std::time::Duration>,
+    pub dns_exfil_max_label: Option<u32>,
+    pub dns_exfil_entropy: Option<f64>,
+    pub dns_exfil_entropy_min_length: Option<u32>,
+    pub dns_exfil_max_names: Option<u32>,
 }
+
+// `dns_exfil_entropy` is never NaN: the parser accepts only values in (0, 8].
+impl Eq for PolicyBuilder {}
 
 impl PolicyBuilder {
     pub fn new() -> PolicyBuilder {
@@ -424,6 +447,12 @@ impl PolicyBuilder {
         self.dns_filter = later.dns_filter.or(self.dns_filter);
         self.dns_min_ttl = later.dns_min_ttl.or(self.dns_min_ttl);
         self.dns_grace = later.dns_grace.or(self.dns_grace);
+        self.dns_exfil_max_label = later.dns_exfil_max_label.or(self.dns_exfil_max_label);
+        self.dns_exfil_entropy = later.dns_exfil_entropy.or(self.dns_exfil_entropy);
+        self.dns_exfil_entropy_min_length = later
+            .dns_exfil_entropy_min_length
+            .or(self.dns_exfil_entropy_min_length);
+        self.dns_exfil_max_names = later.dns_exfil_max_names.or(self.dns_exfil_max_names);
         self.endpoints.extend(later.endpoints);
         self
     }
@@ -448,6 +477,17 @@ impl PolicyBuilder {
             dns_filter: self.dns_filter.unwrap_or(true),
             dns_min_ttl: self.dns_min_ttl.unwrap_or(DEFAULT_DNS_MIN_TTL),
             dns_grace: self.dns_grace.unwrap_or(DEFAULT_DNS_GRACE),
+            dns_exfil: {
+                let d = crate::exfil::Thresholds::default();
+                crate::exfil::Thresholds {
+                    max_label: self.dns_exfil_max_label.unwrap_or(d.max_label),
+                    entropy: self.dns_exfil_entropy.unwrap_or(d.entropy),
+                    entropy_min_length: self
+                        .dns_exfil_entropy_min_length
+                        .unwrap_or(d.entropy_min_length),
+                    max_names: self.dns_exfil_max_names.unwrap_or(d.max_names),
+                }
+            },
         })
     }
 }

@@ -483,3 +483,77 @@ fn dns_lifetimes_and_policy_parse_and_are_checked() {
     assert_eq!(e.line, 1, "{e}");
     assert!(e.to_string().contains("allowed-only"), "{e}");
 }
+
+#[test]
+fn dns_exfil_thresholds() {
+    let d = crate::exfil::Thresholds::default();
+    assert_eq!(parse("").unwrap().dns_exfil, d);
+    let p = parse(
+        "dns-exfil-max-label = 40\n\
+         dns-exfil-entropy = 4\n\
+         dns-exfil-entropy-min-length = 16\n\
+         dns-exfil-max-names = 200\n",
+    )
+    .unwrap();
+    assert_eq!(
+        p.dns_exfil,
+        crate::exfil::Thresholds {
+            max_label: 40,
+            entropy: 4.0,
+            entropy_min_length: 16,
+            max_names: 200,
+        }
+    );
+    // A later source overrides single keys and keeps the rest.
+    let mut b = PolicyBuilder::from_toml_str("dns-exfil-max-names = 7", "a.toml").unwrap();
+    b.merge(PolicyBuilder::from_toml_str("dns-exfil-entropy = 3.5", "b.toml").unwrap());
+    let p = b
+        .build_with_resolv_conf(Path::new("/nonexistent/resolv.conf"))
+        .unwrap();
+    assert_eq!((p.dns_exfil.max_names, p.dns_exfil.entropy), (7, 3.5));
+    assert_eq!(p.dns_exfil.max_label, d.max_label);
+}
+
+#[test]
+fn dns_exfil_bad_values_point_at_them() {
+    let cases: &[(&str, &str)] = &[
+        (
+            "mode = \"audit\"\ndns-exfil-max-label = 64\n",
+            "policy.toml:2:23: bad dns-exfil-max-label 64: expected 1 to 63",
+        ),
+        (
+            "dns-exfil-max-label = 0",
+            "policy.toml:1:23: bad dns-exfil-max-label 0: expected 1 to 63",
+        ),
+        (
+            "dns-exfil-max-names = -5",
+            "policy.toml:1:23: bad dns-exfil-max-names -5: expected 1 to 10000",
+        ),
+        (
+            "dns-exfil-entropy-min-length = 100",
+            "policy.toml:1:32: bad dns-exfil-entropy-min-length 100: expected 1 to 63",
+        ),
+        (
+            "dns-exfil-entropy = 9.5",
+            "policy.toml:1:21: bad dns-exfil-entropy 9.5: expected bits per character \
+             above 0 and at most 8",
+        ),
+        (
+            "dns-exfil-entropy = nan",
+            "policy.toml:1:21: bad dns-exfil-entropy NaN: expected bits per character \
+             above 0 and at most 8",
+        ),
+        (
+            "dns-exfil-entropy = 0",
+            "policy.toml:1:21: bad dns-exfil-entropy 0: expected bits per character \
+             above 0 and at most 8",
+        ),
+    ];
+    for (text, expected) in cases {
+        assert_eq!(err(text).to_string(), *expected, "{text:?}");
+    }
+    // Wrong types name the key, like the other keys' type errors.
+    let e = err("\n dns-exfil-max-names = \"50\"");
+    assert_eq!((e.line, e.column), (2, 24), "{e}");
+    assert!(e.message.starts_with("dns-exfil-max-names: "), "{e}");
+}
