@@ -225,21 +225,30 @@ def run_one(tb, flt, test, quick, rfbench, ringfence):
             j = json.loads(line)
             value, secs = j["conns_per_s"], j["seconds"]
         else:
-            j = json.loads(Path(tmp.name).read_text())
+            text = Path(tmp.name).read_text()
+            if not text.strip():
+                raise RuntimeError(f"{flt.name}/{test}: iperf3 wrote nothing: {r.stderr.strip()[-400:]}")
+            j = json.loads(text)
             if "error" in j:
                 raise RuntimeError(f"{flt.name}/{test}: iperf3: {j['error']}")
             end = j["end"]
             if test == "udp64":
+                # Packets/s the sender got out (the filter sits on the sender's path);
+                # what arrived is kept beside it (the receiver drops some on a busy box).
                 s = end["sum"]
-                value = (s["packets"] - s["lost_packets"]) / max(s["seconds"], 1e-9)
+                value = s["packets"] / max(s["seconds"], 1e-9)
                 secs = s["seconds"]
+                received = (s["packets"] - s["lost_packets"]) / max(s["seconds"], 1e-9)
             else:
                 value = end["sum_received"]["bits_per_second"]
                 secs = end["sum_received"]["seconds"]
         if value <= 0:
             raise RuntimeError(f"{flt.name}/{test}: nothing got through")
         # pps over the command's wall time (a slight underestimate: it includes startup).
-        return {"value": value, "pps": tx / max(min(el, secs + 1.0), 1e-9), "tx": tx}
+        out = {"value": value, "pps": tx / max(min(el, secs + 1.0), 1e-9), "tx": tx}
+        if test == "udp64":
+            out["received_pps"] = received
+        return out
     finally:
         os.unlink(tmp.name)
 
@@ -278,7 +287,7 @@ def veth(args, rfbench, ringfence, dp):
                     try:
                         f.apply(tb)
                         this[f.name] = run_one(tb, f, test, args.quick, rfbench, ringfence)
-                    except (RuntimeError, subprocess.SubprocessError) as e:
+                    except (RuntimeError, ValueError, KeyError, subprocess.SubprocessError) as e:
                         # A configuration that does not run is a functional failure: say
                         # so, skip it from now on, keep measuring the others.
                         broken[f.name] = str(e)
@@ -566,6 +575,9 @@ def main():
         except Exception as e:  # one broken part must not hide the others' numbers
             failures.append(f"{name}: {e}")
             log(f"!! {name} failed: {e}")
+            if os.environ.get("RFBENCH_DEBUG"):
+                import traceback
+                traceback.print_exc()
 
     part("dataplane", lambda: run_rfbench(args.rfbench, "dataplane", outdir / "dataplane.json", args.quick))
     part("pipeline", lambda: run_rfbench(args.rfbench, "pipeline", outdir / "pipeline.json", args.quick))
