@@ -31,6 +31,9 @@ const volatile __u8 emit_events = 1;
 /* Benchmarks of the new-flow path set this: every packet is judged as if it opened a flow
  * (BPF_PROG_TEST_RUN repeats one frame, which would otherwise hit the flow cache). */
 const volatile __u8 always_judge = 0;
+/* bpf_get_current_pid_tgid/comm are callable from TC programs only on newer kernels; the
+ * agent probes and sets this, and the verifier skips the calls it can prove are dead. */
+const volatile __u8 have_task_helpers = 0;
 
 struct rf_scratch {
 	/* ev and buf are contiguous: one bpf_ringbuf_output() sends the header and the copy. */

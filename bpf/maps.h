@@ -36,6 +36,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* ~1 KiB values: allocate what policies use */
 	__type(key, struct rf_name_key);
 	__type(value, struct rf_name_val);
 } names SEC(".maps");

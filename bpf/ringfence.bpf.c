@@ -141,9 +141,14 @@ static __always_inline void emit_flow(const struct rf_job *job, __u64 cgid, stru
 	/* The first packet of a flow is sent from the process that opened it (connect(),
 	 * sendmsg()); a retransmit from a timer has no process, which the agent tells by
 	 * checking the pid against the job's cgroup. */
-	e->pid = bpf_get_current_pid_tgid() >> 32;
 	e->_pad = 0;
-	bpf_get_current_comm(e->comm, sizeof(e->comm));
+	if (have_task_helpers) {
+		e->pid = bpf_get_current_pid_tgid() >> 32;
+		bpf_get_current_comm(e->comm, sizeof(e->comm));
+	} else {
+		e->pid = 0;
+		__builtin_memset(e->comm, 0, sizeof(e->comm));
+	}
 	__builtin_memcpy(e->saddr, p->saddr, 16);
 	__builtin_memcpy(e->daddr, p->daddr, 16);
 	e->sport = p->sport;

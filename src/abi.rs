@@ -38,7 +38,7 @@ const _: () = {
     assert!(std::mem::size_of::<rf_query_key>() == 20);
     assert!(std::mem::size_of::<rf_flow_key>() == 28);
     assert!(std::mem::size_of::<rf_event_hdr>() == 16);
-    assert!(std::mem::size_of::<rf_flow_event>() == 96);
+    assert!(std::mem::size_of::<rf_flow_event>() == 88);
     assert!(std::mem::size_of::<rf_dns_event>() == 40);
 };
 

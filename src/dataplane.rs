@@ -149,6 +149,17 @@ pub fn preflight() -> Result<KernelInfo> {
     Ok(k)
 }
 
+/// Can TC programs call bpf_get_current_pid_tgid and bpf_get_current_comm here? (Newer
+/// kernels allow it; where they do not, flows carry no pid and the agent says so.)
+fn task_helpers_in_tc() -> bool {
+    use libbpf_rs::libbpf_sys as sys;
+    let probe = |helper| {
+        // SAFETY: a read-only feature probe; NULL opts are allowed.
+        unsafe { sys::libbpf_probe_bpf_helper(sys::BPF_PROG_TYPE_SCHED_CLS, helper, std::ptr::null()) == 1 }
+    };
+    probe(sys::BPF_FUNC_get_current_pid_tgid) && probe(sys::BPF_FUNC_get_current_comm)
+}
+
 enum Attachment {
     /// A TCX link: detached when the link is dropped (or the process dies).
     Tcx(#[allow(dead_code)] Link),
@@ -219,6 +230,7 @@ impl Dataplane {
             ro.dns_grace_ns = opts.dns_grace.as_nanos() as u64;
             ro.emit_events = u8::from(opts.emit_events);
             ro.always_judge = u8::from(opts.always_judge);
+            ro.have_task_helpers = u8::from(task_helpers_in_tc());
         }
         open.maps
             .allow

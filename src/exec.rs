@@ -16,7 +16,7 @@ use crate::abi;
 use crate::agent::{self, Agent, JobState};
 use crate::cgroup::JobCgroup;
 use crate::dataplane::{self, AttachMode, Dataplane};
-use crate::policy::{Mode, Policy, PolicyError};
+use crate::policy::{Mode, Policy, PolicyBuilder, PolicyError};
 use crate::report::Format;
 
 /// Everything `exec` takes from the command line.
@@ -89,29 +89,25 @@ pub enum UsageError {
     Other(String),
 }
 
-/// Builds the job's policy: the file, then the command line on top.
+/// Builds the job's policy: the file, then the command line on top of it.
 pub fn build_policy(args: &ExecArgs) -> std::result::Result<Policy, UsageError> {
-    let mut policy = match &args.policy {
-        Some(p) => Policy::from_file(p)?,
-        None => Policy::default(),
+    let mut b = match &args.policy {
+        Some(p) => PolicyBuilder::from_file(p)?,
+        None => PolicyBuilder::new(),
     };
     if let Some(m) = args.mode {
-        policy.mode = m.into();
+        b.mode = Some(m.into());
     }
     if let Some(m) = args.direct_ip {
-        policy.direct_ip = m.into();
+        b.direct_ip = Some(m.into());
     }
     for a in &args.allow {
-        policy
-            .endpoints
-            .extend(Policy::parse_endpoints(a, "--allow")?);
+        b.allow(a, "--allow")?;
     }
     if !args.dns_resolvers.is_empty() {
-        policy.dns_resolvers = args.dns_resolvers.clone();
+        b.dns_resolvers = Some(args.dns_resolvers.clone());
     }
-    if policy.dns_resolvers.is_empty() {
-        policy.dns_resolvers = crate::policy::system_resolvers();
-    }
+    let policy = b.build()?;
     // Compile now, so a policy that cannot fit the dataplane fails before anything loads.
     policy.compile()?;
     Ok(policy)

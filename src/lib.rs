@@ -14,6 +14,7 @@ pub mod dataplane;
 pub mod exec;
 pub mod logging;
 pub mod netif;
+pub mod policy;
 pub mod probe;
 pub mod testrun;
 

@@ -19,17 +19,12 @@ pub fn run_tc(
     ifindex: u32,
     repeat: u32,
 ) -> Result<(i32, std::time::Duration)> {
-    let mut ctx = __sk_buff {
-        ifindex,
-        ..Default::default()
-    };
-    // SAFETY: __sk_buff is a plain C struct; the kernel reads it as bytes.
-    let ctx_bytes = unsafe {
-        std::slice::from_raw_parts_mut(
-            (&mut ctx as *mut __sk_buff).cast::<u8>(),
-            std::mem::size_of::<__sk_buff>(),
-        )
-    };
+    // Built as bytes, not as a struct value: the kernel refuses a context whose padding
+    // is not zero, and Rust does not promise anything about padding bytes.
+    let mut ctx = [0u8; std::mem::size_of::<__sk_buff>()];
+    let at = std::mem::offset_of!(__sk_buff, ifindex);
+    ctx[at..at + 4].copy_from_slice(&ifindex.to_ne_bytes());
+    let ctx_bytes = &mut ctx[..];
     let mut input = ProgramInput::default();
     input.data_in = Some(frame);
     input.context_in = Some(ctx_bytes);

@@ -1,0 +1,398 @@
+//! Policies: which endpoints a job may reach, parsed from a TOML file or from `--allow`,
+//! and compiled into the tables the dataplane loads.
+//!
+//! The endpoint syntax is harden-runner's `allowed-endpoints`. A policy file:
+//!
+//! ```
+//! # use ringfence::policy::{Mode, Policy};
+//! let text = r#"
+//! mode = "block"                 # "audit" (default) or "block"
+//! allowed-endpoints = """
+//! github.com:443
+//! *.npmjs.org:443
+//! productionresultssa*.blob.core.windows.net:443
+//! 198.51.100.0/24
+//! 2001:db8::/32:443
+//! """
+//! direct-ip = "block"            # "block" (default) or "audit"
+//! dns-resolvers = ["127.0.0.53"] # default: the nameservers in /etc/resolv.conf
+//! "#;
+//! let policy = Policy::from_toml_str(text, "policy.toml").unwrap();
+//! assert_eq!(policy.mode, Mode::Block);
+//! assert!(policy.allows("registry.npmjs.org", 443));
+//! assert!(!policy.allows("npmjs.org", 443)); // "*.x" is strictly below x
+//! assert!(policy.allows("productionresultssa7.blob.core.windows.net", 443));
+//! assert!(policy.allows_addr("198.51.100.9".parse().unwrap(), 443));
+//! assert!(!policy.allows("github.com", 22));
+//!
+//! let err = Policy::from_toml_str("allowed-endpoints = \"\"\"\ngithub.com:44x\n\"\"\"", "policy.toml")
+//!     .unwrap_err();
+//! assert_eq!(
+//!     err.to_string(),
+//!     r#"policy.toml:2:1: bad port "44x" in endpoint "github.com:44x": ports are 1-65535 or *"#
+//! );
+//! ```
+//!
+//! Endpoints: `host` (port 443), `host:PORT`, `host:*`. Hosts: an exact name; `*.example.com`
+//! (every name strictly below example.com, at any depth); `ab*cd.example.com` (one `*` in the
+//! leftmost label, matching any characters of exactly that label); an IPv4 or IPv6 address or
+//! CIDR. IPv6 takes a port only in brackets (`[2001:db8::1]:22`) or after a prefix length
+//! (`2001:db8::/32:22`).
+//!
+//! A [`PolicyBuilder`] keeps what a source said and what it left unsaid, so that command-line
+//! flags can override a file's values before defaults are filled in.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::path::Path;
+use std::str::FromStr;
+
+use ipnet::IpNet;
+
+mod addr;
+mod compile;
+mod endpoint;
+mod file;
+
+pub use addr::{is_loopback, is_metadata, parse_resolv_conf, read_resolv_conf, RESOLV_CONF};
+pub use compile::{
+    name_hash, wire_name, Compiled, GlobEntry, NameEntry, PortSet, MAX_GLOBS, MAX_PORTS,
+};
+pub use endpoint::DEFAULT_PORT;
+
+/// Block or only log what the policy does not allow. Also the `direct-ip` setting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    Audit,
+    Block,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Audit => "audit",
+            Mode::Block => "block",
+        }
+    }
+}
+
+impl fmt::Display for Mode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A mode that is neither "audit" nor "block".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("bad mode {0:?}: expected \"audit\" or \"block\"")]
+pub struct ParseModeError(pub String);
+
+impl FromStr for Mode {
+    type Err = ParseModeError;
+    /// Exactly "audit" or "block", as in the policy file (no case folding there either).
+    fn from_str(s: &str) -> Result<Mode, ParseModeError> {
+        match s {
+            "audit" => Ok(Mode::Audit),
+            "block" => Ok(Mode::Block),
+            _ => Err(ParseModeError(s.to_owned())),
+        }
+    }
+}
+
+/// The destination ports of one endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PortSpec {
+    Any,
+    Port(u16),
+}
+
+impl PortSpec {
+    pub fn matches(self, port: u16) -> bool {
+        match self {
+            PortSpec::Any => true,
+            PortSpec::Port(p) => p == port,
+        }
+    }
+}
+
+/// The host part of an endpoint. Names are lowercased, without a trailing dot.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum HostPattern {
+    /// `github.com`
+    Exact(String),
+    /// `*.npmjs.org`, holding the parent `npmjs.org`: names strictly below it, any depth.
+    Subdomains(String),
+    /// `ab*cd.example.com`: one label starting with `prefix` and ending with `suffix`
+    /// (not overlapping), directly below `parent`.
+    LabelGlob {
+        prefix: String,
+        suffix: String,
+        parent: String,
+    },
+    /// An address (as a /32 or /128) or a network. IPv4-mapped IPv6 is folded into IPv4.
+    Net(IpNet),
+}
+
+impl HostPattern {
+    /// Whether the name `name` (already lowercased, no trailing dot) matches.
+    /// Address patterns match no name.
+    fn matches_name(&self, name: &str) -> bool {
+        match self {
+            HostPattern::Exact(n) => name == n,
+            HostPattern::Subdomains(parent) => {
+                below(name, parent).is_some_and(|labels| !labels.is_empty())
+            }
+            HostPattern::LabelGlob {
+                prefix,
+                suffix,
+                parent,
+            } => below(name, parent).is_some_and(|label| {
+                !label.is_empty()
+                    && !label.contains('.')
+                    && label.len() >= prefix.len() + suffix.len()
+                    && label.starts_with(prefix.as_str())
+                    && label.ends_with(suffix.as_str())
+            }),
+            HostPattern::Net(_) => false,
+        }
+    }
+}
+
+/// The labels of `name` in front of `.parent`, if `name` ends in `.parent`.
+fn below<'a>(name: &'a str, parent: &str) -> Option<&'a str> {
+    name.strip_suffix(parent)?.strip_suffix('.')
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostPattern::Exact(n) => f.write_str(n),
+            HostPattern::Subdomains(p) => write!(f, "*.{p}"),
+            HostPattern::LabelGlob {
+                prefix,
+                suffix,
+                parent,
+            } => write!(f, "{prefix}*{suffix}.{parent}"),
+            HostPattern::Net(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+/// Where something was written: a file path or "--allow", 1-based line and column
+/// (columns count characters).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Location {
+    pub source_name: String,
+    pub line: usize,
+    pub column: usize,
+}
+
+/// One allowed endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub host: HostPattern,
+    pub port: PortSpec,
+    /// The endpoint as written, for messages and reports.
+    pub text: String,
+    /// Where it was written, so that errors found later (compiling) can point at it.
+    pub location: Location,
+}
+
+impl Endpoint {
+    fn error(&self, message: String) -> PolicyError {
+        PolicyError {
+            source_name: self.location.source_name.clone(),
+            line: self.location.line,
+            column: self.location.column,
+            token: self.text.clone(),
+            message,
+        }
+    }
+}
+
+/// A policy that cannot be used. Callers exit with status 2.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {message}", position(.source_name, .line, .column))]
+pub struct PolicyError {
+    /// The file path, or "--allow" for the command line.
+    pub source_name: String,
+    /// 1-based; 0 when the error is about the source as a whole (e.g. it cannot be read).
+    pub line: usize,
+    /// 1-based, in characters; 0 with `line`.
+    pub column: usize,
+    /// The offending text (an endpoint, a key, a value); empty when there is none.
+    pub token: String,
+    /// What is wrong, naming the token.
+    pub message: String,
+}
+
+fn position(source: &str, line: &usize, column: &usize) -> String {
+    if *line == 0 {
+        source.to_owned()
+    } else {
+        format!("{source}:{line}:{column}")
+    }
+}
+
+impl PolicyError {
+    fn whole(source_name: &str, message: String) -> PolicyError {
+        PolicyError {
+            source_name: source_name.to_owned(),
+            line: 0,
+            column: 0,
+            token: String::new(),
+            message,
+        }
+    }
+}
+
+/// A complete policy, defaults filled in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    pub mode: Mode,
+    pub direct_ip: Mode,
+    /// Servers DNS may go to.
+    pub dns_resolvers: Vec<IpAddr>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl Default for Policy {
+    /// Audit mode, direct-ip blocked, nothing allowed, and no resolver (a builder, unlike
+    /// this, defaults resolvers to /etc/resolv.conf).
+    fn default() -> Policy {
+        Policy {
+            mode: Mode::Audit,
+            direct_ip: Mode::Block,
+            dns_resolvers: Vec::new(),
+            endpoints: Vec::new(),
+        }
+    }
+}
+
+impl Policy {
+    /// Parses a policy file's text; `source` names it in errors. Resolvers not given in the
+    /// text are read from /etc/resolv.conf.
+    pub fn from_toml_str(text: &str, source: &str) -> Result<Policy, PolicyError> {
+        PolicyBuilder::from_toml_str(text, source)?.build()
+    }
+
+    /// Reads and parses a policy file.
+    pub fn from_file(path: &Path) -> Result<Policy, PolicyError> {
+        PolicyBuilder::from_file(path)?.build()
+    }
+
+    /// Parses a whitespace-separated endpoint list, as given to `--allow`; `source` names
+    /// it in errors, whose lines and columns count within `s`.
+    pub fn parse_endpoints(s: &str, source: &str) -> Result<Vec<Endpoint>, PolicyError> {
+        file::parse_endpoint_list(s, source, |offset| file::line_col(s, offset))
+    }
+
+    /// Adds endpoints (e.g. from `--allow`) to the policy.
+    pub fn extend_endpoints(&mut self, endpoints: impl IntoIterator<Item = Endpoint>) {
+        self.endpoints.extend(endpoints);
+    }
+
+    /// Whether a connection to `port` at an address learned from a DNS answer for `name`
+    /// is allowed. The reference for the dataplane's name matching: case-insensitive, one
+    /// trailing dot ignored; a name with an empty label matches nothing.
+    pub fn allows(&self, name: &str, port: u16) -> bool {
+        let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+        if name.is_empty() || name.split('.').any(str::is_empty) {
+            return false;
+        }
+        self.endpoints
+            .iter()
+            .any(|e| e.port.matches(port) && e.host.matches_name(&name))
+    }
+
+    /// Whether a connection to `addr:port` is allowed by the policy's addresses and
+    /// networks, as the dataplane's trie decides it: loopback always is; IPv4 and
+    /// IPv4-mapped IPv6 are one address (the trie stores IPv4 mapped, so `::/0` covers
+    /// IPv4 too). Metadata addresses are allowed only when a listed network covers them,
+    /// which is what "blocked unless listed" means. Addresses learned from DNS answers are
+    /// not considered here: see [`Policy::allows`].
+    pub fn allows_addr(&self, addr: IpAddr, port: u16) -> bool {
+        if is_loopback(addr) {
+            return true;
+        }
+        let addr = addr::to_mapped(addr);
+        self.endpoints.iter().any(|e| match e.host {
+            HostPattern::Net(net) => e.port.matches(port) && addr::mapped_contains(net, addr),
+            _ => false,
+        })
+    }
+
+    /// Compiles the endpoints for the dataplane, refusing what its maps cannot hold.
+    pub fn compile(&self) -> Result<Compiled, PolicyError> {
+        compile::compile(&self.endpoints)
+    }
+}
+
+/// A policy under construction: each setting is `None` until a source gives it, so later
+/// sources (command-line flags) override earlier ones (the file); endpoints accumulate.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyBuilder {
+    pub mode: Option<Mode>,
+    pub direct_ip: Option<Mode>,
+    pub dns_resolvers: Option<Vec<IpAddr>>,
+    pub endpoints: Vec<Endpoint>,
+}
+
+impl PolicyBuilder {
+    pub fn new() -> PolicyBuilder {
+        PolicyBuilder::default()
+    }
+
+    /// What a policy file's text says; `source` names it in errors.
+    pub fn from_toml_str(text: &str, source: &str) -> Result<PolicyBuilder, PolicyError> {
+        file::parse_toml(text, source)
+    }
+
+    /// Reads a policy file; errors name it by `path`.
+    pub fn from_file(path: &Path) -> Result<PolicyBuilder, PolicyError> {
+        let source = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            PolicyError::whole(&source, format!("cannot read the policy file: {e}"))
+        })?;
+        PolicyBuilder::from_toml_str(&text, &source)
+    }
+
+    /// Adds the endpoints of an `--allow` string.
+    pub fn allow(&mut self, endpoints: &str, source: &str) -> Result<&mut Self, PolicyError> {
+        self.endpoints
+            .extend(Policy::parse_endpoints(endpoints, source)?);
+        Ok(self)
+    }
+
+    /// Lays `later` over `self`: its settings win where given, its endpoints are added.
+    pub fn merge(&mut self, later: PolicyBuilder) -> &mut Self {
+        self.mode = later.mode.or(self.mode);
+        self.direct_ip = later.direct_ip.or(self.direct_ip);
+        self.dns_resolvers = later.dns_resolvers.or(self.dns_resolvers.take());
+        self.endpoints.extend(later.endpoints);
+        self
+    }
+
+    /// Fills in defaults, reading resolvers from /etc/resolv.conf if none were given.
+    pub fn build(self) -> Result<Policy, PolicyError> {
+        self.build_with_resolv_conf(Path::new(RESOLV_CONF))
+    }
+
+    /// As [`build`](Self::build), reading default resolvers from `resolv_conf` (which is
+    /// not read at all when resolvers were given).
+    pub fn build_with_resolv_conf(self, resolv_conf: &Path) -> Result<Policy, PolicyError> {
+        let dns_resolvers = match self.dns_resolvers {
+            Some(r) => r,
+            None => read_resolv_conf(resolv_conf)?,
+        };
+        Ok(Policy {
+            mode: self.mode.unwrap_or(Mode::Audit),
+            direct_ip: self.direct_ip.unwrap_or(Mode::Block),
+            dns_resolvers,
+            endpoints: self.endpoints,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
