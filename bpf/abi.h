@@ -39,6 +39,7 @@ enum rf_reason {
 	RF_REASON_DIRECT_IP = 2,    /* no DNS answer produced this address and no CIDR lists it */
 	RF_REASON_DNS_RESOLVER = 3, /* DNS to a server that is not a configured resolver */
 	RF_REASON_METADATA = 4,     /* link-local / cloud metadata address not listed */
+	RF_REASON_DNS_QUERY = 5,    /* a DNS query for a name the policy does not allow */
 };
 
 enum rf_mode {
@@ -64,6 +65,8 @@ enum rf_dns_flags {
 	RF_DNS_MALFORMED = 2, /* did not validate: nothing bound */
 	RF_DNS_TRUNCATED = 4, /* payload larger than RF_DNS_BUF: copy cut, nothing bound */
 	RF_DNS_TRIE_FULL = 8, /* some address could not be inserted */
+	RF_DNS_QUERY = 16,    /* the copy is a query (egress) whose name is not allowed */
+	RF_DNS_REFUSED = 32,  /* ...and it was answered REFUSED in the kernel, never sent */
 };
 
 /* Index into the per-CPU `counters` array. */
@@ -83,6 +86,7 @@ enum rf_counter {
 	RF_CNT_DNS_TOO_BIG,
 	RF_CNT_TRIE_FULL,
 	RF_CNT_RINGBUF_DROP,
+	RF_CNT_DNS_REFUSED,    /* queries answered REFUSED at egress */
 	RF_CNT_MAX,
 };
 
@@ -99,7 +103,8 @@ struct rf_job {
 	__u32 job_id;    /* policy slot: keys the trie, the names and the resolvers */
 	__u8 mode;       /* enum rf_mode */
 	__u8 direct_ip;  /* enum rf_mode: RF_MODE_BLOCK blocks direct-ip even in audit mode */
-	__u8 _pad[2];
+	__u8 dns_filter; /* block mode: queries for names not allowed are answered REFUSED */
+	__u8 _pad;
 };
 
 /* allow: LPM trie. prefixlen counts the 32 job-id bits plus the address bits. */

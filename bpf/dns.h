@@ -497,24 +497,127 @@ static __always_inline struct rf_scratch *load_dns(struct __sk_buff *skb, struct
 	return s;
 }
 
-/* Egress: a UDP query to an allowed resolver is remembered, so that only its answer binds. */
-static __always_inline void dns_query(struct __sk_buff *skb, struct pkt *p, const struct rf_job *job)
+/* Sends the DNS message in scratch to the ring buffer behind an rf_dns_event header. */
+static __always_inline void emit_dns_copy(struct rf_scratch *s, __u32 job_id, const __u8 *server)
+{
+	__u32 len = s->len;
+
+	if (!emit_events)
+		return;
+	s->ev.hdr.type = RF_EVENT_DNS;
+	s->ev.hdr.job_id = job_id;
+	s->ev.hdr.ts_ns = bpf_ktime_get_boot_ns();
+	__builtin_memcpy(s->ev.server, server, 16);
+	s->ev.bound = s->bound;
+	s->ev.flags = s->flags;
+	barrier_var(len);
+	if (len > RF_DNS_BUF)
+		return;
+	s->ev.len = len;
+	if (bpf_ringbuf_output(&events, &s->ev, sizeof(s->ev) + len, 0))
+		count(RF_CNT_RINGBUF_DROP);
+}
+
+/* Turns the query in the packet into a REFUSED answer from the resolver and hands it to
+ * the device's ingress: the application gets its answer at once and the name never
+ * leaves the host. Swapping addresses and ports leaves every checksum as it was (ones'
+ * complement sums commute); only the flags word changes, and bpf_l4_csum_replace knows
+ * what to do with it whether the checksum is complete or left to offload. */
+static __always_inline int refuse_query(struct __sk_buff *skb, struct pkt *p)
+{
+	__u8 mac[12], a[16], b[16];
+	__u16 oldf, newf, f, ports[2];
+	__u32 ip_src, ip_dst, alen, udp = p->payload - 8;
+
+	if (bpf_skb_load_bytes(skb, p->payload + 2, &oldf, 2))
+		return TC_ACT_SHOT;
+	f = bpf_ntohs(oldf);
+	f = (f & ~0x020fU) | 0x8000U | 0x0080U | 5; /* QR, RA, not TC, RCODE=REFUSED */
+	newf = bpf_htons(f);
+
+	if (p->family == 4) {
+		ip_src = ETH_HLEN + 12;
+		ip_dst = ETH_HLEN + 16;
+		alen = 4;
+	} else {
+		ip_src = ETH_HLEN + 8;
+		ip_dst = ETH_HLEN + 24;
+		alen = 16;
+	}
+	if (bpf_skb_load_bytes(skb, 0, mac, 12) || bpf_skb_load_bytes(skb, udp, ports, 4))
+		return TC_ACT_SHOT;
+	if (alen == 4) {
+		if (bpf_skb_load_bytes(skb, ip_src, a, 4) || bpf_skb_load_bytes(skb, ip_dst, b, 4) ||
+		    bpf_skb_store_bytes(skb, ip_src, b, 4, 0) || bpf_skb_store_bytes(skb, ip_dst, a, 4, 0))
+			return TC_ACT_SHOT;
+	} else {
+		if (bpf_skb_load_bytes(skb, ip_src, a, 16) || bpf_skb_load_bytes(skb, ip_dst, b, 16) ||
+		    bpf_skb_store_bytes(skb, ip_src, b, 16, 0) || bpf_skb_store_bytes(skb, ip_dst, a, 16, 0))
+			return TC_ACT_SHOT;
+	}
+	{
+		__u16 swapped[2] = { ports[1], ports[0] };
+		__u8 swapped_mac[12];
+
+		__builtin_memcpy(swapped_mac, mac + 6, 6);
+		__builtin_memcpy(swapped_mac + 6, mac, 6);
+		if (bpf_skb_store_bytes(skb, udp, swapped, 4, 0) ||
+		    bpf_skb_store_bytes(skb, 0, swapped_mac, 12, 0))
+			return TC_ACT_SHOT;
+	}
+	{
+		__u16 csum;
+
+		if (bpf_skb_load_bytes(skb, udp + 6, &csum, 2))
+			return TC_ACT_SHOT;
+		/* IPv4 may send UDP without a checksum (0): then there is nothing to fix. */
+		if ((csum || p->family == 6) &&
+		    bpf_l4_csum_replace(skb, udp + 6, oldf, newf, 2))
+			return TC_ACT_SHOT;
+	}
+	if (bpf_skb_store_bytes(skb, p->payload + 2, &newf, 2, 0))
+		return TC_ACT_SHOT;
+	count(RF_CNT_DNS_REFUSED);
+	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+}
+
+/* Egress, a UDP query to an allowed resolver. Its name is matched against the job's
+ * policy: an allowed one is remembered (server, client port, id, name hash) so that only
+ * its answer binds; one that is not allowed is reported, and in block mode with query
+ * filtering answered REFUSED on the spot. Returns the TC action for the packet. */
+static __always_inline int dns_query(struct __sk_buff *skb, struct pkt *p, const struct rf_job *job)
 {
 	struct rf_query_key qk = {};
 	struct rf_query_val qv = {};
 	struct rf_scratch *s;
 
 	if (p->fragment)
-		return;
+		return TC_ACT_UNSPEC;
 	s = load_dns(skb, p);
 	if (!s || (s->flags & RF_DNS_TRUNCATED))
-		return;
+		return TC_ACT_UNSPEC;
 	/* QR must be 0 and exactly one question. */
 	if ((buf_at(s, 2) & 0x80) || buf16(s, 4) != 1)
-		return;
+		return TC_ACT_UNSPEC;
 	if (parse_question(s))
-		return;
+		return TC_ACT_UNSPEC;
 	count(RF_CNT_DNS_QUERIES);
+
+	s->job_id = job->job_id;
+	s->matched = 0;
+	s->bound = 0;
+	__builtin_memset(&s->ports, 0, sizeof(s->ports));
+	bpf_loop(RF_LABELS_MAX, match_cb, NULL, 0);
+	if (!s->matched) {
+		s->flags = RF_DNS_QUERY;
+		if (job->mode == RF_MODE_BLOCK && job->dns_filter) {
+			s->flags |= RF_DNS_REFUSED;
+			emit_dns_copy(s, job->job_id, p->daddr);
+			return refuse_query(skb, p);
+		}
+		emit_dns_copy(s, job->job_id, p->daddr);
+	}
+
 	__builtin_memcpy(qk.server, p->daddr, 16);
 	qk.client_port = p->sport;
 	qk.txid = buf16(s, 0);
@@ -523,6 +626,7 @@ static __always_inline void dns_query(struct __sk_buff *skb, struct pkt *p, cons
 	qv.job_id = job->job_id;
 	qv.bind_seen = job->mode == RF_MODE_AUDIT;
 	bpf_map_update_elem(&queries, &qk, &qv, BPF_ANY);
+	return TC_ACT_UNSPEC;
 }
 
 /* Ingress: an answer from a resolver that matches an outstanding query of a job. Binds
@@ -601,24 +705,7 @@ malformed:
 	s->flags |= RF_DNS_MALFORMED;
 	s->bound = 0;
 out:
-	if (!emit_events)
-		return;
-	s->ev.hdr.type = RF_EVENT_DNS;
-	s->ev.hdr.job_id = job_id;
-	s->ev.hdr.ts_ns = bpf_ktime_get_boot_ns();
-	__builtin_memcpy(s->ev.server, p->saddr, 16);
-	s->ev.bound = s->bound;
-	s->ev.flags = s->flags;
-	{
-		__u32 len = s->len;
-
-		barrier_var(len);
-		if (len > RF_DNS_BUF)
-			return;
-		s->ev.len = len;
-		if (bpf_ringbuf_output(&events, &s->ev, sizeof(s->ev) + len, 0))
-			count(RF_CNT_RINGBUF_DROP);
-	}
+	emit_dns_copy(s, job_id, p->saddr);
 }
 
 #endif

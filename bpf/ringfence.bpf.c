@@ -210,7 +210,7 @@ int rf_egress(struct __sk_buff *skb)
 			return TC_ACT_SHOT;
 		}
 		if (p.proto == IPPROTO_UDP && p.dport == 53 && cached->verdict == RF_VERDICT_ALLOWED)
-			dns_query(skb, &p, job);
+			return dns_query(skb, &p, job);
 		return TC_ACT_UNSPEC;
 	}
 
@@ -237,7 +237,7 @@ int rf_egress(struct __sk_buff *skb)
 	}
 	count(verdict == RF_VERDICT_AUDITED ? RF_CNT_AUDITED : RF_CNT_ALLOWED);
 	if (p.proto == IPPROTO_UDP && p.dport == 53 && verdict == RF_VERDICT_ALLOWED)
-		dns_query(skb, &p, job);
+		return dns_query(skb, &p, job);
 	return TC_ACT_UNSPEC;
 }
 

@@ -21,7 +21,7 @@ pub enum Cmd {
     Exec(ExecArgs),
     /// The seed tutorial: a job with a poisoned install script, in audit then block mode,
     /// inside network namespaces it creates and removes.
-    Demo,
+    Demo(crate::demo::DemoOptions),
     /// Print what this kernel supports (version, BTF, attach path) as JSON.
     Probe,
 }

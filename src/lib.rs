@@ -11,11 +11,16 @@ pub mod bpf_skel;
 pub mod cgroup;
 pub mod cli;
 pub mod dataplane;
+pub mod demo;
+pub mod dns;
+pub mod events;
 pub mod exec;
 pub mod logging;
 pub mod netif;
 pub mod policy;
 pub mod probe;
+pub mod report;
+pub mod testbed;
 pub mod testrun;
 
 /// The exit status for an error: 2 for bad usage or policy (the input is wrong), 1 for

@@ -7,7 +7,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Exec(args) => ringfence::exec::run(&args),
-        Cmd::Demo => ringfence::demo::run().map(|()| 0),
+        Cmd::Demo(o) => ringfence::demo::run(&o).map(|()| 0),
         Cmd::Probe => ringfence::probe::print().map(|()| 0),
     };
     match result {

@@ -1,0 +1,813 @@
+//! The audit trail's event schema (DESIGN.md, "Event schema") and its JSON Lines file.
+//!
+//! A flow event is a bare object whose keys come in the documented order; a DNS event is the
+//! same kind of object with a leading `"type":"dns"`. Reading tells them apart by that key, so
+//! a line without `type` (or with `"type":"flow"`) is a flow event.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufRead, BufWriter, Write};
+use std::net::IpAddr;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use serde::de::{self, Deserializer};
+use serde::ser::Serializer;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+use time::macros::format_description;
+use time::{OffsetDateTime, PrimitiveDateTime};
+
+use crate::dns::{self, DnsMessage, RecordData};
+
+/// What the kernel did with a flow (enum rf_verdict in bpf/abi.h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Allowed,
+    Blocked,
+    /// Would have been blocked; audit mode let it pass.
+    Audited,
+}
+
+/// Why (enum rf_reason in bpf/abi.h).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    Allowed,
+    NotAllowed,
+    DirectIp,
+    DnsResolver,
+    Metadata,
+}
+
+/// A kernel value outside the enum it should belong to: the object and the agent disagree
+/// about the ABI.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("unknown {what} value {value} from the kernel")]
+pub struct UnknownValue {
+    pub what: &'static str,
+    pub value: u8,
+}
+
+impl TryFrom<u8> for Verdict {
+    type Error = UnknownValue;
+    fn try_from(v: u8) -> Result<Self, UnknownValue> {
+        Ok(match v {
+            0 => Self::Allowed,
+            1 => Self::Blocked,
+            2 => Self::Audited,
+            value => {
+                return Err(UnknownValue {
+                    what: "verdict",
+                    value,
+                })
+            }
+        })
+    }
+}
+
+impl TryFrom<u8> for Reason {
+    type Error = UnknownValue;
+    fn try_from(v: u8) -> Result<Self, UnknownValue> {
+        Ok(match v {
+            0 => Self::Allowed,
+            1 => Self::NotAllowed,
+            2 => Self::DirectIp,
+            3 => Self::DnsResolver,
+            4 => Self::Metadata,
+            value => {
+                return Err(UnknownValue {
+                    what: "reason",
+                    value,
+                })
+            }
+        })
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Allowed => "allowed",
+            Self::Blocked => "blocked",
+            Self::Audited => "audited",
+        })
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Allowed => "allowed",
+            Self::NotAllowed => "not-allowed",
+            Self::DirectIp => "direct-ip",
+            Self::DnsResolver => "dns-resolver",
+            Self::Metadata => "metadata",
+        })
+    }
+}
+
+/// The IP protocol of a flow. Serialised as "tcp", "udp", "icmp", "icmpv6", or the protocol
+/// number for anything else.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Proto {
+    Tcp,
+    Udp,
+    Icmp,
+    Icmpv6,
+    /// Any other IPPROTO_* number. `Other(6)` and `Tcp` are the same protocol; compare
+    /// through `u8::from` when that matters (`From<u8>` never builds such a value).
+    Other(u8),
+}
+
+impl From<u8> for Proto {
+    fn from(n: u8) -> Self {
+        match n {
+            6 => Self::Tcp,
+            17 => Self::Udp,
+            1 => Self::Icmp,
+            58 => Self::Icmpv6,
+            n => Self::Other(n),
+        }
+    }
+}
+
+impl From<Proto> for u8 {
+    fn from(p: Proto) -> u8 {
+        match p {
+            Proto::Tcp => 6,
+            Proto::Udp => 17,
+            Proto::Icmp => 1,
+            Proto::Icmpv6 => 58,
+            Proto::Other(n) => n,
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Through the number, so Other(6) prints as "tcp" like Tcp does.
+        match Proto::from(u8::from(*self)) {
+            Self::Tcp => f.write_str("tcp"),
+            Self::Udp => f.write_str("udp"),
+            Self::Icmp => f.write_str("icmp"),
+            Self::Icmpv6 => f.write_str("icmpv6"),
+            Self::Other(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+impl Serialize for Proto {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match Proto::from(u8::from(*self)) {
+            Self::Other(n) => s.serialize_u8(n),
+            named => s.collect_str(&named),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Proto {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Number(u8),
+            Name(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Number(n) => Ok(Proto::from(n)),
+            Raw::Name(s) => match s.as_str() {
+                "tcp" => Ok(Self::Tcp),
+                "udp" => Ok(Self::Udp),
+                "icmp" => Ok(Self::Icmp),
+                "icmpv6" => Ok(Self::Icmpv6),
+                other => Err(de::Error::invalid_value(
+                    de::Unexpected::Str(other),
+                    &"tcp, udp, icmp, icmpv6 or a protocol number",
+                )),
+            },
+        }
+    }
+}
+
+/// One new flow or one block, as the kernel reported it and the agent attributed it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowEvent {
+    #[serde(with = "ts_serde")]
+    pub ts: SystemTime,
+    pub job: String,
+    pub step: Option<String>,
+    /// 0 when the packet was not sent from process context.
+    pub pid: u32,
+    pub comm: String,
+    pub cgroup: u64,
+    pub proto: Proto,
+    pub dst: IpAddr,
+    pub port: u16,
+    /// The DNS name whose answer produced `dst`, when one did.
+    pub domain: Option<String>,
+    pub verdict: Verdict,
+    pub reason: Reason,
+}
+
+/// One DNS answer the kernel saw.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "dns")]
+pub struct DnsEvent {
+    #[serde(with = "ts_serde")]
+    pub ts: SystemTime,
+    pub job: String,
+    pub step: Option<String>,
+    /// The question name, lowercase, no trailing dot.
+    pub name: String,
+    /// "A", "AAAA", … (`TYPEnnn` for types without a mnemonic).
+    pub qtype: String,
+    /// CNAME targets and addresses that answer the question, in message order.
+    pub answers: Vec<String>,
+    /// The smallest TTL among those answers; 0 when there are none.
+    pub ttl: u32,
+    pub server: IpAddr,
+    /// "NOERROR", "NXDOMAIN", … (`RCODEnnn` for codes without a mnemonic).
+    pub rcode: String,
+    /// The question name is allowed by the job's policy, so the kernel bound the addresses.
+    pub bound: bool,
+}
+
+impl DnsEvent {
+    /// The event for a parsed answer; `None` when it has no question to name it by.
+    ///
+    /// `answers` holds only the records that answer the question (see
+    /// [`DnsMessage::chain_records`]): those are the ones that bind addresses.
+    pub fn from_message(
+        msg: &DnsMessage,
+        ts: SystemTime,
+        job: &str,
+        step: Option<&str>,
+        server: IpAddr,
+        bound: bool,
+    ) -> Option<Self> {
+        let q = msg.question.as_ref()?;
+        let answers = msg
+            .chain_records()
+            .into_iter()
+            .filter_map(|r| match &r.data {
+                RecordData::A(a) => Some(a.to_string()),
+                RecordData::Aaaa(a) => Some(a.to_string()),
+                RecordData::Cname(target) => Some(target.clone()),
+                RecordData::Other(_) => None,
+            })
+            .collect();
+        Some(Self {
+            ts,
+            job: job.to_owned(),
+            step: step.map(str::to_owned),
+            name: q.name.clone(),
+            qtype: dns::qtype_name(q.qtype),
+            answers,
+            ttl: msg.min_ttl().unwrap_or(0),
+            server,
+            rcode: dns::rcode_name(msg.rcode),
+            bound,
+        })
+    }
+}
+
+/// One line of the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Flow(FlowEvent),
+    Dns(DnsEvent),
+}
+
+impl Event {
+    pub fn job(&self) -> &str {
+        match self {
+            Self::Flow(f) => &f.job,
+            Self::Dns(d) => &d.job,
+        }
+    }
+
+    pub fn ts(&self) -> SystemTime {
+        match self {
+            Self::Flow(f) => f.ts,
+            Self::Dns(d) => d.ts,
+        }
+    }
+}
+
+impl Serialize for Event {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Flow(f) => f.serialize(s),
+            Self::Dns(d) => d.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Event {
+    /// Dispatches on `type` first, so a bad field is reported as such rather than as
+    /// "matches no variant".
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = serde_json::Value::deserialize(d)?;
+        let kind = match v.get("type") {
+            None => "flow",
+            Some(serde_json::Value::String(s)) => s.as_str(),
+            Some(_) => return Err(de::Error::custom("event `type` is not a string")),
+        };
+        match kind {
+            "flow" => FlowEvent::deserialize(v)
+                .map(Self::Flow)
+                .map_err(de::Error::custom),
+            "dns" => DnsEvent::deserialize(v)
+                .map(Self::Dns)
+                .map_err(de::Error::custom),
+            other => Err(de::Error::custom(format!("unknown event type {other:?}"))),
+        }
+    }
+}
+
+/// `2026-11-25T21:04:05.123456Z`: UTC, microseconds.
+///
+/// Times outside 1970-01-01 … 9999-12-31 are clamped to those bounds: an event carries no
+/// such time unless a clock is broken, and the line must still be written and read back.
+pub fn format_ts(t: SystemTime) -> String {
+    let since_epoch = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
+    let dt = time::Duration::try_from(since_epoch)
+        .ok()
+        .and_then(|d| OffsetDateTime::UNIX_EPOCH.checked_add(d))
+        .filter(|dt| dt.year() <= 9999)
+        .unwrap_or_else(|| time::macros::datetime!(9999-12-31 23:59:59.999_999).assume_utc());
+    dt.format(TS_FORMAT)
+        .expect("every field of TS_FORMAT exists in an OffsetDateTime with a 4-digit year")
+}
+
+/// Parses what [`format_ts`] writes.
+pub fn parse_ts(s: &str) -> Result<SystemTime, time::error::Parse> {
+    let dt = PrimitiveDateTime::parse(s, TS_FORMAT)?.assume_utc();
+    Ok(SystemTime::from(dt))
+}
+
+const TS_FORMAT: &[time::format_description::BorrowedFormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
+
+mod ts_serde {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format_ts(*t))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_ts(&s).map_err(|e| de::Error::custom(format!("bad timestamp {s:?}: {e}")))
+    }
+}
+
+/// Converts a CLOCK_BOOTTIME stamp in nanoseconds (what `bpf_ktime_get_boot_ns` returns) to
+/// wall-clock time.
+///
+/// Both clocks are read on every call rather than once at start-up: runner VMs often step
+/// their wall clock (NTP) after the agent has started, and a cached offset would then date
+/// every later event wrongly. BOOTTIME, unlike MONOTONIC, keeps counting through suspend, so
+/// the offset between the two stays meaningful.
+pub fn boottime_to_system(boot_ns: u64) -> SystemTime {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `now` is a valid, writable timespec; CLOCK_BOOTTIME exists on every kernel
+    // that runs BPF programs (2.6.39+), so the call cannot fail.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+    let wall = SystemTime::now();
+    debug_assert_eq!(rc, 0);
+    let now_ns = (now.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(now.tv_nsec as u64);
+    if boot_ns <= now_ns {
+        let age = Duration::from_nanos(now_ns - boot_ns);
+        wall.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH)
+    } else {
+        // Not expected (the stamp was taken before we read the clock), but never panic.
+        wall + Duration::from_nanos(boot_ns - now_ns)
+    }
+}
+
+/// Writes events as JSON Lines.
+///
+/// Writes are buffered and not flushed per event: the event loop calls [`flush`] after each
+/// ring-buffer batch, so a burst of events costs one `write(2)` and a crash loses at most the
+/// batch being handled. Dropping the writer flushes too (errors on drop are ignored; call
+/// `flush` to see them).
+///
+/// [`flush`]: JsonLinesWriter::flush
+pub struct JsonLinesWriter<W: Write = BufWriter<File>> {
+    w: W,
+}
+
+impl JsonLinesWriter<BufWriter<File>> {
+    /// Creates (or truncates) the file at `path`.
+    pub fn create(path: impl AsRef<Path>) -> io::Result<Self> {
+        Ok(Self::new(BufWriter::new(File::create(path)?)))
+    }
+
+    /// Opens the file at `path` for appending, creating it if needed: for a daemon that
+    /// restarts and must not erase the trail its previous run wrote.
+    pub fn append(path: impl AsRef<Path>) -> io::Result<Self> {
+        let f = OpenOptions::new().create(true).append(true).open(path)?;
+        Ok(Self::new(BufWriter::new(f)))
+    }
+}
+
+impl<W: Write> JsonLinesWriter<W> {
+    pub fn new(w: W) -> Self {
+        Self { w }
+    }
+
+    /// Appends one event and a newline (buffered; see the type's documentation).
+    pub fn write(&mut self, ev: &Event) -> io::Result<()> {
+        // Serialise to memory first so a serialisation error cannot leave half a line.
+        let mut line = serde_json::to_vec(ev)?;
+        line.push(b'\n');
+        self.w.write_all(&line)
+    }
+
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.w.flush()
+    }
+
+    pub fn get_ref(&self) -> &W {
+        &self.w
+    }
+}
+
+impl<W: Write> Drop for JsonLinesWriter<W> {
+    fn drop(&mut self) {
+        let _ = self.w.flush();
+    }
+}
+
+/// Why an events file could not be read back.
+#[derive(Debug, Error)]
+pub enum ReadError {
+    #[error("reading events")]
+    Io(#[from] io::Error),
+    #[error("events line {line}")]
+    Parse {
+        /// 1-based.
+        line: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// Reads a JSON Lines events file back. Blank lines are skipped; anything else that is not
+/// an event is an error naming its line.
+pub fn read_events(r: impl BufRead) -> Result<Vec<Event>, ReadError> {
+    let mut events = Vec::new();
+    for (i, line) in r.lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let ev = serde_json::from_str(&line).map_err(|source| ReadError::Parse {
+            line: i + 1,
+            source,
+        })?;
+        events.push(ev);
+    }
+    Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    /// 2026-11-25T21:04:05.123456789Z
+    fn t0() -> SystemTime {
+        SystemTime::UNIX_EPOCH + Duration::new(1_795_640_645, 123_456_789)
+    }
+
+    fn flow() -> FlowEvent {
+        FlowEvent {
+            ts: t0(),
+            job: "build-42".into(),
+            step: Some("npm install".into()),
+            pid: 4242,
+            comm: "node".into(),
+            cgroup: 12345,
+            proto: Proto::Tcp,
+            dst: "198.51.100.66".parse().unwrap(),
+            port: 443,
+            domain: Some("attacker.test".into()),
+            verdict: Verdict::Blocked,
+            reason: Reason::NotAllowed,
+        }
+    }
+
+    fn dns_event() -> DnsEvent {
+        DnsEvent {
+            ts: t0(),
+            job: "build-42".into(),
+            step: None,
+            name: "github.com".into(),
+            qtype: "A".into(),
+            answers: vec!["140.82.112.3".into()],
+            ttl: 60,
+            server: "127.0.0.53".parse().unwrap(),
+            rcode: "NOERROR".into(),
+            bound: true,
+        }
+    }
+
+    fn line(ev: &Event) -> String {
+        let mut w = JsonLinesWriter::new(Vec::new());
+        w.write(ev).unwrap();
+        w.flush().unwrap();
+        String::from_utf8(w.get_ref().clone()).unwrap()
+    }
+
+    #[test]
+    fn flow_line_matches_design() {
+        assert_eq!(
+            line(&Event::Flow(flow())),
+            concat!(
+                r#"{"ts":"2026-11-25T21:04:05.123456Z","job":"build-42","step":"npm install","#,
+                r#""pid":4242,"comm":"node","cgroup":12345,"proto":"tcp","dst":"198.51.100.66","#,
+                r#""port":443,"domain":"attacker.test","verdict":"blocked","reason":"not-allowed"}"#,
+                "\n"
+            )
+        );
+    }
+
+    #[test]
+    fn absent_step_and_domain_are_null() {
+        let mut f = flow();
+        f.step = None;
+        f.domain = None;
+        f.dst = "2001:db8::1".parse().unwrap();
+        f.proto = Proto::Other(132);
+        f.verdict = Verdict::Audited;
+        f.reason = Reason::DirectIp;
+        let l = line(&Event::Flow(f));
+        assert!(l.contains(r#""step":null,"#), "{l}");
+        assert!(l.contains(r#""proto":132,"dst":"2001:db8::1","#), "{l}");
+        assert!(
+            l.contains(r#""domain":null,"verdict":"audited","reason":"direct-ip"}"#),
+            "{l}"
+        );
+    }
+
+    #[test]
+    fn dns_line_matches_design() {
+        assert_eq!(
+            line(&Event::Dns(dns_event())),
+            concat!(
+                r#"{"type":"dns","ts":"2026-11-25T21:04:05.123456Z","job":"build-42","step":null,"#,
+                r#""name":"github.com","qtype":"A","answers":["140.82.112.3"],"ttl":60,"#,
+                r#""server":"127.0.0.53","rcode":"NOERROR","bound":true}"#,
+                "\n"
+            )
+        );
+    }
+
+    #[test]
+    fn every_enum_value_serialises_as_documented() {
+        let names = |v: Vec<serde_json::Value>| -> Vec<String> {
+            v.into_iter().map(|v| v.to_string()).collect()
+        };
+        let verdicts = [Verdict::Allowed, Verdict::Blocked, Verdict::Audited]
+            .map(|v| serde_json::to_value(v).unwrap());
+        assert_eq!(
+            names(verdicts.to_vec()),
+            [r#""allowed""#, r#""blocked""#, r#""audited""#]
+        );
+        let reasons = [
+            Reason::Allowed,
+            Reason::NotAllowed,
+            Reason::DirectIp,
+            Reason::DnsResolver,
+            Reason::Metadata,
+        ];
+        assert_eq!(
+            names(reasons.map(|r| serde_json::to_value(r).unwrap()).to_vec()),
+            [
+                r#""allowed""#,
+                r#""not-allowed""#,
+                r#""direct-ip""#,
+                r#""dns-resolver""#,
+                r#""metadata""#
+            ]
+        );
+        // Display agrees with serde (the report prints through Display).
+        for r in reasons {
+            assert_eq!(format!("\"{r}\""), serde_json::to_string(&r).unwrap());
+        }
+        let protos = [
+            Proto::Tcp,
+            Proto::Udp,
+            Proto::Icmp,
+            Proto::Icmpv6,
+            Proto::Other(132),
+            Proto::Other(6),
+        ];
+        assert_eq!(
+            names(protos.map(|p| serde_json::to_value(p).unwrap()).to_vec()),
+            [
+                r#""tcp""#,
+                r#""udp""#,
+                r#""icmp""#,
+                r#""icmpv6""#,
+                "132",
+                r#""tcp""#
+            ]
+        );
+    }
+
+    #[test]
+    fn kernel_values_convert() {
+        assert_eq!(Verdict::try_from(2), Ok(Verdict::Audited));
+        assert_eq!(Reason::try_from(4), Ok(Reason::Metadata));
+        assert_eq!(
+            Reason::try_from(5),
+            Err(UnknownValue {
+                what: "reason",
+                value: 5
+            })
+        );
+        assert!(Verdict::try_from(3).is_err());
+        assert_eq!(Proto::from(17), Proto::Udp);
+        assert_eq!(Proto::from(58), Proto::Icmpv6);
+        assert_eq!(u8::from(Proto::Other(47)), 47);
+    }
+
+    fn micros(t: SystemTime) -> SystemTime {
+        let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+        SystemTime::UNIX_EPOCH + Duration::from_micros(d.as_micros() as u64)
+    }
+
+    #[test]
+    fn round_trip_through_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let mut other = flow();
+        other.step = None;
+        other.proto = Proto::Other(132);
+        other.domain = None;
+        let events = vec![
+            Event::Flow(flow()),
+            Event::Dns(dns_event()),
+            Event::Flow(other),
+        ];
+        {
+            let mut w = JsonLinesWriter::create(&path).unwrap();
+            for e in &events {
+                w.write(e).unwrap();
+            }
+            // No explicit flush: dropping must not lose anything.
+        }
+        let back = read_events(io::BufReader::new(File::open(&path).unwrap())).unwrap();
+        // The file keeps microseconds; everything else comes back unchanged.
+        let expected: Vec<Event> = events
+            .into_iter()
+            .map(|e| match e {
+                Event::Flow(mut f) => {
+                    f.ts = micros(f.ts);
+                    Event::Flow(f)
+                }
+                Event::Dns(mut d) => {
+                    d.ts = micros(d.ts);
+                    Event::Dns(d)
+                }
+            })
+            .collect();
+        assert_eq!(back, expected);
+
+        // append() keeps what is there.
+        {
+            let mut w = JsonLinesWriter::append(&path).unwrap();
+            w.write(&Event::Dns(dns_event())).unwrap();
+        }
+        let back = read_events(io::BufReader::new(File::open(&path).unwrap())).unwrap();
+        assert_eq!(back.len(), 4);
+    }
+
+    #[test]
+    fn read_errors_name_the_line() {
+        let good = line(&Event::Flow(flow()));
+        let input = format!("{good}\n{}\n", r#"{"type":"dns","job":"x"}"#);
+        match read_events(input.as_bytes()) {
+            Err(ReadError::Parse { line: 3, source }) => {
+                assert!(source.to_string().contains("missing field"), "{source}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let input = r#"{"type":"step","job":"x"}"#;
+        match read_events(input.as_bytes()) {
+            Err(ReadError::Parse { line: 1, source }) => {
+                assert!(
+                    source.to_string().contains("unknown event type"),
+                    "{source}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let bad_ts = good.replace("2026-11-25T21:04:05.123456Z", "yesterday");
+        assert!(matches!(
+            read_events(bad_ts.as_bytes()),
+            Err(ReadError::Parse { line: 1, .. })
+        ));
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(format_ts(t0()), "2026-11-25T21:04:05.123456Z");
+        assert_eq!(
+            format_ts(SystemTime::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000000Z"
+        );
+        assert_eq!(
+            parse_ts("2026-11-25T21:04:05.123456Z").unwrap(),
+            micros(t0())
+        );
+        // Clamped, not panicking.
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+        assert_eq!(format_ts(far), "9999-12-31T23:59:59.999999Z");
+        let before = SystemTime::UNIX_EPOCH - Duration::from_secs(10);
+        assert_eq!(format_ts(before), "1970-01-01T00:00:00.000000Z");
+    }
+
+    fn boottime_now_ns() -> u64 {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: valid out-pointer.
+        assert_eq!(
+            unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) },
+            0
+        );
+        ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+    }
+
+    #[test]
+    fn boottime_converts_to_wall_clock() {
+        let before = SystemTime::now();
+        let boot = boottime_now_ns();
+        let t = boottime_to_system(boot);
+        let after = SystemTime::now();
+        let slack = Duration::from_millis(50);
+        assert!(t + slack >= before && t <= after + slack, "{t:?}");
+
+        // Ten seconds ago is ten seconds ago.
+        let ago = boottime_to_system(boot - 10_000_000_000);
+        let diff = t.duration_since(ago).unwrap();
+        assert!(diff.abs_diff(Duration::from_secs(10)) < slack, "{diff:?}");
+
+        // A stamp from the future or from before boot does not panic.
+        let _ = boottime_to_system(u64::MAX);
+        let _ = boottime_to_system(0);
+    }
+
+    #[test]
+    fn dns_event_from_message() {
+        use hickory_proto::op::{Message, MessageType, Query};
+        use hickory_proto::rr::rdata::{A, CNAME};
+        use hickory_proto::rr::{Name, RData, Record, RecordType};
+        use std::str::FromStr;
+
+        let n = |s: &str| Name::from_str(s).unwrap();
+        let mut m = Message::new();
+        m.set_message_type(MessageType::Response)
+            .add_query(Query::query(n("WWW.Example.com."), RecordType::A))
+            .add_answer(Record::from_rdata(
+                n("www.example.com."),
+                300,
+                RData::CNAME(CNAME(n("cdn.example.net."))),
+            ))
+            .add_answer(Record::from_rdata(
+                n("stranger.test."),
+                1,
+                RData::A(A(Ipv4Addr::new(203, 0, 113, 1))),
+            ))
+            .add_answer(Record::from_rdata(
+                n("cdn.example.net."),
+                30,
+                RData::A(A(Ipv4Addr::new(192, 0, 2, 1))),
+            ));
+        let msg = dns::parse(&m.to_vec().unwrap()).unwrap();
+        let server: IpAddr = "127.0.0.53".parse().unwrap();
+        let ev = DnsEvent::from_message(&msg, t0(), "j", Some("s"), server, false).unwrap();
+        assert_eq!(ev.name, "www.example.com");
+        assert_eq!(ev.qtype, "A");
+        assert_eq!(ev.answers, vec!["cdn.example.net", "192.0.2.1"]);
+        assert_eq!(ev.ttl, 30);
+        assert_eq!(ev.rcode, "NOERROR");
+        assert_eq!(ev.step.as_deref(), Some("s"));
+        assert!(!ev.bound);
+
+        let no_question = dns::parse(&[0; 12]).unwrap();
+        assert!(DnsEvent::from_message(&no_question, t0(), "j", None, server, false).is_none());
+    }
+}

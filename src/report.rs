@@ -1,0 +1,904 @@
+//! The per-job report: what a job connected to, what was blocked, and which names it resolved.
+//!
+//! Flow events are aggregated into rows by (domain, address, port, protocol, verdict, reason);
+//! each row keeps a count and the earliest event's process and time. Earliest, not first
+//! added, so the report does not depend on the order events arrive in.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::events::{format_ts, Event, FlowEvent, Proto, Reason, Verdict};
+
+/// How a report is rendered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// An aligned table for a terminal or a log.
+    Text,
+    /// One object, for machines.
+    Json,
+    /// A GitHub-flavoured table, for a job summary.
+    Markdown,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("unknown report format {0:?} (expected text, json or markdown)")]
+pub struct UnknownFormat(pub String);
+
+impl FromStr for Format {
+    type Err = UnknownFormat;
+    fn from_str(s: &str) -> Result<Self, UnknownFormat> {
+        <Self as clap::ValueEnum>::from_str(s, true).map_err(|_| UnknownFormat(s.to_owned()))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct RowKey {
+    domain: Option<String>,
+    dst: IpAddr,
+    port: u16,
+    proto: Proto,
+    verdict: Verdict,
+    reason: Reason,
+}
+
+#[derive(Debug, Clone)]
+struct Row {
+    count: usize,
+    first_ts: SystemTime,
+    first_pid: u32,
+    first_comm: String,
+}
+
+#[derive(Debug, Clone, Default)]
+struct DnsRow {
+    count: usize,
+    /// Distinct answers in the order first seen.
+    answers: Vec<String>,
+    /// Bound by any answer: the policy is per job, so in practice all or none.
+    bound: bool,
+    rcodes: BTreeSet<String>,
+}
+
+/// The report of one job, built from its events.
+#[derive(Debug, Clone)]
+pub struct Report {
+    job: String,
+    mode: String,
+    rows: HashMap<RowKey, Row>,
+    dns: BTreeMap<String, DnsRow>,
+    flows: usize,
+    allowed: usize,
+    blocked: usize,
+    audited: usize,
+    dns_answers: usize,
+}
+
+impl Report {
+    pub fn new(job: &str, mode: &str) -> Self {
+        Self {
+            job: job.to_owned(),
+            mode: mode.to_owned(),
+            rows: HashMap::new(),
+            dns: BTreeMap::new(),
+            flows: 0,
+            allowed: 0,
+            blocked: 0,
+            audited: 0,
+            dns_answers: 0,
+        }
+    }
+
+    /// Adds one event. Events of other jobs are ignored, so a whole host's events file can be
+    /// fed to one job's report.
+    pub fn add(&mut self, ev: &Event) {
+        if ev.job() != self.job {
+            return;
+        }
+        match ev {
+            Event::Flow(f) => self.add_flow(f),
+            Event::Dns(d) => {
+                self.dns_answers += 1;
+                let row = self.dns.entry(d.name.clone()).or_default();
+                row.count += 1;
+                row.bound |= d.bound;
+                row.rcodes.insert(d.rcode.clone());
+                for a in &d.answers {
+                    if !row.answers.contains(a) {
+                        row.answers.push(a.clone());
+                    }
+                }
+            }
+        }
+    }
+
+    fn add_flow(&mut self, f: &FlowEvent) {
+        self.flows += 1;
+        match f.verdict {
+            Verdict::Allowed => self.allowed += 1,
+            Verdict::Blocked => self.blocked += 1,
+            Verdict::Audited => self.audited += 1,
+        }
+        let key = RowKey {
+            domain: f.domain.clone(),
+            dst: f.dst,
+            port: f.port,
+            // Through the number, so Other(6) and Tcp share a row.
+            proto: Proto::from(u8::from(f.proto)),
+            verdict: f.verdict,
+            reason: f.reason,
+        };
+        let first = || Row {
+            count: 0,
+            first_ts: f.ts,
+            first_pid: f.pid,
+            first_comm: f.comm.clone(),
+        };
+        let row = self.rows.entry(key).or_insert_with(first);
+        if f.ts < row.first_ts {
+            *row = Row {
+                count: row.count,
+                ..first()
+            };
+        }
+        row.count += 1;
+    }
+
+    /// Flow events the kernel blocked.
+    pub fn blocked(&self) -> usize {
+        self.blocked
+    }
+
+    /// Flow events that would have been blocked in block mode (audit mode let them pass).
+    pub fn audited(&self) -> usize {
+        self.audited
+    }
+
+    pub fn render(&self, f: Format) -> String {
+        match f {
+            Format::Text => self.render_text(),
+            Format::Json => self.render_json(),
+            Format::Markdown => self.render_markdown(),
+        }
+    }
+
+    /// Rows in report order: blocked, then audited (what the user must look at), then allowed;
+    /// within each, by domain (unknown last), address, port, protocol, reason.
+    fn sorted_rows(&self) -> Vec<(&RowKey, &Row)> {
+        let rank = |v: Verdict| match v {
+            Verdict::Blocked => 0,
+            Verdict::Audited => 1,
+            Verdict::Allowed => 2,
+        };
+        let mut rows: Vec<_> = self.rows.iter().collect();
+        rows.sort_by(|(a, _), (b, _)| {
+            (
+                rank(a.verdict),
+                a.domain.is_none(),
+                &a.domain,
+                a.dst,
+                a.port,
+            )
+                .cmp(&(
+                    rank(b.verdict),
+                    b.domain.is_none(),
+                    &b.domain,
+                    b.dst,
+                    b.port,
+                ))
+                .then(u8::from(a.proto).cmp(&u8::from(b.proto)))
+                .then(a.reason.cmp(&b.reason))
+        });
+        rows
+    }
+
+    fn summary(&self) -> String {
+        format!(
+            "{} flows: {} blocked, {} audited, {} allowed",
+            self.flows, self.blocked, self.audited, self.allowed
+        )
+    }
+
+    /// The table cells of each row, unescaped.
+    fn cells(&self) -> Vec<[String; 8]> {
+        self.sorted_rows()
+            .into_iter()
+            .map(|(k, r)| {
+                [
+                    k.domain.clone().unwrap_or_else(|| "-".to_owned()),
+                    k.dst.to_string(),
+                    k.port.to_string(),
+                    k.proto.to_string(),
+                    k.verdict.to_string(),
+                    k.reason.to_string(),
+                    r.count.to_string(),
+                    format!("{}[{}]", r.first_comm, r.first_pid),
+                ]
+            })
+            .collect()
+    }
+
+    fn dns_line(name: &str, row: &DnsRow) -> String {
+        let answers = if row.answers.is_empty() {
+            // No answers: the response code is the interesting part (NXDOMAIN, SERVFAIL…).
+            row.rcodes.iter().cloned().collect::<Vec<_>>().join(", ")
+        } else {
+            row.answers.join(", ")
+        };
+        let bound = if row.bound { "bound" } else { "not bound" };
+        format!("{name} -> {answers} ({bound})")
+    }
+
+    fn render_text(&self) -> String {
+        let mut out = format!(
+            "ringfence report: job {}, mode {}: {}\n",
+            text_clean(&self.job),
+            text_clean(&self.mode),
+            self.summary()
+        );
+        let cells = self.cells();
+        if cells.is_empty() {
+            out.push_str("No outbound flows.\n");
+        } else {
+            let mut table = vec![HEADERS.map(str::to_owned)];
+            table.extend(cells.into_iter().map(|row| row.map(|c| text_clean(&c))));
+            let mut widths = [0; 8];
+            for row in &table {
+                for (w, c) in widths.iter_mut().zip(row) {
+                    *w = (*w).max(c.chars().count());
+                }
+            }
+            out.push('\n');
+            for row in &table {
+                let mut line = String::new();
+                for (i, (c, w)) in row.iter().zip(widths).enumerate() {
+                    if i + 1 < row.len() {
+                        let _ = write!(line, "{c:<w$}  ");
+                    } else {
+                        line.push_str(c);
+                    }
+                }
+                out.push_str(&line);
+                out.push('\n');
+            }
+        }
+        if !self.dns.is_empty() {
+            out.push_str("\nDNS\n");
+            for (name, row) in &self.dns {
+                let _ = writeln!(out, "  {}", text_clean(&Self::dns_line(name, row)));
+            }
+        }
+        out
+    }
+
+    fn render_markdown(&self) -> String {
+        let mut out = format!(
+            "### ringfence: job {} ({} mode)\n\n{}.\n\n",
+            md_escape(&self.job),
+            md_escape(&self.mode),
+            self.summary()
+        );
+        let cells = self.cells();
+        if cells.is_empty() {
+            out.push_str("No outbound flows.\n");
+        } else {
+            out.push_str(
+                "| Domain | Address | Port | Proto | Verdict | Reason | Count | First process |\n",
+            );
+            out.push_str("|---|---|---|---|---|---|---:|---|\n");
+            for row in cells {
+                out.push('|');
+                for c in row {
+                    let _ = write!(out, " {} |", md_escape(&c));
+                }
+                out.push('\n');
+            }
+        }
+        if !self.dns.is_empty() {
+            out.push_str("\nDNS:\n\n");
+            for (name, row) in &self.dns {
+                let _ = writeln!(out, "- {}", md_escape(&Self::dns_line(name, row)));
+            }
+        }
+        out
+    }
+
+    fn render_json(&self) -> String {
+        #[derive(Serialize)]
+        struct Totals {
+            flows: usize,
+            blocked: usize,
+            audited: usize,
+            allowed: usize,
+            dns_answers: usize,
+        }
+        #[derive(Serialize)]
+        struct JsonRow<'a> {
+            domain: Option<&'a str>,
+            address: IpAddr,
+            port: u16,
+            proto: Proto,
+            verdict: Verdict,
+            reason: Reason,
+            count: usize,
+            first_pid: u32,
+            first_comm: &'a str,
+            first_ts: String,
+        }
+        #[derive(Serialize)]
+        struct JsonDns<'a> {
+            name: &'a str,
+            answers: &'a [String],
+            bound: bool,
+            count: usize,
+            rcodes: &'a BTreeSet<String>,
+        }
+        #[derive(Serialize)]
+        struct JsonReport<'a> {
+            job: &'a str,
+            mode: &'a str,
+            totals: Totals,
+            rows: Vec<JsonRow<'a>>,
+            dns: Vec<JsonDns<'a>>,
+        }
+        let report = JsonReport {
+            job: &self.job,
+            mode: &self.mode,
+            totals: Totals {
+                flows: self.flows,
+                blocked: self.blocked,
+                audited: self.audited,
+                allowed: self.allowed,
+                dns_answers: self.dns_answers,
+            },
+            rows: self
+                .sorted_rows()
+                .into_iter()
+                .map(|(k, r)| JsonRow {
+                    domain: k.domain.as_deref(),
+                    address: k.dst,
+                    port: k.port,
+                    proto: k.proto,
+                    verdict: k.verdict,
+                    reason: k.reason,
+                    count: r.count,
+                    first_pid: r.first_pid,
+                    first_comm: &r.first_comm,
+                    first_ts: format_ts(r.first_ts),
+                })
+                .collect(),
+            dns: self
+                .dns
+                .iter()
+                .map(|(name, d)| JsonDns {
+                    name,
+                    answers: &d.answers,
+                    bound: d.bound,
+                    count: d.count,
+                    rcodes: &d.rcodes,
+                })
+                .collect(),
+        };
+        let mut s = serde_json::to_string_pretty(&report)
+            .expect("the report is plain data with string keys");
+        s.push('\n');
+        s
+    }
+}
+
+const HEADERS: [&str; 8] = [
+    "DOMAIN",
+    "ADDRESS",
+    "PORT",
+    "PROTO",
+    "VERDICT",
+    "REASON",
+    "COUNT",
+    "FIRST PROCESS",
+];
+
+/// A process picks its own `comm`, and job and step names come from CI configuration:
+/// control characters in them must not reach a terminal as escape sequences.
+fn text_clean(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let esc: Vec<char> = if c.is_control() {
+                c.escape_default().collect()
+            } else {
+                vec![c]
+            };
+            esc
+        })
+        .collect()
+}
+
+/// Escapes what GitHub-flavoured Markdown would interpret inside a table cell or list item:
+/// `|` ends a cell, and a `comm` like `x](https://…)` must not become a link in a job summary.
+fn md_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in text_clean(s).chars() {
+        if matches!(
+            c,
+            '\\' | '|' | '`' | '*' | '_' | '[' | ']' | '<' | '~' | '#'
+        ) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::DnsEvent;
+    use std::time::Duration;
+
+    fn at(secs: u64) -> SystemTime {
+        // 2026-11-25T21:04:05Z + secs
+        SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_640_645 + secs)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn flow(
+        secs: u64,
+        comm: &str,
+        pid: u32,
+        domain: Option<&str>,
+        dst: &str,
+        port: u16,
+        verdict: Verdict,
+        reason: Reason,
+    ) -> Event {
+        Event::Flow(FlowEvent {
+            ts: at(secs),
+            job: "build-42".into(),
+            step: Some("npm install".into()),
+            pid,
+            comm: comm.into(),
+            cgroup: 12345,
+            proto: Proto::Tcp,
+            dst: dst.parse().unwrap(),
+            port,
+            domain: domain.map(str::to_owned),
+            verdict,
+            reason,
+        })
+    }
+
+    fn dns(name: &str, answers: &[&str], bound: bool, rcode: &str) -> Event {
+        Event::Dns(DnsEvent {
+            ts: at(0),
+            job: "build-42".into(),
+            step: None,
+            name: name.into(),
+            qtype: "A".into(),
+            answers: answers.iter().map(|s| s.to_string()).collect(),
+            ttl: 60,
+            server: "127.0.0.53".parse().unwrap(),
+            rcode: rcode.into(),
+            bound,
+        })
+    }
+
+    use Reason as R;
+    use Verdict as V;
+
+    /// A small job: allowed traffic to GitHub (twice, from two processes), one block, one
+    /// audited direct-IP connection, DNS for both names and one NXDOMAIN.
+    fn sample() -> Report {
+        let mut r = Report::new("build-42", "block");
+        let events = [
+            dns("github.com", &["140.82.112.3"], true, "NOERROR"),
+            // Added out of order: the row must still name curl, the earlier process.
+            flow(
+                5,
+                "git",
+                300,
+                Some("github.com"),
+                "140.82.112.3",
+                443,
+                V::Allowed,
+                R::Allowed,
+            ),
+            flow(
+                1,
+                "curl",
+                200,
+                Some("github.com"),
+                "140.82.112.3",
+                443,
+                V::Allowed,
+                R::Allowed,
+            ),
+            dns("attacker.test", &["198.51.100.66"], false, "NOERROR"),
+            flow(
+                2,
+                "node",
+                4242,
+                Some("attacker.test"),
+                "198.51.100.66",
+                443,
+                V::Blocked,
+                R::NotAllowed,
+            ),
+            flow(
+                3,
+                "nc",
+                77,
+                None,
+                "203.0.113.9",
+                8080,
+                V::Audited,
+                R::DirectIp,
+            ),
+            dns("nope.example", &[], false, "NXDOMAIN"),
+        ];
+        for e in &events {
+            r.add(e);
+        }
+        r
+    }
+
+    #[test]
+    fn text_golden() {
+        let expected = "\
+ringfence report: job build-42, mode block: 4 flows: 1 blocked, 1 audited, 2 allowed
+
+DOMAIN         ADDRESS        PORT  PROTO  VERDICT  REASON       COUNT  FIRST PROCESS
+attacker.test  198.51.100.66  443   tcp    blocked  not-allowed  1      node[4242]
+-              203.0.113.9    8080  tcp    audited  direct-ip    1      nc[77]
+github.com     140.82.112.3   443   tcp    allowed  allowed      2      curl[200]
+
+DNS
+  attacker.test -> 198.51.100.66 (not bound)
+  github.com -> 140.82.112.3 (bound)
+  nope.example -> NXDOMAIN (not bound)
+";
+        assert_eq!(sample().render(Format::Text), expected);
+    }
+
+    #[test]
+    fn markdown_golden() {
+        let expected = "\
+### ringfence: job build-42 (block mode)
+
+4 flows: 1 blocked, 1 audited, 2 allowed.
+
+| Domain | Address | Port | Proto | Verdict | Reason | Count | First process |
+|---|---|---|---|---|---|---:|---|
+| attacker.test | 198.51.100.66 | 443 | tcp | blocked | not-allowed | 1 | node\\[4242\\] |
+| - | 203.0.113.9 | 8080 | tcp | audited | direct-ip | 1 | nc\\[77\\] |
+| github.com | 140.82.112.3 | 443 | tcp | allowed | allowed | 2 | curl\\[200\\] |
+
+DNS:
+
+- attacker.test -> 198.51.100.66 (not bound)
+- github.com -> 140.82.112.3 (bound)
+- nope.example -> NXDOMAIN (not bound)
+";
+        assert_eq!(sample().render(Format::Markdown), expected);
+    }
+
+    #[test]
+    fn json_golden() {
+        let expected = r#"{
+  "job": "build-42",
+  "mode": "block",
+  "totals": {
+    "flows": 4,
+    "blocked": 1,
+    "audited": 1,
+    "allowed": 2,
+    "dns_answers": 3
+  },
+  "rows": [
+    {
+      "domain": "attacker.test",
+      "address": "198.51.100.66",
+      "port": 443,
+      "proto": "tcp",
+      "verdict": "blocked",
+      "reason": "not-allowed",
+      "count": 1,
+      "first_pid": 4242,
+      "first_comm": "node",
+      "first_ts": "2026-11-25T21:04:07.000000Z"
+    },
+    {
+      "domain": null,
+      "address": "203.0.113.9",
+      "port": 8080,
+      "proto": "tcp",
+      "verdict": "audited",
+      "reason": "direct-ip",
+      "count": 1,
+      "first_pid": 77,
+      "first_comm": "nc",
+      "first_ts": "2026-11-25T21:04:08.000000Z"
+    },
+    {
+      "domain": "github.com",
+      "address": "140.82.112.3",
+      "port": 443,
+      "proto": "tcp",
+      "verdict": "allowed",
+      "reason": "allowed",
+      "count": 2,
+      "first_pid": 200,
+      "first_comm": "curl",
+      "first_ts": "2026-11-25T21:04:06.000000Z"
+    }
+  ],
+  "dns": [
+    {
+      "name": "attacker.test",
+      "answers": [
+        "198.51.100.66"
+      ],
+      "bound": false,
+      "count": 1,
+      "rcodes": [
+        "NOERROR"
+      ]
+    },
+    {
+      "name": "github.com",
+      "answers": [
+        "140.82.112.3"
+      ],
+      "bound": true,
+      "count": 1,
+      "rcodes": [
+        "NOERROR"
+      ]
+    },
+    {
+      "name": "nope.example",
+      "answers": [],
+      "bound": false,
+      "count": 1,
+      "rcodes": [
+        "NXDOMAIN"
+      ]
+    }
+  ]
+}
+"#;
+        assert_eq!(sample().render(Format::Json), expected);
+    }
+
+    #[test]
+    fn counts() {
+        let r = sample();
+        assert_eq!(r.blocked(), 1);
+        assert_eq!(r.audited(), 1);
+    }
+
+    #[test]
+    fn aggregation_splits_on_every_key_field() {
+        let mut r = Report::new("build-42", "audit");
+        let base = || {
+            flow(
+                0,
+                "a",
+                1,
+                Some("x.test"),
+                "192.0.2.1",
+                443,
+                V::Allowed,
+                R::Allowed,
+            )
+        };
+        let variants = [
+            base(),
+            base(), // same key: same row
+            flow(
+                0,
+                "a",
+                1,
+                Some("y.test"),
+                "192.0.2.1",
+                443,
+                V::Allowed,
+                R::Allowed,
+            ),
+            flow(0, "a", 1, None, "192.0.2.1", 443, V::Allowed, R::Allowed),
+            flow(
+                0,
+                "a",
+                1,
+                Some("x.test"),
+                "192.0.2.2",
+                443,
+                V::Allowed,
+                R::Allowed,
+            ),
+            flow(
+                0,
+                "a",
+                1,
+                Some("x.test"),
+                "192.0.2.1",
+                80,
+                V::Allowed,
+                R::Allowed,
+            ),
+            flow(
+                0,
+                "a",
+                1,
+                Some("x.test"),
+                "192.0.2.1",
+                443,
+                V::Audited,
+                R::Allowed,
+            ),
+            flow(
+                0,
+                "a",
+                1,
+                Some("x.test"),
+                "192.0.2.1",
+                443,
+                V::Allowed,
+                R::Metadata,
+            ),
+            // A different process alone does not split the row.
+            flow(
+                0,
+                "b",
+                2,
+                Some("x.test"),
+                "192.0.2.1",
+                443,
+                V::Allowed,
+                R::Allowed,
+            ),
+        ];
+        for e in &variants {
+            r.add(e);
+        }
+        let mut udp = base();
+        if let Event::Flow(f) = &mut udp {
+            f.proto = Proto::Udp;
+        }
+        r.add(&udp);
+        // Other(6) is TCP: same row as base.
+        let mut tcp_by_number = base();
+        if let Event::Flow(f) = &mut tcp_by_number {
+            f.proto = Proto::Other(6);
+        }
+        r.add(&tcp_by_number);
+
+        assert_eq!(r.rows.len(), 8);
+        let base_key = RowKey {
+            domain: Some("x.test".into()),
+            dst: "192.0.2.1".parse().unwrap(),
+            port: 443,
+            proto: Proto::Tcp,
+            verdict: V::Allowed,
+            reason: R::Allowed,
+        };
+        let row = &r.rows[&base_key];
+        assert_eq!(row.count, 4);
+        // Ties on time keep the first added.
+        assert_eq!((row.first_comm.as_str(), row.first_pid), ("a", 1));
+    }
+
+    #[test]
+    fn ordering_puts_what_needs_attention_first() {
+        let mut r = Report::new("j", "audit");
+        let mk = |domain: Option<&str>, dst: &str, port, v| {
+            let mut e = flow(0, "p", 1, domain, dst, port, v, R::Allowed);
+            if let Event::Flow(f) = &mut e {
+                f.job = "j".into();
+            }
+            e
+        };
+        for e in [
+            mk(Some("a.test"), "192.0.2.1", 443, V::Allowed),
+            mk(None, "192.0.2.9", 443, V::Blocked),
+            mk(Some("b.test"), "192.0.2.1", 443, V::Audited),
+            mk(Some("z.test"), "192.0.2.1", 443, V::Blocked),
+            mk(Some("a.test"), "192.0.2.1", 80, V::Allowed),
+            mk(Some("a.test"), "10.0.0.1", 443, V::Allowed),
+        ] {
+            r.add(&e);
+        }
+        let order: Vec<_> = r
+            .sorted_rows()
+            .into_iter()
+            .map(|(k, _)| (k.verdict, k.domain.clone(), k.dst.to_string(), k.port))
+            .collect();
+        let s = |d: &str| Some(d.to_owned());
+        assert_eq!(
+            order,
+            vec![
+                (V::Blocked, s("z.test"), "192.0.2.1".into(), 443),
+                (V::Blocked, None, "192.0.2.9".into(), 443),
+                (V::Audited, s("b.test"), "192.0.2.1".into(), 443),
+                (V::Allowed, s("a.test"), "10.0.0.1".into(), 443),
+                (V::Allowed, s("a.test"), "192.0.2.1".into(), 80),
+                (V::Allowed, s("a.test"), "192.0.2.1".into(), 443),
+            ]
+        );
+    }
+
+    #[test]
+    fn other_jobs_are_ignored() {
+        let mut r = Report::new("other-job", "block");
+        for e in [
+            flow(0, "a", 1, None, "192.0.2.1", 443, V::Blocked, R::DirectIp),
+            dns("github.com", &["140.82.112.3"], true, "NOERROR"),
+        ] {
+            r.add(&e);
+        }
+        assert_eq!(r.blocked(), 0);
+        assert_eq!(
+            r.render(Format::Text),
+            "ringfence report: job other-job, mode block: 0 flows: 0 blocked, 0 audited, 0 allowed\n\
+             No outbound flows.\n"
+        );
+    }
+
+    #[test]
+    fn repeated_dns_answers_merge() {
+        let mut r = Report::new("build-42", "block");
+        r.add(&dns(
+            "cdn.test",
+            &["192.0.2.1", "192.0.2.2"],
+            true,
+            "NOERROR",
+        ));
+        r.add(&dns(
+            "cdn.test",
+            &["192.0.2.2", "192.0.2.3"],
+            true,
+            "NOERROR",
+        ));
+        let d = &r.dns["cdn.test"];
+        assert_eq!(d.count, 2);
+        assert_eq!(d.answers, ["192.0.2.1", "192.0.2.2", "192.0.2.3"]);
+        assert!(r
+            .render(Format::Text)
+            .contains("  cdn.test -> 192.0.2.1, 192.0.2.2, 192.0.2.3 (bound)\n"));
+    }
+
+    #[test]
+    fn hostile_process_names_are_escaped() {
+        let mut r = Report::new("build-42", "block");
+        r.add(&flow(
+            0,
+            "x|y](http://e)\u{1b}[2J",
+            9,
+            Some("a_b.test"),
+            "192.0.2.1",
+            443,
+            V::Blocked,
+            R::NotAllowed,
+        ));
+        let md = r.render(Format::Markdown);
+        assert!(
+            md.contains("| x\\|y\\](http://e)\\\\u{1b}\\[2J\\[9\\] |"),
+            "{md}"
+        );
+        assert!(md.contains("| a\\_b.test |"), "{md}");
+        let text = r.render(Format::Text);
+        assert!(!text.contains('\u{1b}'), "{text}");
+        assert!(text.contains("x|y](http://e)\\u{1b}[2J[9]"), "{text}");
+    }
+
+    #[test]
+    fn format_parses() {
+        assert_eq!("text".parse(), Ok(Format::Text));
+        assert_eq!("JSON".parse(), Ok(Format::Json));
+        assert_eq!("markdown".parse(), Ok(Format::Markdown));
+        assert_eq!("html".parse::<Format>(), Err(UnknownFormat("html".into())));
+    }
+}
