@@ -185,7 +185,7 @@ fn rig(entries: u64, always_judge: bool, emit_events: bool) -> Result<Dataplane>
             job_id: JOB,
             mode: 1,
             direct_ip: 1,
-            _pad: [0; 2],
+            ..Default::default()
         },
     )?;
     Ok(dp)
@@ -507,7 +507,7 @@ fn pipeline(args: &Args) -> Result<()> {
             job_id: JOB,
             mode: 1,
             direct_ip: 1,
-            _pad: [0; 2],
+            ..Default::default()
         },
     )?;
     let map = dp.events_map()?;
@@ -740,7 +740,7 @@ fn memory(args: &Args) -> Result<()> {
                 job_id: *id,
                 mode: 1,
                 direct_ip: 1,
-                _pad: [0; 2],
+                ..Default::default()
             },
         )?;
     }
