@@ -215,7 +215,10 @@ def run_one(tb, flt, test, quick, rfbench, ringfence):
                 cmd += ["-u", "-l", "64", "-b", "0"]
         tx0 = tb.tx_packets()
         t0 = time.monotonic()
-        r = tb.ns_exec(tb.c, flt.wrap(ringfence, cmd), check=False, timeout=60)
+        # nsenter, not `ip netns exec`: that one mounts a fresh /sys without the cgroup2
+        # hierarchy, and `ringfence exec` needs it for the job's cgroup.
+        r = sh(["nsenter", f"--net=/run/netns/{tb.c}"] + flt.wrap(ringfence, cmd),
+               check=False, timeout=60)
         el = time.monotonic() - t0
         tx = tb.tx_packets() - tx0
         if r.returncode != 0:
