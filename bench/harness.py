@@ -200,7 +200,7 @@ def run_one(tb, flt, test, quick, rfbench, ringfence):
     tmp.close()
     try:
         if test == "conn":
-            secs = 0.5 if quick else 2.0
+            secs = 0.5 if quick else 1.0
             cmd = [rfbench, "connect-client", f"{S_ADDR}:{CONN_PORT}", str(secs), "2000000"]
         else:
             cmd = ["iperf3", "-c", S_ADDR, "-p", str(IPERF_PORT), "-J", "--logfile", tmp.name]
@@ -208,7 +208,7 @@ def run_one(tb, flt, test, quick, rfbench, ringfence):
                 # A fixed amount of data instead of a time: a fraction of a second.
                 cmd += ["-n", "64M"] if test != "udp64" else ["-k", "40000"]
             else:
-                cmd += ["-t", "2"]
+                cmd += ["-t", "1"]
             if test == "tcp8":
                 cmd += ["-P", "8"]
             if test == "udp64":
