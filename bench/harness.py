@@ -451,7 +451,10 @@ def targets_report(res):
                     f"{pl['handle_events_per_s'] / 1e6:.3f} M/s, {pl.get('handle_nocheck_events_per_s', 0) / 1e6:.3f} M/s without the pid check",
                     s >= 1e6))
     mem = res.get("memory")
-    if mem:
+    if mem and mem["learned_addresses"] < 1_000_000:
+        out.append(("agent RSS <= 128 MiB at 1M learned addresses",
+                    f"not measured (--quick: {mem['learned_addresses']} addresses, {mem['rss_agent_state_mib']:.1f} MiB)", None))
+    elif mem:
         out.append((f"agent RSS <= 128 MiB at {mem['learned_addresses']} learned addresses, {mem['jobs']} jobs",
                     f"{mem['rss_agent_state_mib']:.1f} MiB (agent state), {mem['rss_with_dataplane_mib']:.1f} MiB with the dataplane loaded; "
                     f"BPF maps {mem['maps_memlock_mib']:.1f} MiB memlock",
@@ -507,9 +510,9 @@ def print_table(res):
         for m in mem["maps"]:
             p(f"  map {m['name']:<18}{m['memlock'] / 1048576:>8.1f} MiB")
         p(f"  maps total {mem['maps_memlock_mib']:.1f} MiB (memlock, as bpftool map show reports it)")
-    p("\n## Targets")
+    p("\n## Targets" + (" (--quick: indicative only, one pair, few packets)" if res.get("quick") else ""))
     for label, got, ok in targets_report(res):
-        p(f"  [{'met ' if ok else 'MISS'}] {label}: {got}")
+        p(f"  [{'n/a ' if ok is None else 'met ' if ok else 'MISS'}] {label}: {got}")
 
 
 def check(res, baseline_path, quick):

@@ -604,7 +604,7 @@ fn pipeline(args: &Args) -> Result<()> {
         let elapsed = t.elapsed().as_secs_f64();
         let dropped = drops(&dp)? - d0;
         // Let the consumer drain what is left in the ring, then count.
-        let deadline = Instant::now() + Duration::from_secs(5);
+        let deadline = Instant::now() + Duration::from_secs(if args.quick { 1 } else { 5 });
         while consumed.load(Ordering::Relaxed) - c0 + dropped < produced && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
