@@ -29,6 +29,9 @@ use ringfence::policy::{Compiled, Policy, PortSet};
 use ringfence::testrun::{self, dns_answer, dns_query, frame, run_tc, Rr, TCP_ACK, TCP_SYN};
 use serde_json::{json, Value};
 
+const USAGE: &str = "usage: rfbench dataplane|pipeline|memory [--quick] [--json FILE] \
+     | connect-server ADDR:PORT SECS | connect-client ADDR:PORT SECS MAX";
+
 const LO: u32 = 1;
 const JOB: u32 = 7;
 const DNS_NAME: &str = "bench.test";
@@ -127,7 +130,8 @@ fn is_root() -> bool {
 fn main() -> Result<()> {
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let args = parse_args(&argv);
-    let cmd = args.rest.first().cloned();
+    // Flags cargo may pass (`--test-threads=2`, `--nocapture`…) are not subcommands.
+    let cmd = args.rest.first().filter(|c| !c.starts_with('-')).cloned();
     match cmd.as_deref() {
         Some("dataplane") => dataplane(&args),
         Some("pipeline") => pipeline(&args),
@@ -146,7 +150,12 @@ fn main() -> Result<()> {
                 rest: vec![],
             })
         }
-        _ => bail!("usage: rfbench dataplane|pipeline|memory [--quick] [--json FILE] | connect-server ADDR SECS | connect-client ADDR SECS MAX"),
+        // `cargo test --benches` and friends: nothing to do, and not an error.
+        None => {
+            eprintln!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown subcommand {other:?}\n{USAGE}"),
     }
 }
 
@@ -171,7 +180,9 @@ fn rig(entries: u64, always_judge: bool, emit_events: bool) -> Result<Dataplane>
     let mut compiled: Compiled = policy.compile()?;
     compiled.prefixes = (0..entries)
         .map(|i| {
-            let IpAddr::V6(a) = dest(i) else { unreachable!() };
+            let IpAddr::V6(a) = dest(i) else {
+                unreachable!()
+            };
             (
                 ipnet::IpNet::V6(ipnet::Ipv6Net::new(a, 128).unwrap()),
                 PortSet::Any,
@@ -296,16 +307,39 @@ fn dataplane(args: &Args) -> Result<()> {
         {
             let t = Instant::now();
             let dp = rig(n, true, false)?;
-            eprintln!("  [{n} entries loaded in {:.1}s]", t.elapsed().as_secs_f64());
+            eprintln!(
+                "  [{n} entries loaded in {:.1}s]",
+                t.elapsed().as_secs_f64()
+            );
             let syns: Vec<Vec<u8>> = dests
                 .iter()
                 .enumerate()
                 .map(|(k, d)| frame(client(), *d, 6, 40000 + k as u16, 443, TCP_SYN, &[]))
                 .collect();
             let (ns, empty, ret) = measure(&dp, Prog::Egress, &syns, repeat, 1)?;
-            push(&mut rows, "new-flow-allowed", n, ns, empty, nf, repeat, 1, ret);
+            push(
+                &mut rows,
+                "new-flow-allowed",
+                n,
+                ns,
+                empty,
+                nf,
+                repeat,
+                1,
+                ret,
+            );
             let blocked: Vec<Vec<u8>> = (0..nf as u64)
-                .map(|k| frame(client(), stranger(k * step), 6, 40000 + k as u16, 443, TCP_SYN, &[]))
+                .map(|k| {
+                    frame(
+                        client(),
+                        stranger(k * step),
+                        6,
+                        40000 + k as u16,
+                        443,
+                        TCP_SYN,
+                        &[],
+                    )
+                })
                 .collect();
             let (ns, empty, ret) = measure(&dp, Prog::Egress, &blocked, repeat, 1)?;
             push(&mut rows, "blocked", n, ns, empty, nf, repeat, 1, ret);
@@ -315,11 +349,31 @@ fn dataplane(args: &Args) -> Result<()> {
             let ncold = if args.quick { 2_000 } else { 20_000 }.min(n.max(1)) as usize;
             let cstep = (n / ncold as u64).max(1);
             let cold: Vec<Vec<u8>> = (0..ncold as u64)
-                .map(|k| frame(client(), dest(k * cstep), 6, 40000 + (k % 20000) as u16, 443, TCP_SYN, &[]))
+                .map(|k| {
+                    frame(
+                        client(),
+                        dest(k * cstep),
+                        6,
+                        40000 + (k % 20000) as u16,
+                        443,
+                        TCP_SYN,
+                        &[],
+                    )
+                })
                 .collect();
             let rounds = (if args.quick { 2_000 } else { 40_000 } / ncold).max(1) as u32;
             let (ns, empty, ret) = measure(&dp, Prog::Egress, &cold, 1, rounds)?;
-            push(&mut rows, "new-flow-allowed-cold", n, ns, empty, ncold, 1, rounds, ret);
+            push(
+                &mut rows,
+                "new-flow-allowed-cold",
+                n,
+                ns,
+                empty,
+                ncold,
+                1,
+                rounds,
+                ret,
+            );
         }
 
         // --- established flows (flow cache hit) and DNS answers, normal program.
@@ -374,7 +428,17 @@ fn dataplane(args: &Args) -> Result<()> {
                 if dp.host_entry(JOB, last)?.is_none() {
                     bail!("DNS answer with {records} records bound nothing: the bench is broken");
                 }
-                push(&mut rows, &format!("dns-answer-{records}"), n, ns, empty, 1, drep, 1, ret);
+                push(
+                    &mut rows,
+                    &format!("dns-answer-{records}"),
+                    n,
+                    ns,
+                    empty,
+                    1,
+                    drep,
+                    1,
+                    ret,
+                );
             }
         }
     }
@@ -392,7 +456,17 @@ fn dataplane(args: &Args) -> Result<()> {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn push(rows: &mut Vec<Row>, case: &str, n: u64, ns: f64, empty: f64, frames: usize, repeat: u32, rounds: u32, ret: i32) {
+fn push(
+    rows: &mut Vec<Row>,
+    case: &str,
+    n: u64,
+    ns: f64,
+    empty: f64,
+    frames: usize,
+    repeat: u32,
+    rounds: u32,
+    ret: i32,
+) {
     let r = Row {
         case: case.to_string(),
         entries: n,
@@ -432,7 +506,7 @@ fn machine() -> Value {
 /// A flow event as the kernel writes it, for the decode-only pass.
 fn synthetic_flow_event(i: u64) -> Vec<u8> {
     let mut ev = abi::rf_flow_event::default();
-    ev.hdr.r#type = abi::rf_event_type::RF_EVENT_FLOW.0 as u32;
+    ev.hdr.r#type = abi::rf_event_type::RF_EVENT_FLOW.0;
     ev.hdr.job_id = JOB;
     ev.hdr.ts_ns = 1_000_000_000 + i;
     ev.cgroup_id = 4242;
@@ -469,9 +543,10 @@ fn new_agent_in(sink: &str, jobs: u32, cgroup: Option<std::path::PathBuf>) -> Re
     )?;
     for j in 0..jobs {
         let id = if j == 0 { JOB } else { 1000 + j };
-        agent
-            .jobs
-            .insert(id, JobState::new(&format!("bench-{id}"), "block", cgroup.clone()));
+        agent.jobs.insert(
+            id,
+            JobState::new(&format!("bench-{id}"), "block", cgroup.clone()),
+        );
     }
     Ok(agent)
 }
@@ -499,7 +574,11 @@ fn pipeline(args: &Args) -> Result<()> {
     agent.flush();
     let nocheck_rate = n_syn as f64 / t.elapsed().as_secs_f64();
     drop(agent);
-    println!("agent.handle without the pid check: {:.0} events/s, {:.0} ns/event", nocheck_rate, 1e9 / nocheck_rate);
+    println!(
+        "agent.handle without the pid check: {:.0} events/s, {:.0} ns/event",
+        nocheck_rate,
+        1e9 / nocheck_rate
+    );
     println!(
         "agent.handle (synthetic flow events, sink {sink}, pid checked against {}): {:.0} events/s, {:.0} ns/event",
         cg.as_ref().map_or("nothing".into(), |p| p.display().to_string()),
@@ -544,8 +623,13 @@ fn pipeline(args: &Args) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let ready = Arc::new(AtomicBool::new(false));
     let consumer = {
-        let (consumed, stop, ready, sink, cg) =
-            (consumed.clone(), stop.clone(), ready.clone(), sink.clone(), cg.clone());
+        let (consumed, stop, ready, sink, cg) = (
+            consumed.clone(),
+            stop.clone(),
+            ready.clone(),
+            sink.clone(),
+            cg.clone(),
+        );
         std::thread::spawn(move || -> Result<()> {
             let agent = std::cell::RefCell::new(new_agent_in(&sink, 1, cg)?);
             let mut b = libbpf_rs::RingBufferBuilder::new();
@@ -577,10 +661,16 @@ fn pipeline(args: &Args) -> Result<()> {
     let rates: Vec<u64> = if args.quick {
         vec![5_000, 200_000, 0]
     } else {
-        vec![2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 750_000, 1_000_000, 1_250_000, 1_500_000, 2_000_000, 3_000_000, 0]
+        vec![
+            2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 750_000, 1_000_000,
+            1_250_000, 1_500_000, 2_000_000, 3_000_000, 0,
+        ]
     };
     let mut steps = Vec::new();
-    println!("{:>10} {:>12} {:>12} {:>10} {:>8}", "offered/s", "produced/s", "consumed/s", "drops", "kept up");
+    println!(
+        "{:>10} {:>12} {:>12} {:>10} {:>8}",
+        "offered/s", "produced/s", "consumed/s", "drops", "kept up"
+    );
     for &rate in &rates {
         let d0 = drops(&dp)?;
         let c0 = consumed.load(Ordering::Relaxed);
@@ -605,7 +695,9 @@ fn pipeline(args: &Args) -> Result<()> {
         let dropped = drops(&dp)? - d0;
         // Let the consumer drain what is left in the ring, then count.
         let deadline = Instant::now() + Duration::from_secs(if args.quick { 1 } else { 5 });
-        while consumed.load(Ordering::Relaxed) - c0 + dropped < produced && Instant::now() < deadline {
+        while consumed.load(Ordering::Relaxed) - c0 + dropped < produced
+            && Instant::now() < deadline
+        {
             std::thread::sleep(Duration::from_millis(5));
         }
         let drain = t.elapsed().as_secs_f64();
@@ -620,7 +712,11 @@ fn pipeline(args: &Args) -> Result<()> {
         });
         println!(
             "{:>10} {:>12.0} {:>12.0} {:>10} {:>8}",
-            if rate == 0 { "max".to_string() } else { rate.to_string() },
+            if rate == 0 {
+                "max".to_string()
+            } else {
+                rate.to_string()
+            },
             produced as f64 / elapsed,
             got as f64 / drain,
             dropped,
@@ -629,7 +725,9 @@ fn pipeline(args: &Args) -> Result<()> {
         steps.push(row);
     }
     stop.store(true, Ordering::Release);
-    consumer.join().map_err(|_| anyhow::anyhow!("consumer thread panicked"))??;
+    consumer
+        .join()
+        .map_err(|_| anyhow::anyhow!("consumer thread panicked"))??;
     // Sustained = the produced rate of the last step before the first one that did not
     // keep up (every slower step kept up too); drop point = the first step that dropped.
     // A clean step above them (noise: the consumer shares 2 CPUs) does not count.
@@ -726,7 +824,9 @@ fn memory(args: &Args) -> Result<()> {
     // 1. The agent's state: 256 jobs, `total` learned addresses, fed as the kernel would
     // (DNS answers of 64 AAAA records, each bound), so the name map and expiry heap grow.
     let mut agent = new_agent("/dev/null", jobs)?;
-    let ids: Vec<u32> = (0..jobs).map(|j| if j == 0 { JOB } else { 1000 + j }).collect();
+    let ids: Vec<u32> = (0..jobs)
+        .map(|j| if j == 0 { JOB } else { 1000 + j })
+        .collect();
     let per = 64u32;
     let answers = total.div_ceil(per as u64);
     for a in 0..answers {
@@ -736,13 +836,15 @@ fn memory(args: &Args) -> Result<()> {
         let name = format!("h{a}.registry.bench.test");
         let rrs: Vec<Rr> = (0..per)
             .map(|k| {
-                let IpAddr::V6(ip) = dest(a * per as u64 + k as u64) else { unreachable!() };
+                let IpAddr::V6(ip) = dest(a * per as u64 + k as u64) else {
+                    unreachable!()
+                };
                 Rr::Aaaa(&name, 300, ip.octets())
             })
             .collect();
         let msg = dns_answer(a as u16, &name, 28, &rrs);
         let mut ev = abi::rf_dns_event::default();
-        ev.hdr.r#type = abi::rf_event_type::RF_EVENT_DNS.0 as u32;
+        ev.hdr.r#type = abi::rf_event_type::RF_EVENT_DNS.0;
         ev.hdr.job_id = job;
         ev.hdr.ts_ns = 1_000_000_000 + a;
         ev.server = abi::addr_to_bytes(resolver());
@@ -774,11 +876,23 @@ fn memory(args: &Args) -> Result<()> {
     for (j, id) in ids.iter().enumerate() {
         let prefixes = (0..per_job)
             .map(|k| {
-                let IpAddr::V6(a) = dest(j as u64 * per_job + k) else { unreachable!() };
-                (ipnet::IpNet::V6(ipnet::Ipv6Net::new(a, 128).unwrap()), PortSet::Any)
+                let IpAddr::V6(a) = dest(j as u64 * per_job + k) else {
+                    unreachable!()
+                };
+                (
+                    ipnet::IpNet::V6(ipnet::Ipv6Net::new(a, 128).unwrap()),
+                    PortSet::Any,
+                )
             })
             .collect();
-        dp.install_policy(*id, &Compiled { names: vec![], prefixes }, &[resolver()])?;
+        dp.install_policy(
+            *id,
+            &Compiled {
+                names: vec![],
+                prefixes,
+            },
+            &[resolver()],
+        )?;
         dp.add_job(
             0x00be_0000_0000 + j as u64,
             2,

@@ -23,7 +23,9 @@ fn aaaa(i: u32) -> [u8; 16] {
 fn dns(c: &mut Criterion) {
     let mut g = c.benchmark_group("dns_parse");
     for n in [1u32, 8, 64] {
-        let rrs: Vec<Rr> = (0..n).map(|k| Rr::Aaaa("registry.bench.test", 300, aaaa(k))).collect();
+        let rrs: Vec<Rr> = (0..n)
+            .map(|k| Rr::Aaaa("registry.bench.test", 300, aaaa(k)))
+            .collect();
         let msg = dns_answer(0x1234, "registry.bench.test", 28, &rrs);
         g.throughput(Throughput::Elements(1));
         g.bench_with_input(BenchmarkId::from_parameter(n), &msg, |b, m| {
@@ -47,7 +49,8 @@ fn thousand_patterns() -> String {
 
 fn policy(c: &mut Criterion) {
     let policy = Policy {
-        endpoints: Policy::parse_endpoints(&thousand_patterns(), "bench").expect("1k patterns parse"),
+        endpoints: Policy::parse_endpoints(&thousand_patterns(), "bench")
+            .expect("1k patterns parse"),
         ..Default::default()
     };
     let mut g = c.benchmark_group("policy_allows_1k");
@@ -58,14 +61,16 @@ fn policy(c: &mut Criterion) {
         ("wildcard-hit", "a.b.cdn997.bench.test", 443),
         ("miss", "attacker.evil.test", 443),
     ] {
-        g.bench_function(label, |b| b.iter(|| policy.allows(black_box(name), black_box(port))));
+        g.bench_function(label, |b| {
+            b.iter(|| policy.allows(black_box(name), black_box(port)))
+        });
     }
     g.finish();
 }
 
 fn flow_event(i: u64) -> Vec<u8> {
     let mut ev = abi::rf_flow_event::default();
-    ev.hdr.r#type = abi::rf_event_type::RF_EVENT_FLOW.0 as u32;
+    ev.hdr.r#type = abi::rf_event_type::RF_EVENT_FLOW.0;
     ev.hdr.job_id = JOB;
     ev.hdr.ts_ns = 1_000_000_000 + i;
     ev.cgroup_id = 4242;
@@ -85,7 +90,9 @@ fn events(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     // Decode + attribution (job, step, domain) + report, no output.
     let mut agent = Agent::new(None, Duration::ZERO, Duration::from_secs(30)).unwrap();
-    agent.jobs.insert(JOB, JobState::new("bench", "block", None));
+    agent
+        .jobs
+        .insert(JOB, JobState::new("bench", "block", None));
     let mut i = 0usize;
     g.bench_function("decode_attribute", |b| {
         b.iter(|| {
@@ -100,7 +107,9 @@ fn events(c: &mut Criterion) {
         Duration::from_secs(30),
     )
     .unwrap();
-    agent.jobs.insert(JOB, JobState::new("bench", "block", None));
+    agent
+        .jobs
+        .insert(JOB, JobState::new("bench", "block", None));
     g.bench_function("decode_attribute_write", |b| {
         b.iter(|| {
             agent.handle(black_box(&evs[i & 1023]));
@@ -113,7 +122,10 @@ fn events(c: &mut Criterion) {
 fn config() -> Criterion {
     // bench/run sets RFBENCH_CRITERION_SECS for a short pass; the default is criterion's.
     let c = Criterion::default();
-    match std::env::var("RFBENCH_CRITERION_SECS").ok().and_then(|s| s.parse::<f64>().ok()) {
+    match std::env::var("RFBENCH_CRITERION_SECS")
+        .ok()
+        .and_then(|s| s.parse::<f64>().ok())
+    {
         Some(s) => c
             .measurement_time(Duration::from_secs_f64(s))
             .warm_up_time(Duration::from_secs_f64((s / 4.0).max(0.05)))
