@@ -67,6 +67,8 @@ enum rf_dns_flags {
 	RF_DNS_TRIE_FULL = 8, /* some address could not be inserted */
 	RF_DNS_QUERY = 16,    /* the copy is a query (egress) whose name is not allowed */
 	RF_DNS_REFUSED = 32,  /* ...and it was answered REFUSED in the kernel, never sent */
+	RF_DNS_TCP = 64,      /* carried over TCP */
+	RF_DNS_TCP_SPLIT = 128, /* a TCP answer split across segments: not parsed in the kernel */
 };
 
 /* Index into the per-CPU `counters` array. */
@@ -87,6 +89,7 @@ enum rf_counter {
 	RF_CNT_TRIE_FULL,
 	RF_CNT_RINGBUF_DROP,
 	RF_CNT_DNS_REFUSED,    /* queries answered REFUSED at egress */
+	RF_CNT_DNS_TCP_SPLIT,  /* TCP answers split across segments: bound by the agent, late */
 	RF_CNT_MAX,
 };
 
@@ -219,6 +222,11 @@ struct rf_dns_event {
 	__u16 len;
 	__u16 bound;  /* addresses inserted or refreshed */
 	__u32 flags;  /* enum rf_dns_flags */
+	/* Who sent it: filled for query copies (egress runs in the sender's context). */
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 _pad;
+	char comm[16];
 };
 
 #endif

@@ -48,6 +48,7 @@ struct rf_scratch {
 	__u8 addrs[RF_DNS_ADDRS_MAX][16];
 	__u32 ttls[RF_DNS_ADDRS_MAX];
 	struct rf_ports ports; /* union of what the question name matched */
+	__u64 cgroup_id;       /* of the sender, for query copies */
 	struct rf_addr_val nv; /* a new trie value is built here: variable-offset stack writes are refused */
 	__u64 hash;
 	__u64 now;
@@ -475,11 +476,35 @@ static long bind_cb(__u32 i, void *ctx)
 	return 0;
 }
 
-/* Copies the DNS payload of the packet into scratch. Returns the scratch or NULL. */
+/* Finds the DNS message in a UDP datagram or a TCP segment (2-byte length prefix).
+ * Returns 0 when one whole message is there, 1 for a TCP message that continues in later
+ * segments, -1 when there is no message at all (a bare ACK, a runt). */
+static __always_inline int dns_locate(struct __sk_buff *skb, struct pkt *p)
+{
+	__u16 prefix;
+
+	if (p->proto == IPPROTO_UDP) {
+		p->dns_off = p->payload;
+		p->dns_len = p->l4_len;
+		return p->dns_len >= 12 ? 0 : -1;
+	}
+	if (p->proto != IPPROTO_TCP || p->l4_len < 2 + 12)
+		return -1;
+	if (bpf_skb_load_bytes(skb, p->payload, &prefix, 2))
+		return -1;
+	p->dns_off = p->payload + 2;
+	p->dns_len = bpf_ntohs(prefix);
+	if (p->dns_len < 12)
+		return -1;
+	/* The first message of the segment; one that is longer than the segment is split. */
+	return p->dns_len + 2 > p->l4_len ? 1 : 0;
+}
+
+/* Copies the DNS message of the packet into scratch. Returns the scratch or NULL. */
 static __always_inline struct rf_scratch *load_dns(struct __sk_buff *skb, struct pkt *p)
 {
 	struct rf_scratch *s = get_scratch();
-	__u32 len = p->l4_len;
+	__u32 len = p->dns_len;
 
 	if (!s)
 		return NULL;
@@ -491,7 +516,7 @@ static __always_inline struct rf_scratch *load_dns(struct __sk_buff *skb, struct
 	barrier_var(len);
 	if (len < 12 || len > RF_DNS_BUF)
 		return NULL;
-	if (bpf_skb_load_bytes(skb, p->payload, s->buf, len))
+	if (bpf_skb_load_bytes(skb, p->dns_off, s->buf, len))
 		return NULL;
 	s->len = len;
 	return s;
@@ -510,12 +535,34 @@ static __always_inline void emit_dns_copy(struct rf_scratch *s, __u32 job_id, co
 	__builtin_memcpy(s->ev.server, server, 16);
 	s->ev.bound = s->bound;
 	s->ev.flags = s->flags;
+	s->ev.cgroup_id = 0;
+	s->ev.pid = 0;
+	s->ev._pad = 0;
+	__builtin_memset(s->ev.comm, 0, sizeof(s->ev.comm));
+	if (s->flags & RF_DNS_QUERY) {
+		s->ev.cgroup_id = s->cgroup_id;
+		if (have_task_helpers) {
+			s->ev.pid = bpf_get_current_pid_tgid() >> 32;
+			bpf_get_current_comm(s->ev.comm, sizeof(s->ev.comm));
+		}
+	}
 	barrier_var(len);
 	if (len > RF_DNS_BUF)
 		return;
 	s->ev.len = len;
 	if (bpf_ringbuf_output(&events, &s->ev, sizeof(s->ev) + len, 0))
 		count(RF_CNT_RINGBUF_DROP);
+}
+
+/* Sends a rewritten reply back to the socket. On a real device: redirect to its ingress.
+ * On loopback the packet comes back to this host anyway, and keeps its local route on the
+ * way, so it just goes on; redirecting would drop the route and the input lookup would
+ * then refuse loopback addresses as martians. */
+static __always_inline int turn_around(struct __sk_buff *skb, struct pkt *p)
+{
+	if (is_loopback(p->daddr))
+		return TC_ACT_UNSPEC;
+	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
 }
 
 /* Turns the query in the packet into a REFUSED answer from the resolver and hands it to
@@ -529,7 +576,7 @@ static __always_inline int refuse_query(struct __sk_buff *skb, struct pkt *p)
 	__u16 oldf, newf, f, ports[2];
 	__u32 ip_src, ip_dst, alen, udp = p->payload - 8;
 
-	if (bpf_skb_load_bytes(skb, p->payload + 2, &oldf, 2))
+	if (bpf_skb_load_bytes(skb, p->dns_off + 2, &oldf, 2))
 		return TC_ACT_SHOT;
 	f = bpf_ntohs(oldf);
 	f = (f & ~0x020fU) | 0x8000U | 0x0080U | 5; /* QR, RA, not TC, RCODE=REFUSED */
@@ -575,23 +622,94 @@ static __always_inline int refuse_query(struct __sk_buff *skb, struct pkt *p)
 		    bpf_l4_csum_replace(skb, udp + 6, oldf, newf, 2))
 			return TC_ACT_SHOT;
 	}
-	if (bpf_skb_store_bytes(skb, p->payload + 2, &newf, 2, 0))
+	if (bpf_skb_store_bytes(skb, p->dns_off + 2, &newf, 2, 0))
 		return TC_ACT_SHOT;
 	count(RF_CNT_DNS_REFUSED);
-	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
+	return turn_around(skb, p);
+}
+
+/* The same over TCP: the query segment becomes the server's reply segment. Its sequence
+ * number is what the client acknowledged of the server, its acknowledgment covers the
+ * query, and the timestamp option's two values trade places so PAWS accepts it. The
+ * message keeps its length (a REFUSED answer echoes the question), so only the flags
+ * word, seq, ack and TCP flags change in the checksum. */
+static __always_inline int refuse_tcp_query(struct __sk_buff *skb, struct pkt *p)
+{
+	__u32 l4 = p->l4_off, seq, ack, nseq, nack, ip_src, ip_dst;
+	__u16 oldf, newf, f, oldw, neww, ports[2];
+	__u8 mac[12], a[16], b[16], opt[12];
+
+	if (bpf_skb_load_bytes(skb, p->dns_off + 2, &oldf, 2) ||
+	    bpf_skb_load_bytes(skb, l4, ports, 4) || bpf_skb_load_bytes(skb, l4 + 4, &seq, 4) ||
+	    bpf_skb_load_bytes(skb, l4 + 8, &ack, 4) || bpf_skb_load_bytes(skb, l4 + 12, &oldw, 2) ||
+	    bpf_skb_load_bytes(skb, 0, mac, 12))
+		return TC_ACT_SHOT;
+	f = bpf_ntohs(oldf);
+	f = (f & ~0x020fU) | 0x8000U | 0x0080U | 5;
+	newf = bpf_htons(f);
+	nseq = ack;
+	nack = bpf_htonl(bpf_ntohl(seq) + p->l4_len);
+	neww = bpf_htons((bpf_ntohs(oldw) & 0xf000) | RF_TCP_ACK | 0x08 /* PSH */);
+
+	if (p->family == 4) {
+		ip_src = ETH_HLEN + 12;
+		ip_dst = ETH_HLEN + 16;
+		if (bpf_skb_load_bytes(skb, ip_src, a, 4) || bpf_skb_load_bytes(skb, ip_dst, b, 4) ||
+		    bpf_skb_store_bytes(skb, ip_src, b, 4, 0) || bpf_skb_store_bytes(skb, ip_dst, a, 4, 0))
+			return TC_ACT_SHOT;
+	} else {
+		ip_src = ETH_HLEN + 8;
+		ip_dst = ETH_HLEN + 24;
+		if (bpf_skb_load_bytes(skb, ip_src, a, 16) || bpf_skb_load_bytes(skb, ip_dst, b, 16) ||
+		    bpf_skb_store_bytes(skb, ip_src, b, 16, 0) || bpf_skb_store_bytes(skb, ip_dst, a, 16, 0))
+			return TC_ACT_SHOT;
+	}
+	{
+		__u16 swapped[2] = { ports[1], ports[0] };
+		__u8 swapped_mac[12];
+
+		__builtin_memcpy(swapped_mac, mac + 6, 6);
+		__builtin_memcpy(swapped_mac + 6, mac, 6);
+		if (bpf_skb_store_bytes(skb, l4, swapped, 4, 0) ||
+		    bpf_skb_store_bytes(skb, 0, swapped_mac, 12, 0))
+			return TC_ACT_SHOT;
+	}
+	/* Timestamps, in the layout Linux sends: NOP NOP TS(kind 8, len 10) TSval TSecr. */
+	if (p->payload >= l4 + 32 && !bpf_skb_load_bytes(skb, l4 + 20, opt, 12) && opt[0] == 1 &&
+	    opt[1] == 1 && opt[2] == 8 && opt[3] == 10) {
+		__u8 sw[8];
+
+		__builtin_memcpy(sw, opt + 8, 4);
+		__builtin_memcpy(sw + 4, opt + 4, 4);
+		if (bpf_skb_store_bytes(skb, l4 + 24, sw, 8, 0))
+			return TC_ACT_SHOT;
+	}
+	if (bpf_l4_csum_replace(skb, l4 + 16, seq, nseq, 4) ||
+	    bpf_l4_csum_replace(skb, l4 + 16, ack, nack, 4) ||
+	    bpf_l4_csum_replace(skb, l4 + 16, oldw, neww, 2) ||
+	    bpf_l4_csum_replace(skb, l4 + 16, oldf, newf, 2))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, l4 + 4, &nseq, 4, 0) ||
+	    bpf_skb_store_bytes(skb, l4 + 8, &nack, 4, 0) ||
+	    bpf_skb_store_bytes(skb, l4 + 12, &neww, 2, 0) ||
+	    bpf_skb_store_bytes(skb, p->dns_off + 2, &newf, 2, 0))
+		return TC_ACT_SHOT;
+	count(RF_CNT_DNS_REFUSED);
+	return turn_around(skb, p);
 }
 
 /* Egress, a UDP query to an allowed resolver. Its name is matched against the job's
  * policy: an allowed one is remembered (server, client port, id, name hash) so that only
  * its answer binds; one that is not allowed is reported, and in block mode with query
  * filtering answered REFUSED on the spot. Returns the TC action for the packet. */
-static __always_inline int dns_query(struct __sk_buff *skb, struct pkt *p, const struct rf_job *job)
+static __always_inline int dns_query(struct __sk_buff *skb, struct pkt *p, const struct rf_job *job,
+				     __u64 cgid)
 {
 	struct rf_query_key qk = {};
 	struct rf_query_val qv = {};
 	struct rf_scratch *s;
 
-	if (p->fragment)
+	if (p->fragment || dns_locate(skb, p) != 0)
 		return TC_ACT_UNSPEC;
 	s = load_dns(skb, p);
 	if (!s || (s->flags & RF_DNS_TRUNCATED))
@@ -604,15 +722,18 @@ static __always_inline int dns_query(struct __sk_buff *skb, struct pkt *p, const
 	count(RF_CNT_DNS_QUERIES);
 
 	s->job_id = job->job_id;
+	s->cgroup_id = cgid;
 	s->matched = 0;
 	s->bound = 0;
 	__builtin_memset(&s->ports, 0, sizeof(s->ports));
 	bpf_loop(RF_LABELS_MAX, match_cb, NULL, 0);
 	if (!s->matched) {
-		s->flags = RF_DNS_QUERY;
+		s->flags = RF_DNS_QUERY | (p->proto == IPPROTO_TCP ? RF_DNS_TCP : 0);
 		if (job->mode == RF_MODE_BLOCK && job->dns_filter) {
 			s->flags |= RF_DNS_REFUSED;
 			emit_dns_copy(s, job->job_id, p->daddr);
+			if (p->proto == IPPROTO_TCP)
+				return refuse_tcp_query(skb, p);
 			return refuse_query(skb, p);
 		}
 		emit_dns_copy(s, job->job_id, p->daddr);
@@ -641,17 +762,29 @@ static __always_inline void dns_answer(struct __sk_buff *skb, struct pkt *p)
 	__u64 qhash;
 	__u16 txid;
 
+	int where;
+
 	if (p->fragment) {
 		count(RF_CNT_DNS_FRAGMENT);
 		return;
 	}
-	if (p->l4_len > RF_DNS_BUF) {
+	where = dns_locate(skb, p);
+	if (where < 0)
+		return;
+	if (where > 0) {
+		/* Parsing needs the whole message; the agent binds these from userspace. */
+		count(RF_CNT_DNS_TCP_SPLIT);
+		return;
+	}
+	if (p->dns_len > RF_DNS_BUF) {
 		count(RF_CNT_DNS_TOO_BIG);
 		return;
 	}
 	s = load_dns(skb, p);
 	if (!s)
 		return;
+	if (p->proto == IPPROTO_TCP)
+		s->flags |= RF_DNS_TCP;
 	count(RF_CNT_DNS_ANSWERS);
 	txid = buf16(s, 0);
 	__builtin_memcpy(qk.server, p->saddr, 16);

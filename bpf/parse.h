@@ -36,7 +36,10 @@ struct pkt {
 	__u8 fragment;    /* part of a fragmented datagram */
 	__u8 later_frag;  /* not the first fragment: no L4 header at all */
 	__u8 _pad[1];
-	__u16 l4_len;     /* UDP length field minus its header: the datagram's real payload */
+	__u16 l4_len;     /* UDP: the length field minus its header; TCP: segment payload bytes */
+	__u32 l4_off;     /* offset of the TCP/UDP header */
+	__u32 dns_off;    /* where the DNS message starts (after TCP's 2-byte length prefix) */
+	__u32 dns_len;
 } __attribute__((aligned(8)));
 
 static __always_inline void v4_mapped(__u8 *dst, __be32 a)
@@ -123,6 +126,8 @@ static __always_inline int parse_pkt(struct __sk_buff *skb, struct pkt *p)
 		p->dport = bpf_ntohs(tcp->dest);
 		p->tcp_flags = ((__u8 *)tcp)[13];
 		p->payload = l4 + tcp->doff * 4;
+		p->l4_off = l4;
+		p->l4_len = skb->len > p->payload ? skb->len - p->payload : 0;
 	} else if (p->proto == IPPROTO_UDP) {
 		struct udphdr *udp = data + l4;
 
@@ -131,6 +136,7 @@ static __always_inline int parse_pkt(struct __sk_buff *skb, struct pkt *p)
 		p->sport = bpf_ntohs(udp->source);
 		p->dport = bpf_ntohs(udp->dest);
 		p->payload = l4 + sizeof(*udp);
+		p->l4_off = l4;
 		p->l4_len = bpf_ntohs(udp->len) >= sizeof(*udp) ? bpf_ntohs(udp->len) - sizeof(*udp) : 0;
 	}
 	return 0;

@@ -36,6 +36,11 @@ enum rf_counter _rf_counter = 0;
 
 #define RF_SEC 1000000000ULL
 
+static __always_inline int is_dns(const struct pkt *p)
+{
+	return p->proto == IPPROTO_UDP || p->proto == IPPROTO_TCP;
+}
+
 static __always_inline struct rf_job *find_job(struct __sk_buff *skb, __u64 *cgid)
 {
 	__u64 id = bpf_skb_cgroup_id(skb);
@@ -83,17 +88,22 @@ static __always_inline __u8 deny(const struct rf_job *job, int direct)
 	return RF_VERDICT_AUDITED;
 }
 
+static __always_inline int is_resolver(const struct rf_job *job, const __u8 *addr)
+{
+	struct rf_resolver_key rk = {};
+
+	rk.job_id = job->job_id;
+	__builtin_memcpy(rk.addr, addr, 16);
+	return bpf_map_lookup_elem(&resolvers, &rk) != NULL;
+}
+
 static __always_inline __u8 judge(const struct rf_job *job, struct pkt *p, __u64 now, __u8 *reason)
 {
 	struct rf_lpm_key key = {};
 	struct rf_addr_val *v;
 
-	if ((p->proto == IPPROTO_UDP || p->proto == IPPROTO_TCP) && p->dport == 53) {
-		struct rf_resolver_key rk = {};
-
-		rk.job_id = job->job_id;
-		__builtin_memcpy(rk.addr, p->daddr, 16);
-		if (bpf_map_lookup_elem(&resolvers, &rk)) {
+	if (is_dns(p) && p->dport == 53) {
+		if (is_resolver(job, p->daddr)) {
 			*reason = RF_REASON_ALLOWED;
 			return RF_VERDICT_ALLOWED;
 		}
@@ -177,8 +187,15 @@ int rf_egress(struct __sk_buff *skb)
 	if (parse_pkt(skb, &p))
 		return TC_ACT_UNSPEC;
 	count(RF_CNT_JOB_PACKETS);
-	if (is_loopback(p.daddr))
+	if (is_loopback(p.daddr)) {
+		/* Loopback is always allowed, but a query to a local stub or cache (systemd-resolved
+		 * on 127.0.0.53, a caching resolver) is still a query: remember it so that the stub's
+		 * answer binds, and filter it like any other. Only on lo, where ringfence attaches
+		 * when a resolver is local. */
+		if (is_dns(&p) && p.dport == 53 && is_resolver(job, p.daddr))
+			return dns_query(skb, &p, job, cgid);
 		return TC_ACT_UNSPEC;
+	}
 
 	__builtin_memcpy(fk.daddr, p.daddr, 16);
 	fk.job_id = job->job_id;
@@ -209,8 +226,8 @@ int rf_egress(struct __sk_buff *skb)
 			count(RF_CNT_BLOCKED);
 			return TC_ACT_SHOT;
 		}
-		if (p.proto == IPPROTO_UDP && p.dport == 53 && cached->verdict == RF_VERDICT_ALLOWED)
-			return dns_query(skb, &p, job);
+		if (is_dns(&p) && p.dport == 53 && cached->verdict == RF_VERDICT_ALLOWED)
+			return dns_query(skb, &p, job, cgid);
 		return TC_ACT_UNSPEC;
 	}
 
@@ -236,8 +253,8 @@ int rf_egress(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 	count(verdict == RF_VERDICT_AUDITED ? RF_CNT_AUDITED : RF_CNT_ALLOWED);
-	if (p.proto == IPPROTO_UDP && p.dport == 53 && verdict == RF_VERDICT_ALLOWED)
-		return dns_query(skb, &p, job);
+	if (is_dns(&p) && p.dport == 53 && verdict == RF_VERDICT_ALLOWED)
+		return dns_query(skb, &p, job, cgid);
 	return TC_ACT_UNSPEC;
 }
 
@@ -248,7 +265,7 @@ int rf_ingress(struct __sk_buff *skb)
 
 	if (parse_pkt(skb, &p))
 		return TC_ACT_UNSPEC;
-	if (p.proto == IPPROTO_UDP && p.sport == 53)
+	if (is_dns(&p) && p.sport == 53)
 		dns_answer(skb, &p);
 	return TC_ACT_UNSPEC;
 }

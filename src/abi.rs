@@ -3,9 +3,9 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 pub use crate::bpf_skel::types::{
-    rf_addr_val, rf_counter, rf_dns_event, rf_event_hdr, rf_event_type, rf_flow_event,
-    rf_flow_key, rf_flow_val, rf_glob, rf_job, rf_limits, rf_lpm_key, rf_name_key, rf_name_val,
-    rf_ports, rf_query_key, rf_query_val, rf_reason, rf_resolver_key, rf_verdict,
+    rf_addr_val, rf_counter, rf_dns_event, rf_event_hdr, rf_event_type, rf_flow_event, rf_flow_key,
+    rf_flow_val, rf_glob, rf_job, rf_limits, rf_lpm_key, rf_name_key, rf_name_val, rf_ports,
+    rf_query_key, rf_query_val, rf_reason, rf_resolver_key, rf_verdict,
 };
 
 /// Bytes of a host entry's prefix in the trie: 32 bits of job id + 128 bits of address.
@@ -24,6 +24,8 @@ pub const DNS_ALLOWED: u32 = 1;
 pub const DNS_MALFORMED: u32 = 2;
 pub const DNS_TRUNCATED: u32 = 4;
 pub const DNS_TRIE_FULL: u32 = 8;
+pub const DNS_QUERY: u32 = 16;
+pub const DNS_REFUSED: u32 = 32;
 
 // The C compiler and the skeleton generator must agree on every layout we exchange.
 const _: () = {
@@ -39,7 +41,7 @@ const _: () = {
     assert!(std::mem::size_of::<rf_flow_key>() == 28);
     assert!(std::mem::size_of::<rf_event_hdr>() == 16);
     assert!(std::mem::size_of::<rf_flow_event>() == 88);
-    assert!(std::mem::size_of::<rf_dns_event>() == 40);
+    assert!(std::mem::size_of::<rf_dns_event>() == 72);
 };
 
 // SAFETY: plain-old-data C structs, every bit pattern valid.
@@ -88,9 +90,12 @@ pub fn lpm_prefixlen(a: IpAddr, prefix: u8) -> u32 {
     }
 }
 
-
 pub fn comm_to_string(c: &[i8; 16]) -> String {
-    let bytes: Vec<u8> = c.iter().take_while(|&&b| b != 0).map(|&b| b as u8).collect();
+    let bytes: Vec<u8> = c
+        .iter()
+        .take_while(|&&b| b != 0)
+        .map(|&b| b as u8)
+        .collect();
     String::from_utf8_lossy(&bytes).into_owned()
 }
 

@@ -39,6 +39,17 @@ pub struct JobState {
 }
 
 impl JobState {
+    /// The first packet of a flow is sent in the context of the process that opened it,
+    /// but a retransmit from a timer is not: keep the pid only if it is the job's.
+    fn attribute(&self, pid: u32, comm: String) -> (u32, String) {
+        match &self.cgroup {
+            Some(cg) if pid == 0 || crate::cgroup::pid_in(cg, pid) == Some(false) => {
+                (0, String::new())
+            }
+            _ => (pid, comm),
+        }
+    }
+
     pub fn new(name: &str, mode: &str, cgroup: Option<PathBuf>) -> JobState {
         JobState {
             name: name.to_string(),
@@ -67,34 +78,6 @@ pub fn boottime_ns() -> u64 {
     ts.tv_sec() as u64 * 1_000_000_000 + ts.tv_nsec() as u64
 }
 
-fn proto_of(p: u8) -> Proto {
-    match p {
-        6 => Proto::Tcp,
-        17 => Proto::Udp,
-        1 => Proto::Icmp,
-        58 => Proto::Icmpv6,
-        n => Proto::Other(n),
-    }
-}
-
-fn verdict_of(v: u8) -> Verdict {
-    match v {
-        0 => Verdict::Allowed,
-        2 => Verdict::Audited,
-        _ => Verdict::Blocked,
-    }
-}
-
-fn reason_of(r: u8) -> Reason {
-    match r {
-        0 => Reason::Allowed,
-        1 => Reason::NotAllowed,
-        3 => Reason::DnsResolver,
-        4 => Reason::Metadata,
-        _ => Reason::DirectIp,
-    }
-}
-
 fn rcode_name(r: u16) -> String {
     match r {
         0 => "NOERROR".into(),
@@ -121,7 +104,11 @@ fn qtype_name(t: u16) -> String {
 }
 
 impl Agent {
-    pub fn new(events_file: Option<&std::path::Path>, min_ttl: Duration, grace: Duration) -> Result<Agent> {
+    pub fn new(
+        events_file: Option<&std::path::Path>,
+        min_ttl: Duration,
+        grace: Duration,
+    ) -> Result<Agent> {
         let sink = match events_file {
             Some(p) => Some(
                 JsonLinesWriter::create(p)
@@ -158,11 +145,12 @@ impl Agent {
             return;
         };
         match abi::rf_event_type(hdr.r#type) {
-            abi::rf_event_type::RF_EVENT_FLOW => match abi::from_bytes::<abi::rf_flow_event>(data)
-            {
-                Some(ev) => self.on_flow(&ev),
-                None => self.decode_errors += 1,
-            },
+            abi::rf_event_type::RF_EVENT_FLOW => {
+                match abi::from_bytes::<abi::rf_flow_event>(data) {
+                    Some(ev) => self.on_flow(&ev),
+                    None => self.decode_errors += 1,
+                }
+            }
             abi::rf_event_type::RF_EVENT_DNS => {
                 let n = std::mem::size_of::<abi::rf_dns_event>();
                 match abi::from_bytes::<abi::rf_dns_event>(data) {
@@ -182,21 +170,13 @@ impl Agent {
         };
         let dst = abi::addr_from_bytes(ev.daddr);
         let domain = job.names.get(&dst).cloned();
-        let mut reason = reason_of(ev.reason);
+        let mut reason = Reason::try_from(ev.reason).unwrap_or(Reason::DirectIp);
         // In block mode the kernel does not keep addresses of names it will not allow, so
         // it can only say "direct-ip"; the agent saw the answer and knows better.
         if reason == Reason::DirectIp && domain.is_some() {
             reason = Reason::NotAllowed;
         }
-        // The first packet of a flow is sent in the context of the process that opened it,
-        // but a retransmit from a timer is not: keep the pid only if it is the job's.
-        let (mut pid, mut comm) = (ev.pid, abi::comm_to_string(&ev.comm));
-        if let Some(cg) = &job.cgroup {
-            if pid == 0 || crate::cgroup::pid_in(cg, pid) == Some(false) {
-                pid = 0;
-                comm = String::new();
-            }
-        }
+        let (pid, comm) = job.attribute(ev.pid, abi::comm_to_string(&ev.comm));
         let flow = FlowEvent {
             ts: boottime_to_system(ev.hdr.ts_ns),
             job: job.name.clone(),
@@ -204,11 +184,11 @@ impl Agent {
             pid,
             comm,
             cgroup: ev.cgroup_id,
-            proto: proto_of(ev.proto),
+            proto: Proto::from(ev.proto),
             dst,
             port: ev.dport,
             domain,
-            verdict: verdict_of(ev.verdict),
+            verdict: Verdict::try_from(ev.verdict).unwrap_or(Verdict::Blocked),
             reason,
         };
         self.emit(ev.hdr.job_id, Event::Flow(flow));
@@ -230,6 +210,31 @@ impl Agent {
         let Some(q) = msg.question.as_ref() else {
             return;
         };
+        if ev.flags & abi::DNS_QUERY != 0 {
+            // A query for a name the policy does not allow: refused in the kernel (block
+            // mode) or let through and reported (audit mode). Either way it is a finding.
+            let (pid, comm) = job.attribute(ev.pid, abi::comm_to_string(&ev.comm));
+            let flow = FlowEvent {
+                ts: boottime_to_system(ev.hdr.ts_ns),
+                job: job.name.clone(),
+                step: job.step.clone(),
+                pid,
+                comm,
+                cgroup: ev.cgroup_id,
+                proto: Proto::Udp,
+                dst: abi::addr_from_bytes(ev.server),
+                port: 53,
+                domain: Some(q.name.clone()),
+                verdict: if ev.flags & abi::DNS_REFUSED != 0 {
+                    Verdict::Blocked
+                } else {
+                    Verdict::Audited
+                },
+                reason: Reason::DnsQuery,
+            };
+            self.emit(job_id, Event::Flow(flow));
+            return;
+        }
         let addrs = msg.addresses();
         for (a, _) in &addrs {
             job.names.insert(*a, q.name.clone());
@@ -256,8 +261,15 @@ impl Agent {
                     .push(Reverse((ev.hdr.ts_ns + life + self.grace_ns, job_id, *a)));
             }
         }
+        if ev.flags & abi::DNS_TRIE_FULL != 0 {
+            tracing::warn!(job = dns_ev.job, name = dns_ev.name, "the learned-address map is full: some answers were not bound, connections to them are blocked (fail closed)");
+        }
         if ev.flags & abi::DNS_MALFORMED != 0 {
-            tracing::warn!(job = dns_ev.job, name = dns_ev.name, "DNS answer did not validate in the kernel: nothing bound");
+            tracing::warn!(
+                job = dns_ev.job,
+                name = dns_ev.name,
+                "DNS answer did not validate in the kernel: nothing bound"
+            );
         }
         self.emit(job_id, Event::Dns(dns_ev));
     }
@@ -282,7 +294,9 @@ impl Agent {
             if v.flags & abi::ADDR_STATIC != 0 || v.expires_ns == 0 {
                 continue;
             }
-            let keep_until = v.expires_ns.max(v.last_used_ns.saturating_add(FLOW_IDLE_NS));
+            let keep_until = v
+                .expires_ns
+                .max(v.last_used_ns.saturating_add(FLOW_IDLE_NS));
             if keep_until > now {
                 self.expiry.push(Reverse((keep_until, job_id, addr)));
                 continue;

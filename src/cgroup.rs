@@ -11,8 +11,11 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum CgroupError {
-    #[error("no cgroup v2 hierarchy is mounted (looked for a cgroup2 entry in /proc/self/mountinfo); mount one, e.g. `mount -t cgroup2 none /sys/fs/cgroup`")]
-    NoCgroup2,
+    #[error("no cgroup v2 hierarchy is mounted (no cgroup2 entry in /proc/self/mountinfo) and mounting one at {path} failed: {errno}; this kernel may lack cgroup v2")]
+    NoCgroup2 {
+        path: String,
+        errno: nix::errno::Errno,
+    },
     #[error("cgroup {path}: {source}")]
     Io {
         path: PathBuf,
@@ -32,10 +35,34 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> CgroupError + '_ {
 
 /// Where cgroup v2 is mounted: /sys/fs/cgroup on most hosts, /sys/fs/cgroup/unified on
 /// hybrid ones. Read from mountinfo rather than assumed.
+/// When none is mounted here (`ip netns exec` remounts /sys and hides it; some containers
+/// never had it), the one hierarchy is mounted privately under /run.
 pub fn find_cgroup2() -> Result<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo").map_err(|_| CgroupError::NoCgroup2)?;
-    parse_mountinfo(&info).ok_or(CgroupError::NoCgroup2)
+    let info = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    if let Some(p) = parse_mountinfo(&info) {
+        return Ok(p);
+    }
+    let path = PathBuf::from(PRIVATE_MOUNT);
+    let fail = |errno| CgroupError::NoCgroup2 {
+        path: PRIVATE_MOUNT.to_string(),
+        errno,
+    };
+    fs::create_dir_all(&path)
+        .map_err(|e| fail(nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(0))))?;
+    nix::mount::mount(
+        Some("cgroup2"),
+        &path,
+        Some("cgroup2"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(fail)?;
+    Ok(path)
 }
+
+const PRIVATE_MOUNT: &str = "/run/ringfence/cgroup2";
 
 fn parse_mountinfo(info: &str) -> Option<PathBuf> {
     info.lines().find_map(|line| {
@@ -190,7 +217,10 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         let unified = "35 24 0:30 / /sys/fs/cgroup rw,nosuid shared:9 - cgroup2 cgroup2 rw\n";
-        assert_eq!(parse_mountinfo(unified), Some(PathBuf::from("/sys/fs/cgroup")));
+        assert_eq!(
+            parse_mountinfo(unified),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
         assert_eq!(
             parse_mountinfo("27 25 0:24 / /sys/fs/cgroup/cpu rw - cgroup cgroup rw\n"),
             None

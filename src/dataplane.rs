@@ -155,7 +155,10 @@ fn task_helpers_in_tc() -> bool {
     use libbpf_rs::libbpf_sys as sys;
     let probe = |helper| {
         // SAFETY: a read-only feature probe; NULL opts are allowed.
-        unsafe { sys::libbpf_probe_bpf_helper(sys::BPF_PROG_TYPE_SCHED_CLS, helper, std::ptr::null()) == 1 }
+        unsafe {
+            sys::libbpf_probe_bpf_helper(sys::BPF_PROG_TYPE_SCHED_CLS, helper, std::ptr::null())
+                == 1
+        }
     };
     probe(sys::BPF_FUNC_get_current_pid_tgid) && probe(sys::BPF_FUNC_get_current_comm)
 }
@@ -302,7 +305,8 @@ impl Dataplane {
                 let link = unsafe {
                     libbpf_rs::libbpf_sys::bpf_program__attach_tcx(raw, ifindex, std::ptr::null())
                 };
-                let link = NonNull::new(link).ok_or_else(|| err(std::io::Error::last_os_error()))?;
+                let link =
+                    NonNull::new(link).ok_or_else(|| err(std::io::Error::last_os_error()))?;
                 // SAFETY: a fresh link from libbpf, owned by nobody else.
                 Ok(Attachment::Tcx(unsafe { Link::from_ptr(link) }))
             }
@@ -467,6 +471,50 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Forgets every job, policy, learned address, flow and counter, as if freshly loaded
+    /// (reloading means verifying the programs again, which is slow under emulation: tests
+    /// and benchmarks reuse one instance). Pending ring-buffer records are discarded.
+    pub fn reset(&mut self) -> Result<()> {
+        let maps = &self.skel.maps;
+        for (name, map) in [
+            ("jobs", &maps.jobs),
+            ("ifjobs", &maps.ifjobs),
+            ("names", &maps.names),
+            ("allow", &maps.allow),
+            ("resolvers", &maps.resolvers),
+            ("queries", &maps.queries),
+            ("flows", &maps.flows),
+        ] {
+            let keys: Vec<Vec<u8>> = map.keys().collect();
+            for k in keys {
+                map.delete(&k).map_err(map_err(name))?;
+            }
+        }
+        let ncpu = libbpf_rs::num_possible_cpus().map_err(map_err("counters"))?;
+        let zeros = vec![vec![0u8; 8]; ncpu];
+        for i in 0..abi::COUNTERS as u32 {
+            maps.counters
+                .update_percpu(&i.to_ne_bytes(), &zeros, MapFlags::ANY)
+                .map_err(map_err("counters"))?;
+        }
+        let events = self.events_map()?;
+        let mut b = libbpf_rs::RingBufferBuilder::new();
+        b.add(&events, |_: &[u8]| 0).map_err(map_err("events"))?;
+        b.build()
+            .map_err(map_err("events"))?
+            .consume()
+            .map_err(map_err("events"))?;
+        let bss = self
+            .skel
+            .maps
+            .bss_data
+            .as_deref_mut()
+            .expect("bss is mmapped by the skeleton");
+        bss.job_levels = 0;
+        bss.have_ifjobs = 0;
+        Ok(())
+    }
+
     /// The ring buffer map, as an owned handle the event loop can poll.
     pub fn events_map(&self) -> Result<MapHandle> {
         MapHandle::try_from(&self.skel.maps.events).map_err(map_err("events"))
@@ -552,6 +600,10 @@ impl Dataplane {
         &self.skel.progs.rf_empty
     }
 }
+
+// SAFETY: the skeleton is Send; the clsact hooks hold libbpf option structs whose only
+// pointer fields are unused (NULL), and links are owned file descriptors.
+unsafe impl Send for Dataplane {}
 
 impl Drop for Dataplane {
     fn drop(&mut self) {

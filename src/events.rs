@@ -39,6 +39,8 @@ pub enum Reason {
     DirectIp,
     DnsResolver,
     Metadata,
+    /// A DNS query for a name the policy does not allow (the name is the event's domain).
+    DnsQuery,
 }
 
 /// A kernel value outside the enum it should belong to: the object and the agent disagree
@@ -76,6 +78,7 @@ impl TryFrom<u8> for Reason {
             2 => Self::DirectIp,
             3 => Self::DnsResolver,
             4 => Self::Metadata,
+            5 => Self::DnsQuery,
             value => {
                 return Err(UnknownValue {
                     what: "reason",
@@ -104,6 +107,7 @@ impl fmt::Display for Reason {
             Self::DirectIp => "direct-ip",
             Self::DnsResolver => "dns-resolver",
             Self::Metadata => "metadata",
+            Self::DnsQuery => "dns-query",
         })
     }
 }
@@ -629,11 +633,12 @@ mod tests {
     fn kernel_values_convert() {
         assert_eq!(Verdict::try_from(2), Ok(Verdict::Audited));
         assert_eq!(Reason::try_from(4), Ok(Reason::Metadata));
+        assert_eq!(Reason::try_from(5), Ok(Reason::DnsQuery));
         assert_eq!(
-            Reason::try_from(5),
+            Reason::try_from(6),
             Err(UnknownValue {
                 what: "reason",
-                value: 5
+                value: 6
             })
         );
         assert!(Verdict::try_from(3).is_err());

@@ -35,6 +35,10 @@ pub struct ExecArgs {
     /// Connections to addresses no DNS answer produced: block (default) or audit.
     #[arg(long = "direct-ip", value_enum)]
     pub direct_ip: Option<ModeArg>,
+    /// allowed-only (default): in block mode, DNS queries for names the policy does not
+    /// allow are answered REFUSED and never leave the host; any: no query filtering.
+    #[arg(long = "dns-policy", value_parser = ["allowed-only", "any"])]
+    pub dns_policy: Option<String>,
     /// A DNS server the job may use (repeatable). Default: the policy's, else /etc/resolv.conf.
     #[arg(long = "dns-resolver", value_name = "IP")]
     pub dns_resolvers: Vec<std::net::IpAddr>,
@@ -107,6 +111,9 @@ pub fn build_policy(args: &ExecArgs) -> std::result::Result<Policy, UsageError> 
     if !args.dns_resolvers.is_empty() {
         b.dns_resolvers = Some(args.dns_resolvers.clone());
     }
+    if let Some(p) = &args.dns_policy {
+        b.dns_filter = crate::policy::parse_dns_policy(p);
+    }
     let policy = b.build()?;
     // Compile now, so a policy that cannot fit the dataplane fails before anything loads.
     policy.compile()?;
@@ -124,18 +131,26 @@ fn mode_name(m: Mode) -> &'static str {
 pub fn run(args: &ExecArgs) -> Result<i32> {
     let policy = build_policy(args).map_err(anyhow::Error::new)?;
     let compiled = policy.compile()?;
-    let interfaces = if args.interfaces.is_empty() {
+    let mut interfaces = if args.interfaces.is_empty() {
         crate::netif::routed_interfaces()
     } else {
         args.interfaces.clone()
     };
+    // A local stub or cache (systemd-resolved's 127.0.0.53, dnsmasq on the host) answers
+    // over loopback: lo must be watched too, or its answers would bind nothing.
+    if policy.dns_resolvers.iter().any(|r| r.is_loopback()) && !interfaces.iter().any(|i| i == "lo")
+    {
+        interfaces.push("lo".to_string());
+    }
     for i in &interfaces {
         if nix::net::if_::if_nametoindex(i.as_str()).is_err() {
             return Err(dataplane::DataplaneError::NoInterface(i.clone()).into());
         }
     }
     if interfaces.is_empty() {
-        anyhow::bail!("no interface to attach to: this network namespace has no routes (give --interface)");
+        anyhow::bail!(
+            "no interface to attach to: this network namespace has no routes (give --interface)"
+        );
     }
 
     let job_name = args
@@ -152,14 +167,12 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
 
     let opts = dataplane::Options {
         attach: args.attach,
+        dns_min_ttl: policy.dns_min_ttl,
+        dns_grace: policy.dns_grace,
         ..Default::default()
     };
     dataplane::preflight()?;
-    let cgroup = JobCgroup::create(&format!(
-        "{}-{}",
-        sanitize(&job_name),
-        std::process::id()
-    ))?;
+    let cgroup = JobCgroup::create(&format!("{}-{}", sanitize(&job_name), std::process::id()))?;
     let mut dp = Dataplane::load(&opts)?;
     const JOB_ID: u32 = 1;
     dp.install_policy(JOB_ID, &compiled, &policy.dns_resolvers)?;
@@ -176,7 +189,8 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
                 Mode::Audit => 0,
                 Mode::Block => 1,
             },
-            _pad: [0; 2],
+            dns_filter: u8::from(policy.mode == Mode::Block && policy.dns_filter),
+            _pad: 0,
         },
     )?;
     for i in &interfaces {
@@ -216,12 +230,9 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().with_context(|| {
-        format!(
-            "starting {}",
-            args.command[0].to_string_lossy()
-        )
-    })?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", args.command[0].to_string_lossy()))?;
     drop(procs);
 
     let status = agent::run_until_exit(&dp, &mut agent, &mut child)?;
@@ -232,11 +243,29 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
 
     let job = agent.jobs.get(&JOB_ID).expect("the job was registered");
     let mut text = job.report.render(args.format);
-    let drops = counters[abi::rf_counter::RF_CNT_RINGBUF_DROP.0 as usize];
-    if drops > 0 {
-        text.push_str(&format!(
-            "\nwarning: {drops} events were lost (ring buffer full); verdicts were still enforced\n"
-        ));
+    let c = |k: abi::rf_counter| counters[k.0 as usize];
+    let warnings = [
+        (
+            c(abi::rf_counter::RF_CNT_RINGBUF_DROP),
+            "events were lost (ring buffer full); verdicts were still enforced",
+        ),
+        (
+            c(abi::rf_counter::RF_CNT_TRIE_FULL),
+            "learned addresses did not fit the map: connections to them were blocked",
+        ),
+        (
+            c(abi::rf_counter::RF_CNT_DNS_TCP_SPLIT),
+            "DNS answers over TCP were split across segments and not bound in the kernel",
+        ),
+        (
+            c(abi::rf_counter::RF_CNT_DNS_FRAGMENT),
+            "DNS answers arrived as IP fragments and were not bound (fail closed)",
+        ),
+    ];
+    for (n, what) in warnings {
+        if n > 0 {
+            text.push_str(&format!("\nwarning: {n} {what}\n"));
+        }
     }
     if let Some(p) = &args.report {
         std::fs::write(p, &text).with_context(|| format!("writing the report {}", p.display()))?;
@@ -253,7 +282,13 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
 
 fn sanitize(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .take(64)
         .collect()
 }

@@ -217,7 +217,13 @@ impl Report {
                     k.verdict.to_string(),
                     k.reason.to_string(),
                     r.count.to_string(),
-                    format!("{}[{}]", r.first_comm, r.first_pid),
+                    // pid 0: the kernel could not tell (a packet sent from a timer, or a
+                    // kernel without the task helpers in TC programs).
+                    if r.first_pid == 0 {
+                        "-".to_owned()
+                    } else {
+                        format!("{}[{}]", r.first_comm, r.first_pid)
+                    },
                 ]
             })
             .collect()

@@ -19,18 +19,46 @@ pub fn run_tc(
     ifindex: u32,
     repeat: u32,
 ) -> Result<(i32, std::time::Duration)> {
-    // Built as bytes, not as a struct value: the kernel refuses a context whose padding
-    // is not zero, and Rust does not promise anything about padding bytes.
-    let mut ctx = [0u8; std::mem::size_of::<__sk_buff>()];
-    let at = std::mem::offset_of!(__sk_buff, ifindex);
-    ctx[at..at + 4].copy_from_slice(&ifindex.to_ne_bytes());
-    let ctx_bytes = &mut ctx[..];
-    let mut input = ProgramInput::default();
-    input.data_in = Some(frame);
-    input.context_in = Some(ctx_bytes);
-    input.repeat = repeat;
+    let mut ctx = skb_ctx(ifindex);
+    let input = ProgramInput {
+        data_in: Some(frame),
+        context_in: Some(&mut ctx[..]),
+        repeat,
+        ..Default::default()
+    };
     let out = prog.test_run(input).context("BPF_PROG_TEST_RUN")?;
     Ok((out.return_value as i32, out.duration))
+}
+
+/// Runs `prog` once on `frame` and also returns the packet as the program left it (for
+/// programs that rewrite packets).
+pub fn run_tc_output(
+    prog: &libbpf_rs::ProgramMut<'_>,
+    frame: &[u8],
+    ifindex: u32,
+) -> Result<(i32, Vec<u8>)> {
+    let mut ctx = skb_ctx(ifindex);
+    let mut out = vec![0u8; frame.len() + 256];
+    let input = ProgramInput {
+        data_in: Some(frame),
+        context_in: Some(&mut ctx[..]),
+        data_out: Some(&mut out[..]),
+        ..Default::default()
+    };
+    let o = prog.test_run(input).context("BPF_PROG_TEST_RUN")?;
+    let n = o.data.map(|d| d.len()).unwrap_or(0);
+    let rc = o.return_value as i32;
+    out.truncate(n);
+    Ok((rc, out))
+}
+
+/// A `__sk_buff` context, built as bytes rather than as a struct value: the kernel refuses
+/// a context whose padding is not zero, and Rust promises nothing about padding bytes.
+fn skb_ctx(ifindex: u32) -> Vec<u8> {
+    let mut ctx = vec![0u8; std::mem::size_of::<__sk_buff>()];
+    let at = std::mem::offset_of!(__sk_buff, ifindex);
+    ctx[at..at + 4].copy_from_slice(&ifindex.to_ne_bytes());
+    ctx
 }
 
 pub const TCP_SYN: u8 = 0x02;
@@ -38,29 +66,61 @@ pub const TCP_ACK: u8 = 0x10;
 
 /// An Ethernet frame carrying IPv4 or IPv6 and a TCP or UDP header plus payload.
 /// Checksums are left zero: TC programs do not look at them.
-pub fn frame(src: IpAddr, dst: IpAddr, proto: u8, sport: u16, dport: u16, tcp_flags: u8, payload: &[u8]) -> Vec<u8> {
+pub fn frame(
+    src: IpAddr,
+    dst: IpAddr,
+    proto: u8,
+    sport: u16,
+    dport: u16,
+    tcp_flags: u8,
+    payload: &[u8],
+) -> Vec<u8> {
+    if proto == 6 {
+        return tcp_frame(src, dst, sport, dport, 1, 0, tcp_flags, &[], payload);
+    }
     let mut l4 = Vec::new();
-    match proto {
-        6 => {
-            l4.extend_from_slice(&sport.to_be_bytes());
-            l4.extend_from_slice(&dport.to_be_bytes());
-            l4.extend_from_slice(&1u32.to_be_bytes()); // seq
-            l4.extend_from_slice(&0u32.to_be_bytes()); // ack
-            l4.push(5 << 4); // data offset
-            l4.push(tcp_flags);
-            l4.extend_from_slice(&64240u16.to_be_bytes());
-            l4.extend_from_slice(&[0, 0, 0, 0]);
-        }
-        17 => {
-            l4.extend_from_slice(&sport.to_be_bytes());
-            l4.extend_from_slice(&dport.to_be_bytes());
-            l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
-            l4.extend_from_slice(&[0, 0]);
-        }
-        _ => {}
+    if proto == 17 {
+        l4.extend_from_slice(&sport.to_be_bytes());
+        l4.extend_from_slice(&dport.to_be_bytes());
+        l4.extend_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
     }
     l4.extend_from_slice(payload);
     ip_frame(src, dst, proto, &l4, 0)
+}
+
+/// A TCP segment with sequence numbers and options (`options.len()` a multiple of 4).
+#[allow(clippy::too_many_arguments)]
+pub fn tcp_frame(
+    src: IpAddr,
+    dst: IpAddr,
+    sport: u16,
+    dport: u16,
+    seq: u32,
+    ack: u32,
+    flags: u8,
+    options: &[u8],
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut l4 = Vec::new();
+    l4.extend_from_slice(&sport.to_be_bytes());
+    l4.extend_from_slice(&dport.to_be_bytes());
+    l4.extend_from_slice(&seq.to_be_bytes());
+    l4.extend_from_slice(&ack.to_be_bytes());
+    l4.push(((5 + options.len() / 4) as u8) << 4);
+    l4.push(flags);
+    l4.extend_from_slice(&64240u16.to_be_bytes());
+    l4.extend_from_slice(&[0, 0, 0, 0]);
+    l4.extend_from_slice(options);
+    l4.extend_from_slice(payload);
+    ip_frame(src, dst, 6, &l4, 0)
+}
+
+/// A DNS message with TCP's 2-byte length prefix.
+pub fn tcp_dns(msg: &[u8]) -> Vec<u8> {
+    let mut v = (msg.len() as u16).to_be_bytes().to_vec();
+    v.extend_from_slice(msg);
+    v
 }
 
 /// An IP packet in an Ethernet frame; `frag` is the IPv4 fragment field (flags+offset).

@@ -9,7 +9,9 @@ use std::net::IpAddr;
 use ringfence::abi;
 use ringfence::dataplane::{Dataplane, Options};
 use ringfence::policy::{Mode, Policy};
-use ringfence::testrun::{self, dns_answer, dns_query, frame, run_tc, Rr, DROP, PASS, TCP_ACK, TCP_SYN};
+use ringfence::testrun::{
+    self, dns_answer, dns_query, frame, run_tc, Rr, DROP, PASS, TCP_ACK, TCP_SYN,
+};
 
 const LO: u32 = 1;
 const JOB: u32 = 1;
@@ -23,7 +25,7 @@ fn ip(s: &str) -> IpAddr {
 }
 
 struct Rig {
-    dp: Dataplane,
+    dp: Option<Dataplane>,
     next_port: std::cell::Cell<u16>,
 }
 
@@ -33,13 +35,40 @@ enum Ev {
     Dns(abi::rf_dns_event),
 }
 
+/// A job whose queries for unlisted names go through to the resolver (`dns-policy = "any"`),
+/// so that answers to them can be tested.
 fn rig(mode: Mode, direct_ip: Mode, allow: &str) -> Rig {
-    let mut dp = Dataplane::load(&Options::default()).expect("load the dataplane (root?)");
+    rig_with(mode, direct_ip, allow, false)
+}
+
+/// Loaded dataplanes not in use. Loading verifies the programs, which takes seconds under
+/// qemu's emulation (vm-tests): each test thread loads at most one and resets it per case.
+static POOL: std::sync::Mutex<Vec<Dataplane>> = std::sync::Mutex::new(Vec::new());
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        if let Some(dp) = self.dp.take() {
+            POOL.lock().unwrap().push(dp);
+        }
+    }
+}
+
+fn rig_with(mode: Mode, direct_ip: Mode, allow: &str, dns_filter: bool) -> Rig {
+    let pooled = POOL.lock().unwrap().pop();
+    let mut dp = match pooled {
+        Some(mut dp) => {
+            dp.reset().expect("reset the dataplane");
+            dp
+        }
+        None => Dataplane::load(&Options::default()).expect("load the dataplane (root?)"),
+    };
     let policy = Policy {
         mode,
         direct_ip,
         dns_resolvers: vec![ip(RESOLVER), ip(RESOLVER6)],
         endpoints: Policy::parse_endpoints(allow, "test").expect("test policy"),
+        dns_filter,
+        ..Policy::default()
     };
     let compiled = policy.compile().expect("compile");
     dp.install_policy(JOB, &compiled, &policy.dns_resolvers)
@@ -50,17 +79,24 @@ fn rig(mode: Mode, direct_ip: Mode, allow: &str) -> Rig {
             job_id: JOB,
             mode: (mode == Mode::Block) as u8,
             direct_ip: (direct_ip == Mode::Block) as u8,
-            _pad: [0; 2],
+            dns_filter: (mode == Mode::Block && dns_filter) as u8,
+            _pad: 0,
         },
     )
     .unwrap();
     Rig {
-        dp,
+        dp: Some(dp),
         next_port: std::cell::Cell::new(40000),
     }
 }
 
 impl Rig {
+    fn dp(&self) -> &Dataplane {
+        self.dp
+            .as_ref()
+            .expect("a rig always holds a dataplane until dropped")
+    }
+
     fn port(&self) -> u16 {
         let p = self.next_port.get();
         self.next_port.set(p + 1);
@@ -68,29 +104,53 @@ impl Rig {
     }
 
     fn egress(&self, f: &[u8]) -> i32 {
-        run_tc(self.dp.egress_prog(), f, LO, 1).unwrap().0
+        run_tc(self.dp().egress_prog(), f, LO, 1).unwrap().0
     }
 
     fn ingress(&self, f: &[u8]) -> i32 {
-        run_tc(self.dp.ingress_prog(), f, LO, 1).unwrap().0
+        run_tc(self.dp().ingress_prog(), f, LO, 1).unwrap().0
     }
 
     fn syn(&self, dst: &str, dport: u16) -> i32 {
         let src = if dst.contains(':') { CLIENT6 } else { CLIENT };
-        self.egress(&frame(ip(src), ip(dst), 6, self.port(), dport, TCP_SYN, &[]))
+        self.egress(&frame(
+            ip(src),
+            ip(dst),
+            6,
+            self.port(),
+            dport,
+            TCP_SYN,
+            &[],
+        ))
     }
 
     /// Sends a query for `name` from a fresh port and returns that port.
     fn query(&self, id: u16, name: &str, qtype: u16) -> u16 {
-        let (src, dst) = if qtype == 28 { (CLIENT6, RESOLVER6) } else { (CLIENT, RESOLVER) };
+        let (src, dst) = if qtype == 28 {
+            (CLIENT6, RESOLVER6)
+        } else {
+            (CLIENT, RESOLVER)
+        };
         let sport = self.port();
-        let rc = self.egress(&frame(ip(src), ip(dst), 17, sport, 53, 0, &dns_query(id, name, qtype)));
+        let rc = self.egress(&frame(
+            ip(src),
+            ip(dst),
+            17,
+            sport,
+            53,
+            0,
+            &dns_query(id, name, qtype),
+        ));
         assert_eq!(rc, PASS, "a query to the resolver passes");
         sport
     }
 
     fn answer_to(&self, dport: u16, msg: &[u8], v6: bool) -> i32 {
-        let (src, dst) = if v6 { (RESOLVER6, CLIENT6) } else { (RESOLVER, CLIENT) };
+        let (src, dst) = if v6 {
+            (RESOLVER6, CLIENT6)
+        } else {
+            (RESOLVER, CLIENT)
+        };
         self.ingress(&frame(ip(src), ip(dst), 17, 53, dport, 0, msg))
     }
 
@@ -101,12 +161,12 @@ impl Rig {
     }
 
     fn host(&self, a: &str) -> Option<abi::rf_addr_val> {
-        self.dp.host_entry(JOB, ip(a)).unwrap()
+        self.dp().host_entry(JOB, ip(a)).unwrap()
     }
 
     fn learned(&self) -> Vec<IpAddr> {
         let mut v: Vec<IpAddr> = self
-            .dp
+            .dp()
             .allow_entries()
             .into_iter()
             .filter(|e| e.prefix_bits == abi::LPM_FULL && e.val.flags & abi::ADDR_LEARNED != 0)
@@ -118,7 +178,7 @@ impl Rig {
 
     fn events(&self) -> Vec<Ev> {
         let out = RefCell::new(Vec::new());
-        let map = self.dp.events_map().unwrap();
+        let map = self.dp().events_map().unwrap();
         let mut b = libbpf_rs::RingBufferBuilder::new();
         b.add(&map, |d: &[u8]| {
             let hdr: abi::rf_event_hdr = abi::from_bytes(d).unwrap();
@@ -147,7 +207,7 @@ impl Rig {
     }
 
     fn counter(&self, c: abi::rf_counter) -> u64 {
-        self.dp.counters().unwrap()[c.0 as usize]
+        self.dp().counters().unwrap()[c.0 as usize]
     }
 }
 
@@ -183,17 +243,127 @@ fn verdict_table() {
     use abi::rf_reason as R;
     use abi::rf_verdict as V;
     let cases = [
-        Case { what: "listed CIDR, default port 443", mode: Mode::Block, direct_ip: Mode::Block, allow: "203.0.113.0/24", dst: "203.0.113.9", port: 443, rc: PASS, verdict: V::RF_VERDICT_ALLOWED.0 as u8, reason: R::RF_REASON_ALLOWED.0 as u8 },
-        Case { what: "listed CIDR, other port", mode: Mode::Block, direct_ip: Mode::Block, allow: "203.0.113.0/24", dst: "203.0.113.9", port: 80, rc: DROP, verdict: V::RF_VERDICT_BLOCKED.0 as u8, reason: R::RF_REASON_NOT_ALLOWED.0 as u8 },
-        Case { what: "CIDR any port", mode: Mode::Block, direct_ip: Mode::Block, allow: "203.0.113.0/24:*", dst: "203.0.113.200", port: 8080, rc: PASS, verdict: 0, reason: 0 },
-        Case { what: "unlisted address, block mode", mode: Mode::Block, direct_ip: Mode::Block, allow: "203.0.113.0/24", dst: "198.51.100.66", port: 443, rc: DROP, verdict: 1, reason: R::RF_REASON_DIRECT_IP.0 as u8 },
-        Case { what: "direct IP blocked even in audit mode", mode: Mode::Audit, direct_ip: Mode::Block, allow: "", dst: "198.51.100.66", port: 443, rc: DROP, verdict: 1, reason: 2 },
-        Case { what: "direct IP audited with direct-ip=audit", mode: Mode::Audit, direct_ip: Mode::Audit, allow: "", dst: "198.51.100.66", port: 443, rc: PASS, verdict: V::RF_VERDICT_AUDITED.0 as u8, reason: 2 },
-        Case { what: "metadata blocked in audit mode", mode: Mode::Audit, direct_ip: Mode::Audit, allow: "", dst: "169.254.169.254", port: 80, rc: DROP, verdict: 1, reason: R::RF_REASON_METADATA.0 as u8 },
-        Case { what: "metadata allowed when listed", mode: Mode::Block, direct_ip: Mode::Block, allow: "169.254.169.254:80", dst: "169.254.169.254", port: 80, rc: PASS, verdict: 0, reason: 0 },
-        Case { what: "v6 metadata", mode: Mode::Audit, direct_ip: Mode::Audit, allow: "", dst: "fd00:ec2::254", port: 80, rc: DROP, verdict: 1, reason: 4 },
-        Case { what: "v6 CIDR with port", mode: Mode::Block, direct_ip: Mode::Block, allow: "2001:db8:2::/64:443", dst: "2001:db8:2::7", port: 443, rc: PASS, verdict: 0, reason: 0 },
-        Case { what: "v6 unlisted", mode: Mode::Block, direct_ip: Mode::Block, allow: "2001:db8:2::/64:443", dst: "2001:db8:3::7", port: 443, rc: DROP, verdict: 1, reason: 2 },
+        Case {
+            what: "listed CIDR, default port 443",
+            mode: Mode::Block,
+            direct_ip: Mode::Block,
+            allow: "203.0.113.0/24",
+            dst: "203.0.113.9",
+            port: 443,
+            rc: PASS,
+            verdict: V::RF_VERDICT_ALLOWED.0 as u8,
+            reason: R::RF_REASON_ALLOWED.0 as u8,
+        },
+        Case {
+            what: "listed CIDR, other port",
+            mode: Mode::Block,
+            direct_ip: Mode::Block,
+            allow: "203.0.113.0/24",
+            dst: "203.0.113.9",
+            port: 80,
+            rc: DROP,
+            verdict: V::RF_VERDICT_BLOCKED.0 as u8,
+            reason: R::RF_REASON_NOT_ALLOWED.0 as u8,
+        },
+        Case {
+            what: "CIDR any port",
+            mode: Mode::Block,
+            direct_ip: Mode::Block,
+            allow: "203.0.113.0/24:*",
+            dst: "203.0.113.200",
+            port: 8080,
+            rc: PASS,
+            verdict: 0,
+            reason: 0,
+        },
+        Case {
+            what: "unlisted address, block mode",
+            mode: Mode::Block,
+            direct_ip: Mode::Block,
+            allow: "203.0.113.0/24",
+            dst: "198.51.100.66",
+            port: 443,
+            rc: DROP,
+            verdict: 1,
+            reason: R::RF_REASON_DIRECT_IP.0 as u8,
+        },
+        Case {
+            what: "direct IP blocked even in audit mode",
+            mode: Mode::Audit,
+            direct_ip: Mode::Block,
+            allow: "",
+            dst: "198.51.100.66",
+            port: 443,
+            rc: DROP,
+            verdict: 1,
+            reason: 2,
+        },
+        Case {
+            what: "direct IP audited with direct-ip=audit",
+            mode: Mode::Audit,
+            direct_ip: Mode::Audit,
+            allow: "",
+            dst: "198.51.100.66",
+            port: 443,
+            rc: PASS,
+            verdict: V::RF_VERDICT_AUDITED.0 as u8,
+            reason: 2,
+        },
+        Case {
+            what: "metadata blocked in audit mode",
+            mode: Mode::Audit,
+            direct_ip: Mode::Audit,
+            allow: "",
+            dst: "169.254.169.254",
+            port: 80,
+            rc: DROP,
+            verdict: 1,
+            reason: R::RF_REASON_METADATA.0 as u8,
+        },
+        Case {
+            what: "metadata allowed when listed",
+            mode: Mode::Block,
+            direct_ip: Mode::Block,
+            allow: "169.254.169.254:80",
+            dst: "169.254.169.254",
+            port: 80,
+            rc: PASS,
+            verdict: 0,
+            reason: 0,
+        },
+        Case {
+            what: "v6 metadata",
+            mode: Mode::Audit,
+            direct_ip: Mode::Audit,
+            allow: "",
+            dst: "fd00:ec2::254",
+            port: 80,
+            rc: DROP,
+            verdict: 1,
+            reason: 4,
+        },
+        Case {
+            what: "v6 CIDR with port",
+            mode: Mode::Block,
+            direct_ip: Mode::Block,
+            allow: "2001:db8:2::/64:443",
+            dst: "2001:db8:2::7",
+            port: 443,
+            rc: PASS,
+            verdict: 0,
+            reason: 0,
+        },
+        Case {
+            what: "v6 unlisted",
+            mode: Mode::Block,
+            direct_ip: Mode::Block,
+            allow: "2001:db8:2::/64:443",
+            dst: "2001:db8:3::7",
+            port: 443,
+            rc: DROP,
+            verdict: 1,
+            reason: 2,
+        },
     ];
     for c in &cases {
         let r = rig(c.mode, c.direct_ip, c.allow);
@@ -215,12 +385,28 @@ fn one_event_per_flow_not_per_packet() {
     let r = rig(Mode::Block, Mode::Block, "203.0.113.0/24");
     let sport = 41000;
     let syn = frame(ip(CLIENT), ip("203.0.113.5"), 6, sport, 443, TCP_SYN, &[]);
-    let ack = frame(ip(CLIENT), ip("203.0.113.5"), 6, sport, 443, TCP_ACK, b"data");
+    let ack = frame(
+        ip(CLIENT),
+        ip("203.0.113.5"),
+        6,
+        sport,
+        443,
+        TCP_ACK,
+        b"data",
+    );
     assert_eq!(r.egress(&syn), PASS);
     for _ in 0..10 {
         assert_eq!(r.egress(&ack), PASS);
     }
-    let blocked = frame(ip(CLIENT), ip("198.51.100.99"), 6, sport + 1, 443, TCP_SYN, &[]);
+    let blocked = frame(
+        ip(CLIENT),
+        ip("198.51.100.99"),
+        6,
+        sport + 1,
+        443,
+        TCP_SYN,
+        &[],
+    );
     for _ in 0..3 {
         // SYN retransmits of a blocked flow stay blocked, with no new event.
         assert_eq!(r.egress(&blocked), DROP);
@@ -243,12 +429,28 @@ fn packets_that_are_not_ours_pass() {
     assert_eq!(r.egress(&f[..40]), PASS);
     // A TCP segment without SYN cannot open a flow (its connection's SYN was judged)
     assert_eq!(
-        r.egress(&frame(ip(CLIENT), ip("198.51.100.66"), 6, 1, 443, TCP_ACK, b"x")),
+        r.egress(&frame(
+            ip(CLIENT),
+            ip("198.51.100.66"),
+            6,
+            1,
+            443,
+            TCP_ACK,
+            b"x"
+        )),
         PASS
     );
     // SYN-ACK: a reply of an inbound connection
     assert_eq!(
-        r.egress(&frame(ip(CLIENT), ip("198.51.100.66"), 6, 1, 443, TCP_SYN | TCP_ACK, &[])),
+        r.egress(&frame(
+            ip(CLIENT),
+            ip("198.51.100.66"),
+            6,
+            1,
+            443,
+            TCP_SYN | TCP_ACK,
+            &[]
+        )),
         PASS
     );
     // Loopback
@@ -260,14 +462,23 @@ fn packets_that_are_not_ours_pass() {
 fn dns_to_other_servers_is_blocked() {
     let r = rig(Mode::Block, Mode::Block, "github.test");
     let q = dns_query(7, "github.test", 1);
-    assert_eq!(r.egress(&frame(ip(CLIENT), ip("203.0.113.53"), 17, 5353, 53, 0, &q)), DROP);
+    assert_eq!(
+        r.egress(&frame(ip(CLIENT), ip("203.0.113.53"), 17, 5353, 53, 0, &q)),
+        DROP
+    );
     let f = &r.flows()[0];
     assert_eq!(f.reason, abi::rf_reason::RF_REASON_DNS_RESOLVER.0 as u8);
     // ...also in audit mode (it is a direct IP), unless direct-ip = audit
     let r = rig(Mode::Audit, Mode::Block, "github.test");
-    assert_eq!(r.egress(&frame(ip(CLIENT), ip("203.0.113.53"), 17, 5353, 53, 0, &q)), DROP);
+    assert_eq!(
+        r.egress(&frame(ip(CLIENT), ip("203.0.113.53"), 17, 5353, 53, 0, &q)),
+        DROP
+    );
     let r = rig(Mode::Audit, Mode::Audit, "github.test");
-    assert_eq!(r.egress(&frame(ip(CLIENT), ip("203.0.113.53"), 17, 5353, 53, 0, &q)), PASS);
+    assert_eq!(
+        r.egress(&frame(ip(CLIENT), ip("203.0.113.53"), 17, 5353, 53, 0, &q)),
+        PASS
+    );
     // TCP to a non-resolver on 53 as well
     let r = rig(Mode::Block, Mode::Block, "github.test");
     assert_eq!(r.syn("203.0.113.53", 53), DROP);
@@ -280,7 +491,12 @@ fn dns_to_other_servers_is_blocked() {
 fn allowed_answer_binds_before_the_first_syn() {
     let r = rig(Mode::Block, Mode::Block, "github.test:443");
     assert_eq!(r.syn("198.51.100.10", 443), DROP, "not bound yet");
-    let rc = r.resolve(0x1111, "github.test", 1, &[Rr::A("github.test", 60, a4("198.51.100.10"))]);
+    let rc = r.resolve(
+        0x1111,
+        "github.test",
+        1,
+        &[Rr::A("github.test", 60, a4("198.51.100.10"))],
+    );
     assert_eq!(rc, PASS, "answers are never dropped");
     assert_eq!(r.learned(), vec![ip("198.51.100.10")]);
     let v = r.host("198.51.100.10").unwrap();
@@ -314,26 +530,159 @@ fn dns_answer_table() {
         learned: Vec<&'static str>,
     }
     let cases = vec![
-        Case { what: "AAAA", allow: "v6.test", name: "v6.test", qtype: 28, rrs: vec![Rr::Aaaa("v6.test", 30, a6("2001:db8:2::10"))], learned: vec!["2001:db8:2::10"] },
-        Case { what: "several A records", allow: "multi.test", name: "multi.test", qtype: 1, rrs: vec![Rr::A("multi.test", 30, a4("198.51.100.11")), Rr::A("multi.test", 30, a4("198.51.100.12")), Rr::A("multi.test", 30, a4("198.51.100.13"))], learned: vec!["198.51.100.11", "198.51.100.12", "198.51.100.13"] },
-        Case { what: "CNAME chain", allow: "www.cdn-user.test", name: "www.cdn-user.test", qtype: 1, rrs: vec![Rr::Cname("www.cdn-user.test", 30, "edge.cdn.test"), Rr::Cname("edge.cdn.test", 30, "e1.cdn.test"), Rr::A("e1.cdn.test", 30, a4("203.0.113.77"))], learned: vec!["203.0.113.77"] },
-        Case { what: "other record types between A records", allow: "mixed.test", name: "mixed.test", qtype: 1, rrs: vec![Rr::A("mixed.test", 30, a4("198.51.100.21")), Rr::Txt("mixed.test", 30, b"\x05hello"), Rr::A("mixed.test", 30, a4("198.51.100.22"))], learned: vec!["198.51.100.21", "198.51.100.22"] },
-        Case { what: "wildcard at any depth", allow: "*.npm.test", name: "a.b.registry.npm.test", qtype: 1, rrs: vec![Rr::A("a.b.registry.npm.test", 30, a4("198.51.100.31"))], learned: vec!["198.51.100.31"] },
-        Case { what: "wildcard excludes the bare domain", allow: "*.npm.test", name: "npm.test", qtype: 1, rrs: vec![Rr::A("npm.test", 30, a4("198.51.100.32"))], learned: vec![] },
-        Case { what: "glob inside a label", allow: "results*.blob.test", name: "resultsabc123.blob.test", qtype: 1, rrs: vec![Rr::A("resultsabc123.blob.test", 30, a4("198.51.100.41"))], learned: vec!["198.51.100.41"] },
-        Case { what: "glob prefix mismatch", allow: "results*.blob.test", name: "other.blob.test", qtype: 1, rrs: vec![Rr::A("other.blob.test", 30, a4("198.51.100.42"))], learned: vec![] },
-        Case { what: "glob is one label only", allow: "results*.blob.test", name: "x.results1.blob.test", qtype: 1, rrs: vec![Rr::A("x.results1.blob.test", 30, a4("198.51.100.43"))], learned: vec![] },
-        Case { what: "glob with a suffix", allow: "ab*yz.glob.test", name: "abMIDDLEyz.glob.test", qtype: 1, rrs: vec![Rr::A("abMIDDLEyz.glob.test", 30, a4("198.51.100.44"))], learned: vec!["198.51.100.44"] },
-        Case { what: "mixed-case question (0x20)", allow: "github.test", name: "GiThUb.TeSt", qtype: 1, rrs: vec![Rr::A("GiThUb.TeSt", 30, a4("198.51.100.51"))], learned: vec!["198.51.100.51"] },
-        Case { what: "name not allowed", allow: "github.test", name: "attacker.test", qtype: 1, rrs: vec![Rr::A("attacker.test", 30, a4("198.51.100.66"))], learned: vec![] },
-        Case { what: "suffix of an allowed name is not allowed", allow: "api.github.test", name: "github.test", qtype: 1, rrs: vec![Rr::A("github.test", 30, a4("198.51.100.52"))], learned: vec![] },
-        Case { what: "allowed name as a label inside another", allow: "github.test", name: "github.test.attacker.test", qtype: 1, rrs: vec![Rr::A("github.test.attacker.test", 30, a4("198.51.100.67"))], learned: vec![] },
-        Case { what: "zero answers", allow: "empty.test", name: "empty.test", qtype: 1, rrs: vec![], learned: vec![] },
-        Case { what: "64 records", allow: "many.test", name: "many.test", qtype: 1, rrs: (0..64u8).map(|i| Rr::A("many.test", 30, [198, 51, 100, 100 + i])).collect(), learned: (0..64u8).map(|i| Box::leak(format!("198.51.100.{}", 100 + i).into_boxed_str()) as &str).collect() },
+        Case {
+            what: "AAAA",
+            allow: "v6.test",
+            name: "v6.test",
+            qtype: 28,
+            rrs: vec![Rr::Aaaa("v6.test", 30, a6("2001:db8:2::10"))],
+            learned: vec!["2001:db8:2::10"],
+        },
+        Case {
+            what: "several A records",
+            allow: "multi.test",
+            name: "multi.test",
+            qtype: 1,
+            rrs: vec![
+                Rr::A("multi.test", 30, a4("198.51.100.11")),
+                Rr::A("multi.test", 30, a4("198.51.100.12")),
+                Rr::A("multi.test", 30, a4("198.51.100.13")),
+            ],
+            learned: vec!["198.51.100.11", "198.51.100.12", "198.51.100.13"],
+        },
+        Case {
+            what: "CNAME chain",
+            allow: "www.cdn-user.test",
+            name: "www.cdn-user.test",
+            qtype: 1,
+            rrs: vec![
+                Rr::Cname("www.cdn-user.test", 30, "edge.cdn.test"),
+                Rr::Cname("edge.cdn.test", 30, "e1.cdn.test"),
+                Rr::A("e1.cdn.test", 30, a4("203.0.113.77")),
+            ],
+            learned: vec!["203.0.113.77"],
+        },
+        Case {
+            what: "other record types between A records",
+            allow: "mixed.test",
+            name: "mixed.test",
+            qtype: 1,
+            rrs: vec![
+                Rr::A("mixed.test", 30, a4("198.51.100.21")),
+                Rr::Txt("mixed.test", 30, b"\x05hello"),
+                Rr::A("mixed.test", 30, a4("198.51.100.22")),
+            ],
+            learned: vec!["198.51.100.21", "198.51.100.22"],
+        },
+        Case {
+            what: "wildcard at any depth",
+            allow: "*.npm.test",
+            name: "a.b.registry.npm.test",
+            qtype: 1,
+            rrs: vec![Rr::A("a.b.registry.npm.test", 30, a4("198.51.100.31"))],
+            learned: vec!["198.51.100.31"],
+        },
+        Case {
+            what: "wildcard excludes the bare domain",
+            allow: "*.npm.test",
+            name: "npm.test",
+            qtype: 1,
+            rrs: vec![Rr::A("npm.test", 30, a4("198.51.100.32"))],
+            learned: vec![],
+        },
+        Case {
+            what: "glob inside a label",
+            allow: "results*.blob.test",
+            name: "resultsabc123.blob.test",
+            qtype: 1,
+            rrs: vec![Rr::A("resultsabc123.blob.test", 30, a4("198.51.100.41"))],
+            learned: vec!["198.51.100.41"],
+        },
+        Case {
+            what: "glob prefix mismatch",
+            allow: "results*.blob.test",
+            name: "other.blob.test",
+            qtype: 1,
+            rrs: vec![Rr::A("other.blob.test", 30, a4("198.51.100.42"))],
+            learned: vec![],
+        },
+        Case {
+            what: "glob is one label only",
+            allow: "results*.blob.test",
+            name: "x.results1.blob.test",
+            qtype: 1,
+            rrs: vec![Rr::A("x.results1.blob.test", 30, a4("198.51.100.43"))],
+            learned: vec![],
+        },
+        Case {
+            what: "glob with a suffix",
+            allow: "ab*yz.glob.test",
+            name: "abMIDDLEyz.glob.test",
+            qtype: 1,
+            rrs: vec![Rr::A("abMIDDLEyz.glob.test", 30, a4("198.51.100.44"))],
+            learned: vec!["198.51.100.44"],
+        },
+        Case {
+            what: "mixed-case question (0x20)",
+            allow: "github.test",
+            name: "GiThUb.TeSt",
+            qtype: 1,
+            rrs: vec![Rr::A("GiThUb.TeSt", 30, a4("198.51.100.51"))],
+            learned: vec!["198.51.100.51"],
+        },
+        Case {
+            what: "name not allowed",
+            allow: "github.test",
+            name: "attacker.test",
+            qtype: 1,
+            rrs: vec![Rr::A("attacker.test", 30, a4("198.51.100.66"))],
+            learned: vec![],
+        },
+        Case {
+            what: "suffix of an allowed name is not allowed",
+            allow: "api.github.test",
+            name: "github.test",
+            qtype: 1,
+            rrs: vec![Rr::A("github.test", 30, a4("198.51.100.52"))],
+            learned: vec![],
+        },
+        Case {
+            what: "allowed name as a label inside another",
+            allow: "github.test",
+            name: "github.test.attacker.test",
+            qtype: 1,
+            rrs: vec![Rr::A("github.test.attacker.test", 30, a4("198.51.100.67"))],
+            learned: vec![],
+        },
+        Case {
+            what: "zero answers",
+            allow: "empty.test",
+            name: "empty.test",
+            qtype: 1,
+            rrs: vec![],
+            learned: vec![],
+        },
+        Case {
+            what: "64 records",
+            allow: "many.test",
+            name: "many.test",
+            qtype: 1,
+            rrs: (0..64u8)
+                .map(|i| Rr::A("many.test", 30, [198, 51, 100, 100 + i]))
+                .collect(),
+            learned: (0..64u8)
+                .map(|i| Box::leak(format!("198.51.100.{}", 100 + i).into_boxed_str()) as &str)
+                .collect(),
+        },
     ];
     for c in &cases {
         let r = rig(Mode::Block, Mode::Block, c.allow);
-        assert_eq!(r.resolve(0x2222, c.name, c.qtype, &c.rrs), PASS, "{}", c.what);
+        assert_eq!(
+            r.resolve(0x2222, c.name, c.qtype, &c.rrs),
+            PASS,
+            "{}",
+            c.what
+        );
         let mut want: Vec<IpAddr> = c.learned.iter().map(|s| ip(s)).collect();
         want.sort();
         assert_eq!(r.learned(), want, "{}", c.what);
@@ -343,7 +692,12 @@ fn dns_answer_table() {
 #[test]
 fn audit_mode_keeps_unlisted_answers_as_seen_not_allowed() {
     let r = rig(Mode::Audit, Mode::Block, "github.test");
-    r.resolve(3, "attacker.test", 1, &[Rr::A("attacker.test", 30, a4("198.51.100.66"))]);
+    r.resolve(
+        3,
+        "attacker.test",
+        1,
+        &[Rr::A("attacker.test", 30, a4("198.51.100.66"))],
+    );
     let v = r.host("198.51.100.66").expect("seen entry");
     assert_eq!(v.flags & abi::ADDR_SEEN, abi::ADDR_SEEN);
     assert_eq!(v.flags & abi::ADDR_LEARNED, 0);
@@ -359,7 +713,12 @@ fn audit_mode_keeps_unlisted_answers_as_seen_not_allowed() {
 fn refresh_keeps_one_entry_and_merges_ports() {
     let r = rig(Mode::Block, Mode::Block, "github.test:443 github.test:22");
     for id in 0..5 {
-        r.resolve(100 + id, "github.test", 1, &[Rr::A("github.test", 30, a4("198.51.100.10"))]);
+        r.resolve(
+            100 + id,
+            "github.test",
+            1,
+            &[Rr::A("github.test", 30, a4("198.51.100.10"))],
+        );
     }
     assert_eq!(r.learned(), vec![ip("198.51.100.10")]);
     let v = r.host("198.51.100.10").unwrap();
@@ -372,7 +731,12 @@ fn refresh_keeps_one_entry_and_merges_ports() {
 #[test]
 fn learned_host_inside_listed_cidr_keeps_the_cidr_ports() {
     let r = rig(Mode::Block, Mode::Block, "203.0.113.0/24:8443 cdn.test:443");
-    r.resolve(5, "cdn.test", 1, &[Rr::A("cdn.test", 30, a4("203.0.113.40"))]);
+    r.resolve(
+        5,
+        "cdn.test",
+        1,
+        &[Rr::A("cdn.test", 30, a4("203.0.113.40"))],
+    );
     assert_eq!(r.syn("203.0.113.40", 443), PASS);
     assert_eq!(r.syn("203.0.113.40", 8443), PASS);
 }
@@ -380,7 +744,12 @@ fn learned_host_inside_listed_cidr_keeps_the_cidr_ports() {
 // ---- answers that must bind nothing ------------------------------------------------------
 
 fn allowed_answer() -> Vec<u8> {
-    dns_answer(0x4242, "github.test", 1, &[Rr::A("github.test", 30, a4("198.51.100.10"))])
+    dns_answer(
+        0x4242,
+        "github.test",
+        1,
+        &[Rr::A("github.test", 30, a4("198.51.100.10"))],
+    )
 }
 
 #[test]
@@ -396,7 +765,15 @@ fn unmatched_answers_bind_nothing() {
     assert_eq!(r.answer_to(port, &allowed_answer(), false), PASS);
     // From a server that was not asked
     let port = r.query(0x4242, "github.test", 1);
-    let f = frame(ip("203.0.113.53"), ip(CLIENT), 17, 53, port, 0, &allowed_answer());
+    let f = frame(
+        ip("203.0.113.53"),
+        ip(CLIENT),
+        17,
+        53,
+        port,
+        0,
+        &allowed_answer(),
+    );
     assert_eq!(r.ingress(&f), PASS);
     assert!(r.learned().is_empty());
     assert!(r.counter(abi::rf_counter::RF_CNT_DNS_UNMATCHED) >= 2);
@@ -410,7 +787,10 @@ fn malformed_answers_bind_nothing_and_pass() {
     let good = allowed_answer();
     let qend = 12 + testrun::wire("github.test").len() + 1 + 4;
     let mut cases: Vec<(&str, Vec<u8>)> = Vec::new();
-    cases.push(("truncated inside the record", good[..good.len() - 2].to_vec()));
+    cases.push((
+        "truncated inside the record",
+        good[..good.len() - 2].to_vec(),
+    ));
     cases.push(("truncated inside the question", good[..16].to_vec()));
     let mut m = good.clone();
     m[qend] = 0xc0;
@@ -464,16 +844,25 @@ fn hash_collision_binds_nothing() {
         direct_ip: Mode::Block,
         dns_resolvers: vec![],
         endpoints: Policy::parse_endpoints("github.test", "test").unwrap(),
+        dns_filter: true,
+        ..Policy::default()
     }
     .compile()
     .unwrap();
     let evil = ringfence::policy::name_hash(&ringfence::policy::wire_name("attacker.test"));
     compiled.names[0].hash = evil;
     compiled.prefixes.clear();
-    let mut dp = r.dp;
-    dp.install_policy(JOB, &compiled, &[]).unwrap();
-    let r = Rig { dp, next_port: std::cell::Cell::new(50000) };
-    r.resolve(9, "attacker.test", 1, &[Rr::A("attacker.test", 30, a4("198.51.100.66"))]);
+    let mut r = r;
+    r.dp.as_mut()
+        .unwrap()
+        .install_policy(JOB, &compiled, &[])
+        .unwrap();
+    r.resolve(
+        9,
+        "attacker.test",
+        1,
+        &[Rr::A("attacker.test", 30, a4("198.51.100.66"))],
+    );
     assert!(r.learned().is_empty());
 }
 
@@ -534,4 +923,375 @@ fn random_mutations_never_bind_a_name_that_is_not_allowed() {
         assert_eq!(r.answer_to(port, &m, false), PASS);
     }
     assert!(r.learned().is_empty(), "learned {:?}", r.learned());
+}
+
+// ---- query filtering ---------------------------------------------------------------------
+
+/// Runs the egress program and returns its return code and the packet as it left.
+fn egress_out(r: &Rig, f: &[u8]) -> (i32, Vec<u8>) {
+    testrun::run_tc_output(r.dp().egress_prog(), f, LO).unwrap()
+}
+
+const TC_ACT_REDIRECT: i32 = 7;
+
+/// The ones' complement sum of the L4 pseudo-header and segment of `f` (Ethernet frame).
+fn l4_sum(f: &[u8], v6: bool, proto: u8) -> u16 {
+    let l4 = if v6 { 14 + 40 } else { 14 + 20 };
+    let mut data = Vec::new();
+    if v6 {
+        data.extend_from_slice(&f[14 + 8..14 + 40]);
+        data.extend_from_slice(&((f.len() - l4) as u32).to_be_bytes());
+        data.extend_from_slice(&[0, 0, 0, proto]);
+    } else {
+        data.extend_from_slice(&f[14 + 12..14 + 20]);
+        data.extend_from_slice(&[0, proto]);
+        data.extend_from_slice(&((f.len() - l4) as u16).to_be_bytes());
+    }
+    data.extend_from_slice(&f[l4..]);
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
+/// Fills in a correct UDP/TCP checksum, as the stack does without offload.
+fn set_l4_checksum(f: &mut [u8], v6: bool, proto: u8) {
+    let l4 = if v6 { 14 + 40 } else { 14 + 20 };
+    let at = l4 + if proto == 6 { 16 } else { 6 };
+    f[at..at + 2].copy_from_slice(&[0, 0]);
+    let c = !l4_sum(f, v6, proto);
+    f[at..at + 2].copy_from_slice(&c.to_be_bytes());
+}
+
+fn l4_checksum_ok(f: &[u8], v6: bool, proto: u8) -> bool {
+    l4_sum(f, v6, proto) == 0xffff
+}
+
+#[test]
+fn unlisted_query_is_answered_refused_in_block_mode() {
+    for v6 in [false, true] {
+        let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
+        let (src, dst) = if v6 {
+            (CLIENT6, RESOLVER6)
+        } else {
+            (CLIENT, RESOLVER)
+        };
+        let q = dns_query(0x7777, "s3cr3t.attacker.test", 1);
+        let mut f = frame(ip(src), ip(dst), 17, 40123, 53, 0, &q);
+        // Give the UDP header a real checksum, as the stack would without offload.
+        let l4 = if v6 { 14 + 40 } else { 14 + 20 };
+        set_l4_checksum(&mut f, v6, 17);
+
+        let (rc, out) = egress_out(&r, &f);
+        assert_eq!(rc, TC_ACT_REDIRECT, "v6={v6}: turned around, not sent");
+        // MACs, addresses and ports swapped
+        assert_eq!(&out[0..6], &f[6..12]);
+        assert_eq!(&out[6..12], &f[0..6]);
+        let (sa, da) = if v6 {
+            (14 + 8, 14 + 24)
+        } else {
+            (14 + 12, 14 + 16)
+        };
+        let alen = if v6 { 16 } else { 4 };
+        assert_eq!(&out[sa..sa + alen], &f[da..da + alen]);
+        assert_eq!(&out[da..da + alen], &f[sa..sa + alen]);
+        assert_eq!(&out[l4..l4 + 2], &53u16.to_be_bytes());
+        assert_eq!(&out[l4 + 2..l4 + 4], &40123u16.to_be_bytes());
+        // QR set, RCODE REFUSED, same id and question
+        let dns = &out[l4 + 8..];
+        assert_eq!(&dns[0..2], &0x7777u16.to_be_bytes());
+        assert_eq!(dns[2] & 0x80, 0x80);
+        assert_eq!(dns[3] & 0x0f, 5);
+        assert_eq!(&dns[12..], &q[12..]);
+        // The UDP checksum still holds over the rewritten datagram.
+        assert!(l4_checksum_ok(&out, v6, 17), "v6={v6}: checksum");
+        // Reported with the name, counted
+        let copies: Vec<_> = r
+            .events()
+            .into_iter()
+            .filter_map(|e| match e {
+                Ev::Dns(d) => Some(d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(copies.len(), 1);
+        assert_eq!(
+            copies[0].flags & (abi::DNS_QUERY | abi::DNS_REFUSED),
+            abi::DNS_QUERY | abi::DNS_REFUSED
+        );
+        assert_eq!(r.counter(abi::rf_counter::RF_CNT_DNS_REFUSED), 1);
+    }
+}
+
+#[test]
+fn allowed_queries_and_audit_mode_go_through() {
+    let r = rig_with(Mode::Block, Mode::Block, "github.test *.npm.test", true);
+    for name in ["github.test", "GITHUB.test", "a.b.npm.test"] {
+        let q = dns_query(1, name, 1);
+        let (rc, _) = egress_out(
+            &r,
+            &frame(ip(CLIENT), ip(RESOLVER), 17, r.port(), 53, 0, &q),
+        );
+        assert_eq!(rc, PASS, "{name}");
+    }
+    // Audit mode reports the unlisted query but sends it.
+    let r = rig_with(Mode::Audit, Mode::Block, "github.test", true);
+    let q = dns_query(2, "attacker.test", 1);
+    let (rc, _) = egress_out(&r, &frame(ip(CLIENT), ip(RESOLVER), 17, 40200, 53, 0, &q));
+    assert_eq!(rc, PASS);
+    let flags: Vec<u32> = r
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Ev::Dns(d) => Some(d.flags),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(flags, vec![abi::DNS_QUERY]);
+    // dns-policy = "any" in block mode: sent too.
+    let r = rig_with(Mode::Block, Mode::Block, "github.test", false);
+    let (rc, _) = egress_out(&r, &frame(ip(CLIENT), ip(RESOLVER), 17, 40201, 53, 0, &q));
+    assert_eq!(rc, PASS);
+}
+
+// ---- DNS over TCP -------------------------------------------------------------------------
+
+const PSH_ACK: u8 = 0x18;
+
+#[test]
+fn tcp_answer_in_one_segment_binds() {
+    let r = rig_with(Mode::Block, Mode::Block, "github.test:443", true);
+    let sport = r.port();
+    // The connection to the resolver, then the query in one segment.
+    assert_eq!(
+        r.egress(&frame(ip(CLIENT), ip(RESOLVER), 6, sport, 53, TCP_SYN, &[])),
+        PASS
+    );
+    let q = testrun::tcp_dns(&dns_query(0x3131, "github.test", 1));
+    let seg = testrun::tcp_frame(
+        ip(CLIENT),
+        ip(RESOLVER),
+        sport,
+        53,
+        100,
+        500,
+        PSH_ACK,
+        &[],
+        &q,
+    );
+    assert_eq!(r.egress(&seg), PASS);
+    let a = testrun::tcp_dns(&dns_answer(
+        0x3131,
+        "github.test",
+        1,
+        &[Rr::A("github.test", 30, a4("198.51.100.10"))],
+    ));
+    let seg = testrun::tcp_frame(
+        ip(RESOLVER),
+        ip(CLIENT),
+        53,
+        sport,
+        500,
+        100 + q.len() as u32,
+        PSH_ACK,
+        &[],
+        &a,
+    );
+    assert_eq!(r.ingress(&seg), PASS);
+    assert_eq!(r.learned(), vec![ip("198.51.100.10")]);
+    assert_eq!(r.syn("198.51.100.10", 443), PASS);
+}
+
+#[test]
+fn tcp_answer_split_across_segments_is_counted_not_parsed() {
+    let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
+    let sport = r.port();
+    let q = testrun::tcp_dns(&dns_query(0x3232, "github.test", 1));
+    assert_eq!(
+        r.egress(&frame(ip(CLIENT), ip(RESOLVER), 6, sport, 53, TCP_SYN, &[])),
+        PASS
+    );
+    assert_eq!(
+        r.egress(&testrun::tcp_frame(
+            ip(CLIENT),
+            ip(RESOLVER),
+            sport,
+            53,
+            100,
+            500,
+            PSH_ACK,
+            &[],
+            &q
+        )),
+        PASS
+    );
+    let a = testrun::tcp_dns(&dns_answer(
+        0x3232,
+        "github.test",
+        1,
+        &[Rr::A("github.test", 30, a4("198.51.100.10"))],
+    ));
+    let first = &a[..a.len() - 6];
+    let seg = testrun::tcp_frame(
+        ip(RESOLVER),
+        ip(CLIENT),
+        53,
+        sport,
+        500,
+        100,
+        PSH_ACK,
+        &[],
+        first,
+    );
+    assert_eq!(r.ingress(&seg), PASS);
+    assert!(r.learned().is_empty());
+    assert_eq!(r.counter(abi::rf_counter::RF_CNT_DNS_TCP_SPLIT), 1);
+}
+
+#[test]
+fn unlisted_tcp_query_is_answered_refused() {
+    let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
+    let q = testrun::tcp_dns(&dns_query(0x3333, "leak.attacker.test", 1));
+    // NOP NOP TS(TSval=0x11111111, TSecr=0x22222222)
+    let opts = [1, 1, 8, 10, 0x11, 0x11, 0x11, 0x11, 0x22, 0x22, 0x22, 0x22];
+    assert_eq!(
+        r.egress(&frame(ip(CLIENT), ip(RESOLVER), 6, 40999, 53, TCP_SYN, &[])),
+        PASS
+    );
+    let mut seg = testrun::tcp_frame(
+        ip(CLIENT),
+        ip(RESOLVER),
+        40999,
+        53,
+        1000,
+        7000,
+        PSH_ACK,
+        &opts,
+        &q,
+    );
+    set_l4_checksum(&mut seg, false, 6);
+    let (rc, out) = egress_out(&r, &seg);
+    assert_eq!(rc, TC_ACT_REDIRECT);
+    let l4 = 14 + 20;
+    assert_eq!(&out[14 + 12..14 + 16], &a4(RESOLVER));
+    assert_eq!(&out[14 + 16..14 + 20], &a4(CLIENT));
+    assert_eq!(&out[l4..l4 + 2], &53u16.to_be_bytes());
+    assert_eq!(&out[l4 + 2..l4 + 4], &40999u16.to_be_bytes());
+    assert_eq!(
+        &out[l4 + 4..l4 + 8],
+        &7000u32.to_be_bytes(),
+        "seq = what the client acked"
+    );
+    assert_eq!(
+        &out[l4 + 8..l4 + 12],
+        &(1000 + q.len() as u32).to_be_bytes(),
+        "ack covers the query"
+    );
+    assert_eq!(out[l4 + 13], PSH_ACK);
+    assert_eq!(
+        &out[l4 + 24..l4 + 32],
+        &[0x22, 0x22, 0x22, 0x22, 0x11, 0x11, 0x11, 0x11],
+        "timestamps swapped"
+    );
+    let dns = &out[l4 + 32 + 2..];
+    assert_eq!(dns[2] & 0x80, 0x80);
+    assert_eq!(dns[3] & 0x0f, 5);
+    assert_eq!(&dns[12..], &q[2 + 12..]);
+    assert!(
+        l4_checksum_ok(&out, false, 6),
+        "TCP checksum after the rewrite"
+    );
+    assert_eq!(r.counter(abi::rf_counter::RF_CNT_DNS_REFUSED), 1);
+}
+
+// ---- learned-state lifetime --------------------------------------------------------------
+
+#[test]
+fn a_live_flow_outlives_its_expired_address() {
+    let r = rig(Mode::Block, Mode::Block, "github.test:443");
+    r.resolve(
+        0x6161,
+        "github.test",
+        1,
+        &[Rr::A("github.test", 1, a4("198.51.100.10"))],
+    );
+    let syn = frame(ip(CLIENT), ip("198.51.100.10"), 6, 42424, 443, TCP_SYN, &[]);
+    let data = frame(
+        ip(CLIENT),
+        ip("198.51.100.10"),
+        6,
+        42424,
+        443,
+        TCP_ACK,
+        b"GET /",
+    );
+    assert_eq!(r.egress(&syn), PASS);
+    // What the agent does when TTL and grace have run out.
+    r.dp().delete_host_entry(JOB, ip("198.51.100.10")).unwrap();
+    // The established flow goes on: its verdict lives in the flow table.
+    for _ in 0..5 {
+        assert_eq!(r.egress(&data), PASS);
+    }
+    // A new connection needs a fresh answer.
+    assert_eq!(r.syn("198.51.100.10", 443), DROP);
+}
+
+#[test]
+fn a_full_trie_fails_closed_and_counts() {
+    // A dataplane of its own: a trie of 4 entries (the pool's are full size).
+    let mut dp = Dataplane::load(&Options {
+        allow_entries: 4,
+        ..Options::default()
+    })
+    .unwrap();
+    dp.reset().unwrap();
+    let policy = Policy {
+        mode: Mode::Block,
+        direct_ip: Mode::Block,
+        dns_resolvers: vec![ip(RESOLVER)],
+        endpoints: Policy::parse_endpoints("many.test:443", "test").unwrap(),
+        ..Policy::default()
+    };
+    dp.install_policy(JOB, &policy.compile().unwrap(), &policy.dns_resolvers)
+        .unwrap();
+    dp.add_interface_job(
+        LO,
+        abi::rf_job {
+            job_id: JOB,
+            mode: 1,
+            direct_ip: 1,
+            dns_filter: 1,
+            _pad: 0,
+        },
+    )
+    .unwrap();
+    let mut r = Rig {
+        dp: Some(dp),
+        next_port: std::cell::Cell::new(45000),
+    };
+    let rrs: Vec<Rr<'_>> = (0..8u8)
+        .map(|i| Rr::A("many.test", 30, [198, 51, 100, 100 + i]))
+        .collect();
+    assert_eq!(r.resolve(0x7171, "many.test", 1, &rrs), PASS);
+    let bound = r.learned().len();
+    assert_eq!(bound, 4, "the trie holds what fits");
+    assert!(r.counter(abi::rf_counter::RF_CNT_TRIE_FULL) >= 4);
+    // What did not fit stays blocked; nothing in use was evicted to make room.
+    assert_eq!(r.syn("198.51.100.107", 443), DROP);
+    assert_eq!(r.syn("198.51.100.100", 443), PASS);
+    let copies: Vec<_> = r
+        .events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Ev::Dns(d) => Some(d),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(copies[0].flags & abi::DNS_TRIE_FULL, abi::DNS_TRIE_FULL);
+    // Not back to the pool: its trie is too small for the other tests.
+    drop(r.dp.take());
 }

@@ -177,3 +177,48 @@ fn missing_interface_exits_1_naming_it() {
     let attached = attached_programs(&tb);
     assert!(attached.is_empty(), "left attached: {attached:?}\n{shown}");
 }
+
+/// Runs `exec` inside the client namespace after `setup` (shell commands run first, in a
+/// private mount namespace, to take something away from the machine); asserts exit 1 with
+/// stderr containing `cause`, the job never ran and nothing stayed attached.
+fn fails_at_runtime_naming(setup: &str, cause: &str) {
+    let tb = testbed(&[], &[]);
+    let marker = tb.workdir().join("ran");
+    let script = format!(
+        "{setup} && exec {RINGFENCE} exec --mode block --allow github.test -- touch {}",
+        marker.display()
+    );
+    // unshare -m: the mounts below vanish with this process; the host keeps its own.
+    let (st, out, err) = run_timeout(
+        tb.client_cmd(
+            "unshare",
+            ["-m", "--propagation", "private", "sh", "-c", &script],
+        ),
+        JOB_TIMEOUT,
+    );
+    let shown = format!("status {st:?}\nstdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(st.code(), Some(1), "{shown}");
+    assert!(
+        err.contains(cause),
+        "stderr does not name {cause:?}\n{shown}"
+    );
+    assert!(!marker.exists(), "the job ran without enforcement\n{shown}");
+    let attached = attached_programs(&tb);
+    assert!(attached.is_empty(), "left attached: {attached:?}\n{shown}");
+}
+
+#[test]
+fn no_btf_exits_1_naming_it() {
+    // Hide the kernel's BTF the way a kernel without CONFIG_DEBUG_INFO_BTF looks.
+    fails_at_runtime_naming("mount -t tmpfs none /sys/kernel/btf", "BTF");
+}
+
+#[test]
+fn no_cgroup_v2_exits_1_naming_it() {
+    // No cgroup2 mount anywhere, and no way to mount one privately under /run.
+    fails_at_runtime_naming(
+        "for m in $(awk '$9 == \"cgroup2\" {print $5}' /proc/self/mountinfo); do umount -l \"$m\"; done \
+         && mount -t tmpfs -o ro none /run",
+        "cgroup v2",
+    );
+}

@@ -131,9 +131,48 @@ fn unlisted_name_blocked_and_named() {
         &[DnsRecord::a("ok.test", ok), DnsRecord::a("evil.test", evil)],
         &[sa(ok, 80), sa(evil, 80)],
     );
+    // Block mode filters queries by default: the name never leaves the host, the query is
+    // answered REFUSED at once (tests/dns_netns.rs times it), and the attempt is named in
+    // the events and the report.
     let job = exec(
         &tb,
         &["--mode", "block", "--allow", "ok.test:80"],
+        &as_strs(&curl(&[], "http://evil.test/")),
+    );
+    assert_ne!(
+        job.code(),
+        Some(0),
+        "curl to a blocked name succeeded\n{}",
+        job.dump()
+    );
+    assert_eq!(
+        tb.dns_queries_for("evil.test"),
+        0,
+        "the query reached the server"
+    );
+    let q = job
+        .events
+        .iter()
+        .find(|e| e["reason"] == "dns-query" && e["domain"] == "evil.test")
+        .unwrap_or_else(|| panic!("no dns-query event for evil.test\n{}", job.dump()));
+    assert_eq!(q["verdict"], "blocked");
+    assert!(
+        job.stderr.contains("evil.test"),
+        "report does not name evil.test:\n{}",
+        job.stderr
+    );
+
+    // With dns-policy = any the name resolves, and the connection is what gets blocked.
+    let job = exec(
+        &tb,
+        &[
+            "--mode",
+            "block",
+            "--dns-policy",
+            "any",
+            "--allow",
+            "ok.test:80",
+        ],
         &as_strs(&curl(&[], "http://evil.test/")),
     );
     assert_ne!(
@@ -149,12 +188,6 @@ fn unlisted_name_blocked_and_named() {
     );
     let flow = job.expect_flow(evil.into(), 80, "blocked", "not-allowed");
     assert_eq!(flow["domain"], "evil.test", "{}", job.dump());
-    assert!(
-        job.stderr.contains("evil.test"),
-        "report does not name evil.test:\n{}",
-        job.stderr
-    );
-    // The name still resolved: DNS to the configured resolver is not what blocked it.
     assert!(tb.dns_queries_for("evil.test") >= 1);
 }
 
@@ -236,7 +269,17 @@ fn wildcard_matches_subdomains_at_any_depth_not_the_apex() {
     );
     job.expect_flow(deep.into(), 80, "allowed", "allowed");
 
-    let job = exec(&tb, &allow, &as_strs(&curl(&[], "http://x.test/")));
+    // dns-policy any: the address-level check is the one under test here (the query
+    // filter would stop x.test even earlier).
+    let any = [
+        "--mode",
+        "block",
+        "--dns-policy",
+        "any",
+        "--allow",
+        "*.x.test:80",
+    ];
+    let job = exec(&tb, &any, &as_strs(&curl(&[], "http://x.test/")));
     assert_ne!(
         job.code(),
         Some(0),
@@ -326,7 +369,16 @@ fn ipv6_aaaa_and_curl_6() {
         "IPv6 dst should be in canonical text form"
     );
 
-    let job = exec(&tb, &allow, &as_strs(&curl(&["-6"], "http://other6.test/")));
+    // dns-policy any, so the name resolves and the v6 address check is what blocks.
+    let any = [
+        "--mode",
+        "block",
+        "--dns-policy",
+        "any",
+        "--allow",
+        "v6.test:80",
+    ];
+    let job = exec(&tb, &any, &as_strs(&curl(&["-6"], "http://other6.test/")));
     assert_ne!(job.code(), Some(0), "{}", job.dump());
     assert_eq!(tb.http_hits(sa(bad, 80)), 0);
     let flow = job.expect_flow(bad.into(), 80, "blocked", "not-allowed");

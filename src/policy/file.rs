@@ -15,6 +15,9 @@ struct RawPolicy {
     allowed_endpoints: Option<Spanned<String>>,
     direct_ip: Option<Spanned<String>>,
     dns_resolvers: Option<Vec<Spanned<String>>>,
+    dns_policy: Option<Spanned<String>>,
+    dns_min_ttl: Option<Spanned<i64>>,
+    dns_grace: Option<Spanned<i64>>,
 }
 
 /// The same keys with any value: a first pass that finds each key's span, so that a type
@@ -26,6 +29,9 @@ struct KeySpans {
     allowed_endpoints: Option<Spanned<toml::Value>>,
     direct_ip: Option<Spanned<toml::Value>>,
     dns_resolvers: Option<Spanned<toml::Value>>,
+    dns_policy: Option<Spanned<toml::Value>>,
+    dns_min_ttl: Option<Spanned<toml::Value>>,
+    dns_grace: Option<Spanned<toml::Value>>,
 }
 
 impl KeySpans {
@@ -35,6 +41,9 @@ impl KeySpans {
             ("allowed-endpoints", &self.allowed_endpoints),
             ("direct-ip", &self.direct_ip),
             ("dns-resolvers", &self.dns_resolvers),
+            ("dns-policy", &self.dns_policy),
+            ("dns-min-ttl", &self.dns_min_ttl),
+            ("dns-grace", &self.dns_grace),
         ]
         .into_iter()
         .find(|(_, v)| v.as_ref().is_some_and(|v| v.span().contains(&offset)))
@@ -83,6 +92,34 @@ pub(super) fn parse_toml(text: &str, source: &str) -> Result<PolicyBuilder, Poli
         direct_ip: mode("direct-ip", raw.direct_ip, "\"block\" or \"audit\"")?,
         ..PolicyBuilder::default()
     };
+    // Lifetimes of learned addresses, in seconds: at most a day, so a typo cannot keep an
+    // address allowed for the rest of the runner's life.
+    let seconds = |key: &str, v: Option<Spanned<i64>>| match v {
+        None => Ok(None),
+        Some(v) if (0..=86_400).contains(v.get_ref()) => {
+            Ok(Some(std::time::Duration::from_secs(*v.get_ref() as u64)))
+        }
+        Some(v) => Err(at_span(
+            v.span(),
+            format!(
+                "bad {key} {}: expected seconds from 0 to 86400",
+                v.get_ref()
+            ),
+        )),
+    };
+    builder.dns_min_ttl = seconds("dns-min-ttl", raw.dns_min_ttl)?;
+    builder.dns_grace = seconds("dns-grace", raw.dns_grace)?;
+    if let Some(v) = raw.dns_policy {
+        builder.dns_filter = Some(super::parse_dns_policy(v.get_ref()).ok_or_else(|| {
+            at_span(
+                v.span(),
+                format!(
+                    "bad dns-policy {:?}: expected \"allowed-only\" or \"any\"",
+                    v.get_ref()
+                ),
+            )
+        })?);
+    }
     if let Some(resolvers) = raw.dns_resolvers {
         let parsed = resolvers
             .into_iter()

@@ -16,6 +16,9 @@
 //! """
 //! direct-ip = "block"            # "block" (default) or "audit"
 //! dns-resolvers = ["127.0.0.53"] # default: the nameservers in /etc/resolv.conf
+//! dns-policy = "allowed-only"    # block mode: queries for unlisted names get REFUSED; "any" to send them
+//! dns-min-ttl = 0                # seconds a learned address lives at least (0..86400)
+//! dns-grace = 30                 # seconds added to every learned address's TTL (0..86400)
 //! "#;
 //! let policy = Policy::from_toml_str(text, "policy.toml").unwrap();
 //! assert_eq!(policy.mode, Mode::Block);
@@ -254,6 +257,28 @@ pub struct Policy {
     /// Servers DNS may go to.
     pub dns_resolvers: Vec<IpAddr>,
     pub endpoints: Vec<Endpoint>,
+    /// `dns-policy = "allowed-only"` (the default): in block mode, queries for names the
+    /// policy does not allow are answered REFUSED in the kernel and never leave the host.
+    /// `"any"` lets every query through to the resolver.
+    pub dns_filter: bool,
+    /// `dns-min-ttl` (seconds): learned addresses live at least this long.
+    pub dns_min_ttl: std::time::Duration,
+    /// `dns-grace` (seconds): added to every learned address's TTL, since clients reuse
+    /// answers a little past it.
+    pub dns_grace: std::time::Duration,
+}
+
+/// Defaults of `dns-min-ttl` and `dns-grace`.
+pub const DEFAULT_DNS_MIN_TTL: std::time::Duration = std::time::Duration::from_secs(0);
+pub const DEFAULT_DNS_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// `dns-policy` values: "allowed-only" filters queries, "any" does not.
+pub fn parse_dns_policy(s: &str) -> Option<bool> {
+    match s {
+        "allowed-only" => Some(true),
+        "any" => Some(false),
+        _ => None,
+    }
 }
 
 impl Default for Policy {
@@ -265,6 +290,9 @@ impl Default for Policy {
             direct_ip: Mode::Block,
             dns_resolvers: Vec::new(),
             endpoints: Vec::new(),
+            dns_filter: true,
+            dns_min_ttl: DEFAULT_DNS_MIN_TTL,
+            dns_grace: DEFAULT_DNS_GRACE,
         }
     }
 }
@@ -336,6 +364,9 @@ pub struct PolicyBuilder {
     pub direct_ip: Option<Mode>,
     pub dns_resolvers: Option<Vec<IpAddr>>,
     pub endpoints: Vec<Endpoint>,
+    pub dns_filter: Option<bool>,
+    pub dns_min_ttl: Option<std::time::Duration>,
+    pub dns_grace: Option<std::time::Duration>,
 }
 
 impl PolicyBuilder {
@@ -369,6 +400,9 @@ impl PolicyBuilder {
         self.mode = later.mode.or(self.mode);
         self.direct_ip = later.direct_ip.or(self.direct_ip);
         self.dns_resolvers = later.dns_resolvers.or(self.dns_resolvers.take());
+        self.dns_filter = later.dns_filter.or(self.dns_filter);
+        self.dns_min_ttl = later.dns_min_ttl.or(self.dns_min_ttl);
+        self.dns_grace = later.dns_grace.or(self.dns_grace);
         self.endpoints.extend(later.endpoints);
         self
     }
@@ -390,6 +424,9 @@ impl PolicyBuilder {
             direct_ip: self.direct_ip.unwrap_or(Mode::Block),
             dns_resolvers,
             endpoints: self.endpoints,
+            dns_filter: self.dns_filter.unwrap_or(true),
+            dns_min_ttl: self.dns_min_ttl.unwrap_or(DEFAULT_DNS_MIN_TTL),
+            dns_grace: self.dns_grace.unwrap_or(DEFAULT_DNS_GRACE),
         })
     }
 }

@@ -460,3 +460,26 @@ fn extend_endpoints_adds() {
     assert!(p.allows("github.com", 443) && p.allows("gitlab.com", 22));
     assert!(!p.allows("gitlab.com", 443));
 }
+
+#[test]
+fn dns_lifetimes_and_policy_parse_and_are_checked() {
+    let p = Policy::from_toml_str(
+        "dns-min-ttl = 60\ndns-grace = 5\ndns-policy = \"any\"\ndns-resolvers = [\"198.51.100.53\"]\n",
+        "p.toml",
+    )
+    .unwrap();
+    assert_eq!(p.dns_min_ttl, std::time::Duration::from_secs(60));
+    assert_eq!(p.dns_grace, std::time::Duration::from_secs(5));
+    assert!(!p.dns_filter);
+    let d = Policy::from_toml_str("dns-resolvers = [\"198.51.100.53\"]\n", "p.toml").unwrap();
+    assert_eq!(
+        (d.dns_min_ttl, d.dns_grace, d.dns_filter),
+        (DEFAULT_DNS_MIN_TTL, DEFAULT_DNS_GRACE, true)
+    );
+    let e = Policy::from_toml_str("dns-resolvers = []\ndns-grace = 90000\n", "p.toml").unwrap_err();
+    assert_eq!((e.line, e.column), (2, 13), "{e}");
+    assert!(e.to_string().contains("dns-grace"), "{e}");
+    let e = Policy::from_toml_str("dns-policy = \"some\"\n", "p.toml").unwrap_err();
+    assert_eq!(e.line, 1, "{e}");
+    assert!(e.to_string().contains("allowed-only"), "{e}");
+}
