@@ -1,0 +1,643 @@
+#!/usr/bin/env python3
+"""The throughput-regression harness behind bench/run (see bench/README.md).
+
+Runs, in one go: the per-packet BPF_PROG_TEST_RUN costs, veth throughput between two
+network namespaces under every filter configuration (paired against "no filter"), the
+event pipeline, the userspace criterion benches and the memory footprint. Prints one
+table, writes bench/out/<stamp>/*.json and bench/out/latest.json, and with --check
+compares the ratios to bench/baseline.json.
+
+Only loopback and namespaces created here carry traffic, on 198.51.100.0/24. Everything
+created is removed on exit, also on Ctrl-C. Every loop is bounded in count and time.
+"""
+import argparse
+import json
+import os
+import platform
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+
+C_ADDR, S_ADDR = "198.51.100.1", "198.51.100.2"
+IPERF_PORT, CONN_PORT = 5201, 5299
+
+# Filler addresses for the allowlists: documentation space only, never the server. With
+# 10k rules they repeat; an iptables rule costs the same whether or not its address
+# repeats, and the server's rule always comes last (the worst case: every rule is tried).
+FILLER = [f"203.0.113.{i}" for i in range(1, 255)] + [f"198.51.100.{i}" for i in range(10, 255)]
+
+TARGETS = {
+    "tcp1": 0.98, "tcp8": 0.98, "udp64": 0.90, "conn": 0.95,
+}
+
+
+def log(*a):
+    print(*a, file=sys.stderr, flush=True)
+
+
+def sh(cmd, check=True, timeout=120, **kw):
+    return subprocess.run(cmd, check=check, timeout=timeout, text=True,
+                          capture_output=True, **kw)
+
+
+def q(x):
+    """Quantile helper on a sorted copy; x non-empty."""
+    s = sorted(x)
+
+    def at(p):
+        if len(s) == 1:
+            return s[0]
+        k = p * (len(s) - 1)
+        f = int(k)
+        c = min(f + 1, len(s) - 1)
+        return s[f] + (s[c] - s[f]) * (k - f)
+    return at
+
+
+# ------------------------------------------------------------------------------------
+# Namespaces and filters
+# ------------------------------------------------------------------------------------
+
+class Testbed:
+    """Two namespaces joined by a veth pair: client 198.51.100.1, server .2."""
+
+    def __init__(self):
+        tag = f"{os.getpid() % 100000}"
+        self.c, self.s = f"rfb-c-{tag}", f"rfb-s-{tag}"
+        self.cdev, self.sdev = f"rfbc{tag}", f"rfbs{tag}"
+        self.procs = []
+        self.up = False
+
+    def __enter__(self):
+        for ns in (self.c, self.s):
+            sh(["ip", "netns", "add", ns])
+        self.up = True
+        sh(["ip", "link", "add", self.cdev, "netns", self.c, "type", "veth",
+            "peer", "name", self.sdev, "netns", self.s])
+        for ns, dev, addr in ((self.c, self.cdev, C_ADDR), (self.s, self.sdev, S_ADDR)):
+            sh(["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev])
+            sh(["ip", "-n", ns, "link", "set", dev, "up"])
+            sh(["ip", "-n", ns, "link", "set", "lo", "up"])
+        # Many short connections: reuse TIME_WAIT ports (per-namespace sysctls only).
+        self.ns_exec(self.c, ["sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1"], check=False)
+        self.ns_exec(self.c, ["sysctl", "-qw", "net.ipv4.ip_local_port_range=10000 65000"], check=False)
+        return self
+
+    def __exit__(self, *exc):
+        self.stop_servers()
+        if self.up:
+            for ns in (self.c, self.s):
+                sh(["ip", "netns", "del", ns], check=False)
+            self.up = False
+
+    def ns_exec(self, ns, cmd, **kw):
+        return sh(["ip", "netns", "exec", ns] + cmd, **kw)
+
+    def start_servers(self, rfbench, lifetime):
+        # Both servers end by themselves after `lifetime` seconds at the latest.
+        self.procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", self.s, "timeout", str(int(lifetime)), "iperf3", "-s",
+             "-p", str(IPERF_PORT)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        self.procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", self.s, rfbench, "connect-server",
+             f"{S_ADDR}:{CONN_PORT}", str(int(lifetime))],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        time.sleep(0.3)
+
+    def stop_servers(self):
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+        self.procs = []
+
+    def tx_packets(self):
+        out = sh(["ip", "-n", self.c, "-s", "-j", "link", "show", "dev", self.cdev]).stdout
+        return json.loads(out)[0]["stats64"]["tx"]["packets"]
+
+
+class Filter:
+    """One configuration of the client namespace's egress filtering."""
+
+    def __init__(self, name, kind, n=0):
+        self.name, self.kind, self.n = name, kind, n
+
+    def addresses(self):
+        k = max(self.n - 1, 0)
+        return [FILLER[i % len(FILLER)] for i in range(k)] + [S_ADDR]
+
+    def apply(self, tb):
+        if self.kind == "iptables":
+            rules = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]",
+                     ":OUTPUT ACCEPT [0:0]", "-A OUTPUT -o lo -j ACCEPT"]
+            rules += [f"-A OUTPUT -d {a}/32 -j ACCEPT" for a in self.addresses()]
+            rules += ["-A OUTPUT -j DROP", "COMMIT", ""]
+            tb.ns_exec(tb.c, ["iptables-restore"], input="\n".join(rules))
+        elif self.kind == "ipset":
+            lines = ["create rfbench hash:ip family inet hashsize 1024 maxelem 65536"]
+            lines += [f"add rfbench {a} -exist" for a in self.addresses()]
+            tb.ns_exec(tb.c, ["ipset", "restore"], input="\n".join(lines) + "\n")
+            rules = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]",
+                     ":OUTPUT ACCEPT [0:0]", "-A OUTPUT -o lo -j ACCEPT",
+                     "-A OUTPUT -m set --match-set rfbench dst -j ACCEPT",
+                     "-A OUTPUT -j DROP", "COMMIT", ""]
+            tb.ns_exec(tb.c, ["iptables-restore"], input="\n".join(rules))
+        elif self.kind == "nft":
+            elems = ", ".join(sorted(set(self.addresses())))
+            conf = f"""table inet rfbench {{
+  set allow {{ type ipv4_addr; elements = {{ {elems} }} }}
+  chain out {{
+    type filter hook output priority 0; policy accept;
+    oif "lo" accept
+    ip daddr @allow accept
+    drop
+  }}
+}}
+"""
+            tb.ns_exec(tb.c, ["nft", "-f", "-"], input=conf)
+
+    def clear(self, tb):
+        if self.kind in ("iptables", "ipset"):
+            tb.ns_exec(tb.c, ["iptables-restore"], input="*filter\n:INPUT ACCEPT [0:0]\n"
+                       ":FORWARD ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\nCOMMIT\n", check=False)
+        if self.kind == "ipset":
+            tb.ns_exec(tb.c, ["ipset", "destroy", "rfbench"], check=False)
+        if self.kind == "nft":
+            tb.ns_exec(tb.c, ["nft", "delete", "table", "inet", "rfbench"], check=False)
+
+    def wrap(self, ringfence, cmd):
+        if self.kind == "ringfence":
+            return [ringfence, "exec", "--mode", "block", "--allow", f"{S_ADDR}:*", "--"] + cmd
+        return cmd
+
+
+def filters(quick):
+    f = [Filter("none", "none"), Filter("ringfence", "ringfence"),
+         Filter("ipset-1k", "ipset", 1000), Filter("nft-set-1k", "nft", 1000),
+         Filter("iptables-10", "iptables", 10), Filter("iptables-1k", "iptables", 1000),
+         Filter("iptables-10k", "iptables", 10000)]
+    return f
+
+
+# ------------------------------------------------------------------------------------
+# One measurement
+# ------------------------------------------------------------------------------------
+
+def run_one(tb, flt, test, quick, rfbench, ringfence):
+    """Returns {"value": rate, "pps": egress packets/s} for one run of `test` under `flt`."""
+    tmp = tempfile.NamedTemporaryFile(prefix="rfbench-iperf-", suffix=".json", delete=False)
+    tmp.close()
+    try:
+        if test == "conn":
+            secs = 0.5 if quick else 1.0
+            cmd = [rfbench, "connect-client", f"{S_ADDR}:{CONN_PORT}", str(secs), "2000000"]
+        else:
+            cmd = ["iperf3", "-c", S_ADDR, "-p", str(IPERF_PORT), "-J", "--logfile", tmp.name]
+            if quick:
+                # A fixed amount of data instead of a time: a fraction of a second.
+                cmd += ["-n", "64M"] if test != "udp64" else ["-k", "40000"]
+            else:
+                cmd += ["-t", "1"]
+            if test == "tcp8":
+                cmd += ["-P", "8"]
+            if test == "udp64":
+                cmd += ["-u", "-l", "64", "-b", "0"]
+        tx0 = tb.tx_packets()
+        t0 = time.monotonic()
+        # nsenter, not `ip netns exec`: that one mounts a fresh /sys without the cgroup2
+        # hierarchy, and `ringfence exec` needs it for the job's cgroup.
+        r = sh(["nsenter", f"--net=/run/netns/{tb.c}"] + flt.wrap(ringfence, cmd),
+               check=False, timeout=60)
+        el = time.monotonic() - t0
+        tx = tb.tx_packets() - tx0
+        if r.returncode != 0:
+            raise RuntimeError(f"{flt.name}/{test}: exit {r.returncode}: {r.stderr.strip()[-400:]}")
+        if test == "conn":
+            line = [l for l in r.stdout.splitlines() if l.startswith("{")][-1]
+            j = json.loads(line)
+            value, secs = j["conns_per_s"], j["seconds"]
+        else:
+            text = Path(tmp.name).read_text()
+            if not text.strip():
+                raise RuntimeError(f"{flt.name}/{test}: iperf3 wrote nothing: {r.stderr.strip()[-400:]}")
+            j = json.loads(text)
+            if "error" in j:
+                raise RuntimeError(f"{flt.name}/{test}: iperf3: {j['error']}")
+            end = j["end"]
+            if test == "udp64":
+                # Packets/s the sender got out (the filter sits on the sender's path);
+                # what arrived is kept beside it (the receiver drops some on a busy box).
+                s = end["sum"]
+                value = s["packets"] / max(s["seconds"], 1e-9)
+                secs = s["seconds"]
+                received = (s["packets"] - s["lost_packets"]) / max(s["seconds"], 1e-9)
+            else:
+                value = end["sum_received"]["bits_per_second"]
+                secs = end["sum_received"]["seconds"]
+        if value <= 0:
+            raise RuntimeError(f"{flt.name}/{test}: nothing got through")
+        # Egress packets (as the filter sees them: GSO super-packets for TCP) over the
+        # test's own duration; the few packets of iperf3's control connection are noise.
+        out = {"value": value, "pps": tx / max(secs, 1e-9), "tx": tx, "wall_s": el}
+        if test == "udp64":
+            out["received_pps"] = received
+        return out
+    finally:
+        os.unlink(tmp.name)
+
+
+def veth(args, rfbench, ringfence, dp):
+    tests = ["tcp1", "tcp8", "udp64", "conn"]
+    pairs = {"tcp1": 30, "tcp8": 30, "udp64": 15, "conn": 15}
+    if args.quick:
+        pairs = {t: 1 for t in tests}
+    if args.pairs:
+        pairs = {t: args.pairs for t in tests}
+    fl = filters(args.quick)
+    base, others = fl[0], fl[1:]
+    results = {}
+    broken = {}
+    # Upper bound on the servers' life: generous, they are stopped as soon as we are done.
+    lifetime = 60 + sum(pairs.values()) * len(fl) * 8
+    random.seed(42)
+    with Testbed() as tb:
+        tb.start_servers(rfbench, lifetime)
+        for test in tests:
+            raw = {f.name: [] for f in fl}
+            ratios = {f.name: [] for f in others}
+            # Rounds: none, the others in a rotating order, and the next round's "none";
+            # each run is paired with the mean of the "none" runs on either side of it.
+            nones = []
+            rounds = []
+            t_start = time.monotonic()
+            for r in range(pairs[test]):
+                order = others[r % len(others):] + others[:r % len(others)]
+                nones.append(run_one(tb, base, test, args.quick, rfbench, ringfence))
+                this = {}
+                for f in order:
+                    if f.name in broken:
+                        continue
+                    try:
+                        f.apply(tb)
+                        this[f.name] = run_one(tb, f, test, args.quick, rfbench, ringfence)
+                    except (RuntimeError, ValueError, KeyError, subprocess.SubprocessError) as e:
+                        # A configuration that does not run is a functional failure: say
+                        # so, skip it from now on, keep measuring the others.
+                        broken[f.name] = str(e)
+                        log(f"!! {f.name}: {e}")
+                    finally:
+                        f.clear(tb)
+                rounds.append(this)
+                if time.monotonic() - t_start > args.max_minutes * 60 / len(tests):
+                    log(f"  {test}: time budget spent after {r + 1} rounds")
+                    break
+            nones.append(run_one(tb, base, test, args.quick, rfbench, ringfence))
+            raw[base.name] = nones
+            for i, this in enumerate(rounds):
+                ref = (nones[i]["value"] + nones[i + 1]["value"]) / 2
+                for name, m in this.items():
+                    raw[name].append(m)
+                    ratios[name].append(m["value"] / ref)
+            res = {"pairs": len(rounds), "none": summarize([m["value"] for m in nones]),
+                   "none_pps": statistics.median(m["pps"] for m in nones), "configs": {}}
+            none_v = res["none"]["median"]
+            for f in others:
+                rs = ratios[f.name]
+                if not rs:
+                    continue
+                vals = [m["value"] for m in raw[f.name]]
+                pps = statistics.median(m["pps"] for m in raw[f.name])
+                s = summarize(rs)
+                # CPU cost of the filter, two ways:
+                #  - inferred: extra time per egress packet on the bottleneck,
+                #    1/pps(filter) - 1/pps(none), times the packets per second;
+                #  - ringfence only: its BPF_PROG_TEST_RUN cost (established / new flow)
+                #    times the packets per second.
+                pps_none = res["none_pps"]
+                inferred_ns = max(1e9 / pps - 1e9 / pps_none, 0.0) if pps > 0 and pps_none > 0 else None
+                entry = {"ratio": s, "value": summarize(vals), "pps": pps,
+                         "inferred_ns_per_pkt": inferred_ns,
+                         "cpu_pct_inferred": inferred_ns * pps / 1e7 if inferred_ns is not None else None}
+                if f.kind == "ringfence" and dp:
+                    est = dp_diff(dp, "established", 10)
+                    new = dp_diff(dp, "new-flow-allowed", 10)
+                    if est is not None:
+                        per = est if test != "conn" else None
+                        if test == "conn" and new is not None:
+                            # ~3 egress packets per connection: SYN (new flow), ACK, RST.
+                            conns = statistics.median(vals)
+                            entry["cpu_pct_testrun"] = (new + 2 * est) * conns / 1e7
+                        elif per is not None:
+                            entry["cpu_pct_testrun"] = per * pps / 1e7
+                        entry["testrun_ns_per_pkt"] = est if test != "conn" else new
+                res["configs"][f.name] = entry
+            results[test] = res
+            log(f"  {test}: {len(rounds)} pairs, none = {fmt_value(test, none_v)}")
+    if broken:
+        results["broken"] = broken
+    return results
+
+
+def summarize(x):
+    at = q(x)
+    return {"median": statistics.median(x), "p25": at(0.25), "p75": at(0.75),
+            "min": min(x), "max": max(x), "n": len(x)}
+
+
+def dp_diff(dp, case, entries):
+    for r in dp.get("rows", []):
+        if r["case"] == case and r["entries"] == entries:
+            return r["diff_ns"]
+    return None
+
+
+def fmt_value(test, v):
+    if test in ("tcp1", "tcp8"):
+        return f"{v / 1e9:.2f} Gbit/s"
+    if test == "udp64":
+        return f"{v / 1e3:.0f} kpps"
+    return f"{v:.0f} conn/s"
+
+
+# ------------------------------------------------------------------------------------
+# The other parts
+# ------------------------------------------------------------------------------------
+
+def run_rfbench(rfbench, what, out, quick):
+    cmd = [rfbench, what, "--json", str(out)] + (["--quick"] if quick else [])
+    log(f"== {what}: {' '.join(cmd)}")
+    r = subprocess.run(cmd, timeout=3600, text=True, stdout=subprocess.PIPE)
+    print(r.stdout, end="")
+    if r.returncode != 0:
+        raise RuntimeError(f"rfbench {what} failed (exit {r.returncode})")
+    return json.loads(Path(out).read_text())
+
+
+def criterion(args):
+    env = dict(os.environ, RFBENCH_CRITERION_SECS="0.3" if args.quick else "2")
+    log("== criterion: cargo bench --bench userspace")
+    r = subprocess.run(["cargo", "bench", "--bench", "userspace", "--",
+                        "--noplot"], cwd=ROOT, env=env, text=True, timeout=3600,
+                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    if r.returncode != 0:
+        print(r.stdout[-3000:])
+        raise RuntimeError("criterion benches failed")
+    target = Path(os.environ.get("CARGO_TARGET_DIR", ROOT / "target"))
+    out = {}
+    for est in sorted((target / "criterion").glob("**/new/estimates.json")):
+        bench = est.parent.parent.relative_to(target / "criterion").as_posix()
+        j = json.loads(est.read_text())
+        out[bench] = {"ns": j["mean"]["point_estimate"],
+                      "ci95": [j["mean"]["confidence_interval"]["lower_bound"],
+                               j["mean"]["confidence_interval"]["upper_bound"]]}
+    return out
+
+
+# ------------------------------------------------------------------------------------
+# Table, targets, baseline
+# ------------------------------------------------------------------------------------
+
+def targets_report(res):
+    """[(target, measured, met?)]: the issue's targets against this run."""
+    out = []
+    dp = res.get("dataplane", {})
+
+    def worst(case, pred):
+        rows = [r for r in dp.get("rows", []) if r["case"] == case and pred(r["entries"])]
+        return max(rows, key=lambda r: r["diff_ns"]) if rows else None
+
+    for label, case, pred, lim in [
+        ("new allowed flow, <=1k entries: added <= 60 ns", "new-flow-allowed", lambda n: n <= 1000, 60),
+        ("new allowed flow, 100k entries: added <= 150 ns", "new-flow-allowed", lambda n: n == 100_000, 150),
+        ("established flow, any size: added <= 30 ns", "established", lambda n: True, 30),
+    ]:
+        w = worst(case, pred)
+        if w:
+            out.append((label, f"{w['diff_ns']:.0f} ns (worst, at {w['entries']})", w["diff_ns"] <= lim))
+    vt = res.get("veth", {})
+    for test, lim in TARGETS.items():
+        c = vt.get(test, {}).get("configs", {}).get("ringfence")
+        if c:
+            r = c["ratio"]
+            out.append((f"veth {test}: ringfence >= {lim} of no filter",
+                        f"{r['median']:.3f} [{r['p25']:.3f}..{r['p75']:.3f}] n={r['n']}",
+                        r["median"] >= lim))
+    for test, t in vt.items():
+        c = t.get("configs", {})
+        rf = c.get("ringfence")
+        rivals = {k: v for k, v in c.items() if k.endswith("1k") or k.endswith("10k")}
+        if rf and rivals:
+            best = max(rivals.items(), key=lambda kv: kv[1]["ratio"]["median"])
+            out.append((f"veth {test}: ringfence ahead of iptables/nft at 1k+",
+                        f"ringfence {rf['ratio']['median']:.3f} vs best rival {best[0]} {best[1]['ratio']['median']:.3f}",
+                        rf["ratio"]["median"] >= best[1]["ratio"]["median"]))
+    pl = res.get("pipeline")
+    if pl:
+        s = pl["sustained_events_per_s"]
+        out.append((">= 1M events/s through the agent, zero drops",
+                    f"{s / 1e6:.3f} M/s sustained (falls behind at {fmt_rate(pl.get('falls_behind_events_per_s'))}, "
+                    f"drops from {fmt_rate(pl.get('drop_point_events_per_s'))}); agent.handle alone "
+                    f"{pl['handle_events_per_s'] / 1e6:.3f} M/s, {pl.get('handle_nocheck_events_per_s', 0) / 1e6:.3f} M/s without the pid check",
+                    s >= 1e6))
+    mem = res.get("memory")
+    if mem and mem["learned_addresses"] < 1_000_000:
+        out.append(("agent RSS <= 128 MiB at 1M learned addresses",
+                    f"not measured (--quick: {mem['learned_addresses']} addresses, {mem['rss_agent_state_mib']:.1f} MiB)", None))
+    elif mem:
+        out.append((f"agent RSS <= 128 MiB at {mem['learned_addresses']} learned addresses, {mem['jobs']} jobs",
+                    f"{mem['rss_agent_state_mib']:.1f} MiB (agent state), {mem['rss_with_dataplane_mib']:.1f} MiB with the dataplane loaded; "
+                    f"BPF maps {mem['maps_memlock_mib']:.1f} MiB memlock",
+                    mem["rss_with_dataplane_mib"] <= 128))
+    return out
+
+
+def fmt_rate(x):
+    return "not reached" if x is None else f"{x / 1e6:.3f} M/s"
+
+
+def print_table(res):
+    p = print
+    dp = res.get("dataplane")
+    if dp:
+        p("\n## Per-packet cost (BPF_PROG_TEST_RUN, beside the empty TC program in the same run)")
+        p(f"{'case':<24}{'entries':>9}{'ns':>9}{'empty':>8}{'diff':>9}{'ratio':>8}")
+        for r in dp["rows"]:
+            p(f"{r['case']:<24}{r['entries']:>9}{r['ns']:>9.1f}{r['empty_ns']:>8.1f}{r['diff_ns']:>9.1f}{r['ratio']:>8.2f}")
+    vt = res.get("veth")
+    if vt:
+        p("\n## veth throughput, ratio to no filter (median [p25..p75] of paired runs)")
+        p(f"{'test':<7}{'config':<14}{'ratio':>7}  {'[p25..p75]':<15}{'n':>3}  {'rate':>14}{'pps':>11}  {'cpu (inferred / testrun)':<24}")
+        for test, t in vt.items():
+            p(f"{test:<7}{'none':<14}{1:>7.3f}  {'':<15}{t['none']['n']:>3}  {fmt_value(test, t['none']['median']):>14}{t['none_pps']:>11.0f}")
+            for name, c in t["configs"].items():
+                r = c["ratio"]
+                cpu = "-" if c["cpu_pct_inferred"] is None else f"{c['cpu_pct_inferred']:.1f}%"
+                if "cpu_pct_testrun" in c:
+                    cpu += f" / {c['cpu_pct_testrun']:.1f}%"
+                p(f"{'':<7}{name:<14}{r['median']:>7.3f}  [{r['p25']:.3f}..{r['p75']:.3f}] {r['n']:>3}  "
+                  f"{fmt_value(test, c['value']['median']):>14}{c['pps']:>11.0f}  {cpu:<24}")
+    pl = res.get("pipeline")
+    if pl:
+        p("\n## Event pipeline (ring buffer -> Agent::handle -> JSON Lines writer)")
+        p(f"agent.handle alone: {pl['handle_events_per_s']:.0f} events/s ({pl['handle_ns_per_event']:.0f} ns/event) with the "
+          f"pid check against the job cgroup, {pl.get('handle_nocheck_events_per_s', 0):.0f} events/s without")
+        for s in pl["steps"]:
+            p(f"  offered {('max' if s['offered'] == 0 else s['offered']):>9}  produced {s['produced_per_s']:>10.0f}/s  "
+              f"consumed {s['consumed_per_s']:>10.0f}/s  drops {s['drops']:>8}  kept up {s.get('kept_up')}")
+        p(f"  sustained {pl['sustained_events_per_s']:.0f}/s, falls behind at {fmt_rate(pl.get('falls_behind_events_per_s'))}, "
+          f"drops from {fmt_rate(pl.get('drop_point_events_per_s'))}")
+    cr = res.get("criterion")
+    if cr:
+        p("\n## Userspace (criterion, mean ns per call [95% CI])")
+        for k, v in cr.items():
+            p(f"  {k:<40}{v['ns']:>10.1f}  [{v['ci95'][0]:.1f}..{v['ci95'][1]:.1f}]")
+    mem = res.get("memory")
+    if mem:
+        p("\n## Memory")
+        p(f"  agent RSS: idle {mem['rss_idle_mib']:.1f} MiB, with {mem['learned_addresses']} learned addresses over "
+          f"{mem['jobs']} jobs {mem['rss_agent_state_mib']:.1f} MiB, plus dataplane {mem['rss_with_dataplane_mib']:.1f} MiB")
+        for m in mem["maps"]:
+            p(f"  map {m['name']:<18}{m['memlock'] / 1048576:>8.1f} MiB")
+        p(f"  maps total {mem['maps_memlock_mib']:.1f} MiB (memlock, as bpftool map show reports it)")
+    p("\n## Targets" + (" (--quick: indicative only, one pair, few packets)" if res.get("quick") else ""))
+    for label, got, ok in targets_report(res):
+        p(f"  [{'n/a ' if ok is None else 'met ' if ok else 'MISS'}] {label}: {got}")
+
+
+def check(res, baseline_path, quick):
+    """Regressions against the baseline. Returns a list of messages (empty = fine)."""
+    if not baseline_path.exists():
+        return [f"no baseline at {baseline_path}"]
+    base = json.loads(baseline_path.read_text())
+    tol = base.get("tolerance", {})
+    ratio_tol = tol.get("ratio_abs", 0.05)
+    ns_rel, ns_abs = tol.get("ns_rel", 0.5), tol.get("ns_abs", 20)
+    bad = []
+    for test, t in base.get("veth", {}).items():
+        for name, c in t.get("configs", {}).items():
+            if name != "ringfence":
+                continue  # only our own regressions gate; the rivals are context
+            cur = res.get("veth", {}).get(test, {}).get("configs", {}).get(name)
+            if cur is None:
+                continue
+            b, n = c["ratio"]["median"], cur["ratio"]["median"]
+            # The band both runs' spreads allow, never less than ratio_abs: on a noisy
+            # machine a 0.05 gate alone would flap.
+            iqr = lambda r: r["p75"] - r["p25"]
+            t = max(ratio_tol, (iqr(c["ratio"]) + iqr(cur["ratio"])) / 2)
+            if n < b - t:
+                bad.append(f"veth {test} {name}: ratio {n:.3f} < baseline {b:.3f} - {t:.3f}")
+    brow = {(r["case"], r["entries"]): r for r in base.get("dataplane", {}).get("rows", [])}
+    for r in res.get("dataplane", {}).get("rows", []):
+        b = brow.get((r["case"], r["entries"]))
+        if b and r["diff_ns"] > b["diff_ns"] * (1 + ns_rel) + ns_abs:
+            bad.append(f"dataplane {r['case']}@{r['entries']}: +{r['diff_ns']:.0f} ns over empty, "
+                       f"baseline +{b['diff_ns']:.0f} ns (tolerance x{1 + ns_rel} + {ns_abs} ns)")
+    bp, cp = base.get("pipeline"), res.get("pipeline")
+    if bp and cp and cp["handle_events_per_s"] < bp["handle_events_per_s"] * (1 - tol.get("rate_rel", 0.3)):
+        bad.append(f"agent.handle: {cp['handle_events_per_s']:.0f}/s < baseline {bp['handle_events_per_s']:.0f}/s - 30%")
+    return bad
+
+
+# ------------------------------------------------------------------------------------
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="seconds, for CI: few packets, 1 pair, short runs")
+    ap.add_argument("--check", action="store_true", help="compare to bench/baseline.json; exit 1 on a regression (never with --quick)")
+    ap.add_argument("--only", default="dataplane,veth,pipeline,criterion,memory",
+                    help="comma-separated parts to run")
+    ap.add_argument("--pairs", type=int, default=0, help="override the number of pairs per veth test")
+    ap.add_argument("--max-minutes", type=float, default=40, help="time budget of the veth part")
+    ap.add_argument("--rfbench", required=True)
+    ap.add_argument("--ringfence", required=True)
+    ap.add_argument("--baseline", default=str(BENCH / "baseline.json"))
+    ap.add_argument("--write-baseline", action="store_true", help="write this run as bench/baseline.json")
+    args = ap.parse_args()
+    parts = set(args.only.split(","))
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    outdir = BENCH / "out" / stamp
+    outdir.mkdir(parents=True, exist_ok=True)
+    res = {"stamp": stamp, "quick": args.quick,
+           "machine": {"host": platform.node(), "kernel": platform.release(),
+                       "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
+           "git": sh(["git", "rev-parse", "--short", "HEAD"], check=False, cwd=ROOT).stdout.strip()}
+    try:
+        cpu = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")]
+        res["machine"]["cpu"] = cpu[0] if cpu else ""
+    except OSError:
+        pass
+    res["machine"]["iptables"] = sh(["iptables", "-V"], check=False).stdout.strip()
+
+    failures = []
+
+    def part(name, fn):
+        if name not in parts:
+            return
+        try:
+            res[name] = fn()
+        except Exception as e:  # one broken part must not hide the others' numbers
+            failures.append(f"{name}: {e}")
+            log(f"!! {name} failed: {e}")
+            if os.environ.get("RFBENCH_DEBUG"):
+                import traceback
+                traceback.print_exc()
+
+    part("dataplane", lambda: run_rfbench(args.rfbench, "dataplane", outdir / "dataplane.json", args.quick))
+    part("pipeline", lambda: run_rfbench(args.rfbench, "pipeline", outdir / "pipeline.json", args.quick))
+    part("memory", lambda: run_rfbench(args.rfbench, "memory", outdir / "memory.json", args.quick))
+    part("criterion", lambda: criterion(args))
+    if "veth" in parts:
+        log("== veth throughput")
+    part("veth", lambda: veth(args, args.rfbench, args.ringfence, res.get("dataplane")))
+    for name, err in res.get("veth", {}).pop("broken", {}).items():
+        failures.append(f"veth {name}: {err}")
+    res["machine"]["loadavg_end"] = os.getloadavg()
+
+    (outdir / "results.json").write_text(json.dumps(res, indent=1) + "\n")
+    latest = BENCH / "out" / "latest.json"
+    latest.write_text(json.dumps(res, indent=1) + "\n")
+    print_table(res)
+    print(f"\nload average at start {res['machine']['loadavg_start']}, at end {res['machine']['loadavg_end']} "
+          f"({res['machine']['cpus']} CPUs): above ~0.5 the numbers are noisy.")
+    print(f"results: {outdir / 'results.json'}")
+    if args.write_baseline:
+        res["tolerance"] = {"ratio_abs": 0.05, "ns_rel": 0.5, "ns_abs": 20, "rate_rel": 0.3,
+                            "note": "a regression is a ringfence veth ratio below baseline - max(ratio_abs, mean of both runs' p75-p25), "
+                                    "a per-packet diff above baseline * (1 + ns_rel) + ns_abs, or "
+                                    "agent.handle below baseline * (1 - rate_rel)"}
+        Path(args.baseline).write_text(json.dumps(res, indent=1) + "\n")
+        print(f"baseline written: {args.baseline}")
+    rc = 0
+    if failures:
+        print("\nFAILED parts (functional, not timing):\n  " + "\n  ".join(failures))
+        rc = 1
+    if args.check:
+        bad = check(res, Path(args.baseline), args.quick)
+        if bad:
+            print("\nregressions against the baseline" + (" (--quick: reported, not enforced)" if args.quick else "") + ":")
+            for b in bad:
+                print("  " + b)
+            if not args.quick:
+                rc = rc or 3
+        else:
+            print("\nno regression against the baseline")
+    return rc
+
+
+if __name__ == "__main__":
+    # Ctrl-C / TERM: raise, so every `with Testbed()` removes what it created.
+    signal.signal(signal.SIGTERM, lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    sys.exit(main())

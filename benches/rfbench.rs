@@ -1,0 +1,1030 @@
+//! The kernel-side benchmarks of bench/run: one binary, one subcommand per measurement.
+//! It needs root and a real kernel, so it is not a criterion bench; `cargo bench` runs its
+//! quick per-packet pass (and says so when it cannot).
+//!
+//!   rfbench dataplane [--quick] [--json FILE]   per-packet cost, BPF_PROG_TEST_RUN
+//!   rfbench pipeline  [--quick] [--json FILE]   ring buffer -> agent -> JSON Lines, drop point
+//!   rfbench memory    [--quick] [--json FILE]   agent RSS and BPF map memory at 1M addresses
+//!   rfbench connect-server ADDR:PORT SECONDS    accept and close, until SECONDS pass
+//!   rfbench connect-client ADDR:PORT SECONDS MAX   connect/close loop; prints conns/s
+//!
+//! Every cost is printed beside the empty TC program measured in the same run, on the same
+//! frames with the same repeat count, as a difference (ns) and a ratio.
+//!
+//! Addresses: every frame and trie entry is in 2001:db8::/32 (documentation space), so the
+//! 1M-entry tries are spread over random-looking addresses, not a dense block.
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use ringfence::abi;
+use ringfence::agent::{Agent, JobState};
+use ringfence::dataplane::{Dataplane, Options};
+use ringfence::policy::{Compiled, Policy, PortSet};
+use ringfence::testrun::{self, dns_answer, dns_query, frame, run_tc, Rr, TCP_ACK, TCP_SYN};
+use serde_json::{json, Value};
+
+const USAGE: &str = "usage: rfbench dataplane|pipeline|memory [--quick] [--json FILE] \
+     | connect-server ADDR:PORT SECS | connect-client ADDR:PORT SECS MAX";
+
+const LO: u32 = 1;
+const JOB: u32 = 7;
+const DNS_NAME: &str = "bench.test";
+
+fn client() -> IpAddr {
+    "2001:db8:ffff::1".parse().unwrap()
+}
+
+fn resolver() -> IpAddr {
+    "2001:db8:ffff::53".parse().unwrap()
+}
+
+/// splitmix64: a fixed, well-spread sequence, so runs are comparable.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The i-th allowed destination: 2001:db8: followed by 96 scattered bits. Never collides
+/// with client(), resolver() or the DNS answer addresses (those have 0xffff / 0xaaaa next).
+fn dest(i: u64) -> IpAddr {
+    let a = mix(i);
+    let b = mix(i ^ 0x5555_5555);
+    let mut o = [0u8; 16];
+    o[0..4].copy_from_slice(&[0x20, 0x01, 0x0d, 0xb8]);
+    o[4..12].copy_from_slice(&a.to_be_bytes());
+    o[12..16].copy_from_slice(&(b as u32).to_be_bytes());
+    if o[4] == 0xff || o[4] == 0xaa {
+        o[4] = 0x11;
+    }
+    IpAddr::V6(Ipv6Addr::from(o))
+}
+
+/// A destination that is in no trie: the blocked case.
+fn stranger(i: u64) -> IpAddr {
+    let mut o = abi::addr_to_bytes(dest(i));
+    o[4] = 0xee;
+    IpAddr::V6(Ipv6Addr::from(o))
+}
+
+fn answer_addr(i: u32) -> [u8; 16] {
+    let mut o: [u8; 16] = "2001:db8:aaaa::".parse::<Ipv6Addr>().unwrap().octets();
+    o[12..16].copy_from_slice(&i.to_be_bytes());
+    o
+}
+
+struct Args {
+    quick: bool,
+    json: Option<String>,
+    rest: Vec<String>,
+}
+
+fn parse_args(v: &[String]) -> Args {
+    let mut a = Args {
+        quick: false,
+        json: None,
+        rest: vec![],
+    };
+    let mut it = v.iter();
+    while let Some(s) = it.next() {
+        match s.as_str() {
+            "--quick" => a.quick = true,
+            "--json" => a.json = it.next().cloned(),
+            "--bench" => {}
+            _ => a.rest.push(s.clone()),
+        }
+    }
+    a
+}
+
+fn write_json(path: &Option<String>, v: &Value) -> Result<()> {
+    if let Some(p) = path {
+        let mut f = std::fs::File::create(p).with_context(|| format!("creating {p}"))?;
+        serde_json::to_writer_pretty(&mut f, v)?;
+        f.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn main() -> Result<()> {
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let args = parse_args(&argv);
+    // Flags cargo may pass (`--test-threads=2`, `--nocapture`…) are not subcommands.
+    let cmd = args.rest.first().filter(|c| !c.starts_with('-')).cloned();
+    match cmd.as_deref() {
+        Some("dataplane") => dataplane(&args),
+        Some("pipeline") => pipeline(&args),
+        Some("memory") => memory(&args),
+        Some("connect-server") => connect_server(&args.rest[1..]),
+        Some("connect-client") => connect_client(&args.rest[1..]),
+        // `cargo bench`: the quick per-packet pass, when it can run at all.
+        None if argv.iter().any(|a| a == "--bench") => {
+            if !is_root() {
+                eprintln!("rfbench: skipped under `cargo bench`: needs root (bench/run runs it)");
+                return Ok(());
+            }
+            dataplane(&Args {
+                quick: true,
+                json: None,
+                rest: vec![],
+            })
+        }
+        // `cargo test --benches` and friends: nothing to do, and not an error.
+        None => {
+            eprintln!("{USAGE}");
+            Ok(())
+        }
+        Some(other) => bail!("unknown subcommand {other:?}\n{USAGE}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Per-packet cost
+// ---------------------------------------------------------------------------------------
+
+/// Loads a dataplane whose trie holds `entries` host entries for JOB (plus `extra` free
+/// slots for DNS answers), the job keyed on loopback in block mode.
+fn rig(entries: u64, always_judge: bool, emit_events: bool) -> Result<Dataplane> {
+    let mut dp = Dataplane::load(&Options {
+        emit_events,
+        always_judge,
+        allow_entries: (entries as u32).max(1024) + 1024,
+        ..Default::default()
+    })?;
+    let endpoints = Policy::parse_endpoints(&format!("{DNS_NAME}:*"), "bench")?;
+    let policy = Policy {
+        endpoints,
+        ..Default::default()
+    };
+    let mut compiled: Compiled = policy.compile()?;
+    compiled.prefixes = (0..entries)
+        .map(|i| {
+            let IpAddr::V6(a) = dest(i) else {
+                unreachable!()
+            };
+            (
+                ipnet::IpNet::V6(ipnet::Ipv6Net::new(a, 128).unwrap()),
+                PortSet::Any,
+            )
+        })
+        .collect();
+    dp.install_policy(JOB, &compiled, &[resolver()])?;
+    dp.add_interface_job(
+        LO,
+        abi::rf_job {
+            job_id: JOB,
+            mode: 1,
+            direct_ip: 1,
+            ..Default::default()
+        },
+    )?;
+    Ok(dp)
+}
+
+#[derive(Clone, Copy)]
+enum Prog {
+    Egress,
+    Ingress,
+}
+
+/// Runs every frame `repeat` times through `prog` and through the empty program, frame by
+/// frame interleaved (so a noisy neighbour hits both alike), `rounds` times over.
+/// Returns (mean ns prog, mean ns empty, return value of the first frame).
+fn measure(
+    dp: &Dataplane,
+    prog: Prog,
+    frames: &[Vec<u8>],
+    repeat: u32,
+    rounds: u32,
+) -> Result<(f64, f64, i32)> {
+    let p = match prog {
+        Prog::Egress => dp.egress_prog(),
+        Prog::Ingress => dp.ingress_prog(),
+    };
+    let (mut sum_p, mut sum_e, mut n) = (0f64, 0f64, 0f64);
+    let mut ret = None;
+    for _ in 0..rounds {
+        for f in frames {
+            let (r, d) = run_tc(p, f, LO, repeat)?;
+            ret.get_or_insert(r);
+            let (_, de) = run_tc(dp.empty_prog(), f, LO, repeat)?;
+            sum_p += d.as_nanos() as f64;
+            sum_e += de.as_nanos() as f64;
+            n += 1.0;
+        }
+    }
+    Ok((sum_p / n, sum_e / n, ret.unwrap_or(0)))
+}
+
+struct Row {
+    case: String,
+    entries: u64,
+    ns: f64,
+    empty: f64,
+    frames: usize,
+    repeat: u32,
+    rounds: u32,
+    ret: i32,
+}
+
+impl Row {
+    fn json(&self) -> Value {
+        json!({
+            "case": self.case, "entries": self.entries,
+            "ns": round2(self.ns), "empty_ns": round2(self.empty),
+            "diff_ns": round2(self.ns - self.empty), "ratio": round2(self.ns / self.empty.max(0.01)),
+            "frames": self.frames, "repeat": self.repeat, "rounds": self.rounds,
+            "packets": self.frames as u64 * self.repeat as u64 * self.rounds as u64,
+            "retval": self.ret,
+        })
+    }
+
+    fn print(&self) {
+        println!(
+            "{:<22} {:>9} {:>9.1} {:>9.1} {:>9.1} {:>7.2} {:>12}  ret={}",
+            self.case,
+            self.entries,
+            self.ns,
+            self.empty,
+            self.ns - self.empty,
+            self.ns / self.empty.max(0.01),
+            format!("{}x{}x{}", self.frames, self.repeat, self.rounds),
+            self.ret
+        );
+    }
+}
+
+fn round2(x: f64) -> f64 {
+    (x * 100.0).round() / 100.0
+}
+
+fn dataplane(args: &Args) -> Result<()> {
+    let sizes: Vec<u64> = if args.quick {
+        vec![10, 1000]
+    } else {
+        vec![10, 1_000, 10_000, 100_000, 1_000_000]
+    };
+    // Packets per row: >= 1e6 in a full run, spread over up to `max_frames` destinations
+    // (each BPF_PROG_TEST_RUN call repeats one frame, so one call = one destination).
+    let total: u64 = if args.quick { 20_000 } else { 1_000_000 };
+    let max_frames: u64 = if args.quick { 100 } else { 1000 };
+    let mut rows: Vec<Row> = Vec::new();
+    println!(
+        "{:<22} {:>9} {:>9} {:>9} {:>9} {:>7} {:>12}",
+        "case", "entries", "ns/pkt", "empty", "diff", "ratio", "frames*rep*rnd"
+    );
+    let t0 = Instant::now();
+    let load_before = loadavg();
+    for &n in &sizes {
+        let nf = n.min(max_frames) as usize;
+        let repeat = (total / nf as u64).max(1) as u32;
+        // Destinations spread over the whole trie: every (n/nf)-th entry.
+        let step = (n / nf as u64).max(1);
+        let dests: Vec<IpAddr> = (0..nf as u64).map(|k| dest(k * step)).collect();
+
+        // --- new flows: every packet judged (always_judge), flow entry written.
+        {
+            let t = Instant::now();
+            let dp = rig(n, true, false)?;
+            eprintln!(
+                "  [{n} entries loaded in {:.1}s]",
+                t.elapsed().as_secs_f64()
+            );
+            let syns: Vec<Vec<u8>> = dests
+                .iter()
+                .enumerate()
+                .map(|(k, d)| frame(client(), *d, 6, 40000 + k as u16, 443, TCP_SYN, &[]))
+                .collect();
+            let (ns, empty, ret) = measure(&dp, Prog::Egress, &syns, repeat, 1)?;
+            push(
+                &mut rows,
+                "new-flow-allowed",
+                n,
+                ns,
+                empty,
+                nf,
+                repeat,
+                1,
+                ret,
+            );
+            let blocked: Vec<Vec<u8>> = (0..nf as u64)
+                .map(|k| {
+                    frame(
+                        client(),
+                        stranger(k * step),
+                        6,
+                        40000 + k as u16,
+                        443,
+                        TCP_SYN,
+                        &[],
+                    )
+                })
+                .collect();
+            let (ns, empty, ret) = measure(&dp, Prog::Egress, &blocked, repeat, 1)?;
+            push(&mut rows, "blocked", n, ns, empty, nf, repeat, 1, ret);
+            // Cold: one packet per call over many destinations, nothing repeated back to
+            // back. Each call also pays the kernel's timer read, so only the difference
+            // to the empty program (same calls) means anything here.
+            let ncold = if args.quick { 2_000 } else { 20_000 }.min(n.max(1)) as usize;
+            let cstep = (n / ncold as u64).max(1);
+            let cold: Vec<Vec<u8>> = (0..ncold as u64)
+                .map(|k| {
+                    frame(
+                        client(),
+                        dest(k * cstep),
+                        6,
+                        40000 + (k % 20000) as u16,
+                        443,
+                        TCP_SYN,
+                        &[],
+                    )
+                })
+                .collect();
+            let rounds = (if args.quick { 2_000 } else { 40_000 } / ncold).max(1) as u32;
+            let (ns, empty, ret) = measure(&dp, Prog::Egress, &cold, 1, rounds)?;
+            push(
+                &mut rows,
+                "new-flow-allowed-cold",
+                n,
+                ns,
+                empty,
+                ncold,
+                1,
+                rounds,
+                ret,
+            );
+        }
+
+        // --- established flows (flow cache hit) and DNS answers, normal program.
+        {
+            let dp = rig(n, false, false)?;
+            let mut acks = Vec::with_capacity(nf);
+            for (k, d) in dests.iter().enumerate() {
+                let sport = 40000 + k as u16;
+                let syn = frame(client(), *d, 6, sport, 443, TCP_SYN, &[]);
+                let (r, _) = run_tc(dp.egress_prog(), &syn, LO, 1)?;
+                if r != testrun::PASS {
+                    bail!("SYN to allowed {d} returned {r}, expected pass");
+                }
+                acks.push(frame(client(), *d, 6, sport, 443, TCP_ACK, &[0u8; 64]));
+            }
+            let (ns, empty, ret) = measure(&dp, Prog::Egress, &acks, repeat, 1)?;
+            push(&mut rows, "established", n, ns, empty, nf, repeat, 1, ret);
+
+            for (i, &records) in [1u32, 8, 64].iter().enumerate() {
+                let txid = 0x1000 + i as u16;
+                let cport = 53000 + i as u16;
+                let q = frame(
+                    client(),
+                    resolver(),
+                    17,
+                    cport,
+                    53,
+                    0,
+                    &dns_query(txid, DNS_NAME, 28),
+                );
+                let (r, _) = run_tc(dp.egress_prog(), &q, LO, 1)?;
+                if r != testrun::PASS {
+                    bail!("DNS query returned {r}, expected pass");
+                }
+                let rrs: Vec<Rr> = (0..records)
+                    .map(|k| Rr::Aaaa(DNS_NAME, 300, answer_addr(i as u32 * 1000 + k)))
+                    .collect();
+                let a = frame(
+                    resolver(),
+                    client(),
+                    17,
+                    53,
+                    cport,
+                    0,
+                    &dns_answer(txid, DNS_NAME, 28, &rrs),
+                );
+                // One frame: the answer must match the one outstanding query.
+                let drep = if args.quick { 2_000 } else { 1_000_000 };
+                let (ns, empty, ret) = measure(&dp, Prog::Ingress, &[a], drep, 1)?;
+                // The answer must really have bound its records, or we timed a no-op.
+                let last = IpAddr::V6(Ipv6Addr::from(answer_addr(i as u32 * 1000 + records - 1)));
+                if dp.host_entry(JOB, last)?.is_none() {
+                    bail!("DNS answer with {records} records bound nothing: the bench is broken");
+                }
+                push(
+                    &mut rows,
+                    &format!("dns-answer-{records}"),
+                    n,
+                    ns,
+                    empty,
+                    1,
+                    drep,
+                    1,
+                    ret,
+                );
+            }
+        }
+    }
+    let out = json!({
+        "kind": "dataplane",
+        "machine": machine(),
+        "quick": args.quick,
+        "loadavg_before": load_before,
+        "loadavg_after": loadavg(),
+        "seconds": round2(t0.elapsed().as_secs_f64()),
+        "addresses": "2001:db8::/32, scattered (splitmix64)",
+        "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
+    });
+    write_json(&args.json, &out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn push(
+    rows: &mut Vec<Row>,
+    case: &str,
+    n: u64,
+    ns: f64,
+    empty: f64,
+    frames: usize,
+    repeat: u32,
+    rounds: u32,
+    ret: i32,
+) {
+    let r = Row {
+        case: case.to_string(),
+        entries: n,
+        ns,
+        empty,
+        frames,
+        repeat,
+        rounds,
+        ret,
+    };
+    r.print();
+    rows.push(r);
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let kernel = nix::sys::utsname::uname()
+        .map(|u| u.release().to_string_lossy().into_owned())
+        .unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "cpus": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        "kernel": kernel,
+    })
+}
+
+// ---------------------------------------------------------------------------------------
+// Event pipeline: real ring buffer -> Agent::handle -> JSON Lines writer
+// ---------------------------------------------------------------------------------------
+
+/// A flow event as the kernel writes it, for the decode-only pass.
+fn synthetic_flow_event(i: u64) -> Vec<u8> {
+    let mut ev = abi::rf_flow_event::default();
+    ev.hdr.r#type = abi::rf_event_type::RF_EVENT_FLOW.0;
+    ev.hdr.job_id = JOB;
+    ev.hdr.ts_ns = 1_000_000_000 + i;
+    ev.cgroup_id = 4242;
+    ev.pid = std::process::id();
+    for (d, s) in ev.comm.iter_mut().zip(b"node\0") {
+        *d = *s as _;
+    }
+    ev.saddr = abi::addr_to_bytes(client());
+    ev.daddr = abi::addr_to_bytes(dest(i % 1024));
+    ev.sport = 40000 + (i % 20000) as u16;
+    ev.dport = 443;
+    ev.proto = 6;
+    abi::bytes_of(&ev).to_vec()
+}
+
+/// This process's own cgroup: the job's cgroup in the pipeline bench, so the agent checks
+/// every event's pid against it (`cgroup::pid_in`) as it does for a real job.
+fn own_cgroup() -> Option<std::path::PathBuf> {
+    let root = ringfence::cgroup::find_cgroup2().ok()?;
+    let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
+    Some(root.join(rel.trim_start_matches('/')))
+}
+
+fn new_agent(sink: &str, jobs: u32) -> Result<Agent> {
+    new_agent_in(sink, jobs, None)
+}
+
+fn new_agent_in(sink: &str, jobs: u32, cgroup: Option<std::path::PathBuf>) -> Result<Agent> {
+    let mut agent = Agent::new(
+        Some(std::path::Path::new(sink)),
+        Duration::from_secs(0),
+        Duration::from_secs(30),
+    )?;
+    for j in 0..jobs {
+        let id = if j == 0 { JOB } else { 1000 + j };
+        agent.jobs.insert(
+            id,
+            JobState::new(&format!("bench-{id}"), "block", cgroup.clone()),
+        );
+    }
+    Ok(agent)
+}
+
+fn pipeline(args: &Args) -> Result<()> {
+    let sink = std::env::var("RFBENCH_EVENTS").unwrap_or_else(|_| "/dev/null".into());
+    // 1. Userspace alone: decode, attribute, serialize, write. The ceiling of the agent.
+    let n_syn: u64 = if args.quick { 50_000 } else { 1_000_000 };
+    let evs: Vec<Vec<u8>> = (0..1024).map(synthetic_flow_event).collect();
+    let cg = own_cgroup();
+    let mut agent = new_agent_in(&sink, 1, cg.clone())?;
+    let t = Instant::now();
+    for i in 0..n_syn {
+        agent.handle(&evs[(i % 1024) as usize]);
+    }
+    agent.flush();
+    let handle_rate = n_syn as f64 / t.elapsed().as_secs_f64();
+    drop(agent);
+    // The same without a job cgroup (no pid check): what the rest of the path costs.
+    let mut agent = new_agent_in(&sink, 1, None)?;
+    let t = Instant::now();
+    for i in 0..n_syn {
+        agent.handle(&evs[(i % 1024) as usize]);
+    }
+    agent.flush();
+    let nocheck_rate = n_syn as f64 / t.elapsed().as_secs_f64();
+    drop(agent);
+    println!(
+        "agent.handle without the pid check: {:.0} events/s, {:.0} ns/event",
+        nocheck_rate,
+        1e9 / nocheck_rate
+    );
+    println!(
+        "agent.handle (synthetic flow events, sink {sink}, pid checked against {}): {:.0} events/s, {:.0} ns/event",
+        cg.as_ref().map_or("nothing".into(), |p| p.display().to_string()),
+        handle_rate,
+        1e9 / handle_rate
+    );
+
+    // 2. Through the kernel: the egress program (always_judge, events on) turns every
+    // BPF_PROG_TEST_RUN repetition into one ring-buffer flow event; a consumer thread polls
+    // the ring buffer like the agent's loop does and hands every record to Agent::handle.
+    let mut dp = Dataplane::load(&Options {
+        emit_events: true,
+        always_judge: true,
+        allow_entries: 4096,
+        ..Default::default()
+    })?;
+    let compiled = Compiled {
+        names: vec![],
+        prefixes: vec![(
+            ipnet::IpNet::V6(ipnet::Ipv6Net::new(
+                match dest(0) {
+                    IpAddr::V6(a) => a,
+                    _ => unreachable!(),
+                },
+                128,
+            )?),
+            PortSet::Any,
+        )],
+    };
+    dp.install_policy(JOB, &compiled, &[resolver()])?;
+    dp.add_interface_job(
+        LO,
+        abi::rf_job {
+            job_id: JOB,
+            mode: 1,
+            direct_ip: 1,
+            ..Default::default()
+        },
+    )?;
+    let map = dp.events_map()?;
+    let consumed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let ready = Arc::new(AtomicBool::new(false));
+    let consumer = {
+        let (consumed, stop, ready, sink, cg) = (
+            consumed.clone(),
+            stop.clone(),
+            ready.clone(),
+            sink.clone(),
+            cg.clone(),
+        );
+        std::thread::spawn(move || -> Result<()> {
+            let agent = std::cell::RefCell::new(new_agent_in(&sink, 1, cg)?);
+            let mut b = libbpf_rs::RingBufferBuilder::new();
+            b.add(&map, |data: &[u8]| {
+                agent.borrow_mut().handle(data);
+                consumed.fetch_add(1, Ordering::Relaxed);
+                0
+            })?;
+            let rb = b.build()?;
+            ready.store(true, Ordering::Release);
+            while !stop.load(Ordering::Acquire) {
+                rb.poll(Duration::from_millis(10))?;
+                agent.borrow_mut().flush();
+            }
+            rb.consume()?;
+            agent.borrow_mut().flush();
+            Ok(())
+        })
+    };
+    while !ready.load(Ordering::Acquire) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let f = frame(client(), dest(0), 6, 40000, 443, TCP_SYN, &[]);
+    let drops = |dp: &Dataplane| -> Result<u64> {
+        Ok(dp.counters()?[abi::rf_counter::RF_CNT_RINGBUF_DROP.0 as usize])
+    };
+    let step_secs = if args.quick { 0.2 } else { 2.0 };
+    // Offered rates in events/s; 0 = as fast as the producer can go.
+    let rates: Vec<u64> = if args.quick {
+        vec![5_000, 200_000, 0]
+    } else {
+        vec![
+            2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000, 750_000, 1_000_000,
+            1_250_000, 1_500_000, 2_000_000, 3_000_000, 0,
+        ]
+    };
+    let mut steps = Vec::new();
+    println!(
+        "{:>10} {:>12} {:>12} {:>10} {:>8}",
+        "offered/s", "produced/s", "consumed/s", "drops", "kept up"
+    );
+    for &rate in &rates {
+        let d0 = drops(&dp)?;
+        let c0 = consumed.load(Ordering::Relaxed);
+        let t = Instant::now();
+        let mut produced: u64 = 0;
+        let dur = Duration::from_secs_f64(step_secs);
+        while t.elapsed() < dur {
+            let want = if rate == 0 {
+                produced + 4096
+            } else {
+                (rate as f64 * t.elapsed().as_secs_f64()) as u64
+            };
+            if want <= produced {
+                std::thread::sleep(Duration::from_micros(200));
+                continue;
+            }
+            let n = (want - produced).min(8192) as u32;
+            run_tc(dp.egress_prog(), &f, LO, n)?;
+            produced += n as u64;
+        }
+        let elapsed = t.elapsed().as_secs_f64();
+        let dropped = drops(&dp)? - d0;
+        // Let the consumer drain what is left in the ring, then count.
+        let deadline = Instant::now() + Duration::from_secs(if args.quick { 1 } else { 5 });
+        while consumed.load(Ordering::Relaxed) - c0 + dropped < produced
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let drain = t.elapsed().as_secs_f64();
+        let got = consumed.load(Ordering::Relaxed) - c0;
+        // Kept up: nothing dropped, everything consumed, and the backlog drained within
+        // 10% of the step's length (else the ring buffer only hid a slow consumer).
+        let kept_up = dropped == 0 && got >= produced && drain <= elapsed * 1.1;
+        let row = json!({
+            "offered": rate, "produced_per_s": (produced as f64 / elapsed).round(),
+            "consumed_per_s": (got as f64 / drain).round(), "produced": produced,
+            "consumed": got, "drops": dropped, "seconds": round2(elapsed), "kept_up": kept_up,
+        });
+        println!(
+            "{:>10} {:>12.0} {:>12.0} {:>10} {:>8}",
+            if rate == 0 {
+                "max".to_string()
+            } else {
+                rate.to_string()
+            },
+            produced as f64 / elapsed,
+            got as f64 / drain,
+            dropped,
+            kept_up
+        );
+        steps.push(row);
+    }
+    stop.store(true, Ordering::Release);
+    consumer
+        .join()
+        .map_err(|_| anyhow::anyhow!("consumer thread panicked"))??;
+    // Sustained = the produced rate of the last step before the first one that did not
+    // keep up (every slower step kept up too); drop point = the first step that dropped.
+    // A clean step above them (noise: the consumer shares 2 CPUs) does not count.
+    let sustained = steps
+        .iter()
+        .take_while(|s| s["kept_up"].as_bool() == Some(true))
+        .filter_map(|s| s["produced_per_s"].as_f64())
+        .fold(0f64, f64::max);
+    let drop_point = steps
+        .iter()
+        .find(|s| s["drops"].as_u64().unwrap_or(0) > 0)
+        .and_then(|s| s["produced_per_s"].as_f64());
+    let behind = steps
+        .iter()
+        .find(|s| s["kept_up"].as_bool() != Some(true))
+        .and_then(|s| s["produced_per_s"].as_f64());
+    println!(
+        "sustained (kept up, zero drops): {:.0} events/s; falls behind at: {}; drop point: {}",
+        sustained,
+        behind.map_or("not reached".into(), |d| format!("{d:.0} events/s")),
+        drop_point.map_or("not reached".into(), |d| format!("{d:.0} events/s"))
+    );
+    let out = json!({
+        "kind": "pipeline",
+        "machine": machine(),
+        "quick": args.quick,
+        "sink": sink,
+        "loadavg": loadavg(),
+        "job_cgroup": cg.map(|p| p.display().to_string()),
+        "handle_events_per_s": handle_rate.round(),
+        "handle_ns_per_event": round2(1e9 / handle_rate),
+        "handle_nocheck_events_per_s": nocheck_rate.round(),
+        "sustained_events_per_s": sustained.round(),
+        "drop_point_events_per_s": drop_point.map(f64::round),
+        "falls_behind_events_per_s": behind.map(f64::round),
+        "steps": steps,
+    });
+    write_json(&args.json, &out)
+}
+
+// ---------------------------------------------------------------------------------------
+// Memory
+// ---------------------------------------------------------------------------------------
+
+fn status_kib(field: &str) -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Every BPF map this process holds an fd for: (id, memlock bytes) from fdinfo, named by
+/// `bpftool map show` (the same number bpftool prints as memlock).
+fn my_maps() -> Vec<(u32, String, u64)> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc/self/fdinfo") else {
+        return vec![];
+    };
+    for e in dir.flatten() {
+        let Ok(s) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let get = |k: &str| {
+            s.lines()
+                .find(|l| l.starts_with(k))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        };
+        if let (Some(id), Some(mem)) = (get("map_id:"), get("memlock:")) {
+            out.insert(id as u32, mem);
+        }
+    }
+    out.into_iter()
+        .map(|(id, mem)| {
+            let name = std::process::Command::new("bpftool")
+                .args(["-j", "map", "show", "id", &id.to_string()])
+                .output()
+                .ok()
+                .and_then(|o| serde_json::from_slice::<Value>(&o.stdout).ok())
+                .and_then(|v| v["name"].as_str().map(String::from))
+                .unwrap_or_else(|| "?".into());
+            (id, name, mem)
+        })
+        .collect()
+}
+
+fn memory(args: &Args) -> Result<()> {
+    let total: u64 = if args.quick { 20_000 } else { 1_000_000 };
+    let jobs: u32 = 256;
+    let rss0 = status_kib("VmRSS:");
+    // 1. The agent's state: 256 jobs, `total` learned addresses, fed as the kernel would
+    // (DNS answers of 64 AAAA records, each bound), so the name map and expiry heap grow.
+    let mut agent = new_agent("/dev/null", jobs)?;
+    let ids: Vec<u32> = (0..jobs)
+        .map(|j| if j == 0 { JOB } else { 1000 + j })
+        .collect();
+    let per = 64u32;
+    let answers = total.div_ceil(per as u64);
+    for a in 0..answers {
+        let job = ids[(a % jobs as u64) as usize];
+        // One name per answer: the agent keeps a name per address, and the report a row
+        // per name with its answers.
+        let name = format!("h{a}.registry.bench.test");
+        let rrs: Vec<Rr> = (0..per)
+            .map(|k| {
+                let IpAddr::V6(ip) = dest(a * per as u64 + k as u64) else {
+                    unreachable!()
+                };
+                Rr::Aaaa(&name, 300, ip.octets())
+            })
+            .collect();
+        let msg = dns_answer(a as u16, &name, 28, &rrs);
+        let mut ev = abi::rf_dns_event::default();
+        ev.hdr.r#type = abi::rf_event_type::RF_EVENT_DNS.0;
+        ev.hdr.job_id = job;
+        ev.hdr.ts_ns = 1_000_000_000 + a;
+        ev.server = abi::addr_to_bytes(resolver());
+        ev.len = msg.len() as u16;
+        ev.bound = per as u16;
+        ev.flags = abi::DNS_ALLOWED;
+        let mut rec = abi::bytes_of(&ev).to_vec();
+        rec.extend_from_slice(&msg);
+        agent.handle(&rec);
+    }
+    agent.flush();
+    let rss_agent = status_kib("VmRSS:");
+    println!(
+        "agent: {jobs} jobs, {} learned addresses: RSS {:.1} MiB (state {:+.1} MiB over an idle process of {:.1} MiB)",
+        answers * per as u64,
+        rss_agent as f64 / 1024.0,
+        (rss_agent as f64 - rss0 as f64) / 1024.0,
+        rss0 as f64 / 1024.0
+    );
+
+    // 2. The kernel's state for the same load: one trie holding `total` host entries over
+    // 256 jobs, 256 cgroup jobs.
+    let mut dp = Dataplane::load(&Options {
+        emit_events: true,
+        allow_entries: total as u32 + 1024,
+        ..Default::default()
+    })?;
+    let per_job = total.div_ceil(jobs as u64);
+    for (j, id) in ids.iter().enumerate() {
+        let prefixes = (0..per_job)
+            .map(|k| {
+                let IpAddr::V6(a) = dest(j as u64 * per_job + k) else {
+                    unreachable!()
+                };
+                (
+                    ipnet::IpNet::V6(ipnet::Ipv6Net::new(a, 128).unwrap()),
+                    PortSet::Any,
+                )
+            })
+            .collect();
+        dp.install_policy(
+            *id,
+            &Compiled {
+                names: vec![],
+                prefixes,
+            },
+            &[resolver()],
+        )?;
+        dp.add_job(
+            0x00be_0000_0000 + j as u64,
+            2,
+            abi::rf_job {
+                job_id: *id,
+                mode: 1,
+                direct_ip: 1,
+                ..Default::default()
+            },
+        )?;
+    }
+    let rss_all = status_kib("VmRSS:");
+    let maps = my_maps();
+    let map_total: u64 = maps.iter().map(|m| m.2).sum();
+    println!("BPF maps (memlock):");
+    for (id, name, mem) in &maps {
+        println!("  {id:>6} {name:<16} {:>10.1} MiB", *mem as f64 / 1048576.0);
+    }
+    println!(
+        "  total {:.1} MiB; agent process RSS with the dataplane loaded: {:.1} MiB (peak {:.1} MiB)",
+        map_total as f64 / 1048576.0,
+        rss_all as f64 / 1024.0,
+        status_kib("VmHWM:") as f64 / 1024.0
+    );
+    let out = json!({
+        "kind": "memory",
+        "machine": machine(),
+        "quick": args.quick,
+        "jobs": jobs,
+        "learned_addresses": answers * per as u64,
+        "rss_idle_mib": round2(rss0 as f64 / 1024.0),
+        "rss_agent_state_mib": round2(rss_agent as f64 / 1024.0),
+        "rss_with_dataplane_mib": round2(rss_all as f64 / 1024.0),
+        "rss_peak_mib": round2(status_kib("VmHWM:") as f64 / 1024.0),
+        "trie_entries": per_job * jobs as u64,
+        "maps": maps.iter().map(|(id, n, m)| json!({"id": id, "name": n, "memlock": m})).collect::<Vec<_>>(),
+        "maps_memlock_mib": round2(map_total as f64 / 1048576.0),
+    });
+    drop(dp);
+    write_json(&args.json, &out)
+}
+
+// ---------------------------------------------------------------------------------------
+// New connections per second (bench/veth runs these in the two namespaces)
+// ---------------------------------------------------------------------------------------
+
+fn connect_server(rest: &[String]) -> Result<()> {
+    let addr: SocketAddr = rest.first().context("ADDR:PORT")?.parse()?;
+    let secs: f64 = rest.get(1).map_or(Ok(30.0), |s| s.parse())?;
+    let l = TcpListener::bind(addr)?;
+    // Blocking accept that gives up every 100 ms to look at the clock (accept honours
+    // SO_RCVTIMEO on Linux): no polling delay on the measured path.
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: a valid socket fd and a properly sized option value.
+    unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as u32,
+        );
+    }
+    let deadline = Instant::now() + Duration::from_secs_f64(secs);
+    let mut n = 0u64;
+    while Instant::now() < deadline {
+        if let Ok((s, _)) = l.accept() {
+            n += 1;
+            drop(s);
+        }
+    }
+    eprintln!("connect-server: accepted {n}");
+    Ok(())
+}
+
+/// Closes with RST (SO_LINGER 0): no TIME_WAIT, so a long loop never runs out of ports.
+fn set_linger0(s: &TcpStream) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket fd and a properly sized option value.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as u32,
+        );
+    }
+}
+
+fn connect_client(rest: &[String]) -> Result<()> {
+    let addr: SocketAddr = rest.first().context("ADDR:PORT")?.parse()?;
+    let secs: f64 = rest.get(1).map_or(Ok(2.0), |s| s.parse())?;
+    let max: u64 = rest.get(2).map_or(Ok(1_000_000), |s| s.parse())?;
+    // Wait (bounded) for the server to listen.
+    let ready = Instant::now() + Duration::from_secs(5);
+    loop {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(s) => {
+                set_linger0(&s);
+                break;
+            }
+            Err(e) if Instant::now() > ready => return Err(e).context("server not reachable"),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    let t = Instant::now();
+    let deadline = Duration::from_secs_f64(secs);
+    let (mut ok, mut failed) = (0u64, 0u64);
+    let mut buf = [0u8; 1];
+    while t.elapsed() < deadline && ok + failed < max {
+        match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+            Ok(mut s) => {
+                set_linger0(&s);
+                // Wait for the server's close: a connection counts once it was accepted.
+                let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+                let _ = s.read(&mut buf);
+                ok += 1;
+            }
+            Err(_) => failed += 1,
+        }
+    }
+    let el = t.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        json!({"conns": ok, "failed": failed, "seconds": round2(el), "conns_per_s": (ok as f64 / el).round()})
+    );
+    Ok(())
+}
