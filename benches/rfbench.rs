@@ -523,7 +523,7 @@ fn synthetic_flow_event(i: u64) -> Vec<u8> {
 }
 
 /// This process's own cgroup: the job's cgroup in the pipeline bench, so the agent checks
-/// every event's pid against it (`cgroup::pid_in`) as it does for a real job.
+/// every event against it as it does for a real job.
 fn own_cgroup() -> Option<std::path::PathBuf> {
     let root = ringfence::cgroup::find_cgroup2().ok()?;
     let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;

@@ -75,9 +75,9 @@ enum rf_dns_flags {
 
 /* Index into the per-CPU `counters` array. */
 enum rf_counter {
-	RF_CNT_PACKETS = 0,
-	RF_CNT_JOB_PACKETS,
-	RF_CNT_ALLOWED,
+	RF_CNT_PACKETS = 0,    /* reserved: not counted on the hot path (it costs a lookup) */
+	RF_CNT_JOB_PACKETS,    /* reserved, likewise */
+	RF_CNT_ALLOWED,        /* new flows allowed */
 	RF_CNT_BLOCKED,
 	RF_CNT_AUDITED,
 	RF_CNT_NEW_FLOWS,

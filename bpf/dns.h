@@ -541,7 +541,7 @@ static __always_inline void emit_dns_copy(struct rf_scratch *s, __u32 job_id, co
 	__builtin_memset(s->ev.comm, 0, sizeof(s->ev.comm));
 	if (s->flags & RF_DNS_QUERY) {
 		s->ev.cgroup_id = s->cgroup_id;
-		if (have_task_helpers) {
+		if (have_task_helpers && bpf_get_current_cgroup_id() == s->cgroup_id) {
 			s->ev.pid = bpf_get_current_pid_tgid() >> 32;
 			bpf_get_current_comm(s->ev.comm, sizeof(s->ev.comm));
 		}

@@ -152,7 +152,10 @@ static __always_inline void emit_flow(const struct rf_job *job, __u64 cgid, stru
 	 * sendmsg()); a retransmit from a timer has no process, which the agent tells by
 	 * checking the pid against the job's cgroup. */
 	e->_pad = 0;
-	if (have_task_helpers) {
+	/* A packet sent from a timer (a retransmit) runs in whatever task was current: the
+	 * pid is only kept when the current task is in the socket's cgroup, so the agent never
+	 * has to check /proc per event. */
+	if (have_task_helpers && bpf_get_current_cgroup_id() == cgid) {
 		e->pid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(e->comm, sizeof(e->comm));
 	} else {
@@ -180,13 +183,11 @@ int rf_egress(struct __sk_buff *skb)
 	__u64 cgid = 0, now;
 	__u8 verdict, reason = RF_REASON_ALLOWED;
 
-	count(RF_CNT_PACKETS);
 	job = find_job(skb, &cgid);
 	if (!job)
 		return TC_ACT_UNSPEC;
 	if (parse_pkt(skb, &p))
 		return TC_ACT_UNSPEC;
-	count(RF_CNT_JOB_PACKETS);
 	if (is_loopback(p.daddr)) {
 		/* Loopback is always allowed, but a query to a local stub or cache (systemd-resolved
 		 * on 127.0.0.53, a caching resolver) is still a query: remember it so that the stub's

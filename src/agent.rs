@@ -33,7 +33,7 @@ const FLOW_IDLE_NS: u64 = 60_000_000_000;
 pub struct JobState {
     pub name: String,
     pub step: Option<String>,
-    /// For checking that the pid the kernel saw really belongs to the job.
+    /// The job's cgroup directory.
     pub cgroup: Option<PathBuf>,
     pub report: Report,
     /// For answers bound from userspace (TCP answers split across segments).
@@ -65,14 +65,13 @@ enum Pending {
 }
 
 impl JobState {
-    /// The first packet of a flow is sent in the context of the process that opened it,
-    /// but a retransmit from a timer is not: keep the pid only if it is the job's.
+    /// The kernel keeps a pid only when the sending task was in the socket's cgroup (see
+    /// emit_flow in bpf/ringfence.bpf.c), so no /proc lookup is needed here.
     fn attribute(&self, pid: u32, comm: String) -> (u32, String) {
-        match &self.cgroup {
-            Some(cg) if pid == 0 || crate::cgroup::pid_in(cg, pid) == Some(false) => {
-                (0, String::new())
-            }
-            _ => (pid, comm),
+        if pid == 0 {
+            (0, String::new())
+        } else {
+            (pid, comm)
         }
     }
 

@@ -158,20 +158,6 @@ impl JobCgroup {
     }
 }
 
-/// Does `pid` live in the cgroup at `path` or below it? None when it cannot be told (the
-/// process is gone).
-pub fn pid_in(path: &Path, pid: u32) -> Option<bool> {
-    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let root = find_cgroup2().ok()?;
-    let rel = path.strip_prefix(&root).ok()?;
-    let want = format!("/{}", rel.display());
-    let below = format!("{want}/");
-    Some(text.lines().any(|l| {
-        l.strip_prefix("0::")
-            .is_some_and(|p| p == want || p.starts_with(&below))
-    }))
-}
-
 fn collect_pids(dir: &Path, out: &mut Vec<u32>) {
     if let Ok(text) = fs::read_to_string(dir.join("cgroup.procs")) {
         out.extend(text.lines().filter_map(|l| l.trim().parse::<u32>().ok()));

@@ -151,7 +151,7 @@ pub fn preflight() -> Result<KernelInfo> {
 
 /// Can TC programs call bpf_get_current_pid_tgid and bpf_get_current_comm here? (Newer
 /// kernels allow it; where they do not, flows carry no pid and the agent says so.)
-fn task_helpers_in_tc() -> bool {
+pub fn task_helpers_in_tc() -> bool {
     use libbpf_rs::libbpf_sys as sys;
     let probe = |helper| {
         // SAFETY: a read-only feature probe; NULL opts are allowed.
@@ -160,7 +160,9 @@ fn task_helpers_in_tc() -> bool {
                 == 1
         }
     };
-    probe(sys::BPF_FUNC_get_current_pid_tgid) && probe(sys::BPF_FUNC_get_current_comm)
+    probe(sys::BPF_FUNC_get_current_pid_tgid)
+        && probe(sys::BPF_FUNC_get_current_comm)
+        && probe(sys::BPF_FUNC_get_current_cgroup_id)
 }
 
 enum Attachment {

@@ -10,6 +10,8 @@ pub fn print() -> anyhow::Result<()> {
         "tcx": k.tcx,
         "attach": if k.tcx { "tcx" } else { "clsact" },
         "cgroup2": cg.map(|p| p.display().to_string()),
+        // Whether flows can name their process (TC programs may call the task helpers).
+        "process_attribution": crate::dataplane::task_helpers_in_tc(),
     });
     println!("{v}");
     Ok(())

@@ -112,6 +112,18 @@ fn allowed_name_passes() {
     assert_eq!(flow["domain"], "pkg.allowed.test", "{}", job.dump());
     assert_eq!(flow["proto"], "tcp");
     assert_eq!(flow["job"], "t-allowed");
+    // The process is named where the kernel lets TC programs see the sending task.
+    let probe = std::process::Command::new(RINGFENCE)
+        .arg("probe")
+        .output()
+        .unwrap();
+    let probe: serde_json::Value = serde_json::from_slice(&probe.stdout).unwrap();
+    if probe["process_attribution"] == true {
+        assert_eq!(flow["comm"], "curl", "{}", job.dump());
+        assert!(flow["pid"].as_u64().unwrap() > 0, "{}", job.dump());
+    } else {
+        assert_eq!(flow["pid"], 0, "{}", job.dump());
+    }
     let dns = job.dns_events("pkg.allowed.test");
     assert!(
         dns.iter().any(|e| e["answers"]
