@@ -387,7 +387,8 @@ def run_rfbench(rfbench, what, out, quick):
 def criterion(args):
     env = dict(os.environ, RFBENCH_CRITERION_SECS="0.3" if args.quick else "2")
     log("== criterion: cargo bench --bench userspace")
-    r = subprocess.run(["cargo", "bench", "--bench", "userspace", "--",
+    profile = os.environ.get("RF_BENCH_PROFILE", "bench")
+    r = subprocess.run(["cargo", "bench", "--profile", profile, "--bench", "userspace", "--",
                         "--noplot"], cwd=ROOT, env=env, text=True, timeout=3600,
                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     if r.returncode != 0:
