@@ -71,6 +71,7 @@ enum rf_dns_flags {
 	RF_DNS_TCP_SPLIT = 128, /* a TCP answer split across segments: not parsed in the kernel */
 	RF_DNS_TCP_SEGMENT = 256, /* the copy is one raw TCP segment of such an answer */
 	RF_DNS_TCP_FIRST = 512,   /* ...the one the message starts in */
+	RF_DNS_OVERFLOW = 1024,   /* more than RF_DNS_ADDRS_MAX addresses: the rest bound by the agent */
 };
 
 /* Index into the per-CPU `counters` array. */
@@ -92,6 +93,7 @@ enum rf_counter {
 	RF_CNT_RINGBUF_DROP,
 	RF_CNT_DNS_REFUSED,    /* queries answered REFUSED at egress */
 	RF_CNT_DNS_TCP_SPLIT,  /* TCP answers split across segments: bound by the agent, late */
+	RF_CNT_DNS_OVERFLOW,   /* answers with more addresses than the kernel binds at once */
 	RF_CNT_MAX,
 };
 

@@ -889,6 +889,10 @@ static __always_inline void dns_answer(struct __sk_buff *skb, struct pkt *p)
 		bpf_loop(RF_DNS_ADDRS_MAX, bind_cb, NULL, 0);
 	if (s->matched)
 		s->flags |= RF_DNS_ALLOWED;
+	if (s->overflow) {
+		s->flags |= RF_DNS_OVERFLOW;
+		count(RF_CNT_DNS_OVERFLOW);
+	}
 	if (s->bound)
 		count(RF_CNT_DNS_BOUND);
 	goto out;

@@ -30,6 +30,9 @@ pub const DNS_TCP: u32 = 64;
 pub const DNS_TCP_SPLIT: u32 = 128;
 pub const DNS_TCP_SEGMENT: u32 = 256;
 pub const DNS_TCP_FIRST: u32 = 512;
+pub const DNS_OVERFLOW: u32 = 1024;
+/// Addresses the kernel binds from one answer; the agent binds the rest.
+pub const DNS_ADDRS_MAX: usize = rf_limits::RF_DNS_ADDRS_MAX.0 as usize;
 
 // The C compiler and the skeleton generator must agree on every layout we exchange.
 const _: () = {

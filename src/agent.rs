@@ -411,6 +411,24 @@ impl Agent {
             rcode: rcode_name(msg.rcode),
             bound,
         };
+        // The kernel binds the first RF_DNS_ADDRS_MAX addresses of an answer; the rest are
+        // in the copy, and bound here (late: a connection to one may wait a retransmit).
+        if ev.flags & abi::DNS_OVERFLOW != 0 && ev.flags & abi::DNS_ALLOWED != 0 {
+            let ports = job
+                .policy
+                .as_ref()
+                .map(|p| p.ports_for(&q.name))
+                .unwrap_or(crate::policy::PortSet::None);
+            let rest: Vec<(IpAddr, u32)> = addrs.iter().skip(abi::DNS_ADDRS_MAX).copied().collect();
+            if !rest.is_empty() && !matches!(ports, crate::policy::PortSet::None) {
+                self.pending.push(Pending::Bind {
+                    job_id,
+                    addrs: rest,
+                    ports,
+                    ts_ns: ev.hdr.ts_ns,
+                });
+            }
+        }
         if ev.bound > 0 {
             for (a, ttl) in &addrs {
                 let life = (u64::from(*ttl) * 1_000_000_000).max(self.min_ttl_ns);

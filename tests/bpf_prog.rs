@@ -1295,3 +1295,49 @@ fn a_full_trie_fails_closed_and_counts() {
     // Not back to the pool: its trie is too small for the other tests.
     drop(r.dp.take());
 }
+
+#[test]
+fn encrypted_dns_to_unlisted_resolvers_is_a_direct_ip() {
+    // DoT (853) and DoH (443) bypass the resolver pinning of port 53: they are blocked like
+    // any address no answer produced, in audit mode too, unless the resolver is listed.
+    let cases = [
+        (Mode::Audit, "github.test", "203.0.113.53", 853, DROP),
+        (Mode::Block, "github.test", "2001:db8:53::1", 443, DROP),
+        (Mode::Block, "203.0.113.53:443", "203.0.113.53", 443, PASS),
+    ];
+    for (mode, allow, dst, port, rc) in cases {
+        let r = rig(mode, Mode::Block, allow);
+        assert_eq!(r.syn(dst, port), rc, "{allow} -> {dst}:{port}");
+        let f = r.flows().pop().unwrap();
+        let want = if rc == PASS {
+            0
+        } else {
+            abi::rf_reason::RF_REASON_DIRECT_IP.0 as u8
+        };
+        assert_eq!(f.reason, want, "{allow} -> {dst}:{port}");
+    }
+}
+
+#[test]
+fn answers_with_more_addresses_than_the_kernel_binds_are_flagged() {
+    let r = rig(Mode::Block, Mode::Block, "wide.test");
+    let rrs: Vec<Rr<'_>> = (0..100u8)
+        .map(|i| Rr::A("wide.test", 30, [198, 51, 100, i]))
+        .collect();
+    assert_eq!(r.resolve(0x8181, "wide.test", 1, &rrs), PASS);
+    assert_eq!(r.learned().len(), abi::DNS_ADDRS_MAX);
+    assert_eq!(r.counter(abi::rf_counter::RF_CNT_DNS_OVERFLOW), 1);
+    let copy = r
+        .events()
+        .into_iter()
+        .find_map(|e| match e {
+            Ev::Dns(d) => Some(d),
+            _ => None,
+        })
+        .unwrap();
+    assert_eq!(
+        copy.flags & abi::DNS_OVERFLOW,
+        abi::DNS_OVERFLOW,
+        "the agent is told to bind the rest"
+    );
+}
