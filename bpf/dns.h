@@ -594,6 +594,44 @@ static __always_inline int turn_around(struct __sk_buff *skb, struct pkt *p)
 	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
 }
 
+/* A query's flags word (network order) as a REFUSED answer's: QR and RA set, TC clear. */
+static __always_inline __u16 refused_flags(__u16 query_flags)
+{
+	__u16 f = bpf_ntohs(query_flags);
+
+	return bpf_htons((f & ~0x020fU) | 0x8000U | 0x0080U | 5);
+}
+
+/* Makes the packet come from where it was going: MACs, IP addresses and the first four L4
+ * bytes (the ports) trade places. No checksum changes: ones' complement sums commute. */
+static __always_inline int swap_endpoints(struct __sk_buff *skb, struct pkt *p)
+{
+	__u32 src = p->family == 4 ? ETH_HLEN + 12 : ETH_HLEN + 8;
+	__u32 dst = p->family == 4 ? ETH_HLEN + 16 : ETH_HLEN + 24;
+	__u8 mac[12], swapped_mac[12], a[16], b[16];
+	__u16 ports[2], swapped[2];
+
+	if (bpf_skb_load_bytes(skb, 0, mac, 12) || bpf_skb_load_bytes(skb, p->l4_off, ports, 4))
+		return -1;
+	if (p->family == 4) {
+		if (bpf_skb_load_bytes(skb, src, a, 4) || bpf_skb_load_bytes(skb, dst, b, 4) ||
+		    bpf_skb_store_bytes(skb, src, b, 4, 0) || bpf_skb_store_bytes(skb, dst, a, 4, 0))
+			return -1;
+	} else {
+		if (bpf_skb_load_bytes(skb, src, a, 16) || bpf_skb_load_bytes(skb, dst, b, 16) ||
+		    bpf_skb_store_bytes(skb, src, b, 16, 0) || bpf_skb_store_bytes(skb, dst, a, 16, 0))
+			return -1;
+	}
+	swapped[0] = ports[1];
+	swapped[1] = ports[0];
+	__builtin_memcpy(swapped_mac, mac + 6, 6);
+	__builtin_memcpy(swapped_mac + 6, mac, 6);
+	if (bpf_skb_store_bytes(skb, p->l4_off, swapped, 4, 0) ||
+	    bpf_skb_store_bytes(skb, 0, swapped_mac, 12, 0))
+		return -1;
+	return 0;
+}
+
 /* Turns the query in the packet into a REFUSED answer from the resolver and hands it to
  * the device's ingress: the application gets its answer at once and the name never
  * leaves the host. Swapping addresses and ports leaves every checksum as it was (ones'
@@ -601,46 +639,14 @@ static __always_inline int turn_around(struct __sk_buff *skb, struct pkt *p)
  * what to do with it whether the checksum is complete or left to offload. */
 static __always_inline int refuse_query(struct __sk_buff *skb, struct pkt *p)
 {
-	__u8 mac[12], a[16], b[16];
-	__u16 oldf, newf, f, ports[2];
-	__u32 ip_src, ip_dst, alen, udp = p->payload - 8;
+	__u16 oldf, newf;
+	__u32 udp = p->l4_off;
 
 	if (bpf_skb_load_bytes(skb, p->dns_off + 2, &oldf, 2))
 		return TC_ACT_SHOT;
-	f = bpf_ntohs(oldf);
-	f = (f & ~0x020fU) | 0x8000U | 0x0080U | 5; /* QR, RA, not TC, RCODE=REFUSED */
-	newf = bpf_htons(f);
-
-	if (p->family == 4) {
-		ip_src = ETH_HLEN + 12;
-		ip_dst = ETH_HLEN + 16;
-		alen = 4;
-	} else {
-		ip_src = ETH_HLEN + 8;
-		ip_dst = ETH_HLEN + 24;
-		alen = 16;
-	}
-	if (bpf_skb_load_bytes(skb, 0, mac, 12) || bpf_skb_load_bytes(skb, udp, ports, 4))
+	newf = refused_flags(oldf);
+	if (swap_endpoints(skb, p))
 		return TC_ACT_SHOT;
-	if (alen == 4) {
-		if (bpf_skb_load_bytes(skb, ip_src, a, 4) || bpf_skb_load_bytes(skb, ip_dst, b, 4) ||
-		    bpf_skb_store_bytes(skb, ip_src, b, 4, 0) || bpf_skb_store_bytes(skb, ip_dst, a, 4, 0))
-			return TC_ACT_SHOT;
-	} else {
-		if (bpf_skb_load_bytes(skb, ip_src, a, 16) || bpf_skb_load_bytes(skb, ip_dst, b, 16) ||
-		    bpf_skb_store_bytes(skb, ip_src, b, 16, 0) || bpf_skb_store_bytes(skb, ip_dst, a, 16, 0))
-			return TC_ACT_SHOT;
-	}
-	{
-		__u16 swapped[2] = { ports[1], ports[0] };
-		__u8 swapped_mac[12];
-
-		__builtin_memcpy(swapped_mac, mac + 6, 6);
-		__builtin_memcpy(swapped_mac + 6, mac, 6);
-		if (bpf_skb_store_bytes(skb, udp, swapped, 4, 0) ||
-		    bpf_skb_store_bytes(skb, 0, swapped_mac, 12, 0))
-			return TC_ACT_SHOT;
-	}
 	{
 		__u16 csum;
 
@@ -664,45 +670,20 @@ static __always_inline int refuse_query(struct __sk_buff *skb, struct pkt *p)
  * word, seq, ack and TCP flags change in the checksum. */
 static __always_inline int refuse_tcp_query(struct __sk_buff *skb, struct pkt *p)
 {
-	__u32 l4 = p->l4_off, seq, ack, nseq, nack, ip_src, ip_dst;
-	__u16 oldf, newf, f, oldw, neww, ports[2];
-	__u8 mac[12], a[16], b[16], opt[12];
+	__u32 l4 = p->l4_off, seq, ack, nseq, nack;
+	__u16 oldf, newf, oldw, neww;
+	__u8 opt[12];
 
 	if (bpf_skb_load_bytes(skb, p->dns_off + 2, &oldf, 2) ||
-	    bpf_skb_load_bytes(skb, l4, ports, 4) || bpf_skb_load_bytes(skb, l4 + 4, &seq, 4) ||
-	    bpf_skb_load_bytes(skb, l4 + 8, &ack, 4) || bpf_skb_load_bytes(skb, l4 + 12, &oldw, 2) ||
-	    bpf_skb_load_bytes(skb, 0, mac, 12))
+	    bpf_skb_load_bytes(skb, l4 + 4, &seq, 4) || bpf_skb_load_bytes(skb, l4 + 8, &ack, 4) ||
+	    bpf_skb_load_bytes(skb, l4 + 12, &oldw, 2))
 		return TC_ACT_SHOT;
-	f = bpf_ntohs(oldf);
-	f = (f & ~0x020fU) | 0x8000U | 0x0080U | 5;
-	newf = bpf_htons(f);
+	newf = refused_flags(oldf);
 	nseq = ack;
 	nack = bpf_htonl(bpf_ntohl(seq) + p->l4_len);
 	neww = bpf_htons((bpf_ntohs(oldw) & 0xf000) | RF_TCP_ACK | 0x08 /* PSH */);
-
-	if (p->family == 4) {
-		ip_src = ETH_HLEN + 12;
-		ip_dst = ETH_HLEN + 16;
-		if (bpf_skb_load_bytes(skb, ip_src, a, 4) || bpf_skb_load_bytes(skb, ip_dst, b, 4) ||
-		    bpf_skb_store_bytes(skb, ip_src, b, 4, 0) || bpf_skb_store_bytes(skb, ip_dst, a, 4, 0))
-			return TC_ACT_SHOT;
-	} else {
-		ip_src = ETH_HLEN + 8;
-		ip_dst = ETH_HLEN + 24;
-		if (bpf_skb_load_bytes(skb, ip_src, a, 16) || bpf_skb_load_bytes(skb, ip_dst, b, 16) ||
-		    bpf_skb_store_bytes(skb, ip_src, b, 16, 0) || bpf_skb_store_bytes(skb, ip_dst, a, 16, 0))
-			return TC_ACT_SHOT;
-	}
-	{
-		__u16 swapped[2] = { ports[1], ports[0] };
-		__u8 swapped_mac[12];
-
-		__builtin_memcpy(swapped_mac, mac + 6, 6);
-		__builtin_memcpy(swapped_mac + 6, mac, 6);
-		if (bpf_skb_store_bytes(skb, l4, swapped, 4, 0) ||
-		    bpf_skb_store_bytes(skb, 0, swapped_mac, 12, 0))
-			return TC_ACT_SHOT;
-	}
+	if (swap_endpoints(skb, p))
+		return TC_ACT_SHOT;
 	/* Timestamps, in the layout Linux sends: NOP NOP TS(kind 8, len 10) TSval TSecr. */
 	if (p->payload >= l4 + 32 && !bpf_skb_load_bytes(skb, l4 + 20, opt, 12) && opt[0] == 1 &&
 	    opt[1] == 1 && opt[2] == 8 && opt[3] == 10) {

@@ -65,6 +65,14 @@ enum Pending {
 }
 
 impl JobState {
+    /// The ports the job's policy allows for addresses of `name` (none without a policy).
+    fn ports_for(&self, name: &str) -> crate::policy::PortSet {
+        self.policy
+            .as_ref()
+            .map(|p| p.ports_for(name))
+            .unwrap_or(crate::policy::PortSet::None)
+    }
+
     /// The kernel keeps a pid only when the sending task was in the socket's cgroup (see
     /// emit_flow in bpf/ringfence.bpf.c), so no /proc lookup is needed here.
     fn attribute(&self, pid: u32, comm: String) -> (u32, String) {
@@ -277,11 +285,7 @@ impl Agent {
         let Some(q) = msg.question.as_ref() else {
             return;
         };
-        let ports = job
-            .policy
-            .as_ref()
-            .map(|p| p.ports_for(&q.name))
-            .unwrap_or(crate::policy::PortSet::None);
+        let ports = job.ports_for(&q.name);
         let addrs = msg.addresses();
         let allowed = !matches!(ports, crate::policy::PortSet::None) && msg.rcode == 0;
         if allowed && !addrs.is_empty() {
@@ -414,11 +418,7 @@ impl Agent {
         // The kernel binds the first RF_DNS_ADDRS_MAX addresses of an answer; the rest are
         // in the copy, and bound here (late: a connection to one may wait a retransmit).
         if ev.flags & abi::DNS_OVERFLOW != 0 && ev.flags & abi::DNS_ALLOWED != 0 {
-            let ports = job
-                .policy
-                .as_ref()
-                .map(|p| p.ports_for(&q.name))
-                .unwrap_or(crate::policy::PortSet::None);
+            let ports = job.ports_for(&q.name);
             let rest: Vec<(IpAddr, u32)> = addrs.iter().skip(abi::DNS_ADDRS_MAX).copied().collect();
             if !rest.is_empty() && !matches!(ports, crate::policy::PortSet::None) {
                 self.pending.push(Pending::Bind {

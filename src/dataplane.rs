@@ -208,6 +208,15 @@ fn ports_to_abi(p: &PortSet) -> abi::rf_ports {
     out
 }
 
+/// The trie key of one address of one job (a host entry, not a prefix).
+fn host_key(job_id: u32, addr: IpAddr) -> abi::rf_lpm_key {
+    abi::rf_lpm_key {
+        prefixlen: abi::LPM_FULL,
+        job_id,
+        addr: abi::addr_to_bytes(addr),
+    }
+}
+
 /// a |= b, the kernel's rule: `any` absorbs, ports that do not fit are left out.
 fn merge_ports(a: &mut abi::rf_ports, b: &abi::rf_ports) {
     if b.any != 0 {
@@ -570,11 +579,7 @@ impl Dataplane {
 
     /// The host entry for `addr` in job `job_id`'s trie, if there is one.
     pub fn host_entry(&self, job_id: u32, addr: IpAddr) -> Result<Option<abi::rf_addr_val>> {
-        let key = abi::rf_lpm_key {
-            prefixlen: abi::LPM_FULL,
-            job_id,
-            addr: abi::addr_to_bytes(addr),
-        };
+        let key = host_key(job_id, addr);
         let v = self
             .skel
             .maps
@@ -596,11 +601,7 @@ impl Dataplane {
         ports: &PortSet,
         expires_ns: u64,
     ) -> Result<()> {
-        let key = abi::rf_lpm_key {
-            prefixlen: abi::LPM_FULL,
-            job_id,
-            addr: abi::addr_to_bytes(addr),
-        };
+        let key = host_key(job_id, addr);
         let found = self
             .skel
             .maps
@@ -644,11 +645,7 @@ impl Dataplane {
     }
 
     pub fn delete_host_entry(&self, job_id: u32, addr: IpAddr) -> Result<()> {
-        let key = abi::rf_lpm_key {
-            prefixlen: abi::LPM_FULL,
-            job_id,
-            addr: abi::addr_to_bytes(addr),
-        };
+        let key = host_key(job_id, addr);
         self.skel
             .maps
             .allow
