@@ -41,7 +41,8 @@ pub struct JobState {
     /// DNS exfiltration signals over every query name of the job.
     pub exfil: ExfilDetector,
     /// Address -> the question name whose answer produced it (for naming flows).
-    names: HashMap<IpAddr, String>,
+    /// One shared string per answer, not one per address: a job can learn a million.
+    names: HashMap<IpAddr, std::sync::Arc<str>>,
 }
 
 /// A TCP DNS answer being put back together from the segments the kernel copied.
@@ -211,7 +212,7 @@ impl Agent {
             return;
         };
         let dst = abi::addr_from_bytes(ev.daddr);
-        let domain = job.names.get(&dst).cloned();
+        let domain = job.names.get(&dst).map(|n| n.to_string());
         let mut reason = Reason::try_from(ev.reason).unwrap_or(Reason::DirectIp);
         // In block mode the kernel does not keep addresses of names it will not allow, so
         // it can only say "direct-ip"; the agent saw the answer and knows better.
@@ -397,8 +398,9 @@ impl Agent {
             return;
         }
         let addrs = msg.addresses();
+        let name: std::sync::Arc<str> = q.name.as_str().into();
         for (a, _) in &addrs {
-            job.names.insert(*a, q.name.clone());
+            job.names.insert(*a, name.clone());
         }
         let mut answers: Vec<String> = msg.cname_chain().into_iter().skip(1).collect();
         answers.extend(addrs.iter().map(|(a, _)| a.to_string()));
