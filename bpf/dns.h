@@ -602,9 +602,13 @@ static __always_inline __u16 refused_flags(__u16 query_flags)
 	return bpf_htons((f & ~0x020fU) | 0x8000U | 0x0080U | 5);
 }
 
+/* The refusal helpers are real subprograms (__noinline): their buffers then live in their
+ * own stack frame, not in the egress program's, which must stay under 512 bytes together
+ * with the deepest bpf_loop callback. */
+
 /* Makes the packet come from where it was going: MACs, IP addresses and the first four L4
  * bytes (the ports) trade places. No checksum changes: ones' complement sums commute. */
-static __always_inline int swap_endpoints(struct __sk_buff *skb, struct pkt *p)
+static __noinline int swap_endpoints(struct __sk_buff *skb, struct pkt *p)
 {
 	__u32 src = p->family == 4 ? ETH_HLEN + 12 : ETH_HLEN + 8;
 	__u32 dst = p->family == 4 ? ETH_HLEN + 16 : ETH_HLEN + 24;
@@ -637,7 +641,7 @@ static __always_inline int swap_endpoints(struct __sk_buff *skb, struct pkt *p)
  * leaves the host. Swapping addresses and ports leaves every checksum as it was (ones'
  * complement sums commute); only the flags word changes, and bpf_l4_csum_replace knows
  * what to do with it whether the checksum is complete or left to offload. */
-static __always_inline int refuse_query(struct __sk_buff *skb, struct pkt *p)
+static __noinline int refuse_query(struct __sk_buff *skb, struct pkt *p)
 {
 	__u16 oldf, newf;
 	__u32 udp = p->l4_off;
@@ -668,7 +672,7 @@ static __always_inline int refuse_query(struct __sk_buff *skb, struct pkt *p)
  * query, and the timestamp option's two values trade places so PAWS accepts it. The
  * message keeps its length (a REFUSED answer echoes the question), so only the flags
  * word, seq, ack and TCP flags change in the checksum. */
-static __always_inline int refuse_tcp_query(struct __sk_buff *skb, struct pkt *p)
+static __noinline int refuse_tcp_query(struct __sk_buff *skb, struct pkt *p)
 {
 	__u32 l4 = p->l4_off, seq, ack, nseq, nack;
 	__u16 oldf, newf, oldw, neww;

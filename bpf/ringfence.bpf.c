@@ -182,19 +182,23 @@ int rf_egress(struct __sk_buff *skb)
 	struct rf_job *job;
 	__u64 cgid = 0, now;
 	__u8 verdict, reason = RF_REASON_ALLOWED;
+	int dns;
 
 	job = find_job(skb, &cgid);
 	if (!job)
 		return TC_ACT_UNSPEC;
 	if (parse_pkt(skb, &p))
 		return TC_ACT_UNSPEC;
+	/* Every path that lets a DNS query pass ends at the one `query:` below: dns_query() is
+	 * large, and each inlined copy would be verified again. */
+	dns = is_dns(&p) && p.dport == 53;
 	if (is_loopback(p.daddr)) {
 		/* Loopback is always allowed, but a query to a local stub or cache (systemd-resolved
 		 * on 127.0.0.53, a caching resolver) is still a query: remember it so that the stub's
 		 * answer binds, and filter it like any other. Only on lo, where ringfence attaches
 		 * when a resolver is local. */
-		if (is_dns(&p) && p.dport == 53 && is_resolver(job, p.daddr))
-			return dns_query(skb, &p, job, cgid);
+		if (dns && is_resolver(job, p.daddr))
+			goto query;
 		return TC_ACT_UNSPEC;
 	}
 
@@ -227,8 +231,8 @@ int rf_egress(struct __sk_buff *skb)
 			count(RF_CNT_BLOCKED);
 			return TC_ACT_SHOT;
 		}
-		if (is_dns(&p) && p.dport == 53 && cached->verdict == RF_VERDICT_ALLOWED)
-			return dns_query(skb, &p, job, cgid);
+		if (dns && cached->verdict == RF_VERDICT_ALLOWED)
+			goto query;
 		return TC_ACT_UNSPEC;
 	}
 
@@ -254,9 +258,10 @@ int rf_egress(struct __sk_buff *skb)
 		return TC_ACT_SHOT;
 	}
 	count(verdict == RF_VERDICT_AUDITED ? RF_CNT_AUDITED : RF_CNT_ALLOWED);
-	if (is_dns(&p) && p.dport == 53 && verdict == RF_VERDICT_ALLOWED)
-		return dns_query(skb, &p, job, cgid);
-	return TC_ACT_UNSPEC;
+	if (!dns || verdict != RF_VERDICT_ALLOWED)
+		return TC_ACT_UNSPEC;
+query:
+	return dns_query(skb, &p, job, cgid);
 }
 
 SEC("tc")
