@@ -570,9 +570,15 @@ static __always_inline void copy_segment(struct __sk_buff *skb, struct pkt *p, _
 		return;
 	if (len > RF_DNS_BUF)
 		len = RF_DNS_BUF; /* the agent sees the gap and gives up on this answer */
-	barrier_var(len);
-	if (len < 1 || len > RF_DNS_BUF)
+	/* The size must be provably >= 1. clang compiles `len < 1` to `len == 0`, from which the
+	 * 6.1 verifier learns no lower bound; a range check on len - 1 then +1 gives [1, 4096]. */
+	if (!len)
 		return;
+	len -= 1;
+	barrier_var(len);
+	if (len > RF_DNS_BUF - 1)
+		return;
+	len += 1;
 	if (bpf_skb_load_bytes(skb, p->payload, s->buf, len))
 		return;
 	s->len = len;
