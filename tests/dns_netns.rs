@@ -311,3 +311,53 @@ fn tcp_answer_split_across_segments_is_bound_by_the_agent() {
     let flow = job.expect_flow(target.into(), 80, "allowed", "allowed");
     assert_eq!(flow["domain"], "split.test", "{}", job.dump());
 }
+
+#[test]
+fn resolve_over_tcp_then_connect_never_races() {
+    // The TCP twin of exec_netns's race test: each iteration resolves over TCP (dig +tcp,
+    // TTL 1 s) and connects at once to what it got. A first SYN dropped because the answer
+    // was not bound yet would cost a ~1 s retransmit.
+    const ITERATIONS: usize = 30;
+    let ip = link_v4(30);
+    require_root();
+    let tb = ringfence::testbed::Testbed::new().expect("testbed");
+    tb.start_dns(
+        &[DnsRecord::a("tcprace.test", ip)],
+        &ringfence::testbed::DnsOptions {
+            ttl: 1,
+            ..Default::default()
+        },
+    )
+    .expect("dnsmasq");
+    tb.start_http(&[sa(ip, 80)]).expect("http");
+    let script = format!(
+        "for i in $(seq {ITERATIONS}); do \
+           a=$(dig +tcp +short +tries=1 +time=3 tcprace.test | tail -n 1); \
+           curl -s -o /dev/null --connect-timeout 3 --max-time 5 \
+                -w '%{{time_connect}} %{{http_code}}\\n' http://$a/ || echo \"fail $?\"; \
+           sleep 0.3; \
+         done"
+    );
+    let job = exec(
+        &tb,
+        &["--mode", "block", "--allow", "tcprace.test:80"],
+        &["sh", "-c", &script],
+    );
+    assert_eq!(job.code(), Some(0), "{}", job.dump());
+    let lines: Vec<&str> = job.stdout.lines().collect();
+    assert_eq!(lines.len(), ITERATIONS, "{}", job.dump());
+    let slow: Vec<&&str> = lines
+        .iter()
+        .filter(|l| {
+            let mut p = l.split_whitespace();
+            let t: f64 = p.next().and_then(|t| t.parse().ok()).unwrap_or(f64::MAX);
+            p.next() != Some("200") || t >= 1.0
+        })
+        .collect();
+    assert!(
+        slow.is_empty(),
+        "slow or failed connects: {slow:?}\n{}",
+        job.dump()
+    );
+    assert_eq!(tb.http_hits(sa(ip, 80)), ITERATIONS);
+}
