@@ -77,6 +77,18 @@ struct {
 	__type(value, struct rf_scratch);
 } scratch SEC(".maps");
 
+/* Waking the agent for every record costs a context switch per DNS answer, which on a busy
+ * runner lands on the lookup's critical path. Records wait in the ring buffer until a quarter
+ * of it is used (or the agent's 10 ms tick drains it); what must not wait forces a wakeup. */
+#define RF_WAKE_BYTES (2 << 20)
+
+static __always_inline __u64 ringbuf_flags(int urgent)
+{
+	if (urgent || bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > RF_WAKE_BYTES)
+		return BPF_RB_FORCE_WAKEUP;
+	return BPF_RB_NO_WAKEUP;
+}
+
 static __always_inline struct rf_scratch *get_scratch(void)
 {
 	__u32 zero = 0;
@@ -555,7 +567,9 @@ static __always_inline void emit_dns_copy(struct rf_scratch *s, __u32 job_id, co
 		s->ev.seq = 0;
 		s->ev.client_port = 0;
 	}
-	if (bpf_ringbuf_output(&events, &s->ev, sizeof(s->ev) + len, 0))
+	/* Segments of a split TCP answer wait for the agent to bind them: wake it now. */
+	if (bpf_ringbuf_output(&events, &s->ev, sizeof(s->ev) + len,
+			       ringbuf_flags(s->flags & RF_DNS_TCP_SEGMENT)))
 		count(RF_CNT_RINGBUF_DROP);
 }
 

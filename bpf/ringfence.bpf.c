@@ -170,7 +170,7 @@ static __always_inline void emit_flow(const struct rf_job *job, __u64 cgid, stru
 	e->verdict = verdict;
 	e->reason = reason;
 	e->_pad2 = 0;
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, ringbuf_flags(0));
 }
 
 SEC("tc")

@@ -506,6 +506,9 @@ pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// How often the loop drains the ring buffer when the kernel did not wake it.
+const TICK: Duration = Duration::from_millis(10);
+
 const RINGBUF: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const CHILD: Token = Token(2);
@@ -546,11 +549,15 @@ pub fn run_until_exit(
 
     let mut events = Events::with_capacity(64);
     let status = loop {
-        let timeout = agent.borrow().next_deadline().map(|t| {
-            let now = boottime_ns();
-            Duration::from_nanos(t.saturating_sub(now)).min(Duration::from_secs(1))
-        });
-        match poll.poll(&mut events, timeout.or(Some(Duration::from_secs(1)))) {
+        // The kernel wakes the loop only when the ring buffer fills up or a record is urgent
+        // (see ringbuf_flags in bpf/dns.h); the 10 ms tick drains the rest.
+        let timeout = agent
+            .borrow()
+            .next_deadline()
+            .map(|t| Duration::from_nanos(t.saturating_sub(boottime_ns())))
+            .unwrap_or(TICK)
+            .min(TICK);
+        match poll.poll(&mut events, Some(timeout)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e).context("polling"),
@@ -577,6 +584,10 @@ pub fn run_until_exit(
                 _ => {}
             }
         }
+        if let Err(e) = rb.consume() {
+            tracing::warn!("reading the ring buffer: {e}");
+        }
+        agent.borrow_mut().apply(dp);
         agent.borrow_mut().expire(dp, boottime_ns());
         agent.borrow_mut().flush();
         if child_done {
