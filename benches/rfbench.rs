@@ -641,7 +641,10 @@ fn pipeline(args: &Args) -> Result<()> {
             let rb = b.build()?;
             ready.store(true, Ordering::Release);
             while !stop.load(Ordering::Acquire) {
+                // Like the agent's loop: the kernel wakes only when the ring fills up, so
+                // drain on every 10 ms tick as well.
                 rb.poll(Duration::from_millis(10))?;
+                rb.consume()?;
                 agent.borrow_mut().flush();
             }
             rb.consume()?;
