@@ -291,6 +291,15 @@ impl Dataplane {
         })
     }
 
+    /// The programs' global variables (`job_levels`, `have_ifjobs`), mmapped.
+    fn bss(&mut self) -> &mut crate::bpf_skel::types::bss {
+        self.skel
+            .maps
+            .bss_data
+            .as_deref_mut()
+            .expect("bss is mmapped by the skeleton")
+    }
+
     pub fn attach_kind(&self) -> AttachKind {
         self.kind
     }
@@ -389,13 +398,7 @@ impl Dataplane {
             .update(&cgroup_id.to_ne_bytes(), bytes_of(&job), MapFlags::ANY)
             .map_err(map_err("jobs"))?;
         if cgroup_level < 32 {
-            let bss = self
-                .skel
-                .maps
-                .bss_data
-                .as_deref_mut()
-                .expect("bss is mmapped by the skeleton");
-            bss.job_levels |= 1 << cgroup_level;
+            self.bss().job_levels |= 1 << cgroup_level;
         }
         Ok(())
     }
@@ -408,12 +411,7 @@ impl Dataplane {
             .ifjobs
             .update(&ifindex.to_ne_bytes(), bytes_of(&job), MapFlags::ANY)
             .map_err(map_err("ifjobs"))?;
-        let bss = self
-            .skel
-            .maps
-            .bss_data
-            .as_deref_mut()
-            .expect("bss is mmapped by the skeleton");
+        let bss = self.bss();
         bss.have_ifjobs = 1;
         Ok(())
     }
@@ -542,12 +540,7 @@ impl Dataplane {
             .map_err(map_err("events"))?
             .consume()
             .map_err(map_err("events"))?;
-        let bss = self
-            .skel
-            .maps
-            .bss_data
-            .as_deref_mut()
-            .expect("bss is mmapped by the skeleton");
+        let bss = self.bss();
         bss.job_levels = 0;
         bss.have_ifjobs = 0;
         Ok(())
