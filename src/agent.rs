@@ -66,6 +66,35 @@ enum Pending {
 }
 
 impl JobState {
+    /// A flow event of this job: `who` is what the kernel said of the sender (boot-time
+    /// stamp, pid, comm, cgroup), `to` the destination and the name behind it.
+    fn flow(
+        &self,
+        who: (u64, u32, &[i8; 16], u64),
+        proto: Proto,
+        to: (IpAddr, u16, Option<String>),
+        verdict: Verdict,
+        reason: Reason,
+    ) -> FlowEvent {
+        let (ts_ns, pid, comm, cgroup) = who;
+        let (pid, comm) = self.attribute(pid, abi::comm_to_string(comm));
+        let (dst, port, domain) = to;
+        FlowEvent {
+            ts: boottime_to_system(ts_ns),
+            job: self.name.clone(),
+            step: self.step.clone(),
+            pid,
+            comm,
+            cgroup,
+            proto,
+            dst,
+            port,
+            domain,
+            verdict,
+            reason,
+        }
+    }
+
     /// The ports the job's policy allows for addresses of `name` (none without a policy).
     fn ports_for(&self, name: &str) -> crate::policy::PortSet {
         self.policy
@@ -219,21 +248,13 @@ impl Agent {
         if reason == Reason::DirectIp && domain.is_some() {
             reason = Reason::NotAllowed;
         }
-        let (pid, comm) = job.attribute(ev.pid, abi::comm_to_string(&ev.comm));
-        let flow = FlowEvent {
-            ts: boottime_to_system(ev.hdr.ts_ns),
-            job: job.name.clone(),
-            step: job.step.clone(),
-            pid,
-            comm,
-            cgroup: ev.cgroup_id,
-            proto: Proto::from(ev.proto),
-            dst,
-            port: ev.dport,
-            domain,
-            verdict: Verdict::try_from(ev.verdict).unwrap_or(Verdict::Blocked),
+        let flow = job.flow(
+            (ev.hdr.ts_ns, ev.pid, &ev.comm, ev.cgroup_id),
+            Proto::from(ev.proto),
+            (dst, ev.dport, domain),
+            Verdict::try_from(ev.verdict).unwrap_or(Verdict::Blocked),
             reason,
-        };
+        );
         self.emit(ev.hdr.job_id, Event::Flow(flow));
     }
 
@@ -374,25 +395,18 @@ impl Agent {
         if ev.flags & abi::DNS_QUERY != 0 {
             // A query for a name the policy does not allow: refused in the kernel (block
             // mode) or let through and reported (audit mode). Either way it is a finding.
-            let (pid, comm) = job.attribute(ev.pid, abi::comm_to_string(&ev.comm));
-            let flow = FlowEvent {
-                ts: boottime_to_system(ev.hdr.ts_ns),
-                job: job.name.clone(),
-                step: job.step.clone(),
-                pid,
-                comm,
-                cgroup: ev.cgroup_id,
-                proto: Proto::Udp,
-                dst: abi::addr_from_bytes(ev.server),
-                port: 53,
-                domain: Some(q.name.clone()),
-                verdict: if ev.flags & abi::DNS_REFUSED != 0 {
-                    Verdict::Blocked
-                } else {
-                    Verdict::Audited
-                },
-                reason: Reason::DnsQuery,
+            let verdict = if ev.flags & abi::DNS_REFUSED != 0 {
+                Verdict::Blocked
+            } else {
+                Verdict::Audited
             };
+            let flow = job.flow(
+                (ev.hdr.ts_ns, ev.pid, &ev.comm, ev.cgroup_id),
+                Proto::Udp,
+                (abi::addr_from_bytes(ev.server), 53, Some(q.name.clone())),
+                verdict,
+                Reason::DnsQuery,
+            );
             self.emit(job_id, Event::Flow(flow));
             findings.into_iter().for_each(|f| self.emit(job_id, f));
             return;

@@ -365,30 +365,22 @@ impl Report {
         if cells.is_empty() {
             out.push_str("No outbound flows.\n");
         } else {
-            out.push_str(
-                "| Domain | Address | Port | Proto | Verdict | Reason | Count | First process |\n",
+            md_table(
+                &mut out,
+                "| Domain | Address | Port | Proto | Verdict | Reason | Count | First process |\n\
+                 |---|---|---|---|---|---|---:|---|\n",
+                cells,
             );
-            out.push_str("|---|---|---|---|---|---|---:|---|\n");
-            for row in cells {
-                out.push('|');
-                for c in row {
-                    let _ = write!(out, " {} |", md_escape(&c));
-                }
-                out.push('\n');
-            }
         }
         let findings = self.finding_cells();
         if !findings.is_empty() {
             out.push_str("\nFindings (DNS exfiltration signals: value above threshold):\n\n");
-            out.push_str("| Domain | Signal | Value | Threshold | Count | Example |\n");
-            out.push_str("|---|---|---:|---:|---:|---|\n");
-            for row in findings {
-                out.push('|');
-                for c in row {
-                    let _ = write!(out, " {} |", md_escape(&c));
-                }
-                out.push('\n');
-            }
+            md_table(
+                &mut out,
+                "| Domain | Signal | Value | Threshold | Count | Example |\n\
+                 |---|---|---:|---:|---:|---|\n",
+                findings,
+            );
         }
         if !self.dns.is_empty() {
             out.push_str("\nDNS:\n\n");
@@ -557,6 +549,22 @@ fn md_escape(s: &str) -> String {
         out.push(c);
     }
     out
+}
+
+/// A GitHub-flavoured table: `head` is the header and alignment rows, each cell escaped.
+fn md_table<R: IntoIterator<Item = String>>(
+    out: &mut String,
+    head: &str,
+    rows: impl IntoIterator<Item = R>,
+) {
+    out.push_str(head);
+    for row in rows {
+        out.push('|');
+        for c in row {
+            let _ = write!(out, " {} |", md_escape(&c));
+        }
+        out.push('\n');
+    }
 }
 
 #[cfg(test)]
