@@ -40,6 +40,15 @@ enum rf_reason {
 	RF_REASON_DNS_RESOLVER = 3, /* DNS to a server that is not a configured resolver */
 	RF_REASON_METADATA = 4,     /* link-local / cloud metadata address not listed */
 	RF_REASON_DNS_QUERY = 5,    /* a DNS query for a name the policy does not allow */
+	RF_REASON_DNS_UNJUDGED = 6, /* DNS traffic the kernel could not fully parse: dropped or refused in block mode */
+	RF_REASON_UNPARSED = 7,     /* a packet the dataplane could not parse (odd device, odd headers) */
+	RF_REASON_INBOUND = 8,      /* an inbound connection from a peer the policy does not list */
+};
+
+/* rf_flow_event.direction: who opened the connection. */
+enum rf_direction {
+	RF_DIR_OUTBOUND = 0,
+	RF_DIR_INBOUND = 1,  /* a peer connected to a job's listening socket */
 };
 
 enum rf_mode {
@@ -50,6 +59,7 @@ enum rf_mode {
 enum rf_event_type {
 	RF_EVENT_FLOW = 1,
 	RF_EVENT_DNS = 2,
+	RF_EVENT_GUARD = 3, /* reserved: process-level findings (ptrace of a process outside the job) */
 };
 
 /* rf_addr_val.flags */
@@ -72,6 +82,8 @@ enum rf_dns_flags {
 	RF_DNS_TCP_SEGMENT = 256, /* the copy is one raw TCP segment of such an answer */
 	RF_DNS_TCP_FIRST = 512,   /* ...the one the message starts in */
 	RF_DNS_OVERFLOW = 1024,   /* more than RF_DNS_ADDRS_MAX addresses: the rest bound by the agent */
+	RF_DNS_UNJUDGED = 2048,   /* a query the kernel could not fully judge: refused/dropped in block mode */
+	RF_DNS_SPECIAL = 4096,    /* the answer named special addresses (loopback, link-local...): not bound */
 };
 
 /* Index into the per-CPU `counters` array. */
@@ -94,6 +106,10 @@ enum rf_counter {
 	RF_CNT_DNS_REFUSED,    /* queries answered REFUSED at egress */
 	RF_CNT_DNS_TCP_SPLIT,  /* TCP answers split across segments: bound by the agent, late */
 	RF_CNT_DNS_OVERFLOW,   /* answers with more addresses than the kernel binds at once */
+	RF_CNT_DNS_UNJUDGED,   /* queries that could not be fully judged (dropped/refused in block mode) */
+	RF_CNT_UNPARSED,       /* job packets that could not be parsed */
+	RF_CNT_INBOUND,        /* inbound connections seen (allowed or not) */
+	RF_CNT_DNS_SPECIAL,    /* special addresses in answers, never bound */
 	RF_CNT_MAX,
 };
 
@@ -216,7 +232,7 @@ struct rf_flow_event {
 	__u8 proto;   /* IPPROTO_* */
 	__u8 verdict; /* enum rf_verdict */
 	__u8 reason;  /* enum rf_reason */
-	__u8 _pad2;
+	__u8 direction; /* enum rf_direction */
 };
 
 /* Followed by `len` bytes of the DNS message. */

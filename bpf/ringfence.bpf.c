@@ -33,6 +33,7 @@ enum rf_event_type _rf_event_type = 0;
 enum rf_addr_flags _rf_addr_flags = 0;
 enum rf_dns_flags _rf_dns_flags = 0;
 enum rf_counter _rf_counter = 0;
+enum rf_direction _rf_direction = 0;
 
 #define RF_SEC 1000000000ULL
 
@@ -169,7 +170,7 @@ static __always_inline void emit_flow(const struct rf_job *job, __u64 cgid, stru
 	e->proto = p->proto;
 	e->verdict = verdict;
 	e->reason = reason;
-	e->_pad2 = 0;
+	e->direction = RF_DIR_OUTBOUND;
 	bpf_ringbuf_submit(e, ringbuf_flags(0));
 }
 

@@ -31,6 +31,8 @@ pub const DNS_TCP_SPLIT: u32 = 128;
 pub const DNS_TCP_SEGMENT: u32 = 256;
 pub const DNS_TCP_FIRST: u32 = 512;
 pub const DNS_OVERFLOW: u32 = 1024;
+pub const DNS_UNJUDGED: u32 = 2048;
+pub const DNS_SPECIAL: u32 = 4096;
 /// Addresses the kernel binds from one answer; the agent binds the rest.
 pub const DNS_ADDRS_MAX: usize = rf_limits::RF_DNS_ADDRS_MAX.0 as usize;
 

@@ -92,6 +92,7 @@ impl JobState {
             domain,
             verdict,
             reason,
+            direction: Default::default(),
         }
     }
 
@@ -255,6 +256,10 @@ impl Agent {
             Verdict::try_from(ev.verdict).unwrap_or(Verdict::Blocked),
             reason,
         );
+        let flow = FlowEvent {
+            direction: crate::events::Direction::from_abi(ev.direction),
+            ..flow
+        };
         self.emit(ev.hdr.job_id, Event::Flow(flow));
     }
 

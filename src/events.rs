@@ -41,6 +41,40 @@ pub enum Reason {
     Metadata,
     /// A DNS query for a name the policy does not allow (the name is the event's domain).
     DnsQuery,
+    /// DNS traffic the kernel could not fully judge (split oddly, too large, several
+    /// questions, fragmented…): dropped or refused in block mode, never passed.
+    DnsUnjudged,
+    /// A packet the dataplane could not parse (an odd device or odd headers).
+    Unparsed,
+    /// An inbound connection from a peer the policy does not list.
+    Inbound,
+}
+
+/// Who opened a flow (enum rf_direction in bpf/abi.h). Outbound is the default and is not
+/// written, so the documented flow schema is unchanged for the common case.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    #[default]
+    Outbound,
+    /// A peer connected to a socket the job listens on.
+    Inbound,
+}
+
+impl Direction {
+    pub fn is_outbound(&self) -> bool {
+        *self == Direction::Outbound
+    }
+
+    pub fn from_abi(v: u8) -> Direction {
+        if v == 1 {
+            Direction::Inbound
+        } else {
+            Direction::Outbound
+        }
+    }
 }
 
 /// A kernel value outside the enum it should belong to: the object and the agent disagree
@@ -79,6 +113,9 @@ impl TryFrom<u8> for Reason {
             3 => Self::DnsResolver,
             4 => Self::Metadata,
             5 => Self::DnsQuery,
+            6 => Self::DnsUnjudged,
+            7 => Self::Unparsed,
+            8 => Self::Inbound,
             value => {
                 return Err(UnknownValue {
                     what: "reason",
@@ -108,6 +145,9 @@ impl fmt::Display for Reason {
             Self::DnsResolver => "dns-resolver",
             Self::Metadata => "metadata",
             Self::DnsQuery => "dns-query",
+            Self::DnsUnjudged => "dns-unjudged",
+            Self::Unparsed => "unparsed",
+            Self::Inbound => "inbound",
         })
     }
 }
@@ -213,6 +253,9 @@ pub struct FlowEvent {
     pub domain: Option<String>,
     pub verdict: Verdict,
     pub reason: Reason,
+    /// Written only for inbound connections.
+    #[serde(default, skip_serializing_if = "Direction::is_outbound")]
+    pub direction: Direction,
 }
 
 /// One DNS answer the kernel saw.
@@ -556,6 +599,7 @@ mod tests {
             domain: Some("attacker.test".into()),
             verdict: Verdict::Blocked,
             reason: Reason::NotAllowed,
+            direction: Direction::Outbound,
         }
     }
 
@@ -677,6 +721,9 @@ mod tests {
             Reason::DirectIp,
             Reason::DnsResolver,
             Reason::Metadata,
+            Reason::DnsUnjudged,
+            Reason::Unparsed,
+            Reason::Inbound,
         ];
         assert_eq!(
             names(reasons.map(|r| serde_json::to_value(r).unwrap()).to_vec()),
@@ -685,7 +732,10 @@ mod tests {
                 r#""not-allowed""#,
                 r#""direct-ip""#,
                 r#""dns-resolver""#,
-                r#""metadata""#
+                r#""metadata""#,
+                r#""dns-unjudged""#,
+                r#""unparsed""#,
+                r#""inbound""#
             ]
         );
         // Display agrees with serde (the report prints through Display).
@@ -719,10 +769,10 @@ mod tests {
         assert_eq!(Reason::try_from(4), Ok(Reason::Metadata));
         assert_eq!(Reason::try_from(5), Ok(Reason::DnsQuery));
         assert_eq!(
-            Reason::try_from(6),
+            Reason::try_from(9),
             Err(UnknownValue {
                 what: "reason",
-                value: 6
+                value: 9
             })
         );
         assert!(Verdict::try_from(3).is_err());

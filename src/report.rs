@@ -602,6 +602,7 @@ mod tests {
             domain: domain.map(str::to_owned),
             verdict,
             reason,
+            direction: Default::default(),
         })
     }
 
