@@ -59,7 +59,14 @@ enum rf_mode {
 enum rf_event_type {
 	RF_EVENT_FLOW = 1,
 	RF_EVENT_DNS = 2,
-	RF_EVENT_GUARD = 3, /* reserved: process-level findings (ptrace of a process outside the job) */
+	RF_EVENT_GUARD = 3, /* process-level findings: struct rf_guard_event */
+};
+
+/* rf_guard_event.kind: a job process reached for another process's memory or descriptors. */
+enum rf_guard_kind {
+	RF_GUARD_PTRACE = 1,      /* ptrace(PTRACE_ATTACH or PTRACE_SEIZE, target) */
+	RF_GUARD_VM_WRITEV = 2,   /* process_vm_writev(target, ...) */
+	RF_GUARD_PIDFD_GETFD = 3, /* pidfd_getfd(pidfd, fd): target is the pidfd, not a pid */
 };
 
 /* rf_addr_val.flags */
@@ -251,6 +258,20 @@ struct rf_dns_event {
 	__u32 seq;
 	__u16 client_port;
 	__u16 _pad2;
+};
+
+/* A job process called a syscall that acts on another process (see bpf/guard.h). Sent on
+ * entry, so failed attempts are reported too; whether the target is outside the job is
+ * for the agent to check. */
+struct rf_guard_event {
+	struct rf_event_hdr hdr;
+	__u64 cgroup_id; /* the caller's */
+	__u32 pid;       /* the caller's (tgid, init namespace) */
+	__u32 kind;      /* enum rf_guard_kind */
+	__u64 request;   /* ptrace request; 0 otherwise */
+	__u32 target;    /* the pid argument (the pidfd for RF_GUARD_PIDFD_GETFD) */
+	__u32 arg;       /* pidfd_getfd: the fd number asked for; 0 otherwise */
+	char comm[16];
 };
 
 /* tcp_streams: TCP DNS answers being reassembled by the agent. */

@@ -284,4 +284,9 @@ int rf_empty(struct __sk_buff *skb)
 	return TC_ACT_UNSPEC;
 }
 
+/* The process-level watch (ptrace and friends): tracepoint programs, attached separately. */
+#include "guard.h"
+struct rf_guard_event _rf_guard_event = {};
+enum rf_guard_kind _rf_guard_kind = 0;
+
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -4,6 +4,7 @@ use std::net::{IpAddr, Ipv6Addr};
 
 pub use crate::bpf_skel::types::{
     rf_addr_val, rf_counter, rf_dns_event, rf_event_hdr, rf_event_type, rf_flow_event, rf_flow_key,
+    rf_guard_event, rf_guard_kind,
     rf_flow_val, rf_glob, rf_job, rf_limits, rf_lpm_key, rf_name_key, rf_name_val, rf_ports,
     rf_query_key, rf_query_val, rf_reason, rf_resolver_key, rf_stream_key, rf_verdict,
 };
@@ -51,11 +52,13 @@ const _: () = {
     assert!(std::mem::size_of::<rf_event_hdr>() == 16);
     assert!(std::mem::size_of::<rf_flow_event>() == 88);
     assert!(std::mem::size_of::<rf_dns_event>() == 80);
+    assert!(std::mem::size_of::<rf_guard_event>() == 64);
 };
 
 // SAFETY: plain-old-data C structs, every bit pattern valid.
 unsafe impl plain::Plain for rf_flow_event {}
 unsafe impl plain::Plain for rf_dns_event {}
+unsafe impl plain::Plain for rf_guard_event {}
 unsafe impl plain::Plain for rf_event_hdr {}
 unsafe impl plain::Plain for rf_addr_val {}
 unsafe impl plain::Plain for rf_flow_key {}

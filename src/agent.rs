@@ -140,6 +140,8 @@ pub struct Agent {
     pub bound_late: u64,
     streams: HashMap<(IpAddr, u16), Stream>,
     pending: Vec<Pending>,
+    /// Attachment problems already reported.
+    detached: std::collections::HashSet<crate::dataplane::AttachmentProblem>,
 }
 
 pub fn boottime_ns() -> u64 {
@@ -197,6 +199,7 @@ impl Agent {
             bound_late: 0,
             streams: HashMap::new(),
             pending: Vec::new(),
+            detached: Default::default(),
         })
     }
 
@@ -224,6 +227,12 @@ impl Agent {
                     None => self.decode_errors += 1,
                 }
             }
+            abi::rf_event_type::RF_EVENT_GUARD => {
+                match abi::from_bytes::<abi::rf_guard_event>(data) {
+                    Some(ev) => self.on_guard(&ev),
+                    None => self.decode_errors += 1,
+                }
+            }
             abi::rf_event_type::RF_EVENT_DNS => {
                 let n = std::mem::size_of::<abi::rf_dns_event>();
                 match abi::from_bytes::<abi::rf_dns_event>(data) {
@@ -234,6 +243,42 @@ impl Agent {
                 }
             }
             _ => self.decode_errors += 1,
+        }
+    }
+
+    /// A job process acted on another process (bpf/guard.h): a finding if that process is
+    /// outside the job.
+    fn on_guard(&mut self, ev: &abi::rf_guard_event) {
+        let Some(job) = self.jobs.get(&ev.hdr.job_id) else {
+            return;
+        };
+        let Some(cgroup) = job.cgroup.as_deref() else {
+            return;
+        };
+        let ts = boottime_to_system(ev.hdr.ts_ns);
+        if let Some(f) =
+            crate::tamper::guard_finding(ev, ts, &job.name, job.step.as_deref(), cgroup)
+        {
+            tracing::warn!(job = job.name, "{}", f.example);
+            self.emit(ev.hdr.job_id, Event::Finding(f));
+        }
+    }
+
+    /// Checks that the dataplane is still attached where it was; each problem becomes a
+    /// finding of every job, once.
+    pub fn check_dataplane(&mut self, dp: &Dataplane) {
+        for p in dp.attachment_problems() {
+            if !self.detached.insert(p.clone()) {
+                continue;
+            }
+            tracing::error!(ifname = p.ifname, dir = p.dir, "{}", p.what);
+            let ts = std::time::SystemTime::now();
+            let ids: Vec<u32> = self.jobs.keys().copied().collect();
+            for id in ids {
+                let job = &self.jobs[&id];
+                let f = crate::tamper::detached_finding(&p, ts, &job.name, job.step.as_deref());
+                self.emit(id, Event::Finding(f));
+            }
         }
     }
 
@@ -527,6 +572,8 @@ pub fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
 
 /// How often the loop drains the ring buffer when the kernel did not wake it.
 const TICK: Duration = Duration::from_millis(10);
+/// How often the loop checks that the programs are still attached.
+const ATTACH_CHECK: Duration = Duration::from_secs(1);
 
 const RINGBUF: Token = Token(0);
 const SIGNALS: Token = Token(1);
@@ -567,6 +614,7 @@ pub fn run_until_exit(
         .register(&mut SourceFd(&pidfd_raw), CHILD, Interest::READABLE)?;
 
     let mut events = Events::with_capacity(64);
+    let mut next_check = std::time::Instant::now() + ATTACH_CHECK;
     let status = loop {
         // The kernel wakes the loop only when the ring buffer fills up or a record is urgent
         // (see ringbuf_flags in bpf/dns.h); the 10 ms tick drains the rest.
@@ -608,6 +656,10 @@ pub fn run_until_exit(
         }
         agent.borrow_mut().apply(dp);
         agent.borrow_mut().expire(dp, boottime_ns());
+        if std::time::Instant::now() >= next_check {
+            agent.borrow_mut().check_dataplane(dp);
+            next_check = std::time::Instant::now() + ATTACH_CHECK;
+        }
         agent.borrow_mut().flush();
         if child_done {
             if let Some(st) = child.try_wait()? {
@@ -618,6 +670,7 @@ pub fn run_until_exit(
     // Whatever the job's last packets produced is already in the ring buffer: drain it.
     let _ = rb.consume();
     agent.borrow_mut().apply(dp);
+    agent.borrow_mut().check_dataplane(dp);
     agent.borrow_mut().flush();
     Ok(status)
 }

@@ -104,6 +104,17 @@ impl JobCgroup {
         Ok(JobCgroup { path, id, level })
     }
 
+    /// A handle on an existing job cgroup (the guard process's, after ringfence died):
+    /// dropping it kills what is left and removes it, as for the one that created it.
+    pub fn adopt(path: &Path) -> JobCgroup {
+        let id = fs::metadata(path).map(|m| m.ino()).unwrap_or(0);
+        JobCgroup {
+            path: path.to_path_buf(),
+            id,
+            level: 0,
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -156,6 +167,25 @@ impl JobCgroup {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+}
+
+/// The cgroup `pid` is in, relative to the cgroup2 root (`/ringfence/job-1/sub`), from
+/// /proc/PID/cgroup. None when the process is gone.
+pub fn cgroup_of(pid: u32) -> Option<PathBuf> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(PathBuf::from)
+}
+
+/// `dir` (an absolute cgroup directory) relative to the cgroup2 root, as /proc/PID/cgroup
+/// writes it (`/ringfence/job-1`).
+pub fn relative(dir: &Path) -> Option<PathBuf> {
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let root = parse_mountinfo(&info).unwrap_or_else(|| PathBuf::from(PRIVATE_MOUNT));
+    dir.strip_prefix(&root)
+        .ok()
+        .map(|p| Path::new("/").join(p))
 }
 
 fn collect_pids(dir: &Path, out: &mut Vec<u32>) {

@@ -24,4 +24,7 @@ pub enum Cmd {
     Demo(crate::demo::DemoOptions),
     /// Print what this kernel supports (version, BTF, attach path) as JSON.
     Probe,
+    /// Internal: the process `exec` starts to kill the job if ringfence dies.
+    #[command(hide = true)]
+    Guard(crate::guard::GuardArgs),
 }

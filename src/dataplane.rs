@@ -177,7 +177,246 @@ pub struct Dataplane {
     skel: RingfenceSkel<'static>,
     kind: AttachKind,
     attached: Vec<(String, Attachment)>,
+    /// Where each program was attached, for the guard process and the attachment check
+    /// (one entry per entry of `attached`).
+    watched: Vec<Watched>,
+    /// The process watch's tracepoint links (bpf/guard.h); empty when not attached.
+    process_watch: Vec<Link>,
     kernel: KernelInfo,
+}
+
+/// One clsact filter ringfence added: enough to find it again (and to tell it from a filter
+/// someone else put in its place) without the process that added it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcFilter {
+    pub ifindex: i32,
+    pub egress: bool,
+    pub handle: u32,
+    pub priority: u32,
+    pub prog_id: u32,
+}
+
+impl TcFilter {
+    /// `IFINDEX:egress|ingress:HANDLE:PRIORITY:PROG_ID`, as the guard process takes it.
+    pub fn to_arg(&self) -> String {
+        let dir = if self.egress { "egress" } else { "ingress" };
+        format!(
+            "{}:{dir}:{}:{}:{}",
+            self.ifindex, self.handle, self.priority, self.prog_id
+        )
+    }
+
+    pub fn parse_arg(s: &str) -> std::result::Result<TcFilter, String> {
+        let bad = || format!("{s:?} is not IFINDEX:egress|ingress:HANDLE:PRIORITY:PROG_ID");
+        let p: Vec<&str> = s.split(':').collect();
+        let [ifindex, dir, handle, priority, prog_id] = p[..] else {
+            return Err(bad());
+        };
+        Ok(TcFilter {
+            ifindex: ifindex.parse().map_err(|_| bad())?,
+            egress: match dir {
+                "egress" => true,
+                "ingress" => false,
+                _ => return Err(bad()),
+            },
+            handle: handle.parse().map_err(|_| bad())?,
+            priority: priority.parse().map_err(|_| bad())?,
+            prog_id: prog_id.parse().map_err(|_| bad())?,
+        })
+    }
+
+    fn hook(&self) -> libbpf_rs::libbpf_sys::bpf_tc_hook {
+        libbpf_rs::libbpf_sys::bpf_tc_hook {
+            sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_tc_hook>() as _,
+            ifindex: self.ifindex,
+            attach_point: if self.egress {
+                libbpf_rs::libbpf_sys::BPF_TC_EGRESS
+            } else {
+                libbpf_rs::libbpf_sys::BPF_TC_INGRESS
+            },
+            ..Default::default()
+        }
+    }
+
+    /// The program id the filter runs now (ENOENT when it is gone).
+    pub fn query(&self) -> std::io::Result<u32> {
+        let hook = self.hook();
+        let mut opts = libbpf_rs::libbpf_sys::bpf_tc_opts {
+            sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_tc_opts>() as _,
+            handle: self.handle,
+            priority: self.priority,
+            ..Default::default()
+        };
+        // SAFETY: both structs are initialised with their sizes; libbpf writes opts only.
+        let err = unsafe { libbpf_rs::libbpf_sys::bpf_tc_query(&hook, &mut opts) };
+        if err != 0 {
+            return Err(std::io::Error::from_raw_os_error(-err));
+        }
+        Ok(opts.prog_id)
+    }
+
+    /// Removes the filter if it still runs ringfence's program (a filter someone else put
+    /// at the same handle and priority is left alone).
+    pub fn remove_if_ours(&self) -> std::io::Result<()> {
+        match self.query() {
+            Ok(id) if id == self.prog_id => {}
+            Ok(_) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let hook = self.hook();
+        let opts = libbpf_rs::libbpf_sys::bpf_tc_opts {
+            sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_tc_opts>() as _,
+            handle: self.handle,
+            priority: self.priority,
+            ..Default::default()
+        };
+        // SAFETY: as in query; detach reads both.
+        let err = unsafe { libbpf_rs::libbpf_sys::bpf_tc_detach(&hook, &opts) };
+        if err != 0 {
+            return Err(std::io::Error::from_raw_os_error(-err));
+        }
+        Ok(())
+    }
+}
+
+/// Removes the clsact qdisc of `ifindex` with every filter on it (one ringfence created).
+pub fn remove_clsact(ifindex: i32) -> std::io::Result<()> {
+    let mut hook = libbpf_rs::libbpf_sys::bpf_tc_hook {
+        sz: std::mem::size_of::<libbpf_rs::libbpf_sys::bpf_tc_hook>() as _,
+        ifindex,
+        attach_point: libbpf_rs::libbpf_sys::BPF_TC_EGRESS | libbpf_rs::libbpf_sys::BPF_TC_INGRESS,
+        ..Default::default()
+    };
+    // SAFETY: an initialised hook; libbpf only reads it.
+    let err = unsafe { libbpf_rs::libbpf_sys::bpf_tc_hook_destroy(&mut hook) };
+    match err {
+        0 => Ok(()),
+        e if -e == libc::ENOENT || -e == libc::EINVAL || -e == libc::ENODEV => Ok(()),
+        e => Err(std::io::Error::from_raw_os_error(-e)),
+    }
+}
+
+/// Where one program was attached.
+#[derive(Clone, Debug)]
+struct Watched {
+    ifname: String,
+    ifindex: i32,
+    egress: bool,
+    prog_id: u32,
+    /// TCX: the link's fd (owned by `attached`), and the programs that ran ahead of ours
+    /// when it was attached (anything new there runs first and can pass packets unjudged).
+    link_fd: Option<std::os::fd::RawFd>,
+    ahead: Vec<u32>,
+    /// clsact: the filter, and whether ringfence created the qdisc it sits on.
+    tc: Option<(TcFilter, bool)>,
+}
+
+/// What the guard process needs to keep the dataplane up, and to clean up after ringfence
+/// (see src/guard.rs).
+#[derive(Clone, Debug, Default)]
+pub struct Held {
+    /// TCX links: while any duplicate of a link's fd is open, the program stays attached.
+    pub link_fds: Vec<std::os::fd::RawFd>,
+    /// clsact filters: netlink state that outlives every process, removed by whoever is last.
+    pub filters: Vec<TcFilter>,
+    /// Interfaces whose clsact qdisc ringfence created.
+    pub qdiscs: Vec<i32>,
+}
+
+/// A program that is no longer where ringfence attached it, or that something now runs
+/// ahead of.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct AttachmentProblem {
+    pub ifname: String,
+    /// "egress" or "ingress".
+    pub dir: &'static str,
+    pub what: String,
+}
+
+/// The tracefs `events` directory. libbpf looks only under /sys/kernel/tracing and
+/// /sys/kernel/debug/tracing, which are often not mounted (and `ip netns exec` hides /sys
+/// behind a fresh sysfs): when neither is there, tracefs is mounted privately under /run,
+/// as cgroup2 is.
+fn tracefs_events() -> std::result::Result<std::path::PathBuf, String> {
+    for p in ["/sys/kernel/tracing/events", "/sys/kernel/debug/tracing/events"] {
+        if Path::new(p).join("syscalls").is_dir() {
+            return Ok(p.into());
+        }
+    }
+    const PRIVATE: &str = "/run/ringfence/tracefs";
+    let events = Path::new(PRIVATE).join("events");
+    if events.join("syscalls").is_dir() {
+        return Ok(events);
+    }
+    std::fs::create_dir_all(PRIVATE).map_err(|e| format!("creating {PRIVATE}: {e}"))?;
+    nix::mount::mount(
+        Some("tracefs"),
+        PRIVATE,
+        Some("tracefs"),
+        nix::mount::MsFlags::MS_NOSUID
+            | nix::mount::MsFlags::MS_NODEV
+            | nix::mount::MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(|e| format!("no tracefs is mounted and mounting one at {PRIVATE} failed: {e}"))?;
+    if events.join("syscalls").is_dir() {
+        Ok(events)
+    } else {
+        Err("this kernel has no syscall tracepoints (CONFIG_FTRACE_SYSCALLS)".into())
+    }
+}
+
+/// A perf event for tracepoint `id`, to attach a program to (as libbpf does: every CPU
+/// runs the program; the event itself only names the tracepoint).
+fn tracepoint_perf_event(id: u64) -> std::io::Result<i32> {
+    use libbpf_rs::libbpf_sys as sys;
+    // SAFETY: an all-zero perf_event_attr is valid; the fields set below are plain data.
+    let mut attr: sys::perf_event_attr = unsafe { std::mem::zeroed() };
+    attr.type_ = sys::PERF_TYPE_TRACEPOINT;
+    attr.size = std::mem::size_of::<sys::perf_event_attr>() as u32;
+    attr.config = id;
+    // SAFETY: attr outlives the call; the returned fd is the caller's.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_perf_event_open,
+            &attr as *const sys::perf_event_attr,
+            -1 as libc::pid_t,
+            0 as libc::c_int,
+            -1 as libc::c_int,
+            // PERF_FLAG_FD_CLOEXEC (include/uapi/linux/perf_event.h).
+            8 as libc::c_ulong,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(fd as i32)
+}
+
+/// The programs attached at `ifindex`'s TCX hook, in the order they run.
+fn tcx_programs(ifindex: i32, egress: bool) -> std::io::Result<Vec<u32>> {
+    use libbpf_rs::libbpf_sys as sys;
+    let mut ids = [0u32; 64];
+    let mut opts = sys::bpf_prog_query_opts {
+        sz: std::mem::size_of::<sys::bpf_prog_query_opts>() as _,
+        prog_ids: ids.as_mut_ptr(),
+        ..Default::default()
+    };
+    opts.__bindgen_anon_1.count = ids.len() as u32;
+    let at = if egress {
+        sys::BPF_TCX_EGRESS
+    } else {
+        sys::BPF_TCX_INGRESS
+    };
+    // SAFETY: prog_ids points at `count` u32s that outlive the call.
+    let err = unsafe { sys::bpf_prog_query_opts(ifindex, at, &mut opts) };
+    if err != 0 {
+        return Err(std::io::Error::from_raw_os_error(-err));
+    }
+    // SAFETY: the kernel wrote how many ids it filled in.
+    let n = unsafe { opts.__bindgen_anon_1.count } as usize;
+    Ok(ids[..n.min(ids.len())].to_vec())
 }
 
 /// A host entry of the allow trie as userspace reads it.
@@ -287,6 +526,8 @@ impl Dataplane {
             skel,
             kind,
             attached: Vec::new(),
+            watched: Vec::new(),
+            process_watch: Vec::new(),
             kernel,
         })
     }
@@ -314,8 +555,10 @@ impl Dataplane {
             .map_err(|_| DataplaneError::NoInterface(ifname.to_string()))?
             as i32;
         let egress = self.attach_one(ifname, ifindex, true)?;
+        self.watched.push(self.watched_of(ifname, ifindex, true, &egress));
         self.attached.push((ifname.to_string(), egress));
         let ingress = self.attach_one(ifname, ifindex, false)?;
+        self.watched.push(self.watched_of(ifname, ifindex, false, &ingress));
         self.attached.push((ifname.to_string(), ingress));
         tracing::info!(ifname, attach = self.kind.name(), "attached");
         Ok(())
@@ -368,11 +611,175 @@ impl Dataplane {
         }
     }
 
+    fn watched_of(&self, ifname: &str, ifindex: i32, egress: bool, a: &Attachment) -> Watched {
+        let prog = if egress {
+            &self.skel.progs.rf_egress
+        } else {
+            &self.skel.progs.rf_ingress
+        };
+        let prog_id = libbpf_rs::Program::id_from_fd(prog.as_fd()).unwrap_or(0);
+        let mut w = Watched {
+            ifname: ifname.to_string(),
+            ifindex,
+            egress,
+            prog_id,
+            link_fd: None,
+            ahead: Vec::new(),
+            tc: None,
+        };
+        match a {
+            Attachment::Tcx(link) => {
+                use std::os::fd::AsRawFd;
+                w.link_fd = Some(link.as_fd().as_raw_fd());
+                w.ahead = tcx_programs(ifindex, egress)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .take_while(|&id| id != prog_id)
+                    .collect();
+            }
+            Attachment::Clsact(hook, created) => {
+                let f = TcFilter {
+                    ifindex,
+                    egress,
+                    handle: hook.get_handle(),
+                    priority: hook.get_priority(),
+                    prog_id,
+                };
+                w.tc = Some((f, *created));
+            }
+        }
+        w
+    }
+
+    /// What a guard process must hold and know to keep enforcement up after ringfence dies,
+    /// and to clean up once it has killed the job.
+    pub fn held(&self) -> Held {
+        let mut h = Held::default();
+        for w in &self.watched {
+            h.link_fds.extend(w.link_fd);
+            if let Some((f, created)) = w.tc {
+                h.filters.push(f);
+                if created && !h.qdiscs.contains(&f.ifindex) {
+                    h.qdiscs.push(f.ifindex);
+                }
+            }
+        }
+        h
+    }
+
+    /// Every program that is no longer attached where this instance attached it, or that a
+    /// program attached since runs ahead of (TCX: it can pass packets before ringfence sees
+    /// them). Only root can do either; a job that can is outside what ringfence holds, and
+    /// this is how it shows.
+    pub fn attachment_problems(&self) -> Vec<AttachmentProblem> {
+        let mut out = Vec::new();
+        for w in &self.watched {
+            let dir = if w.egress { "egress" } else { "ingress" };
+            let mut problem = |what: String| {
+                out.push(AttachmentProblem {
+                    ifname: w.ifname.clone(),
+                    dir,
+                    what,
+                })
+            };
+            if let Some((f, _)) = w.tc {
+                match f.query() {
+                    Ok(id) if id == w.prog_id => {}
+                    Ok(id) => problem(format!(
+                        "the clsact filter runs program {id}, not ringfence's ({})",
+                        w.prog_id
+                    )),
+                    Err(e) => problem(format!(
+                        "ringfence's clsact filter (program {}) is gone: {e}",
+                        w.prog_id
+                    )),
+                }
+                continue;
+            }
+            match tcx_programs(w.ifindex, w.egress) {
+                Ok(ids) => match ids.iter().position(|&id| id == w.prog_id) {
+                    None => problem(format!(
+                        "ringfence's program ({}) is no longer attached (tcx)",
+                        w.prog_id
+                    )),
+                    Some(at) => {
+                        let new: Vec<String> = ids[..at]
+                            .iter()
+                            .filter(|id| !w.ahead.contains(id))
+                            .map(u32::to_string)
+                            .collect();
+                        if !new.is_empty() {
+                            problem(format!(
+                                "program {} was attached ahead of ringfence's ({}) and runs first (tcx)",
+                                new.join(", "),
+                                w.prog_id
+                            ));
+                        }
+                    }
+                },
+                Err(e) => problem(format!(
+                    "querying the programs attached (tcx): {e}; ringfence's was {}",
+                    w.prog_id
+                )),
+            }
+        }
+        out
+    }
+
+    /// Attaches the process watch (bpf/guard.h): job processes that ptrace, write the memory
+    /// of or take descriptors from other processes. Returns what could not be attached; the
+    /// dataplane does not depend on it.
+    pub fn attach_process_watch(&mut self) -> Vec<String> {
+        let events = match tracefs_events() {
+            Ok(p) => p,
+            Err(e) => return vec![e],
+        };
+        let progs = [
+            ("sys_enter_ptrace", &self.skel.progs.rf_guard_ptrace),
+            ("sys_enter_process_vm_writev", &self.skel.progs.rf_guard_vm_writev),
+            ("sys_enter_pidfd_getfd", &self.skel.progs.rf_guard_pidfd_getfd),
+        ];
+        let mut failed = Vec::new();
+        let mut links = Vec::new();
+        for (tp, prog) in progs {
+            let attach = || -> std::result::Result<Link, String> {
+                let id_path = events.join("syscalls").join(tp).join("id");
+                let id: u64 = std::fs::read_to_string(&id_path)
+                    .map_err(|e| format!("{}: {e}", id_path.display()))?
+                    .trim()
+                    .parse()
+                    .map_err(|e| format!("{}: {e}", id_path.display()))?;
+                let pfd = tracepoint_perf_event(id).map_err(|e| format!("perf_event_open: {e}"))?;
+                // The link owns the perf event fd from here on (libbpf closes it).
+                prog.attach_perf_event(pfd).map_err(|e| {
+                    // SAFETY: libbpf did not take the fd when attaching failed.
+                    unsafe { libc::close(pfd) };
+                    e.to_string()
+                })
+            };
+            match attach() {
+                Ok(l) => links.push(l),
+                Err(e) => failed.push(format!("syscalls/{tp}: {e}")),
+            }
+        }
+        self.process_watch.extend(links);
+        failed
+    }
+
     /// Detaches everything this instance attached (also done on drop).
     pub fn detach_all(&mut self) {
+        self.watched.clear();
+        self.process_watch.clear();
         for (ifname, a) in self.attached.drain(..) {
             match a {
-                Attachment::Tcx(link) => drop(link),
+                // Detached explicitly: dropping only closes this process's fd, and a guard
+                // process may still hold a duplicate (src/guard.rs).
+                Attachment::Tcx(link) => {
+                    if let Err(e) = link.detach() {
+                        tracing::warn!(ifname, "detaching the tcx link: {e}");
+                    }
+                    drop(link)
+                }
                 Attachment::Clsact(mut hook, created) => {
                     if let Err(e) = hook.detach() {
                         tracing::warn!(ifname, "detaching clsact filter: {e}");

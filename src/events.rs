@@ -321,7 +321,10 @@ impl DnsEvent {
 }
 
 /// A DNS exfiltration signal crossing its threshold for one domain in a job (see
-/// [`crate::exfil`]): written once per (signal, domain), when first crossed.
+/// [`crate::exfil`]): written once per (signal, domain), when first crossed. Also what the
+/// dataplane cannot judge but ringfence saw: a job process taking hold of a process outside
+/// the job (`ptrace-outside-job`), ringfence's programs detached (`dataplane-detached`);
+/// those have no domain, value or threshold, and say who did what in `detail`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename = "finding")]
 pub struct FindingEvent {
@@ -331,11 +334,41 @@ pub struct FindingEvent {
     pub step: Option<String>,
     pub signal: crate::exfil::Signal,
     /// The last two labels of the names.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub domain: String,
+    // A DNS signal's value and threshold are never 0 (thresholds are at least 1, or above
+    // 0 bits): 0 means "not a measured signal".
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub value: f64,
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub threshold: f64,
-    /// The name that crossed the threshold.
+    /// The name that crossed the threshold; for the other signals, what happened, in words.
     pub example: String,
+    #[serde(flatten)]
+    pub detail: FindingDetail,
+}
+
+fn is_zero(v: &f64) -> bool {
+    *v == 0.0
+}
+
+/// Who and what a process-level or dataplane finding is about (absent fields are unknown or
+/// do not apply).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FindingDetail {
+    /// The job process that acted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub comm: Option<String>,
+    /// The process it acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_comm: Option<String>,
+    /// The interface whose program went missing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interface: Option<String>,
 }
 
 // The detector never produces NaN, and one read back from a file cannot be NaN either:
@@ -358,6 +391,7 @@ impl FindingEvent {
             value: f.value,
             threshold: f.threshold,
             example: f.example.clone(),
+            detail: FindingDetail::default(),
         }
     }
 }
@@ -679,6 +713,7 @@ mod tests {
             value: 51.0,
             threshold: 50.0,
             example: "0a1b2c.leak.test".into(),
+            detail: Default::default(),
         }
     }
 

@@ -64,6 +64,12 @@ pub struct ExecArgs {
     /// The step's name in events. Default: the command line.
     #[arg(long = "step", value_name = "NAME")]
     pub step: Option<String>,
+    /// Pass open file descriptor FD on to the job (repeatable). The job gets stdin, stdout
+    /// and stderr only unless told otherwise: a descriptor opened outside the job belongs to
+    /// another cgroup, and if it is a socket its traffic is NOT the job's — ringfence does not
+    /// judge or report it.
+    #[arg(long = "keep-fd", value_name = "FD")]
+    pub keep_fds: Vec<i32>,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
@@ -91,6 +97,24 @@ pub enum UsageError {
     Policy(#[from] PolicyError),
     #[error("{0}")]
     Other(String),
+}
+
+/// `--keep-fd` must name a descriptor ringfence has open above stderr.
+fn check_keep_fds(fds: &[i32]) -> std::result::Result<(), UsageError> {
+    for &fd in fds {
+        if fd < 3 {
+            return Err(UsageError::Other(format!(
+                "--keep-fd {fd}: stdin, stdout and stderr are always passed on"
+            )));
+        }
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(UsageError::Other(format!(
+                "--keep-fd {fd}: ringfence has no open file descriptor {fd} to pass on"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Builds the job's policy: the file, then the command line on top of it.
@@ -130,6 +154,7 @@ fn mode_name(m: Mode) -> &'static str {
 /// Runs the command as a job. Returns the exit status ringfence should exit with.
 pub fn run(args: &ExecArgs) -> Result<i32> {
     let policy = build_policy(args).map_err(anyhow::Error::new)?;
+    check_keep_fds(&args.keep_fds).map_err(anyhow::Error::new)?;
     let compiled = policy.compile()?;
     let mut interfaces = if args.interfaces.is_empty() {
         crate::netif::routed_interfaces()
@@ -172,6 +197,12 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
         ..Default::default()
     };
     dataplane::preflight()?;
+    // The OOM killer should take the job before ringfence (the guard, at -1000, never); the
+    // job is put back to 0 before it starts. ringfence's death is survivable (the guard), so
+    // not -1000: a runaway ringfence must stay killable.
+    if let Err(e) = crate::guard::set_oom_score_adj(b"-900") {
+        tracing::warn!("lowering ringfence's OOM score: {e}");
+    }
     let cgroup = JobCgroup::create(&format!("{}-{}", sanitize(&job_name), std::process::id()))?;
     let mut dp = Dataplane::load(&opts)?;
     const JOB_ID: u32 = 1;
@@ -196,6 +227,16 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     for i in &interfaces {
         dp.attach(i)?;
     }
+    let watch_failed = dp.attach_process_watch();
+    for f in &watch_failed {
+        tracing::warn!("the process watch (ptrace of processes outside the job) is not attached: {f}");
+    }
+    let ptrace_warning = crate::tamper::ptrace_warning();
+    if let Some(w) = &ptrace_warning {
+        tracing::warn!("{w}");
+    }
+    // From here on, ringfence's death kills the job rather than leaving it unwatched.
+    let guard = crate::guard::Guard::start(cgroup.path(), &dp.held())?;
     tracing::info!(
         job = job_name,
         mode = mode_name(policy.mode),
@@ -219,7 +260,9 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     let procs_fd = procs.as_raw_fd();
     let mut cmd = Command::new(&args.command[0]);
     cmd.args(&args.command[1..]);
-    // SAFETY: only async-signal-safe calls between fork and exec (write, prctl).
+    let keep = args.keep_fds.clone();
+    // SAFETY: only async-signal-safe calls between fork and exec (write, open, prctl,
+    // close_range, fcntl); `keep` was allocated before the fork and is only read.
     unsafe {
         cmd.pre_exec(move || {
             // Join the job's cgroup before exec: the first packet already belongs to it.
@@ -227,8 +270,19 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
             if libc::write(procs_fd, me.as_ptr().cast(), me.len()) < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            // If ringfence dies, the job must not go on unwatched.
+            // The job does not inherit ringfence's low OOM score (its children inherit this).
+            crate::guard::set_oom_score_adj(b"0")?;
+            // A quick end when ringfence dies; the guard covers what this misses (a uid
+            // change clears it, orphans never had it).
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            // Only stdin, stdout and stderr pass on: a socket opened outside the job is in
+            // another cgroup and its traffic would not be judged. --keep-fd opts in.
+            crate::guard::close_from_3()?;
+            for &fd in &keep {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             Ok(())
         });
     }
@@ -240,6 +294,10 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     let status = agent::run_until_exit(&dp, &mut agent, &mut child)?;
     // The job's leftovers (daemons, background jobs) end with it.
     cgroup.kill_all();
+    // Then the guard may leave (it holds duplicates of the links: release before detach).
+    if let Err(e) = guard.release() {
+        tracing::warn!("{e:#}");
+    }
     let counters = dp.counters().unwrap_or([0; abi::COUNTERS]);
     dp.detach_all();
 
@@ -270,6 +328,14 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
         if n > 0 {
             text.push_str(&format!("\nwarning: {n} {what}\n"));
         }
+    }
+    if let Some(w) = &ptrace_warning {
+        text.push_str(&format!("\nwarning: {w}\n"));
+    }
+    for f in &watch_failed {
+        text.push_str(&format!(
+            "\nwarning: ptrace of processes outside the job was not watched ({f})\n"
+        ));
     }
     if let Some(p) = &args.report {
         std::fs::write(p, &text).with_context(|| format!("writing the report {}", p.display()))?;

@@ -91,6 +91,11 @@ pub enum Signal {
     LongLabel,
     HighEntropy,
     ManyNames,
+    /// Not DNS: a job process ptraced (or wrote the memory of, or took a descriptor from) a
+    /// process outside the job, which could then send for it unjudged (src/guard.rs).
+    PtraceOutsideJob,
+    /// Not DNS: one of ringfence's programs is no longer attached where it was attached.
+    DataplaneDetached,
 }
 
 impl Signal {
@@ -99,7 +104,17 @@ impl Signal {
             Signal::LongLabel => "long-label",
             Signal::HighEntropy => "high-entropy",
             Signal::ManyNames => "many-names",
+            Signal::PtraceOutsideJob => "ptrace-outside-job",
+            Signal::DataplaneDetached => "dataplane-detached",
         }
+    }
+
+    /// A DNS exfiltration signal (a measured value over a threshold, per domain)?
+    pub fn is_dns(self) -> bool {
+        matches!(
+            self,
+            Signal::LongLabel | Signal::HighEntropy | Signal::ManyNames
+        )
     }
 
     /// What `value` measures, for reports.
@@ -108,6 +123,7 @@ impl Signal {
             Signal::LongLabel => "characters in a label",
             Signal::HighEntropy => "bits per character",
             Signal::ManyNames => "distinct names",
+            Signal::PtraceOutsideJob | Signal::DataplaneDetached => "events",
         }
     }
 }

@@ -4,7 +4,9 @@
 //! share with Rust (`abi`). `dataplane` loads and attaches them and owns their maps;
 //! `policy` parses and compiles policies; `agent` is the event loop that turns kernel
 //! events into the audit trail (`events`, `dns`, `report`); `exec` runs one command as a
-//! job in a `cgroup`. `demo` and `testbed` build network namespaces with real DNS servers.
+//! job in a `cgroup`, with a `guard` process that kills the job if ringfence dies; `tamper`
+//! turns what the dataplane cannot judge (ptrace of outside processes, programs detached)
+//! into findings. `demo` and `testbed` build network namespaces with real DNS servers.
 pub mod abi;
 pub mod agent;
 pub mod bpf_skel;
@@ -16,11 +18,13 @@ pub mod dns;
 pub mod events;
 pub mod exec;
 pub mod exfil;
+pub mod guard;
 pub mod logging;
 pub mod netif;
 pub mod policy;
 pub mod probe;
 pub mod report;
+pub mod tamper;
 pub mod testbed;
 pub mod testrun;
 

@@ -9,6 +9,7 @@ fn main() {
         Cmd::Exec(args) => ringfence::exec::run(&args),
         Cmd::Demo(o) => ringfence::demo::run(&o).map(|()| 0),
         Cmd::Probe => ringfence::probe::print().map(|()| 0),
+        Cmd::Guard(args) => ringfence::guard::run(&args),
     };
     match result {
         Ok(code) => std::process::exit(code),

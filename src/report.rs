@@ -75,6 +75,9 @@ pub struct Report {
     dns: BTreeMap<String, DnsRow>,
     /// DNS exfiltration findings by (domain, signal).
     findings: BTreeMap<(String, Signal), Finding>,
+    /// Process-level and dataplane findings (`ptrace-outside-job`, `dataplane-detached`):
+    /// (signal, what happened) -> how many times. Bounded like the DNS findings.
+    alerts: BTreeMap<(Signal, String), u64>,
     flows: usize,
     allowed: usize,
     blocked: usize,
@@ -90,6 +93,7 @@ impl Report {
             rows: HashMap::new(),
             dns: BTreeMap::new(),
             findings: BTreeMap::new(),
+            alerts: BTreeMap::new(),
             flows: 0,
             allowed: 0,
             blocked: 0,
@@ -108,6 +112,16 @@ impl Report {
             Event::Flow(f) => self.add_flow(f),
             // A finding event is written when first crossed; a later one for the same key
             // (another run's file) does not replace it.
+            Event::Finding(f) if !f.signal.is_dns() => {
+                let n = self.alerts.len();
+                match self.alerts.get_mut(&(f.signal, f.example.clone())) {
+                    Some(c) => *c += 1,
+                    None if n < crate::exfil::MAX_FINDINGS => {
+                        self.alerts.insert((f.signal, f.example.clone()), 1);
+                    }
+                    None => {}
+                }
+            }
             Event::Finding(f) => {
                 self.findings
                     .entry((f.domain.clone(), f.signal))
@@ -179,6 +193,24 @@ impl Report {
     /// The DNS exfiltration findings, by domain then signal.
     pub fn findings(&self) -> impl Iterator<Item = &Finding> {
         self.findings.values()
+    }
+
+    /// The process-level and dataplane findings: (signal, what happened, times seen).
+    pub fn alerts(&self) -> impl Iterator<Item = (Signal, &str, u64)> {
+        self.alerts.iter().map(|((s, what), n)| (*s, what.as_str(), *n))
+    }
+
+    /// The alerts' lines, unescaped.
+    fn alert_lines(&self) -> Vec<String> {
+        self.alerts()
+            .map(|(s, what, n)| {
+                if n > 1 {
+                    format!("{s}: {what} ({n} times)")
+                } else {
+                    format!("{s}: {what}")
+                }
+            })
+            .collect()
     }
 
     /// The findings' table cells, unescaped.
@@ -345,6 +377,13 @@ impl Report {
                 out.push('\n');
             }
         }
+        let alerts = self.alert_lines();
+        if !alerts.is_empty() {
+            out.push_str("\nFindings (what the dataplane cannot judge)\n");
+            for a in alerts {
+                let _ = writeln!(out, "  {}", text_clean(&a));
+            }
+        }
         if !self.dns.is_empty() {
             out.push_str("\nDNS\n");
             for (name, row) in &self.dns {
@@ -381,6 +420,13 @@ impl Report {
                  |---|---|---:|---:|---:|---|\n",
                 findings,
             );
+        }
+        let alerts = self.alert_lines();
+        if !alerts.is_empty() {
+            out.push_str("\nFindings (what the dataplane cannot judge):\n\n");
+            for a in alerts {
+                let _ = writeln!(out, "- {}", md_escape(&a));
+            }
         }
         if !self.dns.is_empty() {
             out.push_str("\nDNS:\n\n");
@@ -431,6 +477,12 @@ impl Report {
             example: &'a str,
         }
         #[derive(Serialize)]
+        struct JsonAlert<'a> {
+            signal: Signal,
+            what: &'a str,
+            count: u64,
+        }
+        #[derive(Serialize)]
         struct JsonReport<'a> {
             job: &'a str,
             mode: &'a str,
@@ -439,6 +491,8 @@ impl Report {
             // Absent rather than empty, so reports of jobs without findings keep their shape.
             #[serde(skip_serializing_if = "Vec::is_empty")]
             findings: Vec<JsonFinding<'a>>,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            alerts: Vec<JsonAlert<'a>>,
             dns: Vec<JsonDns<'a>>,
         }
         let report = JsonReport {
@@ -477,6 +531,14 @@ impl Report {
                     threshold: f.threshold,
                     count: f.count,
                     example: &f.example,
+                })
+                .collect(),
+            alerts: self
+                .alerts()
+                .map(|(signal, what, count)| JsonAlert {
+                    signal,
+                    what,
+                    count,
                 })
                 .collect(),
             dns: self
@@ -818,6 +880,7 @@ DNS:
             value,
             threshold,
             example: example.into(),
+            detail: Default::default(),
         })
     }
 
