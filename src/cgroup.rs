@@ -183,9 +183,7 @@ pub fn cgroup_of(pid: u32) -> Option<PathBuf> {
 pub fn relative(dir: &Path) -> Option<PathBuf> {
     let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
     let root = parse_mountinfo(&info).unwrap_or_else(|| PathBuf::from(PRIVATE_MOUNT));
-    dir.strip_prefix(&root)
-        .ok()
-        .map(|p| Path::new("/").join(p))
+    dir.strip_prefix(&root).ok().map(|p| Path::new("/").join(p))
 }
 
 fn collect_pids(dir: &Path, out: &mut Vec<u32>) {

@@ -339,7 +339,10 @@ pub struct AttachmentProblem {
 /// behind a fresh sysfs): when neither is there, tracefs is mounted privately under /run,
 /// as cgroup2 is.
 fn tracefs_events() -> std::result::Result<std::path::PathBuf, String> {
-    for p in ["/sys/kernel/tracing/events", "/sys/kernel/debug/tracing/events"] {
+    for p in [
+        "/sys/kernel/tracing/events",
+        "/sys/kernel/debug/tracing/events",
+    ] {
         if Path::new(p).join("syscalls").is_dir() {
             return Ok(p.into());
         }
@@ -396,11 +399,27 @@ fn tracepoint_perf_event(id: u64) -> std::io::Result<i32> {
 
 /// The programs attached at `ifindex`'s TCX hook, in the order they run.
 fn tcx_programs(ifindex: i32, egress: bool) -> std::io::Result<Vec<u32>> {
+    Ok(tcx_query(ifindex, egress)?
+        .into_iter()
+        .map(|(p, _)| p)
+        .collect())
+}
+
+/// (program id, link id) of every TCX program at `ifindex` in one direction, in the order
+/// they run; empty when the query fails. For tests and status: bpftool before 7.3 does
+/// not list TCX.
+pub fn tcx_links_of(ifindex: i32, egress: bool) -> Vec<(u32, u32)> {
+    tcx_query(ifindex, egress).unwrap_or_default()
+}
+
+fn tcx_query(ifindex: i32, egress: bool) -> std::io::Result<Vec<(u32, u32)>> {
     use libbpf_rs::libbpf_sys as sys;
     let mut ids = [0u32; 64];
+    let mut links = [0u32; 64];
     let mut opts = sys::bpf_prog_query_opts {
         sz: std::mem::size_of::<sys::bpf_prog_query_opts>() as _,
         prog_ids: ids.as_mut_ptr(),
+        link_ids: links.as_mut_ptr(),
         ..Default::default()
     };
     opts.__bindgen_anon_1.count = ids.len() as u32;
@@ -409,14 +428,19 @@ fn tcx_programs(ifindex: i32, egress: bool) -> std::io::Result<Vec<u32>> {
     } else {
         sys::BPF_TCX_INGRESS
     };
-    // SAFETY: prog_ids points at `count` u32s that outlive the call.
+    // SAFETY: prog_ids and link_ids point at `count` u32s each that outlive the call.
     let err = unsafe { sys::bpf_prog_query_opts(ifindex, at, &mut opts) };
     if err != 0 {
         return Err(std::io::Error::from_raw_os_error(-err));
     }
     // SAFETY: the kernel wrote how many ids it filled in.
     let n = unsafe { opts.__bindgen_anon_1.count } as usize;
-    Ok(ids[..n.min(ids.len())].to_vec())
+    let n = n.min(ids.len());
+    Ok(ids[..n]
+        .iter()
+        .copied()
+        .zip(links[..n].iter().copied())
+        .collect())
 }
 
 /// A host entry of the allow trie as userspace reads it.
@@ -555,10 +579,12 @@ impl Dataplane {
             .map_err(|_| DataplaneError::NoInterface(ifname.to_string()))?
             as i32;
         let egress = self.attach_one(ifname, ifindex, true)?;
-        self.watched.push(self.watched_of(ifname, ifindex, true, &egress));
+        self.watched
+            .push(self.watched_of(ifname, ifindex, true, &egress));
         self.attached.push((ifname.to_string(), egress));
         let ingress = self.attach_one(ifname, ifindex, false)?;
-        self.watched.push(self.watched_of(ifname, ifindex, false, &ingress));
+        self.watched
+            .push(self.watched_of(ifname, ifindex, false, &ingress));
         self.attached.push((ifname.to_string(), ingress));
         tracing::info!(ifname, attach = self.kind.name(), "attached");
         Ok(())
@@ -736,8 +762,14 @@ impl Dataplane {
         };
         let progs = [
             ("sys_enter_ptrace", &self.skel.progs.rf_guard_ptrace),
-            ("sys_enter_process_vm_writev", &self.skel.progs.rf_guard_vm_writev),
-            ("sys_enter_pidfd_getfd", &self.skel.progs.rf_guard_pidfd_getfd),
+            (
+                "sys_enter_process_vm_writev",
+                &self.skel.progs.rf_guard_vm_writev,
+            ),
+            (
+                "sys_enter_pidfd_getfd",
+                &self.skel.progs.rf_guard_pidfd_getfd,
+            ),
         ];
         let mut failed = Vec::new();
         let mut links = Vec::new();

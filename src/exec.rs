@@ -229,7 +229,9 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     }
     let watch_failed = dp.attach_process_watch();
     for f in &watch_failed {
-        tracing::warn!("the process watch (ptrace of processes outside the job) is not attached: {f}");
+        tracing::warn!(
+            "the process watch (ptrace of processes outside the job) is not attached: {f}"
+        );
     }
     let ptrace_warning = crate::tamper::ptrace_warning();
     if let Some(w) = &ptrace_warning {

@@ -175,8 +175,11 @@ pub fn run(args: &GuardArgs) -> Result<i32> {
     // Started as /proc/self/exe, it would show as "exe" in ps and top.
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
     unsafe { libc::prctl(libc::PR_SET_NAME, b"ringfence-guard\0".as_ptr()) };
+    // Without CAP_SYS_RESOURCE ringfence failed the same way and has said so already.
     if let Err(e) = set_oom_score_adj(b"-1000") {
-        eprintln!("ringfence guard: lowering its own OOM score: {e}");
+        if e.raw_os_error() != Some(libc::EACCES) {
+            eprintln!("ringfence guard: lowering its own OOM score: {e}");
+        }
     }
     // Hold the links: the fds were inherited, and closing them at exit is what detaches.
     // SAFETY: ringfence passed these fds to this process for it to own.
@@ -225,7 +228,10 @@ fn take_down(args: &GuardArgs) {
     }
     for f in &args.filters {
         if let Err(e) = f.remove_if_ours() {
-            eprintln!("ringfence guard: removing clsact filter {}: {e}", f.to_arg());
+            eprintln!(
+                "ringfence guard: removing clsact filter {}: {e}",
+                f.to_arg()
+            );
         }
     }
     for &q in &args.qdiscs {

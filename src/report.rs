@@ -197,7 +197,9 @@ impl Report {
 
     /// The process-level and dataplane findings: (signal, what happened, times seen).
     pub fn alerts(&self) -> impl Iterator<Item = (Signal, &str, u64)> {
-        self.alerts.iter().map(|((s, what), n)| (*s, what.as_str(), *n))
+        self.alerts
+            .iter()
+            .map(|((s, what), n)| (*s, what.as_str(), *n))
     }
 
     /// The alerts' lines, unescaped.

@@ -30,7 +30,8 @@ fn action(ev: &abi::rf_guard_event) -> String {
 /// caller's pidfd refers to (read from the caller's fdinfo while the call is in flight).
 fn target_pid(ev: &abi::rf_guard_event) -> Option<u32> {
     if abi::rf_guard_kind(ev.kind) == abi::rf_guard_kind::RF_GUARD_PIDFD_GETFD {
-        let info = std::fs::read_to_string(format!("/proc/{}/fdinfo/{}", ev.pid, ev.target)).ok()?;
+        let info =
+            std::fs::read_to_string(format!("/proc/{}/fdinfo/{}", ev.pid, ev.target)).ok()?;
         return info
             .lines()
             .find_map(|l| l.strip_prefix("Pid:"))
