@@ -1132,6 +1132,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn tc_filter_arg_round_trips() {
+        let f = TcFilter {
+            ifindex: 7,
+            egress: false,
+            handle: 1,
+            priority: 49152,
+            prog_id: 301,
+        };
+        assert_eq!(f.to_arg(), "7:ingress:1:49152:301");
+        assert_eq!(TcFilter::parse_arg(&f.to_arg()), Ok(f));
+        assert!(TcFilter::parse_arg("7:sideways:1:2:3").is_err());
+        assert!(TcFilter::parse_arg("7:egress:1:2").is_err());
+    }
+
+    #[test]
     fn release_parses() {
         assert_eq!(parse_release("6.18.44-fc-v669"), (6, 18));
         assert_eq!(parse_release("6.1.0-27-amd64"), (6, 1));

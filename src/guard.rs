@@ -153,10 +153,10 @@ pub(crate) fn close_from_3() -> std::io::Result<()> {
 
 /// Writes `value` to /proc/self/oom_score_adj (async-signal-safe: usable in pre_exec).
 pub(crate) fn set_oom_score_adj(value: &[u8]) -> std::io::Result<()> {
-    const PATH: &[u8] = b"/proc/self/oom_score_adj\0";
+    const PATH: &std::ffi::CStr = c"/proc/self/oom_score_adj";
     // SAFETY: a NUL-terminated path; the fd is closed before returning.
     unsafe {
-        let fd = libc::open(PATH.as_ptr().cast(), libc::O_WRONLY | libc::O_CLOEXEC);
+        let fd = libc::open(PATH.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
         if fd < 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -174,7 +174,7 @@ pub(crate) fn set_oom_score_adj(value: &[u8]) -> std::io::Result<()> {
 pub fn run(args: &GuardArgs) -> Result<i32> {
     // Started as /proc/self/exe, it would show as "exe" in ps and top.
     // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16 bytes.
-    unsafe { libc::prctl(libc::PR_SET_NAME, b"ringfence-guard\0".as_ptr()) };
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"ringfence-guard".as_ptr()) };
     // Without CAP_SYS_RESOURCE ringfence failed the same way and has said so already.
     if let Err(e) = set_oom_score_adj(b"-1000") {
         if e.raw_os_error() != Some(libc::EACCES) {

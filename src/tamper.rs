@@ -152,3 +152,53 @@ pub fn ptrace_warning() -> Option<String> {
          kernel.yama.ptrace_scope to 1 or more (attempts are reported as ptrace-outside-job)"
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::Event;
+
+    #[test]
+    fn detached_finding_is_a_compact_line_that_reads_back() {
+        let p = AttachmentProblem {
+            ifname: "eth0".into(),
+            dir: "egress",
+            what: "ringfence's program (12) is no longer attached (tcx)".into(),
+        };
+        let ts = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_800_000_000);
+        let f = detached_finding(&p, ts, "build-42", None);
+        let line = serde_json::to_string(&Event::Finding(f.clone())).unwrap();
+        assert_eq!(
+            line,
+            r#"{"type":"finding","ts":"2027-01-15T08:00:00.000000Z","job":"build-42","step":null,"signal":"dataplane-detached","example":"eth0 egress: ringfence's program (12) is no longer attached (tcx)","interface":"eth0"}"#
+        );
+        let back: Event = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, Event::Finding(f));
+    }
+
+    #[test]
+    fn a_report_lists_process_findings_apart_from_dns_ones() {
+        let p = AttachmentProblem {
+            ifname: "eth0".into(),
+            dir: "ingress",
+            what: "gone".into(),
+        };
+        let f = detached_finding(&p, SystemTime::UNIX_EPOCH, "j", None);
+        let mut r = crate::report::Report::new("j", "block");
+        r.add(&Event::Finding(f.clone()));
+        r.add(&Event::Finding(f));
+        assert_eq!(r.findings().count(), 0);
+        let text = r.render(crate::report::Format::Text);
+        assert!(
+            text.contains("dataplane-detached: eth0 ingress: gone (2 times)"),
+            "{text}"
+        );
+        let json: serde_json::Value =
+            serde_json::from_str(&r.render(crate::report::Format::Json)).unwrap();
+        assert_eq!(json["alerts"][0]["signal"], "dataplane-detached");
+        assert_eq!(json["alerts"][0]["count"], 2);
+        assert!(r
+            .render(crate::report::Format::Markdown)
+            .contains("- dataplane-detached: eth0 ingress: gone (2 times)"));
+    }
+}

@@ -148,6 +148,11 @@ fn tcx_links(tb: &Testbed) -> Vec<(u32, u32)> {
     .expect("entering the client namespace")
 }
 
+/// Does `--attach MODE` take the TCX path on this kernel?
+fn uses_tcx(mode: &str) -> bool {
+    mode == "tcx" || (mode == "auto" && ringfence::dataplane::KernelInfo::probe().tcx)
+}
+
 fn nothing_attached(tb: &Testbed) -> bool {
     attached_programs(tb).is_empty() && tcx_links(tb).is_empty()
 }
@@ -342,7 +347,7 @@ fn killed_ringfence_leaves_nothing_running(attach: &str) {
                 .any(|e| e["dst"] == dst.to_string() && e["verdict"] == "blocked")
         },
     );
-    if attach == "tcx" {
+    if uses_tcx(attach) {
         assert!(!tcx_links(&tb).is_empty(), "no TCX program attached");
     } else {
         assert!(
@@ -399,9 +404,10 @@ fn killed_ringfence_leaves_nothing_running(attach: &str) {
     );
 }
 
+/// TCX where the kernel has it (6.6+), else clsact.
 #[test]
-fn killed_ringfence_leaves_nothing_running_tcx() {
-    killed_ringfence_leaves_nothing_running("tcx");
+fn killed_ringfence_leaves_nothing_running_auto() {
+    killed_ringfence_leaves_nothing_running("auto");
 }
 
 #[test]
@@ -590,7 +596,7 @@ fn detached_program_is_a_finding(attach: &str) {
         &as_nobody(&["sleep", "4"]),
     );
     let ifname = tb.client_if().to_string();
-    if attach == "tcx" {
+    if uses_tcx(attach) {
         wait_for("the TCX links", Duration::from_secs(20), || {
             tcx_links(&tb).len() >= 2
         });
@@ -635,8 +641,8 @@ fn detached_program_is_a_finding(attach: &str) {
 }
 
 #[test]
-fn detached_program_is_a_finding_tcx() {
-    detached_program_is_a_finding("tcx");
+fn detached_program_is_a_finding_auto() {
+    detached_program_is_a_finding("auto");
 }
 
 #[test]
