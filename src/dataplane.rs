@@ -680,8 +680,19 @@ impl Dataplane {
     /// What a guard process must hold and know to keep enforcement up after ringfence dies,
     /// and to clean up once it has killed the job.
     pub fn held(&self) -> Held {
+        self.held_since(0)
+    }
+
+    /// How many programs are attached (a mark for [`Self::held_since`]).
+    pub fn attachment_count(&self) -> usize {
+        self.watched.len()
+    }
+
+    /// What was attached after `mark` (an earlier [`Self::attachment_count`]): hand it to the
+    /// guard (`Guard::hold`) when attaching to an interface while the job runs.
+    pub fn held_since(&self, mark: usize) -> Held {
         let mut h = Held::default();
-        for w in &self.watched {
+        for w in self.watched.iter().skip(mark) {
             h.link_fds.extend(w.link_fd);
             if let Some((f, created)) = w.tc {
                 h.filters.push(f);

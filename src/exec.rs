@@ -99,6 +99,27 @@ pub enum UsageError {
     Other(String),
 }
 
+/// Internet sockets among what the job will inherit (stdin, stdout, stderr and --keep-fd)
+/// were opened outside the job: what goes through them is not judged. Said, not refused:
+/// passing them was the caller's choice.
+fn warn_inherited_sockets(keep: &[i32]) {
+    use nix::sys::socket::{getsockname, AddressFamily, SockaddrLike, SockaddrStorage};
+    for &fd in [0, 1, 2].iter().chain(keep) {
+        let Ok(addr) = getsockname::<SockaddrStorage>(fd) else {
+            continue;
+        };
+        if matches!(
+            addr.family(),
+            Some(AddressFamily::Inet) | Some(AddressFamily::Inet6)
+        ) {
+            tracing::warn!(
+                fd,
+                "the job inherits an internet socket opened outside it: its traffic is not the job's, and is neither judged nor reported"
+            );
+        }
+    }
+}
+
 /// `--keep-fd` must name a descriptor ringfence has open above stderr.
 fn check_keep_fds(fds: &[i32]) -> std::result::Result<(), UsageError> {
     for &fd in fds {
@@ -155,6 +176,7 @@ fn mode_name(m: Mode) -> &'static str {
 pub fn run(args: &ExecArgs) -> Result<i32> {
     let policy = build_policy(args).map_err(anyhow::Error::new)?;
     check_keep_fds(&args.keep_fds).map_err(anyhow::Error::new)?;
+    warn_inherited_sockets(&args.keep_fds);
     let compiled = policy.compile()?;
     let mut interfaces = if args.interfaces.is_empty() {
         crate::netif::routed_interfaces()

@@ -228,6 +228,10 @@ fn inherited_socket_is_not_passed_unless_kept() {
     let (st, out, err) = run(true);
     assert_eq!(st.code(), Some(0), "{out}\n{err}");
     assert_eq!(out, "written\n", "{err}");
+    assert!(
+        err.contains("inherits an internet socket"),
+        "no warning that a socket from outside is passed\n{err}"
+    );
     wait_for("the kept socket's datagram", Duration::from_secs(3), || {
         tb.udp_hits(sa(dst, UDP_ECHO_PORT)) == 1
     });
@@ -590,10 +594,17 @@ fn ptrace_outside_the_job_is_a_finding() {
 /// (e) Detaching ringfence's egress program as root while the job runs is reported.
 fn detached_program_is_a_finding(attach: &str) {
     let tb = testbed(&[], &[]);
+    // The job runs until the test says so (at most a minute), however slow the machine.
+    let dir = shared_dir(&tb, &[]);
+    let flag = dir.join("done");
+    let wait = format!(
+        "for i in $(seq 600); do [ -e {} ] && exit 0; sleep 0.1; done; exit 1",
+        flag.display()
+    );
     let mut rf = Running::start(
         &tb,
         &["--mode", "block", "--attach", attach],
-        &as_nobody(&["sleep", "4"]),
+        &as_nobody(&["sh", "-c", &wait]),
     );
     let ifname = tb.client_if().to_string();
     if uses_tcx(attach) {
@@ -617,6 +628,9 @@ fn detached_program_is_a_finding(attach: &str) {
         );
         assert!(st.success(), "tc filter del: {err}");
     }
+    // The check runs every second; the job's end runs it once more anyway.
+    sleep(Duration::from_millis(1500));
+    fs::write(&flag, "").unwrap();
     let st = rf.wait(JOB_TIMEOUT);
     assert_eq!(st.code(), Some(0), "{}", rf.stderr());
     let events = read_events(&rf.events);
