@@ -328,7 +328,6 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     let job = agent.jobs.get_mut(&JOB_ID).expect("the job was registered");
     // The events carry each finding as first crossed; the report shows the final counts.
     job.report.set_findings(job.exfil.findings());
-    let mut text = job.report.render(args.format);
     let c = |k: abi::rf_counter| counters[k.0 as usize];
     let warnings = [
         (
@@ -350,17 +349,18 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     ];
     for (n, what) in warnings {
         if n > 0 {
-            text.push_str(&format!("\nwarning: {n} {what}\n"));
+            job.report.warn(format!("{n} {what}"));
         }
     }
     if let Some(w) = &ptrace_warning {
-        text.push_str(&format!("\nwarning: {w}\n"));
+        job.report.warn(w.clone());
     }
     for f in &watch_failed {
-        text.push_str(&format!(
-            "\nwarning: ptrace of processes outside the job was not watched ({f})\n"
+        job.report.warn(format!(
+            "ptrace of processes outside the job was not watched ({f})"
         ));
     }
+    let text = job.report.render(args.format);
     if let Some(p) = &args.report {
         std::fs::write(p, &text).with_context(|| format!("writing the report {}", p.display()))?;
     }

@@ -78,6 +78,9 @@ pub struct Report {
     /// Process-level and dataplane findings (`ptrace-outside-job`, `dataplane-detached`):
     /// (signal, what happened) -> how many times. Bounded like the DNS findings.
     alerts: BTreeMap<(Signal, String), u64>,
+    /// What the reader must know about the run itself (events lost, a watch not attached,
+    /// an unsafe host setting), in the order given.
+    warnings: Vec<String>,
     flows: usize,
     allowed: usize,
     blocked: usize,
@@ -94,6 +97,7 @@ impl Report {
             dns: BTreeMap::new(),
             findings: BTreeMap::new(),
             alerts: BTreeMap::new(),
+            warnings: Vec::new(),
             flows: 0,
             allowed: 0,
             blocked: 0,
@@ -193,6 +197,14 @@ impl Report {
     /// The DNS exfiltration findings, by domain then signal.
     pub fn findings(&self) -> impl Iterator<Item = &Finding> {
         self.findings.values()
+    }
+
+    /// Adds a warning about the run (shown in every format; a repeat is ignored).
+    pub fn warn(&mut self, text: impl Into<String>) {
+        let text = text.into();
+        if !self.warnings.contains(&text) {
+            self.warnings.push(text);
+        }
     }
 
     /// The process-level and dataplane findings: (signal, what happened, times seen).
@@ -392,6 +404,9 @@ impl Report {
                 let _ = writeln!(out, "  {}", text_clean(&Self::dns_line(name, row)));
             }
         }
+        for w in &self.warnings {
+            let _ = write!(out, "\nwarning: {}\n", text_clean(w));
+        }
         out
     }
 
@@ -435,6 +450,9 @@ impl Report {
             for (name, row) in &self.dns {
                 let _ = writeln!(out, "- {}", md_escape(&Self::dns_line(name, row)));
             }
+        }
+        for w in &self.warnings {
+            let _ = write!(out, "\n> **warning:** {}\n", md_escape(w));
         }
         out
     }
@@ -496,6 +514,8 @@ impl Report {
             #[serde(skip_serializing_if = "Vec::is_empty")]
             alerts: Vec<JsonAlert<'a>>,
             dns: Vec<JsonDns<'a>>,
+            #[serde(skip_serializing_if = "<[String]>::is_empty")]
+            warnings: &'a [String],
         }
         let report = JsonReport {
             job: &self.job,
@@ -554,6 +574,7 @@ impl Report {
                     rcodes: &d.rcodes,
                 })
                 .collect(),
+            warnings: &self.warnings,
         };
         let mut s = serde_json::to_string_pretty(&report)
             .expect("the report is plain data with string keys");

@@ -141,7 +141,11 @@ pub fn yama_ptrace_scope() -> Option<u32> {
 
 /// The warning to give when same-user ptrace is unrestricted, or None.
 pub fn ptrace_warning() -> Option<String> {
-    let why = match yama_ptrace_scope() {
+    ptrace_warning_for(yama_ptrace_scope())
+}
+
+fn ptrace_warning_for(scope: Option<u32>) -> Option<String> {
+    let why = match scope {
         None => "Yama is not enabled in this kernel",
         Some(0) => "Yama ptrace_scope is 0",
         Some(_) => return None,
@@ -200,5 +204,22 @@ mod tests {
         assert!(r
             .render(crate::report::Format::Markdown)
             .contains("- dataplane-detached: eth0 ingress: gone (2 times)"));
+    }
+
+    #[test]
+    fn warnings_keep_a_json_report_json() {
+        let mut r = crate::report::Report::new("j", "block");
+        r.warn(ptrace_warning_for(None).unwrap());
+        let json: serde_json::Value =
+            serde_json::from_str(&r.render(crate::report::Format::Json)).unwrap();
+        assert!(json["warnings"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("Yama is not enabled"));
+        assert!(r
+            .render(crate::report::Format::Text)
+            .contains("\nwarning: Yama is not enabled"));
+        assert_eq!(ptrace_warning_for(Some(1)), None);
+        assert!(ptrace_warning_for(Some(0)).is_some());
     }
 }
