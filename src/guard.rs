@@ -143,7 +143,7 @@ impl Guard {
                 ch.as_fd(),
                 nix::poll::PollFlags::POLLIN,
             )];
-            let ready = nix::poll::poll(&mut poll, nix::poll::PollTimeout::from(5000u16))
+            let ready = nix::poll::poll(&mut poll, nix::poll::PollTimeout::from(20_000u16))
                 .context("waiting for the guard")?;
             let mut buf = [0u8; 16];
             let n = if ready > 0 {
