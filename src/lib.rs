@@ -16,6 +16,7 @@ pub mod dns;
 pub mod events;
 pub mod exec;
 pub mod exfil;
+pub mod limits;
 pub mod logging;
 pub mod netif;
 pub mod policy;
