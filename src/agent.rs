@@ -302,23 +302,7 @@ impl Agent {
 
     /// Writes one line; a line that does not fit (or fails) is counted against its job.
     fn write(&mut self, job_id: u32, ev: &Event, marker: bool) {
-        let Some(w) = self.sink.as_mut() else {
-            return;
-        };
-        let res = if marker {
-            w.write_marker(ev)
-        } else {
-            w.write(ev)
-        };
-        let written = res.unwrap_or_else(|e| {
-            if !std::mem::replace(&mut self.write_failed, true) {
-                tracing::error!(
-                    "writing the events file: {e} (later lines are counted, not written)"
-                );
-            }
-            false
-        });
-        if written {
+        if self.try_write(ev, marker) {
             return;
         }
         let Some(j) = self.jobs.get_mut(&job_id) else {
@@ -337,8 +321,33 @@ impl Agent {
         }
     }
 
+    /// Whether the line went to the file (true without a file: nothing is lost).
+    fn try_write(&mut self, ev: &Event, marker: bool) -> bool {
+        let Some(w) = self.sink.as_mut() else {
+            return true;
+        };
+        let res = if marker {
+            w.write_marker(ev)
+        } else {
+            w.write(ev)
+        };
+        let written = res.unwrap_or_else(|e| {
+            if !std::mem::replace(&mut self.write_failed, true) {
+                tracing::error!(
+                    "writing the events file: {e} (later lines are counted, not written)"
+                );
+            }
+            false
+        });
+        written
+    }
+
     /// Writes a `suppressed` line for each job whose rate limit held events back, at most
     /// once a second per job (or now, at the end).
+    ///
+    /// A line that finds the file full is not lost: its counts wait for the next line, and
+    /// the last one, at the end, may use the room kept for final lines. Only if even that
+    /// fails are its events counted as dropped.
     fn summarize(&mut self, now_ns: u64, at_end: bool) {
         let mut lines = Vec::new();
         for (id, j) in self.jobs.iter_mut() {
@@ -352,11 +361,17 @@ impl Agent {
                     dns: c.dns,
                     since: boottime_to_system(since),
                 });
-                lines.push((*id, ev));
+                lines.push((*id, ev, c, since));
             }
         }
-        for (id, ev) in lines {
-            self.write(id, &ev, false);
+        for (id, ev, c, since) in lines {
+            if at_end {
+                self.write(id, &ev, true);
+            } else if !self.try_write(&ev, false) {
+                if let Some(j) = self.jobs.get_mut(&id) {
+                    j.guard.hold_over(&c, since);
+                }
+            }
         }
     }
 
@@ -899,6 +914,13 @@ mod tests {
         assert!(matches!(events[1], Event::Step(_)));
         assert_eq!(truncated.len(), 1);
         assert!(matches!(events.last(), Some(Event::Truncated(_))));
+        // The suppressed lines that found the file full were held over to the last one,
+        // which the room kept for final lines took.
+        assert!(
+            matches!(&events[events.len() - 2], Event::Suppressed(s) if s.flows > 1_000),
+            "{:?}",
+            events[events.len() - 2]
+        );
         let j = &agent.jobs[&1];
         let cuts = j.cuts();
         // Every flow is accounted for: written, suppressed (in a line or in a dropped line),

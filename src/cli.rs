@@ -15,6 +15,8 @@ pub struct Cli {
     pub command: Cmd,
 }
 
+// Parsed once per process: the size of the largest variant costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Run one command as a job under a policy, then print its report.

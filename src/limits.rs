@@ -221,6 +221,15 @@ impl FloodGuard {
     }
 }
 
+impl FloodGuard {
+    /// Puts back the counts of a `suppressed` line that could not be written, to go out
+    /// with the next one. `since` is when the first of them happened.
+    pub fn hold_over(&mut self, c: &CutCounts, since_ns: u64) {
+        self.pending.add(c);
+        self.pending_since_ns = Some(self.pending_since_ns.map_or(since_ns, |s| s.min(since_ns)));
+    }
+}
+
 /// A size in bytes, as given on the command line: a number with an optional binary suffix
 /// K, M or G (`64M` = 64 MiB). Hand-written: three suffixes do not need a dependency.
 pub fn parse_size(s: &str) -> Result<u64, String> {
