@@ -182,7 +182,12 @@ pub struct Agent {
     pending: Vec<Pending>,
     /// The events file failed to take a line (disk full…): said once, then counted.
     write_failed: bool,
+    /// TCP answers given up half-assembled to keep at most MAX_STREAMS.
+    pub streams_evicted: u64,
 }
+
+/// TCP DNS answers the agent assembles at once (bpf/maps.h: tcp_streams).
+const MAX_STREAMS: usize = 4096;
 
 pub fn boottime_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
@@ -240,6 +245,7 @@ impl Agent {
             streams: HashMap::new(),
             pending: Vec::new(),
             write_failed: false,
+            streams_evicted: 0,
         })
     }
 
@@ -474,6 +480,18 @@ impl Agent {
         let key = (server, ev.client_port);
         if ev.flags & abi::DNS_TCP_FIRST != 0 && data.len() >= 2 {
             let total = 2 + usize::from(u16::from_be_bytes([data[0], data[1]]));
+            // An answer that never completes must not hold its buffer for ever: keep as many
+            // as the kernel tracks (its tcp_streams map). The one evicted is not bound (fail
+            // closed), and counted.
+            if self.streams.len() >= MAX_STREAMS && !self.streams.contains_key(&key) {
+                if let Some(old) = self.streams.keys().next().copied() {
+                    self.streams.remove(&old);
+                    self.streams_evicted += 1;
+                    if self.streams_evicted == 1 {
+                        tracing::warn!("more than {MAX_STREAMS} split TCP DNS answers at once: some are given up, not bound (counted in the report)");
+                    }
+                }
+            }
             self.streams.insert(
                 key,
                 Stream {
@@ -959,6 +977,23 @@ mod tests {
         events.iter().for_each(|e| back.add(e));
         assert_eq!(back.blocked(), 10_000);
         assert_eq!(back.cuts(), j.report.cuts());
+    }
+
+    #[test]
+    fn half_assembled_tcp_answers_are_bounded() {
+        let mut agent = Agent::new(None, Duration::ZERO, Duration::ZERO).unwrap();
+        agent.jobs.insert(1, JobState::new("j", "block", None));
+        let mut ev = abi::rf_dns_event::default();
+        ev.hdr.job_id = 1;
+        ev.flags = abi::DNS_TCP_SEGMENT | abi::DNS_TCP_FIRST;
+        ev.server = abi::addr_to_bytes("198.51.100.53".parse().unwrap());
+        // First segments of 60,000-byte answers that never complete, on every client port.
+        for port in 0..(MAX_STREAMS as u16 + 100) {
+            ev.client_port = port;
+            agent.on_segment(&ev, &[0xea, 0x60, 0, 0]);
+        }
+        assert_eq!(agent.streams.len(), MAX_STREAMS);
+        assert_eq!(agent.streams_evicted, 100);
     }
 
     #[test]

@@ -332,6 +332,10 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
             c(abi::rf_counter::RF_CNT_DNS_FRAGMENT),
             "DNS answers arrived as IP fragments and were not bound (fail closed)",
         ),
+        (
+            agent.streams_evicted,
+            "split TCP DNS answers were given up half-assembled (too many at once) and not bound",
+        ),
     ];
     for (n, what) in warnings {
         if n > 0 {
