@@ -18,11 +18,12 @@ use crate::abi;
 use crate::dataplane::Dataplane;
 use crate::dns;
 use crate::events::{
-    boottime_to_system, DnsEvent, Event, FindingEvent, FlowEvent, JsonLinesWriter, Proto, Reason,
-    Verdict,
+    boottime_to_system, DnsEvent, Event, FindingEvent, FlowEvent, JobEvent, JsonLinesWriter,
+    PolicySummary, Proto, Reason, StepEvent, SuppressedEvent, TruncatedEvent, Verdict,
 };
 use crate::exfil::{ExfilDetector, Thresholds};
-use crate::report::Report;
+use crate::limits::{CutCounts, FloodGuard, Limits};
+use crate::report::{Cuts, Report};
 
 /// How long a learned address outlives its TTL while a flow to it was seen recently.
 /// (Live flows do not need the trie at all — their verdict is cached in the flow table —
@@ -41,8 +42,16 @@ pub struct JobState {
     /// DNS exfiltration signals over every query name of the job.
     pub exfil: ExfilDetector,
     /// Address -> the question name whose answer produced it (for naming flows).
-    /// One shared string per answer, not one per address: a job can learn a million.
+    /// One shared string per answer, not one per address. At most
+    /// `limits.max_destinations` entries.
     names: HashMap<IpAddr, std::sync::Arc<str>>,
+    limits: Limits,
+    /// The rate limit on the job's flow and DNS events, and what it held back.
+    guard: FloodGuard,
+    /// The job's lines that did not fit in the events file.
+    dropped: CutCounts,
+    /// Answer addresses not put in `names` because it was full.
+    names_not_kept: u64,
 }
 
 /// A TCP DNS answer being put back together from the segments the kernel copied.
@@ -123,6 +132,37 @@ impl JobState {
             policy: None,
             exfil: ExfilDetector::new(Thresholds::default()),
             names: HashMap::new(),
+            limits: Limits::unlimited(),
+            guard: FloodGuard::new(&Limits::unlimited(), 0),
+            dropped: CutCounts::default(),
+            names_not_kept: 0,
+        }
+    }
+
+    /// The job's limits (see [`crate::limits`]); a new job has none.
+    pub fn with_limits(mut self, limits: Limits) -> JobState {
+        self.limits = limits;
+        self.guard = FloodGuard::new(&limits, boottime_ns());
+        self.report.set_limits(limits);
+        self
+    }
+
+    /// Remembers that `addr` came from an answer for `name`, if the table has room (the
+    /// table is bounded; what does not fit is counted).
+    fn remember_name(&mut self, addr: IpAddr, name: &std::sync::Arc<str>) {
+        if self.names.len() < self.limits.max_destinations || self.names.contains_key(&addr) {
+            self.names.insert(addr, name.clone());
+        } else {
+            self.names_not_kept += 1;
+        }
+    }
+
+    /// Everything the job's limits cut so far, as the report says it.
+    pub fn cuts(&self) -> Cuts {
+        Cuts {
+            suppressed: self.guard.suppressed,
+            dropped: self.dropped,
+            names_not_kept: self.names_not_kept,
         }
     }
 }
@@ -142,7 +182,14 @@ pub struct Agent {
     pending: Vec<Pending>,
     /// Attachment problems already reported.
     detached: std::collections::HashSet<crate::dataplane::AttachmentProblem>,
+    /// The events file failed to take a line (disk full…): said once, then counted.
+    write_failed: bool,
+    /// TCP answers given up half-assembled to keep at most MAX_STREAMS.
+    pub streams_evicted: u64,
 }
+
+/// TCP DNS answers the agent assembles at once (bpf/maps.h: tcp_streams).
+const MAX_STREAMS: usize = 4096;
 
 pub fn boottime_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
@@ -200,18 +247,181 @@ impl Agent {
             streams: HashMap::new(),
             pending: Vec::new(),
             detached: Default::default(),
+            write_failed: false,
+            streams_evicted: 0,
         })
     }
 
+    /// Keeps the events file to `max` bytes (0: no limit); see [`JsonLinesWriter`].
+    pub fn set_events_max_bytes(&mut self, max: u64) {
+        self.sink = self.sink.take().map(|w| w.with_max_bytes(max));
+    }
+
+    /// Registers a job and writes its header and first step: the command line, the policy
+    /// and the limits are named there once, and the step's short label in every event.
+    pub fn start_job(
+        &mut self,
+        job_id: u32,
+        state: JobState,
+        command: Vec<String>,
+        policy: &crate::policy::Policy,
+    ) {
+        let ts = std::time::SystemTime::now();
+        let header = Event::Job(JobEvent {
+            ts,
+            job: state.name.clone(),
+            mode: policy.mode.to_string(),
+            command: command.clone(),
+            policy: PolicySummary::of(policy),
+            limits: state.limits,
+        });
+        let step = state.step.clone().map(|step| {
+            Event::Step(StepEvent {
+                ts,
+                job: state.name.clone(),
+                step,
+                command: Some(command),
+            })
+        });
+        self.jobs.insert(job_id, state);
+        self.emit(job_id, header);
+        if let Some(step) = step {
+            self.emit(job_id, step);
+        }
+    }
+
     fn emit(&mut self, job_id: u32, ev: Event) {
-        if let Some(w) = self.sink.as_mut() {
-            if let Err(e) = w.write(&ev) {
-                tracing::error!("writing the events file: {e}");
+        self.emit_at(job_id, ev, boottime_ns());
+    }
+
+    /// Every event reaches the job's report, whatever the limits; only then is it written,
+    /// if the job's rate limit lets it.
+    fn emit_at(&mut self, job_id: u32, ev: Event, now_ns: u64) {
+        let admitted = match self.jobs.get_mut(&job_id) {
+            Some(j) => {
+                j.report.add(&ev);
+                j.guard.admit(&ev, now_ns)
+            }
+            None => true,
+        };
+        if admitted {
+            self.write(job_id, &ev, false);
+        }
+    }
+
+    /// Writes one line; a line that does not fit (or fails) is counted against its job.
+    fn write(&mut self, job_id: u32, ev: &Event, marker: bool) {
+        if self.try_write(ev, marker) {
+            return;
+        }
+        let Some(j) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        match ev {
+            // The events a dropped `suppressed` line stood for move from one cut to the
+            // other, so that written + suppressed + dropped is every event, once, and a
+            // report read back from the file (whose `truncated` line carries them) agrees.
+            Event::Suppressed(s) => {
+                let c = CutCounts::from(s);
+                j.dropped.add(&c);
+                j.guard.suppressed.sub(&c);
+            }
+            _ => j.dropped.count(ev),
+        }
+    }
+
+    /// Whether the line went to the file (true without a file: nothing is lost).
+    fn try_write(&mut self, ev: &Event, marker: bool) -> bool {
+        let Some(w) = self.sink.as_mut() else {
+            return true;
+        };
+        let res = if marker {
+            w.write_marker(ev)
+        } else {
+            w.write(ev)
+        };
+        let written = res.unwrap_or_else(|e| {
+            if !std::mem::replace(&mut self.write_failed, true) {
+                tracing::error!(
+                    "writing the events file: {e} (later lines are counted, not written)"
+                );
+            }
+            false
+        });
+        written
+    }
+
+    /// Writes a `suppressed` line for each job whose rate limit held events back, at most
+    /// once a second per job (or now, at the end).
+    ///
+    /// A line that finds the file full is not lost: its counts wait for the next line, and
+    /// the last one, at the end, may use the room kept for final lines. Only if even that
+    /// fails are its events counted as dropped.
+    fn summarize(&mut self, now_ns: u64, at_end: bool) {
+        let mut lines = Vec::new();
+        for (id, j) in self.jobs.iter_mut() {
+            if let Some((c, since)) = j.guard.summary_due(now_ns, at_end) {
+                let ev = Event::Suppressed(SuppressedEvent {
+                    ts: boottime_to_system(now_ns),
+                    job: j.name.clone(),
+                    flows: c.flows,
+                    blocked: c.blocked,
+                    audited: c.audited,
+                    dns: c.dns,
+                    since: boottime_to_system(since),
+                });
+                lines.push((*id, ev, c, since));
             }
         }
-        if let Some(j) = self.jobs.get_mut(&job_id) {
-            j.report.add(&ev);
+        for (id, ev, c, since) in lines {
+            if at_end {
+                self.write(id, &ev, true);
+            } else if !self.try_write(&ev, false) {
+                if let Some(j) = self.jobs.get_mut(&id) {
+                    j.guard.hold_over(&c, since);
+                }
+            }
         }
+    }
+
+    /// The end of the trail: what the rate limit still held back, then, for each job that
+    /// lost lines to the size limit, one `truncated` line saying how many. The reports learn
+    /// what was cut.
+    pub fn finish(&mut self) {
+        let now = boottime_ns();
+        self.summarize(now, true);
+        let max_bytes = self.sink.as_ref().map_or(0, |w| w.max_bytes());
+        let markers: Vec<Event> = self
+            .jobs
+            .values()
+            .filter(|j| !j.dropped.is_empty())
+            .map(|j| {
+                let d = j.dropped;
+                Event::Truncated(TruncatedEvent {
+                    ts: boottime_to_system(now),
+                    job: j.name.clone(),
+                    max_bytes,
+                    events: d.events(),
+                    flows: d.flows,
+                    blocked: d.blocked,
+                    audited: d.audited,
+                    dns: d.dns,
+                })
+            })
+            .collect();
+        for ev in markers {
+            if !matches!(
+                self.sink.as_mut().map(|w| w.write_marker(&ev)),
+                Some(Ok(true))
+            ) {
+                tracing::error!("no room left for the events file's final line: {ev:?}");
+            }
+        }
+        for j in self.jobs.values_mut() {
+            let cuts = j.cuts();
+            j.report.set_cuts(cuts);
+        }
+        self.flush();
     }
 
     /// One ring buffer record.
@@ -315,6 +525,18 @@ impl Agent {
         let key = (server, ev.client_port);
         if ev.flags & abi::DNS_TCP_FIRST != 0 && data.len() >= 2 {
             let total = 2 + usize::from(u16::from_be_bytes([data[0], data[1]]));
+            // An answer that never completes must not hold its buffer for ever: keep as many
+            // as the kernel tracks (its tcp_streams map). The one evicted is not bound (fail
+            // closed), and counted.
+            if self.streams.len() >= MAX_STREAMS && !self.streams.contains_key(&key) {
+                if let Some(old) = self.streams.keys().next().copied() {
+                    self.streams.remove(&old);
+                    self.streams_evicted += 1;
+                    if self.streams_evicted == 1 {
+                        tracing::warn!("more than {MAX_STREAMS} split TCP DNS answers at once: some are given up, not bound (counted in the report)");
+                    }
+                }
+            }
             self.streams.insert(
                 key,
                 Stream {
@@ -464,7 +686,7 @@ impl Agent {
         let addrs = msg.addresses();
         let name: std::sync::Arc<str> = q.name.as_str().into();
         for (a, _) in &addrs {
-            job.names.insert(*a, name.clone());
+            job.remember_name(*a, &name);
         }
         let mut answers: Vec<String> = msg.cname_chain().into_iter().skip(1).collect();
         answers.extend(addrs.iter().map(|(a, _)| a.to_string()));
@@ -550,7 +772,9 @@ impl Agent {
         }
     }
 
+    /// Writes any `suppressed` lines that are due, then pushes buffered lines to the file.
     pub fn flush(&mut self) {
+        self.summarize(boottime_ns(), false);
         if let Some(w) = self.sink.as_mut() {
             if let Err(e) = w.flush() {
                 tracing::error!("flushing the events file: {e}");
@@ -671,6 +895,176 @@ pub fn run_until_exit(
     let _ = rb.consume();
     agent.borrow_mut().apply(dp);
     agent.borrow_mut().check_dataplane(dp);
-    agent.borrow_mut().flush();
+    agent.borrow_mut().finish();
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::events::{read_events, Direction};
+    use crate::limits::Limits;
+    use crate::report::Format;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn blocked(i: u32) -> Event {
+        Event::Flow(FlowEvent {
+            ts: std::time::SystemTime::now(),
+            job: "flood".into(),
+            step: Some("python3".into()),
+            pid: 7,
+            comm: "python3".into(),
+            cgroup: 1,
+            proto: Proto::Udp,
+            dst: IpAddr::from(std::net::Ipv4Addr::from(0xcb00_7100 + (i & 0xff))),
+            port: 20_000 + (i >> 8) as u16,
+            domain: None,
+            verdict: Verdict::Blocked,
+            reason: Reason::DirectIp,
+            direction: Direction::Outbound,
+        })
+    }
+
+    /// A flood of 10,000 flows in 2.5 s through a job limited to 100 events/s (burst 50),
+    /// 100 destinations and 20 KiB of events: the file stays under its limit and says what
+    /// it lost, and the report counts every flow and says what was cut.
+    #[test]
+    fn a_flood_is_bounded_and_every_cut_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let limits = Limits {
+            events_per_sec: 100,
+            events_burst: 50,
+            events_max_bytes: 20 << 10,
+            max_destinations: 100,
+        };
+        let mut agent = Agent::new(Some(&path), Duration::ZERO, Duration::ZERO).unwrap();
+        agent.set_events_max_bytes(limits.events_max_bytes);
+        let mut job = JobState::new("flood", "block", None).with_limits(limits);
+        job.step = Some("python3".into());
+        // The bucket starts full at "now"; the flood runs from then on.
+        let t0 = boottime_ns();
+        agent.start_job(
+            1,
+            job,
+            vec!["python3".into(), "-c".into(), "…".into()],
+            &Default::default(),
+        );
+        for i in 0..10_000u32 {
+            let now = t0 + u64::from(i) * SEC / 4_000;
+            agent.emit_at(1, blocked(i), now);
+            if i % 40 == 0 {
+                agent.summarize(now, false);
+            }
+        }
+        agent.finish();
+        let events = read_events(io::BufReader::new(std::fs::File::open(&path).unwrap())).unwrap();
+        let size = std::fs::metadata(&path).unwrap().len();
+        assert!(size <= limits.events_max_bytes, "{size}");
+
+        let written = events
+            .iter()
+            .filter(|e| matches!(e, Event::Flow(_)))
+            .count() as u64;
+        let suppressed: u64 = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Suppressed(s) => Some(s.flows),
+                _ => None,
+            })
+            .sum();
+        let truncated: Vec<_> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Truncated(t) => Some(t.clone()),
+                _ => None,
+            })
+            .collect();
+        assert!(matches!(events[0], Event::Job(_)), "{:?}", events[0]);
+        assert!(matches!(events[1], Event::Step(_)));
+        assert_eq!(truncated.len(), 1);
+        assert!(matches!(events.last(), Some(Event::Truncated(_))));
+        // The suppressed lines that found the file full were held over to the last one,
+        // which the room kept for final lines took.
+        assert!(
+            matches!(&events[events.len() - 2], Event::Suppressed(s) if s.flows > 1_000),
+            "{:?}",
+            events[events.len() - 2]
+        );
+        let j = &agent.jobs[&1];
+        let cuts = j.cuts();
+        // Every flow is accounted for: written, suppressed (in a line or in a dropped line),
+        // or dropped.
+        assert_eq!(cuts.suppressed.flows + written + cuts.dropped.flows, 10_000);
+        // Burst 50 + 100/s over 2.5 s: at most 300 got past the rate limit (some of them
+        // then found no room in the file).
+        assert!(written > 0 && written <= 301, "{written} {cuts:?}");
+        // The suppressed lines that fit say what the report calls suppressed; the flows of
+        // those that did not fit are in the truncated line.
+        assert_eq!(suppressed, cuts.suppressed.flows);
+        assert!(
+            cuts.suppressed.flows > 0 && cuts.dropped.flows > 0,
+            "{cuts:?}"
+        );
+        assert_eq!(truncated[0].flows, cuts.dropped.flows);
+        assert_eq!(truncated[0].events, cuts.dropped.events());
+        // The report: every flow counted, rows bounded, cuts in words.
+        assert_eq!(j.report.blocked(), 10_000);
+        let text = j.report.render(Format::Text);
+        assert!(text.contains("10000 flows: 10000 blocked"), "{text}");
+        assert!(
+            text.contains("not written to the events file: over the rate limit of 100 events/s"),
+            "{text}"
+        );
+        assert!(
+            text.contains("dropped: the events file reached its limit of 20 KiB"),
+            "{text}"
+        );
+        assert!(
+            text.contains("9900 flows to destinations beyond the first 100 are folded"),
+            "{text}"
+        );
+        // Read back, the file gives the same totals.
+        let mut back = Report::new("flood", "block");
+        events.iter().for_each(|e| back.add(e));
+        assert_eq!(back.blocked(), 10_000);
+        assert_eq!(back.cuts(), j.report.cuts());
+    }
+
+    #[test]
+    fn half_assembled_tcp_answers_are_bounded() {
+        let mut agent = Agent::new(None, Duration::ZERO, Duration::ZERO).unwrap();
+        agent.jobs.insert(1, JobState::new("j", "block", None));
+        let mut ev = abi::rf_dns_event::default();
+        ev.hdr.job_id = 1;
+        ev.flags = abi::DNS_TCP_SEGMENT | abi::DNS_TCP_FIRST;
+        ev.server = abi::addr_to_bytes("198.51.100.53".parse().unwrap());
+        // First segments of 60,000-byte answers that never complete, on every client port.
+        for port in 0..(MAX_STREAMS as u16 + 100) {
+            ev.client_port = port;
+            agent.on_segment(&ev, &[0xea, 0x60, 0, 0]);
+        }
+        assert_eq!(agent.streams.len(), MAX_STREAMS);
+        assert_eq!(agent.streams_evicted, 100);
+    }
+
+    #[test]
+    fn names_are_bounded() {
+        let mut job = JobState::new("j", "audit", None).with_limits(Limits {
+            max_destinations: 2,
+            ..Limits::default()
+        });
+        let (x, y): (std::sync::Arc<str>, std::sync::Arc<str>) = ("x.test".into(), "y.test".into());
+        let addr = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0xc000_0200 + i));
+        for i in 0..5 {
+            job.remember_name(addr(i), &x);
+        }
+        assert_eq!(job.names.len(), 2);
+        assert_eq!(job.names_not_kept, 3);
+        // An address already there is renamed: it takes no room.
+        job.remember_name(addr(1), &y);
+        assert_eq!(&*job.names[&addr(1)], "y.test");
+        assert_eq!(job.cuts().names_not_kept, 3);
+    }
 }

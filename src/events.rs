@@ -1,8 +1,12 @@
 //! The audit trail's event schema (DESIGN.md, "Event schema") and its JSON Lines file.
 //!
-//! A flow event is a bare object whose keys come in the documented order; a DNS event is the
-//! same kind of object with a leading `"type":"dns"`. Reading tells them apart by that key, so
-//! a line without `type` (or with `"type":"flow"`) is a flow event.
+//! A flow event is a bare object whose keys come in the documented order; every other line
+//! is the same kind of object with a leading `"type"`: `dns` (an answer), `finding`, and the
+//! lines that keep the trail compact and honest: `job` (once, first: the command line, the
+//! policy and the limits, so no event repeats them), `step` (a step starts; events carry its
+//! short label), `suppressed` (events the rate limit held back, counted) and `truncated`
+//! (lines dropped at the file's size limit, counted). Reading tells them apart by `type`, so
+//! a line without it (or with `"type":"flow"`) is a flow event.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -19,6 +23,7 @@ use time::macros::format_description;
 use time::{OffsetDateTime, PrimitiveDateTime};
 
 use crate::dns::{self, DnsMessage, RecordData};
+use crate::limits::Limits;
 
 /// What the kernel did with a flow (enum rf_verdict in bpf/abi.h).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -396,12 +401,112 @@ impl FindingEvent {
     }
 }
 
+/// The job's header: written once when the job starts, it names what every later line of
+/// the job would otherwise repeat (the command line, the policy, the limits).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "job")]
+pub struct JobEvent {
+    #[serde(with = "ts_serde")]
+    pub ts: SystemTime,
+    pub job: String,
+    /// "audit" or "block".
+    pub mode: String,
+    /// The command the job runs, one string per argument.
+    pub command: Vec<String>,
+    pub policy: PolicySummary,
+    pub limits: Limits,
+}
+
+/// The parts of a policy that decide verdicts, as a reader of the trail needs them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PolicySummary {
+    /// "audit" or "block".
+    pub direct_ip: String,
+    /// "allowed-only" or "any".
+    pub dns_policy: String,
+    pub dns_resolvers: Vec<IpAddr>,
+    /// The endpoints as written.
+    pub allowed_endpoints: Vec<String>,
+}
+
+impl PolicySummary {
+    pub fn of(p: &crate::policy::Policy) -> PolicySummary {
+        PolicySummary {
+            direct_ip: p.direct_ip.to_string(),
+            dns_policy: if p.dns_filter { "allowed-only" } else { "any" }.to_owned(),
+            dns_resolvers: p.dns_resolvers.clone(),
+            allowed_endpoints: p.endpoints.iter().map(|e| e.text.clone()).collect(),
+        }
+    }
+}
+
+/// A step starts: later events of the job carry its label in `step`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "step")]
+pub struct StepEvent {
+    #[serde(with = "ts_serde")]
+    pub ts: SystemTime,
+    pub job: String,
+    /// The short label flow, DNS and finding events carry.
+    pub step: String,
+    /// What the step runs, when ringfence started it (`exec`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+}
+
+/// Flow and DNS events the job's rate limit held back since `since` (see
+/// [`crate::limits`]). The report still counts every one of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "suppressed")]
+pub struct SuppressedEvent {
+    #[serde(with = "ts_serde")]
+    pub ts: SystemTime,
+    pub job: String,
+    /// Flow events not written, every verdict.
+    pub flows: u64,
+    /// Of which blocked.
+    pub blocked: u64,
+    /// Of which audited.
+    pub audited: u64,
+    /// DNS answer events not written.
+    pub dns: u64,
+    /// When the first of them happened.
+    #[serde(with = "ts_serde")]
+    pub since: SystemTime,
+}
+
+/// The last line of a job in an events file that reached its size limit: how many of the
+/// job's lines were dropped for want of room.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename = "truncated")]
+pub struct TruncatedEvent {
+    #[serde(with = "ts_serde")]
+    pub ts: SystemTime,
+    pub job: String,
+    /// The limit (`--events-max-bytes`).
+    pub max_bytes: u64,
+    /// Lines dropped, every kind.
+    pub events: u64,
+    /// Of which flow events…
+    pub flows: u64,
+    /// …blocked…
+    pub blocked: u64,
+    /// …audited…
+    pub audited: u64,
+    /// …and DNS answers.
+    pub dns: u64,
+}
+
 /// One line of the audit trail.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Flow(FlowEvent),
     Dns(DnsEvent),
     Finding(FindingEvent),
+    Job(JobEvent),
+    Step(StepEvent),
+    Suppressed(SuppressedEvent),
+    Truncated(TruncatedEvent),
 }
 
 impl Event {
@@ -410,6 +515,10 @@ impl Event {
             Self::Flow(f) => &f.job,
             Self::Dns(d) => &d.job,
             Self::Finding(f) => &f.job,
+            Self::Job(j) => &j.job,
+            Self::Step(s) => &s.job,
+            Self::Suppressed(s) => &s.job,
+            Self::Truncated(t) => &t.job,
         }
     }
 
@@ -418,6 +527,10 @@ impl Event {
             Self::Flow(f) => f.ts,
             Self::Dns(d) => d.ts,
             Self::Finding(f) => f.ts,
+            Self::Job(j) => j.ts,
+            Self::Step(s) => s.ts,
+            Self::Suppressed(s) => s.ts,
+            Self::Truncated(t) => t.ts,
         }
     }
 }
@@ -428,6 +541,10 @@ impl Serialize for Event {
             Self::Flow(f) => f.serialize(s),
             Self::Dns(d) => d.serialize(s),
             Self::Finding(f) => f.serialize(s),
+            Self::Job(j) => j.serialize(s),
+            Self::Step(st) => st.serialize(s),
+            Self::Suppressed(st) => st.serialize(s),
+            Self::Truncated(t) => t.serialize(s),
         }
     }
 }
@@ -451,6 +568,18 @@ impl<'de> Deserialize<'de> for Event {
                 .map_err(de::Error::custom),
             "finding" => FindingEvent::deserialize(v)
                 .map(Self::Finding)
+                .map_err(de::Error::custom),
+            "job" => JobEvent::deserialize(v)
+                .map(Self::Job)
+                .map_err(de::Error::custom),
+            "step" => StepEvent::deserialize(v)
+                .map(Self::Step)
+                .map_err(de::Error::custom),
+            "suppressed" => SuppressedEvent::deserialize(v)
+                .map(Self::Suppressed)
+                .map_err(de::Error::custom),
+            "truncated" => TruncatedEvent::deserialize(v)
+                .map(Self::Truncated)
                 .map_err(de::Error::custom),
             other => Err(de::Error::custom(format!("unknown event type {other:?}"))),
         }
@@ -523,17 +652,29 @@ pub fn boottime_to_system(boot_ns: u64) -> SystemTime {
     }
 }
 
-/// Writes events as JSON Lines.
+/// Writes events as JSON Lines, within an optional size limit.
 ///
 /// Writes are buffered and not flushed per event: the event loop calls [`flush`] after each
 /// ring-buffer batch, so a burst of events costs one `write(2)` and a crash loses at most the
 /// batch being handled. Dropping the writer flushes too (errors on drop are ignored; call
 /// `flush` to see them).
 ///
+/// With a limit, a line that would take the file within [`MARKER_RESERVE`] bytes of it is
+/// dropped (the caller counts it); the reserve is for the `truncated` lines that say so,
+/// written with [`write_marker`]. The file never exceeds the limit.
+///
 /// [`flush`]: JsonLinesWriter::flush
+/// [`write_marker`]: JsonLinesWriter::write_marker
 pub struct JsonLinesWriter<W: Write = BufWriter<File>> {
     w: W,
+    /// Bytes in the file, including any it had when opened.
+    written: u64,
+    /// 0: no limit.
+    max_bytes: u64,
 }
+
+/// Room kept below the size limit for the final `truncated` lines (one is ~200 bytes).
+pub const MARKER_RESERVE: u64 = 1024;
 
 impl JsonLinesWriter<BufWriter<File>> {
     /// Creates (or truncates) the file at `path`.
@@ -545,21 +686,60 @@ impl JsonLinesWriter<BufWriter<File>> {
     /// restarts and must not erase the trail its previous run wrote.
     pub fn append(path: impl AsRef<Path>) -> io::Result<Self> {
         let f = OpenOptions::new().create(true).append(true).open(path)?;
-        Ok(Self::new(BufWriter::new(f)))
+        let len = f.metadata()?.len();
+        let mut w = Self::new(BufWriter::new(f));
+        w.written = len;
+        Ok(w)
     }
 }
 
 impl<W: Write> JsonLinesWriter<W> {
     pub fn new(w: W) -> Self {
-        Self { w }
+        Self {
+            w,
+            written: 0,
+            max_bytes: 0,
+        }
     }
 
-    /// Appends one event and a newline (buffered; see the type's documentation).
-    pub fn write(&mut self, ev: &Event) -> io::Result<()> {
+    /// Limits the file to `max` bytes (0: no limit).
+    pub fn with_max_bytes(mut self, max: u64) -> Self {
+        self.max_bytes = max;
+        self
+    }
+
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Bytes written so far (buffered or not).
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Appends one event and a newline (buffered; see the type's documentation). Returns
+    /// false, writing nothing, when the line does not fit below the limit.
+    pub fn write(&mut self, ev: &Event) -> io::Result<bool> {
+        self.write_within(ev, self.max_bytes.saturating_sub(MARKER_RESERVE))
+    }
+
+    /// Like [`write`](Self::write), for the final `truncated` lines: they may use the
+    /// reserve, up to the limit itself.
+    pub fn write_marker(&mut self, ev: &Event) -> io::Result<bool> {
+        self.write_within(ev, self.max_bytes)
+    }
+
+    fn write_within(&mut self, ev: &Event, room: u64) -> io::Result<bool> {
         // Serialise to memory first so a serialisation error cannot leave half a line.
         let mut line = serde_json::to_vec(ev)?;
         line.push(b'\n');
-        self.w.write_all(&line)
+        let len = line.len() as u64;
+        if self.max_bytes != 0 && self.written + len > room {
+            return Ok(false);
+        }
+        self.w.write_all(&line)?;
+        self.written += len;
+        Ok(true)
     }
 
     pub fn flush(&mut self) -> io::Result<()> {
@@ -859,6 +1039,7 @@ mod tests {
                     f.ts = micros(f.ts);
                     Event::Finding(f)
                 }
+                other => other,
             })
             .collect();
         assert_eq!(back, expected);
@@ -882,7 +1063,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let input = r#"{"type":"step","job":"x"}"#;
+        let input = r#"{"type":"stepp","job":"x"}"#;
         match read_events(input.as_bytes()) {
             Err(ReadError::Parse { line: 1, source }) => {
                 assert!(
@@ -897,6 +1078,90 @@ mod tests {
             read_events(bad_ts.as_bytes()),
             Err(ReadError::Parse { line: 1, .. })
         ));
+    }
+
+    #[test]
+    fn context_and_cut_lines_round_trip() {
+        let t = micros(t0());
+        let events = vec![
+            Event::Job(JobEvent {
+                ts: t,
+                job: "build-42".into(),
+                mode: "block".into(),
+                command: vec!["npm".into(), "ci".into()],
+                policy: PolicySummary {
+                    direct_ip: "block".into(),
+                    dns_policy: "allowed-only".into(),
+                    dns_resolvers: vec!["127.0.0.53".parse().unwrap()],
+                    allowed_endpoints: vec!["github.com:443".into()],
+                },
+                limits: Limits::default(),
+            }),
+            Event::Step(StepEvent {
+                ts: t,
+                job: "build-42".into(),
+                step: "npm".into(),
+                command: Some(vec!["npm".into(), "ci".into()]),
+            }),
+            Event::Suppressed(SuppressedEvent {
+                ts: t,
+                job: "build-42".into(),
+                flows: 10,
+                blocked: 7,
+                audited: 0,
+                dns: 2,
+                since: t,
+            }),
+            Event::Truncated(TruncatedEvent {
+                ts: t,
+                job: "build-42".into(),
+                max_bytes: 1 << 20,
+                events: 5,
+                flows: 4,
+                blocked: 4,
+                audited: 0,
+                dns: 1,
+            }),
+        ];
+        let text: String = events.iter().map(line).collect();
+        assert!(text.starts_with(
+            r#"{"type":"job","ts":"2026-11-25T21:04:05.123456Z","job":"build-42","mode":"block","command":["npm","ci"],"policy":{"direct_ip":"block","#
+        ), "{text}");
+        assert!(text.contains(
+            r#"{"type":"suppressed","ts":"2026-11-25T21:04:05.123456Z","job":"build-42","flows":10,"blocked":7,"audited":0,"dns":2,"since":"2026-11-25T21:04:05.123456Z"}"#
+        ), "{text}");
+        assert_eq!(read_events(text.as_bytes()).unwrap(), events);
+        // A step line without a command (a step the daemon was told about) has no key for it.
+        let bare = r#"{"type":"step","ts":"2026-11-25T21:04:05.123456Z","job":"j","step":"test"}"#;
+        let back = read_events(bare.as_bytes()).unwrap();
+        assert_eq!(line(&back[0]).trim_end(), bare);
+    }
+
+    #[test]
+    fn writer_keeps_under_its_limit_and_reserves_room_for_markers() {
+        let one = line(&Event::Flow(flow())).len() as u64;
+        let max = MARKER_RESERVE + 10 * one + one / 2;
+        let mut w = JsonLinesWriter::new(Vec::new()).with_max_bytes(max);
+        let written = (0..100)
+            .filter(|_| w.write(&Event::Flow(flow())).unwrap())
+            .count();
+        assert_eq!(written, 10);
+        let marker = Event::Truncated(TruncatedEvent {
+            ts: t0(),
+            job: "build-42".into(),
+            max_bytes: max,
+            events: 90,
+            flows: 90,
+            blocked: 90,
+            audited: 0,
+            dns: 0,
+        });
+        assert!(w.write_marker(&marker).unwrap());
+        assert!(w.written() <= max);
+        assert_eq!(w.get_ref().len() as u64, w.written());
+        // No limit: everything is written.
+        let mut w = JsonLinesWriter::new(Vec::new());
+        assert!((0..100).all(|_| w.write(&Event::Flow(flow())).unwrap()));
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::abi;
 use crate::agent::{self, Agent, JobState};
 use crate::cgroup::JobCgroup;
 use crate::dataplane::{self, AttachMode, Dataplane};
+use crate::limits::Limits;
 use crate::policy::{Mode, Policy, PolicyBuilder, PolicyError};
 use crate::report::Format;
 
@@ -61,8 +62,9 @@ pub struct ExecArgs {
     /// The job's name in events and reports. Default: exec-<pid>.
     #[arg(long = "job", value_name = "ID")]
     pub job: Option<String>,
-    /// The step's name in events. Default: the command line.
-    #[arg(long = "step", value_name = "NAME")]
+    /// The step's short label in events. Default: the program's name (the whole command
+    /// line is in the events file's `job` and `step` lines, once).
+    #[arg(long = "step", value_name = "NAME", value_parser = parse_step)]
     pub step: Option<String>,
     /// Pass open file descriptor FD on to the job (repeatable). The job gets stdin, stdout
     /// and stderr only unless told otherwise: a descriptor opened outside the job belongs to
@@ -70,9 +72,62 @@ pub struct ExecArgs {
     /// judge or report it.
     #[arg(long = "keep-fd", value_name = "FD")]
     pub keep_fds: Vec<i32>,
+    /// Flow and DNS events written per second, sustained (0: no limit). Events over it are
+    /// counted in `suppressed` lines and in the report, not written.
+    #[arg(long = "events-rate", value_name = "N", default_value_t = Limits::default().events_per_sec)]
+    pub events_rate: u32,
+    /// Events written at once above --events-rate.
+    #[arg(long = "events-burst", value_name = "N", default_value_t = Limits::default().events_burst,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub events_burst: u32,
+    /// The events file never grows past SIZE (bytes, or with K, M, G; 0: no limit). Lines
+    /// past it are dropped and counted in a final `truncated` line and in the report.
+    #[arg(long = "events-max-bytes", value_name = "SIZE", default_value = "256M",
+          value_parser = crate::limits::parse_size)]
+    pub events_max_bytes: u64,
+    /// Destinations (report rows), DNS names and answer addresses held in memory for the
+    /// job; past it, flows fold into one row per verdict and reason, counted.
+    #[arg(long = "max-destinations", value_name = "N", default_value_t = Limits::default().max_destinations as u64,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_destinations: u64,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
     pub command: Vec<OsString>,
+}
+
+impl ExecArgs {
+    /// What the job may cost (see [`crate::limits`]).
+    pub fn limits(&self) -> Limits {
+        Limits {
+            events_per_sec: self.events_rate,
+            events_burst: self.events_burst,
+            events_max_bytes: self.events_max_bytes,
+            max_destinations: usize::try_from(self.max_destinations).unwrap_or(usize::MAX),
+        }
+    }
+}
+
+/// A step label is repeated in every event: it has to be short.
+fn parse_step(s: &str) -> std::result::Result<String, String> {
+    const MAX: usize = 128;
+    if s.len() > MAX {
+        return Err(format!(
+            "a step label is at most {MAX} bytes (it is repeated in every event); \
+             the command line is already in the events file's job line"
+        ));
+    }
+    Ok(s.to_owned())
+}
+
+/// The default step label: the program's file name (`/usr/bin/npm ci` -> `npm`).
+fn step_label(command: &[OsString]) -> String {
+    let prog = std::path::Path::new(&command[0]);
+    prog.file_name()
+        .unwrap_or(prog.as_os_str())
+        .to_string_lossy()
+        .chars()
+        .take(128)
+        .collect()
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -204,13 +259,10 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
         .job
         .clone()
         .unwrap_or_else(|| format!("exec-{}", std::process::id()));
-    let step = args.step.clone().unwrap_or_else(|| {
-        args.command
-            .iter()
-            .map(|s| s.to_string_lossy())
-            .collect::<Vec<_>>()
-            .join(" ")
-    });
+    let step = args
+        .step
+        .clone()
+        .unwrap_or_else(|| step_label(&args.command));
 
     let opts = dataplane::Options {
         attach: args.attach,
@@ -270,15 +322,22 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     );
 
     let mut agent = Agent::new(args.events.as_deref(), opts.dns_min_ttl, opts.dns_grace)?;
+    agent.set_events_max_bytes(args.limits().events_max_bytes);
     let mut state = JobState::new(
         &job_name,
         mode_name(policy.mode),
         Some(cgroup.path().to_path_buf()),
-    );
+    )
+    .with_limits(args.limits());
     state.step = Some(step);
     state.policy = Some(policy.clone());
     state.exfil = crate::exfil::ExfilDetector::new(policy.dns_exfil);
-    agent.jobs.insert(JOB_ID, state);
+    let command = args
+        .command
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    agent.start_job(JOB_ID, state, command, &policy);
 
     let procs = cgroup.procs_file()?;
     let procs_fd = procs.as_raw_fd();
@@ -329,6 +388,14 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     // The events carry each finding as first crossed; the report shows the final counts.
     job.report.set_findings(job.exfil.findings());
     let c = |k: abi::rf_counter| counters[k.0 as usize];
+    use abi::rf_counter as cnt;
+    job.report.set_kernel_counts(crate::report::KernelCounts {
+        new_flows: c(cnt::RF_CNT_NEW_FLOWS),
+        allowed: c(cnt::RF_CNT_ALLOWED),
+        blocked: c(cnt::RF_CNT_BLOCKED),
+        audited: c(cnt::RF_CNT_AUDITED),
+        ringbuf_dropped: c(cnt::RF_CNT_RINGBUF_DROP),
+    });
     let warnings = [
         (
             c(abi::rf_counter::RF_CNT_RINGBUF_DROP),
@@ -345,6 +412,10 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
         (
             c(abi::rf_counter::RF_CNT_DNS_FRAGMENT),
             "DNS answers arrived as IP fragments and were not bound (fail closed)",
+        ),
+        (
+            agent.streams_evicted,
+            "split TCP DNS answers were given up half-assembled (too many at once) and not bound",
         ),
     ];
     for (n, what) in warnings {

@@ -19,6 +19,7 @@ pub mod events;
 pub mod exec;
 pub mod exfil;
 pub mod guard;
+pub mod limits;
 pub mod logging;
 pub mod netif;
 pub mod policy;

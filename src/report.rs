@@ -3,6 +3,11 @@
 //! Flow events are aggregated into rows by (domain, address, port, protocol, verdict, reason);
 //! each row keeps a count and the earliest event's process and time. Earliest, not first
 //! added, so the report does not depend on the order events arrive in.
+//!
+//! Memory is bounded: past `max_destinations` rows (or DNS names), flows fold into one row
+//! per (protocol, verdict, reason) and answers into a count. Every such cut, and the events
+//! the agent did not write (rate limit, file size limit), is counted, included in the totals
+//! and said in plain words ([`Cuts`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt::Write as _;
@@ -15,6 +20,7 @@ use thiserror::Error;
 
 use crate::events::{format_ts, Event, FlowEvent, Proto, Reason, Verdict};
 use crate::exfil::{Finding, Signal};
+use crate::limits::{Bytes, CutCounts, Limits};
 
 /// How a report is rendered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -66,6 +72,44 @@ struct DnsRow {
     rcodes: BTreeSet<String>,
 }
 
+/// A row of flows folded together once `max_destinations` rows exist.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct FoldKey {
+    verdict: Verdict,
+    reason: Reason,
+    proto: u8,
+}
+
+/// Answers kept per DNS name (a name can be answered with a new address every time).
+const MAX_ANSWERS_PER_NAME: usize = 256;
+
+/// What was cut to keep a job within its limits. The agent knows the events it did not
+/// write; a report read back from a file learns them from its `suppressed` and `truncated`
+/// lines. Every count here is also in the report's totals.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Cuts {
+    /// Events the rate limit held back (`--events-rate`, `--events-burst`).
+    pub suppressed: CutCounts,
+    /// Events dropped because the events file reached `--events-max-bytes`.
+    pub dropped: CutCounts,
+    /// Answer addresses the agent did not remember (its name table was full): flows to
+    /// them are not named by their domain.
+    pub names_not_kept: u64,
+}
+
+/// The kernel's own counters for the job (exec loads its programs for one job), beside
+/// which the report's totals can be checked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct KernelCounts {
+    pub new_flows: u64,
+    pub allowed: u64,
+    /// Packets dropped by a verdict: the first of each blocked flow, and any that followed.
+    pub blocked: u64,
+    pub audited: u64,
+    /// Events lost because the ring buffer was full (verdicts were still enforced).
+    pub ringbuf_dropped: u64,
+}
+
 /// The report of one job, built from its events.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -86,6 +130,16 @@ pub struct Report {
     blocked: usize,
     audited: usize,
     dns_answers: usize,
+    limits: Limits,
+    /// Flows past `limits.max_destinations` rows.
+    folded: BTreeMap<FoldKey, usize>,
+    folded_flows: usize,
+    /// Answers for names past `limits.max_destinations` names, and answers past
+    /// MAX_ANSWERS_PER_NAME of one name.
+    dns_folded: usize,
+    answers_not_listed: usize,
+    cuts: Cuts,
+    kernel: Option<KernelCounts>,
 }
 
 impl Report {
@@ -103,7 +157,45 @@ impl Report {
             blocked: 0,
             audited: 0,
             dns_answers: 0,
+            limits: Limits::unlimited(),
+            folded: BTreeMap::new(),
+            folded_flows: 0,
+            dns_folded: 0,
+            answers_not_listed: 0,
+            cuts: Cuts::default(),
+            kernel: None,
         }
+    }
+
+    /// The limits the job ran under: `max_destinations` bounds the rows from now on, the
+    /// others are named when the report says what was cut.
+    pub fn set_limits(&mut self, limits: Limits) {
+        self.limits = limits;
+    }
+
+    /// What the agent cut (it counted every event before deciding not to write it, so the
+    /// totals already include them).
+    pub fn set_cuts(&mut self, cuts: Cuts) {
+        self.cuts = cuts;
+    }
+
+    pub fn cuts(&self) -> &Cuts {
+        &self.cuts
+    }
+
+    pub fn set_kernel_counts(&mut self, k: KernelCounts) {
+        self.kernel = Some(k);
+    }
+
+    /// Adds flows and answers known only by their counts (a `suppressed` or `truncated`
+    /// line read back from a file) to the totals.
+    fn add_counts(&mut self, c: &CutCounts) {
+        let (flows, blocked, audited) = (c.flows as usize, c.blocked as usize, c.audited as usize);
+        self.flows += flows;
+        self.blocked += blocked;
+        self.audited += audited;
+        self.allowed += flows.saturating_sub(blocked + audited);
+        self.dns_answers += c.dns as usize;
     }
 
     /// Adds one event. Events of other jobs are ignored, so a whole host's events file can be
@@ -140,15 +232,45 @@ impl Report {
             }
             Event::Dns(d) => {
                 self.dns_answers += 1;
+                if !self.dns.contains_key(&d.name) && self.dns.len() >= self.limits.max_destinations
+                {
+                    self.dns_folded += 1;
+                    return;
+                }
                 let row = self.dns.entry(d.name.clone()).or_default();
                 row.count += 1;
                 row.bound |= d.bound;
                 row.rcodes.insert(d.rcode.clone());
                 for a in &d.answers {
-                    if !row.answers.contains(a) {
+                    if row.answers.contains(a) {
+                        continue;
+                    }
+                    if row.answers.len() < MAX_ANSWERS_PER_NAME {
                         row.answers.push(a.clone());
+                    } else {
+                        self.answers_not_listed += 1;
                     }
                 }
+            }
+            Event::Job(j) => self.limits = j.limits,
+            Event::Step(_) => {}
+            // Read back from a file: these flows and answers exist only as counts.
+            Event::Suppressed(s) => {
+                let c = CutCounts::from(s);
+                self.add_counts(&c);
+                self.cuts.suppressed.add(&c);
+            }
+            Event::Truncated(t) => {
+                let c = CutCounts {
+                    flows: t.flows,
+                    blocked: t.blocked,
+                    audited: t.audited,
+                    dns: t.dns,
+                    other: t.events.saturating_sub(t.flows + t.dns),
+                };
+                self.add_counts(&c);
+                self.cuts.dropped.add(&c);
+                self.limits.events_max_bytes = t.max_bytes;
             }
         }
     }
@@ -169,6 +291,18 @@ impl Report {
             verdict: f.verdict,
             reason: f.reason,
         };
+        if self.rows.len() >= self.limits.max_destinations && !self.rows.contains_key(&key) {
+            self.folded_flows += 1;
+            *self
+                .folded
+                .entry(FoldKey {
+                    verdict: f.verdict,
+                    reason: f.reason,
+                    proto: u8::from(f.proto),
+                })
+                .or_default() += 1;
+            return;
+        }
         let first = || Row {
             count: 0,
             first_ts: f.ts,
@@ -265,11 +399,7 @@ impl Report {
     /// Rows in report order: blocked, then audited (what the user must look at), then allowed;
     /// within each, by domain (unknown last), address, port, protocol, reason.
     fn sorted_rows(&self) -> Vec<(&RowKey, &Row)> {
-        let rank = |v: Verdict| match v {
-            Verdict::Blocked => 0,
-            Verdict::Audited => 1,
-            Verdict::Allowed => 2,
-        };
+        let rank = verdict_rank;
         let mut rows: Vec<_> = self.rows.iter().collect();
         rows.sort_by(|(a, _), (b, _)| {
             (
@@ -292,6 +422,67 @@ impl Report {
         rows
     }
 
+    /// Folded flows in report order, like the rows.
+    fn sorted_folds(&self) -> Vec<(FoldKey, usize)> {
+        let mut v: Vec<_> = self.folded.iter().map(|(k, n)| (*k, *n)).collect();
+        v.sort_by_key(|(k, _)| (verdict_rank(k.verdict), k.proto, k.reason));
+        v
+    }
+
+    /// What was cut, in plain words; empty when nothing was.
+    pub fn cut_notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        let l = &self.limits;
+        let max = l.max_destinations;
+        let s = &self.cuts.suppressed;
+        if !s.is_empty() {
+            notes.push(format!(
+                "{} not written to the events file: over the rate limit of {} events/s \
+                 (burst {}; --events-rate, --events-burst). They are counted above.",
+                kinds(s),
+                l.events_per_sec,
+                l.events_burst
+            ));
+        }
+        let d = &self.cuts.dropped;
+        if !d.is_empty() {
+            notes.push(format!(
+                "{} dropped: the events file reached its limit of {} (--events-max-bytes). \
+                 They are counted above; the file ends with a \"truncated\" line.",
+                kinds(d),
+                Bytes(l.events_max_bytes)
+            ));
+        }
+        if self.folded_flows > 0 {
+            notes.push(format!(
+                "{} flows to destinations beyond the first {max} are folded into the \
+                 (others) rows (--max-destinations).",
+                self.folded_flows
+            ));
+        }
+        if self.dns_folded > 0 {
+            notes.push(format!(
+                "{} DNS answers for names beyond the first {max} are counted but not listed \
+                 (--max-destinations).",
+                self.dns_folded
+            ));
+        }
+        if self.answers_not_listed > 0 {
+            notes.push(format!(
+                "{} answer addresses beyond {MAX_ANSWERS_PER_NAME} per name are not listed.",
+                self.answers_not_listed
+            ));
+        }
+        if self.cuts.names_not_kept > 0 {
+            notes.push(format!(
+                "{} answer addresses were not remembered for naming flows (more than {max}; \
+                 --max-destinations): flows to them show no domain.",
+                self.cuts.names_not_kept
+            ));
+        }
+        notes
+    }
+
     fn summary(&self) -> String {
         format!(
             "{} flows: {} blocked, {} audited, {} allowed",
@@ -299,8 +490,20 @@ impl Report {
         )
     }
 
-    /// The table cells of each row, unescaped.
+    /// The table cells of each row, then of the folded rows, unescaped.
     fn cells(&self) -> Vec<[String; 8]> {
+        let folds = self.sorted_folds().into_iter().map(|(k, n)| {
+            [
+                "-".to_owned(),
+                "(others)".to_owned(),
+                "*".to_owned(),
+                Proto::from(k.proto).to_string(),
+                k.verdict.to_string(),
+                k.reason.to_string(),
+                n.to_string(),
+                "-".to_owned(),
+            ]
+        });
         self.sorted_rows()
             .into_iter()
             .map(|(k, r)| {
@@ -321,6 +524,7 @@ impl Report {
                     },
                 ]
             })
+            .chain(folds)
             .collect()
     }
 
@@ -342,6 +546,13 @@ impl Report {
             text_clean(&self.mode),
             self.summary()
         );
+        let notes = self.cut_notes();
+        if !notes.is_empty() {
+            out.push_str("Cut to stay within limits:\n");
+            for n in &notes {
+                let _ = writeln!(out, "  - {}", text_clean(n));
+            }
+        }
         let cells = self.cells();
         if cells.is_empty() {
             out.push_str("No outbound flows.\n");
@@ -417,6 +628,14 @@ impl Report {
             md_escape(&self.mode),
             self.summary()
         );
+        let notes = self.cut_notes();
+        if !notes.is_empty() {
+            out.push_str("**Cut to stay within limits:**\n\n");
+            for n in &notes {
+                let _ = writeln!(out, "- {}", md_escape(n));
+            }
+            out.push('\n');
+        }
         let cells = self.cells();
         if cells.is_empty() {
             out.push_str("No outbound flows.\n");
@@ -503,11 +722,37 @@ impl Report {
             count: u64,
         }
         #[derive(Serialize)]
+        struct JsonFold {
+            proto: Proto,
+            verdict: Verdict,
+            reason: Reason,
+            count: usize,
+        }
+        #[derive(Serialize)]
+        struct JsonCuts<'a> {
+            #[serde(flatten)]
+            cuts: &'a Cuts,
+            folded_flows: usize,
+            folded_dns_answers: usize,
+            answers_not_listed: usize,
+            limits: &'a Limits,
+            /// The same in words, as the text report says it.
+            notes: Vec<String>,
+        }
+        #[derive(Serialize)]
         struct JsonReport<'a> {
             job: &'a str,
             mode: &'a str,
             totals: Totals,
+            // Absent unless something was cut or the kernel's counters are known, so the
+            // report of an ordinary job keeps its shape.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            cuts: Option<JsonCuts<'a>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            kernel: Option<KernelCounts>,
             rows: Vec<JsonRow<'a>>,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            folded: Vec<JsonFold>,
             // Absent rather than empty, so reports of jobs without findings keep their shape.
             #[serde(skip_serializing_if = "Vec::is_empty")]
             findings: Vec<JsonFinding<'a>>,
@@ -527,6 +772,27 @@ impl Report {
                 allowed: self.allowed,
                 dns_answers: self.dns_answers,
             },
+            cuts: Some(self.cut_notes())
+                .filter(|n| !n.is_empty())
+                .map(|notes| JsonCuts {
+                    cuts: &self.cuts,
+                    folded_flows: self.folded_flows,
+                    folded_dns_answers: self.dns_folded,
+                    answers_not_listed: self.answers_not_listed,
+                    limits: &self.limits,
+                    notes,
+                }),
+            kernel: self.kernel,
+            folded: self
+                .sorted_folds()
+                .into_iter()
+                .map(|(k, count)| JsonFold {
+                    proto: Proto::from(k.proto),
+                    verdict: k.verdict,
+                    reason: k.reason,
+                    count,
+                })
+                .collect(),
             rows: self
                 .sorted_rows()
                 .into_iter()
@@ -581,6 +847,40 @@ impl Report {
         s.push('\n');
         s
     }
+}
+
+fn verdict_rank(v: Verdict) -> u8 {
+    match v {
+        Verdict::Blocked => 0,
+        Verdict::Audited => 1,
+        Verdict::Allowed => 2,
+    }
+}
+
+/// "12 flow events (10 blocked, 2 audited) and 3 DNS answer events", and other lines.
+fn kinds(c: &CutCounts) -> String {
+    let mut parts = Vec::new();
+    if c.flows > 0 {
+        let mut of = Vec::new();
+        if c.blocked > 0 {
+            of.push(format!("{} blocked", c.blocked));
+        }
+        if c.audited > 0 {
+            of.push(format!("{} audited", c.audited));
+        }
+        let allowed = c.flows.saturating_sub(c.blocked + c.audited);
+        if allowed > 0 {
+            of.push(format!("{allowed} allowed"));
+        }
+        parts.push(format!("{} flow events ({})", c.flows, of.join(", ")));
+    }
+    if c.dns > 0 {
+        parts.push(format!("{} DNS answer events", c.dns));
+    }
+    if c.other > 0 {
+        parts.push(format!("{} other lines", c.other));
+    }
+    parts.join(" and ")
 }
 
 const HEADERS: [&str; 8] = [
@@ -1253,6 +1553,182 @@ DNS:
         let text = r.render(Format::Text);
         assert!(!text.contains('\u{1b}'), "{text}");
         assert!(text.contains("x|y](http://e)\\u{1b}[2J[9]"), "{text}");
+    }
+
+    fn blocked_udp(i: u32) -> Event {
+        let mut e = flow(
+            0,
+            "python3",
+            9,
+            None,
+            "203.0.113.1",
+            0,
+            V::Blocked,
+            R::DirectIp,
+        );
+        if let Event::Flow(f) = &mut e {
+            f.dst = IpAddr::from(std::net::Ipv4Addr::from(0xcb00_7100 + (i & 0xff)));
+            f.port = 20_000 + (i >> 8) as u16;
+            f.proto = Proto::Udp;
+        }
+        e
+    }
+
+    #[test]
+    fn rows_past_the_limit_fold_and_are_counted() {
+        let mut r = Report::new("build-42", "block");
+        r.set_limits(Limits {
+            max_destinations: 3,
+            ..Limits::default()
+        });
+        for i in 0..10 {
+            r.add(&blocked_udp(i));
+        }
+        // Known destinations keep their rows.
+        r.add(&blocked_udp(0));
+        r.add(&flow(
+            0,
+            "curl",
+            1,
+            Some("github.com"),
+            "140.82.112.3",
+            443,
+            V::Allowed,
+            R::Allowed,
+        ));
+        for i in 0..5 {
+            r.add(&dns(
+                &format!("n{i}.test"),
+                &["192.0.2.1"],
+                false,
+                "NOERROR",
+            ));
+        }
+        assert_eq!(r.rows.len(), 3);
+        assert_eq!(r.folded_flows, 8);
+        assert_eq!(r.blocked(), 11);
+        assert_eq!(r.dns.len(), 3);
+        assert_eq!(r.dns_folded, 2);
+        let text = r.render(Format::Text);
+        assert!(text.starts_with(
+            "ringfence report: job build-42, mode block: 12 flows: 11 blocked, 0 audited, 1 allowed\n\
+             Cut to stay within limits:\n  \
+             - 8 flows to destinations beyond the first 3 are folded into the (others) rows (--max-destinations).\n  \
+             - 2 DNS answers for names beyond the first 3 are counted but not listed (--max-destinations).\n"
+        ), "{text}");
+        assert!(
+            text.contains("-       (others)     *      udp    blocked  direct-ip  7      -\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("(others)     *      tcp    allowed  allowed    1      -\n"),
+            "{text}"
+        );
+        let json: serde_json::Value = serde_json::from_str(&r.render(Format::Json)).unwrap();
+        assert_eq!(json["cuts"]["folded_flows"], 8);
+        assert_eq!(json["cuts"]["folded_dns_answers"], 2);
+        assert_eq!(json["folded"][0]["count"], 7);
+        assert_eq!(json["totals"]["blocked"], 11);
+        let md = r.render(Format::Markdown);
+        assert!(
+            md.contains("**Cut to stay within limits:**\n\n- 8 flows"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| - | (others) | \\* | udp | blocked | direct-ip | 7 | - |"),
+            "{md}"
+        );
+    }
+
+    #[test]
+    fn answers_of_one_name_are_bounded() {
+        let mut r = Report::new("build-42", "block");
+        for i in 0..300u32 {
+            let a = std::net::Ipv4Addr::from(0xc000_0200 + i).to_string();
+            r.add(&dns("cdn.test", &[a.as_str()], true, "NOERROR"));
+        }
+        assert_eq!(r.dns["cdn.test"].answers.len(), MAX_ANSWERS_PER_NAME);
+        assert_eq!(r.answers_not_listed, 300 - MAX_ANSWERS_PER_NAME);
+        assert!(r
+            .render(Format::Text)
+            .contains("44 answer addresses beyond 256 per name"));
+    }
+
+    #[test]
+    fn what_the_agent_cut_is_said_and_a_file_says_the_same() {
+        use crate::events::{JobEvent, PolicySummary, SuppressedEvent, TruncatedEvent};
+        let limits = Limits {
+            events_per_sec: 100,
+            events_burst: 1000,
+            events_max_bytes: 1 << 20,
+            max_destinations: 10_000,
+        };
+        // Live: the agent counted every flow, then tells the report what it did not write.
+        let mut live = Report::new("build-42", "block");
+        live.set_limits(limits);
+        for i in 0..20 {
+            live.add(&blocked_udp(i));
+        }
+        live.set_cuts(Cuts {
+            suppressed: CutCounts {
+                flows: 12,
+                blocked: 12,
+                ..CutCounts::default()
+            },
+            dropped: CutCounts {
+                flows: 3,
+                blocked: 3,
+                other: 1,
+                ..CutCounts::default()
+            },
+            names_not_kept: 0,
+        });
+        let text = live.render(Format::Text);
+        assert!(text.contains(
+            "  - 12 flow events (12 blocked) not written to the events file: over the rate limit of 100 events/s (burst 1000; --events-rate, --events-burst). They are counted above.\n\
+             \x20 - 3 flow events (3 blocked) and 1 other lines dropped: the events file reached its limit of 1 MiB (--events-max-bytes). They are counted above; the file ends with a \"truncated\" line.\n"
+        ), "{text}");
+
+        // Read back: 5 flows written, the rest as counts in the cut lines.
+        let mut file = Report::new("build-42", "block");
+        file.add(&Event::Job(JobEvent {
+            ts: at(0),
+            job: "build-42".into(),
+            mode: "block".into(),
+            command: vec!["python3".into()],
+            policy: PolicySummary {
+                direct_ip: "block".into(),
+                dns_policy: "allowed-only".into(),
+                dns_resolvers: vec![],
+                allowed_endpoints: vec![],
+            },
+            limits,
+        }));
+        for i in 0..5 {
+            file.add(&blocked_udp(i));
+        }
+        file.add(&Event::Suppressed(SuppressedEvent {
+            ts: at(1),
+            job: "build-42".into(),
+            flows: 12,
+            blocked: 12,
+            audited: 0,
+            dns: 0,
+            since: at(0),
+        }));
+        file.add(&Event::Truncated(TruncatedEvent {
+            ts: at(2),
+            job: "build-42".into(),
+            max_bytes: 1 << 20,
+            events: 4,
+            flows: 3,
+            blocked: 3,
+            audited: 0,
+            dns: 0,
+        }));
+        assert_eq!(file.blocked(), live.blocked());
+        assert_eq!(file.cut_notes(), live.cut_notes());
+        assert_eq!(file.summary(), live.summary());
     }
 
     #[test]
