@@ -1068,7 +1068,7 @@ fn tcp_answer_in_one_segment_binds() {
     let sport = r.port();
     // The connection to the resolver, then the query in one segment.
     assert_eq!(
-        r.egress(&frame(ip(CLIENT), ip(RESOLVER), 6, sport, 53, TCP_SYN, &[])),
+        r.egress(&syn_to_resolver(sport, 99)),
         PASS
     );
     let q = testrun::tcp_dns(&dns_query(0x3131, "github.test", 1));
@@ -1112,7 +1112,7 @@ fn tcp_answer_split_across_segments_is_counted_not_parsed() {
     let sport = r.port();
     let q = testrun::tcp_dns(&dns_query(0x3232, "github.test", 1));
     assert_eq!(
-        r.egress(&frame(ip(CLIENT), ip(RESOLVER), 6, sport, 53, TCP_SYN, &[])),
+        r.egress(&syn_to_resolver(sport, 99)),
         PASS
     );
     assert_eq!(
@@ -1159,7 +1159,7 @@ fn unlisted_tcp_query_is_answered_refused() {
     // NOP NOP TS(TSval=0x11111111, TSecr=0x22222222)
     let opts = [1, 1, 8, 10, 0x11, 0x11, 0x11, 0x11, 0x22, 0x22, 0x22, 0x22];
     assert_eq!(
-        r.egress(&frame(ip(CLIENT), ip(RESOLVER), 6, 40999, 53, TCP_SYN, &[])),
+        r.egress(&syn_to_resolver(40999, 999)),
         PASS
     );
     let mut seg = testrun::tcp_frame(
@@ -1340,4 +1340,20 @@ fn answers_with_more_addresses_than_the_kernel_binds_are_flagged() {
         abi::DNS_OVERFLOW,
         "the agent is told to bind the rest"
     );
+}
+
+/// The SYN of a TCP connection to the resolver with initial sequence number `isn`: the
+/// egress program follows the stream's bytes from `isn + 1`.
+fn syn_to_resolver(sport: u16, isn: u32) -> Vec<u8> {
+    testrun::tcp_frame(
+        ip(CLIENT),
+        ip(RESOLVER),
+        sport,
+        53,
+        isn,
+        0,
+        TCP_SYN,
+        &[],
+        &[],
+    )
 }
