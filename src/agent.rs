@@ -96,6 +96,14 @@ impl JobState {
         }
     }
 
+    /// Block mode with query filtering: the kernel refuses or drops every query copy it
+    /// reports (a TCP segment it cannot answer REFUSED cleanly is dropped, not flagged).
+    fn filters_queries(&self) -> bool {
+        self.policy
+            .as_ref()
+            .is_some_and(|p| p.mode == crate::policy::Mode::Block && p.dns_filter)
+    }
+
     /// The ports the job's policy allows for addresses of `name` (none without a policy).
     fn ports_for(&self, name: &str) -> crate::policy::PortSet {
         self.policy
@@ -403,11 +411,7 @@ impl Agent {
             .or_else(|| (tcp && payload.len() > 2).then(|| dns::parse(&payload[2..]).ok())?)
             .and_then(|m| m.question)
             .map(|q| q.name);
-        let enforced = job
-            .policy
-            .as_ref()
-            .is_some_and(|p| p.mode == crate::policy::Mode::Block && p.dns_filter);
-        let verdict = if ev.flags & abi::DNS_REFUSED != 0 || enforced {
+        let verdict = if ev.flags & abi::DNS_REFUSED != 0 || job.filters_queries() {
             Verdict::Blocked
         } else {
             Verdict::Audited
@@ -447,7 +451,7 @@ impl Agent {
         if ev.flags & abi::DNS_QUERY != 0 {
             // A query for a name the policy does not allow: refused in the kernel (block
             // mode) or let through and reported (audit mode). Either way it is a finding.
-            let verdict = if ev.flags & abi::DNS_REFUSED != 0 {
+            let verdict = if ev.flags & abi::DNS_REFUSED != 0 || job.filters_queries() {
                 Verdict::Blocked
             } else {
                 Verdict::Audited
