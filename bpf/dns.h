@@ -758,6 +758,37 @@ static __noinline int refuse_tcp_query(struct __sk_buff *skb, struct pkt *p)
 	return turn_around(skb, p);
 }
 
+/* A TCP segment that may not pass becomes a RST from the resolver: the client's socket is
+ * reset at once instead of retransmitting the segment for minutes — possibly after the job
+ * ended and nothing filters it any more. Its sequence number is what the client acknowledged
+ * of the resolver (exactly what a RST must carry to be believed); the payload stays (a RST
+ * may carry data, which is ignored), so only seq, ack and flags change in the checksum. A
+ * segmentation-offload packet is only dropped: it would have to be cut down first. */
+static __noinline int reset_tcp_stream(struct __sk_buff *skb, struct pkt *p)
+{
+	__u32 l4 = p->l4_off, seq, ack, nseq, nack;
+	__u16 oldw, neww;
+
+	if (skb->gso_segs > 1 || bpf_skb_load_bytes(skb, l4 + 4, &seq, 4) ||
+	    bpf_skb_load_bytes(skb, l4 + 8, &ack, 4) || bpf_skb_load_bytes(skb, l4 + 12, &oldw, 2))
+		return TC_ACT_SHOT;
+	nseq = ack;
+	nack = bpf_htonl(bpf_ntohl(seq) + (skb->len - p->payload) +
+			 ((p->tcp_flags & (RF_TCP_SYN | RF_TCP_FIN)) ? 1 : 0));
+	neww = bpf_htons((bpf_ntohs(oldw) & 0xf000) | RF_TCP_RST | RF_TCP_ACK);
+	if (swap_endpoints(skb, p))
+		return TC_ACT_SHOT;
+	if (bpf_l4_csum_replace(skb, l4 + 16, seq, nseq, 4) ||
+	    bpf_l4_csum_replace(skb, l4 + 16, ack, nack, 4) ||
+	    bpf_l4_csum_replace(skb, l4 + 16, oldw, neww, 2))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, l4 + 4, &nseq, 4, 0) ||
+	    bpf_skb_store_bytes(skb, l4 + 8, &nack, 4, 0) ||
+	    bpf_skb_store_bytes(skb, l4 + 12, &neww, 2, 0))
+		return TC_ACT_SHOT;
+	return turn_around(skb, p);
+}
+
 /* ---- queries (egress) ------------------------------------------------------ */
 
 /* The rule: a query reaches a resolver only if every question of every message was parsed
@@ -873,8 +904,10 @@ raw:
 	return s->enforce ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 }
 
-/* dns_tcp_query's answer when the segment is to be answered REFUSED. */
+/* dns_tcp_query's answers when the segment is to be answered REFUSED, or dropped and the
+ * client reset (the caller does it: those frames would not fit under this one's). */
 #define RF_ACT_REFUSE 0x100
+#define RF_ACT_RESET 0x101
 
 struct rf_dns_walk {
 	struct __sk_buff *skb;
@@ -971,8 +1004,9 @@ lost:
  * message). What cannot be followed — a stream whose SYN was not seen, a gap, more than
  * RF_DNS_TCP_STEPS pieces in one segment — cannot be judged. In block mode with query
  * filtering, the first segment not allowed is refused (when it is exactly one whole message)
- * or dropped, and the stream is dead from then on: every later segment is dropped, so the
- * resolver never gets a message whole that the kernel did not allow. Audit mode reports.
+ * or dropped and the client reset, and the stream is dead from then on: every later segment
+ * is dropped (and reset), so the resolver never gets a message whole that the kernel did not
+ * allow. Audit mode reports.
  * A global function: the verifier checks it once, not once per path into it (each costs
  * seconds under emulation). The job comes in scratch (dns_query). It returns the TC action,
  * or RF_ACT_REFUSE for the caller to answer the segment REFUSED (refuse_tcp_query's frame
@@ -1017,7 +1051,7 @@ __noinline int dns_tcp_query(struct __sk_buff *skb, struct pkt *p)
 		goto raw;
 	}
 	if (st->state == RF_STREAM_DEAD)
-		return TC_ACT_SHOT;
+		return RF_ACT_RESET;
 	if (st->state == RF_STREAM_LOST)
 		return TC_ACT_UNSPEC;
 	s->end_seq = seq + (s->seg_end - p->payload);
@@ -1058,13 +1092,13 @@ __noinline int dns_tcp_query(struct __sk_buff *skb, struct pkt *p)
 		return RF_ACT_REFUSE;
 	}
 	report_query(s, s->qv.job_id, s->qk.server, s->flags);
-	return TC_ACT_SHOT;
+	return RF_ACT_RESET;
 lose:
 	st->state = s->enforce ? RF_STREAM_DEAD : RF_STREAM_LOST;
 raw:
 	load_raw(skb, s, p->payload);
 	report_query(s, s->qv.job_id, s->qk.server, RF_DNS_TCP | RF_DNS_UNJUDGED);
-	return s->enforce ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+	return s->enforce ? RF_ACT_RESET : TC_ACT_UNSPEC;
 }
 
 /* Egress, DNS from a job to a configured resolver (UDP or TCP). Allowed queries are
@@ -1089,7 +1123,11 @@ static __always_inline int dns_query(struct __sk_buff *skb, struct pkt *p, const
 	if (p->proto == IPPROTO_TCP) {
 		int rc = dns_tcp_query(skb, p);
 
-		return rc == RF_ACT_REFUSE ? refuse_tcp_query(skb, p) : rc;
+		if (rc == RF_ACT_REFUSE)
+			return refuse_tcp_query(skb, p);
+		if (rc == RF_ACT_RESET)
+			return reset_tcp_stream(skb, p);
+		return rc;
 	}
 	return dns_udp_query(skb, p, job, s);
 }

@@ -1572,6 +1572,8 @@ fn tcp_q(id: u16, name: &str) -> Vec<u8> {
 
 #[test]
 fn tcp_query_table() {
+    // Dropped, and the client's socket reset (the segment turned around as a RST).
+    const RESET: i32 = TC_ACT_REDIRECT;
     const Q: u32 = abi::DNS_QUERY | abi::DNS_TCP;
     const UNJ: u32 = abi::DNS_QUERY | abi::DNS_TCP | abi::DNS_UNJUDGED;
     let ok = tcp_q(1, "github.test");
@@ -1603,7 +1605,7 @@ fn tcp_query_table() {
         },
         Row {
             what: "length prefix and body in separate segments (unlisted)",
-            segs: vec![(bad[..2].to_vec(), PASS), (bad[2..].to_vec(), DROP)],
+            segs: vec![(bad[..2].to_vec(), PASS), (bad[2..].to_vec(), RESET)],
             copies: vec![Q],
         },
         Row {
@@ -1622,7 +1624,7 @@ fn tcp_query_table() {
         },
         Row {
             what: "an unlisted query pipelined behind an allowed one",
-            segs: vec![(cat(&ok, &bad), DROP)],
+            segs: vec![(cat(&ok, &bad), RESET)],
             copies: vec![Q],
         },
         Row {
@@ -1632,35 +1634,35 @@ fn tcp_query_table() {
         },
         Row {
             what: "a message across two segments, split inside the name",
-            segs: vec![(bad[..20].to_vec(), PASS), (bad[20..].to_vec(), DROP)],
+            segs: vec![(bad[..20].to_vec(), PASS), (bad[20..].to_vec(), RESET)],
             copies: vec![Q],
         },
         Row {
             what: "a segment that does not start on a boundary",
             segs: vec![
                 (cat(&ok, &bad[..9]), PASS),
-                (cat(&bad[9..], &ok), DROP),
+                (cat(&bad[9..], &ok), RESET),
             ],
             copies: vec![Q],
         },
         Row {
             what: "a stream with a dropped segment is dead",
-            segs: vec![(cat(&ok, &bad), DROP), (ok.clone(), DROP)],
+            segs: vec![(cat(&ok, &bad), RESET), (ok.clone(), RESET)],
             copies: vec![Q],
         },
         Row {
             what: "larger than the parser's limit",
-            segs: vec![(huge, DROP)],
+            segs: vec![(huge, RESET)],
             copies: vec![UNJ],
         },
         Row {
             what: "a message shorter than a header",
-            segs: vec![(runt.to_vec(), DROP)],
+            segs: vec![(runt.to_vec(), RESET)],
             copies: vec![UNJ],
         },
         Row {
             what: "more messages in one segment than the walk takes",
-            segs: vec![(many, DROP)],
+            segs: vec![(many, RESET)],
             copies: vec![UNJ],
         },
     ];
@@ -1686,6 +1688,7 @@ fn tcp_query_table() {
 #[test]
 fn tcp_streams_that_cannot_be_followed_are_dropped() {
     const UNJ: u32 = abi::DNS_QUERY | abi::DNS_TCP | abi::DNS_UNJUDGED;
+    const RESET: i32 = TC_ACT_REDIRECT;
     let ok = tcp_q(1, "github.test");
     // A stream whose SYN was never seen: where its messages begin is unknown.
     let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
@@ -1700,9 +1703,9 @@ fn tcp_streams_that_cannot_be_followed_are_dropped() {
         &[],
         &ok,
     );
-    assert_eq!(r.egress(&seg), DROP, "unknown stream");
+    assert_eq!(r.egress(&seg), RESET, "unknown stream");
     assert_eq!(dns_copy_flags(&r), vec![UNJ]);
-    assert_eq!(r.egress(&seg), DROP, "unknown stream, again");
+    assert_eq!(r.egress(&seg), RESET, "unknown stream, again");
     assert_eq!(dns_copy_flags(&r), Vec::<u32>::new(), "reported once");
     let r = rig_with(Mode::Audit, Mode::Block, "github.test", true);
     assert_eq!(r.egress(&seg), PASS, "audit: unknown stream");
@@ -1711,8 +1714,30 @@ fn tcp_streams_that_cannot_be_followed_are_dropped() {
     // A gap: bytes after some the program never saw.
     let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
     let c = TcpConn::open(&r);
-    assert_eq!(c.at(c.seq + 10, &ok), DROP, "gap");
-    assert_eq!(c.at(c.seq, &ok), DROP, "the stream is dead");
+    let gap = testrun::tcp_frame(
+        ip(CLIENT),
+        ip(RESOLVER),
+        c.sport,
+        53,
+        c.seq + 10,
+        7777,
+        PSH_ACK,
+        &[],
+        &ok,
+    );
+    let mut gap = gap;
+    set_l4_checksum(&mut gap, false, 6);
+    let (rc, out) = egress_out(&r, &gap);
+    assert_eq!(rc, RESET, "gap");
+    // The client gets a RST from the resolver that its socket believes: seq = what it acked.
+    let l4 = 14 + 20;
+    assert_eq!(&out[14 + 12..14 + 16], &a4(RESOLVER));
+    assert_eq!(&out[l4..l4 + 2], &53u16.to_be_bytes());
+    assert_eq!(&out[l4 + 2..l4 + 4], &c.sport.to_be_bytes());
+    assert_eq!(&out[l4 + 4..l4 + 8], &7777u32.to_be_bytes());
+    assert_eq!(out[l4 + 13], 0x14, "RST|ACK");
+    assert!(l4_checksum_ok(&out, false, 6), "TCP checksum after the rewrite");
+    assert_eq!(c.at(c.seq, &ok), RESET, "the stream is dead");
     assert_eq!(dns_copy_flags(&r), vec![UNJ]);
 
     // A retransmit of judged bytes passes; one that carries new bytes too is judged on them.
@@ -1722,7 +1747,7 @@ fn tcp_streams_that_cannot_be_followed_are_dropped() {
     assert_eq!(c.send(&ok), PASS);
     assert_eq!(c.at(start, &ok), PASS, "pure retransmit");
     let bad = tcp_q(2, "leak.attacker.test");
-    assert_eq!(c.at(start, &[ok.clone(), bad].concat()), DROP, "old bytes + a new unlisted query");
+    assert_eq!(c.at(start, &[ok.clone(), bad].concat()), RESET, "old bytes + a new unlisted query");
     // ACKs and FINs carry nothing and pass even on a dead stream's connection.
     assert_eq!(
         r.egress(&testrun::tcp_frame(

@@ -76,6 +76,9 @@ elif case == 'tcp-across':
 elif case == 'tcp-off-boundary':
     s = tcp(); a = framed(q(good, 1)); b = framed(q(bad, 2))
     s.send(a + b[:9]); pause(); s.send(b[9:] + a); finish(s)
+elif case == 'tcp-orphan':
+    # Write and leave: the socket lives on as an orphan after the job, retransmitting.
+    s = tcp(); s.send(framed(q(good, 1)) + framed(q(bad, 2))); s.close(); print('closed')
 elif case == 'tcp-big':
     # 5,000 bytes of padding after the question: larger than the kernel parser's 4 KiB.
     s = tcp(); s.send(framed(q(bad, extra=b'\0' * 5000))); finish(s)
@@ -299,6 +302,29 @@ fn tcp_length_prefix_and_body_in_separate_segments() {
 #[test]
 fn tcp_query_pipelined_behind_an_allowed_one() {
     blocked_then_audited("tcp-pipelined", "pipelined.leak.test", "dns-query", true, true);
+}
+
+#[test]
+fn a_dropped_tcp_query_is_not_retransmitted_after_the_job() {
+    // The kernel keeps retransmitting an orphaned socket's unacknowledged segment for minutes,
+    // long after the job ended and ringfence's programs were detached. The dropped segment
+    // is turned into a RST for the client, so the socket is gone at once.
+    let tb = testbed(&[DnsRecord::a("ok.test", link_v4(19))], &[]);
+    let bad = "orphaned.leak.test";
+    let cap = Capture::start(&tb, "orphaned");
+    let job = attempt(&tb, "block", &[], "tcp-orphan", "198.51.100.53", bad);
+    assert_eq!(job.code(), Some(0), "{}", job.dump());
+    // Retransmits come after 200 ms, 400 ms, 800 ms...
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(cap.hits(), 0, "the name crossed the wire after the job
+{}", job.dump());
+    assert_eq!(tb.dns_queries_for(bad), 0, "the resolver saw the name");
+    let ss = tb.client_cmd("ss", ["-tn", "dst", "198.51.100.53"]).output().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&ss.stdout).contains(":53"),
+        "a socket to the resolver is still alive:\n{}",
+        String::from_utf8_lossy(&ss.stdout)
+    );
 }
 
 #[test]
