@@ -1067,10 +1067,7 @@ fn tcp_answer_in_one_segment_binds() {
     let r = rig_with(Mode::Block, Mode::Block, "github.test:443", true);
     let sport = r.port();
     // The connection to the resolver, then the query in one segment.
-    assert_eq!(
-        r.egress(&syn_to_resolver(sport, 99)),
-        PASS
-    );
+    assert_eq!(r.egress(&syn_to_resolver(sport, 99)), PASS);
     let q = testrun::tcp_dns(&dns_query(0x3131, "github.test", 1));
     let seg = testrun::tcp_frame(
         ip(CLIENT),
@@ -1111,10 +1108,7 @@ fn tcp_answer_split_across_segments_is_counted_not_parsed() {
     let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
     let sport = r.port();
     let q = testrun::tcp_dns(&dns_query(0x3232, "github.test", 1));
-    assert_eq!(
-        r.egress(&syn_to_resolver(sport, 99)),
-        PASS
-    );
+    assert_eq!(r.egress(&syn_to_resolver(sport, 99)), PASS);
     assert_eq!(
         r.egress(&testrun::tcp_frame(
             ip(CLIENT),
@@ -1158,10 +1152,7 @@ fn unlisted_tcp_query_is_answered_refused() {
     let q = testrun::tcp_dns(&dns_query(0x3333, "leak.attacker.test", 1));
     // NOP NOP TS(TSval=0x11111111, TSecr=0x22222222)
     let opts = [1, 1, 8, 10, 0x11, 0x11, 0x11, 0x11, 0x22, 0x22, 0x22, 0x22];
-    assert_eq!(
-        r.egress(&syn_to_resolver(40999, 999)),
-        PASS
-    );
+    assert_eq!(r.egress(&syn_to_resolver(40999, 999)), PASS);
     let mut seg = testrun::tcp_frame(
         ip(CLIENT),
         ip(RESOLVER),
@@ -1579,7 +1570,9 @@ fn tcp_query_table() {
     let ok = tcp_q(1, "github.test");
     let bad = tcp_q(2, "leak.attacker.test");
     let cat = |a: &[u8], b: &[u8]| [a, b].concat();
-    let many: Vec<u8> = (0..40).flat_map(|i| tcp_q(100 + i, "github.test")).collect();
+    let many: Vec<u8> = (0..40)
+        .flat_map(|i| tcp_q(100 + i, "github.test"))
+        .collect();
     // A message claiming 5,000 bytes: its allowed question is whole in the first segment.
     let mut huge = 5000u16.to_be_bytes().to_vec();
     huge.extend_from_slice(&dns_query(3, "github.test", 1));
@@ -1639,10 +1632,7 @@ fn tcp_query_table() {
         },
         Row {
             what: "a segment that does not start on a boundary",
-            segs: vec![
-                (cat(&ok, &bad[..9]), PASS),
-                (cat(&bad[9..], &ok), RESET),
-            ],
+            segs: vec![(cat(&ok, &bad[..9]), PASS), (cat(&bad[9..], &ok), RESET)],
             copies: vec![Q],
         },
         Row {
@@ -1681,7 +1671,12 @@ fn tcp_query_table() {
         }
         let want: Vec<u32> = row.copies.iter().map(|f| f & !abi::DNS_REFUSED).collect();
         let got = dns_copy_flags(&r);
-        assert_eq!(&got[..want.len().min(got.len())], &want[..], "audit: {}", row.what);
+        assert_eq!(
+            &got[..want.len().min(got.len())],
+            &want[..],
+            "audit: {}",
+            row.what
+        );
     }
 }
 
@@ -1736,7 +1731,10 @@ fn tcp_streams_that_cannot_be_followed_are_dropped() {
     assert_eq!(&out[l4 + 2..l4 + 4], &c.sport.to_be_bytes());
     assert_eq!(&out[l4 + 4..l4 + 8], &7777u32.to_be_bytes());
     assert_eq!(out[l4 + 13], 0x14, "RST|ACK");
-    assert!(l4_checksum_ok(&out, false, 6), "TCP checksum after the rewrite");
+    assert!(
+        l4_checksum_ok(&out, false, 6),
+        "TCP checksum after the rewrite"
+    );
     assert_eq!(c.at(c.seq, &ok), RESET, "the stream is dead");
     assert_eq!(dns_copy_flags(&r), vec![UNJ]);
 
@@ -1747,7 +1745,11 @@ fn tcp_streams_that_cannot_be_followed_are_dropped() {
     assert_eq!(c.send(&ok), PASS);
     assert_eq!(c.at(start, &ok), PASS, "pure retransmit");
     let bad = tcp_q(2, "leak.attacker.test");
-    assert_eq!(c.at(start, &[ok.clone(), bad].concat()), RESET, "old bytes + a new unlisted query");
+    assert_eq!(
+        c.at(start, &[ok.clone(), bad].concat()),
+        RESET,
+        "old bytes + a new unlisted query"
+    );
     // ACKs and FINs carry nothing and pass even on a dead stream's connection.
     assert_eq!(
         r.egress(&testrun::tcp_frame(
@@ -1802,7 +1804,15 @@ fn dns_to_any_loopback_address_is_pinned_and_filtered() {
         next_port: std::cell::Cell::new(42000),
     };
     let lo = |dst: &str, proto: u8, dport: u16, payload: &[u8]| {
-        r.egress(&frame(ip("127.0.0.1"), ip(dst), proto, r.port(), dport, 0, payload))
+        r.egress(&frame(
+            ip("127.0.0.1"),
+            ip(dst),
+            proto,
+            r.port(),
+            dport,
+            0,
+            payload,
+        ))
     };
     let ok = dns_query(1, "github.test", 1);
     let bad = dns_query(2, "leak.attacker.test", 1);
@@ -1819,7 +1829,10 @@ fn dns_to_any_loopback_address_is_pinned_and_filtered() {
         &r,
         &frame(ip("127.0.0.1"), ip("127.0.0.53"), 17, r.port(), 53, 0, &bad),
     );
-    assert_eq!(rc, PASS, "refused in place on loopback: the rewritten packet goes on");
+    assert_eq!(
+        rc, PASS,
+        "refused in place on loopback: the rewritten packet goes on"
+    );
     // Other loopback traffic is not looked at: no flow, no event.
     r.events();
     assert_eq!(lo("127.0.0.1", 6, 8080, &[]), PASS);

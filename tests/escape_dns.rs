@@ -255,13 +255,32 @@ fn blocked_then_audited(case: &str, bad: &str, reason: &str, named: bool, dnsmas
     }
     let cap = Capture::start(&tb, marker);
     let job = attempt(&tb, "block", &[], case, &dns, bad);
-    assert_eq!(job.code(), Some(0), "{case}: the script failed\n{}", job.dump());
-    assert_eq!(cap.hits(), 0, "{case}: the name crossed the wire\n{}", job.dump());
-    assert_eq!(tb.dns_queries_for(bad), 0, "{case}: the resolver saw the name");
+    assert_eq!(
+        job.code(),
+        Some(0),
+        "{case}: the script failed\n{}",
+        job.dump()
+    );
+    assert_eq!(
+        cap.hits(),
+        0,
+        "{case}: the name crossed the wire\n{}",
+        job.dump()
+    );
+    assert_eq!(
+        tb.dns_queries_for(bad),
+        0,
+        "{case}: the resolver saw the name"
+    );
     let found = dns_findings(&job, reason);
     assert!(
         !found.is_empty() && found.iter().all(|e| e["verdict"] == "blocked"),
         "{case}: no blocked {reason} event\n{}",
+        job.dump()
+    );
+    assert!(
+        job.stderr.contains(reason),
+        "{case}: the report does not list {reason}\n{}",
         job.dump()
     );
     if named {
@@ -278,7 +297,11 @@ fn blocked_then_audited(case: &str, bad: &str, reason: &str, named: bool, dnsmas
     let cap = Capture::start(&tb, marker);
     let job = attempt(&tb, "audit", &[], case, &dns, bad);
     assert_eq!(job.code(), Some(0), "{case}: audit\n{}", job.dump());
-    assert!(cap.hits() > 0, "{case}: audit: the capture saw nothing\n{}", job.dump());
+    assert!(
+        cap.hits() > 0,
+        "{case}: audit: the capture saw nothing\n{}",
+        job.dump()
+    );
     if dnsmasq_logs {
         assert!(
             tb.dns_queries_for(bad) > 0,
@@ -296,12 +319,24 @@ fn blocked_then_audited(case: &str, bad: &str, reason: &str, named: bool, dnsmas
 
 #[test]
 fn tcp_length_prefix_and_body_in_separate_segments() {
-    blocked_then_audited("tcp-prefix-apart", "prefixapart.leak.test", "dns-query", true, true);
+    blocked_then_audited(
+        "tcp-prefix-apart",
+        "prefixapart.leak.test",
+        "dns-query",
+        true,
+        true,
+    );
 }
 
 #[test]
 fn tcp_query_pipelined_behind_an_allowed_one() {
-    blocked_then_audited("tcp-pipelined", "pipelined.leak.test", "dns-query", true, true);
+    blocked_then_audited(
+        "tcp-pipelined",
+        "pipelined.leak.test",
+        "dns-query",
+        true,
+        true,
+    );
 }
 
 #[test]
@@ -316,10 +351,18 @@ fn a_dropped_tcp_query_is_not_retransmitted_after_the_job() {
     assert_eq!(job.code(), Some(0), "{}", job.dump());
     // Retransmits come after 200 ms, 400 ms, 800 ms...
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(cap.hits(), 0, "the name crossed the wire after the job
-{}", job.dump());
+    assert_eq!(
+        cap.hits(),
+        0,
+        "the name crossed the wire after the job
+{}",
+        job.dump()
+    );
     assert_eq!(tb.dns_queries_for(bad), 0, "the resolver saw the name");
-    let ss = tb.client_cmd("ss", ["-tn", "dst", "198.51.100.53"]).output().unwrap();
+    let ss = tb
+        .client_cmd("ss", ["-tn", "dst", "198.51.100.53"])
+        .output()
+        .unwrap();
     assert!(
         !String::from_utf8_lossy(&ss.stdout).contains(":53"),
         "a socket to the resolver is still alive:\n{}",
@@ -329,12 +372,24 @@ fn a_dropped_tcp_query_is_not_retransmitted_after_the_job() {
 
 #[test]
 fn tcp_message_across_two_segments() {
-    blocked_then_audited("tcp-across", "acrosssegments.leak.test", "dns-query", true, true);
+    blocked_then_audited(
+        "tcp-across",
+        "acrosssegments.leak.test",
+        "dns-query",
+        true,
+        true,
+    );
 }
 
 #[test]
 fn tcp_segment_not_starting_on_a_boundary() {
-    blocked_then_audited("tcp-off-boundary", "offboundary.leak.test", "dns-query", true, true);
+    blocked_then_audited(
+        "tcp-off-boundary",
+        "offboundary.leak.test",
+        "dns-query",
+        true,
+        true,
+    );
 }
 
 #[test]
@@ -351,13 +406,25 @@ fn udp_query_larger_than_the_parser() {
 
 #[test]
 fn udp_question_name_ending_in_a_compression_pointer() {
-    blocked_then_audited("udp-pointer", "pointer.leak.test", "dns-unjudged", false, true);
+    blocked_then_audited(
+        "udp-pointer",
+        "pointer.leak.test",
+        "dns-unjudged",
+        false,
+        true,
+    );
 }
 
 #[test]
 fn udp_query_with_two_questions() {
     // dnsmasq answers a two-question query without logging it: the capture is the proof.
-    blocked_then_audited("udp-two-questions", "twoquestions.leak.test", "dns-unjudged", true, false);
+    blocked_then_audited(
+        "udp-two-questions",
+        "twoquestions.leak.test",
+        "dns-unjudged",
+        true,
+        false,
+    );
 }
 
 #[test]
@@ -365,7 +432,13 @@ fn udp_query_in_ip_fragments() {
     // The later fragments have no ports: they are judged by address (the resolver is not an
     // allowed endpoint), so even in audit mode the datagram is never whole at the server —
     // its first fragment, with the name, is what the capture sees.
-    blocked_then_audited("udp-fragmented", "fragmented.leak.test", "dns-unjudged", true, false);
+    blocked_then_audited(
+        "udp-fragmented",
+        "fragmented.leak.test",
+        "dns-unjudged",
+        true,
+        false,
+    );
 }
 
 /// A stub resolver in the job's namespace, as systemd-resolved is on a runner: dnsmasq
@@ -409,9 +482,14 @@ fn start_stub(tb: &Testbed) -> Stub {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let ok = tb
-                .client_cmd("dig", [&format!("@{addr}"), "+tries=1", "+time=1", "ok.test"])
+                .client_cmd(
+                    "dig",
+                    [&format!("@{addr}"), "+tries=1", "+time=1", "ok.test"],
+                )
                 .output()
-                .map(|o| o.status.success() && String::from_utf8_lossy(&o.stdout).contains("NOERROR"))
+                .map(|o| {
+                    o.status.success() && String::from_utf8_lossy(&o.stdout).contains("NOERROR")
+                })
                 .unwrap_or(false);
             if ok {
                 break;
@@ -421,7 +499,10 @@ fn start_stub(tb: &Testbed) -> Stub {
                 let _ = child.stderr.take().unwrap().read_to_string(&mut e);
                 panic!("the stub exited: {e}");
             }
-            assert!(Instant::now() < deadline, "the stub on {addr} did not answer");
+            assert!(
+                Instant::now() < deadline,
+                "the stub on {addr} did not answer"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -436,17 +517,42 @@ fn query_to_another_loopback_stub_address_is_a_dns_resolver_block() {
     // The job's resolver is the testbed's; the stub also answers on 127.0.0.53/54.
     for (addr, proto) in [("127.0.0.54", "+notcp"), ("127.0.0.53", "+tcp")] {
         let cap = Capture::start(&tb, "otherstub");
-        let cmd = as_nobody(&["dig", &format!("@{addr}"), proto, "+tries=1", "+time=2", bad]);
+        let cmd = as_nobody(&[
+            "dig",
+            &format!("@{addr}"),
+            proto,
+            "+tries=1",
+            "+time=2",
+            bad,
+        ]);
         let job = exec(
             &tb,
-            &["--mode", "block", "--allow", "ok.test:80", "--dns-resolver", "198.51.100.53"],
+            &[
+                "--mode",
+                "block",
+                "--allow",
+                "ok.test:80",
+                "--dns-resolver",
+                "198.51.100.53",
+            ],
             &as_strs(&cmd),
         );
-        assert_eq!(cap.hits(), 0, "{addr}: the name crossed the wire\n{}", job.dump());
-        assert_eq!(tb.dns_queries_for(bad), 0, "{addr}: the stub sent it upstream");
+        assert_eq!(
+            cap.hits(),
+            0,
+            "{addr}: the name crossed the wire\n{}",
+            job.dump()
+        );
+        assert_eq!(
+            tb.dns_queries_for(bad),
+            0,
+            "{addr}: the stub sent it upstream"
+        );
         let found = dns_findings(&job, "dns-resolver");
         assert!(
-            found.iter().any(|e| e["verdict"] == "blocked" && e["dst"] == addr),
+            found
+                .iter()
+                .any(|e| e["verdict"] == "blocked" && e["dst"] == addr),
             "{addr}: no blocked dns-resolver event\n{}",
             job.dump()
         );
@@ -468,7 +574,10 @@ fn query_to_another_loopback_stub_address_is_a_dns_resolver_block() {
         ],
         &as_strs(&cmd),
     );
-    assert!(tb.dns_queries_for(bad) > 0, "audit: the stub never forwarded it");
+    assert!(
+        tb.dns_queries_for(bad) > 0,
+        "audit: the stub never forwarded it"
+    );
     assert!(
         dns_findings(&job, "dns-resolver")
             .iter()
@@ -498,8 +607,17 @@ fn tcp_tricks_through_a_configured_loopback_stub() {
             bad,
         );
         assert_eq!(job.code(), Some(0), "{case}\n{}", job.dump());
-        assert_eq!(cap.hits(), 0, "{case}: the stub sent it upstream\n{}", job.dump());
-        assert_eq!(tb.dns_queries_for(bad), 0, "{case}: the resolver saw the name");
+        assert_eq!(
+            cap.hits(),
+            0,
+            "{case}: the stub sent it upstream\n{}",
+            job.dump()
+        );
+        assert_eq!(
+            tb.dns_queries_for(bad),
+            0,
+            "{case}: the resolver saw the name"
+        );
         let reason = if case == "tcp-big" {
             "dns-unjudged"
         } else {
@@ -523,7 +641,11 @@ fn tcp_tricks_through_a_configured_loopback_stub() {
         "127.0.0.53",
         bad,
     );
-    assert!(tb.dns_queries_for(bad) > 0, "audit: never forwarded\n{}", job.dump());
+    assert!(
+        tb.dns_queries_for(bad) > 0,
+        "audit: never forwarded\n{}",
+        job.dump()
+    );
     assert!(
         dns_findings(&job, "dns-query")
             .iter()
@@ -544,11 +666,23 @@ fn a_caching_stub_on_loopback_keeps_working() {
     let cmd = as_nobody(&["sh", "-c", script]);
     let job = exec(
         &tb,
-        &["--mode", "block", "--allow", "ok.test:80", "--dns-resolver", "127.0.0.53"],
+        &[
+            "--mode",
+            "block",
+            "--allow",
+            "ok.test:80",
+            "--dns-resolver",
+            "127.0.0.53",
+        ],
         &as_strs(&cmd),
     );
     assert_eq!(job.code(), Some(0), "{}", job.dump());
-    assert_eq!(job.stdout, format!("hello from {ip}:80\n{ip}\n"), "{}", job.dump());
+    assert_eq!(
+        job.stdout,
+        format!("hello from {ip}:80\n{ip}\n"),
+        "{}",
+        job.dump()
+    );
     job.expect_flow(ip.into(), 80, "allowed", "allowed");
     assert_eq!(tb.http_hits(sa(ip, 80)), 1);
     assert!(
