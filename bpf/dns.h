@@ -68,6 +68,21 @@ struct rf_scratch {
 	__u32 flags;
 	__u32 overflow;
 	__u32 matched;
+	/* Query side (dns_query): the message being judged and the TCP segment being walked. */
+	__u32 msglen;   /* the whole message's length; buf holds its first `len` bytes */
+	__u32 seg_pos;  /* skb offset of the next byte of the segment to walk */
+	__u32 seg_end;
+	__u32 verdict;  /* enum rf_query_verdict of the walk */
+	__u32 lost;     /* the walk lost the message boundaries: the copy is the raw segment */
+	__u32 enforce;  /* block mode with query filtering: what is not allowed does not pass */
+	__u32 end_seq;  /* the segment's end in the stream */
+	__u32 boundary; /* the segment starts a message */
+	/* Keys and values built in map memory rather than on the stack: the egress program, the
+	 * TCP walk and its callbacks share one 512-byte stack. */
+	struct rf_dns_stream stream; /* a new dns_streams value */
+	struct rf_dns_stream_key skey;
+	struct rf_query_key qk;
+	struct rf_query_val qv;
 };
 
 struct {
@@ -544,7 +559,18 @@ static __always_inline void emit_dns_copy(struct rf_scratch *s, __u32 job_id, co
 	s->ev.hdr.type = RF_EVENT_DNS;
 	s->ev.hdr.job_id = job_id;
 	s->ev.hdr.ts_ns = bpf_ktime_get_boot_ns();
-	__builtin_memcpy(s->ev.server, server, 16);
+	/* Word by word: a byte-wise copy of an address of unknown alignment keeps 16 registers
+	 * live, and the spills cost the stack of the frames that inline this. */
+	{
+		__u64 w0, w1;
+
+		__builtin_memcpy(&w0, server, 8);
+		barrier_var(w0);
+		__builtin_memcpy(s->ev.server, &w0, 8);
+		__builtin_memcpy(&w1, server + 8, 8);
+		barrier_var(w1);
+		__builtin_memcpy(s->ev.server + 8, &w1, 8);
+	}
 	s->ev.bound = s->bound;
 	s->ev.flags = s->flags;
 	s->ev.cgroup_id = 0;
@@ -732,56 +758,378 @@ static __noinline int refuse_tcp_query(struct __sk_buff *skb, struct pkt *p)
 	return turn_around(skb, p);
 }
 
-/* Egress, a UDP query to an allowed resolver. Its name is matched against the job's
- * policy: an allowed one is remembered (server, client port, id, name hash) so that only
- * its answer binds; one that is not allowed is reported, and in block mode with query
- * filtering answered REFUSED on the spot. Returns the TC action for the packet. */
-static __always_inline int dns_query(struct __sk_buff *skb, struct pkt *p, const struct rf_job *job,
-				     __u64 cgid)
+/* A TCP segment that may not pass becomes a RST from the resolver: the client's socket is
+ * reset at once instead of retransmitting the segment for minutes — possibly after the job
+ * ended and nothing filters it any more. Its sequence number is what the client acknowledged
+ * of the resolver (exactly what a RST must carry to be believed); the payload stays (a RST
+ * may carry data, which is ignored), so only seq, ack and flags change in the checksum. A
+ * segmentation-offload packet is only dropped: it would have to be cut down first. */
+static __noinline int reset_tcp_stream(struct __sk_buff *skb, struct pkt *p)
 {
-	struct rf_query_key qk = {};
-	struct rf_query_val qv = {};
-	struct rf_scratch *s;
+	__u32 l4 = p->l4_off, seq, ack, nseq, nack;
+	__u16 oldw, neww;
 
-	if (p->fragment || dns_locate(skb, p) != 0)
-		return TC_ACT_UNSPEC;
-	s = load_dns(skb, p);
-	if (!s || (s->flags & RF_DNS_TRUNCATED))
-		return TC_ACT_UNSPEC;
-	/* QR must be 0 and exactly one question. */
-	if ((buf_at(s, 2) & 0x80) || buf16(s, 4) != 1)
-		return TC_ACT_UNSPEC;
+	if (skb->gso_segs > 1 || bpf_skb_load_bytes(skb, l4 + 4, &seq, 4) ||
+	    bpf_skb_load_bytes(skb, l4 + 8, &ack, 4) || bpf_skb_load_bytes(skb, l4 + 12, &oldw, 2))
+		return TC_ACT_SHOT;
+	nseq = ack;
+	nack = bpf_htonl(bpf_ntohl(seq) + (skb->len - p->payload) +
+			 ((p->tcp_flags & (RF_TCP_SYN | RF_TCP_FIN)) ? 1 : 0));
+	neww = bpf_htons((bpf_ntohs(oldw) & 0xf000) | RF_TCP_RST | RF_TCP_ACK);
+	if (swap_endpoints(skb, p))
+		return TC_ACT_SHOT;
+	if (bpf_l4_csum_replace(skb, l4 + 16, seq, nseq, 4) ||
+	    bpf_l4_csum_replace(skb, l4 + 16, ack, nack, 4) ||
+	    bpf_l4_csum_replace(skb, l4 + 16, oldw, neww, 2))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, l4 + 4, &nseq, 4, 0) ||
+	    bpf_skb_store_bytes(skb, l4 + 8, &nack, 4, 0) ||
+	    bpf_skb_store_bytes(skb, l4 + 12, &neww, 2, 0))
+		return TC_ACT_SHOT;
+	return turn_around(skb, p);
+}
+
+/* ---- queries (egress) ------------------------------------------------------ */
+
+/* The rule: a query reaches a resolver only if every question of every message was parsed
+ * and allowed. What cannot be judged is refused (where a REFUSED answer can be made cleanly)
+ * or dropped in block mode with query filtering, and reported in every mode. */
+enum rf_query_verdict {
+	RF_Q_ALLOWED = 0,  /* its one question was parsed and is allowed */
+	RF_Q_DENIED = 1,   /* its question names something the policy does not allow */
+	RF_Q_UNJUDGED = 2, /* not a plain query the kernel could read whole */
+};
+
+/* Judges the message whose first s->len bytes are in buf (s->msglen bytes in all). Only a
+ * plain query is judged: QR=0, opcode QUERY, exactly one question, and no answer or authority
+ * records — a query never carries them (IXFR's SOA in the authority section is the exception,
+ * and refusing it is the safe side), and a resolver might act on them. The additional section
+ * (EDNS OPT, TSIG) is not read: a resolver never sends it on as a name. */
+static __always_inline int judge_query(struct rf_scratch *s, __u32 job_id)
+{
+	if (s->msglen < 12 || s->msglen > RF_DNS_BUF || s->len < 12)
+		return RF_Q_UNJUDGED;
+	if ((buf_at(s, 2) & 0xf8) || buf16(s, 4) != 1 || buf16(s, 6) || buf16(s, 8))
+		return RF_Q_UNJUDGED;
+	/* Bad labels, a name ending in a compression pointer, a question cut short. */
 	if (parse_question(s))
-		return TC_ACT_UNSPEC;
+		return RF_Q_UNJUDGED;
 	count(RF_CNT_DNS_QUERIES);
-
-	s->job_id = job->job_id;
-	s->cgroup_id = cgid;
+	s->job_id = job_id;
 	s->matched = 0;
 	s->bound = 0;
 	__builtin_memset(&s->ports, 0, sizeof(s->ports));
 	bpf_loop(RF_LABELS_MAX, match_cb, NULL, 0);
-	if (!s->matched) {
-		s->flags = RF_DNS_QUERY | (p->proto == IPPROTO_TCP ? RF_DNS_TCP : 0);
-		if (job->mode == RF_MODE_BLOCK && job->dns_filter) {
-			s->flags |= RF_DNS_REFUSED;
-			emit_dns_copy(s, job->job_id, p->daddr);
-			if (p->proto == IPPROTO_TCP)
-				return refuse_tcp_query(skb, p);
-			return refuse_query(skb, p);
-		}
-		emit_dns_copy(s, job->job_id, p->daddr);
-	}
+	return s->matched ? RF_Q_ALLOWED : RF_Q_DENIED;
+}
 
-	__builtin_memcpy(qk.server, p->daddr, 16);
-	qk.client_port = p->sport;
-	qk.txid = buf16(s, 0);
-	qv.name_hash = s->hash;
-	qv.sent_ns = bpf_ktime_get_boot_ns();
-	qv.job_id = job->job_id;
-	qv.bind_seen = job->mode == RF_MODE_AUDIT;
-	bpf_map_update_elem(&queries, &qk, &qv, BPF_ANY);
-	return TC_ACT_UNSPEC;
+/* Remembers a judged query (server, client port, id, name hash): only its answer binds.
+ * s->qk.server, s->qk.client_port and s->qv.job_id/bind_seen were set for the packet. */
+static __always_inline void remember_query(struct rf_scratch *s)
+{
+	s->qk.txid = buf16(s, 0);
+	s->qv.name_hash = s->hash;
+	s->qv.sent_ns = bpf_ktime_get_boot_ns();
+	bpf_map_update_elem(&queries, &s->qk, &s->qv, BPF_ANY);
+}
+
+/* The copy of a query that was not allowed (or not judged) for the audit trail. */
+static __always_inline void report_query(struct rf_scratch *s, __u32 job_id, const __u8 *server,
+					 __u32 flags)
+{
+	if (flags & RF_DNS_UNJUDGED)
+		count(RF_CNT_DNS_UNJUDGED);
+	s->flags = RF_DNS_QUERY | flags;
+	s->bound = 0;
+	emit_dns_copy(s, job_id, server);
+}
+
+/* Up to RF_DNS_BUF bytes of the packet from `off`, as the copy of something that has no
+ * message boundaries to go by (a fragment, a segment of a stream that was lost track of). */
+static __always_inline void load_raw(struct __sk_buff *skb, struct rf_scratch *s, __u32 off)
+{
+	__u32 len = skb->len > off ? skb->len - off : 0;
+
+	s->len = 0;
+	if (len > RF_DNS_BUF)
+		len = RF_DNS_BUF;
+	if (!len)
+		return;
+	/* [1, RF_DNS_BUF], provably (see copy_segment) */
+	len -= 1;
+	barrier_var(len);
+	if (len > RF_DNS_BUF - 1)
+		return;
+	len += 1;
+	if (bpf_skb_load_bytes(skb, off, s->buf, len))
+		return;
+	s->len = len;
+}
+
+/* A UDP query: the datagram is one message. */
+static __always_inline int dns_udp_query(struct __sk_buff *skb, struct pkt *p,
+					 const struct rf_job *job, struct rf_scratch *s)
+{
+	__u32 len = p->l4_len;
+	int v;
+
+	/* A fragment: the name is in the first one, but the message is never whole here (TC
+	 * runs before reassembly). Too short for a header: not a message at all. */
+	if (p->fragment || len < 12)
+		goto raw;
+	p->dns_off = p->payload;
+	p->dns_len = len;
+	s->msglen = len;
+	if (len > RF_DNS_BUF)
+		len = RF_DNS_BUF; /* judge_query refuses it by msglen; the copy shows its start */
+	barrier_var(len);
+	if (len < 12 || len > RF_DNS_BUF || bpf_skb_load_bytes(skb, p->payload, s->buf, len))
+		goto raw; /* the UDP length says more than the packet holds */
+	s->len = len;
+	v = judge_query(s, job->job_id);
+	if (v == RF_Q_ALLOWED || (v == RF_Q_DENIED && !s->enforce))
+		remember_query(s);
+	if (v == RF_Q_ALLOWED)
+		return TC_ACT_UNSPEC;
+	if (!s->enforce) {
+		report_query(s, job->job_id, p->daddr, v == RF_Q_UNJUDGED ? RF_DNS_UNJUDGED : 0);
+		return TC_ACT_UNSPEC;
+	}
+	report_query(s, job->job_id, p->daddr,
+		     RF_DNS_REFUSED | (v == RF_Q_UNJUDGED ? RF_DNS_UNJUDGED : 0));
+	return refuse_query(skb, p);
+raw:
+	load_raw(skb, s, p->payload);
+	report_query(s, job->job_id, p->daddr, RF_DNS_UNJUDGED);
+	return s->enforce ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+}
+
+/* dns_tcp_query's answers when the segment is to be answered REFUSED, or dropped and the
+ * client reset (the caller does it: those frames would not fit under this one's). */
+#define RF_ACT_REFUSE 0x100
+#define RF_ACT_RESET 0x101
+
+struct rf_dns_walk {
+	struct __sk_buff *skb;
+	struct rf_dns_stream *st;
+};
+
+/* One piece of a TCP segment per call: the next message's length prefix (as much of it as
+ * the segment holds) and as much of that message as follows it. A message is judged once its
+ * first min(length, RF_DNS_HOLD) bytes are in buf — where the caller has put back what earlier
+ * segments brought — and, in block mode, the walk stops at the first one not allowed. */
+static long tcp_walk_cb(__u32 i, void *ctx)
+{
+	struct rf_dns_walk *w = ctx;
+	struct rf_dns_stream *st = w->st;
+	struct rf_scratch *s = get_scratch();
+	__u32 got, take;
+	__u8 pre[2];
+	int v;
+
+	if (!s || s->seg_pos >= s->seg_end)
+		return 1;
+	if (st->prefix_have < 2) {
+		if (st->prefix_have == 0 && s->seg_end - s->seg_pos >= 2) {
+			if (bpf_skb_load_bytes(w->skb, s->seg_pos, pre, 2))
+				goto lost;
+			st->msglen = ((__u16)pre[0] << 8) | pre[1];
+			s->seg_pos += 2;
+		} else {
+			if (bpf_skb_load_bytes(w->skb, s->seg_pos, pre, 1))
+				goto lost;
+			s->seg_pos += 1;
+			if (st->prefix_have == 0) {
+				/* The segment ends between the prefix's two bytes. */
+				st->prefix0 = pre[0];
+				st->prefix_have = 1;
+				return 0;
+			}
+			st->msglen = ((__u16)st->prefix0 << 8) | pre[0];
+		}
+		st->prefix_have = 2;
+		st->got = 0;
+		st->judged = 0;
+	}
+	/* s->msglen: this message's bytes still to come in this segment, then its length. */
+	s->msglen = st->msglen - st->got;
+	if (s->msglen > s->seg_end - s->seg_pos)
+		s->msglen = s->seg_end - s->seg_pos;
+	/* s->len: bytes to judge by, min(length, RF_DNS_HOLD). */
+	s->len = st->msglen < RF_DNS_HOLD ? st->msglen : RF_DNS_HOLD;
+	got = st->got;
+	if (got < s->len && s->msglen) {
+		take = s->len - got;
+		if (take > s->msglen)
+			take = s->msglen;
+		/* [1, RF_DNS_HOLD] bytes at buf + [0, RF_DNS_HOLD): inside buf, provably. */
+		take -= 1;
+		barrier_var(take);
+		barrier_var(got);
+		if (take > RF_DNS_HOLD - 1 || got > RF_DNS_HOLD - 1)
+			goto lost;
+		if (bpf_skb_load_bytes(w->skb, s->seg_pos, s->buf + got, take + 1))
+			goto lost;
+	}
+	st->got += s->msglen;
+	s->seg_pos += s->msglen;
+	s->msglen = st->msglen;
+	if (!st->judged && st->got >= s->len) {
+		st->judged = 1;
+		v = judge_query(s, s->qv.job_id);
+		if (v == RF_Q_ALLOWED || (v == RF_Q_DENIED && !s->enforce))
+			remember_query(s);
+		if (v != RF_Q_ALLOWED) {
+			if (s->enforce) {
+				s->verdict = v;
+				return 1;
+			}
+			report_query(s, s->qv.job_id, s->qk.server,
+				     RF_DNS_TCP | (v == RF_Q_UNJUDGED ? RF_DNS_UNJUDGED : 0));
+		}
+	}
+	if (st->got >= st->msglen)
+		st->prefix_have = 0; /* the next byte starts the next message */
+	return 0;
+lost:
+	s->verdict = RF_Q_UNJUDGED;
+	s->lost = 1;
+	return 1;
+}
+
+/* A TCP segment to a resolver. Each stream is followed from its SYN (next_seq = ISN + 1):
+ * a retransmit of bytes already judged passes; new bytes are walked message by message and
+ * the segment passes only if every message whose question it completes is allowed (a partial
+ * tail is held in the stream's entry and passes: a resolver never acts on an incomplete
+ * message). What cannot be followed — a stream whose SYN was not seen, a gap, more than
+ * RF_DNS_TCP_STEPS pieces in one segment — cannot be judged. In block mode with query
+ * filtering, the first segment not allowed is refused (when it is exactly one whole message)
+ * or dropped and the client reset, and the stream is dead from then on: every later segment
+ * is dropped (and reset), so the resolver never gets a message whole that the kernel did not
+ * allow. Audit mode reports.
+ * A global function: the verifier checks it once, not once per path into it (each costs
+ * seconds under emulation). The job comes in scratch (dns_query). It returns the TC action,
+ * or RF_ACT_REFUSE for the caller to answer the segment REFUSED (refuse_tcp_query's frame
+ * would not fit under this one's). */
+__noinline int dns_tcp_query(struct __sk_buff *skb, struct pkt *p)
+{
+	struct rf_dns_walk w = {};
+	struct rf_dns_stream *st;
+	struct rf_scratch *s = get_scratch();
+	__u32 seq;
+
+	/* Newer verifiers take a global function's pointer argument as possibly NULL. */
+	if (!s || !p)
+		return TC_ACT_SHOT;
+	/* Few locals, the rest in scratch: this frame and the walk's sit on the egress
+	 * program's stack, under match_cb's. */
+	__builtin_memcpy(s->skey.client, p->saddr, 16);
+	__builtin_memcpy(s->skey.server, p->daddr, 16);
+	s->skey.job_id = s->qv.job_id;
+	s->skey.client_port = p->sport;
+	s->skey.server_port = p->dport;
+	if (bpf_skb_load_bytes(skb, p->l4_off + 4, &seq, 4))
+		goto raw;
+	seq = bpf_ntohl(seq);
+	if ((p->tcp_flags & (RF_TCP_SYN | RF_TCP_ACK)) == RF_TCP_SYN) {
+		/* A new connection (or its SYN again): its first byte is ISN + 1. */
+		__builtin_memset(&s->stream, 0, sizeof(s->stream));
+		s->stream.next_seq = seq + 1;
+		bpf_map_update_elem(&dns_streams, &s->skey, &s->stream, BPF_ANY);
+		seq += 1; /* data on a SYN (Fast Open) follows it */
+	}
+	s->seg_end = skb->len > p->payload ? skb->len : 0;
+	if (s->seg_end <= p->payload)
+		return TC_ACT_UNSPEC; /* an ACK, FIN or RST carries nothing to judge */
+	st = bpf_map_lookup_elem(&dns_streams, &s->skey);
+	if (!st) {
+		/* Its SYN was not seen (the stream predates the job, or its entry was evicted):
+		 * where its messages begin is unknown. Remember it as lost so this is said once. */
+		__builtin_memset(&s->stream, 0, sizeof(s->stream));
+		s->stream.state = s->enforce ? RF_STREAM_DEAD : RF_STREAM_LOST;
+		bpf_map_update_elem(&dns_streams, &s->skey, &s->stream, BPF_ANY);
+		goto raw;
+	}
+	if (st->state == RF_STREAM_DEAD)
+		return RF_ACT_RESET;
+	if (st->state == RF_STREAM_LOST)
+		return TC_ACT_UNSPEC;
+	s->end_seq = seq + (s->seg_end - p->payload);
+	if ((__s32)(s->end_seq - st->next_seq) <= 0)
+		return TC_ACT_UNSPEC; /* a retransmit of bytes judged already */
+	if ((__s32)(seq - st->next_seq) > 0)
+		goto lose; /* a gap: bytes this program never saw */
+	/* A retransmit may carry new bytes too: the walk starts at the first new one. */
+	s->seg_pos = p->payload + (st->next_seq - seq);
+	s->boundary = s->seg_pos == p->payload && st->prefix_have == 0;
+	s->verdict = RF_Q_ALLOWED;
+	s->lost = 0;
+	if (st->prefix_have == 2 && st->got < RF_DNS_HOLD && st->got < st->msglen)
+		__builtin_memcpy(s->buf, st->hold, RF_DNS_HOLD);
+	w.skb = skb;
+	w.st = st;
+	bpf_loop(RF_DNS_TCP_STEPS, tcp_walk_cb, &w, 0);
+	if (s->verdict == RF_Q_ALLOWED && s->seg_pos < s->seg_end) {
+		s->verdict = RF_Q_UNJUDGED; /* more pieces than one walk takes */
+		s->lost = 1;
+	}
+	if (s->verdict == RF_Q_ALLOWED) {
+		st->next_seq = s->end_seq;
+		if (st->prefix_have == 2 && st->got < RF_DNS_HOLD && st->got < st->msglen)
+			__builtin_memcpy(st->hold, s->buf, RF_DNS_HOLD);
+		return TC_ACT_UNSPEC;
+	}
+	if (s->lost)
+		goto lose;
+	/* Block mode: a message not allowed, or not judged. */
+	st->state = RF_STREAM_DEAD;
+	s->flags = RF_DNS_TCP | (s->verdict == RF_Q_UNJUDGED ? RF_DNS_UNJUDGED : 0);
+	if (s->boundary && s->seg_end - p->payload == 2 + (__u32)st->msglen && st->msglen >= 12) {
+		/* Exactly one whole message: answer it REFUSED, so the client learns at once. */
+		report_query(s, s->qv.job_id, s->qk.server, s->flags | RF_DNS_REFUSED);
+		p->dns_off = p->payload + 2;
+		p->l4_len = 2 + st->msglen;
+		return RF_ACT_REFUSE;
+	}
+	report_query(s, s->qv.job_id, s->qk.server, s->flags);
+	return RF_ACT_RESET;
+lose:
+	st->state = s->enforce ? RF_STREAM_DEAD : RF_STREAM_LOST;
+raw:
+	load_raw(skb, s, p->payload);
+	report_query(s, s->qv.job_id, s->qk.server, RF_DNS_TCP | RF_DNS_UNJUDGED);
+	return s->enforce ? RF_ACT_RESET : TC_ACT_UNSPEC;
+}
+
+/* Egress, DNS from a job to a configured resolver (UDP or TCP). Allowed queries are
+ * remembered so that only their answers bind; what is not allowed or cannot be judged is
+ * reported, and in block mode with query filtering refused or dropped. Returns the TC action. */
+static __always_inline int dns_query(struct __sk_buff *skb, struct pkt *p, const struct rf_job *job,
+				     __u64 cgid)
+{
+	struct rf_scratch *s = get_scratch();
+	int enforce = job->mode == RF_MODE_BLOCK && job->dns_filter;
+
+	if (!s)
+		return enforce ? TC_ACT_SHOT : TC_ACT_UNSPEC;
+	s->enforce = enforce;
+	s->cgroup_id = cgid;
+	__builtin_memset(&s->qk, 0, sizeof(s->qk));
+	__builtin_memset(&s->qv, 0, sizeof(s->qv));
+	__builtin_memcpy(s->qk.server, p->daddr, 16);
+	s->qk.client_port = p->sport;
+	s->qv.job_id = job->job_id;
+	s->qv.bind_seen = job->mode == RF_MODE_AUDIT;
+	if (p->proto == IPPROTO_TCP) {
+		int rc = dns_tcp_query(skb, p);
+
+		if (rc == RF_ACT_REFUSE)
+			return refuse_tcp_query(skb, p);
+		if (rc == RF_ACT_RESET)
+			return reset_tcp_stream(skb, p);
+		return rc;
+	}
+	return dns_udp_query(skb, p, job, s);
 }
 
 /* Ingress: an answer from a resolver that matches an outstanding query of a job. Binds

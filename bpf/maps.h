@@ -65,6 +65,49 @@ struct {
 	__type(value, struct rf_stream_val);
 } tcp_streams SEC(".maps");
 
+/* TCP DNS streams from a job to a resolver, followed in the kernel so that every message is
+ * judged whatever the segmentation (see dns_tcp_query in dns.h). Internal to the programs. */
+enum rf_dns_stream_limits {
+	/* Bytes of a message held across segments: enough for any question (12-byte header,
+	 * a name of at most 255 bytes, type and class: 271). Later bytes are only counted. */
+	RF_DNS_HOLD = 288,
+	/* Message pieces (a length prefix and what follows it) walked in one segment; a
+	 * segment holding more messages cannot be judged. */
+	RF_DNS_TCP_STEPS = 32,
+};
+
+enum rf_dns_stream_state {
+	RF_STREAM_OPEN = 0, /* followed: next_seq is the next byte the resolver has not been sent */
+	RF_STREAM_DEAD = 1, /* block mode: something could not be judged or was refused; every later segment is dropped */
+	RF_STREAM_LOST = 2, /* audit mode: lost track (a gap, an unknown stream); reported once, no longer followed */
+};
+
+struct rf_dns_stream_key {
+	__u8 client[16];
+	__u8 server[16];
+	__u32 job_id;
+	__u16 client_port;
+	__u16 server_port;
+};
+
+struct rf_dns_stream {
+	__u32 next_seq;    /* client sequence number of the first byte not judged yet */
+	__u16 msglen;      /* the current message's length, once its prefix is in */
+	__u16 got;         /* bytes of the current message seen so far */
+	__u8 prefix_have;  /* bytes of the current message's 2-byte length prefix seen: 0, 1, 2 */
+	__u8 prefix0;      /* the first prefix byte, when a segment ended between the two */
+	__u8 judged;       /* the current message's question has been judged */
+	__u8 state;        /* enum rf_dns_stream_state */
+	__u8 hold[RF_DNS_HOLD]; /* the current message's first bytes, while it spans segments */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct rf_dns_stream_key);
+	__type(value, struct rf_dns_stream);
+} dns_streams SEC(".maps");
+
 /* Flow verdict cache: a flow is judged once; later packets follow the cached verdict. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);

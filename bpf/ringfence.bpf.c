@@ -89,6 +89,15 @@ static __always_inline __u8 deny(const struct rf_job *job, int direct)
 	return RF_VERDICT_AUDITED;
 }
 
+/* A segment to port 53 of a connection whose SYN no flow remembers (it predates the job, or
+ * its flow was evicted) is judged like a new flow: to a resolver, dns_query then finds no
+ * stream to follow and refuses to pass what it cannot judge; to anything else, it is DNS to
+ * a server that is not a resolver. */
+static __always_inline int dns_stream_unknown(const struct pkt *p, int dns)
+{
+	return dns && !(p->tcp_flags & RF_TCP_SYN);
+}
+
 static __always_inline int is_resolver(const struct rf_job *job, const __u8 *addr)
 {
 	struct rf_resolver_key rk = {};
@@ -193,15 +202,12 @@ int rf_egress(struct __sk_buff *skb)
 	/* Every path that lets a DNS query pass ends at the one `query:` below: dns_query() is
 	 * large, and each inlined copy would be verified again. */
 	dns = is_dns(&p) && p.dport == 53;
-	if (is_loopback(p.daddr)) {
-		/* Loopback is always allowed, but a query to a local stub or cache (systemd-resolved
-		 * on 127.0.0.53, a caching resolver) is still a query: remember it so that the stub's
-		 * answer binds, and filter it like any other. Only on lo, where ringfence attaches
-		 * when a resolver is local. */
-		if (dns && is_resolver(job, p.daddr))
-			goto query;
+	/* Loopback is always allowed, except DNS: a local stub or cache (systemd-resolved on
+	 * 127.0.0.53 and 127.0.0.54, dnsmasq) sends names on upstream, so port 53 on any loopback
+	 * address is DNS like any other — only configured resolvers receive it, every message
+	 * filtered. ringfence always attaches to lo for this. */
+	if (!dns && is_loopback(p.daddr))
 		return TC_ACT_UNSPEC;
-	}
 
 	__builtin_memcpy(fk.daddr, p.daddr, 16);
 	fk.job_id = job->job_id;
@@ -241,7 +247,7 @@ int rf_egress(struct __sk_buff *skb)
 	 * SYN (or a SYN-ACK: an inbound connection) cannot open one: a dropped SYN means there
 	 * is no connection to continue, and replies to inbound connections must pass. */
 	if (p.proto == IPPROTO_TCP && (!(p.tcp_flags & RF_TCP_SYN) || (p.tcp_flags & RF_TCP_ACK)) &&
-	    !always_judge)
+	    !always_judge && !dns_stream_unknown(&p, dns))
 		return TC_ACT_UNSPEC;
 	/* A later fragment has no ports: judge it by address like its first fragment was. */
 

@@ -105,6 +105,14 @@ impl JobState {
         }
     }
 
+    /// Block mode with query filtering: the kernel refuses or drops every query copy it
+    /// reports (a TCP segment it cannot answer REFUSED cleanly is dropped, not flagged).
+    fn filters_queries(&self) -> bool {
+        self.policy
+            .as_ref()
+            .is_some_and(|p| p.mode == crate::policy::Mode::Block && p.dns_filter)
+    }
+
     /// The ports the job's policy allows for addresses of `name` (none without a policy).
     fn ports_for(&self, name: &str) -> crate::policy::PortSet {
         self.policy
@@ -639,6 +647,10 @@ impl Agent {
             self.on_segment(ev, payload);
             return;
         }
+        if ev.flags & abi::DNS_UNJUDGED != 0 {
+            self.on_unjudged(ev, payload);
+            return;
+        }
         let msg = match dns::parse(payload) {
             Ok(m) => m,
             Err(e) => {
@@ -648,6 +660,45 @@ impl Agent {
             }
         };
         self.on_dns_message(ev, msg);
+    }
+
+    /// DNS to a resolver that the kernel could not fully judge (a fragment, a message it
+    /// cannot parse, a TCP stream it lost track of): refused or dropped in block mode with
+    /// query filtering, let through in audit mode, reported either way. The copy may be a
+    /// message, the start of one, or raw segment bytes: it is named when its question reads.
+    fn on_unjudged(&mut self, ev: &abi::rf_dns_event, payload: &[u8]) {
+        let job_id = ev.hdr.job_id;
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        let tcp = ev.flags & abi::DNS_TCP != 0;
+        // A raw TCP segment may start with a message's 2-byte length prefix.
+        let name = dns::parse(payload)
+            .ok()
+            .or_else(|| (tcp && payload.len() > 2).then(|| dns::parse(&payload[2..]).ok())?)
+            .and_then(|m| m.question)
+            .map(|q| q.name);
+        let verdict = if ev.flags & abi::DNS_REFUSED != 0 || job.filters_queries() {
+            Verdict::Blocked
+        } else {
+            Verdict::Audited
+        };
+        let ts = boottime_to_system(ev.hdr.ts_ns);
+        let findings: Vec<Event> = match &name {
+            Some(n) => (job.exfil.observe(n).iter())
+                .map(|f| Event::Finding(FindingEvent::new(f, ts, &job.name, job.step.as_deref())))
+                .collect(),
+            None => Vec::new(),
+        };
+        let flow = job.flow(
+            (ev.hdr.ts_ns, ev.pid, &ev.comm, ev.cgroup_id),
+            if tcp { Proto::Tcp } else { Proto::Udp },
+            (abi::addr_from_bytes(ev.server), 53, name),
+            verdict,
+            Reason::DnsUnjudged,
+        );
+        self.emit(job_id, Event::Flow(flow));
+        findings.into_iter().for_each(|f| self.emit(job_id, f));
     }
 
     fn on_dns_message(&mut self, ev: &abi::rf_dns_event, msg: dns::DnsMessage) {
@@ -667,14 +718,18 @@ impl Agent {
         if ev.flags & abi::DNS_QUERY != 0 {
             // A query for a name the policy does not allow: refused in the kernel (block
             // mode) or let through and reported (audit mode). Either way it is a finding.
-            let verdict = if ev.flags & abi::DNS_REFUSED != 0 {
+            let verdict = if ev.flags & abi::DNS_REFUSED != 0 || job.filters_queries() {
                 Verdict::Blocked
             } else {
                 Verdict::Audited
             };
             let flow = job.flow(
                 (ev.hdr.ts_ns, ev.pid, &ev.comm, ev.cgroup_id),
-                Proto::Udp,
+                if ev.flags & abi::DNS_TCP != 0 {
+                    Proto::Tcp
+                } else {
+                    Proto::Udp
+                },
                 (abi::addr_from_bytes(ev.server), 53, Some(q.name.clone())),
                 verdict,
                 Reason::DnsQuery,

@@ -970,6 +970,7 @@ impl Dataplane {
             ("queries", &maps.queries),
             ("flows", &maps.flows),
             ("tcp_streams", &maps.tcp_streams),
+            ("dns_streams", &maps.dns_streams),
         ] {
             let keys: Vec<Vec<u8>> = map.keys().collect();
             for k in keys {

@@ -53,7 +53,7 @@ pub struct ExecArgs {
     #[arg(long, value_name = "FILE")]
     pub events: Option<PathBuf>,
     /// Interfaces to attach to (repeatable). Default: every routed interface of this
-    /// network namespace except lo.
+    /// network namespace. lo is always added (DNS to loopback stubs is judged there).
     #[arg(long = "interface", value_name = "IFNAME")]
     pub interfaces: Vec<String>,
     /// tcx (Linux 6.6+), clsact, or auto.
@@ -238,21 +238,22 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     } else {
         args.interfaces.clone()
     };
-    // A local stub or cache (systemd-resolved's 127.0.0.53, dnsmasq on the host) answers
-    // over loopback: lo must be watched too, or its answers would bind nothing.
-    if policy.dns_resolvers.iter().any(|r| r.is_loopback()) && !interfaces.iter().any(|i| i == "lo")
-    {
+    if interfaces.is_empty() {
+        anyhow::bail!(
+            "no interface to attach to: this network namespace has no routes (give --interface)"
+        );
+    }
+    // lo is always watched: a local stub or cache (systemd-resolved on 127.0.0.53 and
+    // 127.0.0.54, dnsmasq) sends names on upstream, so DNS to any loopback address is judged
+    // like any other (only configured resolvers, every message filtered), and a configured
+    // stub's answers bind there. Other loopback traffic leaves the program at once.
+    if !interfaces.iter().any(|i| i == "lo") {
         interfaces.push("lo".to_string());
     }
     for i in &interfaces {
         if nix::net::if_::if_nametoindex(i.as_str()).is_err() {
             return Err(dataplane::DataplaneError::NoInterface(i.clone()).into());
         }
-    }
-    if interfaces.is_empty() {
-        anyhow::bail!(
-            "no interface to attach to: this network namespace has no routes (give --interface)"
-        );
     }
 
     let job_name = args

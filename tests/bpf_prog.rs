@@ -1067,10 +1067,7 @@ fn tcp_answer_in_one_segment_binds() {
     let r = rig_with(Mode::Block, Mode::Block, "github.test:443", true);
     let sport = r.port();
     // The connection to the resolver, then the query in one segment.
-    assert_eq!(
-        r.egress(&frame(ip(CLIENT), ip(RESOLVER), 6, sport, 53, TCP_SYN, &[])),
-        PASS
-    );
+    assert_eq!(r.egress(&syn_to_resolver(sport, 99)), PASS);
     let q = testrun::tcp_dns(&dns_query(0x3131, "github.test", 1));
     let seg = testrun::tcp_frame(
         ip(CLIENT),
@@ -1111,10 +1108,7 @@ fn tcp_answer_split_across_segments_is_counted_not_parsed() {
     let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
     let sport = r.port();
     let q = testrun::tcp_dns(&dns_query(0x3232, "github.test", 1));
-    assert_eq!(
-        r.egress(&frame(ip(CLIENT), ip(RESOLVER), 6, sport, 53, TCP_SYN, &[])),
-        PASS
-    );
+    assert_eq!(r.egress(&syn_to_resolver(sport, 99)), PASS);
     assert_eq!(
         r.egress(&testrun::tcp_frame(
             ip(CLIENT),
@@ -1158,10 +1152,7 @@ fn unlisted_tcp_query_is_answered_refused() {
     let q = testrun::tcp_dns(&dns_query(0x3333, "leak.attacker.test", 1));
     // NOP NOP TS(TSval=0x11111111, TSecr=0x22222222)
     let opts = [1, 1, 8, 10, 0x11, 0x11, 0x11, 0x11, 0x22, 0x22, 0x22, 0x22];
-    assert_eq!(
-        r.egress(&frame(ip(CLIENT), ip(RESOLVER), 6, 40999, 53, TCP_SYN, &[])),
-        PASS
-    );
+    assert_eq!(r.egress(&syn_to_resolver(40999, 999)), PASS);
     let mut seg = testrun::tcp_frame(
         ip(CLIENT),
         ip(RESOLVER),
@@ -1340,4 +1331,511 @@ fn answers_with_more_addresses_than_the_kernel_binds_are_flagged() {
         abi::DNS_OVERFLOW,
         "the agent is told to bind the rest"
     );
+}
+
+/// The SYN of a TCP connection to the resolver with initial sequence number `isn`: the
+/// egress program follows the stream's bytes from `isn + 1`.
+fn syn_to_resolver(sport: u16, isn: u32) -> Vec<u8> {
+    testrun::tcp_frame(
+        ip(CLIENT),
+        ip(RESOLVER),
+        sport,
+        53,
+        isn,
+        0,
+        TCP_SYN,
+        &[],
+        &[],
+    )
+}
+
+// ---- DNS queries fail closed: what cannot be judged is refused or dropped, and reported ----
+
+/// A query built by hand: `flags` is the header's second and third byte (QR, opcode, RD…),
+/// `counts` QDCOUNT, ANCOUNT, NSCOUNT, ARCOUNT, `body` what follows the header.
+fn raw_query(id: u16, flags: u16, counts: [u16; 4], body: &[u8]) -> Vec<u8> {
+    let mut m = id.to_be_bytes().to_vec();
+    m.extend_from_slice(&flags.to_be_bytes());
+    for c in counts {
+        m.extend_from_slice(&c.to_be_bytes());
+    }
+    m.extend_from_slice(body);
+    m
+}
+
+/// One question: `name` in wire form, type A, class IN.
+fn question(name: &str) -> Vec<u8> {
+    let mut q = testrun::wire(name);
+    q.extend_from_slice(&[0, 0, 1, 0, 1]);
+    q
+}
+
+/// The DNS copies the kernel reported since the last call, as their flags.
+fn dns_copy_flags(r: &Rig) -> Vec<u32> {
+    r.events()
+        .into_iter()
+        .filter_map(|e| match e {
+            Ev::Dns(d) => Some(d.flags),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn udp_queries_that_cannot_be_judged_are_refused_or_dropped() {
+    let allowed = question("github.test");
+    // A name that ends in a compression pointer (to offset 12: the name itself).
+    let mut pointer = testrun::wire("x");
+    pointer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1]);
+    let mut long_label = vec![64u8];
+    long_label.extend_from_slice(&[b'a'; 64]);
+    long_label.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let mut two = question("github.test");
+    two.extend_from_slice(&question("leak.attacker.test"));
+    // (A datagram larger than the parser's limit does not fit BPF_PROG_TEST_RUN's page:
+    // tests/escape_dns.rs sends one.)
+    let refused = TC_ACT_REDIRECT;
+    struct Row {
+        what: &'static str,
+        msg: Vec<u8>,
+        block: i32,
+    }
+    let rows = [
+        Row {
+            what: "QR=1 (an answer sent to a resolver)",
+            msg: raw_query(1, 0x8100, [1, 0, 0, 0], &allowed),
+            block: refused,
+        },
+        Row {
+            what: "opcode 5 (UPDATE)",
+            msg: raw_query(2, 0x2800, [1, 0, 0, 0], &allowed),
+            block: refused,
+        },
+        Row {
+            what: "opcode 2 (STATUS)",
+            msg: raw_query(3, 0x1000, [1, 0, 0, 0], &allowed),
+            block: refused,
+        },
+        Row {
+            what: "two questions, the second not allowed",
+            msg: raw_query(4, 0x0100, [2, 0, 0, 0], &two),
+            block: refused,
+        },
+        Row {
+            what: "no question",
+            msg: raw_query(5, 0x0100, [0, 0, 0, 0], &[]),
+            block: refused,
+        },
+        Row {
+            what: "an answer record in a query",
+            msg: raw_query(6, 0x0100, [1, 1, 0, 0], &allowed),
+            block: refused,
+        },
+        Row {
+            what: "an authority record in a query",
+            msg: raw_query(7, 0x0100, [1, 0, 1, 0], &allowed),
+            block: refused,
+        },
+        Row {
+            what: "a question name ending in a compression pointer",
+            msg: raw_query(8, 0x0100, [1, 0, 0, 0], &pointer),
+            block: refused,
+        },
+        Row {
+            what: "a label longer than 63 bytes",
+            msg: raw_query(9, 0x0100, [1, 0, 0, 0], &long_label),
+            block: refused,
+        },
+        Row {
+            what: "a question cut short (no type and class)",
+            msg: raw_query(10, 0x0100, [1, 0, 0, 0], &testrun::wire("github.test")),
+            block: refused,
+        },
+        Row {
+            what: "shorter than a header",
+            msg: vec![0x12, 0x34, 0x01, 0x00, 0, 1],
+            block: DROP,
+        },
+    ];
+    for mode in [Mode::Block, Mode::Audit] {
+        for row in &rows {
+            let r = rig_with(mode, Mode::Block, "github.test", true);
+            let f = frame(ip(CLIENT), ip(RESOLVER), 17, r.port(), 53, 0, &row.msg);
+            let (rc, _) = egress_out(&r, &f);
+            let (want, flags) = if mode == Mode::Block {
+                let refused = if row.block == refused {
+                    abi::DNS_REFUSED
+                } else {
+                    0
+                };
+                (row.block, abi::DNS_QUERY | abi::DNS_UNJUDGED | refused)
+            } else {
+                (PASS, abi::DNS_QUERY | abi::DNS_UNJUDGED)
+            };
+            assert_eq!(rc, want, "{mode:?}: {}", row.what);
+            assert_eq!(dns_copy_flags(&r), vec![flags], "{mode:?}: {}", row.what);
+            assert_eq!(
+                r.counter(abi::rf_counter::RF_CNT_DNS_UNJUDGED),
+                1,
+                "{mode:?}: {}",
+                row.what
+            );
+        }
+    }
+}
+
+#[test]
+fn udp_query_fragments_and_short_datagrams_are_dropped() {
+    let q = dns_query(0x5151, "leak.attacker.test", 1);
+    let mut udp = Vec::new();
+    udp.extend_from_slice(&40000u16.to_be_bytes());
+    udp.extend_from_slice(&53u16.to_be_bytes());
+    udp.extend_from_slice(&((8 + q.len() + 1000) as u16).to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(&q);
+    // The first fragment (more-fragments set) carries the name; the rest would follow.
+    let first = testrun::ip_frame(ip(CLIENT), ip(RESOLVER), 17, &udp, 0x2000);
+    // A datagram whose UDP length claims more than it holds.
+    let short = testrun::ip_frame(ip(CLIENT), ip(RESOLVER), 17, &udp, 0);
+    for (what, f) in [("first fragment", &first), ("short datagram", &short)] {
+        let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
+        assert_eq!(r.egress(f), DROP, "{what}");
+        assert_eq!(
+            dns_copy_flags(&r),
+            vec![abi::DNS_QUERY | abi::DNS_UNJUDGED],
+            "{what}"
+        );
+        let r = rig_with(Mode::Audit, Mode::Block, "github.test", true);
+        assert_eq!(r.egress(f), PASS, "audit: {what}");
+        assert_eq!(
+            dns_copy_flags(&r),
+            vec![abi::DNS_QUERY | abi::DNS_UNJUDGED],
+            "audit: {what}"
+        );
+    }
+}
+
+/// A TCP connection from the client to the resolver, segment by segment.
+struct TcpConn<'a> {
+    r: &'a Rig,
+    sport: u16,
+    seq: u32,
+}
+
+impl<'a> TcpConn<'a> {
+    /// Opens the stream with a SYN (ISN 1000).
+    fn open(r: &'a Rig) -> Self {
+        let sport = r.port();
+        assert_eq!(r.egress(&syn_to_resolver(sport, 1000)), PASS, "the SYN");
+        TcpConn {
+            r,
+            sport,
+            seq: 1001,
+        }
+    }
+
+    /// A segment carrying `bytes` at sequence number `seq` (the stream does not move).
+    fn at(&self, seq: u32, bytes: &[u8]) -> i32 {
+        self.r.egress(&testrun::tcp_frame(
+            ip(CLIENT),
+            ip(RESOLVER),
+            self.sport,
+            53,
+            seq,
+            1,
+            PSH_ACK,
+            &[],
+            bytes,
+        ))
+    }
+
+    /// The next segment of the stream.
+    fn send(&mut self, bytes: &[u8]) -> i32 {
+        let rc = self.at(self.seq, bytes);
+        self.seq = self.seq.wrapping_add(bytes.len() as u32);
+        rc
+    }
+}
+
+fn tcp_q(id: u16, name: &str) -> Vec<u8> {
+    testrun::tcp_dns(&dns_query(id, name, 1))
+}
+
+#[test]
+fn tcp_query_table() {
+    // Dropped, and the client's socket reset (the segment turned around as a RST).
+    const RESET: i32 = TC_ACT_REDIRECT;
+    const Q: u32 = abi::DNS_QUERY | abi::DNS_TCP;
+    const UNJ: u32 = abi::DNS_QUERY | abi::DNS_TCP | abi::DNS_UNJUDGED;
+    let ok = tcp_q(1, "github.test");
+    let bad = tcp_q(2, "leak.attacker.test");
+    let cat = |a: &[u8], b: &[u8]| [a, b].concat();
+    let many: Vec<u8> = (0..40)
+        .flat_map(|i| tcp_q(100 + i, "github.test"))
+        .collect();
+    // A message claiming 5,000 bytes: its allowed question is whole in the first segment.
+    let mut huge = 5000u16.to_be_bytes().to_vec();
+    huge.extend_from_slice(&dns_query(3, "github.test", 1));
+    huge.resize(1000, 0);
+    let runt = [0u8, 4, 1, 2, 3, 4];
+    struct Row {
+        what: &'static str,
+        /// Segments sent in order on one stream, and what each should get in block mode.
+        segs: Vec<(Vec<u8>, i32)>,
+        /// The DNS copies reported in block mode.
+        copies: Vec<u32>,
+    }
+    let rows = vec![
+        Row {
+            what: "an allowed query in one segment",
+            segs: vec![(ok.clone(), PASS)],
+            copies: vec![],
+        },
+        Row {
+            what: "an unlisted query in one segment: refused at once",
+            segs: vec![(bad.clone(), TC_ACT_REDIRECT)],
+            copies: vec![Q | abi::DNS_REFUSED],
+        },
+        Row {
+            what: "length prefix and body in separate segments (unlisted)",
+            segs: vec![(bad[..2].to_vec(), PASS), (bad[2..].to_vec(), RESET)],
+            copies: vec![Q],
+        },
+        Row {
+            what: "length prefix and body in separate segments (allowed)",
+            segs: vec![(ok[..2].to_vec(), PASS), (ok[2..].to_vec(), PASS)],
+            copies: vec![],
+        },
+        Row {
+            what: "the prefix split byte by byte",
+            segs: vec![
+                (ok[..1].to_vec(), PASS),
+                (ok[1..2].to_vec(), PASS),
+                (ok[2..].to_vec(), PASS),
+            ],
+            copies: vec![],
+        },
+        Row {
+            what: "an unlisted query pipelined behind an allowed one",
+            segs: vec![(cat(&ok, &bad), RESET)],
+            copies: vec![Q],
+        },
+        Row {
+            what: "two allowed queries in one segment",
+            segs: vec![(cat(&ok, &ok), PASS)],
+            copies: vec![],
+        },
+        Row {
+            what: "a message across two segments, split inside the name",
+            segs: vec![(bad[..20].to_vec(), PASS), (bad[20..].to_vec(), RESET)],
+            copies: vec![Q],
+        },
+        Row {
+            what: "a segment that does not start on a boundary",
+            segs: vec![(cat(&ok, &bad[..9]), PASS), (cat(&bad[9..], &ok), RESET)],
+            copies: vec![Q],
+        },
+        Row {
+            what: "a stream with a dropped segment is dead",
+            segs: vec![(cat(&ok, &bad), RESET), (ok.clone(), RESET)],
+            copies: vec![Q],
+        },
+        Row {
+            what: "larger than the parser's limit",
+            segs: vec![(huge, RESET)],
+            copies: vec![UNJ],
+        },
+        Row {
+            what: "a message shorter than a header",
+            segs: vec![(runt.to_vec(), RESET)],
+            copies: vec![UNJ],
+        },
+        Row {
+            what: "more messages in one segment than the walk takes",
+            segs: vec![(many, RESET)],
+            copies: vec![UNJ],
+        },
+    ];
+    for row in &rows {
+        let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
+        let mut c = TcpConn::open(&r);
+        for (i, (seg, want)) in row.segs.iter().enumerate() {
+            assert_eq!(c.send(seg), *want, "{}: segment {i}", row.what);
+        }
+        assert_eq!(dns_copy_flags(&r), row.copies, "{}", row.what);
+        // Audit mode: every segment passes, and the same is reported.
+        let r = rig_with(Mode::Audit, Mode::Block, "github.test", true);
+        let mut c = TcpConn::open(&r);
+        for (i, (seg, _)) in row.segs.iter().enumerate() {
+            assert_eq!(c.send(seg), PASS, "audit: {}: segment {i}", row.what);
+        }
+        let want: Vec<u32> = row.copies.iter().map(|f| f & !abi::DNS_REFUSED).collect();
+        let got = dns_copy_flags(&r);
+        assert_eq!(
+            &got[..want.len().min(got.len())],
+            &want[..],
+            "audit: {}",
+            row.what
+        );
+    }
+}
+
+#[test]
+fn tcp_streams_that_cannot_be_followed_are_dropped() {
+    const UNJ: u32 = abi::DNS_QUERY | abi::DNS_TCP | abi::DNS_UNJUDGED;
+    const RESET: i32 = TC_ACT_REDIRECT;
+    let ok = tcp_q(1, "github.test");
+    // A stream whose SYN was never seen: where its messages begin is unknown.
+    let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
+    let seg = testrun::tcp_frame(
+        ip(CLIENT),
+        ip(RESOLVER),
+        41000,
+        53,
+        5000,
+        1,
+        PSH_ACK,
+        &[],
+        &ok,
+    );
+    assert_eq!(r.egress(&seg), RESET, "unknown stream");
+    assert_eq!(dns_copy_flags(&r), vec![UNJ]);
+    assert_eq!(r.egress(&seg), RESET, "unknown stream, again");
+    assert_eq!(dns_copy_flags(&r), Vec::<u32>::new(), "reported once");
+    let r = rig_with(Mode::Audit, Mode::Block, "github.test", true);
+    assert_eq!(r.egress(&seg), PASS, "audit: unknown stream");
+    assert_eq!(dns_copy_flags(&r), vec![UNJ]);
+
+    // A gap: bytes after some the program never saw.
+    let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
+    let c = TcpConn::open(&r);
+    let gap = testrun::tcp_frame(
+        ip(CLIENT),
+        ip(RESOLVER),
+        c.sport,
+        53,
+        c.seq + 10,
+        7777,
+        PSH_ACK,
+        &[],
+        &ok,
+    );
+    let mut gap = gap;
+    set_l4_checksum(&mut gap, false, 6);
+    let (rc, out) = egress_out(&r, &gap);
+    assert_eq!(rc, RESET, "gap");
+    // The client gets a RST from the resolver that its socket believes: seq = what it acked.
+    let l4 = 14 + 20;
+    assert_eq!(&out[14 + 12..14 + 16], &a4(RESOLVER));
+    assert_eq!(&out[l4..l4 + 2], &53u16.to_be_bytes());
+    assert_eq!(&out[l4 + 2..l4 + 4], &c.sport.to_be_bytes());
+    assert_eq!(&out[l4 + 4..l4 + 8], &7777u32.to_be_bytes());
+    assert_eq!(out[l4 + 13], 0x14, "RST|ACK");
+    assert!(
+        l4_checksum_ok(&out, false, 6),
+        "TCP checksum after the rewrite"
+    );
+    assert_eq!(c.at(c.seq, &ok), RESET, "the stream is dead");
+    assert_eq!(dns_copy_flags(&r), vec![UNJ]);
+
+    // A retransmit of judged bytes passes; one that carries new bytes too is judged on them.
+    let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
+    let mut c = TcpConn::open(&r);
+    let start = c.seq;
+    assert_eq!(c.send(&ok), PASS);
+    assert_eq!(c.at(start, &ok), PASS, "pure retransmit");
+    let bad = tcp_q(2, "leak.attacker.test");
+    assert_eq!(
+        c.at(start, &[ok.clone(), bad].concat()),
+        RESET,
+        "old bytes + a new unlisted query"
+    );
+    // ACKs and FINs carry nothing and pass even on a dead stream's connection.
+    assert_eq!(
+        r.egress(&testrun::tcp_frame(
+            ip(CLIENT),
+            ip(RESOLVER),
+            c.sport,
+            53,
+            c.seq,
+            1,
+            TCP_ACK,
+            &[],
+            &[]
+        )),
+        PASS
+    );
+}
+
+#[test]
+fn dns_to_any_loopback_address_is_pinned_and_filtered() {
+    // Resolver 127.0.0.53 (a local stub); 127.0.0.54 answers too, but is not configured.
+    let pooled = POOL.lock().unwrap().pop();
+    let mut dp = match pooled {
+        Some(mut dp) => {
+            dp.reset().unwrap();
+            dp
+        }
+        None => Dataplane::load(&Options::default()).unwrap(),
+    };
+    let policy = Policy {
+        mode: Mode::Block,
+        direct_ip: Mode::Block,
+        dns_resolvers: vec![ip("127.0.0.53")],
+        endpoints: Policy::parse_endpoints("github.test", "test").unwrap(),
+        dns_filter: true,
+        ..Policy::default()
+    };
+    dp.install_policy(JOB, &policy.compile().unwrap(), &policy.dns_resolvers)
+        .unwrap();
+    dp.add_interface_job(
+        LO,
+        abi::rf_job {
+            job_id: JOB,
+            mode: 1,
+            direct_ip: 1,
+            dns_filter: 1,
+            _pad: 0,
+        },
+    )
+    .unwrap();
+    let r = Rig {
+        dp: Some(dp),
+        next_port: std::cell::Cell::new(42000),
+    };
+    let lo = |dst: &str, proto: u8, dport: u16, payload: &[u8]| {
+        r.egress(&frame(
+            ip("127.0.0.1"),
+            ip(dst),
+            proto,
+            r.port(),
+            dport,
+            0,
+            payload,
+        ))
+    };
+    let ok = dns_query(1, "github.test", 1);
+    let bad = dns_query(2, "leak.attacker.test", 1);
+    // Another loopback address on port 53: not a resolver of the job.
+    assert_eq!(lo("127.0.0.54", 17, 53, &ok), DROP, "udp to 127.0.0.54");
+    assert_eq!(
+        r.flows()[0].reason,
+        abi::rf_reason::RF_REASON_DNS_RESOLVER.0 as u8
+    );
+    assert_eq!(lo("127.0.0.54", 6, 53, &[]), DROP, "tcp SYN to 127.0.0.54");
+    // The configured stub: filtered like any resolver.
+    assert_eq!(lo("127.0.0.53", 17, 53, &ok), PASS);
+    let (rc, _) = egress_out(
+        &r,
+        &frame(ip("127.0.0.1"), ip("127.0.0.53"), 17, r.port(), 53, 0, &bad),
+    );
+    assert_eq!(
+        rc, PASS,
+        "refused in place on loopback: the rewritten packet goes on"
+    );
+    // Other loopback traffic is not looked at: no flow, no event.
+    r.events();
+    assert_eq!(lo("127.0.0.1", 6, 8080, &[]), PASS);
+    assert_eq!(lo("127.0.0.54", 17, 5353, &ok), PASS);
+    assert!(r.events().is_empty());
 }
