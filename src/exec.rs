@@ -29,6 +29,10 @@ pub struct ExecArgs {
     /// May be given more than once; adds to --policy.
     #[arg(long = "allow", value_name = "ENDPOINTS")]
     pub allow: Vec<String>,
+    /// Peers that may connect to sockets the job listens on, as in a policy's
+    /// allowed-inbound ("198.51.100.7 203.0.113.0/24:8080", "*" for all). Repeatable.
+    #[arg(long = "allow-inbound", value_name = "PEERS")]
+    pub allow_inbound: Vec<String>,
     /// A TOML policy file.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
@@ -51,8 +55,10 @@ pub struct ExecArgs {
     /// Write every event as JSON Lines to FILE.
     #[arg(long, value_name = "FILE")]
     pub events: Option<PathBuf>,
-    /// Interfaces to attach to (repeatable). Default: every routed interface of this
-    /// network namespace except lo.
+    /// Interfaces to attach to (repeatable). Default: every interface of this network
+    /// namespace except lo, and every one that appears while the job runs. Either way the
+    /// job's packets leaving through an interface ringfence is not attached to are dropped
+    /// in block mode (reported in audit mode).
     #[arg(long = "interface", value_name = "IFNAME")]
     pub interfaces: Vec<String>,
     /// tcx (Linux 6.6+), clsact, or auto.
@@ -108,6 +114,9 @@ pub fn build_policy(args: &ExecArgs) -> std::result::Result<Policy, UsageError> 
     for a in &args.allow {
         b.allow(a, "--allow")?;
     }
+    for a in &args.allow_inbound {
+        b.allow_inbound(a, "--allow-inbound")?;
+    }
     if !args.dns_resolvers.is_empty() {
         b.dns_resolvers = Some(args.dns_resolvers.clone());
     }
@@ -131,8 +140,15 @@ fn mode_name(m: Mode) -> &'static str {
 pub fn run(args: &ExecArgs) -> Result<i32> {
     let policy = build_policy(args).map_err(anyhow::Error::new)?;
     let compiled = policy.compile()?;
-    let mut interfaces = if args.interfaces.is_empty() {
-        crate::netif::routed_interfaces()
+    // Subscribed before the interfaces are listed, so none can appear unseen in between.
+    let auto_interfaces = args.interfaces.is_empty();
+    let links = if auto_interfaces {
+        Some(crate::netif::LinkWatcher::open().context("watching rtnetlink for new interfaces")?)
+    } else {
+        None
+    };
+    let mut interfaces = if auto_interfaces {
+        crate::netif::all_interfaces()
     } else {
         args.interfaces.clone()
     };
@@ -146,11 +162,6 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
         if nix::net::if_::if_nametoindex(i.as_str()).is_err() {
             return Err(dataplane::DataplaneError::NoInterface(i.clone()).into());
         }
-    }
-    if interfaces.is_empty() {
-        anyhow::bail!(
-            "no interface to attach to: this network namespace has no routes (give --interface)"
-        );
     }
 
     let job_name = args
@@ -194,8 +205,17 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
         },
     )?;
     for i in &interfaces {
-        dp.attach(i)?;
+        match dp.attach(i) {
+            Ok(()) => {}
+            // An interface found on its own that cannot be attached stays unwatched: the
+            // backstop drops the job's packets through it in block mode.
+            Err(e) if auto_interfaces => {
+                tracing::warn!("{e}: job traffic through it is not let out in block mode")
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
+    dp.attach_backstop(cgroup.path())?;
     tracing::info!(
         job = job_name,
         mode = mode_name(policy.mode),
@@ -237,7 +257,7 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
         .with_context(|| format!("starting {}", args.command[0].to_string_lossy()))?;
     drop(procs);
 
-    let status = agent::run_until_exit(&dp, &mut agent, &mut child)?;
+    let status = agent::run_until_exit(&mut dp, &mut agent, &mut child, links.as_ref())?;
     // The job's leftovers (daemons, background jobs) end with it.
     cgroup.kill_all();
     let counters = dp.counters().unwrap_or([0; abi::COUNTERS]);
