@@ -58,8 +58,14 @@ const TUN_ALLOWED: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 201);
 /// header at all) in the client namespace, routes `net` through it when `route` is set, and
 /// writes every packet that comes out of it to a file: the receiving side of the device.
 const TUN_READER: &str = r#"
-import fcntl, os, struct, subprocess, sys
+import fcntl, os, stat, struct, subprocess, sys
 ip, name, net, route, out = sys.argv[1:6]
+if not os.path.exists("/dev/net/tun"):
+    # A minimal system (a test VM) may lack the node; the tun module loads on open.
+    subprocess.run(["modprobe", "tun"])
+    os.makedirs("/dev/net", exist_ok=True)
+    if not os.path.exists("/dev/net/tun"):
+        os.mknod("/dev/net/tun", 0o600 | stat.S_IFCHR, os.makedev(10, 200))
 fd = os.open("/dev/net/tun", os.O_RDWR)
 TUNSETIFF, IFF_TUN, IFF_NO_PI = 0x400454CA, 0x0001, 0x1000
 fcntl.ioctl(fd, TUNSETIFF, struct.pack("16sH", name.encode(), IFF_TUN | IFF_NO_PI))
