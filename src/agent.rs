@@ -558,45 +558,6 @@ const SIGNALS: Token = Token(1);
 const CHILD: Token = Token(2);
 const LINKS: Token = Token(3);
 
-/// Attaches to interfaces that appeared since the last look (until then the cgroup backstop
-/// holds the job's packets through them); forgets those that went away.
-fn attach_new_links(dp: &mut Dataplane, links: &crate::netif::LinkWatcher) {
-    use crate::netif::LinkChange;
-    let changes = match links.read() {
-        Ok(c) => c,
-        Err(e) => {
-            // Events were lost (the socket's buffer overran): look at every interface.
-            tracing::warn!("reading rtnetlink: {e}; rescanning the interfaces");
-            for name in crate::netif::all_interfaces() {
-                if let Err(e) = dp.attach(&name) {
-                    tracing::warn!("{e}");
-                }
-            }
-            return;
-        }
-    };
-    for c in changes {
-        match c {
-            LinkChange::New { ifindex, arphrd } => {
-                if dp.is_attached(ifindex) || ifindex == 1 {
-                    continue;
-                }
-                let Ok(name) = nix::net::if_::if_indextoname(ifindex) else {
-                    continue; // gone again already
-                };
-                let name = name.to_string_lossy().into_owned();
-                match dp.attach_index(&name, ifindex, arphrd) {
-                    Ok(()) => tracing::info!(ifname = name, "new interface: attached"),
-                    Err(e) => tracing::warn!(
-                        "{e}: the job's traffic through it stays blocked in block mode"
-                    ),
-                }
-            }
-            LinkChange::Gone { ifindex } => dp.forget_interface(ifindex),
-        }
-    }
-}
-
 /// Runs the event loop until `child` exits; returns its wait status. Signals that would
 /// stop ringfence (INT, TERM, HUP, QUIT) are forwarded to the child instead: the job ends,
 /// and the report and the events of everything it did are still written.
@@ -672,7 +633,7 @@ pub fn run_until_exit(
                 CHILD => child_done = true,
                 LINKS => {
                     if let Some(l) = links {
-                        attach_new_links(dp, l);
+                        dp.follow_links(l);
                     }
                 }
                 _ => {}

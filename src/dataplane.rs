@@ -383,6 +383,43 @@ impl Dataplane {
         }
     }
 
+    /// Attaches to interfaces that appeared since the last look (until then the cgroup
+    /// backstop holds the job's packets through them) and forgets those that went away.
+    pub fn follow_links(&mut self, links: &crate::netif::LinkWatcher) {
+        use crate::netif::LinkChange;
+        let changes = match links.read() {
+            Ok(c) => c,
+            Err(e) => {
+                // Events were lost (the socket's buffer overran): look at every interface.
+                tracing::warn!("reading rtnetlink: {e}; rescanning the interfaces");
+                for name in crate::netif::all_interfaces() {
+                    if let Err(e) = self.attach(&name) {
+                        tracing::warn!("{e}");
+                    }
+                }
+                return;
+            }
+        };
+        for c in changes {
+            match c {
+                LinkChange::New { ifindex, arphrd } => {
+                    // lo (1) stays on the host; the backstop lets it be.
+                    if ifindex == 1 || self.is_attached(ifindex) {
+                        continue;
+                    }
+                    let Ok(name) = nix::net::if_::if_indextoname(ifindex) else {
+                        continue; // gone again already
+                    };
+                    let name = name.to_string_lossy().into_owned();
+                    if let Err(e) = self.attach_index(&name, ifindex, arphrd) {
+                        tracing::warn!("{e}: only the backstop sees the job's traffic through it (dropped in block mode)");
+                    }
+                }
+                LinkChange::Gone { ifindex } => self.forget_interface(ifindex),
+            }
+        }
+    }
+
     /// Attaches the backstop to the job's cgroup: the job's packets leaving through an
     /// interface the TC programs are not attached to are unparsed (dropped in block mode).
     pub fn attach_backstop(&mut self, cgroup: &Path) -> Result<()> {
