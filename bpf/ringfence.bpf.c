@@ -341,11 +341,16 @@ int rf_egress(struct __sk_buff *skb)
 	} else {
 		/* A SYN opens an outbound connection. A TCP segment without SYN and without a
 		 * cached flow belongs to a connection whose first packet was not judged here (its
-		 * cache entry was evicted, or it was opened before a device was watched): it is
-		 * judged now, as outbound or as an allowed inbound connection, never passed. */
+		 * cache entry was evicted, its SYN-ACK was sent without a socket under SYN
+		 * cookies, or it was opened before a device was watched): it is judged now, as
+		 * outbound or as an allowed inbound connection, never passed. UDP has no
+		 * handshake: a datagram from the job's port to a peer allowed inbound on that
+		 * port is the job answering it. */
 		verdict = judge(job, &p, now, &reason);
-		if (verdict != RF_VERDICT_ALLOWED && p.proto == IPPROTO_TCP &&
-		    !(p.tcp_flags & RF_TCP_SYN) && inbound_allows(job, &p)) {
+		if (verdict != RF_VERDICT_ALLOWED &&
+		    (p.proto == IPPROTO_UDP ||
+		     (p.proto == IPPROTO_TCP && !(p.tcp_flags & RF_TCP_SYN))) &&
+		    inbound_allows(job, &p)) {
 			verdict = RF_VERDICT_ALLOWED;
 			reason = RF_REASON_ALLOWED;
 			direction = RF_DIR_INBOUND;

@@ -11,7 +11,8 @@
 //!
 //! A peer is an address or a network (IPv6 with a port in brackets or after the prefix
 //! length, as in `allowed-endpoints`), or `*` for every peer; the port is the job's local,
-//! listening port, and without one every port is meant. Names are refused: a connecting peer
+//! listening port, and without one every port is meant (a listed peer's TCP connections to
+//! that port, and the job's UDP datagrams from that port to the peer). Names are refused: a connecting peer
 //! comes with an address, not with a DNS answer the dataplane could tie it to. Without the
 //! key, no inbound connection is allowed (in block mode they are refused; in audit mode
 //! reported). Loopback peers are always allowed.
