@@ -607,6 +607,7 @@ fn pipeline(args: &Args) -> Result<()> {
             )?),
             PortSet::Any,
         )],
+        inbound: vec![],
     };
     dp.install_policy(JOB, &compiled, &[resolver()])?;
     dp.add_interface_job(
@@ -893,6 +894,7 @@ fn memory(args: &Args) -> Result<()> {
             &Compiled {
                 names: vec![],
                 prefixes,
+                inbound: vec![],
             },
             &[resolver()],
         )?;

@@ -51,6 +51,13 @@ enum rf_direction {
 	RF_DIR_INBOUND = 1,  /* a peer connected to a job's listening socket */
 };
 
+/* devices: what sits in front of the IP header on an attached interface. */
+enum rf_link {
+	RF_L2_NONE = 0,      /* L3 devices (tun, WireGuard, PPP, raw IP): the packet starts at the IP header */
+	RF_L2_ETHER = 14,    /* Ethernet, and loopback (which carries an Ethernet-sized header) */
+	RF_L2_UNKNOWN = 255, /* a link type ringfence does not know: its job packets are unparsed (fail closed) */
+};
+
 enum rf_mode {
 	RF_MODE_AUDIT = 0,
 	RF_MODE_BLOCK = 1,

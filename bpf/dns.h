@@ -457,6 +457,14 @@ static long bind_cb(__u32 i, void *ctx)
 	if (!s || i >= s->naddrs)
 		return 1;
 	allowed = s->matched;
+	/* An answer never opens this host, the link, metadata or multicast: a name the policy
+	 * allows could otherwise be pointed at 169.254.169.254 (DNS rebinding). Not even
+	 * RF_ADDR_SEEN is set, so a static entry or the metadata rule alone decides. */
+	if (is_special_answer(s->addrs[i & (RF_DNS_ADDRS_MAX - 1)])) {
+		s->flags |= RF_DNS_SPECIAL;
+		count(RF_CNT_DNS_SPECIAL);
+		return 0;
+	}
 	key.prefixlen = RF_LPM_FULL;
 	key.job_id = s->job_id;
 	__builtin_memcpy(key.addr, s->addrs[i & (RF_DNS_ADDRS_MAX - 1)], 16);
@@ -656,12 +664,15 @@ static __always_inline __u16 refused_flags(__u16 query_flags)
  * bytes (the ports) trade places. No checksum changes: ones' complement sums commute. */
 static __noinline int swap_endpoints(struct __sk_buff *skb, struct pkt *p)
 {
-	__u32 src = p->family == 4 ? ETH_HLEN + 12 : ETH_HLEN + 8;
-	__u32 dst = p->family == 4 ? ETH_HLEN + 16 : ETH_HLEN + 24;
+	/* l3_off: 0 on L3 devices (tun, WireGuard), which have no MACs to swap. */
+	__u32 l3 = p->l3_off == ETH_HLEN ? ETH_HLEN : 0;
+	__u32 src = p->family == 4 ? l3 + 12 : l3 + 8;
+	__u32 dst = p->family == 4 ? l3 + 16 : l3 + 24;
 	__u8 mac[12], swapped_mac[12], a[16], b[16];
 	__u16 ports[2], swapped[2];
 
-	if (bpf_skb_load_bytes(skb, 0, mac, 12) || bpf_skb_load_bytes(skb, p->l4_off, ports, 4))
+	if ((l3 && bpf_skb_load_bytes(skb, 0, mac, 12)) ||
+	    bpf_skb_load_bytes(skb, p->l4_off, ports, 4))
 		return -1;
 	if (p->family == 4) {
 		if (bpf_skb_load_bytes(skb, src, a, 4) || bpf_skb_load_bytes(skb, dst, b, 4) ||
@@ -677,7 +688,7 @@ static __noinline int swap_endpoints(struct __sk_buff *skb, struct pkt *p)
 	__builtin_memcpy(swapped_mac, mac + 6, 6);
 	__builtin_memcpy(swapped_mac + 6, mac, 6);
 	if (bpf_skb_store_bytes(skb, p->l4_off, swapped, 4, 0) ||
-	    bpf_skb_store_bytes(skb, 0, swapped_mac, 12, 0))
+	    (l3 && bpf_skb_store_bytes(skb, 0, swapped_mac, 12, 0)))
 		return -1;
 	return 0;
 }

@@ -32,6 +32,26 @@ struct {
 	__type(value, struct rf_addr_val);
 } allow SEC(".maps");
 
+/* (job, peer address/prefix) -> the job's local ports a peer may connect to (allowed-inbound).
+ * A prefix of 32 bits (the job id alone) is "every peer". */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, 4096);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct rf_lpm_key);
+	__type(value, struct rf_ports);
+} inbound SEC(".maps");
+
+/* ifindex -> enum rf_link, for every interface the TC programs are attached to. The TC
+ * program reads it only when some attached interface is not Ethernet (have_l3_devs); the
+ * cgroup backstop reads it to tell watched interfaces from the rest. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u32);
+} devices SEC(".maps");
+
 /* (job, hash of a name suffix) -> what that name allows. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -21,6 +21,9 @@
 volatile __u32 job_levels = 0;
 /* Set once any job is keyed by interface: saves the lookup for everyone else. */
 volatile __u32 have_ifjobs = 0;
+/* Set once some attached interface is not Ethernet: only then does the verdict program look
+ * up the link header length of its interface, so the Ethernet hot path stays as it was. */
+volatile __u32 have_l3_devs = 0;
 
 /* Keep the event types in BTF for the skeleton (see abi.h). */
 struct rf_flow_event _rf_flow_event = {};
@@ -34,6 +37,7 @@ enum rf_addr_flags _rf_addr_flags = 0;
 enum rf_dns_flags _rf_dns_flags = 0;
 enum rf_counter _rf_counter = 0;
 enum rf_direction _rf_direction = 0;
+enum rf_link _rf_link = 0;
 
 #define RF_SEC 1000000000ULL
 
@@ -42,12 +46,15 @@ static __always_inline int is_dns(const struct pkt *p)
 	return p->proto == IPPROTO_UDP || p->proto == IPPROTO_TCP;
 }
 
-static __always_inline struct rf_job *find_job(struct __sk_buff *skb, __u64 *cgid)
+/* The job a packet belongs to. *by_socket says it was sent by a socket of the job's cgroup
+ * (not only seen on a job's interface, where ARP and neighbour discovery also pass). */
+static __always_inline struct rf_job *find_job(struct __sk_buff *skb, __u64 *cgid, int *by_socket)
 {
 	__u64 id = bpf_skb_cgroup_id(skb);
 	struct rf_job *j;
 	__u32 levels;
 
+	*by_socket = 0;
 	if (have_ifjobs) {
 		__u32 ifindex = skb->ifindex;
 
@@ -60,6 +67,7 @@ static __always_inline struct rf_job *find_job(struct __sk_buff *skb, __u64 *cgi
 	if (!id)
 		return NULL;
 	*cgid = id;
+	*by_socket = 1;
 	j = bpf_map_lookup_elem(&jobs, &id);
 	if (j)
 		return j;
@@ -87,15 +95,6 @@ static __always_inline __u8 deny(const struct rf_job *job, int direct)
 	if (direct && job->direct_ip == RF_MODE_BLOCK)
 		return RF_VERDICT_BLOCKED;
 	return RF_VERDICT_AUDITED;
-}
-
-/* A segment to port 53 of a connection whose SYN no flow remembers (it predates the job, or
- * its flow was evicted) is judged like a new flow: to a resolver, dns_query then finds no
- * stream to follow and refuses to pass what it cannot judge; to anything else, it is DNS to
- * a server that is not a resolver. */
-static __always_inline int dns_stream_unknown(const struct pkt *p, int dns)
-{
-	return dns && !(p->tcp_flags & RF_TCP_SYN);
 }
 
 static __always_inline int is_resolver(const struct rf_job *job, const __u8 *addr)
@@ -142,8 +141,26 @@ static __always_inline __u8 judge(const struct rf_job *job, struct pkt *p, __u64
 	return deny(job, 1);
 }
 
+/* May the peer (the packet's destination) be connected to the job's local port (its
+ * source port)? The allowed-inbound trie holds the union of ports of covering prefixes in
+ * each entry, so the longest match decides. */
+static __always_inline int inbound_allows(const struct rf_job *job, const struct pkt *p)
+{
+	struct rf_lpm_key key = {};
+	struct rf_ports *ports;
+
+	key.prefixlen = RF_LPM_FULL;
+	key.job_id = job->job_id;
+	__builtin_memcpy(key.addr, p->daddr, 16);
+	ports = bpf_map_lookup_elem(&inbound, &key);
+	return ports && ports_has(ports, p->sport);
+}
+
+/* `task`: whether the task helpers may be called at all (a compile-time constant: the cgroup
+ * hook passes 0, since which kernels offer them there was not probed). */
 static __always_inline void emit_flow(const struct rf_job *job, __u64 cgid, struct pkt *p,
-				      __u64 now, __u8 verdict, __u8 reason)
+				      __u64 now, __u8 verdict, __u8 reason, __u8 direction,
+				      int task)
 {
 	struct rf_flow_event *e;
 
@@ -165,7 +182,7 @@ static __always_inline void emit_flow(const struct rf_job *job, __u64 cgid, stru
 	/* A packet sent from a timer (a retransmit) runs in whatever task was current: the
 	 * pid is only kept when the current task is in the socket's cgroup, so the agent never
 	 * has to check /proc per event. */
-	if (have_task_helpers && bpf_get_current_cgroup_id() == cgid) {
+	if (task && have_task_helpers && bpf_get_current_cgroup_id() == cgid) {
 		e->pid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(e->comm, sizeof(e->comm));
 	} else {
@@ -179,8 +196,54 @@ static __always_inline void emit_flow(const struct rf_job *job, __u64 cgid, stru
 	e->proto = p->proto;
 	e->verdict = verdict;
 	e->reason = reason;
-	e->direction = RF_DIR_OUTBOUND;
+	e->direction = direction;
 	bpf_ringbuf_submit(e, ringbuf_flags(0));
+}
+
+/* A job's packet that could not be parsed: in block mode dropped, in audit mode passed;
+ * reported either way, once per (job, destination, protocol) as far as they could be read:
+ * the flow cache remembers it under a key no parsed flow has (`_pad[0]` set), so a stream
+ * of such packets is one event, not one per packet. Returns the TC action. */
+static __always_inline int unparsed(const struct rf_job *job, __u64 cgid, struct pkt *p, int task)
+{
+	struct rf_flow_key fk = {};
+	struct rf_flow_val fv = {}, *cached;
+	__u64 now = bpf_ktime_get_boot_ns();
+	__u8 verdict;
+
+	__builtin_memcpy(fk.daddr, p->daddr, 16);
+	fk.job_id = job->job_id;
+	fk.proto = p->proto;
+	fk._pad[0] = 1;
+	cached = bpf_map_lookup_elem(&flows, &fk);
+	if (cached) {
+		verdict = cached->verdict;
+	} else {
+		verdict = deny(job, 0);
+		fv.first_ns = now;
+		fv.last_ns = now;
+		fv.verdict = verdict;
+		fv.reason = RF_REASON_UNPARSED;
+		bpf_map_update_elem(&flows, &fk, &fv, BPF_ANY);
+		count(RF_CNT_UNPARSED);
+		emit_flow(job, cgid, p, now, verdict, RF_REASON_UNPARSED, RF_DIR_OUTBOUND, task);
+	}
+	if (verdict == RF_VERDICT_BLOCKED) {
+		count(RF_CNT_BLOCKED);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_UNSPEC;
+}
+
+/* The link header length of the interface the packet is on (see `devices`). */
+static __always_inline __u32 link_hdr_len(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex, *l2;
+
+	if (!have_l3_devs)
+		return RF_L2_ETHER;
+	l2 = bpf_map_lookup_elem(&devices, &ifindex);
+	return l2 ? *l2 : RF_L2_ETHER;
 }
 
 SEC("tc")
@@ -191,14 +254,31 @@ int rf_egress(struct __sk_buff *skb)
 	struct pkt p = {};
 	struct rf_job *job;
 	__u64 cgid = 0, now;
-	__u8 verdict, reason = RF_REASON_ALLOWED;
-	int dns;
+	__u8 verdict, reason = RF_REASON_ALLOWED, direction = RF_DIR_OUTBOUND;
+	int dns, by_socket, rc;
+	__u32 l2;
 
-	job = find_job(skb, &cgid);
+	job = find_job(skb, &cgid, &by_socket);
 	if (!job)
 		return TC_ACT_UNSPEC;
-	if (parse_pkt(skb, &p))
-		return TC_ACT_UNSPEC;
+	l2 = link_hdr_len(skb);
+	rc = parse_pkt(skb, &p, l2);
+	/* Headers outside the linear part of the buffer are pulled in and read again (rare:
+	 * local senders put headers in the head). */
+	if (rc == RF_PARSE_BAD && skb->len > skb->data_end - skb->data &&
+	    !bpf_skb_pull_data(skb, skb->len < 128 ? skb->len : 128)) {
+		__builtin_memset(&p, 0, sizeof(p));
+		/* A fresh skb pointer for clang: it must not reuse a `skb + offsetof(data_end)`
+		 * it computed before, which the verifier refuses (modified ctx pointer). */
+		barrier_var(skb);
+		rc = parse_pkt(skb, &p, l2);
+	}
+	if (rc != RF_PARSE_OK) {
+		/* ARP and neighbour discovery of a job keyed by interface carry no job data. */
+		if (rc == RF_PARSE_NOT_IP && !by_socket)
+			return TC_ACT_UNSPEC;
+		return unparsed(job, cgid, &p, 1);
+	}
 	/* Every path that lets a DNS query pass ends at the one `query:` below: dns_query() is
 	 * large, and each inlined copy would be verified again. */
 	dns = is_dns(&p) && p.dport == 53;
@@ -243,22 +323,43 @@ int rf_egress(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	}
 
-	/* Only the first packet of an outbound connection opens a flow. A TCP segment without
-	 * SYN (or a SYN-ACK: an inbound connection) cannot open one: a dropped SYN means there
-	 * is no connection to continue, and replies to inbound connections must pass. */
-	if (p.proto == IPPROTO_TCP && (!(p.tcp_flags & RF_TCP_SYN) || (p.tcp_flags & RF_TCP_ACK)) &&
-	    !always_judge && !dns_stream_unknown(&p, dns))
-		return TC_ACT_UNSPEC;
-	/* A later fragment has no ports: judge it by address like its first fragment was. */
-
-	verdict = judge(job, &p, now, &reason);
+	if (p.proto == IPPROTO_TCP && (p.tcp_flags & (RF_TCP_SYN | RF_TCP_ACK)) ==
+					      (RF_TCP_SYN | RF_TCP_ACK)) {
+		/* The job's SYN-ACK: a peer is connecting to a socket the job listens on. Judged
+		 * here, before the handshake completes: dropped, the peer never connects. */
+		direction = RF_DIR_INBOUND;
+		count(RF_CNT_INBOUND);
+		if (inbound_allows(job, &p)) {
+			verdict = RF_VERDICT_ALLOWED;
+		} else {
+			reason = RF_REASON_INBOUND;
+			verdict = deny(job, 0);
+		}
+	} else {
+		/* A SYN opens an outbound connection. A TCP segment without SYN and without a
+		 * cached flow belongs to a connection whose first packet was not judged here (its
+		 * cache entry was evicted, its SYN-ACK was sent without a socket under SYN
+		 * cookies, or it was opened before a device was watched): it is judged now, as
+		 * outbound or as an allowed inbound connection, never passed. UDP has no
+		 * handshake: a datagram from the job's port to a peer allowed inbound on that
+		 * port is the job answering it. */
+		verdict = judge(job, &p, now, &reason);
+		if (verdict != RF_VERDICT_ALLOWED &&
+		    (p.proto == IPPROTO_UDP ||
+		     (p.proto == IPPROTO_TCP && !(p.tcp_flags & RF_TCP_SYN))) &&
+		    inbound_allows(job, &p)) {
+			verdict = RF_VERDICT_ALLOWED;
+			reason = RF_REASON_ALLOWED;
+			direction = RF_DIR_INBOUND;
+		}
+	}
 	fv.first_ns = now;
 	fv.last_ns = now;
 	fv.verdict = verdict;
 	fv.reason = reason;
 	bpf_map_update_elem(&flows, &fk, &fv, BPF_ANY);
 	count(RF_CNT_NEW_FLOWS);
-	emit_flow(job, cgid, &p, now, verdict, reason);
+	emit_flow(job, cgid, &p, now, verdict, reason, direction, 1);
 
 	if (verdict == RF_VERDICT_BLOCKED) {
 		count(RF_CNT_BLOCKED);
@@ -276,11 +377,35 @@ int rf_ingress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
 
-	if (parse_pkt(skb, &p))
+	if (parse_pkt(skb, &p, link_hdr_len(skb)))
 		return TC_ACT_UNSPEC;
 	if (is_dns(&p) && p.sport == 53)
 		dns_answer(skb, &p);
 	return TC_ACT_UNSPEC;
+}
+
+/* The backstop, on the job's cgroup: a job packet leaving through an interface the TC
+ * programs are not attached to (one that appeared a moment ago and is not attached yet, or
+ * one left out with --interface) is unparsed as far as the verdict program is concerned:
+ * dropped in block mode, reported in both. Loopback (ifindex 1 in every namespace) stays
+ * on the host. Returns 1 to let the packet go, 0 to drop it. */
+SEC("cgroup_skb/egress")
+int rf_backstop(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+	struct pkt p = {};
+	struct rf_job *job;
+	__u64 cgid = 0;
+	int by_socket;
+
+	if (ifindex == 1 || bpf_map_lookup_elem(&devices, &ifindex))
+		return 1;
+	job = find_job(skb, &cgid, &by_socket);
+	if (!job)
+		return 1;
+	/* At this hook the packet starts at its IP header. */
+	parse_pkt(skb, &p, RF_L2_NONE);
+	return unparsed(job, cgid, &p, 0) == TC_ACT_SHOT ? 0 : 1;
 }
 
 /* The baseline for benchmarks: what an attached program costs before it does anything. */

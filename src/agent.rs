@@ -512,17 +512,21 @@ impl Agent {
         if reason == Reason::DirectIp && domain.is_some() {
             reason = Reason::NotAllowed;
         }
+        let direction = crate::events::Direction::from_abi(ev.direction);
+        // An inbound connection is named by its peer and the job's port it reached.
+        let port = if direction.is_outbound() {
+            ev.dport
+        } else {
+            ev.sport
+        };
         let flow = job.flow(
             (ev.hdr.ts_ns, ev.pid, &ev.comm, ev.cgroup_id),
             Proto::from(ev.proto),
-            (dst, ev.dport, domain),
+            (dst, port, domain),
             Verdict::try_from(ev.verdict).unwrap_or(Verdict::Blocked),
             reason,
         );
-        let flow = FlowEvent {
-            direction: crate::events::Direction::from_abi(ev.direction),
-            ..flow
-        };
+        let flow = FlowEvent { direction, ..flow };
         self.emit(ev.hdr.job_id, Event::Flow(flow));
     }
 
@@ -625,10 +629,12 @@ impl Agent {
                         let life = (u64::from(ttl) * 1_000_000_000).max(self.min_ttl_ns);
                         let exp = ts_ns + life + self.grace_ns;
                         match dp.bind_learned(job_id, a, &ports, exp) {
-                            Ok(()) => {
+                            Ok(true) => {
                                 self.bound_late += 1;
                                 self.expiry.push(Reverse((exp, job_id, a)));
                             }
+                            // A special address (reported as dns-rebinding with its answer).
+                            Ok(false) => {}
                             Err(e) => tracing::warn!("binding {a} from a split TCP answer: {e}"),
                         }
                     }
@@ -739,6 +745,25 @@ impl Agent {
             return;
         }
         let addrs = msg.addresses();
+        // Special addresses (loopback, link-local, metadata…) are never bound from an
+        // answer; an answer that names them is a DNS rebinding attempt, and a finding.
+        let special: Vec<IpAddr> = addrs
+            .iter()
+            .map(|(a, _)| *a)
+            .filter(|a| crate::policy::is_special(*a))
+            .collect();
+        let mut findings = findings;
+        if !special.is_empty() {
+            tracing::warn!(job = job.name, name = q.name, addrs = ?special, "DNS answer names special addresses: not bound (dns-rebinding)");
+            if let Some(f) = job.exfil.rebinding(&q.name, &special) {
+                findings.push(Event::Finding(FindingEvent::new(
+                    &f,
+                    ts,
+                    &job.name,
+                    job.step.as_deref(),
+                )));
+            }
+        }
         let name: std::sync::Arc<str> = q.name.as_str().into();
         for (a, _) in &addrs {
             job.remember_name(*a, &name);
@@ -857,14 +882,17 @@ const ATTACH_CHECK: Duration = Duration::from_secs(1);
 const RINGBUF: Token = Token(0);
 const SIGNALS: Token = Token(1);
 const CHILD: Token = Token(2);
+const LINKS: Token = Token(3);
 
 /// Runs the event loop until `child` exits; returns its wait status. Signals that would
 /// stop ringfence (INT, TERM, HUP, QUIT) are forwarded to the child instead: the job ends,
 /// and the report and the events of everything it did are still written.
 pub fn run_until_exit(
-    dp: &Dataplane,
+    dp: &mut Dataplane,
     agent: &mut Agent,
     child: &mut std::process::Child,
+    links: Option<&crate::netif::LinkWatcher>,
+    mut guard: Option<&mut crate::guard::Guard>,
 ) -> Result<std::process::ExitStatus> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 
@@ -891,6 +919,10 @@ pub fn run_until_exit(
     let pidfd_raw = pidfd.as_raw_fd();
     poll.registry()
         .register(&mut SourceFd(&pidfd_raw), CHILD, Interest::READABLE)?;
+    if let Some(l) = links {
+        poll.registry()
+            .register(&mut SourceFd(&l.raw_fd()), LINKS, Interest::READABLE)?;
+    }
 
     let mut events = Events::with_capacity(64);
     let mut next_check = std::time::Instant::now() + ATTACH_CHECK;
@@ -927,6 +959,18 @@ pub fn run_until_exit(
                     }
                 }
                 CHILD => child_done = true,
+                LINKS => {
+                    if let Some(l) = links {
+                        let held = dp.follow_links(l);
+                        // An interface attached mid-job is enforced past ringfence's death
+                        // too: the guard takes duplicates of its links.
+                        if let (false, Some(g)) = (held.is_empty(), guard.as_deref_mut()) {
+                            if let Err(e) = g.hold(&held) {
+                                tracing::warn!("handing a new interface to the guard: {e:#}");
+                            }
+                        }
+                    }
+                }
                 _ => {}
             }
         }

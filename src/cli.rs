@@ -20,7 +20,8 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Cmd {
     /// Run one command as a job under a policy, then print its report.
-    Exec(ExecArgs),
+    // Boxed: the other commands are small, and clap fills it once.
+    Exec(Box<ExecArgs>),
     /// The seed tutorial: a job with a poisoned install script, in audit then block mode,
     /// inside network namespaces it creates and removes.
     Demo(crate::demo::DemoOptions),

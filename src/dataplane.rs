@@ -176,12 +176,15 @@ enum Attachment {
 pub struct Dataplane {
     skel: RingfenceSkel<'static>,
     kind: AttachKind,
-    attached: Vec<(String, Attachment)>,
     /// Where each program was attached, for the guard process and the attachment check
     /// (one entry per entry of `attached`).
     watched: Vec<Watched>,
     /// The process watch's tracepoint links (bpf/guard.h); empty when not attached.
     process_watch: Vec<Link>,
+    /// (interface name, ifindex, attachment), two per interface (egress and ingress).
+    attached: Vec<(String, u32, Attachment)>,
+    /// The cgroup backstop links (see rf_backstop in bpf/ringfence.bpf.c).
+    backstops: Vec<Link>,
     kernel: KernelInfo,
 }
 
@@ -322,6 +325,22 @@ pub struct Held {
     pub filters: Vec<TcFilter>,
     /// Interfaces whose clsact qdisc ringfence created.
     pub qdiscs: Vec<i32>,
+}
+
+impl Held {
+    pub fn is_empty(&self) -> bool {
+        self.link_fds.is_empty() && self.filters.is_empty() && self.qdiscs.is_empty()
+    }
+
+    fn add(&mut self, more: Held) {
+        self.link_fds.extend(more.link_fds);
+        self.filters.extend(more.filters);
+        for q in more.qdiscs {
+            if !self.qdiscs.contains(&q) {
+                self.qdiscs.push(q);
+            }
+        }
+    }
 }
 
 /// A program that is no longer where ringfence attached it, or that something now runs
@@ -552,6 +571,7 @@ impl Dataplane {
             attached: Vec::new(),
             watched: Vec::new(),
             process_watch: Vec::new(),
+            backstops: Vec::new(),
             kernel,
         })
     }
@@ -573,20 +593,148 @@ impl Dataplane {
         &self.kernel
     }
 
-    /// Attaches the egress verdict program and the ingress DNS program to `ifname`.
+    /// Attaches the egress verdict program and the ingress DNS program to `ifname`, and
+    /// records its link header (see `devices` in bpf/maps.h).
     pub fn attach(&mut self, ifname: &str) -> Result<()> {
         let ifindex = nix::net::if_::if_nametoindex(ifname)
-            .map_err(|_| DataplaneError::NoInterface(ifname.to_string()))?
-            as i32;
-        let egress = self.attach_one(ifname, ifindex, true)?;
+            .map_err(|_| DataplaneError::NoInterface(ifname.to_string()))?;
+        let arphrd = crate::netif::link_type(ifname).map_err(|source| DataplaneError::Attach {
+            ifname: ifname.to_string(),
+            dir: "link type",
+            kind: "SIOCGIFHWADDR",
+            source,
+        })?;
+        self.attach_index(ifname, ifindex, arphrd)
+    }
+
+    /// As [`attach`](Self::attach), for an interface known by index and link type (one
+    /// that rtnetlink just announced).
+    pub fn attach_index(&mut self, ifname: &str, ifindex: u32, arphrd: u16) -> Result<()> {
+        if self.is_attached(ifindex) {
+            return Ok(());
+        }
+        let l2 = crate::netif::link_header_len(arphrd);
+        // Recorded before attaching, so the first packet the program sees parses right.
+        self.set_device(ifindex, l2)?;
+        let egress = self.attach_one(ifname, ifindex as i32, true)?;
         self.watched
-            .push(self.watched_of(ifname, ifindex, true, &egress));
-        self.attached.push((ifname.to_string(), egress));
-        let ingress = self.attach_one(ifname, ifindex, false)?;
+            .push(self.watched_of(ifname, ifindex as i32, true, &egress));
+        self.attached.push((ifname.to_string(), ifindex, egress));
+        let ingress = self.attach_one(ifname, ifindex as i32, false)?;
         self.watched
-            .push(self.watched_of(ifname, ifindex, false, &ingress));
-        self.attached.push((ifname.to_string(), ingress));
-        tracing::info!(ifname, attach = self.kind.name(), "attached");
+            .push(self.watched_of(ifname, ifindex as i32, false, &ingress));
+        self.attached.push((ifname.to_string(), ifindex, ingress));
+        tracing::info!(
+            ifname,
+            ifindex,
+            arphrd,
+            l2,
+            attach = self.kind.name(),
+            "attached"
+        );
+        Ok(())
+    }
+
+    pub fn is_attached(&self, ifindex: u32) -> bool {
+        self.attached.iter().any(|(_, i, _)| *i == ifindex)
+    }
+
+    /// Marks `ifindex` as watched with link header length `l2` (enum rf_link). Only a
+    /// device that is not Ethernet makes the verdict program look its interface up.
+    pub fn set_device(&mut self, ifindex: u32, l2: u32) -> Result<()> {
+        self.skel
+            .maps
+            .devices
+            .update(&ifindex.to_ne_bytes(), &l2.to_ne_bytes(), MapFlags::ANY)
+            .map_err(map_err("devices"))?;
+        if l2 != crate::bpf_skel::types::rf_link::RF_L2_ETHER.0 {
+            self.bss().have_l3_devs = 1;
+        }
+        Ok(())
+    }
+
+    /// An interface went away: its TCX links went with it; forget it.
+    pub fn forget_interface(&mut self, ifindex: u32) {
+        let _ = self.skel.maps.devices.delete(&ifindex.to_ne_bytes());
+        // Not a detach to report: the device itself is gone.
+        self.watched.retain(|w| w.ifindex as u32 != ifindex);
+        let (gone, kept): (Vec<_>, Vec<_>) =
+            self.attached.drain(..).partition(|(_, i, _)| *i == ifindex);
+        self.attached = kept;
+        for (ifname, _, a) in gone {
+            // A clsact filter died with its device: nothing to detach.
+            if let Attachment::Clsact(..) = a {
+                std::mem::forget(a);
+            }
+            tracing::info!(ifname, ifindex, "interface gone");
+        }
+    }
+
+    /// Attaches to interfaces that appeared since the last look (until then the cgroup
+    /// backstop holds the job's packets through them) and forgets those that went away.
+    /// Returns what was attached, for the guard to hold (`Guard::hold`).
+    pub fn follow_links(&mut self, links: &crate::netif::LinkWatcher) -> Held {
+        use crate::netif::LinkChange;
+        let mut held = Held::default();
+        let changes = match links.read() {
+            Ok(c) => c,
+            Err(e) => {
+                // Events were lost (the socket's buffer overran): look at every interface.
+                tracing::warn!("reading rtnetlink: {e}; rescanning the interfaces");
+                for name in crate::netif::all_interfaces() {
+                    let mark = self.attachment_count();
+                    if let Err(e) = self.attach(&name) {
+                        tracing::warn!("{e}");
+                    }
+                    held.add(self.held_since(mark));
+                }
+                return held;
+            }
+        };
+        for c in changes {
+            match c {
+                LinkChange::New { ifindex, arphrd } => {
+                    // lo (1) stays on the host; the backstop lets it be.
+                    if ifindex == 1 || self.is_attached(ifindex) {
+                        continue;
+                    }
+                    let Ok(name) = nix::net::if_::if_indextoname(ifindex) else {
+                        continue; // gone again already
+                    };
+                    let name = name.to_string_lossy().into_owned();
+                    let mark = self.attachment_count();
+                    if let Err(e) = self.attach_index(&name, ifindex, arphrd) {
+                        tracing::warn!("{e}: only the backstop sees the job's traffic through it (dropped in block mode)");
+                    }
+                    held.add(self.held_since(mark));
+                }
+                LinkChange::Gone { ifindex } => self.forget_interface(ifindex),
+            }
+        }
+        held
+    }
+
+    /// Attaches the backstop to the job's cgroup: the job's packets leaving through an
+    /// interface the TC programs are not attached to are unparsed (dropped in block mode).
+    pub fn attach_backstop(&mut self, cgroup: &Path) -> Result<()> {
+        let dir = std::fs::File::open(cgroup).map_err(|source| DataplaneError::Attach {
+            ifname: cgroup.display().to_string(),
+            dir: "cgroup egress",
+            kind: "cgroup_skb",
+            source,
+        })?;
+        let link = self
+            .skel
+            .progs
+            .rf_backstop
+            .attach_cgroup(std::os::fd::AsRawFd::as_raw_fd(&dir))
+            .map_err(|e| DataplaneError::Attach {
+                ifname: cgroup.display().to_string(),
+                dir: "cgroup egress",
+                kind: "cgroup_skb",
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        self.backstops.push(link);
         Ok(())
     }
 
@@ -680,7 +828,14 @@ impl Dataplane {
     /// What a guard process must hold and know to keep enforcement up after ringfence dies,
     /// and to clean up once it has killed the job.
     pub fn held(&self) -> Held {
-        self.held_since(0)
+        let mut h = self.held_since(0);
+        // The cgroup backstop too: it covers interfaces that appear after ringfence died.
+        h.link_fds.extend(
+            self.backstops
+                .iter()
+                .map(|l| std::os::fd::AsRawFd::as_raw_fd(&l.as_fd())),
+        );
+        h
     }
 
     /// How many programs are attached (a mark for [`Self::held_since`]).
@@ -813,7 +968,8 @@ impl Dataplane {
     pub fn detach_all(&mut self) {
         self.watched.clear();
         self.process_watch.clear();
-        for (ifname, a) in self.attached.drain(..) {
+        self.backstops.clear();
+        for (ifname, _, a) in self.attached.drain(..) {
             match a {
                 // Detached explicitly: dropping only closes this process's fd, and a guard
                 // process may still hold a duplicate (src/guard.rs).
@@ -942,6 +1098,24 @@ impl Dataplane {
                 .update(bytes_of(&key), bytes_of(&val), MapFlags::ANY)
                 .map_err(map_err("allow"))?;
         }
+        for (net, ports) in &compiled.inbound {
+            let addr = net.network();
+            let prefixlen = abi::lpm_prefixlen(addr, net.prefix_len());
+            let key = abi::rf_lpm_key {
+                prefixlen,
+                job_id,
+                addr: abi::addr_to_bytes(addr),
+            };
+            self.skel
+                .maps
+                .inbound
+                .update(
+                    bytes_of(&key),
+                    bytes_of(&ports_to_abi(ports)),
+                    MapFlags::ANY,
+                )
+                .map_err(map_err("inbound"))?;
+        }
         for r in resolvers {
             let key = abi::rf_resolver_key {
                 job_id,
@@ -971,6 +1145,8 @@ impl Dataplane {
             ("flows", &maps.flows),
             ("tcp_streams", &maps.tcp_streams),
             ("dns_streams", &maps.dns_streams),
+            ("inbound", &maps.inbound),
+            ("devices", &maps.devices),
         ] {
             let keys: Vec<Vec<u8>> = map.keys().collect();
             for k in keys {
@@ -994,6 +1170,7 @@ impl Dataplane {
         let bss = self.bss();
         bss.job_levels = 0;
         bss.have_ifjobs = 0;
+        bss.have_l3_devs = 0;
         Ok(())
     }
 
@@ -1037,14 +1214,19 @@ impl Dataplane {
     /// Binds `addr` for `job_id` from userspace, as the kernel does for answers it can
     /// parse: refresh a host entry in place (ports merged, expiry extended), or insert one
     /// that inherits the ports of a covering CIDR. For answers the kernel could not parse
-    /// (DNS over TCP split across segments).
+    /// (DNS over TCP split across segments). Like the kernel, it never binds a special
+    /// address (loopback, link-local, metadata, multicast…: [`crate::policy::is_special`]):
+    /// returns `Ok(false)` for those, `Ok(true)` when bound.
     pub fn bind_learned(
         &self,
         job_id: u32,
         addr: IpAddr,
         ports: &PortSet,
         expires_ns: u64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
+        if crate::policy::is_special(addr) {
+            return Ok(false);
+        }
         let key = host_key(job_id, addr);
         let found = self
             .skel
@@ -1070,7 +1252,8 @@ impl Dataplane {
             .maps
             .allow
             .update(bytes_of(&key), bytes_of(&v), MapFlags::ANY)
-            .map_err(map_err("allow"))
+            .map_err(map_err("allow"))?;
+        Ok(true)
     }
 
     /// The agent has reassembled a TCP DNS answer: stop copying that stream's segments.

@@ -30,6 +30,10 @@ pub struct ExecArgs {
     /// May be given more than once; adds to --policy.
     #[arg(long = "allow", value_name = "ENDPOINTS")]
     pub allow: Vec<String>,
+    /// Peers that may connect to sockets the job listens on, as in a policy's
+    /// allowed-inbound ("198.51.100.7 203.0.113.0/24:8080", "*" for all). Repeatable.
+    #[arg(long = "allow-inbound", value_name = "PEERS")]
+    pub allow_inbound: Vec<String>,
     /// A TOML policy file.
     #[arg(long, value_name = "FILE")]
     pub policy: Option<PathBuf>,
@@ -52,8 +56,10 @@ pub struct ExecArgs {
     /// Write every event as JSON Lines to FILE.
     #[arg(long, value_name = "FILE")]
     pub events: Option<PathBuf>,
-    /// Interfaces to attach to (repeatable). Default: every routed interface of this
-    /// network namespace. lo is always added (DNS to loopback stubs is judged there).
+    /// Interfaces to attach to (repeatable). Default: every interface of this network
+    /// namespace except lo, and every one that appears while the job runs. Either way the
+    /// job's packets leaving through an interface ringfence is not attached to are dropped
+    /// in block mode (reported in audit mode).
     #[arg(long = "interface", value_name = "IFNAME")]
     pub interfaces: Vec<String>,
     /// tcx (Linux 6.6+), clsact, or auto.
@@ -208,6 +214,9 @@ pub fn build_policy(args: &ExecArgs) -> std::result::Result<Policy, UsageError> 
     for a in &args.allow {
         b.allow(a, "--allow")?;
     }
+    for a in &args.allow_inbound {
+        b.allow_inbound(a, "--allow-inbound")?;
+    }
     if !args.dns_resolvers.is_empty() {
         b.dns_resolvers = Some(args.dns_resolvers.clone());
     }
@@ -233,16 +242,18 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     check_keep_fds(&args.keep_fds).map_err(anyhow::Error::new)?;
     warn_inherited_sockets(&args.keep_fds);
     let compiled = policy.compile()?;
-    let mut interfaces = if args.interfaces.is_empty() {
-        crate::netif::routed_interfaces()
+    // Subscribed before the interfaces are listed, so none can appear unseen in between.
+    let auto_interfaces = args.interfaces.is_empty();
+    let links = if auto_interfaces {
+        Some(crate::netif::LinkWatcher::open().context("watching rtnetlink for new interfaces")?)
+    } else {
+        None
+    };
+    let mut interfaces = if auto_interfaces {
+        crate::netif::all_interfaces()
     } else {
         args.interfaces.clone()
     };
-    if interfaces.is_empty() {
-        anyhow::bail!(
-            "no interface to attach to: this network namespace has no routes (give --interface)"
-        );
-    }
     // lo is always watched: a local stub or cache (systemd-resolved on 127.0.0.53 and
     // 127.0.0.54, dnsmasq) sends names on upstream, so DNS to any loopback address is judged
     // like any other (only configured resolvers, every message filtered), and a configured
@@ -300,7 +311,15 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
         },
     )?;
     for i in &interfaces {
-        dp.attach(i)?;
+        match dp.attach(i) {
+            Ok(()) => {}
+            // An interface found on its own that cannot be attached stays unwatched: the
+            // backstop drops the job's packets through it in block mode.
+            Err(e) if auto_interfaces => {
+                tracing::warn!("{e}: job traffic through it is not let out in block mode")
+            }
+            Err(e) => return Err(e.into()),
+        }
     }
     let watch_failed = dp.attach_process_watch();
     for f in &watch_failed {
@@ -313,7 +332,8 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
         tracing::warn!("{w}");
     }
     // From here on, ringfence's death kills the job rather than leaving it unwatched.
-    let guard = crate::guard::Guard::start(cgroup.path(), &dp.held())?;
+    dp.attach_backstop(cgroup.path())?;
+    let mut guard = crate::guard::Guard::start(cgroup.path(), &dp.held())?;
     tracing::info!(
         job = job_name,
         mode = mode_name(policy.mode),
@@ -375,7 +395,13 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
         .with_context(|| format!("starting {}", args.command[0].to_string_lossy()))?;
     drop(procs);
 
-    let status = agent::run_until_exit(&dp, &mut agent, &mut child)?;
+    let status = agent::run_until_exit(
+        &mut dp,
+        &mut agent,
+        &mut child,
+        links.as_ref(),
+        Some(&mut guard),
+    )?;
     // The job's leftovers (daemons, background jobs) end with it.
     cgroup.kill_all();
     // Then the guard may leave (it holds duplicates of the links: release before detach).

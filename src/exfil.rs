@@ -96,6 +96,9 @@ pub enum Signal {
     PtraceOutsideJob,
     /// Not DNS: one of ringfence's programs is no longer attached where it was attached.
     DataplaneDetached,
+    /// An answer named special addresses (loopback, link-local, metadata, multicast…),
+    /// which are never bound from DNS: a name pointed at 169.254.169.254 is DNS rebinding.
+    DnsRebinding,
 }
 
 impl Signal {
@@ -106,6 +109,7 @@ impl Signal {
             Signal::ManyNames => "many-names",
             Signal::PtraceOutsideJob => "ptrace-outside-job",
             Signal::DataplaneDetached => "dataplane-detached",
+            Signal::DnsRebinding => "dns-rebinding",
         }
     }
 
@@ -124,6 +128,7 @@ impl Signal {
             Signal::HighEntropy => "bits per character",
             Signal::ManyNames => "distinct names",
             Signal::PtraceOutsideJob | Signal::DataplaneDetached => "events",
+            Signal::DnsRebinding => "special addresses in an answer",
         }
     }
 }
@@ -322,6 +327,21 @@ impl ExfilDetector {
         };
         self.findings.insert(key, f.clone());
         Some(f)
+    }
+
+    /// An answer for `name` named special addresses (see [`crate::policy::is_special`]):
+    /// a `dns-rebinding` finding, once per domain, its example the name and the addresses.
+    pub fn rebinding(&mut self, name: &str, special: &[std::net::IpAddr]) -> Option<Finding> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let addrs: Vec<String> = special.iter().map(ToString::to_string).collect();
+        let example = format!("{name} -> {}", addrs.join(" "));
+        self.record(
+            Signal::DnsRebinding,
+            registrable(&name),
+            special.len() as f64,
+            0.0,
+            &example,
+        )
     }
 
     /// Every finding so far, by domain then signal.

@@ -1,46 +1,251 @@
-//! Which interfaces carry a job's traffic: those of the current network namespace that have
-//! routes (read from /proc/net, which is per-namespace), loopback excluded.
+//! Which interfaces carry a job's traffic, what link header each has, and which appear
+//! while the job runs.
+//!
+//! `exec` attaches to every interface of its network namespace but lo (not only the routed
+//! ones: a device without a route at start may get one later), and watches rtnetlink for
+//! interfaces that appear afterwards. New interfaces are seen through a raw NETLINK_ROUTE
+//! socket in the agent's mio loop rather than a netlink crate: all that is read is the fixed
+//! `ifinfomsg` header of RTM_NEWLINK/RTM_DELLINK (index and link type), two stable C structs;
+//! the crates (`rtnetlink`, `netlink-packet-route` + `netlink-sys`) bring an async runtime or
+//! a full attribute model for that, and none of them is a dependency already.
 use std::collections::BTreeSet;
-use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-pub fn routed_interfaces() -> Vec<String> {
-    let mut set = BTreeSet::new();
-    if let Ok(t) = fs::read_to_string("/proc/net/route") {
-        set.extend(parse_route_v4(&t));
+/// Link types (ARPHRD_*, include/uapi/linux/if_arp.h) and the link header length the TC
+/// programs see in front of the IP header on such a device.
+pub const ARPHRD_ETHER: u16 = 1;
+pub const ARPHRD_PPP: u16 = 512;
+pub const ARPHRD_RAWIP: u16 = 519;
+pub const ARPHRD_TUNNEL: u16 = 768;
+pub const ARPHRD_TUNNEL6: u16 = 769;
+pub const ARPHRD_LOOPBACK: u16 = 772;
+pub const ARPHRD_SIT: u16 = 776;
+pub const ARPHRD_NONE: u16 = 0xfffe;
+
+/// `enum rf_link` in bpf/abi.h: bytes before the IP header, or unknown (fail closed).
+pub fn link_header_len(arphrd: u16) -> u32 {
+    use crate::bpf_skel::types::rf_link;
+    match arphrd {
+        ARPHRD_ETHER | ARPHRD_LOOPBACK => rf_link::RF_L2_ETHER.0,
+        // tun (IFF_TUN) and WireGuard are ARPHRD_NONE; ipip, ip6tnl and sit have no
+        // header_ops, so their packets start at the IP header at TC too.
+        ARPHRD_NONE | ARPHRD_PPP | ARPHRD_RAWIP | ARPHRD_TUNNEL | ARPHRD_TUNNEL6 | ARPHRD_SIT => {
+            rf_link::RF_L2_NONE.0
+        }
+        // GRE builds its outer header in header_ops, InfiniBand has its own...: unknown
+        // headers are not guessed at, the job's packets there are unparsed (dropped in block
+        // mode).
+        _ => rf_link::RF_L2_UNKNOWN.0,
     }
-    if let Ok(t) = fs::read_to_string("/proc/net/ipv6_route") {
-        set.extend(parse_route_v6(&t));
+}
+
+/// The link type of `ifname` in this network namespace (SIOCGIFHWADDR's address family,
+/// which is what /sys/class/net/IF/type shows, without depending on how /sys is mounted).
+pub fn link_type(ifname: &str) -> io::Result<u16> {
+    // SAFETY: a plain datagram socket, owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: ifreq is plain data; zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = ifname.as_bytes();
+    if name.len() >= req.ifr_name.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("interface name {ifname:?} is too long"),
+        ));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of a valid ifreq.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the ioctl wrote the hwaddr member of the union.
+    Ok(unsafe { req.ifr_ifru.ifru_hwaddr.sa_family })
+}
+
+/// Every interface of this network namespace except lo, by name.
+pub fn all_interfaces() -> Vec<String> {
+    let mut set = BTreeSet::new();
+    if let Ok(list) = nix::net::if_::if_nameindex() {
+        for i in list.iter() {
+            set.insert(i.name().to_string_lossy().into_owned());
+        }
     }
     set.remove("lo");
     set.into_iter().collect()
 }
 
-fn parse_route_v4(t: &str) -> Vec<String> {
-    t.lines()
-        .skip(1)
-        .filter_map(|l| l.split_whitespace().next().map(String::from))
-        .collect()
+/// An interface appearing or going away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkChange {
+    New { ifindex: u32, arphrd: u16 },
+    Gone { ifindex: u32 },
 }
 
-fn parse_route_v6(t: &str) -> Vec<String> {
-    t.lines()
-        .filter_map(|l| l.split_whitespace().nth(9).map(String::from))
-        .collect()
+/// A NETLINK_ROUTE socket subscribed to link events (RTMGRP_LINK), nonblocking, for the
+/// event loop. Open it before listing the interfaces, so none can appear unseen between.
+pub struct LinkWatcher {
+    fd: OwnedFd,
+}
+
+const RTM_NEWLINK: u16 = 16;
+const RTM_DELLINK: u16 = 17;
+const NLMSG_HDRLEN: usize = 16;
+/// struct ifinfomsg: family u8, pad u8, type u16, index i32, flags u32, change u32.
+const IFINFOMSG_LEN: usize = 16;
+
+impl LinkWatcher {
+    pub fn open() -> io::Result<LinkWatcher> {
+        // SAFETY: plain socket call; the fd is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: sockaddr_nl is plain data; zero is valid.
+        let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
+        sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        sa.nl_groups = libc::RTMGRP_LINK as u32;
+        // SAFETY: sa is a valid sockaddr_nl of the given size.
+        let rc = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&sa as *const libc::sockaddr_nl).cast(),
+                std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(LinkWatcher { fd })
+    }
+
+    pub fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Every link change queued on the socket. An overrun (ENOBUFS: events were lost) is
+    /// returned as an error: the caller then rescans the interfaces.
+    pub fn read(&self) -> io::Result<Vec<LinkChange>> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: buf is writable for its length.
+            let n = unsafe {
+                libc::recv(
+                    self.fd.as_raw_fd(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::WouldBlock {
+                    return Ok(out);
+                }
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            out.extend(parse_link_messages(&buf[..n as usize]));
+        }
+    }
+}
+
+/// The link changes in one netlink datagram (several messages, each 4-byte aligned).
+fn parse_link_messages(mut b: &[u8]) -> Vec<LinkChange> {
+    let mut out = Vec::new();
+    while b.len() >= NLMSG_HDRLEN {
+        let len = u32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")) as usize;
+        let ty = u16::from_ne_bytes(b[4..6].try_into().expect("2 bytes"));
+        if len < NLMSG_HDRLEN || len > b.len() {
+            break;
+        }
+        let body = &b[NLMSG_HDRLEN..len];
+        if (ty == RTM_NEWLINK || ty == RTM_DELLINK) && body.len() >= IFINFOMSG_LEN {
+            let arphrd = u16::from_ne_bytes(body[2..4].try_into().expect("2 bytes"));
+            let index = i32::from_ne_bytes(body[4..8].try_into().expect("4 bytes"));
+            if let Ok(ifindex) = u32::try_from(index) {
+                out.push(if ty == RTM_NEWLINK {
+                    LinkChange::New { ifindex, arphrd }
+                } else {
+                    LinkChange::Gone { ifindex }
+                });
+            }
+        }
+        let next = (len + 3) & !3;
+        if next >= b.len() {
+            break;
+        }
+        b = &b[next..];
+    }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn msg(ty: u16, arphrd: u16, index: i32, extra: usize) -> Vec<u8> {
+        let len = NLMSG_HDRLEN + IFINFOMSG_LEN + extra;
+        let mut m = Vec::new();
+        m.extend_from_slice(&(len as u32).to_ne_bytes());
+        m.extend_from_slice(&ty.to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(&[0, 0]);
+        m.extend_from_slice(&arphrd.to_ne_bytes());
+        m.extend_from_slice(&index.to_ne_bytes());
+        m.extend_from_slice(&[0; 8]);
+        m.extend(std::iter::repeat_n(0xaa, extra));
+        while m.len() % 4 != 0 {
+            m.push(0);
+        }
+        m
+    }
+
     #[test]
-    fn parses_proc_net_routes() {
-        let v4 =
-            "Iface\tDestination\tGateway \tFlags\tRefCnt\tUse\tMetric\tMask\t\tMTU\tWindow\tIRTT\n\
-                  eth0\t00000000\t0164A8C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n\
-                  veth1\t0064A8C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n";
-        assert_eq!(parse_route_v4(v4), vec!["eth0", "veth1"]);
-        let v6 = "20010db8000100000000000000000000 40 00000000000000000000000000000000 00 00000000000000000000000000000000 00000100 00000001 00000000 00000001   veth1\n\
-                  00000000000000000000000000000001 80 00000000000000000000000000000000 00 00000000000000000000000000000000 00000000 00000002 00000000 80200001       lo\n";
-        assert_eq!(parse_route_v6(v6), vec!["veth1", "lo"]);
+    fn parses_link_messages() {
+        let mut d = msg(RTM_NEWLINK, ARPHRD_NONE, 7, 5);
+        d.extend(msg(RTM_DELLINK, ARPHRD_ETHER, 3, 0));
+        d.extend(msg(20 /* RTM_NEWADDR */, 0, 9, 0));
+        assert_eq!(
+            parse_link_messages(&d),
+            vec![
+                LinkChange::New {
+                    ifindex: 7,
+                    arphrd: ARPHRD_NONE
+                },
+                LinkChange::Gone { ifindex: 3 }
+            ]
+        );
+        // A length that runs past the datagram ends parsing, without a panic.
+        let mut bad = msg(RTM_NEWLINK, 1, 2, 0);
+        bad[0] = 200;
+        assert!(parse_link_messages(&bad).is_empty());
+    }
+
+    #[test]
+    fn link_header_lengths() {
+        assert_eq!(link_header_len(ARPHRD_ETHER), 14);
+        assert_eq!(link_header_len(ARPHRD_LOOPBACK), 14);
+        assert_eq!(link_header_len(ARPHRD_NONE), 0);
+        assert_eq!(link_header_len(ARPHRD_PPP), 0);
+        assert_eq!(link_header_len(778 /* GRE */), 255);
     }
 }

@@ -178,6 +178,7 @@ pub fn wire(name: &str) -> Vec<u8> {
 }
 
 /// One answer record for a DNS answer under construction.
+#[derive(Clone, Copy)]
 pub enum Rr<'a> {
     A(&'a str, u32, [u8; 4]),
     Aaaa(&'a str, u32, [u8; 16]),

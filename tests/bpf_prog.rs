@@ -418,44 +418,307 @@ fn one_event_per_flow_not_per_packet() {
 #[test]
 fn packets_that_are_not_ours_pass() {
     let r = rig(Mode::Block, Mode::Block, "");
-    // ARP
+    // ARP of a job keyed by interface (no socket, so no job data: neighbour resolution)
     let mut arp = vec![0xff; 6];
     arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
     arp.extend_from_slice(&[0; 28]);
     assert_eq!(r.egress(&arp), PASS);
-    // A frame cut inside the TCP header (BPF_PROG_TEST_RUN itself refuses frames cut
-    // inside the IP header)
-    let f = frame(ip(CLIENT), ip("198.51.100.66"), 6, 1, 443, TCP_SYN, &[]);
-    assert_eq!(r.egress(&f[..40]), PASS);
-    // A TCP segment without SYN cannot open a flow (its connection's SYN was judged)
+    // Loopback
+    assert_eq!(r.syn("127.0.0.1", 8080), PASS);
     assert_eq!(
         r.egress(&frame(
             ip(CLIENT),
-            ip("198.51.100.66"),
+            ip("127.0.0.1"),
             6,
-            1,
-            443,
-            TCP_ACK,
-            b"x"
-        )),
-        PASS
-    );
-    // SYN-ACK: a reply of an inbound connection
-    assert_eq!(
-        r.egress(&frame(
-            ip(CLIENT),
-            ip("198.51.100.66"),
-            6,
-            1,
-            443,
+            8080,
+            40000,
             TCP_SYN | TCP_ACK,
             &[]
         )),
+        PASS,
+        "loopback peers may always connect"
+    );
+    assert!(r.flows().is_empty());
+}
+
+/// A job whose policy also has `allowed-inbound`.
+fn rig_inbound(mode: Mode, allow: &str, inbound: &str) -> Rig {
+    let mut r = rig(mode, Mode::Block, allow);
+    let policy = Policy {
+        inbound: Policy::parse_inbound(inbound, "test").expect("test inbound"),
+        ..Policy::default()
+    };
+    let compiled = policy.compile().unwrap();
+    // install_policy needs `&mut`: take the dataplane out of the rig and put it back.
+    let mut d = r.dp.take().unwrap();
+    d.install_policy(JOB, &compiled, &[]).unwrap();
+    r.dp = Some(d);
+    r
+}
+
+const SYN_ACK: u8 = TCP_SYN | TCP_ACK;
+const PEER: &str = "198.51.100.66";
+
+/// Every case where the dataplane cannot judge a packet the usual way, and what it does:
+/// in block mode nothing passes unjudged; audit mode reports and passes.
+#[test]
+fn fail_closed_table() {
+    use abi::rf_reason as R;
+    struct Case {
+        what: &'static str,
+        mode: Mode,
+        allow: &'static str,
+        inbound: &'static str,
+        frame: Vec<u8>,
+        rc: i32,
+        /// (verdict, reason, direction) of the one flow event.
+        event: (u8, u32, u8),
+    }
+    let (allowed, blocked, audited) = (0u8, 1u8, 2u8);
+    let (out, inb) = (0u8, 1u8);
+    let cut_tcp = frame(ip(CLIENT), ip(PEER), 6, 1, 443, TCP_SYN, &[])[..40].to_vec();
+    let ack = |dst: &str, sport: u16, dport: u16| {
+        frame(ip(CLIENT), ip(dst), 6, sport, dport, TCP_ACK, b"data")
+    };
+    let syn_ack = |dst: &str, local: u16| frame(ip(CLIENT), ip(dst), 6, local, 40000, SYN_ACK, &[]);
+    let cases = vec![
+        Case {
+            what: "TCP header cut short: no ports to judge by",
+            mode: Mode::Block,
+            allow: "",
+            inbound: "",
+            frame: cut_tcp.clone(),
+            rc: DROP,
+            event: (blocked, R::RF_REASON_UNPARSED.0, out),
+        },
+        Case {
+            what: "TCP header cut short, audit mode",
+            mode: Mode::Audit,
+            allow: "",
+            inbound: "",
+            frame: cut_tcp,
+            rc: PASS,
+            event: (audited, R::RF_REASON_UNPARSED.0, out),
+        },
+        Case {
+            what: "non-SYN segment without a cached flow, unlisted peer (eviction, or a \
+                   connection nobody judged)",
+            mode: Mode::Block,
+            allow: "",
+            inbound: "",
+            frame: ack(PEER, 41000, 443),
+            rc: DROP,
+            event: (blocked, R::RF_REASON_DIRECT_IP.0, out),
+        },
+        Case {
+            what: "non-SYN segment without a cached flow, listed destination",
+            mode: Mode::Block,
+            allow: "198.51.100.0/24",
+            inbound: "",
+            frame: ack(PEER, 41000, 443),
+            rc: PASS,
+            event: (allowed, R::RF_REASON_ALLOWED.0, out),
+        },
+        Case {
+            what: "non-SYN segment without a cached flow, peer allowed inbound",
+            mode: Mode::Block,
+            allow: "",
+            inbound: "198.51.100.66:8080",
+            frame: ack(PEER, 8080, 40000),
+            rc: PASS,
+            event: (allowed, R::RF_REASON_ALLOWED.0, inb),
+        },
+        Case {
+            what: "UDP from the job's port to a peer allowed inbound on it: the answer",
+            mode: Mode::Block,
+            allow: "",
+            inbound: "198.51.100.66:5000",
+            frame: frame(ip(CLIENT), ip(PEER), 17, 5000, 40000, 0, b"answer"),
+            rc: PASS,
+            event: (allowed, R::RF_REASON_ALLOWED.0, inb),
+        },
+        Case {
+            what: "UDP from another port to that peer: an outbound flow like any",
+            mode: Mode::Block,
+            allow: "",
+            inbound: "198.51.100.66:5000",
+            frame: frame(ip(CLIENT), ip(PEER), 17, 5001, 40000, 0, b"leak"),
+            rc: DROP,
+            event: (blocked, R::RF_REASON_DIRECT_IP.0, out),
+        },
+        Case {
+            what: "SYN-ACK to a peer the policy does not list: inbound refused",
+            mode: Mode::Block,
+            allow: "198.51.100.0/24:*",
+            inbound: "",
+            frame: syn_ack(PEER, 8080),
+            rc: DROP,
+            event: (blocked, R::RF_REASON_INBOUND.0, inb),
+        },
+        Case {
+            what: "SYN-ACK, audit mode",
+            mode: Mode::Audit,
+            allow: "",
+            inbound: "",
+            frame: syn_ack(PEER, 8080),
+            rc: PASS,
+            event: (audited, R::RF_REASON_INBOUND.0, inb),
+        },
+        Case {
+            what: "SYN-ACK to a listed peer on its port",
+            mode: Mode::Block,
+            allow: "",
+            inbound: "198.51.100.0/24:8080",
+            frame: syn_ack(PEER, 8080),
+            rc: PASS,
+            event: (allowed, R::RF_REASON_ALLOWED.0, inb),
+        },
+        Case {
+            what: "SYN-ACK to a listed peer on another local port",
+            mode: Mode::Block,
+            allow: "",
+            inbound: "198.51.100.0/24:8080",
+            frame: syn_ack(PEER, 22),
+            rc: DROP,
+            event: (blocked, R::RF_REASON_INBOUND.0, inb),
+        },
+        Case {
+            what: "SYN-ACK with allowed-inbound = \"*\" (IPv6 peer)",
+            mode: Mode::Block,
+            allow: "",
+            inbound: "*",
+            frame: frame(ip(CLIENT6), ip("2001:db8:3::9"), 6, 22, 40000, SYN_ACK, &[]),
+            rc: PASS,
+            event: (allowed, R::RF_REASON_ALLOWED.0, inb),
+        },
+        Case {
+            what: "SYN-ACK: a peer's port covered by * and a more specific entry",
+            mode: Mode::Block,
+            allow: "",
+            inbound: "198.51.100.66:22 *:9000",
+            frame: syn_ack(PEER, 9000),
+            rc: PASS,
+            event: (allowed, R::RF_REASON_ALLOWED.0, inb),
+        },
+    ];
+    for c in &cases {
+        let r = rig_inbound(c.mode, c.allow, c.inbound);
+        assert_eq!(r.egress(&c.frame), c.rc, "{}: return code", c.what);
+        // The verdict is cached: the flow's next packet gets it without a new event.
+        assert_eq!(r.egress(&c.frame), c.rc, "{}: second packet", c.what);
+        let flows = r.flows();
+        assert_eq!(flows.len(), 1, "{}: one event", c.what);
+        let f = &flows[0];
+        assert_eq!(
+            (f.verdict, u32::from(f.reason), f.direction),
+            c.event,
+            "{}: (verdict, reason, direction)",
+            c.what
+        );
+        let inbound_seen = r.counter(abi::rf_counter::RF_CNT_INBOUND);
+        let want =
+            u64::from(c.frame.get(14 + 20 + 13) == Some(&SYN_ACK) || c.what.contains("IPv6 peer"));
+        assert_eq!(inbound_seen, want, "{}: inbound counter", c.what);
+    }
+}
+
+/// An IP packet as an L3 device (tun, WireGuard) carries it: no link header.
+fn l3(f: Vec<u8>) -> Vec<u8> {
+    f[14..].to_vec()
+}
+
+#[test]
+fn l3_devices_parse_from_the_ip_header() {
+    for mode in [Mode::Block, Mode::Audit] {
+        let mut r = rig(mode, Mode::Block, "203.0.113.0/24 2001:db8:2::/64");
+        let mut d = r.dp.take().unwrap();
+        d.set_device(LO, abi::rf_link::RF_L2_NONE.0).unwrap();
+        r.dp = Some(d);
+        let syn = |dst: &str, port| {
+            let src = if dst.contains(':') { CLIENT6 } else { CLIENT };
+            l3(frame(ip(src), ip(dst), 6, r.port(), port, TCP_SYN, &[]))
+        };
+        assert_eq!(
+            r.egress(&syn("203.0.113.9", 443)),
+            PASS,
+            "{mode}: listed v4"
+        );
+        assert_eq!(
+            r.egress(&syn("2001:db8:2::9", 443)),
+            PASS,
+            "{mode}: listed v6"
+        );
+        assert_eq!(
+            r.egress(&syn("198.51.100.66", 443)),
+            DROP,
+            "{mode}: unlisted"
+        );
+        let udp = l3(frame(
+            ip(CLIENT),
+            ip("198.51.100.66"),
+            17,
+            5000,
+            9999,
+            0,
+            b"x",
+        ));
+        assert_eq!(
+            r.egress(&udp),
+            DROP,
+            "{mode}: unlisted UDP (direct-ip blocks in audit too)"
+        );
+        let reasons: Vec<(IpAddr, u8)> = r
+            .flows()
+            .iter()
+            .map(|f| (abi::addr_from_bytes(f.daddr), f.reason))
+            .collect();
+        let direct = abi::rf_reason::RF_REASON_DIRECT_IP.0 as u8;
+        assert_eq!(
+            reasons,
+            vec![
+                (ip("203.0.113.9"), 0),
+                (ip("2001:db8:2::9"), 0),
+                (ip("198.51.100.66"), direct),
+                (ip("198.51.100.66"), direct),
+            ],
+            "{mode}: addresses read from the IP header"
+        );
+        // An Ethernet frame on an L3 device is not IP: unparsed, dropped in block mode.
+        let eth = frame(ip(CLIENT), ip("203.0.113.9"), 6, 1234, 443, TCP_SYN, &[]);
+        let want = if mode == Mode::Block { DROP } else { PASS };
+        assert_eq!(
+            r.egress(&eth),
+            want,
+            "{mode}: Ethernet frame on an L3 device"
+        );
+        let f = r.flows().pop().expect("an unparsed event");
+        assert_eq!(f.reason, abi::rf_reason::RF_REASON_UNPARSED.0 as u8);
+        assert_eq!(r.counter(abi::rf_counter::RF_CNT_UNPARSED), 1);
+    }
+}
+
+#[test]
+fn unknown_link_types_fail_closed() {
+    let mut r = rig(Mode::Block, Mode::Block, "203.0.113.0/24");
+    let mut d = r.dp.take().unwrap();
+    d.set_device(LO, abi::rf_link::RF_L2_UNKNOWN.0).unwrap();
+    r.dp = Some(d);
+    // Even a packet the policy would allow: what is in front of its IP header is unknown.
+    assert_eq!(r.syn("203.0.113.9", 443), DROP);
+    assert_eq!(r.syn("203.0.113.10", 443), DROP);
+    let flows = r.flows();
+    assert_eq!(
+        flows.len(),
+        1,
+        "one event for the stream of unparsed packets"
+    );
+    assert_eq!(flows[0].reason, abi::rf_reason::RF_REASON_UNPARSED.0 as u8);
+    assert_eq!(flows[0].verdict, 1);
+    // Ingress never drops, whatever it cannot parse.
+    assert_eq!(
+        r.answer_to(5353, &dns_answer(1, "x.test", 1, &[]), false),
         PASS
     );
-    // Loopback
-    assert_eq!(r.syn("127.0.0.1", 8080), PASS);
-    assert!(r.flows().is_empty());
 }
 
 #[test]
@@ -517,6 +780,166 @@ fn allowed_answer_binds_before_the_first_syn() {
     assert_eq!(dns.len(), 1);
     assert_eq!(dns[0].flags & abi::DNS_ALLOWED, abi::DNS_ALLOWED);
     assert_eq!(dns[0].bound, 1);
+}
+
+/// DNS rebinding: an allowed name whose answer is a special address (this host, the link,
+/// metadata, multicast…) binds nothing; only a static entry opens such an address.
+#[test]
+fn special_answers_never_bind() {
+    struct Case {
+        what: &'static str,
+        qtype: u16,
+        rr: Rr<'static>,
+        dst: &'static str,
+        port: u16,
+    }
+    let cases = [
+        Case {
+            what: "metadata",
+            qtype: 1,
+            rr: Rr::A("x.evil.test", 30, a4("169.254.169.254")),
+            dst: "169.254.169.254",
+            port: 80,
+        },
+        Case {
+            what: "loopback",
+            qtype: 1,
+            rr: Rr::A("x.evil.test", 30, a4("127.0.0.1")),
+            dst: "",
+            port: 80,
+        },
+        Case {
+            what: "this network",
+            qtype: 1,
+            rr: Rr::A("x.evil.test", 30, a4("0.0.0.0")),
+            dst: "",
+            port: 80,
+        },
+        Case {
+            what: "multicast",
+            qtype: 1,
+            rr: Rr::A("x.evil.test", 30, a4("224.0.0.251")),
+            dst: "224.0.0.251",
+            port: 80,
+        },
+        Case {
+            what: "broadcast",
+            qtype: 1,
+            rr: Rr::A("x.evil.test", 30, a4("255.255.255.255")),
+            dst: "255.255.255.255",
+            port: 80,
+        },
+        Case {
+            what: "metadata, IPv4-mapped in an AAAA",
+            qtype: 28,
+            rr: Rr::Aaaa("x.evil.test", 30, a6("::ffff:169.254.169.254")),
+            dst: "169.254.169.254",
+            port: 80,
+        },
+        Case {
+            what: "metadata through NAT64",
+            qtype: 28,
+            rr: Rr::Aaaa("x.evil.test", 30, a6("64:ff9b::a9fe:a9fe")),
+            dst: "64:ff9b::a9fe:a9fe",
+            port: 80,
+        },
+        Case {
+            what: "v6 loopback",
+            qtype: 28,
+            rr: Rr::Aaaa("x.evil.test", 30, a6("::1")),
+            dst: "",
+            port: 80,
+        },
+        Case {
+            what: "v6 link-local",
+            qtype: 28,
+            rr: Rr::Aaaa("x.evil.test", 30, a6("fe80::1")),
+            dst: "fe80::1",
+            port: 80,
+        },
+        Case {
+            what: "v6 multicast",
+            qtype: 28,
+            rr: Rr::Aaaa("x.evil.test", 30, a6("ff02::1")),
+            dst: "ff02::1",
+            port: 80,
+        },
+        Case {
+            what: "EC2 v6 metadata",
+            qtype: 28,
+            rr: Rr::Aaaa("x.evil.test", 30, a6("fd00:ec2::254")),
+            dst: "fd00:ec2::254",
+            port: 80,
+        },
+    ];
+    for mode in [Mode::Block, Mode::Audit] {
+        for c in &cases {
+            let r = rig(mode, Mode::Audit, "*.evil.test:80");
+            let normal = if c.qtype == 1 {
+                Rr::A("x.evil.test", 30, a4("198.51.100.10"))
+            } else {
+                Rr::Aaaa("x.evil.test", 30, a6("2001:db8:2::10"))
+            };
+            let rrs = [normal, c.rr];
+            assert_eq!(r.resolve(0x9191, "x.evil.test", c.qtype, &rrs), PASS);
+            let want = if c.qtype == 1 {
+                "198.51.100.10"
+            } else {
+                "2001:db8:2::10"
+            };
+            assert_eq!(
+                r.learned(),
+                vec![ip(want)],
+                "{mode} {}: only the ordinary address",
+                c.what
+            );
+            let all: Vec<IpAddr> = r.dp().allow_entries().iter().map(|e| e.addr).collect();
+            assert_eq!(all, vec![ip(want)], "{mode} {}: not even seen", c.what);
+            let copy = r
+                .events()
+                .into_iter()
+                .find_map(|e| match e {
+                    Ev::Dns(d) => Some(d),
+                    _ => None,
+                })
+                .unwrap();
+            assert_eq!(
+                copy.flags & abi::DNS_SPECIAL,
+                abi::DNS_SPECIAL,
+                "{}",
+                c.what
+            );
+            assert_eq!(copy.bound, 1, "{}", c.what);
+            assert_eq!(
+                r.counter(abi::rf_counter::RF_CNT_DNS_SPECIAL),
+                1,
+                "{}",
+                c.what
+            );
+            if c.what.contains("metadata") && !c.what.contains("NAT64") {
+                // Blocked as metadata, in audit mode too: no answer opens it.
+                assert_eq!(r.syn(c.dst, c.port), DROP, "{mode} {}", c.what);
+                let f = r.flows().pop().unwrap();
+                assert_eq!(f.reason, abi::rf_reason::RF_REASON_METADATA.0 as u8);
+            } else if !c.dst.is_empty() && mode == Mode::Block {
+                assert_eq!(r.syn(c.dst, c.port), DROP, "{mode} {}", c.what);
+            }
+        }
+    }
+    // A static entry still opens the address, and only on its own ports.
+    let r = rig(Mode::Block, Mode::Block, "169.254.169.254:80 *.evil.test:*");
+    r.resolve(
+        0x9292,
+        "x.evil.test",
+        1,
+        &[Rr::A("x.evil.test", 30, a4("169.254.169.254"))],
+    );
+    assert_eq!(r.syn("169.254.169.254", 80), PASS);
+    assert_eq!(
+        r.syn("169.254.169.254", 8080),
+        DROP,
+        "the name's ports were not merged in"
+    );
 }
 
 #[test]

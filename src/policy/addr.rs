@@ -28,6 +28,28 @@ pub fn is_metadata(addr: IpAddr) -> bool {
     }
 }
 
+/// Addresses a DNS answer never opens, only a static policy entry does (the kernel's
+/// `is_special_answer` in bpf/parse.h): 0.0.0.0/8, 127/8, 169.254/16, 224/4 and 240/4
+/// (broadcast included); ::, ::1, fe80::/10, ff00::/8, fd00:ec2::254; the IPv4-mapped and
+/// NAT64 (64:ff9b::/96) forms of the IPv4 ones. Private ranges are not special: internal
+/// mirrors and cloud endpoints legitimately resolve to them.
+pub fn is_special(addr: IpAddr) -> bool {
+    let v4 = |a: Ipv4Addr| {
+        let o = a.octets();
+        o[0] == 0 || o[0] == 127 || (o[0] == 169 && o[1] == 254) || o[0] >= 224
+    };
+    match addr.to_canonical() {
+        IpAddr::V4(a) => v4(a),
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                return v4(Ipv4Addr::from(a.to_bits() as u32));
+            }
+            a.is_unspecified() || a.is_loopback() || s[0] >> 8 == 0xff || is_metadata(addr)
+        }
+    }
+}
+
 /// The 16-byte form the dataplane keys its trie with: IPv4 as ::ffff:a.b.c.d.
 pub(super) fn to_mapped(addr: IpAddr) -> Ipv6Addr {
     match addr {
@@ -116,6 +138,44 @@ mod tests {
         ];
         for (a, lo, md) in cases {
             assert_eq!((is_loopback(ip(a)), is_metadata(ip(a))), (lo, md), "{a}");
+        }
+    }
+
+    #[test]
+    fn special_answers() {
+        for a in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "127.9.9.9",
+            "169.254.169.254",
+            "224.0.0.1",
+            "239.1.1.1",
+            "240.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "fe80::1",
+            "ff02::1",
+            "fd00:ec2::254",
+            "::ffff:169.254.169.254",
+            "::ffff:127.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+        ] {
+            assert!(is_special(ip(a)), "{a}");
+        }
+        for a in [
+            "10.0.0.1",
+            "192.168.1.1",
+            "172.16.0.1",
+            "198.51.100.7",
+            "223.255.255.255",
+            "2001:db8::1",
+            "fd00::1",
+            "::ffff:198.51.100.7",
+            "64:ff9b::c633:6407",
+        ] {
+            assert!(!is_special(ip(a)), "{a}");
         }
     }
 

@@ -43,7 +43,7 @@ impl PortSet {
     /// Adds `spec`. Fails, leaving the set unchanged, when that would make more than
     /// [`MAX_PORTS`] distinct ports: the dataplane has no room for them, and silently
     /// widening to "any port" would allow more than the policy says.
-    fn add(&mut self, spec: PortSpec) -> Result<(), ()> {
+    pub(super) fn add(&mut self, spec: PortSpec) -> Result<(), ()> {
         match (&mut *self, spec) {
             (PortSet::Any, _) => {}
             (_, PortSpec::Any) => *self = PortSet::Any,
@@ -56,6 +56,18 @@ impl PortSet {
             }
         }
         Ok(())
+    }
+}
+
+impl PortSet {
+    /// `self |= other`, with [`add`](Self::add)'s limit; on failure `self` may hold part
+    /// of `other`.
+    pub(super) fn union(&mut self, other: &PortSet) -> Result<(), ()> {
+        match other {
+            PortSet::None => Ok(()),
+            PortSet::Any => self.add(PortSpec::Any),
+            PortSet::Ports(ps) => ps.iter().try_for_each(|p| self.add(PortSpec::Port(*p))),
+        }
     }
 }
 
@@ -92,6 +104,9 @@ pub struct Compiled {
     /// One entry per distinct network, ports merged, in order of first appearance.
     /// IPv4-mapped IPv6 networks have already been folded into IPv4 by the parser.
     pub prefixes: Vec<(IpNet, PortSet)>,
+    /// `allowed-inbound`: peer networks and the job's local ports they may connect to, each
+    /// entry holding the ports of the networks that cover it too (`::/0` is every peer).
+    pub inbound: Vec<(IpNet, PortSet)>,
 }
 
 /// The lowercased wire format of `name` without the terminating zero byte:

@@ -22,6 +22,7 @@ struct RawPolicy {
     dns_exfil_entropy: Option<Spanned<f64>>,
     dns_exfil_entropy_min_length: Option<Spanned<i64>>,
     dns_exfil_max_names: Option<Spanned<i64>>,
+    allowed_inbound: Option<Spanned<String>>,
 }
 
 /// The same keys with any value: a first pass that finds each key's span, so that a type
@@ -40,6 +41,7 @@ struct KeySpans {
     dns_exfil_entropy: Option<Spanned<toml::Value>>,
     dns_exfil_entropy_min_length: Option<Spanned<toml::Value>>,
     dns_exfil_max_names: Option<Spanned<toml::Value>>,
+    allowed_inbound: Option<Spanned<toml::Value>>,
 }
 
 impl KeySpans {
@@ -59,6 +61,7 @@ impl KeySpans {
                 &self.dns_exfil_entropy_min_length,
             ),
             ("dns-exfil-max-names", &self.dns_exfil_max_names),
+            ("allowed-inbound", &self.allowed_inbound),
         ]
         .into_iter()
         .find(|(_, v)| v.as_ref().is_some_and(|v| v.span().contains(&offset)))
@@ -205,6 +208,15 @@ pub(super) fn parse_toml(text: &str, source: &str) -> Result<PolicyBuilder, Poli
             line_col(text, in_doc)
         })?;
     }
+    if let Some(peers) = raw.allowed_inbound {
+        let span = peers.span();
+        let value = peers.into_inner();
+        let offsets = string_offsets(text, span.clone(), &value);
+        builder.inbound = parse_list(&value, source, super::inbound::parse_token, |i| {
+            let in_doc = offsets.as_ref().map_or(span.start, |o| o[i]);
+            line_col(text, in_doc)
+        })?;
+    }
     Ok(builder)
 }
 
@@ -215,6 +227,16 @@ pub(super) fn parse_endpoint_list(
     source: &str,
     locate: impl Fn(usize) -> (usize, usize),
 ) -> Result<Vec<Endpoint>, PolicyError> {
+    parse_list(list, source, endpoint::parse_token, locate)
+}
+
+/// Parses whitespace-separated tokens with `parse` (the endpoint or the inbound grammar).
+pub(super) fn parse_list(
+    list: &str,
+    source: &str,
+    parse: impl Fn(&str) -> Result<(super::HostPattern, super::PortSpec), String>,
+    locate: impl Fn(usize) -> (usize, usize),
+) -> Result<Vec<Endpoint>, PolicyError> {
     tokens(list)
         .map(|(offset, tok)| {
             let (line, column) = locate(offset);
@@ -223,7 +245,7 @@ pub(super) fn parse_endpoint_list(
                 line,
                 column,
             };
-            match endpoint::parse_token(tok) {
+            match parse(tok) {
                 Ok((host, port)) => Ok(Endpoint {
                     host,
                     port,

@@ -23,6 +23,7 @@
 //! dns-exfil-entropy = 4.0        # bits/char above which a run is a finding (0-8]
 //! dns-exfil-entropy-min-length = 20 # runs shorter than this are not measured (1-63)
 //! dns-exfil-max-names = 50       # distinct names per domain within a job (1-10000)
+//! allowed-inbound = "198.51.100.7 203.0.113.0/24:8080" # peers that may connect to the job
 //! "#;
 //! let policy = Policy::from_toml_str(text, "policy.toml").unwrap();
 //! assert_eq!(policy.mode, Mode::Block);
@@ -55,6 +56,10 @@
 //! CIDR. IPv6 takes a port only in brackets (`[2001:db8::1]:22`) or after a prefix length
 //! (`2001:db8::/32:22`).
 //!
+//! `allowed-inbound` lists the peers that may connect to sockets the job listens on (see
+//! [`inbound`](self::inbound) for the grammar; `*` is every peer). Without it no inbound
+//! connection is allowed: refused in block mode, reported in audit mode.
+//!
 //! A [`PolicyBuilder`] keeps what a source said and what it left unsaid, so that command-line
 //! flags can override a file's values before defaults are filled in.
 
@@ -69,12 +74,16 @@ mod addr;
 mod compile;
 mod endpoint;
 mod file;
+mod inbound;
 
-pub use addr::{is_loopback, is_metadata, parse_resolv_conf, read_resolv_conf, RESOLV_CONF};
+pub use addr::{
+    is_loopback, is_metadata, is_special, parse_resolv_conf, read_resolv_conf, RESOLV_CONF,
+};
 pub use compile::{
     name_hash, wire_name, Compiled, GlobEntry, NameEntry, PortSet, MAX_GLOBS, MAX_PORTS,
 };
 pub use endpoint::DEFAULT_PORT;
+pub use inbound::every_peer;
 
 /// Block or only log what the policy does not allow. Also the `direct-ip` setting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -281,6 +290,9 @@ pub struct Policy {
     pub dns_grace: std::time::Duration,
     /// The `dns-exfil-*` thresholds.
     pub dns_exfil: crate::exfil::Thresholds,
+    /// `allowed-inbound`: peers (address or network, `::/0` for `*`) and the job's local
+    /// port they may connect to (`PortSpec::Any` when none was written).
+    pub inbound: Vec<Endpoint>,
 }
 
 /// Defaults of `dns-min-ttl` and `dns-grace`.
@@ -309,6 +321,7 @@ impl Default for Policy {
             dns_min_ttl: DEFAULT_DNS_MIN_TTL,
             dns_grace: DEFAULT_DNS_GRACE,
             dns_exfil: crate::exfil::Thresholds::default(),
+            inbound: Vec::new(),
         }
     }
 }
@@ -329,6 +342,19 @@ impl Policy {
     /// it in errors, whose lines and columns count within `s`.
     pub fn parse_endpoints(s: &str, source: &str) -> Result<Vec<Endpoint>, PolicyError> {
         file::parse_endpoint_list(s, source, |offset| file::line_col(s, offset))
+    }
+
+    /// Parses a whitespace-separated `allowed-inbound` list, as given to `--allow-inbound`.
+    pub fn parse_inbound(s: &str, source: &str) -> Result<Vec<Endpoint>, PolicyError> {
+        file::parse_list(s, source, inbound::parse_token, |offset| {
+            file::line_col(s, offset)
+        })
+    }
+
+    /// Whether `peer` may connect to the job's local `port` (loopback always may): the
+    /// reference for the dataplane's inbound rule.
+    pub fn allows_inbound(&self, peer: IpAddr, port: u16) -> bool {
+        inbound::allows(&self.inbound, peer, port)
     }
 
     /// Adds endpoints (e.g. from `--allow`) to the policy.
@@ -389,7 +415,9 @@ impl Policy {
 
     /// Compiles the endpoints for the dataplane, refusing what its maps cannot hold.
     pub fn compile(&self) -> Result<Compiled, PolicyError> {
-        compile::compile(&self.endpoints)
+        let mut c = compile::compile(&self.endpoints)?;
+        c.inbound = inbound::compile(&self.inbound)?;
+        Ok(c)
     }
 }
 
@@ -408,6 +436,8 @@ pub struct PolicyBuilder {
     pub dns_exfil_entropy: Option<f64>,
     pub dns_exfil_entropy_min_length: Option<u32>,
     pub dns_exfil_max_names: Option<u32>,
+    /// `allowed-inbound` entries; accumulate like endpoints.
+    pub inbound: Vec<Endpoint>,
 }
 
 // `dns_exfil_entropy` is never NaN: the parser accepts only values in (0, 8].
@@ -439,6 +469,12 @@ impl PolicyBuilder {
         Ok(self)
     }
 
+    /// Adds the peers of an `--allow-inbound` string.
+    pub fn allow_inbound(&mut self, peers: &str, source: &str) -> Result<&mut Self, PolicyError> {
+        self.inbound.extend(Policy::parse_inbound(peers, source)?);
+        Ok(self)
+    }
+
     /// Lays `later` over `self`: its settings win where given, its endpoints are added.
     pub fn merge(&mut self, later: PolicyBuilder) -> &mut Self {
         self.mode = later.mode.or(self.mode);
@@ -454,6 +490,7 @@ impl PolicyBuilder {
             .or(self.dns_exfil_entropy_min_length);
         self.dns_exfil_max_names = later.dns_exfil_max_names.or(self.dns_exfil_max_names);
         self.endpoints.extend(later.endpoints);
+        self.inbound.extend(later.inbound);
         self
     }
 
@@ -474,6 +511,7 @@ impl PolicyBuilder {
             direct_ip: self.direct_ip.unwrap_or(Mode::Block),
             dns_resolvers,
             endpoints: self.endpoints,
+            inbound: self.inbound,
             dns_filter: self.dns_filter.unwrap_or(true),
             dns_min_ttl: self.dns_min_ttl.unwrap_or(DEFAULT_DNS_MIN_TTL),
             dns_grace: self.dns_grace.unwrap_or(DEFAULT_DNS_GRACE),

@@ -1,0 +1,196 @@
+//! `allowed-inbound`: which peers may connect to sockets the job listens on.
+//!
+//! ```toml
+//! allowed-inbound = """
+//! 198.51.100.7            # this peer, to any port the job listens on
+//! 203.0.113.0/24:8080     # these peers, to the job's port 8080 only
+//! [2001:db8::1]:22
+//! *:9000                  # every peer, to port 9000
+//! """
+//! ```
+//!
+//! A peer is an address or a network (IPv6 with a port in brackets or after the prefix
+//! length, as in `allowed-endpoints`), or `*` for every peer; the port is the job's local,
+//! listening port, and without one every port is meant (a listed peer's TCP connections to
+//! that port, and the job's UDP datagrams from that port to the peer). Names are refused: a connecting peer
+//! comes with an address, not with a DNS answer the dataplane could tie it to. Without the
+//! key, no inbound connection is allowed (in block mode they are refused; in audit mode
+//! reported). Loopback peers are always allowed.
+
+use std::net::{IpAddr, Ipv6Addr};
+
+use ipnet::{IpNet, Ipv6Net};
+
+use super::{addr, endpoint, Endpoint, HostPattern, PolicyError, PortSet, PortSpec};
+
+/// `*`: every peer, IPv4 (stored IPv4-mapped by the dataplane) and IPv6 alike.
+pub fn every_peer() -> IpNet {
+    IpNet::V6(Ipv6Net::new(Ipv6Addr::UNSPECIFIED, 0).expect("/0 is a valid prefix"))
+}
+
+/// Parses one whitespace-free `allowed-inbound` token.
+pub(super) fn parse_token(tok: &str) -> Result<(HostPattern, PortSpec), String> {
+    if let Some(rest) = tok.strip_prefix('*') {
+        return match rest.strip_prefix(':') {
+            None if rest.is_empty() => Ok((HostPattern::Net(every_peer()), PortSpec::Any)),
+            Some(port) => Ok((
+                HostPattern::Net(every_peer()),
+                endpoint::parse_port(port, tok)?,
+            )),
+            None => Err(format!(
+                "bad peer {tok:?} in allowed-inbound: expected *, *:PORT, an address or a network"
+            )),
+        };
+    }
+    // Whether a port was written: the endpoint grammar fills in 443 when none is, which for
+    // a listening port would be wrong.
+    let has_port = if tok.starts_with('[') {
+        tok.contains("]:")
+    } else if let Some((_, rest)) = tok.split_once('/') {
+        rest.contains(':')
+    } else {
+        tok.parse::<IpAddr>().is_err() && tok.matches(':').count() == 1
+    };
+    let (host, port) = endpoint::parse_token(tok)?;
+    if !matches!(host, HostPattern::Net(_)) {
+        return Err(format!(
+            "{tok:?} in allowed-inbound is a name: inbound peers are addresses or networks \
+             (a connecting peer brings no DNS answer to judge it by), or * for every peer"
+        ));
+    }
+    Ok((host, if has_port { port } else { PortSpec::Any }))
+}
+
+/// One entry per distinct peer network, ports merged; each entry also carries the ports of
+/// every network that covers it, so that the dataplane's longest-prefix match finds the
+/// union (`198.51.100.7:22` with `*:8080` lets 198.51.100.7 reach 8080 too).
+pub(super) fn compile(rules: &[Endpoint]) -> Result<Vec<(IpNet, PortSet)>, PolicyError> {
+    let mut out: Vec<(IpNet, PortSet, &Endpoint)> = Vec::new();
+    for r in rules {
+        let HostPattern::Net(net) = r.host else {
+            return Err(r.error(format!("{:?} is not an address or network", r.text)));
+        };
+        let at = match out.iter().position(|(n, _, _)| *n == net) {
+            Some(at) => at,
+            None => {
+                out.push((net, PortSet::None, r));
+                out.len() - 1
+            }
+        };
+        out[at].1.add(r.port).map_err(|()| too_many(r))?;
+    }
+    let snapshot: Vec<(IpNet, PortSet)> = out.iter().map(|(n, p, _)| (*n, p.clone())).collect();
+    for (net, ports, r) in &mut out {
+        for (cover, cports) in &snapshot {
+            if cover != net && covers(*cover, *net) {
+                ports.union(cports).map_err(|()| too_many(r))?;
+            }
+        }
+    }
+    Ok(out.into_iter().map(|(n, p, _)| (n, p)).collect())
+}
+
+fn too_many(r: &Endpoint) -> PolicyError {
+    r.error(format!(
+        "allowed-inbound {:?} adds a port beyond the {} the dataplane holds per peer network \
+         (ports of covering networks count too): allow fewer ports or any port",
+        r.text,
+        super::MAX_PORTS
+    ))
+}
+
+/// Does `a` cover `b`, both placed in the IPv4-mapped space the dataplane uses?
+fn covers(a: IpNet, b: IpNet) -> bool {
+    let mapped_len = |n: IpNet| match n {
+        IpNet::V4(n) => n.prefix_len() + 96,
+        IpNet::V6(n) => n.prefix_len(),
+    };
+    mapped_len(a) <= mapped_len(b) && addr::mapped_contains(a, addr::to_mapped(b.network()))
+}
+
+/// Whether `rules` let `peer` connect to the job's local `port`; loopback always may.
+pub(super) fn allows(rules: &[Endpoint], peer: IpAddr, port: u16) -> bool {
+    if addr::is_loopback(peer) {
+        return true;
+    }
+    let peer = addr::to_mapped(peer);
+    rules.iter().any(|r| match r.host {
+        HostPattern::Net(net) => r.port.matches(port) && addr::mapped_contains(net, peer),
+        _ => false,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policy;
+
+    fn parse(s: &str) -> Result<Vec<Endpoint>, PolicyError> {
+        Policy::parse_inbound(s, "--allow-inbound")
+    }
+
+    #[test]
+    fn tokens() {
+        let cases: &[(&str, &str, PortSpec)] = &[
+            ("*", "::/0", PortSpec::Any),
+            ("*:8080", "::/0", PortSpec::Port(8080)),
+            ("198.51.100.7", "198.51.100.7/32", PortSpec::Any),
+            ("198.51.100.7:22", "198.51.100.7/32", PortSpec::Port(22)),
+            (
+                "203.0.113.0/24:8080",
+                "203.0.113.0/24",
+                PortSpec::Port(8080),
+            ),
+            ("203.0.113.0/24", "203.0.113.0/24", PortSpec::Any),
+            ("2001:db8::1", "2001:db8::1/128", PortSpec::Any),
+            ("[2001:db8::1]:22", "2001:db8::1/128", PortSpec::Port(22)),
+            ("[2001:db8::1]", "2001:db8::1/128", PortSpec::Any),
+            ("2001:db8::/32:443", "2001:db8::/32", PortSpec::Port(443)),
+        ];
+        for (tok, net, port) in cases {
+            let (host, p) = parse_token(tok).unwrap_or_else(|e| panic!("{tok}: {e}"));
+            assert_eq!(host, HostPattern::Net(net.parse().unwrap()), "{tok}");
+            assert_eq!(p, *port, "{tok}");
+        }
+    }
+
+    #[test]
+    fn errors_name_line_column_and_cause() {
+        let e = parse("198.51.100.7\n  github.com:22").unwrap_err();
+        assert_eq!((e.line, e.column), (2, 3));
+        assert!(e.message.contains("is a name"), "{e}");
+        let e = parse("*x").unwrap_err();
+        assert!(e.message.contains("expected *, *:PORT"), "{e}");
+        let e = parse("198.51.100.7:0").unwrap_err();
+        assert!(e.message.contains("bad port"), "{e}");
+        let e = Policy::from_toml_str(
+            "mode = \"block\"\nallowed-inbound = \"\"\"\n198.51.100.7\n*.test\n\"\"\"\n",
+            "p.toml",
+        )
+        .unwrap_err();
+        assert_eq!((e.line, e.column), (4, 1), "{e}");
+        assert!(e.to_string().starts_with("p.toml:4:1: "), "{e}");
+    }
+
+    #[test]
+    fn covering_networks_lend_their_ports() {
+        let rules = parse("198.51.100.7:22 *:8080 198.51.100.0/24:9000").unwrap();
+        let c = compile(&rules).unwrap();
+        let get = |n: &str| {
+            c.iter()
+                .find(|(net, _)| *net == n.parse::<IpNet>().unwrap())
+                .map(|(_, p)| p.clone())
+                .unwrap()
+        };
+        assert_eq!(
+            get("198.51.100.7/32"),
+            PortSet::Ports([22, 8080, 9000].into())
+        );
+        assert_eq!(get("198.51.100.0/24"), PortSet::Ports([8080, 9000].into()));
+        assert_eq!(get("::/0"), PortSet::Ports([8080].into()));
+        assert!(allows(&rules, "198.51.100.7".parse().unwrap(), 8080));
+        assert!(allows(&rules, "2001:db8::9".parse().unwrap(), 8080));
+        assert!(!allows(&rules, "2001:db8::9".parse().unwrap(), 22));
+        assert!(allows(&rules, "127.0.0.1".parse().unwrap(), 1));
+    }
+}
