@@ -791,7 +791,9 @@ static __noinline int refuse_tcp_query(struct __sk_buff *skb, struct pkt *p)
  * reset at once instead of retransmitting the segment for minutes — possibly after the job
  * ended and nothing filters it any more. Its sequence number is what the client acknowledged
  * of the resolver (exactly what a RST must carry to be believed); the payload stays (a RST
- * may carry data, which is ignored), so only seq, ack and flags change in the checksum. A
+ * may carry data, which the socket discards), so only seq, ack and flags change in the
+ * checksum. That payload is the job's, dressed as the resolver's: the turnaround tags the
+ * packet (RF_TURNED_MARK) and dns_answer reads nothing from a RST, so it is never an answer. A
  * segmentation-offload packet is only dropped: it would have to be cut down first. */
 static __noinline int reset_tcp_stream(struct __sk_buff *skb, struct pkt *p)
 {
