@@ -4,6 +4,10 @@
 //! proves on the receiving side that the name never arrived (a packet capture on the
 //! server's interface and dnsmasq's query log) and that the attempt is in the events; the
 //! audit-mode twin proves the same attempt does arrive there, and is reported.
+//!
+//! The red team's DNS escapes (issue 8 follow-up) are at the end: an answer forged through
+//! the stream reset ringfence turns around, UDP_SEGMENT, urgent data, and a payload rewritten
+//! in the job's own pages (vmsplice) after the verdict.
 
 mod common;
 
