@@ -637,12 +637,30 @@ static __always_inline void copy_segment(struct __sk_buff *skb, struct pkt *p, _
 	emit_dns_copy(s, job_id, p->saddr);
 }
 
+/* The mark of every packet ringfence turns around (a query answered REFUSED, a segment
+ * turned into a RST): the bytes in it are the job's, written as if they came from the
+ * resolver, so nothing that carries it may be read as an answer or as a segment of one.
+ * bpf_redirect to the ingress of a device in the same namespace keeps skb->mark (only a
+ * crossing into another namespace scrubs it), and so does loopback. A job cannot put this
+ * mark on a packet of its own: SO_MARK (and its cmsg) needs CAP_NET_ADMIN or CAP_NET_RAW,
+ * and an ingress packet's mark is 0 when TC sees it (netfilter runs later). Whatever else
+ * carries the value by chance is only never parsed as DNS: it binds nothing. */
+#define RF_TURNED_MARK 0x52460a7bU /* "RF", then arbitrary */
+
+static __always_inline int rf_turned(const struct __sk_buff *skb)
+{
+	return skb->mark == RF_TURNED_MARK;
+}
+
 /* Sends a rewritten reply back to the socket. On a real device: redirect to its ingress.
  * On loopback the packet comes back to this host anyway, and keeps its local route on the
  * way, so it just goes on; redirecting would drop the route and the input lookup would
  * then refuse loopback addresses as martians. */
 static __always_inline int turn_around(struct __sk_buff *skb, struct pkt *p)
 {
+	/* Still the job's bytes (a REFUSED answer echoes its query, a RST keeps its segment):
+	 * tagged, so that rf_ingress never reads them as an answer (rf_turned). */
+	skb->mark = RF_TURNED_MARK;
 	if (is_loopback(p->daddr))
 		return TC_ACT_UNSPEC;
 	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);
@@ -773,7 +791,9 @@ static __noinline int refuse_tcp_query(struct __sk_buff *skb, struct pkt *p)
  * reset at once instead of retransmitting the segment for minutes — possibly after the job
  * ended and nothing filters it any more. Its sequence number is what the client acknowledged
  * of the resolver (exactly what a RST must carry to be believed); the payload stays (a RST
- * may carry data, which is ignored), so only seq, ack and flags change in the checksum. A
+ * may carry data, which the socket discards), so only seq, ack and flags change in the
+ * checksum. That payload is the job's, dressed as the resolver's: the turnaround tags the
+ * packet (RF_TURNED_MARK) and dns_answer reads nothing from a RST, so it is never an answer. A
  * segmentation-offload packet is only dropped: it would have to be cut down first. */
 static __noinline int reset_tcp_stream(struct __sk_buff *skb, struct pkt *p)
 {
@@ -877,6 +897,20 @@ static __always_inline void load_raw(struct __sk_buff *skb, struct rf_scratch *s
 	s->len = len;
 }
 
+/* Makes the packet hold its own copy of the payload before it is judged. Bytes in page
+ * fragments may be the job's own memory (vmsplice + splice, MSG_ZEROCOPY): a verdict on
+ * them would hold only until the job rewrites the page, and the resolver reads the page
+ * later. bpf_skb_pull_data of the whole length copies every fragment into the packet's head
+ * and releases the fragments (a clone gets a head of its own first). Only nonlinear packets
+ * pay for it. Offsets stay valid; packet pointers do not (none are used after this).
+ * Returns 0 when the packet owns its bytes. */
+static __always_inline int own_payload(struct __sk_buff *skb)
+{
+	if (skb->len <= skb->data_end - skb->data)
+		return 0;
+	return bpf_skb_pull_data(skb, skb->len) ? -1 : 0;
+}
+
 /* A UDP query: the datagram is one message. */
 static __always_inline int dns_udp_query(struct __sk_buff *skb, struct pkt *p,
 					 const struct rf_job *job, struct rf_scratch *s)
@@ -885,8 +919,12 @@ static __always_inline int dns_udp_query(struct __sk_buff *skb, struct pkt *p,
 	int v;
 
 	/* A fragment: the name is in the first one, but the message is never whole here (TC
-	 * runs before reassembly). Too short for a header: not a message at all. */
-	if (p->fragment || len < 12)
+	 * runs before reassembly). Too short for a header: not a message at all. UDP_SEGMENT
+	 * (GSO): the device cuts the datagram into several after this verdict, each a message
+	 * of its own the resolver reads; judged as one it would pass all but the first
+	 * unread. A payload that cannot be copied into the packet (own_payload) is not judged
+	 * either. */
+	if (p->fragment || len < 12 || skb->gso_size || skb->gso_segs > 1 || own_payload(skb))
 		goto raw;
 	p->dns_off = p->payload;
 	p->dns_len = len;
@@ -1065,6 +1103,12 @@ __noinline int dns_tcp_query(struct __sk_buff *skb, struct pkt *p)
 		return RF_ACT_RESET;
 	if (st->state == RF_STREAM_LOST)
 		return TC_ACT_UNSPEC;
+	/* Urgent data: the byte is in the sequence space walked here, but the resolver's read()
+	 * skips it (SO_OOBINLINE is off by default), so the two would frame messages differently
+	 * from here on. And bytes that could not be copied into the packet (dns_query) cannot be
+	 * judged. Either way the stream is lost. */
+	if ((p->tcp_flags & RF_TCP_URG) || s->lost)
+		goto lose;
 	s->end_seq = seq + (s->seg_end - p->payload);
 	if ((__s32)(s->end_seq - st->next_seq) <= 0)
 		return TC_ACT_UNSPEC; /* a retransmit of bytes judged already */
@@ -1132,7 +1176,11 @@ static __always_inline int dns_query(struct __sk_buff *skb, struct pkt *p, const
 	s->qv.job_id = job->job_id;
 	s->qv.bind_seen = job->mode == RF_MODE_AUDIT;
 	if (p->proto == IPPROTO_TCP) {
-		int rc = dns_tcp_query(skb, p);
+		int rc;
+
+		/* s->lost on entry: the segment's bytes are not the packet's own (own_payload). */
+		s->lost = own_payload(skb) ? 1 : 0;
+		rc = dns_tcp_query(skb, p);
 
 		if (rc == RF_ACT_REFUSE)
 			return refuse_tcp_query(skb, p);
@@ -1161,6 +1209,10 @@ static __always_inline void dns_answer(struct __sk_buff *skb, struct pkt *p)
 		count(RF_CNT_DNS_FRAGMENT);
 		return;
 	}
+	/* A RST's payload is never delivered to the socket (and a RST from ringfence's own
+	 * turnaround holds the job's bytes): no answer, nor a piece of one, is read from it. */
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & RF_TCP_RST))
+		return;
 	if (p->proto == IPPROTO_TCP && p->l4_len) {
 		struct rf_stream_key sk = {};
 		struct rf_stream_val *sv;

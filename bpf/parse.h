@@ -25,6 +25,7 @@
 #define RF_TCP_SYN 0x02
 #define RF_TCP_RST 0x04
 #define RF_TCP_ACK 0x10
+#define RF_TCP_URG 0x20
 
 struct pkt {
 	__u8 saddr[16];

@@ -377,6 +377,9 @@ int rf_ingress(struct __sk_buff *skb)
 {
 	struct pkt p = {};
 
+	/* What ringfence itself turned around holds the job's bytes: never an answer. */
+	if (rf_turned(skb))
+		return TC_ACT_UNSPEC;
 	if (parse_pkt(skb, &p, link_hdr_len(skb)))
 		return TC_ACT_UNSPEC;
 	if (is_dns(&p) && p.sport == 53)

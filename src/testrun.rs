@@ -52,6 +52,44 @@ pub fn run_tc_output(
     Ok((rc, out))
 }
 
+/// What a test run may set in the packet's metadata besides the interface.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SkbMeta {
+    pub mark: u32,
+    pub gso_size: u32,
+    pub gso_segs: u32,
+}
+
+/// Runs `prog` once on `frame` with `meta` in its `__sk_buff`. Returns the program's return
+/// value and the mark the packet left with.
+pub fn run_tc_meta(
+    prog: &libbpf_rs::ProgramMut<'_>,
+    frame: &[u8],
+    ifindex: u32,
+    meta: SkbMeta,
+) -> Result<(i32, u32)> {
+    let mut ctx = skb_ctx(ifindex);
+    let mark = std::mem::offset_of!(__sk_buff, mark);
+    ctx[mark..mark + 4].copy_from_slice(&meta.mark.to_ne_bytes());
+    let at = std::mem::offset_of!(__sk_buff, gso_size);
+    ctx[at..at + 4].copy_from_slice(&meta.gso_size.to_ne_bytes());
+    let at = std::mem::offset_of!(__sk_buff, gso_segs);
+    ctx[at..at + 4].copy_from_slice(&meta.gso_segs.to_ne_bytes());
+    let mut ctx_out = vec![0u8; ctx.len()];
+    let input = ProgramInput {
+        data_in: Some(frame),
+        context_in: Some(&mut ctx[..]),
+        context_out: Some(&mut ctx_out[..]),
+        ..Default::default()
+    };
+    let rc = prog
+        .test_run(input)
+        .context("BPF_PROG_TEST_RUN")?
+        .return_value as i32;
+    let mark_out = u32::from_ne_bytes(ctx_out[mark..mark + 4].try_into().unwrap());
+    Ok((rc, mark_out))
+}
+
 /// A `__sk_buff` context, built as bytes rather than as a struct value: the kernel refuses
 /// a context whose padding is not zero, and Rust promises nothing about padding bytes.
 fn skb_ctx(ifindex: u32) -> Vec<u8> {

@@ -10,7 +10,8 @@ use ringfence::abi;
 use ringfence::dataplane::{Dataplane, Options};
 use ringfence::policy::{Mode, Policy};
 use ringfence::testrun::{
-    self, dns_answer, dns_query, frame, run_tc, Rr, DROP, PASS, TCP_ACK, TCP_SYN,
+    self, dns_answer, dns_query, frame, run_tc, run_tc_meta, Rr, SkbMeta, DROP, PASS, TCP_ACK,
+    TCP_SYN,
 };
 
 const LO: u32 = 1;
@@ -2261,4 +2262,185 @@ fn dns_to_any_loopback_address_is_pinned_and_filtered() {
     assert_eq!(lo("127.0.0.1", 6, 8080, &[]), PASS);
     assert_eq!(lo("127.0.0.54", 17, 5353, &ok), PASS);
     assert!(r.events().is_empty());
+}
+
+// ---- what ringfence turns around, GSO, urgent data -----------------------------------------
+
+/// bpf/dns.h's RF_TURNED_MARK: every packet ringfence turns around carries it.
+const TURNED_MARK: u32 = 0x5246_0a7b;
+const URG: u8 = 0x20;
+const RST_ACK: u8 = 0x14;
+
+#[test]
+fn turned_around_packets_are_never_read_as_answers() {
+    let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
+    let ingress = |r: &Rig, f: &[u8], mark: u32| {
+        let meta = SkbMeta {
+            mark,
+            ..Default::default()
+        };
+        run_tc_meta(r.dp().ingress_prog(), f, LO, meta).unwrap().0
+    };
+    // A query answered REFUSED leaves tagged.
+    let q = frame(
+        ip(CLIENT),
+        ip(RESOLVER),
+        17,
+        r.port(),
+        53,
+        0,
+        &dns_query(7, "leak.attacker.test", 1),
+    );
+    let (rc, mark) = run_tc_meta(r.dp().egress_prog(), &q, LO, SkbMeta::default()).unwrap();
+    assert_eq!(
+        (rc, mark),
+        (TC_ACT_REDIRECT, TURNED_MARK),
+        "REFUSED is tagged"
+    );
+
+    // UDP: the job's own answer to its allowed query, tagged as turned around: not read.
+    let forged = dns_answer(
+        0x3131,
+        "github.test",
+        1,
+        &[Rr::A("github.test", 30, a4("203.0.113.21"))],
+    );
+    let port = r.query(0x3131, "github.test", 1);
+    let f = frame(ip(RESOLVER), ip(CLIENT), 17, 53, port, 0, &forged);
+    assert_eq!(ingress(&r, &f, TURNED_MARK), PASS);
+    assert!(r.learned().is_empty(), "a tagged packet bound an address");
+    // The same untagged binds: the row above can fail.
+    assert_eq!(ingress(&r, &f, 0), PASS);
+    assert_eq!(r.learned(), vec![ip("203.0.113.21")]);
+
+    // TCP: a RST from the resolver whose payload is a whole answer (what reset_tcp_stream
+    // turns around keeps the job's segment), untagged: a RST's payload is never an answer.
+    let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
+    let sport = r.port();
+    assert_eq!(r.egress(&syn_to_resolver(sport, 99)), PASS);
+    let q = tcp_q(0x3131, "github.test");
+    let seg = testrun::tcp_frame(
+        ip(CLIENT),
+        ip(RESOLVER),
+        sport,
+        53,
+        100,
+        500,
+        PSH_ACK,
+        &[],
+        &q,
+    );
+    assert_eq!(r.egress(&seg), PASS);
+    let a = testrun::tcp_dns(&forged);
+    let ack = 100 + q.len() as u32;
+    for (flags, mark, bound) in [
+        (RST_ACK, 0, false),
+        (PSH_ACK, TURNED_MARK, false),
+        (PSH_ACK, 0, true),
+    ] {
+        let seg = testrun::tcp_frame(
+            ip(RESOLVER),
+            ip(CLIENT),
+            53,
+            sport,
+            500,
+            ack,
+            flags,
+            &[],
+            &a,
+        );
+        assert_eq!(ingress(&r, &seg, mark), PASS);
+        assert_eq!(
+            !r.learned().is_empty(),
+            bound,
+            "flags {flags:#x} mark {mark:#x}"
+        );
+    }
+    // The first segment of a split answer, tagged: no copy of it goes to the agent (the
+    // REFUSED turnaround could otherwise put the job's bytes into an answer being rebuilt).
+    let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
+    let sport = r.port();
+    assert_eq!(r.egress(&syn_to_resolver(sport, 99)), PASS);
+    let seg = testrun::tcp_frame(
+        ip(CLIENT),
+        ip(RESOLVER),
+        sport,
+        53,
+        100,
+        500,
+        PSH_ACK,
+        &[],
+        &q,
+    );
+    assert_eq!(r.egress(&seg), PASS);
+    let _ = r.events();
+    let seg = testrun::tcp_frame(
+        ip(RESOLVER),
+        ip(CLIENT),
+        53,
+        sport,
+        500,
+        ack,
+        PSH_ACK,
+        &[],
+        &a[..20],
+    );
+    for flags_mark in [TURNED_MARK, 0] {
+        assert_eq!(ingress(&r, &seg, flags_mark), PASS);
+        let copies = dns_copy_flags(&r)
+            .into_iter()
+            .filter(|f| f & abi::DNS_TCP_SEGMENT != 0)
+            .count();
+        assert_eq!(copies, (flags_mark == 0) as usize, "mark {flags_mark:#x}");
+    }
+}
+
+#[test]
+fn udp_gso_queries_are_unjudged() {
+    let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
+    let q = dns_query(9, "github.test", 1);
+    let f = frame(ip(CLIENT), ip(RESOLVER), 17, r.port(), 53, 0, &q);
+    let gso = SkbMeta {
+        gso_size: q.len() as u32 / 2,
+        gso_segs: 2,
+        ..Default::default()
+    };
+    let (rc, _) = run_tc_meta(r.dp().egress_prog(), &f, LO, gso).unwrap();
+    assert_eq!(
+        rc, DROP,
+        "a GSO datagram is cut after the verdict: unjudged"
+    );
+    assert_eq!(dns_copy_flags(&r), vec![abi::DNS_QUERY | abi::DNS_UNJUDGED]);
+    // Without GSO the same datagram passes.
+    let f = frame(ip(CLIENT), ip(RESOLVER), 17, r.port(), 53, 0, &q);
+    assert_eq!(r.egress(&f), PASS);
+}
+
+#[test]
+fn tcp_urgent_data_kills_the_dns_stream() {
+    const RESET: i32 = TC_ACT_REDIRECT;
+    let r = rig_with(Mode::Block, Mode::Block, "github.test", true);
+    let sport = r.port();
+    assert_eq!(r.egress(&syn_to_resolver(sport, 99)), PASS);
+    let q = tcp_q(1, "github.test");
+    let mut seq = 100;
+    for (flags, want) in [(PSH_ACK | URG, RESET), (PSH_ACK, RESET)] {
+        let seg = testrun::tcp_frame(
+            ip(CLIENT),
+            ip(RESOLVER),
+            sport,
+            53,
+            seq,
+            500,
+            flags,
+            &[],
+            &q,
+        );
+        assert_eq!(r.egress(&seg), want, "flags {flags:#x}");
+        seq += q.len() as u32;
+    }
+    assert_eq!(
+        dns_copy_flags(&r),
+        vec![abi::DNS_QUERY | abi::DNS_TCP | abi::DNS_UNJUDGED]
+    );
 }

