@@ -48,6 +48,12 @@ static __always_inline int is_dns(const struct pkt *p)
 
 /* The job a packet belongs to. *by_socket says it was sent by a socket of the job's cgroup
  * (not only seen on a job's interface, where ARP and neighbour discovery also pass). */
+static __always_inline int is_syn_ack(const struct pkt *p)
+{
+	return p->proto == IPPROTO_TCP &&
+	       (p->tcp_flags & (RF_TCP_SYN | RF_TCP_ACK)) == (RF_TCP_SYN | RF_TCP_ACK);
+}
+
 static __always_inline struct rf_job *find_job(struct __sk_buff *skb, __u64 *cgid, int *by_socket)
 {
 	__u64 id = bpf_skb_cgroup_id(skb);
@@ -246,6 +252,31 @@ static __always_inline __u32 link_hdr_len(struct __sk_buff *skb)
 	return l2 ? *l2 : RF_L2_ETHER;
 }
 
+/* A refused SYN-ACK goes out as the RST|ACK a closed port answers with, so that which ports
+ * the job listens on cannot be read by an unlisted peer (silence for a listening port, a RST
+ * for a closed one would be a covert channel). Only the flags and the window change (the
+ * kernel's RST advertises a zero window); the sequence number is kept and the ACK already
+ * covers the peer's SYN, so the peer's connect() fails with ECONNREFUSED as on a closed
+ * port. The options of the SYN-ACK stay (see the report: an observer of the raw segment can
+ * still tell). Returns the TC action: pass the rewritten segment, or drop if the rewrite
+ * failed. */
+static __always_inline int refuse_syn_ack(struct __sk_buff *skb, const struct pkt *p)
+{
+	__u32 off = p->l4_off + 12, csum = p->l4_off + offsetof(struct tcphdr, check);
+	__be16 w[2], n[2];
+
+	if (bpf_skb_load_bytes(skb, off, w, sizeof(w)))
+		return TC_ACT_SHOT;
+	/* The data offset kept (the high nibble), the flags become RST|ACK. */
+	n[0] = bpf_htons((bpf_ntohs(w[0]) & 0xf000) | RF_TCP_RST | RF_TCP_ACK);
+	n[1] = 0;
+	if (bpf_l4_csum_replace(skb, csum, w[0], n[0], sizeof(__be16)) ||
+	    bpf_l4_csum_replace(skb, csum, w[1], n[1], sizeof(__be16)) ||
+	    bpf_skb_store_bytes(skb, off, n, sizeof(n), 0))
+		return TC_ACT_SHOT;
+	return TC_ACT_UNSPEC;
+}
+
 SEC("tc")
 int rf_egress(struct __sk_buff *skb)
 {
@@ -259,6 +290,9 @@ int rf_egress(struct __sk_buff *skb)
 	__u32 l2;
 
 	job = find_job(skb, &cgid, &by_socket);
+	/* Left open: a SYN-ACK sent under SYN cookies (the job's listen queue full) has no
+	 * socket, so no cgroup, and is not placed here: it passes unjudged. bpf_sk_cgroup_id()
+	 * of the listener, which would place it, is not callable from TC. */
 	if (!job)
 		return TC_ACT_UNSPEC;
 	l2 = link_hdr_len(skb);
@@ -316,6 +350,9 @@ int rf_egress(struct __sk_buff *skb)
 		}
 		if (cached->verdict == RF_VERDICT_BLOCKED) {
 			count(RF_CNT_BLOCKED);
+			/* A retransmitted SYN-ACK of a refused connection: a RST like the first. */
+			if (cached->reason == RF_REASON_INBOUND && is_syn_ack(&p))
+				return refuse_syn_ack(skb, &p);
 			return TC_ACT_SHOT;
 		}
 		if (dns && cached->verdict == RF_VERDICT_ALLOWED)
@@ -323,8 +360,7 @@ int rf_egress(struct __sk_buff *skb)
 		return TC_ACT_UNSPEC;
 	}
 
-	if (p.proto == IPPROTO_TCP && (p.tcp_flags & (RF_TCP_SYN | RF_TCP_ACK)) ==
-					      (RF_TCP_SYN | RF_TCP_ACK)) {
+	if (is_syn_ack(&p)) {
 		/* The job's SYN-ACK: a peer is connecting to a socket the job listens on. Judged
 		 * here, before the handshake completes: dropped, the peer never connects. */
 		direction = RF_DIR_INBOUND;
@@ -363,6 +399,8 @@ int rf_egress(struct __sk_buff *skb)
 
 	if (verdict == RF_VERDICT_BLOCKED) {
 		count(RF_CNT_BLOCKED);
+		if (direction == RF_DIR_INBOUND && reason == RF_REASON_INBOUND)
+			return refuse_syn_ack(skb, &p);
 		return TC_ACT_SHOT;
 	}
 	count(verdict == RF_VERDICT_AUDITED ? RF_CNT_AUDITED : RF_CNT_ALLOWED);
@@ -387,28 +425,76 @@ int rf_ingress(struct __sk_buff *skb)
 	return TC_ACT_UNSPEC;
 }
 
-/* The backstop, on the job's cgroup: a job packet leaving through an interface the TC
- * programs are not attached to (one that appeared a moment ago and is not attached yet, or
- * one left out with --interface) is unparsed as far as the verdict program is concerned:
- * dropped in block mode, reported in both. Loopback (ifindex 1 in every namespace) stays
- * on the host. Returns 1 to let the packet go, 0 to drop it. */
+/* The backstop, on the job's cgroup. It runs before routing's neighbour step (ARP,
+ * neighbour discovery), which TC egress comes after: a packet to an on-link address the job
+ * chose makes the kernel put that address on the link in an ARP request or a neighbour
+ * solicitation even when TC drops the packet itself. So the backstop pre-judges:
+ * - a packet leaving through an interface the TC programs are not attached to (one that
+ *   appeared a moment ago and is not attached yet, or one left out with --interface) is
+ *   unparsed as far as the verdict program is concerned: dropped in block mode, reported in
+ *   both;
+ * - on a watched interface, a packet of a flow already judged blocked is dropped here, and a
+ *   new flow judge() blocks is dropped, cached as blocked and reported here (TC then never
+ *   sees it, so it is reported once). Everything else goes on to TC as before, which caches
+ *   and reports allowed and audited flows and filters DNS to resolvers. A SYN-ACK goes on to
+ *   TC too: its peer sent a SYN, so it is resolved already, and TC answers a refused one
+ *   with a RST.
+ * Loopback (ifindex 1 in every namespace) stays on the host. Returns 1 to let the packet go,
+ * 0 to drop it. */
 SEC("cgroup_skb/egress")
 int rf_backstop(struct __sk_buff *skb)
 {
 	__u32 ifindex = skb->ifindex;
+	struct rf_flow_key fk = {};
+	struct rf_flow_val fv = {}, *cached;
 	struct pkt p = {};
 	struct rf_job *job;
-	__u64 cgid = 0;
-	int by_socket;
+	__u64 cgid = 0, now;
+	__u8 verdict, reason = RF_REASON_ALLOWED;
+	int by_socket, rc;
 
-	if (ifindex == 1 || bpf_map_lookup_elem(&devices, &ifindex))
+	if (ifindex == 1)
 		return 1;
 	job = find_job(skb, &cgid, &by_socket);
 	if (!job)
 		return 1;
 	/* At this hook the packet starts at its IP header. */
-	parse_pkt(skb, &p, RF_L2_NONE);
-	return unparsed(job, cgid, &p, 0) == TC_ACT_SHOT ? 0 : 1;
+	rc = parse_pkt(skb, &p, RF_L2_NONE);
+	if (!bpf_map_lookup_elem(&devices, &ifindex))
+		return unparsed(job, cgid, &p, 0) == TC_ACT_SHOT ? 0 : 1;
+	/* What cannot be parsed here (headers beyond the linear part, which only TC can pull
+	 * in) is judged by TC as before. */
+	if (rc != RF_PARSE_OK || is_syn_ack(&p) || is_loopback(p.daddr))
+		return 1;
+
+	__builtin_memcpy(fk.daddr, p.daddr, 16);
+	fk.job_id = job->job_id;
+	fk.sport = p.sport;
+	fk.dport = p.dport;
+	fk.proto = p.proto;
+	cached = always_judge ? NULL : bpf_map_lookup_elem(&flows, &fk);
+	if (cached) {
+		if (cached->verdict != RF_VERDICT_BLOCKED)
+			return 1;
+		count(RF_CNT_BLOCKED);
+		return 0;
+	}
+	now = bpf_ktime_get_boot_ns();
+	verdict = judge(job, &p, now, &reason);
+	/* As in rf_egress: a job answering a peer allowed inbound is not blocked. */
+	if (verdict != RF_VERDICT_BLOCKED ||
+	    ((p.proto == IPPROTO_UDP || (p.proto == IPPROTO_TCP && !(p.tcp_flags & RF_TCP_SYN))) &&
+	     inbound_allows(job, &p)))
+		return 1;
+	fv.first_ns = now;
+	fv.last_ns = now;
+	fv.verdict = verdict;
+	fv.reason = reason;
+	bpf_map_update_elem(&flows, &fk, &fv, BPF_ANY);
+	count(RF_CNT_NEW_FLOWS);
+	count(RF_CNT_BLOCKED);
+	emit_flow(job, cgid, &p, now, verdict, reason, RF_DIR_OUTBOUND, 0);
+	return 0;
 }
 
 /* The baseline for benchmarks: what an attached program costs before it does anything. */
@@ -417,6 +503,8 @@ int rf_empty(struct __sk_buff *skb)
 {
 	return TC_ACT_UNSPEC;
 }
+
+#include "sockopt.h"
 
 /* The process-level watch (ptrace and friends): tracepoint programs, attached separately. */
 #include "guard.h"

@@ -715,7 +715,10 @@ impl Dataplane {
     }
 
     /// Attaches the backstop to the job's cgroup: the job's packets leaving through an
-    /// interface the TC programs are not attached to are unparsed (dropped in block mode).
+    /// interface the TC programs are not attached to are unparsed (dropped in block mode),
+    /// and new flows to blocked destinations are dropped before neighbour resolution (ARP and
+    /// neighbour discovery would put the address on the link). With it, the multicast-join
+    /// check (rf_sockopt): the kernel's IGMP/MLD reports carry the group the job chose.
     pub fn attach_backstop(&mut self, cgroup: &Path) -> Result<()> {
         let dir = std::fs::File::open(cgroup).map_err(|source| DataplaneError::Attach {
             ifname: cgroup.display().to_string(),
@@ -723,18 +726,23 @@ impl Dataplane {
             kind: "cgroup_skb",
             source,
         })?;
-        let link = self
-            .skel
-            .progs
-            .rf_backstop
-            .attach_cgroup(std::os::fd::AsRawFd::as_raw_fd(&dir))
-            .map_err(|e| DataplaneError::Attach {
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&dir);
+        for (prog, dir_name, kind) in [
+            (&self.skel.progs.rf_backstop, "cgroup egress", "cgroup_skb"),
+            (
+                &self.skel.progs.rf_sockopt,
+                "cgroup setsockopt",
+                "cgroup_sockopt",
+            ),
+        ] {
+            let link = prog.attach_cgroup(fd).map_err(|e| DataplaneError::Attach {
                 ifname: cgroup.display().to_string(),
-                dir: "cgroup egress",
-                kind: "cgroup_skb",
+                dir: dir_name,
+                kind,
                 source: std::io::Error::other(e.to_string()),
             })?;
-        self.backstops.push(link);
+            self.backstops.push(link);
+        }
         Ok(())
     }
 

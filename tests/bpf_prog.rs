@@ -553,7 +553,7 @@ fn fail_closed_table() {
             allow: "198.51.100.0/24:*",
             inbound: "",
             frame: syn_ack(PEER, 8080),
-            rc: DROP,
+            rc: PASS, // turned into a RST: see refused_syn_ack_goes_out_as_a_reset
             event: (blocked, R::RF_REASON_INBOUND.0, inb),
         },
         Case {
@@ -580,7 +580,7 @@ fn fail_closed_table() {
             allow: "",
             inbound: "198.51.100.0/24:8080",
             frame: syn_ack(PEER, 22),
-            rc: DROP,
+            rc: PASS, // turned into a RST: see refused_syn_ack_goes_out_as_a_reset
             event: (blocked, R::RF_REASON_INBOUND.0, inb),
         },
         Case {
@@ -1393,6 +1393,59 @@ fn set_l4_checksum(f: &mut [u8], v6: bool, proto: u8) {
 
 fn l4_checksum_ok(f: &[u8], v6: bool, proto: u8) -> bool {
     l4_sum(f, v6, proto) == 0xffff
+}
+
+/// A refused SYN-ACK leaves as the RST|ACK a closed port answers with (flags and window
+/// rewritten, checksum kept right, sequence and acknowledgement kept), the first one and a
+/// retransmitted one alike: which ports the job listens on cannot be read by an unlisted peer.
+#[test]
+fn refused_syn_ack_goes_out_as_a_reset() {
+    for v6 in [false, true] {
+        let r = rig_inbound(Mode::Block, "", "");
+        let (src, dst) = if v6 {
+            (CLIENT6, "2001:db8:3::9")
+        } else {
+            (CLIENT, PEER)
+        };
+        let mut f = frame(ip(src), ip(dst), 6, 8080, 40000, SYN_ACK, &[]);
+        set_l4_checksum(&mut f, v6, 6);
+        let l4 = if v6 { 14 + 40 } else { 14 + 20 };
+        for round in 0..2 {
+            let (rc, out) = egress_out(&r, &f);
+            assert_eq!(rc, PASS, "v6={v6} round {round}: the RST goes out");
+            assert_eq!(out.len(), f.len());
+            assert_eq!(out[l4 + 13], 0x14, "v6={v6} round {round}: RST|ACK");
+            assert_eq!(out[l4 + 12] & 0xf0, f[l4 + 12] & 0xf0, "data offset kept");
+            assert_eq!(&out[l4 + 14..l4 + 16], &[0, 0], "zero window");
+            assert_eq!(
+                &out[..l4 + 12],
+                &f[..l4 + 12],
+                "addresses, ports, seq, ack kept"
+            );
+            assert!(
+                l4_checksum_ok(&out, v6, 6),
+                "v6={v6} round {round}: checksum"
+            );
+        }
+        let flows = r.flows();
+        assert_eq!(flows.len(), 1, "v6={v6}: one event");
+        assert_eq!(
+            (
+                flows[0].verdict,
+                u32::from(flows[0].reason),
+                flows[0].direction
+            ),
+            (1, abi::rf_reason::RF_REASON_INBOUND.0, 1)
+        );
+        // Audit mode leaves the SYN-ACK as it is.
+        let r = rig_inbound(Mode::Audit, "", "");
+        let (rc, out) = egress_out(&r, &f);
+        assert_eq!(
+            (rc, out),
+            (PASS, f.clone()),
+            "v6={v6}: audit passes it unchanged"
+        );
+    }
 }
 
 #[test]

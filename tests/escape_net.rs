@@ -372,7 +372,10 @@ import socket
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", 8080))
-s.listen(8)
+# A deep queue: a refused peer is answered with a RST and retries at once, and each refused
+# connection lingers in the queue as a request; once it is full the kernel answers with SYN
+# cookies, whose SYN-ACKs have no socket and are not judged (open, see rf_egress).
+s.listen(128)
 s.settimeout(7)
 try:
     c, peer = s.accept()
@@ -441,9 +444,11 @@ fn inbound_connection_from_an_unlisted_peer_is_refused_and_reported() {
     // Receiving side: the peer never connected, so it read nothing.
     assert!(!peer.contains("connected"), "peer: {peer}\n{}", job.dump());
     assert!(!peer.contains("SECRET"), "peer: {peer}");
+    // Refused as by a closed port (a RST, not silence: see
+    // listening_ports_cannot_be_read_by_an_unlisted_peer), although the job was listening.
     assert!(
-        peer.contains("failed"),
-        "the job was listening: {peer}\n{}",
+        !peer.contains("failed"),
+        "the peer was not refused: {peer}\n{}",
         job.dump()
     );
     assert!(job.stdout.contains("no connection"), "{}", job.dump());
@@ -564,4 +569,294 @@ fn names_resolving_to_special_addresses_do_not_open_them() {
         "the report shows it:\n{}",
         job.stderr
     );
+}
+
+// ---- frames the kernel sends for the job: ARP, neighbour discovery, IGMP/MLD, RST -------
+
+/// A capture on the server's end of the link: counts frames that contain `marker`. What
+/// reaches the link is what any host on it can read.
+const CAPTURE_PY: &str = r#"
+import socket, sys
+ifname, marker, out = sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind((ifname, 0))
+hits = 0
+open(out, 'w').write('ready 0\n')
+while True:
+    f = s.recv(65536)
+    if marker in f:
+        hits += 1
+        open(out, 'w').write('ready %d\n' % hits)
+"#;
+
+struct Capture {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Capture {
+    /// Starts capturing frames that contain the bytes `marker` on the server's interface.
+    fn start(tb: &Testbed, marker: &[u8]) -> Capture {
+        let code = scratch(tb, "capture.py", CAPTURE_PY);
+        let hex: String = marker.iter().map(|b| format!("{b:02x}")).collect();
+        let out = tb.workdir().join(format!("capture-{hex}.txt"));
+        let _ = std::fs::remove_file(&out);
+        let child = tb
+            .server_cmd(
+                PY,
+                [
+                    code.display().to_string(),
+                    tb.server_if().to_string(),
+                    hex,
+                    out.display().to_string(),
+                ],
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the capture");
+        let c = Capture { child, out };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&c.out).is_ok_and(|s| s.starts_with("ready")) {
+            assert!(Instant::now() < deadline, "the capture did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        c
+    }
+
+    /// Frames seen so far (after a moment for the last ones to arrive).
+    fn hits(&self) -> usize {
+        std::thread::sleep(Duration::from_millis(500));
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The job: a few UDP datagrams to argv[1] port 9 (IPv4 or IPv6).
+const ONLINK_SENDER: &str = r#"
+import socket, sys, time
+dst = sys.argv[1]
+s = socket.socket(socket.AF_INET6 if ':' in dst else socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(3):
+    try:
+        s.sendto(b'x', (dst, 9))
+    except OSError as e:
+        print('send', e)
+    time.sleep(0.5)
+"#;
+
+/// Sends to an on-link address chosen by the job, which the kernel must resolve first (ARP,
+/// neighbour solicitation) — the address itself would reach the link. Returns the job and
+/// how many frames on the link carried `marker`.
+fn on_link_attempt(tb: &Testbed, dst: &str, marker: &[u8], opts: &[&str]) -> (Job, usize) {
+    let sender = script(tb, "onlink.py", ONLINK_SENDER);
+    let cap = Capture::start(tb, marker);
+    let job = exec(tb, opts, &as_strs(&nobody(&[PY, &sender, dst])));
+    (job, cap.hits())
+}
+
+#[test]
+fn neighbour_discovery_does_not_carry_blocked_addresses() {
+    let tb = testbed(&[], &[]);
+    // "ndleak!!" as the interface identifier, inside the client's on-link /64 (64 bits a
+    // neighbour solicitation), and 198.51.100.107 on the client's /24 (8 bits an ARP
+    // request: the marker is the address's last three bytes).
+    let v6 = "2001:db8:1:0:6e64:6c65:616b:2121";
+    let v4 = "198.51.100.107";
+    let cases: [(&str, &[u8]); 2] = [(v6, b"ndleak!!"), (v4, &[51, 100, 107])];
+    for (dst, marker) in cases {
+        let (job, hits) = on_link_attempt(&tb, dst, marker, &["--mode", "block"]);
+        // Receiving side: the address never reached the link, not even in a resolution.
+        assert_eq!(
+            hits,
+            0,
+            "{dst}: resolution frames on the link\n{}",
+            job.dump()
+        );
+        job.expect_flow(dst.parse().unwrap(), 9, "blocked", "direct-ip");
+        assert_eq!(
+            job.flows_to(dst.parse().unwrap(), 9).len(),
+            1,
+            "{dst}: reported once, by the backstop, not again by TC\n{}",
+            job.dump()
+        );
+        // Where the policy allows it, the kernel resolves it: the capture does see that.
+        let allow = if dst.contains(':') {
+            format!("[{dst}]:9")
+        } else {
+            format!("{dst}:9")
+        };
+        let (job, hits) =
+            on_link_attempt(&tb, dst, marker, &["--mode", "block", "--allow", &allow]);
+        // (The datagrams themselves die unresolved, before TC: no flow event to expect.)
+        assert!(
+            hits > 0,
+            "{dst}: the capture saw no resolution\n{}",
+            job.dump()
+        );
+    }
+}
+
+/// The job joins an IPv6 and an IPv4 multicast group on the link; prints what each join did.
+const JOINER: &str = r#"
+import socket, struct, sys, time
+g6, g4, ifname = sys.argv[1:4]
+ifindex = socket.if_nametoindex(ifname)
+s6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s4 = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+joins = [
+    ('ipv6-join-group', lambda: s6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP,
+        socket.inet_pton(socket.AF_INET6, g6) + struct.pack('@I', ifindex))),
+    ('ip-add-membership', lambda: s4.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+        socket.inet_aton(g4) + socket.inet_aton('0.0.0.0'))),
+    # MCAST_JOIN_GROUP (42): struct group_req, the sockaddr at offset 8.
+    ('mcast-join-group', lambda: s4.setsockopt(socket.IPPROTO_IP, 42,
+        struct.pack('@I4x', ifindex) + struct.pack('@H2s4s', socket.AF_INET, b'\0\0',
+        socket.inet_aton(g4)) + bytes(128 - 8))),
+]
+for name, join in joins:
+    try:
+        join(); print(name, 'joined')
+    except OSError as e:
+        print(name, 'refused', e.errno)
+time.sleep(2)
+"#;
+
+#[test]
+fn multicast_joins_are_refused_and_reported() {
+    let tb = testbed(&[], &[]);
+    let joiner = script(&tb, "join.py", JOINER);
+    // "mlddleak" in the IPv6 group (an MLD report carries 112 chosen bits); 239.108.101.97
+    // in the IPv4 group (an IGMP report carries 28).
+    let g6 = "ff0e::6d6c:6464:6c65:616b";
+    let g4 = "239.108.101.97";
+    let attempt = |mode: &str| {
+        let cap6 = Capture::start(&tb, b"mlddleak");
+        let cap4 = Capture::start(&tb, &[239, 108, 101, 97]);
+        let job = exec(
+            &tb,
+            &["--mode", mode],
+            &as_strs(&nobody(&[PY, &joiner, g6, g4, tb.client_if()])),
+        );
+        let hits = (cap6.hits(), cap4.hits());
+        (job, hits)
+    };
+    let (job, hits) = attempt("block");
+    // Receiving side: no report named either group.
+    assert_eq!(hits, (0, 0), "MLD/IGMP reports on the link\n{}", job.dump());
+    for name in ["ipv6-join-group", "ip-add-membership", "mcast-join-group"] {
+        assert!(
+            job.stdout.contains(&format!("{name} refused 1")),
+            "{name} was not refused with EPERM\n{}",
+            job.dump()
+        );
+    }
+    let f = job.expect_flow(g6.parse().unwrap(), 0, "blocked", "not-allowed");
+    assert_eq!(f["proto"], "icmpv6", "{f}");
+    let f = job.expect_flow(g4.parse().unwrap(), 0, "blocked", "not-allowed");
+    assert_eq!(f["proto"], 2, "IGMP: {f}");
+    // Audit mode reports the joins and lets them be: the reports reach the link.
+    let (job, hits) = attempt("audit");
+    assert!(
+        job.stdout.contains("ipv6-join-group joined"),
+        "{}",
+        job.dump()
+    );
+    assert!(hits.0 > 0 && hits.1 > 0, "{hits:?}\n{}", job.dump());
+    job.expect_flow(g6.parse().unwrap(), 0, "audited", "not-allowed");
+    job.expect_flow(g4.parse().unwrap(), 0, "audited", "not-allowed");
+}
+
+/// The job listens on the ports whose bit is 1 (40000 + i), for a few seconds.
+const PORT_LISTENER: &str = r#"
+import socket, sys, time
+ls = []
+for i, b in enumerate(sys.argv[1]):
+    if b == '1':
+        l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        l.bind(('0.0.0.0', 40000 + i)); l.listen(); ls.append(l)
+print('listening', sys.argv[1], flush=True)
+time.sleep(float(sys.argv[2]))
+"#;
+
+/// An unlisted peer probes the ports: refused ('0'), connected ('C'), or silence ('1').
+const PORT_PROBE: &str = r#"
+import socket, sys
+host, n = sys.argv[1], int(sys.argv[2])
+bits = ''
+for i in range(n):
+    s = socket.socket(); s.settimeout(1.0)
+    try:
+        s.connect((host, 40000 + i)); bits += 'C'
+    except ConnectionRefusedError:
+        bits += '0'
+    except OSError:
+        bits += '1'
+    s.close()
+print(bits)
+"#;
+
+#[test]
+fn listening_ports_cannot_be_read_by_an_unlisted_peer() {
+    let tb = testbed(&[], &[]);
+    let bits = "1011001110001101";
+    let listener = script(&tb, "ports.py", PORT_LISTENER);
+    let probe = script(&tb, "probe.py", PORT_PROBE);
+    let mut read = String::new();
+    let job = exec_during(
+        &tb,
+        &["--mode", "block"],
+        &nobody(&[PY, &listener, bits, "12"]),
+        || {
+            std::thread::sleep(Duration::from_secs(2));
+            let (_, out, err) = run_timeout(
+                tb.server_cmd(
+                    PY,
+                    [
+                        probe.as_str(),
+                        &CLIENT_V4.to_string(),
+                        &bits.len().to_string(),
+                    ],
+                ),
+                JOB_TIMEOUT,
+            );
+            read = format!("{}{err}", out.trim());
+        },
+    );
+    assert!(job.stdout.contains("listening"), "{}", job.dump());
+    // Receiving side: every port, listening or not, looks closed to the peer.
+    assert_eq!(
+        read,
+        "0".repeat(bits.len()),
+        "the peer read the listening ports (sent {bits})\n{}",
+        job.dump()
+    );
+    // Each refused connection is reported.
+    let flows = inbound_flows(&job);
+    let ones = bits.matches('1').count();
+    assert!(
+        flows.len() >= ones,
+        "{} of {ones}\n{}",
+        flows.len(),
+        job.dump()
+    );
+    for f in flows {
+        assert_eq!(
+            (&f["verdict"], &f["reason"]),
+            (&Value::from("blocked"), &Value::from("inbound")),
+            "{f}"
+        );
+    }
 }
