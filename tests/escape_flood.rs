@@ -40,9 +40,9 @@ first_port, ports = int(sys.argv[1]), int(sys.argv[2])
 hosts = ["198.51.100.%d" % n for n in range(10, 31)] + ["203.0.113.%d" % n for n in range(256)]
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.setblocking(False)
-sent, errors = 0, {}
+sent, refused, errors = 0, 0, {}
 def send(dst):
-    global sent
+    global sent, refused
     while True:
         try:
             s.sendto(b"flood", dst)
@@ -50,8 +50,13 @@ def send(dst):
             return
         except BlockingIOError:
             time.sleep(0.0005)
+        except PermissionError:
+            # Refused at the job's cgroup egress (block mode): an attempt all the same.
+            refused += 1
+            return
         except OSError as e:
-            errors[errno.errorcode.get(e.errno, str(e.errno))] = errors.get(e.errno, 0) + 1
+            name = errno.errorcode.get(e.errno, str(e.errno))
+            errors[name] = errors.get(name, 0) + 1
             return
 # Port first_port - 1: the warm-up, distinct from every flood destination.
 for h in hosts[:21]:
@@ -61,7 +66,7 @@ t0 = time.monotonic()
 for p in range(first_port, first_port + ports):
     for h in hosts:
         send((h, p))
-print(json.dumps({"sent": sent, "errors": errors, "seconds": time.monotonic() - t0}))
+print(json.dumps({"sent": sent, "refused": refused, "errors": errors, "seconds": time.monotonic() - t0}))
 "#;
 
 struct Run {
@@ -304,8 +309,12 @@ fn flood_in_block_mode_is_bounded_and_counted() {
     let shown = run.shown();
     let sent = run.sent();
     assert_eq!(sent["errors"], serde_json::json!({}), "{shown}");
-    let sent = u(&sent["sent"]);
+    // Every datagram is an attempt; blocked at the job's cgroup egress, before the kernel
+    // even resolves the neighbour, each send fails with EPERM.
+    let refused = u(&sent["refused"]);
+    let sent = u(&sent["sent"]) + refused;
     assert_eq!(sent, DESTINATIONS + 21, "{shown}");
+    assert_eq!(refused, sent, "{shown}");
 
     // Nothing arrived: not one datagram on the listeners, and the server's link saw no more
     // than ARP/ND chatter.
@@ -373,6 +382,7 @@ fn flood_in_audit_mode_is_bounded_and_counted() {
         &["--mode", "audit", "--direct-ip", "audit"],
     );
     let shown = run.shown();
+    assert_eq!(u(&run.sent()["refused"]), 0, "{shown}");
     let sent = u(&run.sent()["sent"]);
     assert_eq!(sent, DESTINATIONS + 21, "{shown}");
     // Audit mode let them through: the proof that the flood really happened on the wire.
