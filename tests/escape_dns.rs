@@ -13,7 +13,6 @@ mod common;
 
 use std::io::Read;
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -198,85 +197,6 @@ elif case in ('vmsplice', 'vmsplice-tcp'):
 else:
     sys.exit('unknown case ' + case)
 "#;
-
-/// A capture on one interface of a namespace: counts frames that contain `marker`.
-const CAPTURE_PY: &str = r#"
-import socket, sys
-ifname, marker, out = sys.argv[1], sys.argv[2].encode(), sys.argv[3]
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-s.bind((ifname, 0))
-hits = 0
-open(out, 'w').write('ready 0\n')
-while True:
-    f = s.recv(65536)
-    if marker in f:
-        hits += 1
-        open(out, 'w').write('ready %d\n' % hits)
-"#;
-
-/// A packet capture in the server namespace, on the link the client reaches it through:
-/// the receiving side's own view of what arrived. Killed on drop.
-struct Capture {
-    child: Child,
-    out: PathBuf,
-}
-
-impl Capture {
-    fn start(tb: &Testbed, marker: &str) -> Capture {
-        Self::start_in(tb, marker, true)
-    }
-
-    fn start_in(tb: &Testbed, marker: &str, server: bool) -> Capture {
-        let script = tb.workdir().join("capture.py");
-        std::fs::write(&script, CAPTURE_PY).unwrap();
-        let out = tb
-            .workdir()
-            .join(format!("capture-{marker}-{}.txt", server as u8));
-        let _ = std::fs::remove_file(&out);
-        let args = [
-            script.display().to_string(),
-            if server { tb.server_if() } else { "lo" }.to_string(),
-            marker.to_string(),
-            out.display().to_string(),
-        ];
-        let mut cmd = if server {
-            tb.server_cmd(PYTHON, &args)
-        } else {
-            tb.client_cmd(PYTHON, &args)
-        };
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("python3 capture");
-        let c = Capture { child, out };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&c.out).is_ok_and(|s| s.starts_with("ready")) {
-            assert!(Instant::now() < deadline, "the capture did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        c
-    }
-
-    /// Frames seen so far that carried the marker.
-    fn hits(&self) -> usize {
-        // Late frames (retransmits) have had time to cross by the time a job ended.
-        std::thread::sleep(Duration::from_millis(300));
-        std::fs::read_to_string(&self.out)
-            .unwrap_or_default()
-            .split_whitespace()
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// The job's command as `nobody`: the attacker has no privileges.
 fn as_nobody(cmd: &[&str]) -> Vec<String> {

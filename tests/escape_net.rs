@@ -573,77 +573,6 @@ fn names_resolving_to_special_addresses_do_not_open_them() {
 
 // ---- frames the kernel sends for the job: ARP, neighbour discovery, IGMP/MLD, RST -------
 
-/// A capture on the server's end of the link: counts frames that contain `marker`. What
-/// reaches the link is what any host on it can read.
-const CAPTURE_PY: &str = r#"
-import socket, sys
-ifname, marker, out = sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3]
-s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
-s.bind((ifname, 0))
-hits = 0
-open(out, 'w').write('ready 0\n')
-while True:
-    f = s.recv(65536)
-    if marker in f:
-        hits += 1
-        open(out, 'w').write('ready %d\n' % hits)
-"#;
-
-struct Capture {
-    child: Child,
-    out: PathBuf,
-}
-
-impl Capture {
-    /// Starts capturing frames that contain the bytes `marker` on the server's interface.
-    fn start(tb: &Testbed, marker: &[u8]) -> Capture {
-        let code = scratch(tb, "capture.py", CAPTURE_PY);
-        let hex: String = marker.iter().map(|b| format!("{b:02x}")).collect();
-        let out = tb.workdir().join(format!("capture-{hex}.txt"));
-        let _ = std::fs::remove_file(&out);
-        let child = tb
-            .server_cmd(
-                PY,
-                [
-                    code.display().to_string(),
-                    tb.server_if().to_string(),
-                    hex,
-                    out.display().to_string(),
-                ],
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("starting the capture");
-        let c = Capture { child, out };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !std::fs::read_to_string(&c.out).is_ok_and(|s| s.starts_with("ready")) {
-            assert!(Instant::now() < deadline, "the capture did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        c
-    }
-
-    /// Frames seen so far (after a moment for the last ones to arrive).
-    fn hits(&self) -> usize {
-        std::thread::sleep(Duration::from_millis(500));
-        std::fs::read_to_string(&self.out)
-            .unwrap_or_default()
-            .split_whitespace()
-            .nth(1)
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Capture {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The job: a few UDP datagrams to argv[1] port 9 (IPv4 or IPv6).
 const ONLINK_SENDER: &str = r#"
 import socket, sys, time
@@ -744,7 +673,7 @@ fn multicast_joins_are_refused_and_reported() {
     let g4 = "239.108.101.97";
     let attempt = |mode: &str| {
         let cap6 = Capture::start(&tb, b"mlddleak");
-        let cap4 = Capture::start(&tb, &[239, 108, 101, 97]);
+        let cap4 = Capture::start(&tb, [239, 108, 101, 97]);
         let job = exec(
             &tb,
             &["--mode", mode],
@@ -779,16 +708,20 @@ fn multicast_joins_are_refused_and_reported() {
     job.expect_flow(g4.parse().unwrap(), 0, "audited", "not-allowed");
 }
 
-/// The job listens on the ports whose bit is 1 (40000 + i), for a few seconds.
+/// The job listens on the ports whose bit is 1 (40000 + i), says so in a file (argv 3), and
+/// stays until the probe is done (that file + ".done") or argv 2 seconds have passed.
 const PORT_LISTENER: &str = r#"
-import socket, sys, time
+import os, socket, sys, time
 ls = []
 for i, b in enumerate(sys.argv[1]):
     if b == '1':
         l = socket.socket(); l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         l.bind(('0.0.0.0', 40000 + i)); l.listen(); ls.append(l)
 print('listening', sys.argv[1], flush=True)
-time.sleep(float(sys.argv[2]))
+open(sys.argv[3], 'w').write('listening')
+deadline = time.time() + float(sys.argv[2])
+while time.time() < deadline and not os.path.exists(sys.argv[3] + '.done'):
+    time.sleep(0.05)
 "#;
 
 /// An unlisted peer probes the ports: refused ('0'), connected ('C'), or silence ('1').
@@ -814,13 +747,24 @@ fn listening_ports_cannot_be_read_by_an_unlisted_peer() {
     let bits = "1011001110001101";
     let listener = script(&tb, "ports.py", PORT_LISTENER);
     let probe = script(&tb, "probe.py", PORT_PROBE);
+    // The listener says when it listens (through a file nobody may write): under emulation
+    // ringfence can take seconds to start, and a probe before then reads only closed ports.
+    let shared = tb.workdir().join("ports-shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let ready = shared.join("ready");
+    let ready_arg = ready.display().to_string();
     let mut read = String::new();
     let job = exec_during(
         &tb,
         &["--mode", "block"],
-        &nobody(&[PY, &listener, bits, "12"]),
+        &nobody(&[PY, &listener, bits, "30", &ready_arg]),
         || {
-            std::thread::sleep(Duration::from_secs(2));
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !ready.exists() {
+                assert!(Instant::now() < deadline, "the job never listened");
+                std::thread::sleep(Duration::from_millis(50));
+            }
             let (_, out, err) = run_timeout(
                 tb.server_cmd(
                     PY,
@@ -833,6 +777,7 @@ fn listening_ports_cannot_be_read_by_an_unlisted_peer() {
                 JOB_TIMEOUT,
             );
             read = format!("{}{err}", out.trim());
+            std::fs::write(shared.join("ready.done"), "done").unwrap();
         },
     );
     assert!(job.stdout.contains("listening"), "{}", job.dump());

@@ -269,3 +269,76 @@ pub fn attached_programs(tb: &Testbed) -> Vec<Value> {
     }
     progs
 }
+
+/// A capture on the server's end of the testbed's link (AF_PACKET, python3): counts the frames
+/// that contain `marker`. What reaches the link is what any host on it can read: the receiving
+/// side's own view of what arrived, not ringfence's. Killed on drop.
+pub struct Capture {
+    child: std::process::Child,
+    out: PathBuf,
+}
+
+const CAPTURE_PY: &str = r#"
+import socket, sys
+ifname, marker, out = sys.argv[1], bytes.fromhex(sys.argv[2]), sys.argv[3]
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind((ifname, 0))
+hits = 0
+open(out, 'w').write('ready 0\n')
+while True:
+    f = s.recv(65536)
+    if marker in f:
+        hits += 1
+        open(out, 'w').write('ready %d\n' % hits)
+"#;
+
+impl Capture {
+    /// Starts counting frames that contain the bytes `marker`; returns once it listens.
+    pub fn start(tb: &Testbed, marker: impl AsRef<[u8]>) -> Capture {
+        let code = scratch(tb, "capture.py", CAPTURE_PY);
+        let hex: String = marker.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        let out = tb.workdir().join(format!("capture-{hex}.txt"));
+        let _ = std::fs::remove_file(&out);
+        let child = tb
+            .server_cmd(
+                "/usr/bin/python3",
+                [
+                    code.display().to_string(),
+                    tb.server_if().to_string(),
+                    hex,
+                    out.display().to_string(),
+                ],
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting the capture (python3)");
+        let c = Capture { child, out };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&c.out).is_ok_and(|s| s.starts_with("ready")) {
+            assert!(Instant::now() < deadline, "the capture did not start");
+            thread::sleep(Duration::from_millis(20));
+        }
+        c
+    }
+
+    /// Frames seen so far that carried the marker (after a moment for late ones, such as
+    /// retransmits, to cross).
+    pub fn hits(&self) -> usize {
+        thread::sleep(Duration::from_millis(500));
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .split_whitespace()
+            .nth(1)
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
