@@ -198,22 +198,6 @@ else:
     sys.exit('unknown case ' + case)
 "#;
 
-/// The job's command as `nobody`: the attacker has no privileges.
-fn as_nobody(cmd: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(cmd.iter().map(|s| s.to_string()));
-    v
-}
-
 /// The client script, readable by nobody.
 fn client_script(tb: &Testbed) -> String {
     let p = tb.workdir().join("client.py");

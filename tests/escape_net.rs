@@ -22,22 +22,6 @@ use testbed::{link_v4, CLIENT_V4, METADATA_V4, SERVER_V4};
 /// cannot be).
 const PY: &str = "/usr/bin/python3";
 
-/// `argv` run as nobody, as a CI job's untrusted step would be.
-fn nobody(argv: &[&str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "setpriv",
-        "--reuid=65534",
-        "--regid=65534",
-        "--clear-groups",
-        "--",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(argv.iter().map(|s| s.to_string()));
-    v
-}
-
 /// A script file nobody can read.
 fn script(tb: &Testbed, name: &str, text: &str) -> String {
     std::fs::set_permissions(tb.workdir(), std::fs::Permissions::from_mode(0o755)).unwrap();
@@ -218,7 +202,7 @@ fn l3_device_egress_is_judged_blocked_and_reported() {
     let job = exec(
         &tb,
         &["--mode", "block", "--allow", "203.0.113.201:9999"],
-        &as_strs(&nobody(&[PY, &sender, ""])),
+        &as_strs(&as_nobody(&[PY, &sender, ""])),
     );
     assert_eq!(job.code(), Some(0), "{}", job.dump());
     std::thread::sleep(Duration::from_millis(200));
@@ -246,7 +230,7 @@ fn l3_device_egress_in_audit_mode_is_reported_and_passes() {
     let job = exec(
         &tb,
         &["--mode", "audit", "--direct-ip", "audit"],
-        &as_strs(&nobody(&[PY, &sender, ""])),
+        &as_strs(&as_nobody(&[PY, &sender, ""])),
     );
     assert_eq!(job.code(), Some(0), "{}", job.dump());
     std::thread::sleep(Duration::from_millis(200));
@@ -275,7 +259,7 @@ fn device_added_while_the_job_runs_is_judged() {
     let job = exec_during(
         &tb,
         &["--mode", "block", "--allow", "203.0.113.201:9999"],
-        &nobody(&[PY, &sender, "rft1"]),
+        &as_nobody(&[PY, &sender, "rft1"]),
         || {
             // The job is running (and waiting for the route) when the device appears.
             std::thread::sleep(Duration::from_millis(1500));
@@ -304,7 +288,7 @@ fn device_that_gets_a_route_while_the_job_runs_is_judged() {
     let job = exec_during(
         &tb,
         &["--mode", "block", "--allow", "203.0.113.201:9999"],
-        &nobody(&[PY, &sender, "rft2"]),
+        &as_nobody(&[PY, &sender, "rft2"]),
         || {
             std::thread::sleep(Duration::from_millis(1500));
             tun.add_route(&tb);
@@ -336,7 +320,7 @@ fn interfaces_left_out_are_held_by_the_backstop() {
             &only_veth,
         ]
         .concat(),
-        &as_strs(&nobody(&[PY, &sender, ""])),
+        &as_strs(&as_nobody(&[PY, &sender, ""])),
     );
     assert_eq!(job.code(), Some(0), "{}", job.dump());
     std::thread::sleep(Duration::from_millis(200));
@@ -354,7 +338,7 @@ fn interfaces_left_out_are_held_by_the_backstop() {
     let job = exec(
         &tb,
         &[&["--mode", "audit", "--direct-ip", "audit"][..], &only_veth].concat(),
-        &as_strs(&nobody(&[PY, &sender, ""])),
+        &as_strs(&as_nobody(&[PY, &sender, ""])),
     );
     std::thread::sleep(Duration::from_millis(200));
     assert!(secret_in(&tun.to(TUN_BLOCKED)), "{:?}", tun.packets());
@@ -412,7 +396,7 @@ fn inbound_attempt(tb: &Testbed, opts: &[&str]) -> (Job, String) {
     let listener = script(tb, "listener.py", LISTENER);
     let connector = script(tb, "connector.py", CONNECTOR);
     let mut peer_out = String::new();
-    let job = exec_during(tb, opts, &nobody(&[PY, &listener]), || {
+    let job = exec_during(tb, opts, &as_nobody(&[PY, &listener]), || {
         std::thread::sleep(Duration::from_millis(300));
         let (_, out, err) = run_timeout(
             tb.server_cmd(
@@ -533,7 +517,7 @@ fn names_resolving_to_special_addresses_do_not_open_them() {
     let job = exec(
         &tb,
         &["--mode", "block", "--allow", "*.rebind.test:80"],
-        &as_strs(&nobody(&["sh", "-c", steps])),
+        &as_strs(&as_nobody(&["sh", "-c", steps])),
     );
     assert_eq!(job.code(), Some(0), "{}", job.dump());
     assert!(
@@ -592,7 +576,7 @@ for i in range(3):
 fn on_link_attempt(tb: &Testbed, dst: &str, marker: &[u8], opts: &[&str]) -> (Job, usize) {
     let sender = script(tb, "onlink.py", ONLINK_SENDER);
     let cap = Capture::start(tb, marker);
-    let job = exec(tb, opts, &as_strs(&nobody(&[PY, &sender, dst])));
+    let job = exec(tb, opts, &as_strs(&as_nobody(&[PY, &sender, dst])));
     (job, cap.hits())
 }
 
@@ -677,7 +661,7 @@ fn multicast_joins_are_refused_and_reported() {
         let job = exec(
             &tb,
             &["--mode", mode],
-            &as_strs(&nobody(&[PY, &joiner, g6, g4, tb.client_if()])),
+            &as_strs(&as_nobody(&[PY, &joiner, g6, g4, tb.client_if()])),
         );
         let hits = (cap6.hits(), cap4.hits());
         (job, hits)
@@ -758,7 +742,7 @@ fn listening_ports_cannot_be_read_by_an_unlisted_peer() {
     let job = exec_during(
         &tb,
         &["--mode", "block"],
-        &nobody(&[PY, &listener, bits, "30", &ready_arg]),
+        &as_nobody(&[PY, &listener, bits, "30", &ready_arg]),
         || {
             let deadline = Instant::now() + Duration::from_secs(60);
             while !ready.exists() {

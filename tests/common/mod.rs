@@ -342,3 +342,19 @@ impl Drop for Capture {
         let _ = self.child.wait();
     }
 }
+
+/// `argv` run as `nobody`, as a CI job's untrusted step would be: the attacker has no
+/// privileges (no capabilities, no root).
+pub fn as_nobody(argv: &[&str]) -> Vec<String> {
+    [
+        "setpriv",
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--",
+    ]
+    .iter()
+    .chain(argv)
+    .map(|s| s.to_string())
+    .collect()
+}
