@@ -22,11 +22,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use ringfence::abi;
 use ringfence::agent::{Agent, JobState};
-use ringfence::dataplane::{Dataplane, Options};
+use ringfence::kernel::abi;
+use ringfence::kernel::dataplane::{Dataplane, Options};
 use ringfence::policy::{Compiled, Policy, PortSet};
-use ringfence::testrun::{self, dns_answer, dns_query, frame, run_tc, Rr, TCP_ACK, TCP_SYN};
+use ringfence::testkit::testrun::{
+    self, dns_answer, dns_query, frame, run_tc, Rr, TCP_ACK, TCP_SYN,
+};
 use serde_json::{json, Value};
 
 const USAGE: &str = "usage: rfbench dataplane|pipeline|memory [--quick] [--json FILE] \
@@ -525,7 +527,7 @@ fn synthetic_flow_event(i: u64) -> Vec<u8> {
 /// This process's own cgroup: the job's cgroup in the pipeline bench, so the agent checks
 /// every event against it as it does for a real job.
 fn own_cgroup() -> Option<std::path::PathBuf> {
-    let root = ringfence::cgroup::find_cgroup2().ok()?;
+    let root = ringfence::job::cgroup::find_cgroup2().ok()?;
     let text = std::fs::read_to_string("/proc/self/cgroup").ok()?;
     let rel = text.lines().find_map(|l| l.strip_prefix("0::"))?;
     Some(root.join(rel.trim_start_matches('/')))

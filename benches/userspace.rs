@@ -7,10 +7,10 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::time::Duration;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ringfence::abi;
 use ringfence::agent::{Agent, JobState};
+use ringfence::kernel::abi;
 use ringfence::policy::Policy;
-use ringfence::testrun::{dns_answer, Rr};
+use ringfence::testkit::testrun::{dns_answer, Rr};
 
 const JOB: u32 = 7;
 
@@ -29,7 +29,7 @@ fn dns(c: &mut Criterion) {
         let msg = dns_answer(0x1234, "registry.bench.test", 28, &rrs);
         g.throughput(Throughput::Elements(1));
         g.bench_with_input(BenchmarkId::from_parameter(n), &msg, |b, m| {
-            b.iter(|| ringfence::dns::parse(black_box(m)).is_ok())
+            b.iter(|| ringfence::trail::dns::parse(black_box(m)).is_ok())
         });
     }
     g.finish();

@@ -5,7 +5,7 @@
  * Every type here reaches Rust through the skeleton's `types` module (BTF),
  * so constants are enum members, not #defines, and every struct is referenced
  * from a map or a dummy global in ringfence.bpf.c so it survives into BTF.
- * Rust asserts the sizes (src/abi.rs); keep fields naturally aligned and pad
+ * Rust asserts the sizes (src/kernel/abi.rs); keep fields naturally aligned and pad
  * explicitly so C and Rust agree byte for byte.
  *
  * Addresses are always 16 bytes: IPv4 is stored IPv4-mapped (::ffff:a.b.c.d),

@@ -24,10 +24,11 @@ pub enum Cmd {
     Exec(Box<ExecArgs>),
     /// The seed tutorial: a job with a poisoned install script, in audit then block mode,
     /// inside network namespaces it creates and removes.
-    Demo(crate::demo::DemoOptions),
+    #[cfg(feature = "testkit")]
+    Demo(crate::testkit::demo::DemoOptions),
     /// Print what this kernel supports (version, BTF, attach path) as JSON.
     Probe,
     /// Internal: the process `exec` starts to kill the job if ringfence dies.
     #[command(hide = true)]
-    Guard(crate::guard::GuardArgs),
+    Guard(crate::job::guard::GuardArgs),
 }

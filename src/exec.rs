@@ -12,13 +12,13 @@ use std::process::Command;
 
 use anyhow::{Context, Result};
 
-use crate::abi;
 use crate::agent::{self, Agent, JobState};
-use crate::cgroup::JobCgroup;
-use crate::dataplane::{self, AttachMode, Dataplane};
-use crate::limits::Limits;
+use crate::job::cgroup::JobCgroup;
+use crate::kernel::abi;
+use crate::kernel::dataplane::{self, AttachMode, Dataplane};
 use crate::policy::{Mode, Policy, PolicyBuilder, PolicyError};
-use crate::report::Format;
+use crate::trail::limits::Limits;
+use crate::trail::report::Format;
 
 /// Everything `exec` takes from the command line.
 #[derive(Clone, Debug, clap::Args)]
@@ -89,7 +89,7 @@ pub struct ExecArgs {
     /// The events file never grows past SIZE (bytes, or with K, M, G; 0: no limit). Lines
     /// past it are dropped and counted in a final `truncated` line and in the report.
     #[arg(long = "events-max-bytes", value_name = "SIZE", default_value = "256M",
-          value_parser = crate::limits::parse_size)]
+          value_parser = crate::trail::limits::parse_size)]
     pub events_max_bytes: u64,
     /// Destinations (report rows), DNS names and answer addresses held in memory for the
     /// job; past it, flows fold into one row per verdict and reason, counted.
@@ -102,7 +102,7 @@ pub struct ExecArgs {
 }
 
 impl ExecArgs {
-    /// What the job may cost (see [`crate::limits`]).
+    /// What the job may cost (see [`crate::trail::limits`]).
     pub fn limits(&self) -> Limits {
         Limits {
             events_per_sec: self.events_rate,
@@ -245,12 +245,15 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     // Subscribed before the interfaces are listed, so none can appear unseen in between.
     let auto_interfaces = args.interfaces.is_empty();
     let links = if auto_interfaces {
-        Some(crate::netif::LinkWatcher::open().context("watching rtnetlink for new interfaces")?)
+        Some(
+            crate::kernel::netif::LinkWatcher::open()
+                .context("watching rtnetlink for new interfaces")?,
+        )
     } else {
         None
     };
     let mut interfaces = if auto_interfaces {
-        crate::netif::all_interfaces()
+        crate::kernel::netif::all_interfaces()
     } else {
         args.interfaces.clone()
     };
@@ -286,7 +289,7 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     // The OOM killer should take the job before ringfence (the guard, at -1000, never); the
     // job is put back to 0 before it starts. ringfence's death is survivable (the guard), so
     // not -1000: a runaway ringfence must stay killable.
-    if let Err(e) = crate::guard::set_oom_score_adj(b"-900") {
+    if let Err(e) = crate::job::guard::set_oom_score_adj(b"-900") {
         tracing::warn!("lowering ringfence's OOM score: {e}");
     }
     let cgroup = JobCgroup::create(&format!("{}-{}", sanitize(&job_name), std::process::id()))?;
@@ -327,13 +330,13 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
             "the process watch (ptrace of processes outside the job) is not attached: {f}"
         );
     }
-    let ptrace_warning = crate::tamper::ptrace_warning();
+    let ptrace_warning = crate::job::tamper::ptrace_warning();
     if let Some(w) = &ptrace_warning {
         tracing::warn!("{w}");
     }
     // From here on, ringfence's death kills the job rather than leaving it unwatched.
     dp.attach_backstop(cgroup.path())?;
-    let mut guard = crate::guard::Guard::start(cgroup.path(), &dp.held())?;
+    let mut guard = crate::job::guard::Guard::start(cgroup.path(), &dp.held())?;
     tracing::info!(
         job = job_name,
         mode = mode_name(policy.mode),
@@ -352,7 +355,7 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     .with_limits(args.limits());
     state.step = Some(step);
     state.policy = Some(policy.clone());
-    state.exfil = crate::exfil::ExfilDetector::new(policy.dns_exfil);
+    state.exfil = crate::trail::exfil::ExfilDetector::new(policy.dns_exfil);
     let command = args
         .command
         .iter()
@@ -375,13 +378,13 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
                 return Err(std::io::Error::last_os_error());
             }
             // The job does not inherit ringfence's low OOM score (its children inherit this).
-            crate::guard::set_oom_score_adj(b"0")?;
+            crate::job::guard::set_oom_score_adj(b"0")?;
             // A quick end when ringfence dies; the guard covers what this misses (a uid
             // change clears it, orphans never had it).
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
             // Only stdin, stdout and stderr pass on: a socket opened outside the job is in
             // another cgroup and its traffic would not be judged. --keep-fd opts in.
-            crate::guard::close_from_3()?;
+            crate::job::guard::close_from_3()?;
             for &fd in &keep {
                 if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                     return Err(std::io::Error::last_os_error());
@@ -416,13 +419,14 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     job.report.set_findings(job.exfil.findings());
     let c = |k: abi::rf_counter| counters[k.0 as usize];
     use abi::rf_counter as cnt;
-    job.report.set_kernel_counts(crate::report::KernelCounts {
-        new_flows: c(cnt::RF_CNT_NEW_FLOWS),
-        allowed: c(cnt::RF_CNT_ALLOWED),
-        blocked: c(cnt::RF_CNT_BLOCKED),
-        audited: c(cnt::RF_CNT_AUDITED),
-        ringbuf_dropped: c(cnt::RF_CNT_RINGBUF_DROP),
-    });
+    job.report
+        .set_kernel_counts(crate::trail::report::KernelCounts {
+            new_flows: c(cnt::RF_CNT_NEW_FLOWS),
+            allowed: c(cnt::RF_CNT_ALLOWED),
+            blocked: c(cnt::RF_CNT_BLOCKED),
+            audited: c(cnt::RF_CNT_AUDITED),
+            ringbuf_dropped: c(cnt::RF_CNT_RINGBUF_DROP),
+        });
     let warnings = [
         (
             c(abi::rf_counter::RF_CNT_RINGBUF_DROP),

@@ -7,9 +7,10 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Cmd::Exec(args) => ringfence::exec::run(&args),
-        Cmd::Demo(o) => ringfence::demo::run(&o).map(|()| 0),
-        Cmd::Probe => ringfence::probe::print().map(|()| 0),
-        Cmd::Guard(args) => ringfence::guard::run(&args),
+        #[cfg(feature = "testkit")]
+        Cmd::Demo(o) => ringfence::testkit::demo::run(&o).map(|()| 0),
+        Cmd::Probe => ringfence::kernel::probe::print().map(|()| 0),
+        Cmd::Guard(args) => ringfence::job::guard::run(&args),
     };
     match result {
         Ok(code) => std::process::exit(code),

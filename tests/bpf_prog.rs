@@ -6,10 +6,10 @@
 use std::cell::RefCell;
 use std::net::IpAddr;
 
-use ringfence::abi;
-use ringfence::dataplane::{Dataplane, Options};
+use ringfence::kernel::abi;
+use ringfence::kernel::dataplane::{Dataplane, Options};
 use ringfence::policy::{Mode, Policy};
-use ringfence::testrun::{
+use ringfence::testkit::testrun::{
     self, dns_answer, dns_query, frame, run_tc, run_tc_meta, Rr, SkbMeta, DROP, PASS, TCP_ACK,
     TCP_SYN,
 };

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use ringfence::testbed::{link_v4, DnsRecord};
+use ringfence::testkit::testbed::{link_v4, DnsRecord};
 
 /// dig's own measurement of the exchange (the job's start-up is not part of it).
 fn query_time_ms(job: &Job) -> u64 {
@@ -103,7 +103,7 @@ impl Drop for Stub {
     }
 }
 
-fn start_stub(tb: &ringfence::testbed::Testbed) -> Stub {
+fn start_stub(tb: &ringfence::testkit::testbed::Testbed) -> Stub {
     let child = tb
         .client_cmd(
             "dnsmasq",
@@ -212,10 +212,10 @@ fn answers_from_a_local_caching_stub_bind() {
 fn learned_addresses_expire_after_ttl_and_grace() {
     require_root();
     let ip = link_v4(29);
-    let tb = ringfence::testbed::Testbed::new().expect("testbed");
+    let tb = ringfence::testkit::testbed::Testbed::new().expect("testbed");
     tb.start_dns(
         &[DnsRecord::a("short.test", ip)],
-        &ringfence::testbed::DnsOptions {
+        &ringfence::testkit::testbed::DnsOptions {
             ttl: 1,
             ..Default::default()
         },
@@ -254,7 +254,7 @@ fn learned_addresses_expire_after_ttl_and_grace() {
 fn truncated_udp_answer_then_tcp_retry_binds() {
     // 60 A records do not fit a 512-byte UDP answer: the server sets TC, dig retries over
     // TCP, and that answer (one segment) binds all of them in the kernel.
-    let target = ringfence::testbed::routed_v4(30);
+    let target = ringfence::testkit::testbed::routed_v4(30);
     let mut records: Vec<DnsRecord> = (0..59u8)
         .map(|i| DnsRecord::a("big.test", std::net::Ipv4Addr::new(198, 51, 100, 150 + i)))
         .collect();
@@ -279,7 +279,7 @@ fn tcp_answer_split_across_segments_is_bound_by_the_agent() {
     // 100 A records: a ~1.6 kB answer. With segmentation offload off on the server's side,
     // it crosses the veth as two TCP segments, which the kernel cannot parse as one message:
     // the agent reassembles the copies and binds the addresses, late but not lost.
-    let target = ringfence::testbed::routed_v4(29);
+    let target = ringfence::testkit::testbed::routed_v4(29);
     let mut records: Vec<DnsRecord> = (0..99u8)
         .map(|i| DnsRecord::a("split.test", std::net::Ipv4Addr::new(198, 51, 100, 100 + i)))
         .collect();
@@ -320,10 +320,10 @@ fn resolve_over_tcp_then_connect_never_races() {
     const ITERATIONS: usize = 30;
     let ip = link_v4(30);
     require_root();
-    let tb = ringfence::testbed::Testbed::new().expect("testbed");
+    let tb = ringfence::testkit::testbed::Testbed::new().expect("testbed");
     tb.start_dns(
         &[DnsRecord::a("tcprace.test", ip)],
-        &ringfence::testbed::DnsOptions {
+        &ringfence::testkit::testbed::DnsOptions {
             ttl: 1,
             ..Default::default()
         },

@@ -17,7 +17,7 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
-use ringfence::testbed::link_v4;
+use ringfence::testkit::testbed::link_v4;
 
 /// The system's python3 (Debian package python3-minimal), not whatever a user's PATH finds
 /// first: the job runs as nobody.
@@ -763,7 +763,7 @@ fn redteam_case(case: &str, server: &str, bad: &str, extra: &[&str]) -> (Testbed
 /// stream: the reset turned around to the client must never be read as an answer. Proof on
 /// the far side: the HTTP server on the address the job wrote counts no request.
 fn forged_answer(server: &str, extra: &[&str], stub: bool) {
-    let evil = ringfence::testbed::routed_v4(21);
+    let evil = ringfence::testkit::testbed::routed_v4(21);
     // ok.test: what start_stub asks to know the stub is up.
     let tb = testbed(
         &[

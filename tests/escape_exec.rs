@@ -137,7 +137,7 @@ fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 /// TCX programs attached to the client's interface, with their link ids: bpftool 7.1's
 /// `net show` does not list TCX, so this asks the kernel directly.
 fn tcx_links(tb: &Testbed) -> Vec<(u32, u32)> {
-    use ringfence::dataplane::tcx_links_of;
+    use ringfence::kernel::dataplane::tcx_links_of;
     let ifname = tb.client_if().to_string();
     testbed::in_netns(tb.client_ns(), move || {
         let idx = nix::net::if_::if_nametoindex(ifname.as_str()).expect("client interface");
@@ -150,7 +150,7 @@ fn tcx_links(tb: &Testbed) -> Vec<(u32, u32)> {
 
 /// Does `--attach MODE` take the TCX path on this kernel?
 fn uses_tcx(mode: &str) -> bool {
-    mode == "tcx" || (mode == "auto" && ringfence::dataplane::KernelInfo::probe().tcx)
+    mode == "tcx" || (mode == "auto" && ringfence::kernel::dataplane::KernelInfo::probe().tcx)
 }
 
 fn nothing_attached(tb: &Testbed) -> bool {
@@ -337,7 +337,7 @@ fn killed_ringfence_leaves_nothing_running(attach: &str) {
         rel.contains("/ringfence/"),
         "the job is not in its cgroup: {rel}"
     );
-    let cgroup = ringfence::cgroup::find_cgroup2()
+    let cgroup = ringfence::job::cgroup::find_cgroup2()
         .unwrap()
         .join(rel.trim_start_matches('/'));
     assert!(cgroup.is_dir(), "{}", cgroup.display());

@@ -3,8 +3,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ringfence::dns;
-use ringfence::events::DnsEvent;
+use ringfence::trail::dns;
+use ringfence::trail::events::DnsEvent;
 
 fuzz_target!(|data: &[u8]| {
     let Ok(msg) = dns::parse(data) else { return };
@@ -22,6 +22,6 @@ fuzz_target!(|data: &[u8]| {
         false,
     ) {
         // The event must serialise: it goes straight into the audit trail.
-        serde_json::to_string(&ringfence::events::Event::Dns(ev)).expect("serialises");
+        serde_json::to_string(&ringfence::trail::events::Event::Dns(ev)).expect("serialises");
     }
 });

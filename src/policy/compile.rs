@@ -310,7 +310,7 @@ mod tests {
 
     #[test]
     fn limits_match_the_abi() {
-        use crate::bpf_skel::types::{rf_name_val, rf_ports};
+        use crate::kernel::skel::types::{rf_name_val, rf_ports};
         let val = rf_name_val::default();
         assert_eq!(rf_ports::default().port.len(), MAX_PORTS);
         assert_eq!(val.globs.len(), MAX_GLOBS);

@@ -154,27 +154,27 @@ pub(super) fn parse_toml(text: &str, source: &str) -> Result<PolicyBuilder, Poli
     builder.dns_exfil_max_label = int(
         "dns-exfil-max-label",
         raw.dns_exfil_max_label,
-        crate::exfil::MAX_LABEL_LIMIT,
+        crate::trail::exfil::MAX_LABEL_LIMIT,
     )?;
     builder.dns_exfil_entropy_min_length = int(
         "dns-exfil-entropy-min-length",
         raw.dns_exfil_entropy_min_length,
-        crate::exfil::MAX_LABEL_LIMIT,
+        crate::trail::exfil::MAX_LABEL_LIMIT,
     )?;
     builder.dns_exfil_max_names = int(
         "dns-exfil-max-names",
         raw.dns_exfil_max_names,
-        crate::exfil::MAX_NAMES_LIMIT,
+        crate::trail::exfil::MAX_NAMES_LIMIT,
     )?;
     if let Some(v) = raw.dns_exfil_entropy {
         let h = *v.get_ref();
         // NaN fails the range test too.
-        if !(h > 0.0 && h <= crate::exfil::ENTROPY_LIMIT) {
+        if !(h > 0.0 && h <= crate::trail::exfil::ENTROPY_LIMIT) {
             return Err(at_span(
                 v.span(),
                 format!(
                     "bad dns-exfil-entropy {h}: expected bits per character above 0 and at most {}",
-                    crate::exfil::ENTROPY_LIMIT
+                    crate::trail::exfil::ENTROPY_LIMIT
                 ),
             ));
         }

@@ -42,7 +42,7 @@
 //! ```
 //!
 //! The `dns-exfil-*` keys are the thresholds of the DNS exfiltration signals (see
-//! [`crate::exfil`]); the values above are the defaults. They never block anything: in
+//! [`crate::trail::exfil`]); the values above are the defaults. They never block anything: in
 //! either mode, a job's query names that cross them are reported as findings (`long-label`:
 //! a label longer than `dns-exfil-max-label`; `high-entropy`: a hyphen-free run of at least
 //! `dns-exfil-entropy-min-length` characters measuring more than `dns-exfil-entropy` bits
@@ -289,7 +289,7 @@ pub struct Policy {
     /// answers a little past it.
     pub dns_grace: std::time::Duration,
     /// The `dns-exfil-*` thresholds.
-    pub dns_exfil: crate::exfil::Thresholds,
+    pub dns_exfil: crate::trail::exfil::Thresholds,
     /// `allowed-inbound`: peers (address or network, `::/0` for `*`) and the job's local
     /// port they may connect to (`PortSpec::Any` when none was written).
     pub inbound: Vec<Endpoint>,
@@ -320,7 +320,7 @@ impl Default for Policy {
             dns_filter: true,
             dns_min_ttl: DEFAULT_DNS_MIN_TTL,
             dns_grace: DEFAULT_DNS_GRACE,
-            dns_exfil: crate::exfil::Thresholds::default(),
+            dns_exfil: crate::trail::exfil::Thresholds::default(),
             inbound: Vec::new(),
         }
     }
@@ -516,8 +516,8 @@ impl PolicyBuilder {
             dns_min_ttl: self.dns_min_ttl.unwrap_or(DEFAULT_DNS_MIN_TTL),
             dns_grace: self.dns_grace.unwrap_or(DEFAULT_DNS_GRACE),
             dns_exfil: {
-                let d = crate::exfil::Thresholds::default();
-                crate::exfil::Thresholds {
+                let d = crate::trail::exfil::Thresholds::default();
+                crate::trail::exfil::Thresholds {
                     max_label: self.dns_exfil_max_label.unwrap_or(d.max_label),
                     entropy: self.dns_exfil_entropy.unwrap_or(d.entropy),
                     entropy_min_length: self

@@ -486,7 +486,7 @@ fn dns_lifetimes_and_policy_parse_and_are_checked() {
 
 #[test]
 fn dns_exfil_thresholds() {
-    let d = crate::exfil::Thresholds::default();
+    let d = crate::trail::exfil::Thresholds::default();
     assert_eq!(parse("").unwrap().dns_exfil, d);
     let p = parse(
         "dns-exfil-max-label = 40\n\
@@ -497,7 +497,7 @@ fn dns_exfil_thresholds() {
     .unwrap();
     assert_eq!(
         p.dns_exfil,
-        crate::exfil::Thresholds {
+        crate::trail::exfil::Thresholds {
             max_label: 40,
             entropy: 4.0,
             entropy_min_length: 16,

@@ -1,6 +1,6 @@
 //! Shared helpers for the integration tests: run `ringfence exec` inside a testbed's client
 //! namespace and read back its events. Everything network-shaped comes from
-//! `ringfence::testbed`, the same code the demo uses.
+//! `ringfence::testkit::testbed`, the same code the demo uses.
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::io::Read;
@@ -12,8 +12,8 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 #[allow(unused_imports)] // not every test binary names the module itself
-pub use ringfence::testbed;
-pub use ringfence::testbed::{DnsOptions, DnsRecord, Testbed};
+pub use ringfence::testkit::testbed;
+pub use ringfence::testkit::testbed::{DnsOptions, DnsRecord, Testbed};
 use serde_json::Value;
 
 /// The binary under test.

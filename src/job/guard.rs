@@ -34,8 +34,8 @@ use nix::sys::socket::{
     SockFlag, SockType,
 };
 
-use crate::cgroup::JobCgroup;
-use crate::dataplane::{self, Held, TcFilter};
+use crate::job::cgroup::JobCgroup;
+use crate::kernel::dataplane::{self, Held, TcFilter};
 
 /// ringfence -> guard: take these (link fds as SCM_RIGHTS, filters and qdiscs as lines).
 const HOLD: &str = "hold";

@@ -18,9 +18,9 @@ use std::time::SystemTime;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::events::{format_ts, Event, FlowEvent, Proto, Reason, Verdict};
-use crate::exfil::{Finding, Signal};
-use crate::limits::{Bytes, CutCounts, Limits};
+use crate::trail::events::{format_ts, Event, FlowEvent, Proto, Reason, Verdict};
+use crate::trail::exfil::{Finding, Signal};
+use crate::trail::limits::{Bytes, CutCounts, Limits};
 
 /// How a report is rendered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -212,7 +212,7 @@ impl Report {
                 let n = self.alerts.len();
                 match self.alerts.get_mut(&(f.signal, f.example.clone())) {
                     Some(c) => *c += 1,
-                    None if n < crate::exfil::MAX_FINDINGS => {
+                    None if n < crate::trail::exfil::MAX_FINDINGS => {
                         self.alerts.insert((f.signal, f.example.clone()), 1);
                     }
                     None => {}
@@ -955,7 +955,7 @@ fn md_table<R: IntoIterator<Item = String>>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::DnsEvent;
+    use crate::trail::events::DnsEvent;
     use std::time::Duration;
 
     fn at(secs: u64) -> SystemTime {
@@ -1194,7 +1194,7 @@ DNS:
     }
 
     fn finding(signal: Signal, domain: &str, value: f64, threshold: f64, example: &str) -> Event {
-        Event::Finding(crate::events::FindingEvent {
+        Event::Finding(crate::trail::events::FindingEvent {
             ts: at(4),
             job: "build-42".into(),
             step: Some("npm install".into()),
@@ -1656,7 +1656,7 @@ DNS:
 
     #[test]
     fn what_the_agent_cut_is_said_and_a_file_says_the_same() {
-        use crate::events::{JobEvent, PolicySummary, SuppressedEvent, TruncatedEvent};
+        use crate::trail::events::{JobEvent, PolicySummary, SuppressedEvent, TruncatedEvent};
         let limits = Limits {
             events_per_sec: 100,
             events_burst: 1000,

@@ -2,7 +2,7 @@
 //! the C side has, and conversions between them and std types.
 use std::net::{IpAddr, Ipv6Addr};
 
-pub use crate::bpf_skel::types::{
+pub use crate::kernel::skel::types::{
     rf_addr_val, rf_counter, rf_dns_event, rf_event_hdr, rf_event_type, rf_flow_event, rf_flow_key,
     rf_flow_val, rf_glob, rf_guard_event, rf_guard_kind, rf_job, rf_limits, rf_link, rf_lpm_key,
     rf_name_key, rf_name_val, rf_ports, rf_query_key, rf_query_val, rf_reason, rf_resolver_key,

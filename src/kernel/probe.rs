@@ -1,9 +1,9 @@
 //! `ringfence probe`: what this kernel offers, for humans and for vm-tests.
-use crate::dataplane::KernelInfo;
+use crate::kernel::dataplane::KernelInfo;
 
 pub fn print() -> anyhow::Result<()> {
     let k = KernelInfo::probe();
-    let cg = crate::cgroup::find_cgroup2().ok();
+    let cg = crate::job::cgroup::find_cgroup2().ok();
     let v = serde_json::json!({
         "kernel": k.release,
         "btf": k.btf,
@@ -11,7 +11,7 @@ pub fn print() -> anyhow::Result<()> {
         "attach": if k.tcx { "tcx" } else { "clsact" },
         "cgroup2": cg.map(|p| p.display().to_string()),
         // Whether flows can name their process (TC programs may call the task helpers).
-        "process_attribution": crate::dataplane::task_helpers_in_tc(),
+        "process_attribution": crate::kernel::dataplane::task_helpers_in_tc(),
     });
     println!("{v}");
     Ok(())

@@ -22,8 +22,8 @@ use thiserror::Error;
 use time::macros::format_description;
 use time::{OffsetDateTime, PrimitiveDateTime};
 
-use crate::dns::{self, DnsMessage, RecordData};
-use crate::limits::Limits;
+use crate::trail::dns::{self, DnsMessage, RecordData};
+use crate::trail::limits::Limits;
 
 /// What the kernel did with a flow (enum rf_verdict in bpf/abi.h).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -326,7 +326,7 @@ impl DnsEvent {
 }
 
 /// A DNS exfiltration signal crossing its threshold for one domain in a job (see
-/// [`crate::exfil`]): written once per (signal, domain), when first crossed. Also what the
+/// [`crate::trail::exfil`]): written once per (signal, domain), when first crossed. Also what the
 /// dataplane cannot judge but ringfence saw: a job process taking hold of a process outside
 /// the job (`ptrace-outside-job`), ringfence's programs detached (`dataplane-detached`);
 /// those have no domain, value or threshold, and say who did what in `detail`.
@@ -337,7 +337,7 @@ pub struct FindingEvent {
     pub ts: SystemTime,
     pub job: String,
     pub step: Option<String>,
-    pub signal: crate::exfil::Signal,
+    pub signal: crate::trail::exfil::Signal,
     /// The last two labels of the names.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub domain: String,
@@ -382,7 +382,7 @@ impl Eq for FindingEvent {}
 
 impl FindingEvent {
     pub fn new(
-        f: &crate::exfil::Finding,
+        f: &crate::trail::exfil::Finding,
         ts: SystemTime,
         job: &str,
         step: Option<&str>,
@@ -455,7 +455,7 @@ pub struct StepEvent {
 }
 
 /// Flow and DNS events the job's rate limit held back since `since` (see
-/// [`crate::limits`]). The report still counts every one of them.
+/// [`crate::trail::limits`]). The report still counts every one of them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename = "suppressed")]
 pub struct SuppressedEvent {
@@ -888,7 +888,7 @@ mod tests {
             ts: t0(),
             job: "build-42".into(),
             step: Some("npm install".into()),
-            signal: crate::exfil::Signal::ManyNames,
+            signal: crate::trail::exfil::Signal::ManyNames,
             domain: "leak.test".into(),
             value: 51.0,
             threshold: 50.0,

@@ -4,10 +4,10 @@
 use std::path::Path;
 use std::time::SystemTime;
 
-use crate::abi;
-use crate::dataplane::AttachmentProblem;
-use crate::events::{FindingDetail, FindingEvent};
-use crate::exfil::Signal;
+use crate::kernel::abi;
+use crate::kernel::dataplane::AttachmentProblem;
+use crate::trail::events::{FindingDetail, FindingEvent};
+use crate::trail::exfil::Signal;
 
 /// What `kind` did, in the words of its syscall.
 fn action(ev: &abi::rf_guard_event) -> String {
@@ -60,8 +60,8 @@ pub fn guard_finding(
     job_cgroup: &Path,
 ) -> Option<FindingEvent> {
     let target = target_pid(ev);
-    let job_rel = crate::cgroup::relative(job_cgroup);
-    let where_ = target.and_then(crate::cgroup::cgroup_of);
+    let job_rel = crate::job::cgroup::relative(job_cgroup);
+    let where_ = target.and_then(crate::job::cgroup::cgroup_of);
     if let (Some(t), Some(j)) = (&where_, &job_rel) {
         if t.starts_with(j) {
             return None;
@@ -160,7 +160,7 @@ fn ptrace_warning_for(scope: Option<u32>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::Event;
+    use crate::trail::events::Event;
 
     #[test]
     fn detached_finding_is_a_compact_line_that_reads_back() {
@@ -188,36 +188,36 @@ mod tests {
             what: "gone".into(),
         };
         let f = detached_finding(&p, SystemTime::UNIX_EPOCH, "j", None);
-        let mut r = crate::report::Report::new("j", "block");
+        let mut r = crate::trail::report::Report::new("j", "block");
         r.add(&Event::Finding(f.clone()));
         r.add(&Event::Finding(f));
         assert_eq!(r.findings().count(), 0);
-        let text = r.render(crate::report::Format::Text);
+        let text = r.render(crate::trail::report::Format::Text);
         assert!(
             text.contains("dataplane-detached: eth0 ingress: gone (2 times)"),
             "{text}"
         );
         let json: serde_json::Value =
-            serde_json::from_str(&r.render(crate::report::Format::Json)).unwrap();
+            serde_json::from_str(&r.render(crate::trail::report::Format::Json)).unwrap();
         assert_eq!(json["alerts"][0]["signal"], "dataplane-detached");
         assert_eq!(json["alerts"][0]["count"], 2);
         assert!(r
-            .render(crate::report::Format::Markdown)
+            .render(crate::trail::report::Format::Markdown)
             .contains("- dataplane-detached: eth0 ingress: gone (2 times)"));
     }
 
     #[test]
     fn warnings_keep_a_json_report_json() {
-        let mut r = crate::report::Report::new("j", "block");
+        let mut r = crate::trail::report::Report::new("j", "block");
         r.warn(ptrace_warning_for(None).unwrap());
         let json: serde_json::Value =
-            serde_json::from_str(&r.render(crate::report::Format::Json)).unwrap();
+            serde_json::from_str(&r.render(crate::trail::report::Format::Json)).unwrap();
         assert!(json["warnings"][0]
             .as_str()
             .unwrap()
             .starts_with("Yama is not enabled"));
         assert!(r
-            .render(crate::report::Format::Text)
+            .render(crate::trail::report::Format::Text)
             .contains("\nwarning: Yama is not enabled"));
         assert_eq!(ptrace_warning_for(Some(1)), None);
         assert!(ptrace_warning_for(Some(0)).is_some());

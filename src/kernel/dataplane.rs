@@ -14,8 +14,8 @@ use libbpf_rs::{
 };
 use thiserror::Error;
 
-use crate::abi::{self, bytes_of, from_bytes};
-use crate::bpf_skel::{RingfenceSkel, RingfenceSkelBuilder};
+use crate::kernel::abi::{self, bytes_of, from_bytes};
+use crate::kernel::skel::{RingfenceSkel, RingfenceSkelBuilder};
 use crate::policy::{Compiled, PortSet};
 
 #[derive(Debug, Error)]
@@ -316,7 +316,7 @@ struct Watched {
 }
 
 /// What the guard process needs to keep the dataplane up, and to clean up after ringfence
-/// (see src/guard.rs).
+/// (see src/job/guard.rs).
 #[derive(Clone, Debug, Default)]
 pub struct Held {
     /// TCX links: while any duplicate of a link's fd is open, the program stays attached.
@@ -577,7 +577,7 @@ impl Dataplane {
     }
 
     /// The programs' global variables (`job_levels`, `have_ifjobs`), mmapped.
-    fn bss(&mut self) -> &mut crate::bpf_skel::types::bss {
+    fn bss(&mut self) -> &mut crate::kernel::skel::types::bss {
         self.skel
             .maps
             .bss_data
@@ -598,12 +598,13 @@ impl Dataplane {
     pub fn attach(&mut self, ifname: &str) -> Result<()> {
         let ifindex = nix::net::if_::if_nametoindex(ifname)
             .map_err(|_| DataplaneError::NoInterface(ifname.to_string()))?;
-        let arphrd = crate::netif::link_type(ifname).map_err(|source| DataplaneError::Attach {
-            ifname: ifname.to_string(),
-            dir: "link type",
-            kind: "SIOCGIFHWADDR",
-            source,
-        })?;
+        let arphrd =
+            crate::kernel::netif::link_type(ifname).map_err(|source| DataplaneError::Attach {
+                ifname: ifname.to_string(),
+                dir: "link type",
+                kind: "SIOCGIFHWADDR",
+                source,
+            })?;
         self.attach_index(ifname, ifindex, arphrd)
     }
 
@@ -613,7 +614,7 @@ impl Dataplane {
         if self.is_attached(ifindex) {
             return Ok(());
         }
-        let l2 = crate::netif::link_header_len(arphrd);
+        let l2 = crate::kernel::netif::link_header_len(arphrd);
         // Recorded before attaching, so the first packet the program sees parses right.
         self.set_device(ifindex, l2)?;
         let egress = self.attach_one(ifname, ifindex as i32, true)?;
@@ -647,7 +648,7 @@ impl Dataplane {
             .devices
             .update(&ifindex.to_ne_bytes(), &l2.to_ne_bytes(), MapFlags::ANY)
             .map_err(map_err("devices"))?;
-        if l2 != crate::bpf_skel::types::rf_link::RF_L2_ETHER.0 {
+        if l2 != crate::kernel::skel::types::rf_link::RF_L2_ETHER.0 {
             self.bss().have_l3_devs = 1;
         }
         Ok(())
@@ -673,15 +674,15 @@ impl Dataplane {
     /// Attaches to interfaces that appeared since the last look (until then the cgroup
     /// backstop holds the job's packets through them) and forgets those that went away.
     /// Returns what was attached, for the guard to hold (`Guard::hold`).
-    pub fn follow_links(&mut self, links: &crate::netif::LinkWatcher) -> Held {
-        use crate::netif::LinkChange;
+    pub fn follow_links(&mut self, links: &crate::kernel::netif::LinkWatcher) -> Held {
+        use crate::kernel::netif::LinkChange;
         let mut held = Held::default();
         let changes = match links.read() {
             Ok(c) => c,
             Err(e) => {
                 // Events were lost (the socket's buffer overran): look at every interface.
                 tracing::warn!("reading rtnetlink: {e}; rescanning the interfaces");
-                for name in crate::netif::all_interfaces() {
+                for name in crate::kernel::netif::all_interfaces() {
                     let mark = self.attachment_count();
                     if let Err(e) = self.attach(&name) {
                         tracing::warn!("{e}");
@@ -980,7 +981,7 @@ impl Dataplane {
         for (ifname, _, a) in self.attached.drain(..) {
             match a {
                 // Detached explicitly: dropping only closes this process's fd, and a guard
-                // process may still hold a duplicate (src/guard.rs).
+                // process may still hold a duplicate (src/job/guard.rs).
                 Attachment::Tcx(link) => {
                     if let Err(e) = link.detach() {
                         tracing::warn!(ifname, "detaching the tcx link: {e}");

@@ -92,7 +92,7 @@ pub enum Signal {
     HighEntropy,
     ManyNames,
     /// Not DNS: a job process ptraced (or wrote the memory of, or took a descriptor from) a
-    /// process outside the job, which could then send for it unjudged (src/guard.rs).
+    /// process outside the job, which could then send for it unjudged (src/job/guard.rs).
     PtraceOutsideJob,
     /// Not DNS: one of ringfence's programs is no longer attached where it was attached.
     DataplaneDetached,

@@ -10,7 +10,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::events::{Event, SuppressedEvent, Verdict};
+use crate::trail::events::{Event, SuppressedEvent, Verdict};
 
 /// The user's limits (`exec --events-rate`, `--events-burst`, `--events-max-bytes`,
 /// `--max-destinations`).
@@ -265,7 +265,7 @@ impl fmt::Display for Bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{Direction, FlowEvent, Proto, Reason};
+    use crate::trail::events::{Direction, FlowEvent, Proto, Reason};
     use std::time::SystemTime;
 
     const SEC: u64 = 1_000_000_000;
@@ -358,11 +358,11 @@ mod tests {
         // Nothing new: nothing due, even at the end.
         assert_eq!(g.summary_due(3 * SEC, true), None);
         // Findings are never held back, even with an empty bucket.
-        let finding = Event::Finding(crate::events::FindingEvent {
+        let finding = Event::Finding(crate::trail::events::FindingEvent {
             ts: SystemTime::UNIX_EPOCH,
             job: "j".into(),
             step: None,
-            signal: crate::exfil::Signal::ManyNames,
+            signal: crate::trail::exfil::Signal::ManyNames,
             domain: "x.test".into(),
             value: 1.0,
             threshold: 1.0,

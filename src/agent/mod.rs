@@ -14,16 +14,16 @@ use anyhow::{Context, Result};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
-use crate::abi;
-use crate::dataplane::Dataplane;
-use crate::dns;
-use crate::events::{
+use crate::kernel::abi;
+use crate::kernel::dataplane::Dataplane;
+use crate::trail::dns;
+use crate::trail::events::{
     boottime_to_system, DnsEvent, Event, FindingEvent, FlowEvent, JobEvent, JsonLinesWriter,
     PolicySummary, Proto, Reason, StepEvent, SuppressedEvent, TruncatedEvent, Verdict,
 };
-use crate::exfil::{ExfilDetector, Thresholds};
-use crate::limits::{CutCounts, FloodGuard, Limits};
-use crate::report::{Cuts, Report};
+use crate::trail::exfil::{ExfilDetector, Thresholds};
+use crate::trail::limits::{CutCounts, FloodGuard, Limits};
+use crate::trail::report::{Cuts, Report};
 
 /// How long a learned address outlives its TTL while a flow to it was seen recently.
 /// (Live flows do not need the trie at all — their verdict is cached in the flow table —
@@ -147,7 +147,7 @@ impl JobState {
         }
     }
 
-    /// The job's limits (see [`crate::limits`]); a new job has none.
+    /// The job's limits (see [`crate::trail::limits`]); a new job has none.
     pub fn with_limits(mut self, limits: Limits) -> JobState {
         self.limits = limits;
         self.guard = FloodGuard::new(&limits, boottime_ns());
@@ -189,7 +189,7 @@ pub struct Agent {
     streams: HashMap<(IpAddr, u16), Stream>,
     pending: Vec<Pending>,
     /// Attachment problems already reported.
-    detached: std::collections::HashSet<crate::dataplane::AttachmentProblem>,
+    detached: std::collections::HashSet<crate::kernel::dataplane::AttachmentProblem>,
     /// The events file failed to take a line (disk full…): said once, then counted.
     write_failed: bool,
     /// TCP answers given up half-assembled to keep at most MAX_STREAMS.
@@ -475,7 +475,7 @@ impl Agent {
         };
         let ts = boottime_to_system(ev.hdr.ts_ns);
         if let Some(f) =
-            crate::tamper::guard_finding(ev, ts, &job.name, job.step.as_deref(), cgroup)
+            crate::job::tamper::guard_finding(ev, ts, &job.name, job.step.as_deref(), cgroup)
         {
             tracing::warn!(job = job.name, "{}", f.example);
             self.emit(ev.hdr.job_id, Event::Finding(f));
@@ -494,7 +494,8 @@ impl Agent {
             let ids: Vec<u32> = self.jobs.keys().copied().collect();
             for id in ids {
                 let job = &self.jobs[&id];
-                let f = crate::tamper::detached_finding(&p, ts, &job.name, job.step.as_deref());
+                let f =
+                    crate::job::tamper::detached_finding(&p, ts, &job.name, job.step.as_deref());
                 self.emit(id, Event::Finding(f));
             }
         }
@@ -512,7 +513,7 @@ impl Agent {
         if reason == Reason::DirectIp && domain.is_some() {
             reason = Reason::NotAllowed;
         }
-        let direction = crate::events::Direction::from_abi(ev.direction);
+        let direction = crate::trail::events::Direction::from_abi(ev.direction);
         // An inbound connection is named by its peer and the job's port it reached.
         let port = if direction.is_outbound() {
             ev.dport
@@ -891,8 +892,8 @@ pub fn run_until_exit(
     dp: &mut Dataplane,
     agent: &mut Agent,
     child: &mut std::process::Child,
-    links: Option<&crate::netif::LinkWatcher>,
-    mut guard: Option<&mut crate::guard::Guard>,
+    links: Option<&crate::kernel::netif::LinkWatcher>,
+    mut guard: Option<&mut crate::job::guard::Guard>,
 ) -> Result<std::process::ExitStatus> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 
@@ -1001,9 +1002,9 @@ pub fn run_until_exit(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::events::{read_events, Direction};
-    use crate::limits::Limits;
-    use crate::report::Format;
+    use crate::trail::events::{read_events, Direction};
+    use crate::trail::limits::Limits;
+    use crate::trail::report::Format;
 
     const SEC: u64 = 1_000_000_000;
 

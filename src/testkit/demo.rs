@@ -21,7 +21,9 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::Value;
 
-use crate::testbed::{self, link_v4, routed_v4, routed_v6, DnsOptions, DnsRecord, Testbed};
+use crate::testkit::testbed::{
+    self, link_v4, routed_v4, routed_v6, DnsOptions, DnsRecord, Testbed,
+};
 
 /// Options of `ringfence demo`.
 #[derive(Debug, Clone, clap::Args)]

@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use anyhow::{Context, Result};
 use libbpf_rs::ProgramInput;
 
-use crate::bpf_skel::types::__sk_buff;
+use crate::kernel::skel::types::__sk_buff;
 
 /// What a TC program returned: -1 = pass on (TC_ACT_UNSPEC / TCX_NEXT), 2 = drop.
 pub const PASS: i32 = -1;

@@ -25,7 +25,7 @@ pub const ARPHRD_NONE: u16 = 0xfffe;
 
 /// `enum rf_link` in bpf/abi.h: bytes before the IP header, or unknown (fail closed).
 pub fn link_header_len(arphrd: u16) -> u32 {
-    use crate::bpf_skel::types::rf_link;
+    use crate::kernel::skel::types::rf_link;
     match arphrd {
         ARPHRD_ETHER | ARPHRD_LOOPBACK => rf_link::RF_L2_ETHER.0,
         // tun (IFF_TUN) and WireGuard are ARPHRD_NONE; ipip, ip6tnl and sit have no
