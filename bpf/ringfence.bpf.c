@@ -21,6 +21,9 @@
 volatile __u32 job_levels = 0;
 /* Set once any job is keyed by interface: saves the lookup for everyone else. */
 volatile __u32 have_ifjobs = 0;
+/* Set when the daemon has a host default policy: a packet sent by a socket that belongs to
+ * no job is judged under it (the `jobs` entry of cgroup id 0, which no cgroup has). */
+volatile __u32 have_host_job = 0;
 /* Set once some attached interface is not Ethernet: only then does the verdict program look
  * up the link header length of its interface, so the Ethernet hot path stays as it was. */
 volatile __u32 have_l3_devs = 0;
@@ -90,6 +93,11 @@ static __always_inline struct rf_job *find_job(struct __sk_buff *skb, __u64 *cgi
 		j = bpf_map_lookup_elem(&jobs, &a);
 		if (j)
 			return j;
+	}
+	if (have_host_job) {
+		__u64 host = 0;
+
+		return bpf_map_lookup_elem(&jobs, &host);
 	}
 	return NULL;
 }
