@@ -312,6 +312,32 @@ impl Agent {
         }
     }
 
+    /// Takes over a job a previous daemon started: no header is written again (its events
+    /// file has one), and its report is rebuilt from what that file holds.
+    pub fn adopt_job(&mut self, job_id: u32, state: JobState) {
+        self.jobs.insert(job_id, state);
+    }
+
+    /// A new step of a job: its label goes on every later event.
+    pub fn step(&mut self, job_id: u32, step: &str) {
+        let Some(j) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        j.step = Some(step.to_string());
+        let ev = Event::Step(StepEvent {
+            ts: std::time::SystemTime::now(),
+            job: j.name.clone(),
+            step: step.to_string(),
+            command: None,
+        });
+        self.emit(job_id, ev);
+    }
+
+    /// Re-checks a learned address at `deadline` (a daemon taking over pinned maps).
+    pub fn watch_expiry(&mut self, job_id: u32, addr: IpAddr, deadline: u64) {
+        self.expiry.push(Reverse((deadline, job_id, addr)));
+    }
+
     fn emit(&mut self, job_id: u32, ev: Event) {
         self.emit_at(job_id, ev, boottime_ns());
     }

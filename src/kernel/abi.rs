@@ -111,6 +111,10 @@ pub fn comm_to_string(c: &[i8; 16]) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// The ABI's version: pinned with the dataplane, so a daemon of another build refuses maps
+/// it may not read the same way. (Placeholder until build.rs hashes bpf/abi.h and maps.h.)
+pub const ABI_VERSION: u64 = 0x7266_0000_0000_0001;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,7 +131,3 @@ mod tests {
         assert_eq!(lpm_prefixlen(v6, 32), 64);
     }
 }
-
-/// The ABI's version: pinned with the dataplane, so a daemon of another build refuses maps
-/// it may not read the same way. (Placeholder until build.rs hashes bpf/abi.h and maps.h.)
-pub const ABI_VERSION: u64 = 0x7266_0000_0000_0001;

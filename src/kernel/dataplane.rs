@@ -1363,7 +1363,7 @@ impl Dataplane {
 
     /// Detaches everything this instance attached and removes every pin: nothing of
     /// ringfence stays in the kernel (`ringfence unload`).
-    pub fn unload(mut self) -> Result<()> {
+    pub fn unload(&mut self) -> Result<()> {
         self.detach_all();
         if let Some(p) = self.pins.take() {
             p.remove_all()?;

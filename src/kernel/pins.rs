@@ -70,7 +70,12 @@ fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> 
 
 fn is_bpffs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        // f_type's width differs between architectures.
+        .map(|s| {
+            #[allow(clippy::unnecessary_cast)]
+            let t = s.filesystem_type().0 as i64;
+            t == BPF_FS_MAGIC
+        })
         .unwrap_or(false)
 }
 
