@@ -291,6 +291,14 @@ impl Daemon {
         Ok(d)
     }
 
+    /// What each job's trail may cost (the rate and size limits `exec` has by default).
+    fn limits(&self) -> crate::trail::limits::Limits {
+        crate::trail::limits::Limits {
+            events_max_bytes: self.events_max,
+            ..Default::default()
+        }
+    }
+
     fn save_state(&mut self) {
         self.state.filters = self.dp.held().filters.iter().map(|f| f.to_arg()).collect();
         if let Err(e) = self.state.save(&self.cfg.state_file()) {
@@ -720,6 +728,7 @@ impl Daemon {
             }
         };
         let mut st = JobState::new(id, mode_name(policy.mode), rec.cgroup.clone())
+            .with_limits(self.limits())
             .with_events_file(&events, self.events_max)?;
         st.policy = Some(policy.clone());
         st.exfil = crate::trail::exfil::ExfilDetector::new(policy.dns_exfil);
@@ -1083,7 +1092,12 @@ fn readopt(dp: &mut Dataplane, agent: &mut Agent, r: &JobRecord, events_max: u64
         dp.attach(name)?;
         dp.add_interface_job(i, entry)?;
     }
-    let mut st = JobState::new(&r.id, mode_name(policy.mode), r.cgroup.clone());
+    let mut st = JobState::new(&r.id, mode_name(policy.mode), r.cgroup.clone()).with_limits(
+        crate::trail::limits::Limits {
+            events_max_bytes: events_max,
+            ..Default::default()
+        },
+    );
     // The report so far, from the trail the last daemon wrote.
     if let Ok(f) = std::fs::File::open(&r.events) {
         match read_events(io::BufReader::new(f)) {
