@@ -9,6 +9,9 @@ pub use crate::kernel::skel::types::{
     rf_stream_key, rf_verdict,
 };
 
+// `ABI_VERSION`: computed by build.rs from the bytes of bpf/abi.h and bpf/maps.h.
+include!(concat!(env!("OUT_DIR"), "/abi_version.rs"));
+
 /// Bytes of a host entry's prefix in the trie: 32 bits of job id + 128 bits of address.
 pub const LPM_FULL: u32 = rf_limits::RF_LPM_FULL.0;
 pub const MAX_PORTS: usize = rf_limits::RF_MAX_PORTS.0 as usize;
@@ -125,5 +128,30 @@ mod tests {
         assert_eq!(addr_from_bytes(addr_to_bytes(v6)), v6);
         assert_eq!(lpm_prefixlen(a, 24), 32 + 96 + 24);
         assert_eq!(lpm_prefixlen(v6, 32), 64);
+    }
+
+    /// The version is the hash build.rs documents, of the headers as they are now: recomputed
+    /// here independently, so a build.rs that hashed the wrong bytes (or stale ones) fails.
+    #[test]
+    fn abi_version_hashes_the_headers() {
+        fn fnv1a(h: &mut u64, bytes: &[u8]) {
+            for &b in bytes {
+                *h ^= u64::from(b);
+                *h = h.wrapping_mul(0x100_0000_01b3);
+            }
+        }
+        let mut h = 0xcbf2_9ce4_8422_2325;
+        fnv1a(&mut h, b"a");
+        assert_eq!(h, 0xaf63_dc4c_8601_ec8c, "FNV-1a test vector");
+        let mut h = 0xcbf2_9ce4_8422_2325;
+        for (path, bytes) in [
+            ("bpf/abi.h", &include_bytes!("../../bpf/abi.h")[..]),
+            ("bpf/maps.h", &include_bytes!("../../bpf/maps.h")[..]),
+        ] {
+            fnv1a(&mut h, path.as_bytes());
+            fnv1a(&mut h, &(bytes.len() as u64).to_le_bytes());
+            fnv1a(&mut h, bytes);
+        }
+        assert_eq!(ABI_VERSION, h);
     }
 }
