@@ -25,6 +25,7 @@ enum rf_limits {
 	RF_DNS_RR_MAX = 256,     /* resource records walked in one answer */
 	RF_JOB_LEVELS = 32,      /* cgroup ancestor levels searched for a job */
 	RF_LPM_FULL = 160,       /* prefixlen of a host entry: 32 bits job id + 128 bits address */
+	RF_TCP_STREAMS_MAX = 4096, /* split TCP DNS answers followed at once (tcp_streams; the agent holds as many) */
 };
 
 enum rf_verdict {

@@ -80,7 +80,7 @@ struct {
  * which reassembles and binds them. The agent deletes an entry when the answer is whole. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, RF_TCP_STREAMS_MAX);
 	__type(key, struct rf_stream_key);
 	__type(value, struct rf_stream_val);
 } tcp_streams SEC(".maps");

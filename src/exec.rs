@@ -299,19 +299,7 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     dp.add_job(
         cgroup.id(),
         cgroup.level(),
-        abi::rf_job {
-            job_id: JOB_ID,
-            mode: match policy.mode {
-                Mode::Audit => 0,
-                Mode::Block => 1,
-            },
-            direct_ip: match policy.direct_ip {
-                Mode::Audit => 0,
-                Mode::Block => 1,
-            },
-            dns_filter: u8::from(policy.mode == Mode::Block && policy.dns_filter),
-            _pad: 0,
-        },
+        abi::rf_job::for_policy(JOB_ID, &policy),
     )?;
     for i in &interfaces {
         match dp.attach(i) {

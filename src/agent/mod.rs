@@ -196,8 +196,8 @@ pub struct Agent {
     pub streams_evicted: u64,
 }
 
-/// TCP DNS answers the agent assembles at once (bpf/maps.h: tcp_streams).
-const MAX_STREAMS: usize = 4096;
+/// TCP DNS answers the agent assembles at once: as many as the kernel follows (tcp_streams).
+const MAX_STREAMS: usize = abi::rf_limits::RF_TCP_STREAMS_MAX.0 as usize;
 
 pub fn boottime_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
