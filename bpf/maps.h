@@ -86,7 +86,7 @@ struct {
 } tcp_streams SEC(".maps");
 
 /* TCP DNS streams from a job to a resolver, followed in the kernel so that every message is
- * judged whatever the segmentation (see dns_tcp_query in dns.h). Internal to the programs. */
+ * judged whatever the segmentation (see dns_tcp_query in lib/dns_tcp.h). Internal to the programs. */
 enum rf_dns_stream_limits {
 	/* Bytes of a message held across segments: enough for any question (12-byte header,
 	 * a name of at most 255 bytes, type and class: 271). Later bytes are only counted. */

@@ -13,8 +13,13 @@
 
 #include "abi.h"
 #include "maps.h"
-#include "parse.h"
-#include "dns.h"
+#include "lib/common.h"
+#include "lib/parse.h"
+#include "lib/ports.h"
+/* Answers before queries: the object's subprograms then come in the order they always had. */
+#include "lib/dns_answer.h"
+#include "lib/dns_query.h"
+#include "lib/dns_refuse.h"
 
 /* Bit n set: some job's cgroup sits at level n of the hierarchy. Written by the agent as
  * jobs come and go, so the ancestor walk only asks about levels that can match. */

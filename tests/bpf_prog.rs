@@ -2301,7 +2301,7 @@ fn dns_to_any_loopback_address_is_pinned_and_filtered() {
 
 // ---- what ringfence turns around, GSO, urgent data -----------------------------------------
 
-/// bpf/dns.h's RF_TURNED_MARK: every packet ringfence turns around carries it.
+/// bpf/lib/dns_refuse.h's RF_TURNED_MARK: every packet ringfence turns around carries it.
 const TURNED_MARK: u32 = 0x5246_0a7b;
 const URG: u8 = 0x20;
 const RST_ACK: u8 = 0x14;

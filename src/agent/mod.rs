@@ -929,7 +929,7 @@ pub fn run_until_exit(
     let mut next_check = std::time::Instant::now() + ATTACH_CHECK;
     let status = loop {
         // The kernel wakes the loop only when the ring buffer fills up or a record is urgent
-        // (see ringbuf_flags in bpf/dns.h); the 10 ms tick drains the rest.
+        // (see ringbuf_flags in bpf/lib/common.h); the 10 ms tick drains the rest.
         let timeout = agent
             .borrow()
             .next_deadline()
