@@ -25,7 +25,7 @@ use anyhow::{bail, Context, Result};
 use ringfence::agent::{Agent, JobState};
 use ringfence::kernel::abi;
 use ringfence::kernel::dataplane::{Dataplane, Options};
-use ringfence::policy::{Compiled, Policy, PortSet};
+use ringfence::policy::{Compiled, Mode, Policy, PortSet};
 use ringfence::testkit::testrun::{
     self, dns_answer, dns_query, frame, run_tc, Rr, TCP_ACK, TCP_SYN,
 };
@@ -167,6 +167,20 @@ fn main() -> Result<()> {
 
 /// Loads a dataplane whose trie holds `entries` host entries for JOB (plus `extra` free
 /// slots for DNS answers), the job keyed on loopback in block mode.
+/// A block-mode job that sends every DNS query on (no in-kernel REFUSED), as the
+/// benchmarks measure verdicts and binding, not query filtering.
+fn block_job(job_id: u32) -> abi::rf_job {
+    abi::rf_job::for_policy(
+        job_id,
+        &Policy {
+            mode: Mode::Block,
+            direct_ip: Mode::Block,
+            dns_filter: false,
+            ..Default::default()
+        },
+    )
+}
+
 fn rig(entries: u64, always_judge: bool, emit_events: bool) -> Result<Dataplane> {
     let mut dp = Dataplane::load(&Options {
         emit_events,
@@ -192,15 +206,7 @@ fn rig(entries: u64, always_judge: bool, emit_events: bool) -> Result<Dataplane>
         })
         .collect();
     dp.install_policy(JOB, &compiled, &[resolver()])?;
-    dp.add_interface_job(
-        LO,
-        abi::rf_job {
-            job_id: JOB,
-            mode: 1,
-            direct_ip: 1,
-            ..Default::default()
-        },
-    )?;
+    dp.add_interface_job(LO, block_job(JOB))?;
     Ok(dp)
 }
 
@@ -612,15 +618,7 @@ fn pipeline(args: &Args) -> Result<()> {
         inbound: vec![],
     };
     dp.install_policy(JOB, &compiled, &[resolver()])?;
-    dp.add_interface_job(
-        LO,
-        abi::rf_job {
-            job_id: JOB,
-            mode: 1,
-            direct_ip: 1,
-            ..Default::default()
-        },
-    )?;
+    dp.add_interface_job(LO, block_job(JOB))?;
     let map = dp.events_map()?;
     let consumed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -900,16 +898,7 @@ fn memory(args: &Args) -> Result<()> {
             },
             &[resolver()],
         )?;
-        dp.add_job(
-            0x00be_0000_0000 + j as u64,
-            2,
-            abi::rf_job {
-                job_id: *id,
-                mode: 1,
-                direct_ip: 1,
-                ..Default::default()
-            },
-        )?;
+        dp.add_job(0x00be_0000_0000 + j as u64, 2, block_job(*id))?;
     }
     let rss_all = status_kib("VmRSS:");
     let maps = my_maps();

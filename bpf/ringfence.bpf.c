@@ -13,8 +13,13 @@
 
 #include "abi.h"
 #include "maps.h"
-#include "parse.h"
-#include "dns.h"
+#include "lib/common.h"
+#include "lib/parse.h"
+#include "lib/ports.h"
+/* Answers before queries: the object's subprograms then come in the order they always had. */
+#include "lib/dns_answer.h"
+#include "lib/dns_query.h"
+#include "lib/dns_refuse.h"
 
 /* Bit n set: some job's cgroup sits at level n of the hierarchy. Written by the agent as
  * jobs come and go, so the ancestor walk only asks about levels that can match. */
@@ -178,7 +183,7 @@ static __always_inline void emit_flow(const struct rf_job *job, __u64 cgid, stru
 {
 	struct rf_flow_event *e;
 
-	if (!emit_events)
+	if (!config.emit_events)
 		return;
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
@@ -196,7 +201,7 @@ static __always_inline void emit_flow(const struct rf_job *job, __u64 cgid, stru
 	/* A packet sent from a timer (a retransmit) runs in whatever task was current: the
 	 * pid is only kept when the current task is in the socket's cgroup, so the agent never
 	 * has to check /proc per event. */
-	if (task && have_task_helpers && bpf_get_current_cgroup_id() == cgid) {
+	if (task && config.have_task_helpers && bpf_get_current_cgroup_id() == cgid) {
 		e->pid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(e->comm, sizeof(e->comm));
 	} else {
@@ -338,7 +343,7 @@ int rf_egress(struct __sk_buff *skb)
 	fk.proto = p.proto;
 	now = bpf_ktime_get_boot_ns();
 
-	cached = always_judge ? NULL : bpf_map_lookup_elem(&flows, &fk);
+	cached = config.always_judge ? NULL : bpf_map_lookup_elem(&flows, &fk);
 	if (cached) {
 		/* Established path: the verdict was made on the first packet. Touch the entry
 		 * at most once a second so live flows keep their learned address alive. */
@@ -480,7 +485,7 @@ int rf_backstop(struct __sk_buff *skb)
 	fk.sport = p.sport;
 	fk.dport = p.dport;
 	fk.proto = p.proto;
-	cached = always_judge ? NULL : bpf_map_lookup_elem(&flows, &fk);
+	cached = config.always_judge ? NULL : bpf_map_lookup_elem(&flows, &fk);
 	if (cached) {
 		if (cached->verdict != RF_VERDICT_BLOCKED)
 			return 1;

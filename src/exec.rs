@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 
 use crate::agent::{self, Agent, JobState};
 use crate::job::cgroup::JobCgroup;
-use crate::job::spec::{mode_name, rf_job};
+use crate::job::spec::mode_name;
 pub use crate::job::spec::{ModeArg, PolicyArgs, UsageError};
 use crate::kernel::abi;
 use crate::kernel::dataplane::{self, AttachMode, Dataplane};
@@ -214,7 +214,11 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     let mut dp = Dataplane::load(&opts)?;
     const JOB_ID: u32 = 1;
     dp.install_policy(JOB_ID, &compiled, &policy.dns_resolvers)?;
-    dp.add_job(cgroup.id(), cgroup.level(), rf_job(JOB_ID, &policy))?;
+    dp.add_job(
+        cgroup.id(),
+        cgroup.level(),
+        abi::rf_job::for_policy(JOB_ID, &policy),
+    )?;
     for i in &interfaces {
         match dp.attach(i) {
             Ok(()) => {}

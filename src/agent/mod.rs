@@ -210,8 +210,8 @@ pub struct Agent {
     pub streams_evicted: u64,
 }
 
-/// TCP DNS answers the agent assembles at once (bpf/maps.h: tcp_streams).
-const MAX_STREAMS: usize = 4096;
+/// TCP DNS answers the agent assembles at once: as many as the kernel follows (tcp_streams).
+const MAX_STREAMS: usize = abi::rf_limits::RF_TCP_STREAMS_MAX.0 as usize;
 
 pub fn boottime_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
@@ -1055,7 +1055,7 @@ pub fn run_until_exit(
     let mut next_check = std::time::Instant::now() + ATTACH_CHECK;
     let status = loop {
         // The kernel wakes the loop only when the ring buffer fills up or a record is urgent
-        // (see ringbuf_flags in bpf/dns.h); the 10 ms tick drains the rest.
+        // (see ringbuf_flags in bpf/lib/common.h); the 10 ms tick drains the rest.
         let timeout = agent
             .borrow()
             .next_deadline()

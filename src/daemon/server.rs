@@ -21,7 +21,7 @@ use crate::daemon::config::Config;
 use crate::daemon::protocol::{check_job_id, Request, Response, Target, MAX_REQUEST};
 use crate::daemon::state::{JobRecord, State, HOST_SLOT};
 use crate::job::cgroup;
-use crate::job::spec::{mode_name, rf_job, PolicySpec};
+use crate::job::spec::{mode_name, PolicySpec};
 use crate::kernel::abi;
 use crate::kernel::dataplane::{self, Dataplane, TcFilter};
 use crate::kernel::pins::Pins;
@@ -207,7 +207,7 @@ impl Daemon {
         match &host_policy {
             Some(p) => {
                 dp.install_policy(HOST_SLOT, &p.compile()?, &p.dns_resolvers)?;
-                dp.set_host_job(Some(rf_job(HOST_SLOT, p)))?;
+                dp.set_host_job(Some(abi::rf_job::for_policy(HOST_SLOT, p)))?;
                 tracing::info!(mode = mode_name(p.mode), "host default policy installed");
             }
             None => {
@@ -792,7 +792,7 @@ impl Daemon {
     ) -> Result<JobRecord> {
         self.dp
             .install_policy(r.slot, compiled, &policy.dns_resolvers)?;
-        let entry = rf_job(r.slot, policy);
+        let entry = abi::rf_job::for_policy(r.slot, policy);
         if let Some((pid, _)) = &r.origin {
             let dir = self.cg_root.join("ringfence").join("jobs").join(&r.id);
             match std::fs::create_dir_all(&dir) {
@@ -1077,7 +1077,7 @@ fn readopt(dp: &mut Dataplane, agent: &mut Agent, r: &JobRecord, events_max: u64
     let policy = r.policy.build().map_err(anyhow::Error::new)?;
     let compiled = policy.compile()?;
     dp.install_policy(r.slot, &compiled, &policy.dns_resolvers)?;
-    let entry = rf_job(r.slot, &policy);
+    let entry = abi::rf_job::for_policy(r.slot, &policy);
     let mut cgroup_id = None;
     if let Some(dir) = &r.cgroup {
         if !dir.join("cgroup.procs").exists() {

@@ -155,17 +155,6 @@ impl PolicySpec {
     }
 }
 
-/// The job entry the dataplane keys a job's packets to (bpf/abi.h `struct rf_job`).
-pub fn rf_job(slot: u32, policy: &Policy) -> crate::kernel::abi::rf_job {
-    crate::kernel::abi::rf_job {
-        job_id: slot,
-        mode: u8::from(policy.mode == Mode::Block),
-        direct_ip: u8::from(policy.direct_ip == Mode::Block),
-        dns_filter: u8::from(policy.mode == Mode::Block && policy.dns_filter),
-        ..Default::default()
-    }
-}
-
 pub fn mode_name(m: Mode) -> &'static str {
     match m {
         Mode::Audit => "audit",

@@ -570,11 +570,16 @@ impl Dataplane {
                 .rodata_data
                 .as_deref_mut()
                 .expect("rodata is mmapped by the skeleton");
-            ro.dns_min_ttl_ns = opts.dns_min_ttl.as_nanos() as u64;
-            ro.dns_grace_ns = opts.dns_grace.as_nanos() as u64;
-            ro.emit_events = u8::from(opts.emit_events);
-            ro.always_judge = u8::from(opts.always_judge);
-            ro.have_task_helpers = u8::from(task_helpers_in_tc());
+            // Every setting, here and only here (struct rf_config): a field added in C
+            // fails to build until it is set.
+            ro.config = abi::rf_config {
+                dns_min_ttl_ns: opts.dns_min_ttl.as_nanos() as u64,
+                dns_grace_ns: opts.dns_grace.as_nanos() as u64,
+                emit_events: u8::from(opts.emit_events),
+                always_judge: u8::from(opts.always_judge),
+                have_task_helpers: u8::from(task_helpers_in_tc()),
+                _pad: [0; 5],
+            };
         }
         open.maps
             .allow
