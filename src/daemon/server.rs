@@ -1084,9 +1084,11 @@ fn readopt(dp: &mut Dataplane, agent: &mut Agent, r: &JobRecord, events_max: u64
             anyhow::bail!("its cgroup {} is gone", dir.display());
         }
         let root = cgroup::find_cgroup2()?;
-        dp.attach_job_hooks(&r.slot.to_string(), dir)?;
+        // The job entry (and with it the programs' cgroup levels) before the cgroup links
+        // move to this daemon's programs: they never run without knowing the job.
         let (id, level) = cgroup_id_level(&root, dir)?;
         dp.add_job(id, level, entry)?;
+        dp.attach_job_hooks(&r.slot.to_string(), dir)?;
         cgroup_id = Some(id);
     } else if let (Some(i), Target::Interface(name)) = (r.ifindex, &r.target) {
         dp.attach(name)?;
