@@ -269,6 +269,13 @@ impl Daemon {
 
     /// Starts the daemon and waits until its socket answers.
     fn spawn(&mut self) {
+        if let Err(e) = self.try_spawn() {
+            panic!("{e}");
+        }
+    }
+
+    /// As `spawn`; a daemon that exits instead of serving is an error (with its log).
+    fn try_spawn(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "already running");
         let log = fs::OpenOptions::new()
             .create(true)
@@ -300,7 +307,7 @@ impl Daemon {
         let deadline = Instant::now() + Duration::from_secs(180);
         loop {
             if let Some(st) = child.try_wait().unwrap() {
-                panic!("ringfence run exited ({st}):\n{}", self.log());
+                return Err(format!("ringfence run exited ({st}):\n{}", self.log()));
             }
             if self.rf(&["status", "--json"]).0 {
                 break;
@@ -313,6 +320,7 @@ impl Daemon {
             sleep(Duration::from_millis(200));
         }
         self.child = Some(child);
+        Ok(())
     }
 
     /// kill -9: everything stays pinned.
@@ -685,8 +693,14 @@ fn control_socket_refuses_a_job_behind_an_exited_peer() {
 import json, os, socket, sys, time
 path, job = sys.argv[1], sys.argv[2]
 def ask(s):
-    s.sendall(json.dumps({"op": "job_end", "id": job}).encode() + b"\n")
-    return s.recv(65536).decode(errors='replace')
+    try:
+        s.sendall(json.dumps({"op": "job_end", "id": job}).encode() + b"\n")
+    except OSError:
+        pass  # refused and closed before the request went out: the answer is waiting
+    try:
+        return s.recv(65536).decode(errors='replace')
+    except OSError as e:
+        return str(e)
 s = socket.socket(socket.AF_UNIX); s.connect(path)
 print("direct:", ask(s)[:200])
 r, w = os.pipe()
@@ -1526,7 +1540,8 @@ fn job_targets_and_ids_are_checked() {
 /// FINDING (low, operator): `ringfence run` sets the mode of its state and data
 /// directories even when they already exist: `--data-dir /tmp` (or /var/lib) makes /tmp 0700
 /// and `--state-dir /tmp` strips its sticky bit (0755). It should set the mode only of
-/// directories it creates.
+/// directories it creates — and refuse one others may write, where they could plant links
+/// (state.json.tmp, jobs/<id>) that the daemon would follow as root.
 #[test]
 fn existing_directories_keep_their_mode() {
     let tb = bed();
@@ -1536,10 +1551,12 @@ fn existing_directories_keep_their_mode() {
     fs::set_permissions(&shared, fs::Permissions::from_mode(0o1777)).unwrap();
     d.state_dir = shared.clone();
     d.data_dir = shared.clone();
-    d.spawn();
+    let started = d.try_spawn();
     let mode = fs::metadata(&shared).unwrap().permissions().mode() & 0o7777;
     assert_eq!(
         mode, 0o1777,
         "the daemon changed the mode of an existing directory (a shared /tmp-like one) to {mode:o}"
     );
+    let e = started.expect_err("the daemon took a directory everyone may write");
+    assert!(e.contains("may be written by others"), "{e}");
 }

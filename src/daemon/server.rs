@@ -450,12 +450,21 @@ impl Daemon {
                                 } else {
                                     next_conn + 1
                                 };
+                                // Who is asking is decided now, while the process that
+                                // connected is most likely still there: a job's
+                                // connections are closed at once, so a job cannot hold
+                                // the daemon's connections either.
+                                let peer = peer_of(&stream);
+                                if let Some(why) = self.refuse_peer(peer) {
+                                    let _ =
+                                        stream.write_all(line(&Response::error(why)).as_bytes());
+                                    continue;
+                                }
                                 if poll
                                     .registry()
                                     .register(&mut stream, Token(token), Interest::READABLE)
                                     .is_ok()
                                 {
-                                    let peer = peer_of(&stream);
                                     conns.insert(
                                         token,
                                         Conn {
@@ -584,21 +593,11 @@ impl Daemon {
             Ok(r) => r,
             Err(e) => return Response::error(format!("malformed request: {e}")),
         };
-        let Some((pid, uid)) = peer else {
-            return Response::error("cannot tell who is asking (SO_PEERCRED failed)");
-        };
-        // The socket's mode keeps out everyone but root and the configured group; within
-        // that, a process inside a job may not steer the jobs (a job in the group would
-        // otherwise end itself, or change its policy).
-        if uid != 0 {
-            if let Some(job) = self.job_of_pid(pid) {
-                return Response::error(format!(
-                    "refused: the asking process (pid {pid}) is inside job {job:?}; jobs cannot use the control socket"
-                ));
-            }
-            if matches!(req, Request::Unload { .. }) {
-                return Response::error("refused: only root may unload ringfence");
-            }
+        if let Some(why) = self.refuse_peer(peer) {
+            return Response::error(why);
+        }
+        if peer.is_some_and(|(_, uid)| uid != 0) && matches!(req, Request::Unload { .. }) {
+            return Response::error("refused: only root may unload ringfence");
         }
         let res = match req {
             Request::JobStart { id, target, policy } => self.job_start(&id, target, policy),
@@ -611,10 +610,40 @@ impl Daemon {
         res.unwrap_or_else(|e| Response::error(format!("{e:#}")))
     }
 
+    /// Why a connection from `peer` (pid, uid) is refused, if it is. The socket's mode keeps
+    /// out everyone but root and the configured group; within that, a process inside a job
+    /// may not steer the jobs (a job in the group would otherwise end itself, or change its
+    /// policy). SO_PEERCRED names the process that called connect(): one that is gone by
+    /// now cannot be placed, and is refused — else a job would connect from a child that
+    /// hands the socket on and exits (see tests/redteam9.rs). (SO_PEERPIDFD, Linux 6.5,
+    /// would also close the window in which that pid could be reused.)
+    fn refuse_peer(&self, peer: Option<(u32, u32)>) -> Option<String> {
+        let Some((pid, uid)) = peer else {
+            return Some("cannot tell who is asking (SO_PEERCRED failed)".into());
+        };
+        if uid == 0 {
+            return None;
+        }
+        let Some(rel) = cgroup::cgroup_of(pid) else {
+            return Some(format!(
+                "refused: the process that connected (pid {pid}) is gone, so it cannot be told whether it was inside a job; ask from a process that waits for the answer"
+            ));
+        };
+        self.job_of_cgroup(&rel).map(|job| {
+            format!(
+                "refused: the asking process (pid {pid}) is inside job {job:?}; jobs cannot use the control socket"
+            )
+        })
+    }
+
     /// The job whose cgroup holds `pid`, if any.
     fn job_of_pid(&self, pid: u32) -> Option<String> {
-        let rel = cgroup::cgroup_of(pid)?;
-        let abs = self.cg_root.join(rel.strip_prefix("/").unwrap_or(&rel));
+        self.job_of_cgroup(&cgroup::cgroup_of(pid)?)
+    }
+
+    /// The job whose cgroup is `rel` (as /proc/PID/cgroup names it) or holds it.
+    fn job_of_cgroup(&self, rel: &Path) -> Option<String> {
+        let abs = self.cg_root.join(rel.strip_prefix("/").unwrap_or(rel));
         self.state
             .jobs
             .iter()
