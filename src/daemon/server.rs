@@ -236,6 +236,27 @@ impl Daemon {
                 }
             }
         }
+        // Slots are never reused while the maps live: one the state does not name may still
+        // hold an earlier job's policy and pinned links, which a new job would inherit.
+        if dp.adopted() {
+            let known: std::collections::BTreeSet<u32> =
+                state.jobs.iter().map(|j| j.slot).collect();
+            let pinned = dp.slots_in_use();
+            let orphans: Vec<u32> = pinned
+                .iter()
+                .copied()
+                .filter(|s| *s != HOST_SLOT && !known.contains(s))
+                .collect();
+            if !orphans.is_empty() {
+                tracing::warn!(
+                    ?orphans,
+                    "the pinned dataplane holds job slots the state does not name (a lost state, or a daemon killed inside a job start): they stay as they are until `unload`, and no new job gets them"
+                );
+            }
+            if let Some(max) = pinned.iter().copied().filter(|s| *s != HOST_SLOT).max() {
+                state.next_slot = state.next_slot.max(max.saturating_add(1));
+            }
+        }
         // Learned addresses go on expiring where the last daemon left off.
         if dp.adopted() {
             for e in dp.allow_entries() {

@@ -1630,6 +1630,51 @@ impl Dataplane {
             .map_err(map_err("allow"))
     }
 
+    /// Every job slot the pinned dataplane still holds anything of: job entries (by cgroup
+    /// and by interface), policy entries (names, addresses, resolvers, inbound peers) and
+    /// pinned cgroup links (`job-<slot>-<program>`). An adopting daemon must never hand one
+    /// of these to a new job, also when its own state does not name it (a state lost, or a
+    /// daemon killed inside a job start before it wrote its state): the new job would inherit
+    /// what is there (see tests/redteam9.rs).
+    pub fn slots_in_use(&self) -> std::collections::BTreeSet<u32> {
+        use std::mem::offset_of;
+        let maps = &self.skel.maps;
+        let mut slots = std::collections::BTreeSet::new();
+        let at = |b: &[u8], off: usize| {
+            b.get(off..off + 4)
+                .map(|x| u32::from_ne_bytes(x.try_into().expect("4 bytes")))
+        };
+        for m in [&maps.jobs, &maps.ifjobs] {
+            for k in m.keys() {
+                if let Ok(Some(v)) = m.lookup(&k, MapFlags::ANY) {
+                    slots.extend(at(&v, offset_of!(abi::rf_job, job_id)));
+                }
+            }
+        }
+        for k in maps.allow.keys() {
+            slots.extend(at(&k, offset_of!(abi::rf_lpm_key, job_id)));
+        }
+        for k in maps.inbound.keys() {
+            slots.extend(at(&k, offset_of!(abi::rf_lpm_key, job_id)));
+        }
+        for k in maps.names.keys() {
+            slots.extend(at(&k, offset_of!(abi::rf_name_key, job_id)));
+        }
+        for k in maps.resolvers.keys() {
+            slots.extend(at(&k, offset_of!(abi::rf_resolver_key, job_id)));
+        }
+        if let Some(p) = &self.pins {
+            for (name, _) in p.list_links() {
+                let slot = name
+                    .strip_prefix("job-")
+                    .and_then(|r| r.split('-').next())
+                    .and_then(|n| n.parse::<u32>().ok());
+                slots.extend(slot);
+            }
+        }
+        slots
+    }
+
     /// Every entry of the allow trie (tests, status, reports).
     pub fn allow_entries(&self) -> Vec<AddrEntry> {
         let map = &self.skel.maps.allow;
