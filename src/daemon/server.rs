@@ -719,6 +719,7 @@ impl Daemon {
             Target::Cgroup(p) => {
                 let abs = self.resolve_cgroup(p)?;
                 self.check_no_overlap(&abs)?;
+                self.check_not_delegated(&abs)?;
                 cgroup_dir = Some(abs);
             }
             Target::Pid(pid) => {
@@ -804,6 +805,37 @@ impl Daemon {
         self.save_state();
         tracing::info!(job = id, slot, target = ?target, "job started");
         Ok(resp)
+    }
+
+    /// cgroup v2 lets a process move to another cgroup when it may write that cgroup's
+    /// cgroup.procs and the common ancestor's. Inside a subtree delegated to a user (systemd
+    /// `Delegate=yes`, a user's own slice) that user may do both: a job there would move
+    /// itself into a sibling it creates and be no job's. So every ancestor of a job's cgroup
+    /// below the root must be root's alone (the job's own cgroup may be delegated: what its
+    /// processes make inside it is still the job).
+    fn check_not_delegated(&self, abs: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let mut dir = abs.parent();
+        while let Some(d) = dir {
+            if d == self.cg_root || !d.starts_with(&self.cg_root) {
+                break;
+            }
+            for p in [d.to_path_buf(), d.join("cgroup.procs")] {
+                let m =
+                    std::fs::metadata(&p).with_context(|| format!("looking at {}", p.display()))?;
+                if m.uid() != 0 || m.mode() & 0o022 != 0 {
+                    anyhow::bail!(
+                        "cgroup {}: its ancestor {} may be changed by others than root (owner uid {}, mode {:o}; a delegated subtree): the job's processes could move themselves out of the job. Use a cgroup whose ancestors only root may change, or the delegated subtree's own root",
+                        abs.display(),
+                        p.display(),
+                        m.uid(),
+                        m.mode() & 0o7777
+                    );
+                }
+            }
+            dir = d.parent();
+        }
+        Ok(())
     }
 
     fn check_no_overlap(&self, abs: &Path) -> Result<()> {
