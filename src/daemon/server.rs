@@ -135,10 +135,28 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     d.serve()
 }
 
+/// A directory the daemon writes in as root, created with `mode`. One that exists keeps its
+/// mode (it may be shared: `--data-dir /var/lib` must not make /var/lib 0700, nor `/tmp`
+/// lose its sticky bit), but one that someone other than root may write is refused: they
+/// could plant links where the daemon writes (state.json.tmp, a job's events file).
 fn mkdir(p: &Path, mode: u32) -> Result<()> {
-    std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("setting the mode of {}", p.display()))
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(p) {
+        Ok(m) if !m.is_dir() => anyhow::bail!("{} exists and is not a directory", p.display()),
+        Ok(m) if m.uid() != 0 || m.mode() & 0o022 != 0 => anyhow::bail!(
+            "{} (owner uid {}, mode {:o}) may be written by others than root, who could plant links where the daemon writes: give the daemon a directory of its own",
+            p.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        ),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting the mode of {}", p.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("looking at {}", p.display())),
+    }
 }
 
 fn now_rfc3339() -> String {
