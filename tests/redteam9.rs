@@ -1560,3 +1560,44 @@ fn existing_directories_keep_their_mode() {
     let e = started.expect_err("the daemon took a directory everyone may write");
     assert!(e.contains("may be written by others"), "{e}");
 }
+
+/// FINDING (medium-low): a job's cgroup removed and made again under the same path while no
+/// daemon runs (a runner that recreates its job cgroup, a reboot-less cleanup) is re-adopted
+/// without its cgroup programs: the restarted daemon "takes over" the pinned links, which
+/// are still attached to the removed cgroup, and attaches nothing to the new one. The job is
+/// judged at TC, but the backstop is gone: packets through an interface ringfence is not on
+/// leave, blocked on-link destinations are ARPed for, multicast groups are joined.
+#[test]
+fn readopted_job_in_a_recreated_cgroup_keeps_its_hooks() {
+    let tb = bed();
+    let mut d = Daemon::new(&tb);
+    d.spawn();
+    let cg = Cg::new("recreated");
+    d.start_job(
+        "recreated",
+        &["--cgroup", &cg_arg(cg.path())],
+        &["--allow", "good.test:443"],
+    );
+    d.kill9();
+    fs::remove_dir(cg.path()).unwrap();
+    fs::create_dir(cg.path()).unwrap();
+    d.spawn();
+    let jobs = d.job_ids();
+    assert_eq!(
+        jobs,
+        vec!["recreated".to_string()],
+        "the job was not taken over:\n{}",
+        d.log()
+    );
+    let hooks = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cg.path())
+        .output()
+        .unwrap();
+    let hooks = String::from_utf8_lossy(&hooks.stdout).to_string();
+    assert!(
+        hooks.contains("rf_backstop") && hooks.contains("rf_sockopt"),
+        "the re-adopted job's cgroup has no cgroup programs: {hooks:?}\n{}",
+        d.log()
+    );
+}
