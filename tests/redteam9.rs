@@ -780,6 +780,16 @@ time.sleep(20)
         "a job ({}) holding control connections keeps root out of the daemon: {text}",
         held.trim()
     );
+    // The group itself still works: a member outside any job is served.
+    let sock = d.socket().display().to_string();
+    let mut argv: Vec<&str> = NOBODY.to_vec();
+    argv.extend([RINGFENCE, "status", "--json", "--socket", &sock]);
+    let out = Command::new(argv[0]).args(&argv[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "a group member outside any job was refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// FINDING (medium-high): a daemon restarted without the state it wrote (another
