@@ -1611,3 +1611,69 @@ fn readopted_job_in_a_recreated_cgroup_keeps_its_hooks() {
         d.log()
     );
 }
+
+/// HELD: two jobs on one resolver. Job A may reach evil.test and resolves it; job B (only
+/// good.test) asks for the same name right after (refused in the kernel: it never reaches
+/// the resolver) and connects to the address A learned: blocked, as learned addresses are
+/// keyed by job and an answer binds only for the job whose query it matches.
+#[test]
+fn a_name_one_job_resolved_is_not_anothers() {
+    let tb = bed();
+    let sink = Sink::start(&tb, evil());
+    let mut d = Daemon::new(&tb);
+    d.spawn();
+    let a = Cg::new("a");
+    let b = Cg::new("b");
+    d.start_job(
+        "a",
+        &["--cgroup", &cg_arg(a.path())],
+        &["--allow", "evil.test:443"],
+    );
+    d.start_job(
+        "b",
+        &["--cgroup", &cg_arg(b.path())],
+        &["--allow", "good.test:443"],
+    );
+    const RESOLVE_CONNECT: &str = r#"
+import socket, subprocess, sys
+tag, resolver, name = sys.argv[1], sys.argv[2], sys.argv[3]
+out = subprocess.run(['dig', '+short', '+time=2', '+tries=1', '@' + resolver, name], capture_output=True, text=True).stdout.split()
+print('resolved', out)
+for addr in out or [sys.argv[4]]:
+    try:
+        s = socket.create_connection((addr, 443), timeout=3); s.sendall(tag.encode()); s.close(); print('sent', addr)
+    except OSError as e:
+        print(addr, e)
+"#;
+    let dns = DNS_V4.to_string();
+    let evil = evil().to_string();
+    let ta = tag("job-a");
+    let out_a = py_in_job(
+        &tb,
+        a.path(),
+        RESOLVE_CONNECT,
+        &[&ta, &dns, "evil.test", &evil],
+    );
+    assert_eq!(
+        sink.saw(&ta).len(),
+        1,
+        "job A could not reach its own allowed name: {out_a}"
+    );
+    let before = tb.dns_queries_for("evil.test");
+    let tb_tag = tag("job-b");
+    let out_b = py_in_job(
+        &tb,
+        b.path(),
+        RESOLVE_CONNECT,
+        &[&tb_tag, &dns, "evil.test", &evil],
+    );
+    assert!(
+        sink.saw(&tb_tag).is_empty(),
+        "job B reached job A's name: {out_b}"
+    );
+    assert_eq!(
+        tb.dns_queries_for("evil.test"),
+        before,
+        "job B's query for a name it may not use reached the resolver: {out_b}"
+    );
+}
