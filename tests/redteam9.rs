@@ -9,6 +9,13 @@
 //! The daemon runs in the testbed's client namespace through `nsenter --net` (not `ip netns
 //! exec`, which remounts /sys and would hide the bpffs), with a private bpffs directory,
 //! socket, state and data directories. Needs root; never skipped.
+//!
+//! Open (these tests fail until fixed): `interface_job_outbound_is_judged` (critical),
+//! `cgroup_job_leftover_is_stopped_at_end`, `restart_with_fewer_interfaces_keeps_filtering_dns`,
+//! `one_job_cannot_fill_the_trie_for_all`, `one_job_cannot_erase_another_jobs_trail`.
+//! Fixed on this branch (failed before): the control socket behind an exited peer and held
+//! by a job, slot reuse after a lost state or a crash inside `job start`, delegated cgroup
+//! subtrees, a re-adopted job whose cgroup was made again, the mode of existing directories.
 
 mod common;
 
