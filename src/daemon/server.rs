@@ -135,10 +135,28 @@ pub fn run(args: &RunArgs) -> Result<i32> {
     d.serve()
 }
 
+/// A directory the daemon writes in as root, created with `mode`. One that exists keeps its
+/// mode (it may be shared: `--data-dir /var/lib` must not make /var/lib 0700, nor `/tmp`
+/// lose its sticky bit), but one that someone other than root may write is refused: they
+/// could plant links where the daemon writes (state.json.tmp, a job's events file).
 fn mkdir(p: &Path, mode: u32) -> Result<()> {
-    std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
-    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("setting the mode of {}", p.display()))
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(p) {
+        Ok(m) if !m.is_dir() => anyhow::bail!("{} exists and is not a directory", p.display()),
+        Ok(m) if m.uid() != 0 || m.mode() & 0o022 != 0 => anyhow::bail!(
+            "{} (owner uid {}, mode {:o}) may be written by others than root, who could plant links where the daemon writes: give the daemon a directory of its own",
+            p.display(),
+            m.uid(),
+            m.mode() & 0o7777
+        ),
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(p).with_context(|| format!("creating {}", p.display()))?;
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+                .with_context(|| format!("setting the mode of {}", p.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("looking at {}", p.display())),
+    }
 }
 
 fn now_rfc3339() -> String {
@@ -234,6 +252,27 @@ impl Daemon {
                         let _ = dp.remove_interface_job(i);
                     }
                 }
+            }
+        }
+        // Slots are never reused while the maps live: one the state does not name may still
+        // hold an earlier job's policy and pinned links, which a new job would inherit.
+        if dp.adopted() {
+            let known: std::collections::BTreeSet<u32> =
+                state.jobs.iter().map(|j| j.slot).collect();
+            let pinned = dp.slots_in_use();
+            let orphans: Vec<u32> = pinned
+                .iter()
+                .copied()
+                .filter(|s| *s != HOST_SLOT && !known.contains(s))
+                .collect();
+            if !orphans.is_empty() {
+                tracing::warn!(
+                    ?orphans,
+                    "the pinned dataplane holds job slots the state does not name (a lost state, or a daemon killed inside a job start): they stay as they are until `unload`, and no new job gets them"
+                );
+            }
+            if let Some(max) = pinned.iter().copied().filter(|s| *s != HOST_SLOT).max() {
+                state.next_slot = state.next_slot.max(max.saturating_add(1));
             }
         }
         // Learned addresses go on expiring where the last daemon left off.
@@ -458,12 +497,21 @@ impl Daemon {
                                 } else {
                                     next_conn + 1
                                 };
+                                // Who is asking is decided now, while the process that
+                                // connected is most likely still there: a job's
+                                // connections are closed at once, so a job cannot hold
+                                // the daemon's connections either.
+                                let peer = peer_of(&stream);
+                                if let Some(why) = self.refuse_peer(peer) {
+                                    let _ =
+                                        stream.write_all(line(&Response::error(why)).as_bytes());
+                                    continue;
+                                }
                                 if poll
                                     .registry()
                                     .register(&mut stream, Token(token), Interest::READABLE)
                                     .is_ok()
                                 {
-                                    let peer = peer_of(&stream);
                                     conns.insert(
                                         token,
                                         Conn {
@@ -592,21 +640,11 @@ impl Daemon {
             Ok(r) => r,
             Err(e) => return Response::error(format!("malformed request: {e}")),
         };
-        let Some((pid, uid)) = peer else {
-            return Response::error("cannot tell who is asking (SO_PEERCRED failed)");
-        };
-        // The socket's mode keeps out everyone but root and the configured group; within
-        // that, a process inside a job may not steer the jobs (a job in the group would
-        // otherwise end itself, or change its policy).
-        if uid != 0 {
-            if let Some(job) = self.job_of_pid(pid) {
-                return Response::error(format!(
-                    "refused: the asking process (pid {pid}) is inside job {job:?}; jobs cannot use the control socket"
-                ));
-            }
-            if matches!(req, Request::Unload { .. }) {
-                return Response::error("refused: only root may unload ringfence");
-            }
+        if let Some(why) = self.refuse_peer(peer) {
+            return Response::error(why);
+        }
+        if peer.is_some_and(|(_, uid)| uid != 0) && matches!(req, Request::Unload { .. }) {
+            return Response::error("refused: only root may unload ringfence");
         }
         let res = match req {
             Request::JobStart { id, target, policy } => self.job_start(&id, target, policy),
@@ -619,10 +657,40 @@ impl Daemon {
         res.unwrap_or_else(|e| Response::error(format!("{e:#}")))
     }
 
+    /// Why a connection from `peer` (pid, uid) is refused, if it is. The socket's mode keeps
+    /// out everyone but root and the configured group; within that, a process inside a job
+    /// may not steer the jobs (a job in the group would otherwise end itself, or change its
+    /// policy). SO_PEERCRED names the process that called connect(): one that is gone by
+    /// now cannot be placed, and is refused — else a job would connect from a child that
+    /// hands the socket on and exits (see tests/redteam9.rs). (SO_PEERPIDFD, Linux 6.5,
+    /// would also close the window in which that pid could be reused.)
+    fn refuse_peer(&self, peer: Option<(u32, u32)>) -> Option<String> {
+        let Some((pid, uid)) = peer else {
+            return Some("cannot tell who is asking (SO_PEERCRED failed)".into());
+        };
+        if uid == 0 {
+            return None;
+        }
+        let Some(rel) = cgroup::cgroup_of(pid) else {
+            return Some(format!(
+                "refused: the process that connected (pid {pid}) is gone, so it cannot be told whether it was inside a job; ask from a process that waits for the answer"
+            ));
+        };
+        self.job_of_cgroup(&rel).map(|job| {
+            format!(
+                "refused: the asking process (pid {pid}) is inside job {job:?}; jobs cannot use the control socket"
+            )
+        })
+    }
+
     /// The job whose cgroup holds `pid`, if any.
     fn job_of_pid(&self, pid: u32) -> Option<String> {
-        let rel = cgroup::cgroup_of(pid)?;
-        let abs = self.cg_root.join(rel.strip_prefix("/").unwrap_or(&rel));
+        self.job_of_cgroup(&cgroup::cgroup_of(pid)?)
+    }
+
+    /// The job whose cgroup is `rel` (as /proc/PID/cgroup names it) or holds it.
+    fn job_of_cgroup(&self, rel: &Path) -> Option<String> {
+        let abs = self.cg_root.join(rel.strip_prefix("/").unwrap_or(rel));
         self.state
             .jobs
             .iter()
@@ -677,6 +745,7 @@ impl Daemon {
             Target::Cgroup(p) => {
                 let abs = self.resolve_cgroup(p)?;
                 self.check_no_overlap(&abs)?;
+                self.check_not_delegated(&abs)?;
                 cgroup_dir = Some(abs);
             }
             Target::Pid(pid) => {
@@ -763,6 +832,37 @@ impl Daemon {
         self.save_state();
         tracing::info!(job = id, slot, target = ?target, "job started");
         Ok(resp)
+    }
+
+    /// cgroup v2 lets a process move to another cgroup when it may write that cgroup's
+    /// cgroup.procs and the common ancestor's. Inside a subtree delegated to a user (systemd
+    /// `Delegate=yes`, a user's own slice) that user may do both: a job there would move
+    /// itself into a sibling it creates and be no job's. So every ancestor of a job's cgroup
+    /// below the root must be root's alone (the job's own cgroup may be delegated: what its
+    /// processes make inside it is still the job).
+    fn check_not_delegated(&self, abs: &Path) -> Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        let mut dir = abs.parent();
+        while let Some(d) = dir {
+            if d == self.cg_root || !d.starts_with(&self.cg_root) {
+                break;
+            }
+            for p in [d.to_path_buf(), d.join("cgroup.procs")] {
+                let m =
+                    std::fs::metadata(&p).with_context(|| format!("looking at {}", p.display()))?;
+                if m.uid() != 0 || m.mode() & 0o022 != 0 {
+                    anyhow::bail!(
+                        "cgroup {}: its ancestor {} may be changed by others than root (owner uid {}, mode {:o}; a delegated subtree): the job's processes could move themselves out of the job. Use a cgroup whose ancestors only root may change, or the delegated subtree's own root",
+                        abs.display(),
+                        p.display(),
+                        m.uid(),
+                        m.mode() & 0o7777
+                    );
+                }
+            }
+            dir = d.parent();
+        }
+        Ok(())
     }
 
     fn check_no_overlap(&self, abs: &Path) -> Result<()> {

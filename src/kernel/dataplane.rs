@@ -836,6 +836,14 @@ impl Dataplane {
             source,
         })?;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&dir);
+        let cgroup_id = std::os::unix::fs::MetadataExt::ino(&dir.metadata().map_err(|source| {
+            DataplaneError::Attach {
+                ifname: cgroup.display().to_string(),
+                dir: "cgroup egress",
+                kind: "cgroup_skb",
+                source,
+            }
+        })?);
         let mut links = Vec::new();
         for (prog, name, dir_name, kind) in self.job_progs() {
             let err = |e: libbpf_rs::Error| DataplaneError::Attach {
@@ -845,13 +853,31 @@ impl Dataplane {
                 source: std::io::Error::other(e.to_string()),
             };
             let pin = self.pins.as_ref().map(|p| p.job_link(owner, name));
-            let link = match &pin {
-                Some(path) if path.exists() => {
-                    let mut l = Link::open(path).map_err(err)?;
-                    l.update_prog(prog).map_err(err)?;
-                    l
-                }
-                _ => {
+            // A pinned link is taken over only if it is still attached to this very cgroup:
+            // one whose cgroup was removed (and perhaps made again under the same path while
+            // no daemon ran) is severed, and updating it would leave the cgroup without
+            // programs (see tests/redteam9.rs).
+            let adopted = match &pin {
+                Some(path) if path.exists() => match Link::open(path) {
+                    Ok(mut l) if link_cgroup_id(&l) == Some(cgroup_id) => {
+                        l.update_prog(prog).map_err(err)?;
+                        Some(l)
+                    }
+                    Ok(mut l) => {
+                        let _ = l.unpin();
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!("opening {}: {e}", path.display());
+                        let _ = std::fs::remove_file(path);
+                        None
+                    }
+                },
+                _ => None,
+            };
+            let link = match adopted {
+                Some(l) => l,
+                None => {
                     let mut l = prog.attach_cgroup(fd).map_err(err)?;
                     if let Some(path) = &pin {
                         l.pin(path).map_err(|source| DataplaneError::PinLink {
@@ -1635,6 +1661,51 @@ impl Dataplane {
             .map_err(map_err("allow"))
     }
 
+    /// Every job slot the pinned dataplane still holds anything of: job entries (by cgroup
+    /// and by interface), policy entries (names, addresses, resolvers, inbound peers) and
+    /// pinned cgroup links (`job-<slot>-<program>`). An adopting daemon must never hand one
+    /// of these to a new job, also when its own state does not name it (a state lost, or a
+    /// daemon killed inside a job start before it wrote its state): the new job would inherit
+    /// what is there (see tests/redteam9.rs).
+    pub fn slots_in_use(&self) -> std::collections::BTreeSet<u32> {
+        use std::mem::offset_of;
+        let maps = &self.skel.maps;
+        let mut slots = std::collections::BTreeSet::new();
+        let at = |b: &[u8], off: usize| {
+            b.get(off..off + 4)
+                .map(|x| u32::from_ne_bytes(x.try_into().expect("4 bytes")))
+        };
+        for m in [&maps.jobs, &maps.ifjobs] {
+            for k in m.keys() {
+                if let Ok(Some(v)) = m.lookup(&k, MapFlags::ANY) {
+                    slots.extend(at(&v, offset_of!(abi::rf_job, job_id)));
+                }
+            }
+        }
+        for k in maps.allow.keys() {
+            slots.extend(at(&k, offset_of!(abi::rf_lpm_key, job_id)));
+        }
+        for k in maps.inbound.keys() {
+            slots.extend(at(&k, offset_of!(abi::rf_lpm_key, job_id)));
+        }
+        for k in maps.names.keys() {
+            slots.extend(at(&k, offset_of!(abi::rf_name_key, job_id)));
+        }
+        for k in maps.resolvers.keys() {
+            slots.extend(at(&k, offset_of!(abi::rf_resolver_key, job_id)));
+        }
+        if let Some(p) = &self.pins {
+            for (name, _) in p.list_links() {
+                let slot = name
+                    .strip_prefix("job-")
+                    .and_then(|r| r.split('-').next())
+                    .and_then(|n| n.parse::<u32>().ok());
+                slots.extend(slot);
+            }
+        }
+        slots
+    }
+
     /// Every entry of the allow trie (tests, status, reports).
     pub fn allow_entries(&self) -> Vec<AddrEntry> {
         let map = &self.skel.maps.allow;
@@ -1688,6 +1759,26 @@ impl Drop for Dataplane {
 }
 
 /// The device a TCX link is attached to (None when it cannot be read, 0 when defunct).
+/// The cgroup a cgroup link is attached to (0 once that cgroup is gone: the link is severed).
+fn link_cgroup_id(link: &Link) -> Option<u64> {
+    use libbpf_rs::libbpf_sys as sys;
+    let mut info = sys::bpf_link_info::default();
+    let mut len = std::mem::size_of::<sys::bpf_link_info>() as u32;
+    // SAFETY: info is a plain struct of `len` bytes that outlives the call.
+    let err = unsafe {
+        sys::bpf_link_get_info_by_fd(
+            std::os::fd::AsRawFd::as_raw_fd(&link.as_fd()),
+            &mut info,
+            &mut len,
+        )
+    };
+    if err != 0 {
+        return None;
+    }
+    // SAFETY: a cgroup link's info fills the cgroup member of the union.
+    Some(unsafe { info.__bindgen_anon_1.cgroup.cgroup_id })
+}
+
 fn link_ifindex(link: &Link) -> Option<u32> {
     use libbpf_rs::libbpf_sys as sys;
     let mut info = sys::bpf_link_info::default();
