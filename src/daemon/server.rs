@@ -300,6 +300,27 @@ impl Daemon {
         if !ifaces.iter().any(|i| i == "lo") {
             ifaces.push("lo".into());
         }
+        // Every interface an earlier daemon attached to is taken over too, whatever this
+        // daemon's list says: a link left running the old programs would judge with their
+        // settings (their idea of which cgroup levels hold jobs), not this daemon's.
+        let pinned: Vec<u32> = Pins::new(&cfg.bpffs)
+            .list_links()
+            .iter()
+            .filter_map(|(name, _)| name.strip_prefix("tcx-")?.split('-').next()?.parse().ok())
+            .chain(filters.iter().map(|f| f.ifindex as u32))
+            .collect();
+        for i in pinned {
+            if let Ok(name) = nix::net::if_::if_indextoname(i) {
+                let name = name.to_string_lossy().into_owned();
+                if !ifaces.contains(&name) {
+                    tracing::info!(
+                        ifname = name,
+                        "taking over an interface an earlier daemon attached to"
+                    );
+                    ifaces.push(name);
+                }
+            }
+        }
         for i in &ifaces {
             match dp.attach(i) {
                 Ok(()) => {}
@@ -766,6 +787,9 @@ impl Daemon {
                 if self.state.jobs.iter().any(|j| j.ifindex == Some(i)) {
                     anyhow::bail!("interface {name:?} is already a job's");
                 }
+                if i == 1 {
+                    anyhow::bail!("interface {name:?} is loopback: an interface job is the host side of a job's veth or tap");
+                }
                 ifindex = Some(i);
             }
         }
@@ -1041,6 +1065,13 @@ impl Daemon {
                 cg.kill_all();
                 std::mem::forget(cg);
             }
+        } else if let Some(dir) = &rec.cgroup {
+            // A --cgroup job: the operator named the cgroup as the job, so what is still in
+            // it is the job's (a double-forked background process, say). It ends with the
+            // job rather than going on unjudged. The cgroup itself is the operator's.
+            let cg = crate::job::cgroup::JobCgroup::adopt(dir);
+            cg.kill_all();
+            std::mem::forget(cg);
         }
         // Whatever the job's last packets produced is read before its trail closes.
         let _ = rb.consume();
