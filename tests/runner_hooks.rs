@@ -462,6 +462,9 @@ step blocked-ip "curl -sS --connect-timeout 3 --max-time 5 http://$DIRECT_IP/"
 step leaves-a-daemon 'setsid sleep 600 </dev/null >/dev/null 2>&1 & echo $! > "$RUNNER_TEMP/left.pid"'
 
 touch "$SYNC/steps-done"; wait_for daemon-restarted
+# The daemon was killed and came back: the job is still held to its policy.
+step allowed-after-restart 'curl -sS --connect-timeout 3 --max-time 5 http://allowed.test/'
+step blocked-after-restart 'curl -sS --connect-timeout 3 --max-time 5 http://blocked.test/'
 GITHUB_STEP_SUMMARY=/proc/version bash -e "$HOOKS/job-completed.sh" >/dev/null
 echo "hook job-completed, summary not writable: $?"
 GITHUB_STEP_SUMMARY=$RUNNER_TEMP/step_summary_completed bash -e "$HOOKS/job-completed.sh"
@@ -559,16 +562,22 @@ fn hooks_guard_a_job_end_to_end() {
     let st = worker.wait().unwrap();
     let out = runner.output();
     assert!(st.success(), "Runner.Worker: {st}\n{out}");
+    // Long enough for the watcher to find no daemon at least once.
+    thread::sleep(Duration::from_secs(2));
     daemon.start();
+    // The watcher ended the job (it logs that once the daemon has answered).
+    let ended = format!("job {id} ended: its Runner.Worker (pid {worker_pid}) exited");
+    let log = || std::fs::read_to_string(daemon.dir.join("runner-job.log")).unwrap_or_default();
     let deadline = Instant::now() + Duration::from_secs(90);
-    while daemon.job_ids().contains(&id) {
+    while !log().contains(&ended) {
         assert!(
             Instant::now() < deadline,
             "the job did not end after Runner.Worker exited\n{out}\nwatcher log:\n{}",
-            std::fs::read_to_string(daemon.dir.join("runner-job.log")).unwrap_or_default()
+            log()
         );
         thread::sleep(Duration::from_millis(200));
     }
+    assert!(!daemon.job_ids().contains(&id));
 
     // What the job saw.
     let lines: Vec<&str> = out.lines().collect();
@@ -592,6 +601,8 @@ fn hooks_guard_a_job_end_to_end() {
         "sudo must not run ringfence itself\n{out}"
     );
     assert!(has("step allowed: 0"), "{out}");
+    assert!(has("step allowed-after-restart: 0"), "{out}");
+    assert!(!has("step blocked-after-restart: 0"), "{out}");
     assert!(out.contains(&format!("hello from {allowed}:80")), "{out}");
     assert!(!has("step blocked-name: 0"), "{out}");
     assert!(!has("step blocked-ip: 0"), "{out}");
@@ -613,7 +624,7 @@ fn hooks_guard_a_job_end_to_end() {
 
     // What the servers saw: only the allowed requests; the blocked name never reached the
     // resolver (refused in the kernel).
-    assert_eq!(tb.http_hits(sa(allowed, 80)), 1);
+    assert_eq!(tb.http_hits(sa(allowed, 80)), 2);
     assert_eq!(tb.http_hits(sa(runner_ep, 80)), 1);
     assert_eq!(tb.http_hits(sa(blocked, 80)), 0);
     assert_eq!(tb.http_hits(sa(direct, 80)), 0);
@@ -839,13 +850,16 @@ fn systemd_units_verify() {
         .replace("/usr/local/bin/ringfence", RINGFENCE);
     assert!(unit.contains(&format!("ExecStart={RINGFENCE} run --config")));
     std::fs::write(dir.path().join("ringfence.service"), unit).unwrap();
-    // A runner unit as the runner's svc.sh writes it, with the drop-in beside it.
+    // A runner unit as the runner's svc.sh writes it (its actions.runner.service.template),
+    // with the drop-in beside it.
     let runner_unit = "actions.runner.octo-org-repo.rf-test.service";
     std::fs::write(
         dir.path().join(runner_unit),
-        "[Unit]\nDescription=GitHub Actions Runner (octo-org-repo.rf-test)\nAfter=network.target\n\n\
-         [Service]\nExecStart=/bin/true\nUser=github-runner\nKillMode=process\nKillSignal=SIGTERM\n\
-         TimeoutStopSec=5min\n\n[Install]\nWantedBy=multi-user.target\n",
+        "[Unit]\nDescription=GitHub Actions Runner (octo-org-repo.rf-test)\n\
+         After=network-online.target\n\n\
+         [Service]\nExecStart=/bin/true\nUser=github-runner\nWorkingDirectory=/\n\
+         KillMode=process\nKillSignal=SIGTERM\nTimeoutStopSec=5min\nRestart=always\n\
+         RestartSec=5s\n\n[Install]\nWantedBy=multi-user.target\n",
     )
     .unwrap();
     let dropins = dir.path().join(format!("{runner_unit}.d"));

@@ -61,8 +61,9 @@ LIMIT=$((120 * 1024))
 if [ ${#REPORT} -gt $LIMIT ]; then
   REPORT="${REPORT:0:$LIMIT}"
   REPORT="${REPORT%$'\n'*}
+
 > **ringfence:** the report is cut here to fit the job summary (128 KiB). The whole report
-> is in this job's log (Post Job Hook) and on the runner host."
+> is in this job's log (the job-completed hook's step) and on the runner host."
 fi
 if ! printf '%s\n' "$REPORT" 2>"$ERR" >>"$GITHUB_STEP_SUMMARY"; then
   echo "ringfence: cannot write the job summary $GITHUB_STEP_SUMMARY ($(cat "$ERR")): the report is in the log above only" >&2
