@@ -105,9 +105,23 @@ impl Daemon {
             .collect()
     }
 
-    /// Starts it and returns once it has sent READY=1 (the control socket answers then).
+    /// Runs the unit's ExecStartPre= commands, then starts it and returns once it has sent
+    /// READY=1 (the control socket answers then).
     fn start(&mut self) {
         assert!(self.child.is_none(), "the daemon is already running");
+        for pre in unit_values("ExecStartPre") {
+            let argv: Vec<&str> = pre.split_whitespace().collect();
+            let o = Command::new("nsenter")
+                .arg(format!("--net={}", self.netns))
+                .args(&argv)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "ExecStartPre={pre}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
         let notify_path = self.dir.join(format!("notify-{}.sock", self.runs));
         let _ = std::fs::remove_file(&notify_path);
         let notify = UnixDatagram::bind(&notify_path).expect("binding NOTIFY_SOCKET");
@@ -526,6 +540,8 @@ fn hooks_guard_a_job_end_to_end() {
     let id = Runner::job_id(&run_id);
 
     daemon.start();
+    // The unit's capabilities cover the process watch too (ptrace findings).
+    assert_eq!(daemon.status()["process_watch"], true, "{}", daemon.log(0));
     // What a job could find out anyway: where the control socket is.
     let wrap = tb.client_cmd(
         "env",
@@ -540,7 +556,13 @@ fn hooks_guard_a_job_end_to_end() {
     // The steps ran. Now the daemon crashes (kill -9) and comes back, as Restart=on-failure
     // does: the job must go on, taken over from the pins and state.json.
     runner.wait_for("steps-done", &mut worker);
-    assert_eq!(daemon.job_ids(), vec![id.clone()]);
+    assert_eq!(
+        daemon.job_ids(),
+        vec![id.clone()],
+        "the job is not running\n{}\ndaemon:\n{}",
+        runner.output(),
+        daemon.log(0)
+    );
     let st = daemon.stop_with(nix::sys::signal::Signal::SIGKILL);
     assert!(!st.success());
     daemon.start();
