@@ -321,6 +321,10 @@ static __noinline int is_neighbour_discovery(struct __sk_buff *skb, const struct
 	if ((p->daddr[0] == 0xfe && (p->daddr[1] & 0xc0) == 0x80) ||
 	    (p->daddr[0] == 0xff && p->daddr[1] == 0x02))
 		return 1;
+	/* Wider multicast scopes are never neighbour discovery (and a multicast router would
+	 * forward them). */
+	if (p->daddr[0] == 0xff)
+		return 0;
 	fib.family = 10; /* AF_INET6 */
 	fib.ifindex = skb->ifindex;
 	fib.l4_protocol = IPPROTO_ICMPV6;
