@@ -336,9 +336,10 @@ fn dns_flags(evs: &[Ev], name: &str) -> Vec<u32> {
         .collect()
 }
 
-/// A listener in the job namespace on TCP and UDP `port`, IPv4 and IPv6: for 3 s it accepts
-/// connections and reads datagrams (the listening socket stays open throughout, so a refused
-/// connection is ringfence's doing, not a closed port's), then prints what it got.
+/// A listener in the job namespace on TCP and UDP `port`, IPv4 and IPv6: accepts connections
+/// and reads datagrams until the datagram `stop` (then half a second more for stragglers) or
+/// 30 s, and prints what it got. The listening socket stays open until the peer is done, so a
+/// refused connection is ringfence's doing, not a closed port's.
 const LISTEN_PY: &str = r#"
 import socket, select, sys, time
 port = int(sys.argv[1])
@@ -351,16 +352,37 @@ u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
 u.bind(('::', port))
 open(sys.argv[2], 'w').write('ready\n')
 got = []
-end = time.time() + 3
+end = time.time() + 30
 while time.time() < end:
     r, _, _ = select.select([t, u], [], [], max(0, end - time.time()))
     for s in r:
         if s is u:
-            got.append('udp:' + u.recv(100).decode())
+            text = u.recv(100).decode()
+            if text == 'stop':
+                end = min(end, time.time() + 0.5)
+            else:
+                got.append('udp:' + text)
         else:
             t.accept()
             got.append('tcp')
 print(' '.join(sorted(got)) or 'nothing')
+"#;
+
+/// A peer in the server namespace: sends one UDP datagram to the job, connects to it over
+/// TCP and prints how that ended, then tells the listener to stop.
+const PEER_PY: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.sendto(b'hello-job', (host, port))
+c = socket.socket(); c.settimeout(5)
+try:
+    c.connect((host, port)); print('connected')
+except ConnectionRefusedError:
+    print('refused')
+except OSError as e:
+    print('error', e)
+u.sendto(b'stop', (host, port))
 "#;
 
 /// One UDP datagram `text` to `host` `port`.
@@ -369,21 +391,6 @@ import socket, sys
 host, port, text = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 fam = socket.AF_INET6 if ':' in host else socket.AF_INET
 socket.socket(fam, socket.SOCK_DGRAM).sendto(text.encode(), (host, port))
-"#;
-
-/// A peer in the server namespace: sends one UDP datagram to the job, then connects to it
-/// over TCP; prints how the connection ended.
-const PEER_PY: &str = r#"
-import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'hello-job', (host, port))
-c = socket.socket(); c.settimeout(3)
-try:
-    c.connect((host, port)); print('connected')
-except ConnectionRefusedError:
-    print('refused')
-except OSError as e:
-    print('error', e)
 "#;
 
 #[test]
