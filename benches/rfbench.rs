@@ -5,6 +5,9 @@
 //!   rfbench dataplane [--quick] [--json FILE]   per-packet cost, BPF_PROG_TEST_RUN
 //!   rfbench pipeline  [--quick] [--json FILE]   ring buffer -> agent -> JSON Lines, drop point
 //!   rfbench memory    [--quick] [--json FILE]   agent RSS and BPF map memory at 1M addresses
+//!   rfbench daemon --ringfence PATH [--quick] [--json FILE]   `ringfence run` from outside:
+//!                     job start/end latency and leaks, memory at 0/32/256 jobs, events
+//!                     under load (benches/rfbench/daemon.rs)
 //!   rfbench connect-server ADDR:PORT SECONDS    accept and close, until SECONDS pass
 //!   rfbench connect-client ADDR:PORT SECONDS MAX   connect/close loop; prints conns/s
 //!
@@ -31,7 +34,11 @@ use ringfence::testkit::testrun::{
 };
 use serde_json::{json, Value};
 
+#[path = "rfbench/daemon.rs"]
+mod daemon;
+
 const USAGE: &str = "usage: rfbench dataplane|pipeline|memory [--quick] [--json FILE] \
+     | daemon --ringfence PATH [--quick] [--json FILE] \
      | connect-server ADDR:PORT SECS | connect-client ADDR:PORT SECS MAX";
 
 const LO: u32 = 1;
@@ -138,6 +145,8 @@ fn main() -> Result<()> {
         Some("dataplane") => dataplane(&args),
         Some("pipeline") => pipeline(&args),
         Some("memory") => memory(&args),
+        Some("daemon") => daemon::daemon(&args),
+        Some("daemon-sender") => daemon::sender_main(&args.rest[1..]),
         Some("connect-server") => connect_server(&args.rest[1..]),
         Some("connect-client") => connect_client(&args.rest[1..]),
         // `cargo bench`: the quick per-packet pass, when it can run at all.

@@ -128,6 +128,18 @@ enum rf_counter {
 	RF_CNT_MAX,
 };
 
+/* The programs' settings: the one read-only global `config` (bpf/lib/common.h), written by
+ * the agent before load (Dataplane::load) and frozen with it, so the verifier knows every
+ * value and skips the code they turn off. */
+struct rf_config {
+	__u64 dns_min_ttl_ns;   /* learned addresses live at least this long */
+	__u64 dns_grace_ns;     /* added to every learned address's TTL */
+	__u8 emit_events;       /* 0: no ring-buffer records (benchmarks: a full buffer distorts them) */
+	__u8 always_judge;      /* benchmarks: every packet judged as a new flow (no flow cache) */
+	__u8 have_task_helpers; /* bpf_get_current_pid_tgid/comm are callable from TC programs */
+	__u8 _pad[5];
+};
+
 /* A set of destination ports. any != 0 means every port. */
 struct rf_ports {
 	__u16 port[RF_MAX_PORTS];

@@ -29,6 +29,9 @@
 volatile __u32 job_levels = 0;
 /* Set once any job is keyed by interface: saves the lookup for everyone else. */
 volatile __u32 have_ifjobs = 0;
+/* Set when the daemon has a host default policy: a packet sent by a socket that belongs to
+ * no job is judged under it (the `jobs` entry of cgroup id 0, which no cgroup has). */
+volatile __u32 have_host_job = 0;
 /* Set once some attached interface is not Ethernet: only then does the verdict program look
  * up the link header length of its interface, so the Ethernet hot path stays as it was. */
 volatile __u32 have_l3_devs = 0;
@@ -115,6 +118,11 @@ static __always_inline struct rf_job *find_job(struct __sk_buff *skb, struct rf_
 		if (j)
 			return j;
 	}
+	if (have_host_job) {
+		__u64 host = 0;
+
+		return bpf_map_lookup_elem(&jobs, &host);
+	}
 	return NULL;
 }
 
@@ -194,7 +202,7 @@ static __always_inline void emit_flow(const struct rf_job *job, __u64 cgid, stru
 {
 	struct rf_flow_event *e;
 
-	if (!emit_events)
+	if (!config.emit_events)
 		return;
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
@@ -212,7 +220,7 @@ static __always_inline void emit_flow(const struct rf_job *job, __u64 cgid, stru
 	/* A packet sent from a timer (a retransmit) runs in whatever task was current: the
 	 * pid is only kept when the current task is in the socket's cgroup, so the agent never
 	 * has to check /proc per event. */
-	if (task && have_task_helpers && bpf_get_current_cgroup_id() == cgid) {
+	if (task && config.have_task_helpers && bpf_get_current_cgroup_id() == cgid) {
 		e->pid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(e->comm, sizeof(e->comm));
 	} else {
@@ -390,7 +398,7 @@ static __noinline int judge_packet(struct __sk_buff *skb, struct rf_job *job, __
 	fk.proto = p.proto;
 	now = bpf_ktime_get_boot_ns();
 
-	cached = always_judge ? NULL : bpf_map_lookup_elem(&flows, &fk);
+	cached = config.always_judge ? NULL : bpf_map_lookup_elem(&flows, &fk);
 	if (cached) {
 		/* Established path: the verdict was made on the first packet. Touch the entry
 		 * at most once a second so live flows keep their learned address alive. */
@@ -577,7 +585,7 @@ int rf_backstop(struct __sk_buff *skb)
 	fk.sport = p.sport;
 	fk.dport = p.dport;
 	fk.proto = p.proto;
-	cached = always_judge ? NULL : bpf_map_lookup_elem(&flows, &fk);
+	cached = config.always_judge ? NULL : bpf_map_lookup_elem(&flows, &fk);
 	if (cached) {
 		if (cached->verdict != RF_VERDICT_BLOCKED)
 			return 1;

@@ -181,11 +181,13 @@ impl Rig {
         let mut b = libbpf_rs::RingBufferBuilder::new();
         b.add(&map, |d: &[u8]| {
             let hdr: abi::rf_event_hdr = abi::from_bytes(d).unwrap();
-            out.borrow_mut().push(if hdr.r#type == 1 {
-                Ev::Flow(abi::from_bytes(d).unwrap())
-            } else {
-                Ev::Dns(abi::from_bytes(d).unwrap())
-            });
+            out.borrow_mut().push(
+                if abi::rf_event_type(hdr.r#type) == abi::rf_event_type::RF_EVENT_FLOW {
+                    Ev::Flow(abi::from_bytes(d).unwrap())
+                } else {
+                    Ev::Dns(abi::from_bytes(d).unwrap())
+                },
+            );
             0
         })
         .unwrap();
@@ -1759,6 +1761,56 @@ fn a_full_trie_fails_closed_and_counts() {
         .collect();
     assert_eq!(copies[0].flags & abi::DNS_TRIE_FULL, abi::DNS_TRIE_FULL);
     // Not back to the pool: its trie is too small for the other tests.
+    drop(r.dp.take());
+}
+
+/// Every field of struct rf_config that Dataplane::load sets reaches the programs: a learned
+/// address lives max(TTL, dns-min-ttl) + dns-grace, no record is written with events off,
+/// and with always_judge the flow cache is skipped.
+#[test]
+fn settings_reach_the_programs() {
+    let mut dp = Dataplane::load(&Options {
+        dns_min_ttl: std::time::Duration::from_secs(600),
+        dns_grace: std::time::Duration::from_secs(7),
+        emit_events: false,
+        always_judge: true,
+        ..Options::default()
+    })
+    .unwrap();
+    dp.reset().unwrap();
+    let policy = Policy {
+        mode: Mode::Block,
+        direct_ip: Mode::Block,
+        dns_resolvers: vec![ip(RESOLVER)],
+        endpoints: Policy::parse_endpoints("github.test:443", "test").unwrap(),
+        ..Policy::default()
+    };
+    dp.install_policy(JOB, &policy.compile().unwrap(), &policy.dns_resolvers)
+        .unwrap();
+    dp.add_interface_job(LO, abi::rf_job::for_policy(JOB, &policy))
+        .unwrap();
+    let mut r = Rig {
+        dp: Some(dp),
+        next_port: std::cell::Cell::new(46000),
+    };
+    let before = ringfence::agent::boottime_ns();
+    let rrs = [Rr::A("github.test", 30, a4("198.51.100.10"))];
+    assert_eq!(r.resolve(0x2323, "github.test", 1, &rrs), PASS);
+    let after = ringfence::agent::boottime_ns();
+    // 600 s (the minimum, over the answer's 30) + 7 s of grace; swapped fields give 630.
+    let life = 607_000_000_000;
+    let exp = r.host("198.51.100.10").expect("bound").expires_ns;
+    assert!(
+        (before + life..=after + life).contains(&exp),
+        "expires {exp}, want {before}+{life}..{after}+{life}"
+    );
+    // One flow, two packets: both judged as new (the cache is skipped), both allowed.
+    let new_flows = r.counter(abi::rf_counter::RF_CNT_NEW_FLOWS);
+    let syn = frame(ip(CLIENT), ip("198.51.100.10"), 6, 41000, 443, TCP_SYN, &[]);
+    assert_eq!((r.egress(&syn), r.egress(&syn)), (PASS, PASS));
+    assert_eq!(r.counter(abi::rf_counter::RF_CNT_NEW_FLOWS), new_flows + 2);
+    assert!(r.events().is_empty(), "events off: no record");
+    // Not back to the pool: its settings are not the other tests'.
     drop(r.dp.take());
 }
 

@@ -7,17 +7,16 @@
 #include "../abi.h"
 #include "../maps.h"
 
-/* Minimum lifetime and grace of a learned address, set by the agent before load. */
-const volatile __u64 dns_min_ttl_ns = 0;
-const volatile __u64 dns_grace_ns = 30ULL * 1000000000ULL;
-/* Benchmarks turn the ring buffer off so a full buffer does not distort the figures. */
-const volatile __u8 emit_events = 1;
-/* Benchmarks of the new-flow path set this: every packet is judged as if it opened a flow
- * (BPF_PROG_TEST_RUN repeats one frame, which would otherwise hit the flow cache). */
-const volatile __u8 always_judge = 0;
-/* bpf_get_current_pid_tgid/comm are callable from TC programs only on newer kernels; the
- * agent probes and sets this, and the verifier skips the calls it can prove are dead. */
-const volatile __u8 have_task_helpers = 0;
+/* Set by the agent before load (see struct rf_config); these defaults are Options'. The
+ * task helpers (bpf_get_current_pid_tgid/comm) are callable from TC programs only on newer
+ * kernels: the agent probes, and the verifier skips the calls it can prove are dead. */
+const volatile struct rf_config config = {
+	.dns_min_ttl_ns = 0,
+	.dns_grace_ns = 30ULL * 1000000000ULL,
+	.emit_events = 1,
+	.always_judge = 0,
+	.have_task_helpers = 0,
+};
 
 /* Waking the agent for every record costs a context switch per DNS answer, which on a busy
  * runner lands on the lookup's critical path. Records wait in the ring buffer until a quarter

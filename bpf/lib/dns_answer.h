@@ -123,9 +123,9 @@ static long bind_cb(__u32 i, void *ctx)
 	key.job_id = s->job_id;
 	__builtin_memcpy(key.addr, s->addrs[i & (RF_DNS_ADDRS_MAX - 1)], 16);
 	life = (__u64)s->ttls[i & (RF_DNS_ADDRS_MAX - 1)] * 1000000000ULL;
-	if (life < dns_min_ttl_ns)
-		life = dns_min_ttl_ns;
-	exp = s->now + life + dns_grace_ns;
+	if (life < config.dns_min_ttl_ns)
+		life = config.dns_min_ttl_ns;
+	exp = s->now + life + config.dns_grace_ns;
 
 	v = bpf_map_lookup_elem(&allow, &key);
 	if (v && v->prefixlen == RF_LPM_FULL) {

@@ -16,7 +16,7 @@ static __always_inline void emit_dns_copy(struct rf_scratch *s, __u32 job_id, co
 {
 	__u32 len = s->len;
 
-	if (!emit_events)
+	if (!config.emit_events)
 		return;
 	s->ev.hdr.type = RF_EVENT_DNS;
 	s->ev.hdr.job_id = job_id;
@@ -41,7 +41,7 @@ static __always_inline void emit_dns_copy(struct rf_scratch *s, __u32 job_id, co
 	__builtin_memset(s->ev.comm, 0, sizeof(s->ev.comm));
 	if (s->flags & RF_DNS_QUERY) {
 		s->ev.cgroup_id = s->cgroup_id;
-		if (have_task_helpers && bpf_get_current_cgroup_id() == s->cgroup_id) {
+		if (config.have_task_helpers && bpf_get_current_cgroup_id() == s->cgroup_id) {
 			s->ev.pid = bpf_get_current_pid_tgid() >> 32;
 			bpf_get_current_comm(s->ev.comm, sizeof(s->ev.comm));
 		}

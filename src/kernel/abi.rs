@@ -3,7 +3,7 @@
 use std::net::{IpAddr, Ipv6Addr};
 
 pub use crate::kernel::skel::types::{
-    rf_addr_flags, rf_addr_val, rf_counter, rf_direction, rf_dns_event, rf_dns_flags,
+    rf_addr_flags, rf_addr_val, rf_config, rf_counter, rf_direction, rf_dns_event, rf_dns_flags,
     rf_dns_stream, rf_dns_stream_key, rf_event_hdr, rf_event_type, rf_flow_event, rf_flow_key,
     rf_flow_val, rf_glob, rf_guard_event, rf_guard_kind, rf_job, rf_job_flags, rf_limits, rf_link,
     rf_lpm_key, rf_mode, rf_name_key, rf_name_val, rf_ports, rf_query_key, rf_query_val, rf_reason,
@@ -110,6 +110,7 @@ impl rf_flow_event {
 // these are the sizes bpf/abi.h's comments promise (naturally aligned, padded explicitly).
 const _: () = {
     use std::mem::size_of;
+    assert!(size_of::<rf_config>() == 24);
     assert!(size_of::<rf_ports>() == 24);
     assert!(size_of::<rf_job>() == 8);
     assert!(size_of::<rf_lpm_key>() == 24);
