@@ -148,13 +148,21 @@ struct rf_ports {
 	__u8 _pad[6];
 };
 
-/* jobs: key __u64 cgroup id (cgroup v2 inode number). */
+/* rf_job.flags */
+enum rf_job_flags {
+	/* ifjobs: the interface is the host side of the job's link (the host end of a veth, a
+	 * tap): the job's packets arrive as ingress there, and what leaves as egress goes to the
+	 * job. Clear: the interface's egress is the job's own (BPF_PROG_TEST_RUN tables). */
+	RF_JOB_HOST_SIDE = 1,
+};
+
+/* jobs: key __u64 cgroup id (cgroup v2 inode number); ifjobs: key __u32 ifindex. */
 struct rf_job {
 	__u32 job_id;    /* policy slot: keys the trie, the names and the resolvers */
 	__u8 mode;       /* enum rf_mode */
 	__u8 direct_ip;  /* enum rf_mode: RF_MODE_BLOCK blocks direct-ip even in audit mode */
 	__u8 dns_filter; /* block mode: queries for names not allowed are answered REFUSED */
-	__u8 _pad;
+	__u8 flags;      /* enum rf_job_flags */
 };
 
 /* allow: LPM trie. prefixlen counts the 32 job-id bits plus the address bits. */
@@ -219,7 +227,10 @@ struct rf_query_val {
 	__u64 sent_ns;
 	__u32 job_id;
 	__u8 bind_seen; /* audit mode: bind addresses of names that are not allowed as RF_ADDR_SEEN */
-	__u8 _pad[3];
+	/* Sent by an interface job (it came in on the host side of its link): the answer binds
+	 * on its way out of that device, where it is the job's, not at ingress elsewhere. */
+	__u8 at_link;
+	__u8 _pad[2];
 };
 
 /* flows: key of one flow of one job; the verdict is made once, on its first packet. */
@@ -303,7 +314,8 @@ struct rf_stream_key {
 
 struct rf_stream_val {
 	__u32 job_id;
-	__u32 _pad;
+	__u8 at_link; /* as rf_query_val.at_link: its segments are copied where its answer binds */
+	__u8 _pad[3];
 };
 
 #endif

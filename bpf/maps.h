@@ -14,8 +14,10 @@ struct {
 } jobs SEC(".maps");
 
 /* ifindex -> job, for jobs that are a network namespace / container / microVM behind a
- * device (the verdict program then sits on the host side's ingress), and for
- * BPF_PROG_TEST_RUN, where packets have no socket and so no cgroup. */
+ * device: with RF_JOB_HOST_SIDE the device is the host side of the job's link, its ingress is
+ * judged as the job's outbound and its egress binds the job's answers. Without it the
+ * device's egress is the job's own (BPF_PROG_TEST_RUN, where packets have no socket and so
+ * no cgroup). */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);

@@ -1,7 +1,10 @@
 // SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause)
 /*
  * ringfence dataplane: one TC program on egress judges every new flow of a job, one on
- * ingress parses DNS answers and binds their addresses before the socket sees them.
+ * ingress parses DNS answers and binds their addresses before the socket sees them. For a
+ * job behind a device (an interface job on the host side of its veth or tap) the directions
+ * trade places: its packets come in as ingress and are judged there, its answers leave as
+ * egress and bind there.
  *
  * Return codes work for both attach paths: TC_ACT_UNSPEC (-1) is TCX_NEXT and "next
  * filter" for clsact, so ringfence never ends the chain for traffic it allows — other
@@ -46,6 +49,7 @@ enum rf_dns_flags _rf_dns_flags = 0;
 enum rf_counter _rf_counter = 0;
 enum rf_direction _rf_direction = 0;
 enum rf_link _rf_link = 0;
+enum rf_job_flags _rf_job_flags = 0;
 
 #define RF_SEC 1000000000ULL
 
@@ -54,29 +58,44 @@ static __always_inline int is_dns(const struct pkt *p)
 	return p->proto == IPPROTO_UDP || p->proto == IPPROTO_TCP;
 }
 
-/* The job a packet belongs to. *by_socket says it was sent by a socket of the job's cgroup
- * (not only seen on a job's interface, where ARP and neighbour discovery also pass). */
 static __always_inline int is_syn_ack(const struct pkt *p)
 {
 	return p->proto == IPPROTO_TCP &&
 	       (p->tcp_flags & (RF_TCP_SYN | RF_TCP_ACK)) == (RF_TCP_SYN | RF_TCP_ACK);
 }
 
-static __always_inline struct rf_job *find_job(struct __sk_buff *skb, __u64 *cgid, int *by_socket)
+/* The interface job of the device the packet is on, if any. */
+static __always_inline struct rf_job *link_job(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ifindex;
+
+	if (!have_ifjobs)
+		return NULL;
+	return bpf_map_lookup_elem(&ifjobs, &ifindex);
+}
+
+static __always_inline int host_side(const struct rf_job *j)
+{
+	return j && (j->flags & RF_JOB_HOST_SIDE);
+}
+
+/* The job a packet belongs to: the interface job `link` of its device (link_job()) when
+ * that device's egress is the job's own, else the job of the socket that sent it. *by_socket
+ * says it was sent by a socket of the job's cgroup (not only seen on a job's interface,
+ * where ARP and neighbour discovery also pass). The host side of an interface job's link
+ * is not: what leaves there goes to that job, and is only some other job's when one of its
+ * sockets sent it. */
+static __always_inline struct rf_job *find_job(struct __sk_buff *skb, struct rf_job *link,
+					       __u64 *cgid, int *by_socket)
 {
 	__u64 id = bpf_skb_cgroup_id(skb);
 	struct rf_job *j;
 	__u32 levels;
 
 	*by_socket = 0;
-	if (have_ifjobs) {
-		__u32 ifindex = skb->ifindex;
-
-		j = bpf_map_lookup_elem(&ifjobs, &ifindex);
-		if (j) {
-			*cgid = id;
-			return j;
-		}
+	if (link && !host_side(link)) {
+		*cgid = id;
+		return link;
 	}
 	if (!id)
 		return NULL;
@@ -290,24 +309,56 @@ static __always_inline int refuse_syn_ack(struct __sk_buff *skb, const struct pk
 	return TC_ACT_UNSPEC;
 }
 
-SEC("tc")
-int rf_egress(struct __sk_buff *skb)
+/* Whether an interface job's packet is IPv6 neighbour discovery (router and neighbour
+ * solicitations and advertisements), which like ARP carries no job data and must pass for
+ * the link to work. Only what cannot leave the link: hop limit 255 (RFC 4861), whole (not a
+ * fragment), and to a link-local or link-scope multicast address, or to an address of this
+ * host (a neighbour probe of the host's global address) — never one the host would route on.
+ * A subprogram: the lookup's 64 bytes stay off the verdict path's stack. */
+static __noinline int is_neighbour_discovery(struct __sk_buff *skb, const struct pkt *p)
+{
+	struct bpf_fib_lookup fib = {};
+	__u8 hop, type;
+
+	if (p->family != 6 || p->proto != IPPROTO_ICMPV6 || p->fragment)
+		return 0;
+	if (bpf_skb_load_bytes(skb, p->l3_off + 7, &hop, 1) || hop != 255 ||
+	    bpf_skb_load_bytes(skb, p->l3_off + 40, &type, 1) || type < 133 || type > 136)
+		return 0;
+	/* fe80::/10, ff02::/16 */
+	if ((p->daddr[0] == 0xfe && (p->daddr[1] & 0xc0) == 0x80) ||
+	    (p->daddr[0] == 0xff && p->daddr[1] == 0x02))
+		return 1;
+	/* Wider multicast scopes are never neighbour discovery (and a multicast router would
+	 * forward them). */
+	if (p->daddr[0] == 0xff)
+		return 0;
+	fib.family = 10; /* AF_INET6 */
+	fib.ifindex = skb->ifindex;
+	fib.l4_protocol = IPPROTO_ICMPV6;
+	__builtin_memcpy(fib.ipv6_src, p->saddr, 16);
+	__builtin_memcpy(fib.ipv6_dst, p->daddr, 16);
+	/* Not forwarded: local (or anycast, multicast) on this host. */
+	return bpf_fib_lookup(skb, &fib, sizeof(fib), 0) == BPF_FIB_LKUP_RET_NOT_FWDED;
+}
+
+/* The verdict path for a packet the job sends: on TC egress for a job keyed by cgroup (and
+ * for the BPF_PROG_TEST_RUN tables), on TC ingress of the host side of an interface job's link
+ * (`rx`). The flow cache, the judge, DNS queries, the job's SYN-ACKs; what cannot be parsed
+ * fails closed. Returns the TC action.
+ * A real subprogram: each program calls it from one place, so the verifier walks it once per
+ * program, and its stack frame is its own. */
+static __noinline int judge_packet(struct __sk_buff *skb, struct rf_job *job, __u64 cgid,
+				   int by_socket, int rx)
 {
 	struct rf_flow_key fk = {};
 	struct rf_flow_val fv = {}, *cached;
 	struct pkt p = {};
-	struct rf_job *job;
-	__u64 cgid = 0, now;
+	__u64 now;
 	__u8 verdict, reason = RF_REASON_ALLOWED, direction = RF_DIR_OUTBOUND;
-	int dns, by_socket, rc;
+	int dns, rc;
 	__u32 l2;
 
-	job = find_job(skb, &cgid, &by_socket);
-	/* Left open: a SYN-ACK sent under SYN cookies (the job's listen queue full) has no
-	 * socket, so no cgroup, and is not placed here: it passes unjudged. bpf_sk_cgroup_id()
-	 * of the listener, which would place it, is not callable from TC. */
-	if (!job)
-		return TC_ACT_UNSPEC;
 	l2 = link_hdr_len(skb);
 	rc = parse_pkt(skb, &p, l2);
 	/* Headers outside the linear part of the buffer are pulled in and read again (rare:
@@ -321,11 +372,15 @@ int rf_egress(struct __sk_buff *skb)
 		rc = parse_pkt(skb, &p, l2);
 	}
 	if (rc != RF_PARSE_OK) {
-		/* ARP and neighbour discovery of a job keyed by interface carry no job data. */
+		/* ARP of a job keyed by interface carries no job data. */
 		if (rc == RF_PARSE_NOT_IP && !by_socket)
 			return TC_ACT_UNSPEC;
 		return unparsed(job, cgid, &p, 1);
 	}
+	p.rx = rx;
+	/* Nor does the job's IPv6 neighbour discovery, which is IP. */
+	if (rx && is_neighbour_discovery(skb, &p))
+		return TC_ACT_UNSPEC;
 	/* Every path that lets a DNS query pass ends at the one `query:` below: dns_query() is
 	 * large, and each inlined copy would be verified again. */
 	dns = is_dns(&p) && p.dport == 53;
@@ -423,18 +478,63 @@ query:
 	return dns_query(skb, &p, job, cgid);
 }
 
-SEC("tc")
-int rf_ingress(struct __sk_buff *skb)
+/* DNS answers, read where they bind (see binds_here): at ingress (for jobs keyed by cgroup),
+ * and at egress of an interface job's host-side device (at_link: to job `link_job`). A
+ * subprogram so that its frame is not under the verdict path's. Never drops. */
+static __noinline int read_answer(struct __sk_buff *skb, int at_link, __u32 link_job)
 {
 	struct pkt p = {};
 
 	/* What ringfence itself turned around holds the job's bytes: never an answer. */
 	if (rf_turned(skb))
-		return TC_ACT_UNSPEC;
+		return 0;
 	if (parse_pkt(skb, &p, link_hdr_len(skb)))
-		return TC_ACT_UNSPEC;
+		return 0;
 	if (is_dns(&p) && p.sport == 53)
-		dns_answer(skb, &p);
+		dns_answer(skb, &p, at_link, link_job);
+	return 0;
+}
+
+SEC("tc")
+int rf_egress(struct __sk_buff *skb)
+{
+	struct rf_job *link = link_job(skb), *job;
+	__u64 cgid = 0;
+	int by_socket;
+
+	if (host_side(link)) {
+		/* The host side of an interface job's link: what leaves here goes to the job. What
+		 * came in through this same device is the job's own, judged at ingress (a reply
+		 * ringfence turned around, or a packet the host routed back out): not an answer,
+		 * nor anyone's outbound. Forwarded packets (answers, peers) have no socket and pass
+		 * on after the answers are read; a local socket's packet is its job's outbound. */
+		if (skb->ingress_ifindex == skb->ifindex)
+			return TC_ACT_UNSPEC;
+		read_answer(skb, 1, link->job_id);
+	}
+	job = find_job(skb, link, &cgid, &by_socket);
+	/* Left open: a SYN-ACK sent under SYN cookies (the job's listen queue full) has no
+	 * socket, so no cgroup, and is not placed here: it passes unjudged. bpf_sk_cgroup_id()
+	 * of the listener, which would place it, is not callable from TC. */
+	if (!job)
+		return TC_ACT_UNSPEC;
+	return judge_packet(skb, job, cgid, by_socket, 0);
+}
+
+SEC("tc")
+int rf_ingress(struct __sk_buff *skb)
+{
+	struct rf_job *link;
+
+	if (rf_turned(skb))
+		return TC_ACT_UNSPEC;
+	/* The host side of an interface job's link: what comes in is the job's outbound, judged
+	 * as rf_egress judges a cgroup's (a mark cannot come with it: crossing from the job's
+	 * namespace clears it, and a tap's packets are new). */
+	link = link_job(skb);
+	if (host_side(link))
+		return judge_packet(skb, link, bpf_skb_cgroup_id(skb), 0, 1);
+	read_answer(skb, 0, 0);
 	return TC_ACT_UNSPEC;
 }
 
@@ -468,7 +568,7 @@ int rf_backstop(struct __sk_buff *skb)
 
 	if (ifindex == 1)
 		return 1;
-	job = find_job(skb, &cgid, &by_socket);
+	job = find_job(skb, link_job(skb), &cgid, &by_socket);
 	if (!job)
 		return 1;
 	/* At this hook the packet starts at its IP header. */

@@ -55,6 +55,12 @@ impl Drop for Rig {
 }
 
 fn rig_with(mode: Mode, direct_ip: Mode, allow: &str, dns_filter: bool) -> Rig {
+    rig_job(mode, direct_ip, allow, dns_filter, false)
+}
+
+/// `host_side`: LO is the host side of the job's link (`RF_JOB_HOST_SIDE`): the ingress
+/// program judges the job's packets and the egress program reads the answers to them.
+fn rig_job(mode: Mode, direct_ip: Mode, allow: &str, dns_filter: bool, host_side: bool) -> Rig {
     let pooled = POOL.lock().unwrap().pop();
     let mut dp = match pooled {
         Some(mut dp) => {
@@ -74,7 +80,8 @@ fn rig_with(mode: Mode, direct_ip: Mode, allow: &str, dns_filter: bool) -> Rig {
     let compiled = policy.compile().expect("compile");
     dp.install_policy(JOB, &compiled, &policy.dns_resolvers)
         .unwrap();
-    dp.add_interface_job(LO, abi::rf_job::for_policy(JOB, &policy))
+    let job = abi::rf_job::for_policy(JOB, &policy);
+    dp.add_interface_job(LO, if host_side { job.host_side() } else { job })
         .unwrap();
     Rig {
         dp: Some(dp),
@@ -2530,4 +2537,198 @@ fn tcp_urgent_data_kills_the_dns_stream() {
         dns_copy_flags(&r),
         vec![abi::DNS_QUERY | abi::DNS_TCP | abi::DNS_UNJUDGED]
     );
+}
+
+// ---- interface jobs on the host side of their link ---------------------------------------
+
+/// What a host-side interface job's device sees: the job's packets as ingress, judged like a
+/// cgroup job's egress; packets to the job as egress, where its answers bind and nothing is
+/// judged as the job's.
+#[test]
+fn host_side_interface_job_is_judged_at_ingress_and_bound_at_egress() {
+    let r = rig_job(Mode::Block, Mode::Block, "ok.test:443", true, true);
+    let ingress_out = |f: &[u8]| testrun::run_tc_output(r.dp().ingress_prog(), f, LO).unwrap();
+    let syn = |dst: &str| frame(ip(CLIENT), ip(dst), 6, r.port(), 443, TCP_SYN, &[]);
+
+    // The job's SYN to an address no answer produced: dropped as it comes in.
+    assert_eq!(r.ingress(&syn("198.51.100.10")), DROP);
+    // Toward the job, nothing is the job's outbound: a peer's SYN to it passes.
+    assert_eq!(r.egress(&syn("198.51.100.10")), PASS);
+    assert!(
+        r.flows()
+            .iter()
+            .all(|f| f.verdict() == abi::rf_verdict::RF_VERDICT_BLOCKED),
+        "only the ingress SYN was judged"
+    );
+
+    // The job's query comes in; its answer binds on the way out to the job.
+    let sport = r.port();
+    let q = frame(
+        ip(CLIENT),
+        ip(RESOLVER),
+        17,
+        sport,
+        53,
+        0,
+        &dns_query(0x4242, "ok.test", 1),
+    );
+    assert_eq!(r.ingress(&q), PASS, "an allowed query passes");
+    let answer = frame(
+        ip(RESOLVER),
+        ip(CLIENT),
+        17,
+        53,
+        sport,
+        0,
+        &dns_answer(
+            0x4242,
+            "ok.test",
+            1,
+            &[Rr::A("ok.test", 60, [198, 51, 100, 11])],
+        ),
+    );
+    // A packet that came in through the job's own device (a reply ringfence turned around,
+    // a hairpin) is not read as an answer on its way back out.
+    let hairpin = SkbMeta {
+        ingress_ifindex: LO,
+        ..Default::default()
+    };
+    assert_eq!(
+        run_tc_meta(r.dp().egress_prog(), &answer, LO, hairpin)
+            .unwrap()
+            .0,
+        PASS
+    );
+    assert!(r.host("198.51.100.11").is_none(), "bound from a hairpin");
+    assert_eq!(r.egress(&answer), PASS);
+    assert!(
+        r.host("198.51.100.11").is_some(),
+        "the answer bound at egress"
+    );
+    assert_eq!(r.ingress(&syn("198.51.100.11")), PASS);
+
+    // A query for a name not allowed: answered REFUSED, sent back out toward the job (the
+    // redirect's direction is proven in tests/ifjob_netns.rs; here, that it is one).
+    let f = frame(
+        ip(CLIENT),
+        ip(RESOLVER),
+        17,
+        r.port(),
+        53,
+        0,
+        &dns_query(0x4343, "leak.test", 1),
+    );
+    let (rc, out) = ingress_out(&f);
+    assert_eq!(rc, TC_ACT_REDIRECT, "turned around, not sent");
+    assert_eq!(
+        &out[14 + 12..14 + 16],
+        &f[14 + 16..14 + 20],
+        "from the resolver"
+    );
+    assert_eq!(out[14 + 20 + 8 + 3] & 0x0f, 5, "REFUSED");
+
+    // ARP carries no job data.
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 0x08, 0x06]);
+    arp.extend_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    arp.extend_from_slice(&[0x02, 0, 0, 0, 0, 1, 198, 51, 100, 1]);
+    arp.extend_from_slice(&[0, 0, 0, 0, 0, 0, 198, 51, 100, 2]);
+    assert_eq!(r.ingress(&arp), PASS, "ARP");
+}
+
+/// IPv6 neighbour discovery of a host-side interface job passes only where it cannot leave
+/// the link: RS/RA/NS/NA with hop limit 255, to link-local or link-scope multicast addresses
+/// (or to this host's own, which the netns test covers).
+#[test]
+fn host_side_neighbour_discovery_stays_on_the_link() {
+    let r = rig_job(Mode::Block, Mode::Block, "ok.test:443", true, true);
+    let nd = |dst: &str, icmp_type: u8, hop: u8| {
+        let mut l4 = vec![icmp_type, 0, 0, 0, 0, 0, 0, 0];
+        l4.extend_from_slice(&a6("2001:db8:1::53"));
+        let mut f = testrun::ip_frame(ip(CLIENT6), ip(dst), 58, &l4, 0);
+        f[14 + 7] = hop;
+        f
+    };
+    let cases = [
+        (
+            "NS to the solicited-node group",
+            "ff02::1:ff00:53",
+            135,
+            255,
+            PASS,
+        ),
+        ("NA to a link-local address", "fe80::1", 136, 255, PASS),
+        ("RS to all routers", "ff02::2", 133, 255, PASS),
+        (
+            "NS that was routed (hop limit 64)",
+            "ff02::1:ff00:53",
+            135,
+            64,
+            DROP,
+        ),
+        ("a redirect", "fe80::1", 137, 255, DROP),
+        ("an echo request to all nodes", "ff02::1", 128, 255, DROP),
+        (
+            "NA to an address routed elsewhere",
+            "2001:db8:ffff::1",
+            136,
+            255,
+            DROP,
+        ),
+        (
+            "NS to a multicast group beyond the link",
+            "ff05::1:3",
+            135,
+            255,
+            DROP,
+        ),
+    ];
+    for (what, dst, t, hop, want) in cases {
+        assert_eq!(r.ingress(&nd(dst, t, hop)), want, "{what}");
+    }
+}
+
+/// An interface job's answers bind once, where the job reads them: not at the ingress of
+/// the uplink they cross first.
+#[test]
+fn host_side_answers_do_not_bind_at_ingress() {
+    let mut r = rig_job(Mode::Block, Mode::Block, "ok.test:443", true, true);
+    let sport = r.port();
+    let q = frame(
+        ip(CLIENT),
+        ip(RESOLVER),
+        17,
+        sport,
+        53,
+        0,
+        &dns_query(0x5151, "ok.test", 1),
+    );
+    assert_eq!(r.ingress(&q), PASS);
+    // LO's entry loses its flag: its ingress is now where cgroup jobs' answers bind (an
+    // uplink's), and the same answer arriving there binds nothing.
+    let policy = Policy {
+        mode: Mode::Block,
+        ..Policy::default()
+    };
+    r.dp.as_mut()
+        .unwrap()
+        .add_interface_job(LO, abi::rf_job::for_policy(JOB, &policy))
+        .unwrap();
+    let answer = frame(
+        ip(RESOLVER),
+        ip(CLIENT),
+        17,
+        53,
+        sport,
+        0,
+        &dns_answer(
+            0x5151,
+            "ok.test",
+            1,
+            &[Rr::A("ok.test", 60, [198, 51, 100, 12])],
+        ),
+    );
+    assert_eq!(r.ingress(&answer), PASS);
+    assert!(r.host("198.51.100.12").is_none(), "bound at the uplink");
+    assert_eq!(r.counter(abi::rf_counter::RF_CNT_DNS_UNMATCHED), 0);
 }

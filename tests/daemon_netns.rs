@@ -278,14 +278,20 @@ fn kill9_and_restart_under_traffic() {
         ],
     );
 
-    // An established connection, opened before the kill, used after it.
+    // An established connection, opened before the kill, used after it. The answer is read
+    // to its end (the server closes): it may come in more than one segment.
     let script = String::from(
         "import socket,sys,time\n\
          s=socket.create_connection(('ok.test',80),timeout=5)\n\
          sys.stdout.write('connected\\n'); sys.stdout.flush()\n\
          sys.stdin.readline()\n\
          s.sendall(b'GET / HTTP/1.0\\r\\nHost: ok.test\\r\\n\\r\\n')\n\
-         print(s.recv(100).decode(errors='replace'))\n",
+         b=b''\n\
+         while True:\n\
+         \x20 d=s.recv(4096)\n\
+         \x20 if not d: break\n\
+         \x20 b+=d\n\
+         print(b.decode(errors='replace'))\n",
     );
     let mut held = in_job(&tb, &cg, &["python3".into(), "-c".into(), script]);
     held.stdin(std::process::Stdio::piped())

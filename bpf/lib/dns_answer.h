@@ -211,10 +211,22 @@ static __always_inline struct rf_scratch *load_dns(struct __sk_buff *skb, struct
 	return s;
 }
 
-/* Ingress: an answer from a resolver that matches an outstanding query of a job. Binds
- * the A/AAAA records when the question is allowed, copies the answer to the ring buffer.
- * Never drops: what does not validate binds nothing and passes on to the socket. */
-static __always_inline void dns_answer(struct __sk_buff *skb, struct pkt *p)
+/* Where an answer to a query binds: an interface job's (at_link) on its way out of that job's
+ * device, so once, just before the job reads it, and never for another job; every other
+ * job's at ingress. On a routed path an interface job's answer crosses both. */
+static __always_inline int binds_here(__u8 q_at_link, __u32 q_job, int at_link, __u32 link_job)
+{
+	if (at_link)
+		return q_at_link && q_job == link_job;
+	return !q_at_link;
+}
+
+/* An answer from a resolver that matches an outstanding query of a job: at ingress, or
+ * (at_link) at egress of the host-side device of interface job `link_job`. Binds the A/AAAA records when the question is allowed,
+ * copies the answer to the ring buffer. Never drops: what does not validate binds nothing
+ * and passes on to the socket. */
+static __always_inline void dns_answer(struct __sk_buff *skb, struct pkt *p, int at_link,
+				       __u32 link_job)
 {
 	struct rf_query_key qk = {};
 	struct rf_query_val *q;
@@ -241,7 +253,8 @@ static __always_inline void dns_answer(struct __sk_buff *skb, struct pkt *p)
 		sk.client_port = p->dport;
 		sv = bpf_map_lookup_elem(&tcp_streams, &sk);
 		if (sv) {
-			copy_segment(skb, p, sv->job_id, 0);
+			if (binds_here(sv->at_link, sv->job_id, at_link, link_job))
+				copy_segment(skb, p, sv->job_id, 0);
 			return;
 		}
 	}
@@ -262,11 +275,12 @@ static __always_inline void dns_answer(struct __sk_buff *skb, struct pkt *p)
 		qk.client_port = p->dport;
 		qk.txid = bpf_ntohs(id);
 		q = bpf_map_lookup_elem(&queries, &qk);
-		if (!q)
+		if (!q || !binds_here(q->at_link, q->job_id, at_link, link_job))
 			return;
 		__builtin_memcpy(sk.server, p->saddr, 16);
 		sk.client_port = p->dport;
 		sv.job_id = q->job_id;
+		sv.at_link = q->at_link;
 		bpf_map_update_elem(&tcp_streams, &sk, &sv, BPF_ANY);
 		copy_segment(skb, p, sv.job_id, RF_DNS_TCP_FIRST);
 		return;
@@ -280,12 +294,15 @@ static __always_inline void dns_answer(struct __sk_buff *skb, struct pkt *p)
 		return;
 	if (p->proto == IPPROTO_TCP)
 		s->flags |= RF_DNS_TCP;
-	count(RF_CNT_DNS_ANSWERS);
 	txid = buf16(s, 0);
 	__builtin_memcpy(qk.server, p->saddr, 16);
 	qk.client_port = p->dport;
 	qk.txid = txid;
 	q = bpf_map_lookup_elem(&queries, &qk);
+	/* Not counted twice on the way: it binds at the other place. */
+	if (q && !binds_here(q->at_link, q->job_id, at_link, link_job))
+		return;
+	count(RF_CNT_DNS_ANSWERS);
 	if (!q) {
 		count(RF_CNT_DNS_UNMATCHED);
 		return;

@@ -88,6 +88,7 @@ static __always_inline int dns_query(struct __sk_buff *skb, struct pkt *p, const
 	s->qk.client_port = p->sport;
 	s->qv.job_id = job->job_id;
 	s->qv.bind_seen = job->mode == RF_MODE_AUDIT;
+	s->qv.at_link = p->rx;
 	if (p->proto == IPPROTO_TCP) {
 		int rc;
 

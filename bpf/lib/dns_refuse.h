@@ -29,12 +29,15 @@ static __always_inline int rf_turned(const struct __sk_buff *skb)
 /* Sends a rewritten reply back to the socket. On a real device: redirect to its ingress.
  * On loopback the packet comes back to this host anyway, and keeps its local route on the
  * way, so it just goes on; redirecting would drop the route and the input lookup would
- * then refuse loopback addresses as martians. */
+ * then refuse loopback addresses as martians. A packet an interface job sent came in on the
+ * host side of its link (p->rx): the reply goes back out of that device, to the job. */
 static __always_inline int turn_around(struct __sk_buff *skb, struct pkt *p)
 {
 	/* Still the job's bytes (a REFUSED answer echoes its query, a RST keeps its segment):
 	 * tagged, so that rf_ingress never reads them as an answer (rf_turned). */
 	skb->mark = RF_TURNED_MARK;
+	if (p->rx)
+		return bpf_redirect(skb->ifindex, 0);
 	if (is_loopback(p->daddr))
 		return TC_ACT_UNSPEC;
 	return bpf_redirect(skb->ifindex, BPF_F_INGRESS);

@@ -40,6 +40,10 @@ struct pkt {
 	__u8 fragment;    /* part of a fragmented datagram */
 	__u8 later_frag;  /* not the first fragment: no L4 header at all */
 	__u8 l3_off;      /* where the IP header starts: 14 after Ethernet, 0 on L3 devices */
+	/* Set by the verdict program, not the parser: the packet came in on the host side of an
+	 * interface job's link (TC ingress), so what ringfence answers in the job's place goes
+	 * back out of that device, not into its ingress. */
+	__u8 rx;
 	__u16 l4_len;     /* UDP: the length field minus its header; TCP: segment payload bytes */
 	__u32 l4_off;     /* offset of the TCP/UDP header */
 	__u32 dns_off;    /* where the DNS message starts (after TCP's 2-byte length prefix) */

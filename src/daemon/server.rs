@@ -955,7 +955,9 @@ impl Daemon {
                 unreachable!("an ifindex comes from an interface target")
             };
             self.dp.attach(name)?;
-            self.dp.add_interface_job(i, entry)?;
+            // An --interface is the host side of the job's veth or tap: its packets come in
+            // there and are judged there.
+            self.dp.add_interface_job(i, entry.host_side())?;
         }
         Ok(r)
     }
@@ -1223,7 +1225,7 @@ fn readopt(dp: &mut Dataplane, agent: &mut Agent, r: &JobRecord, events_max: u64
         cgroup_id = Some(id);
     } else if let (Some(i), Target::Interface(name)) = (r.ifindex, &r.target) {
         dp.attach(name)?;
-        dp.add_interface_job(i, entry)?;
+        dp.add_interface_job(i, entry.host_side())?;
     }
     let mut st = JobState::new(&r.id, mode_name(policy.mode), r.cgroup.clone()).with_limits(
         crate::trail::limits::Limits {

@@ -5,8 +5,8 @@ use std::net::{IpAddr, Ipv6Addr};
 pub use crate::kernel::skel::types::{
     rf_addr_flags, rf_addr_val, rf_config, rf_counter, rf_direction, rf_dns_event, rf_dns_flags,
     rf_dns_stream, rf_dns_stream_key, rf_event_hdr, rf_event_type, rf_flow_event, rf_flow_key,
-    rf_flow_val, rf_glob, rf_guard_event, rf_guard_kind, rf_job, rf_limits, rf_link, rf_lpm_key,
-    rf_mode, rf_name_key, rf_name_val, rf_ports, rf_query_key, rf_query_val, rf_reason,
+    rf_flow_val, rf_glob, rf_guard_event, rf_guard_kind, rf_job, rf_job_flags, rf_limits, rf_link,
+    rf_lpm_key, rf_mode, rf_name_key, rf_name_val, rf_ports, rf_query_key, rf_query_val, rf_reason,
     rf_resolver_key, rf_stream_key, rf_stream_val, rf_verdict,
 };
 
@@ -56,6 +56,8 @@ const fn byte(v: u32) -> u8 {
     v as u8
 }
 
+const JOB_HOST_SIDE: u8 = byte(rf_job_flags::RF_JOB_HOST_SIDE.0);
+
 const MODE_AUDIT: u8 = byte(rf_mode::RF_MODE_AUDIT.0);
 const MODE_BLOCK: u8 = byte(rf_mode::RF_MODE_BLOCK.0);
 
@@ -76,8 +78,16 @@ impl rf_job {
             mode: mode_byte(policy.mode),
             direct_ip: mode_byte(policy.direct_ip),
             dns_filter: u8::from(policy.mode == Mode::Block && policy.dns_filter),
-            _pad: 0,
+            flags: 0,
         }
+    }
+
+    /// The same entry for an interface job whose interface is the host side of its link
+    /// (the host end of a veth, a tap): the job's packets are judged as they come in there,
+    /// and DNS answers to it bind as they leave there (`RF_JOB_HOST_SIDE`).
+    pub fn host_side(mut self) -> rf_job {
+        self.flags |= JOB_HOST_SIDE;
+        self
     }
 }
 

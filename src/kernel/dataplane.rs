@@ -1229,8 +1229,12 @@ impl Dataplane {
         Ok(())
     }
 
-    /// Registers a job by interface: every packet the verdict program sees on `ifindex`
-    /// belongs to it (a job's namespace behind a veth, or BPF_PROG_TEST_RUN).
+    /// Registers a job by interface. A job's namespace, container or microVM behind a veth
+    /// or tap is registered on the host side of its link with [`abi::rf_job::host_side`]:
+    /// what comes in there is the job's and is judged, what goes out there is for the job
+    /// (its DNS answers bind there). Without the flag, every packet the verdict program sees
+    /// leaving `ifindex` is the job's own (BPF_PROG_TEST_RUN). Both programs must be
+    /// attached to `ifindex` ([`attach`](Self::attach)).
     pub fn add_interface_job(&mut self, ifindex: u32, job: abi::rf_job) -> Result<()> {
         self.skel
             .maps

@@ -58,6 +58,8 @@ pub struct SkbMeta {
     pub mark: u32,
     pub gso_size: u32,
     pub gso_segs: u32,
+    /// The device the packet came in on (0: sent from this host).
+    pub ingress_ifindex: u32,
 }
 
 /// Runs `prog` once on `frame` with `meta` in its `__sk_buff`. Returns the program's return
@@ -75,6 +77,8 @@ pub fn run_tc_meta(
     ctx[at..at + 4].copy_from_slice(&meta.gso_size.to_ne_bytes());
     let at = std::mem::offset_of!(__sk_buff, gso_segs);
     ctx[at..at + 4].copy_from_slice(&meta.gso_segs.to_ne_bytes());
+    let at = std::mem::offset_of!(__sk_buff, ingress_ifindex);
+    ctx[at..at + 4].copy_from_slice(&meta.ingress_ifindex.to_ne_bytes());
     let mut ctx_out = vec![0u8; ctx.len()];
     let input = ProgramInput {
         data_in: Some(frame),
