@@ -249,6 +249,17 @@ struct rf_flow_event {
 	__u8 direction; /* enum rf_direction */
 };
 
+/* rf_sock_owner: socket cookie -> the process that owns the socket, as the cgroup socket
+ * hooks saw it (bpf/sockowner.h): whoever created it, then whoever connected it or sent an
+ * addressed datagram on it last. Lets the TC and cgroup_skb programs, which cannot ask the
+ * current task (kernels before 6.10, packets sent from timers), name a flow's process. */
+struct rf_sock_owner {
+	__u64 cgroup_id; /* the process's cgroup when it was recorded */
+	__u32 tgid;      /* init pid namespace */
+	__u32 _pad;
+	char comm[16];
+};
+
 /* Followed by `len` bytes of the DNS message. */
 struct rf_dns_event {
 	struct rf_event_hdr hdr;

@@ -34,6 +34,9 @@ const volatile __u8 always_judge = 0;
 /* bpf_get_current_pid_tgid/comm are callable from TC programs only on newer kernels; the
  * agent probes and sets this, and the verifier skips the calls it can prove are dead. */
 const volatile __u8 have_task_helpers = 0;
+/* The cgroup socket hooks (bpf/sockowner.h) loaded and record socket owners: only then is
+ * rf_sock_owner worth a lookup. Set by the agent before load. */
+const volatile __u8 have_sock_owner = 0;
 
 struct rf_scratch {
 	/* ev and buf are contiguous: one bpf_ringbuf_output() sends the header and the copy. */
@@ -117,6 +120,46 @@ static __always_inline void count(__u32 idx)
 
 	if (c)
 		*c += 1;
+}
+
+/* sender_of's `task`: whether, and when, the current task is the sender. */
+#define RF_SENDER_SOCKET 0 /* never asked (cgroup_skb: no task helpers there): the socket's owner */
+#define RF_SENDER_TC 1     /* TC: the current task where the helpers exist and it is in the socket's cgroup */
+#define RF_SENDER_CALLER 2 /* a syscall hook (cgroup/setsockopt): the caller, where the helpers exist */
+
+/* cgroup/setsockopt programs may call bpf_get_current_pid_tgid/comm (probed by the agent). */
+const volatile __u8 have_sockopt_task = 0;
+
+/* Who sent `skb` (socket cgroup `cgid`): *pid and comm (16 bytes), zero when unknown.
+ * `task` (a constant at each call site, RF_SENDER_*) says whether the current task may be
+ * asked: in TC it may on kernels with the task helpers there (have_task_helpers), and it is
+ * the sender only when it is in the socket's cgroup (a packet sent from a timer, a
+ * retransmit, runs in whatever task was current). Otherwise the socket's owner, as the
+ * cgroup socket hooks recorded it, names the process that opened it. Called only where an
+ * event is sent, never on the established-flow path. */
+static __always_inline void sender_of(struct __sk_buff *skb, __u64 cgid, int task, __u32 *pid,
+				      char *comm)
+{
+	struct rf_sock_owner *o;
+	__u64 cookie;
+
+	if ((task == RF_SENDER_TC && have_task_helpers && bpf_get_current_cgroup_id() == cgid) ||
+	    (task == RF_SENDER_CALLER && have_sockopt_task)) {
+		*pid = bpf_get_current_pid_tgid() >> 32;
+		bpf_get_current_comm(comm, 16);
+		return;
+	}
+	if (have_sock_owner && skb) {
+		cookie = bpf_get_socket_cookie(skb);
+		o = cookie ? bpf_map_lookup_elem(&rf_sock_owner, &cookie) : NULL;
+		if (o) {
+			*pid = o->tgid;
+			__builtin_memcpy(comm, o->comm, 16);
+			return;
+		}
+	}
+	*pid = 0;
+	__builtin_memset(comm, 0, 16);
 }
 
 static __always_inline __u8 buf_at(struct rf_scratch *s, __u32 off)
@@ -558,7 +601,9 @@ static __always_inline struct rf_scratch *load_dns(struct __sk_buff *skb, struct
 }
 
 /* Sends the DNS message in scratch to the ring buffer behind an rf_dns_event header. */
-static __always_inline void emit_dns_copy(struct rf_scratch *s, __u32 job_id, const __u8 *server)
+/* `skb`: the query's packet, to name its sender by (NULL for answers: they have none). */
+static __always_inline void emit_dns_copy(struct rf_scratch *s, __u32 job_id, const __u8 *server,
+					  struct __sk_buff *skb)
 {
 	__u32 len = s->len;
 
@@ -587,10 +632,7 @@ static __always_inline void emit_dns_copy(struct rf_scratch *s, __u32 job_id, co
 	__builtin_memset(s->ev.comm, 0, sizeof(s->ev.comm));
 	if (s->flags & RF_DNS_QUERY) {
 		s->ev.cgroup_id = s->cgroup_id;
-		if (have_task_helpers && bpf_get_current_cgroup_id() == s->cgroup_id) {
-			s->ev.pid = bpf_get_current_pid_tgid() >> 32;
-			bpf_get_current_comm(s->ev.comm, sizeof(s->ev.comm));
-		}
+		sender_of(skb, s->cgroup_id, RF_SENDER_TC, &s->ev.pid, s->ev.comm);
 	}
 	barrier_var(len);
 	if (len > RF_DNS_BUF)
@@ -634,7 +676,7 @@ static __always_inline void copy_segment(struct __sk_buff *skb, struct pkt *p, _
 	s->flags = RF_DNS_TCP | RF_DNS_TCP_SEGMENT | flags;
 	s->ev.seq = bpf_ntohl(seq);
 	s->ev.client_port = p->dport;
-	emit_dns_copy(s, job_id, p->saddr);
+	emit_dns_copy(s, job_id, p->saddr, NULL);
 }
 
 /* The mark of every packet ringfence turns around (a query answered REFUSED, a segment
@@ -865,14 +907,14 @@ static __always_inline void remember_query(struct rf_scratch *s)
 }
 
 /* The copy of a query that was not allowed (or not judged) for the audit trail. */
-static __always_inline void report_query(struct rf_scratch *s, __u32 job_id, const __u8 *server,
-					 __u32 flags)
+static __always_inline void report_query(struct __sk_buff *skb, struct rf_scratch *s, __u32 job_id,
+					 const __u8 *server, __u32 flags)
 {
 	if (flags & RF_DNS_UNJUDGED)
 		count(RF_CNT_DNS_UNJUDGED);
 	s->flags = RF_DNS_QUERY | flags;
 	s->bound = 0;
-	emit_dns_copy(s, job_id, server);
+	emit_dns_copy(s, job_id, server, skb);
 }
 
 /* Up to RF_DNS_BUF bytes of the packet from `off`, as the copy of something that has no
@@ -941,15 +983,15 @@ static __always_inline int dns_udp_query(struct __sk_buff *skb, struct pkt *p,
 	if (v == RF_Q_ALLOWED)
 		return TC_ACT_UNSPEC;
 	if (!s->enforce) {
-		report_query(s, job->job_id, p->daddr, v == RF_Q_UNJUDGED ? RF_DNS_UNJUDGED : 0);
+		report_query(skb, s, job->job_id, p->daddr, v == RF_Q_UNJUDGED ? RF_DNS_UNJUDGED : 0);
 		return TC_ACT_UNSPEC;
 	}
-	report_query(s, job->job_id, p->daddr,
+	report_query(skb, s, job->job_id, p->daddr,
 		     RF_DNS_REFUSED | (v == RF_Q_UNJUDGED ? RF_DNS_UNJUDGED : 0));
 	return refuse_query(skb, p);
 raw:
 	load_raw(skb, s, p->payload);
-	report_query(s, job->job_id, p->daddr, RF_DNS_UNJUDGED);
+	report_query(skb, s, job->job_id, p->daddr, RF_DNS_UNJUDGED);
 	return s->enforce ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 }
 
@@ -1033,7 +1075,7 @@ static long tcp_walk_cb(__u32 i, void *ctx)
 				s->verdict = v;
 				return 1;
 			}
-			report_query(s, s->qv.job_id, s->qk.server,
+			report_query(w->skb, s, s->qv.job_id, s->qk.server,
 				     RF_DNS_TCP | (v == RF_Q_UNJUDGED ? RF_DNS_UNJUDGED : 0));
 		}
 	}
@@ -1141,18 +1183,18 @@ __noinline int dns_tcp_query(struct __sk_buff *skb, struct pkt *p)
 	s->flags = RF_DNS_TCP | (s->verdict == RF_Q_UNJUDGED ? RF_DNS_UNJUDGED : 0);
 	if (s->boundary && s->seg_end - p->payload == 2 + (__u32)st->msglen && st->msglen >= 12) {
 		/* Exactly one whole message: answer it REFUSED, so the client learns at once. */
-		report_query(s, s->qv.job_id, s->qk.server, s->flags | RF_DNS_REFUSED);
+		report_query(skb, s, s->qv.job_id, s->qk.server, s->flags | RF_DNS_REFUSED);
 		p->dns_off = p->payload + 2;
 		p->l4_len = 2 + st->msglen;
 		return RF_ACT_REFUSE;
 	}
-	report_query(s, s->qv.job_id, s->qk.server, s->flags);
+	report_query(skb, s, s->qv.job_id, s->qk.server, s->flags);
 	return RF_ACT_RESET;
 lose:
 	st->state = s->enforce ? RF_STREAM_DEAD : RF_STREAM_LOST;
 raw:
 	load_raw(skb, s, p->payload);
-	report_query(s, s->qv.job_id, s->qk.server, RF_DNS_TCP | RF_DNS_UNJUDGED);
+	report_query(skb, s, s->qv.job_id, s->qk.server, RF_DNS_TCP | RF_DNS_UNJUDGED);
 	return s->enforce ? RF_ACT_RESET : TC_ACT_UNSPEC;
 }
 
@@ -1317,7 +1359,7 @@ malformed:
 	s->flags |= RF_DNS_MALFORMED;
 	s->bound = 0;
 out:
-	emit_dns_copy(s, job_id, p->saddr);
+	emit_dns_copy(s, job_id, p->saddr, NULL);
 }
 
 #endif

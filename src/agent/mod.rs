@@ -14,6 +14,8 @@ use anyhow::{Context, Result};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
+pub mod lineage;
+
 use crate::kernel::abi;
 use crate::kernel::dataplane::Dataplane;
 use crate::trail::dns;
@@ -76,9 +78,11 @@ enum Pending {
 
 impl JobState {
     /// A flow event of this job: `who` is what the kernel said of the sender (boot-time
-    /// stamp, pid, comm, cgroup), `to` the destination and the name behind it.
+    /// stamp, pid, comm, cgroup), `to` the destination and the name behind it. The process's
+    /// executable and parent chain come from `procs`.
     fn flow(
         &self,
+        procs: &mut lineage::ProcCache,
         who: (u64, u32, &[i8; 16], u64),
         proto: Proto,
         to: (IpAddr, u16, Option<String>),
@@ -86,7 +90,7 @@ impl JobState {
         reason: Reason,
     ) -> FlowEvent {
         let (ts_ns, pid, comm, cgroup) = who;
-        let (pid, comm) = self.attribute(pid, abi::comm_to_string(comm));
+        let (pid, comm, lineage) = self.attribute(procs, pid, abi::comm_to_string(comm));
         let (dst, port, domain) = to;
         FlowEvent {
             ts: boottime_to_system(ts_ns),
@@ -94,6 +98,8 @@ impl JobState {
             step: self.step.clone(),
             pid,
             comm,
+            exe: lineage.exe,
+            parents: lineage.parents,
             cgroup,
             proto,
             dst,
@@ -121,13 +127,21 @@ impl JobState {
             .unwrap_or(crate::policy::PortSet::None)
     }
 
-    /// The kernel keeps a pid only when the sending task was in the socket's cgroup (see
-    /// emit_flow in bpf/ringfence.bpf.c), so no /proc lookup is needed here.
-    fn attribute(&self, pid: u32, comm: String) -> (u32, String) {
+    /// The kernel names the sender only when it knows it (the sending task in the socket's
+    /// cgroup, or the socket's recorded owner: see sender_of in bpf/dns.h), so pid 0 is "not
+    /// known" and needs no /proc check. A known process gets its executable and parent chain
+    /// (read once per process; empty when it has exited since).
+    fn attribute(
+        &self,
+        procs: &mut lineage::ProcCache,
+        pid: u32,
+        comm: String,
+    ) -> (u32, String, lineage::Lineage) {
         if pid == 0 {
-            (0, String::new())
+            (0, String::new(), lineage::Lineage::default())
         } else {
-            (pid, comm)
+            let l = procs.lineage(pid, &comm);
+            (pid, comm, l)
         }
     }
 
@@ -194,6 +208,9 @@ pub struct Agent {
     write_failed: bool,
     /// TCP answers given up half-assembled to keep at most MAX_STREAMS.
     pub streams_evicted: u64,
+    /// Executables and parent chains of the processes flows name (one host, one pid space:
+    /// shared by every job).
+    procs: lineage::ProcCache,
 }
 
 /// TCP DNS answers the agent assembles at once (bpf/maps.h: tcp_streams).
@@ -257,6 +274,7 @@ impl Agent {
             detached: Default::default(),
             write_failed: false,
             streams_evicted: 0,
+            procs: lineage::ProcCache::default(),
         })
     }
 
@@ -521,6 +539,7 @@ impl Agent {
             ev.sport
         };
         let flow = job.flow(
+            &mut self.procs,
             (ev.hdr.ts_ns, ev.pid, &ev.comm, ev.cgroup_id),
             Proto::from(ev.proto),
             (dst, port, domain),
@@ -698,6 +717,7 @@ impl Agent {
             None => Vec::new(),
         };
         let flow = job.flow(
+            &mut self.procs,
             (ev.hdr.ts_ns, ev.pid, &ev.comm, ev.cgroup_id),
             if tcp { Proto::Tcp } else { Proto::Udp },
             (abi::addr_from_bytes(ev.server), 53, name),
@@ -731,6 +751,7 @@ impl Agent {
                 Verdict::Audited
             };
             let flow = job.flow(
+                &mut self.procs,
                 (ev.hdr.ts_ns, ev.pid, &ev.comm, ev.cgroup_id),
                 if ev.flags & abi::DNS_TCP != 0 {
                     Proto::Tcp
@@ -1015,6 +1036,8 @@ mod tests {
             step: Some("python3".into()),
             pid: 7,
             comm: "python3".into(),
+            exe: None,
+            parents: Vec::new(),
             cgroup: 1,
             proto: Proto::Udp,
             dst: IpAddr::from(std::net::Ipv4Addr::from(0xcb00_7100 + (i & 0xff))),

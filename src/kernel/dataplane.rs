@@ -165,6 +165,38 @@ pub fn task_helpers_in_tc() -> bool {
         && probe(sys::BPF_FUNC_get_current_cgroup_id)
 }
 
+/// Whether a program of type `prog_type` may call every helper in `helpers` here.
+fn helpers_in(prog_type: libbpf_rs::libbpf_sys::bpf_prog_type, helpers: &[u32]) -> bool {
+    helpers.iter().all(|&helper| {
+        // SAFETY: a read-only feature probe; NULL opts are allowed.
+        unsafe {
+            libbpf_rs::libbpf_sys::libbpf_probe_bpf_helper(prog_type, helper, std::ptr::null())
+                == 1
+        }
+    })
+}
+
+/// Can the cgroup socket hooks that record socket owners (bpf/sockowner.h) load here? They
+/// name the process of a flow where TC programs cannot ask the current task (kernels before
+/// 6.10, packets sent from timers). Where they cannot, they are left out and flows of such
+/// kernels carry no pid.
+pub fn sock_owner_hooks() -> bool {
+    use libbpf_rs::libbpf_sys as sys;
+    let needs = [
+        sys::BPF_FUNC_get_socket_cookie,
+        sys::BPF_FUNC_get_current_pid_tgid,
+        sys::BPF_FUNC_get_current_comm,
+        sys::BPF_FUNC_get_current_cgroup_id,
+    ];
+    helpers_in(sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR, &needs)
+        && helpers_in(sys::BPF_PROG_TYPE_CGROUP_SOCK, &needs)
+}
+
+/// Can a flow event name its process on this kernel, one way or the other?
+pub fn process_attribution() -> bool {
+    task_helpers_in_tc() || sock_owner_hooks()
+}
+
 enum Attachment {
     /// A TCX link: detached when the link is dropped (or the process dies).
     Tcx(#[allow(dead_code)] Link),
@@ -185,6 +217,8 @@ pub struct Dataplane {
     attached: Vec<(String, u32, Attachment)>,
     /// The cgroup backstop links (see rf_backstop in bpf/ringfence.bpf.c).
     backstops: Vec<Link>,
+    /// The socket-owner hooks (bpf/sockowner.h) are loaded, to attach with the backstop.
+    owner_hooks: bool,
     kernel: KernelInfo,
 }
 
@@ -530,6 +564,7 @@ impl Dataplane {
         // long as the process, so the (pointer-sized) storage is leaked on purpose.
         let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
             Box::leak(Box::new(MaybeUninit::uninit()));
+        let owner_hooks = sock_owner_hooks();
         let mut open = RingfenceSkelBuilder::default()
             .open(storage)
             .map_err(DataplaneError::Load)?;
@@ -544,6 +579,27 @@ impl Dataplane {
             ro.emit_events = u8::from(opts.emit_events);
             ro.always_judge = u8::from(opts.always_judge);
             ro.have_task_helpers = u8::from(task_helpers_in_tc());
+            ro.have_sock_owner = u8::from(owner_hooks);
+            // The multicast-join check names its caller when setsockopt hooks may ask.
+            ro.have_sockopt_task = u8::from(helpers_in(
+                libbpf_rs::libbpf_sys::BPF_PROG_TYPE_CGROUP_SOCKOPT,
+                &[
+                    libbpf_rs::libbpf_sys::BPF_FUNC_get_current_pid_tgid,
+                    libbpf_rs::libbpf_sys::BPF_FUNC_get_current_comm,
+                ],
+            ));
+        }
+        // Hooks this kernel would refuse are not loaded (the rest of the object still is).
+        if !owner_hooks {
+            for p in [
+                &mut open.progs.rf_own_create,
+                &mut open.progs.rf_own_connect4,
+                &mut open.progs.rf_own_connect6,
+                &mut open.progs.rf_own_sendmsg4,
+                &mut open.progs.rf_own_sendmsg6,
+            ] {
+                p.set_autoload(false);
+            }
         }
         open.maps
             .allow
@@ -572,6 +628,7 @@ impl Dataplane {
             watched: Vec::new(),
             process_watch: Vec::new(),
             backstops: Vec::new(),
+            owner_hooks,
             kernel,
         })
     }
@@ -719,7 +776,9 @@ impl Dataplane {
     /// interface the TC programs are not attached to are unparsed (dropped in block mode),
     /// and new flows to blocked destinations are dropped before neighbour resolution (ARP and
     /// neighbour discovery would put the address on the link). With it, the multicast-join
-    /// check (rf_sockopt): the kernel's IGMP/MLD reports carry the group the job chose.
+    /// check (rf_sockopt): the kernel's IGMP/MLD reports carry the group the job chose. And
+    /// the socket-owner hooks (bpf/sockowner.h), which only record who owns each socket, so
+    /// that flows name their process where TC cannot ask (they always allow).
     pub fn attach_backstop(&mut self, cgroup: &Path) -> Result<()> {
         let dir = std::fs::File::open(cgroup).map_err(|source| DataplaneError::Attach {
             ifname: cgroup.display().to_string(),
@@ -728,6 +787,14 @@ impl Dataplane {
             source,
         })?;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&dir);
+        let owners = [
+            (&self.skel.progs.rf_own_create, "cgroup sock_create", "cgroup_sock"),
+            (&self.skel.progs.rf_own_connect4, "cgroup connect4", "cgroup_sock_addr"),
+            (&self.skel.progs.rf_own_connect6, "cgroup connect6", "cgroup_sock_addr"),
+            (&self.skel.progs.rf_own_sendmsg4, "cgroup sendmsg4", "cgroup_sock_addr"),
+            (&self.skel.progs.rf_own_sendmsg6, "cgroup sendmsg6", "cgroup_sock_addr"),
+        ];
+        let owners = if self.owner_hooks { &owners[..] } else { &[] };
         for (prog, dir_name, kind) in [
             (&self.skel.progs.rf_backstop, "cgroup egress", "cgroup_skb"),
             (
@@ -735,7 +802,10 @@ impl Dataplane {
                 "cgroup setsockopt",
                 "cgroup_sockopt",
             ),
-        ] {
+        ]
+        .iter()
+        .chain(owners)
+        {
             let link = prog.attach_cgroup(fd).map_err(|e| DataplaneError::Attach {
                 ifname: cgroup.display().to_string(),
                 dir: dir_name,

@@ -980,6 +980,8 @@ mod tests {
             step: Some("npm install".into()),
             pid,
             comm: comm.into(),
+            exe: None,
+            parents: Vec::new(),
             cgroup: 12345,
             proto: Proto::Tcp,
             dst: dst.parse().unwrap(),
