@@ -244,10 +244,7 @@ mod tests {
         let sleep_exe = std::fs::canonicalize("/bin/sleep").unwrap();
         assert_eq!(l.exe.as_deref(), Some(sleep_exe.to_str().unwrap()));
         assert_eq!(l.parents[0].pid, sh.id());
-        assert_eq!(
-            l.parents[0].exe.as_deref(),
-            Some(sh_exe.to_str().unwrap())
-        );
+        assert_eq!(l.parents[0].exe.as_deref(), Some(sh_exe.to_str().unwrap()));
         assert_eq!(l.parents[1].pid, std::process::id());
         assert_eq!(l.parents[1].exe.as_deref(), Some(me.to_str().unwrap()));
         assert!(l.parents.len() <= MAX_PARENTS);

@@ -170,8 +170,7 @@ fn helpers_in(prog_type: libbpf_rs::libbpf_sys::bpf_prog_type, helpers: &[u32]) 
     helpers.iter().all(|&helper| {
         // SAFETY: a read-only feature probe; NULL opts are allowed.
         unsafe {
-            libbpf_rs::libbpf_sys::libbpf_probe_bpf_helper(prog_type, helper, std::ptr::null())
-                == 1
+            libbpf_rs::libbpf_sys::libbpf_probe_bpf_helper(prog_type, helper, std::ptr::null()) == 1
         }
     })
 }
@@ -788,11 +787,31 @@ impl Dataplane {
         })?;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&dir);
         let owners = [
-            (&self.skel.progs.rf_own_create, "cgroup sock_create", "cgroup_sock"),
-            (&self.skel.progs.rf_own_connect4, "cgroup connect4", "cgroup_sock_addr"),
-            (&self.skel.progs.rf_own_connect6, "cgroup connect6", "cgroup_sock_addr"),
-            (&self.skel.progs.rf_own_sendmsg4, "cgroup sendmsg4", "cgroup_sock_addr"),
-            (&self.skel.progs.rf_own_sendmsg6, "cgroup sendmsg6", "cgroup_sock_addr"),
+            (
+                &self.skel.progs.rf_own_create,
+                "cgroup sock_create",
+                "cgroup_sock",
+            ),
+            (
+                &self.skel.progs.rf_own_connect4,
+                "cgroup connect4",
+                "cgroup_sock_addr",
+            ),
+            (
+                &self.skel.progs.rf_own_connect6,
+                "cgroup connect6",
+                "cgroup_sock_addr",
+            ),
+            (
+                &self.skel.progs.rf_own_sendmsg4,
+                "cgroup sendmsg4",
+                "cgroup_sock_addr",
+            ),
+            (
+                &self.skel.progs.rf_own_sendmsg6,
+                "cgroup sendmsg6",
+                "cgroup_sock_addr",
+            ),
         ];
         let owners = if self.owner_hooks { &owners[..] } else { &[] };
         for (prog, dir_name, kind) in [

@@ -903,7 +903,10 @@ mod tests {
         assert!(!old.contains("exe") && !old.contains("parents"), "{old}");
         let mut back = flow();
         back.ts = micros(back.ts);
-        assert_eq!(read_events(old.as_bytes()).unwrap(), vec![Event::Flow(back)]);
+        assert_eq!(
+            read_events(old.as_bytes()).unwrap(),
+            vec![Event::Flow(back)]
+        );
     }
 
     #[test]
