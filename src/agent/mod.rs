@@ -79,10 +79,9 @@ enum Pending {
 impl JobState {
     /// A flow event of this job: `who` is what the kernel said of the sender (boot-time
     /// stamp, pid, comm, cgroup), `to` the destination and the name behind it. The process's
-    /// executable and parent chain come from `procs`.
+    /// executable and parent chain are added when the event is written (`Agent::emit_at`).
     fn flow(
         &self,
-        procs: &mut lineage::ProcCache,
         who: (u64, u32, &[i8; 16], u64),
         proto: Proto,
         to: (IpAddr, u16, Option<String>),
@@ -90,7 +89,7 @@ impl JobState {
         reason: Reason,
     ) -> FlowEvent {
         let (ts_ns, pid, comm, cgroup) = who;
-        let (pid, comm, lineage) = self.attribute(procs, pid, abi::comm_to_string(comm));
+        let (pid, comm) = self.attribute(pid, abi::comm_to_string(comm));
         let (dst, port, domain) = to;
         FlowEvent {
             ts: boottime_to_system(ts_ns),
@@ -98,8 +97,8 @@ impl JobState {
             step: self.step.clone(),
             pid,
             comm,
-            exe: lineage.exe,
-            parents: lineage.parents,
+            exe: None,
+            parents: Vec::new(),
             cgroup,
             proto,
             dst,
@@ -129,19 +128,12 @@ impl JobState {
 
     /// The kernel names the sender only when it knows it (the sending task in the socket's
     /// cgroup, or the socket's recorded owner: see sender_of in bpf/dns.h), so pid 0 is "not
-    /// known" and needs no /proc check. A known process gets its executable and parent chain
-    /// (read once per process; empty when it has exited since).
-    fn attribute(
-        &self,
-        procs: &mut lineage::ProcCache,
-        pid: u32,
-        comm: String,
-    ) -> (u32, String, lineage::Lineage) {
+    /// known" and needs no /proc check.
+    fn attribute(&self, pid: u32, comm: String) -> (u32, String) {
         if pid == 0 {
-            (0, String::new(), lineage::Lineage::default())
+            (0, String::new())
         } else {
-            let l = procs.lineage(pid, &comm);
-            (pid, comm, l)
+            (pid, comm)
         }
     }
 
@@ -209,7 +201,7 @@ pub struct Agent {
     /// TCP answers given up half-assembled to keep at most MAX_STREAMS.
     pub streams_evicted: u64,
     /// Executables and parent chains of the processes flows name (one host, one pid space:
-    /// shared by every job).
+    /// shared by every job), read when a flow event is written.
     procs: lineage::ProcCache,
 }
 
@@ -331,7 +323,22 @@ impl Agent {
             None => true,
         };
         if admitted {
+            let ev = self.with_lineage(ev);
             self.write(job_id, &ev, false);
+        }
+    }
+
+    /// A flow event with its process's executable and parent chain (see [`lineage`]). Only
+    /// events that are written get them: what the rate limit holds back costs no /proc read.
+    fn with_lineage(&mut self, ev: Event) -> Event {
+        match ev {
+            Event::Flow(mut f) if f.pid != 0 && f.exe.is_none() && f.parents.is_empty() => {
+                let l = self.procs.lineage(f.pid, &f.comm);
+                f.exe = l.exe;
+                f.parents = l.parents;
+                Event::Flow(f)
+            }
+            ev => ev,
         }
     }
 
@@ -539,7 +546,6 @@ impl Agent {
             ev.sport
         };
         let flow = job.flow(
-            &mut self.procs,
             (ev.hdr.ts_ns, ev.pid, &ev.comm, ev.cgroup_id),
             Proto::from(ev.proto),
             (dst, port, domain),
@@ -717,7 +723,6 @@ impl Agent {
             None => Vec::new(),
         };
         let flow = job.flow(
-            &mut self.procs,
             (ev.hdr.ts_ns, ev.pid, &ev.comm, ev.cgroup_id),
             if tcp { Proto::Tcp } else { Proto::Udp },
             (abi::addr_from_bytes(ev.server), 53, name),
@@ -751,7 +756,6 @@ impl Agent {
                 Verdict::Audited
             };
             let flow = job.flow(
-                &mut self.procs,
                 (ev.hdr.ts_ns, ev.pid, &ev.comm, ev.cgroup_id),
                 if ev.flags & abi::DNS_TCP != 0 {
                     Proto::Tcp
@@ -1153,6 +1157,65 @@ mod tests {
         events.iter().for_each(|e| back.add(e));
         assert_eq!(back.blocked(), 10_000);
         assert_eq!(back.cuts(), j.report.cuts());
+    }
+
+    /// A written flow event names its process's executable and parent chain; one the rate
+    /// limit holds back costs no /proc read.
+    #[test]
+    fn written_flows_carry_the_parent_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let limits = Limits {
+            events_per_sec: 1,
+            events_burst: 1,
+            ..Limits::unlimited()
+        };
+        let mut agent = Agent::new(Some(&path), Duration::ZERO, Duration::ZERO).unwrap();
+        let job = JobState::new("flood", "block", None).with_limits(limits);
+        let t0 = boottime_ns();
+        agent.start_job(1, job, vec!["sleep".into()], &Default::default());
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap() != "sleep\n" {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let of_child = |i| match blocked(i) {
+            Event::Flow(mut f) => {
+                f.pid = child.id();
+                f.comm = "sleep".into();
+                Event::Flow(f)
+            }
+            _ => unreachable!(),
+        };
+        agent.emit_at(1, of_child(0), t0);
+        let reads = agent.procs.reads;
+        assert!(reads >= 2, "{reads}");
+        // Held back by the rate limit (burst 1): not written, nothing read.
+        for i in 1..100 {
+            agent.emit_at(1, of_child(i), t0);
+        }
+        assert_eq!(agent.procs.reads, reads);
+        agent.finish();
+        let _ = child.kill();
+        let _ = child.wait();
+        let events = read_events(io::BufReader::new(std::fs::File::open(&path).unwrap())).unwrap();
+        let flows: Vec<&FlowEvent> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Flow(f) => Some(f),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(flows.len(), 1);
+        let sleep = std::fs::canonicalize("/bin/sleep").unwrap();
+        assert_eq!(flows[0].exe.as_deref(), sleep.to_str());
+        assert_eq!(flows[0].parents[0].pid, std::process::id());
+        let me = std::fs::read_link("/proc/self/exe").unwrap();
+        assert_eq!(flows[0].parents[0].exe.as_deref(), me.to_str());
     }
 
     #[test]
