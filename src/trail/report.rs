@@ -60,6 +60,20 @@ struct Row {
     first_ts: SystemTime,
     first_pid: u32,
     first_comm: String,
+    /// The steps its outbound flows came from, each with its own count and earliest
+    /// process (one lookup per flow serves both tables).
+    steps: Vec<StepHit>,
+}
+
+/// A row's outbound flows from one step.
+#[derive(Debug, Clone)]
+struct StepHit {
+    /// Index into `Report::steps`.
+    step: usize,
+    count: usize,
+    first_ts: SystemTime,
+    first_pid: u32,
+    first_comm: String,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -99,13 +113,14 @@ struct CallKey {
     verdict: Verdict,
 }
 
-/// The outbound calls of one step.
+/// One step of the job, as its table needs it (its rows are the `StepHit`s of the main
+/// table's rows).
 #[derive(Debug, Clone, Default)]
-struct StepCalls {
+struct Step {
     /// The step's label; None for flows written before any step was named.
     label: Option<String>,
-    calls: HashMap<CallKey, Row>,
-    /// Calls to destinations past `max_destinations` rows (all steps together).
+    /// Calls not listed: to destinations folded out of the main table, or past
+    /// `max_destinations` step rows (all steps together).
     folded: usize,
 }
 
@@ -166,9 +181,9 @@ pub struct Report {
     answers_not_listed: usize,
     cuts: Cuts,
     kernel: Option<KernelCounts>,
-    /// Outbound calls by step, steps in the order first named (by a step marker or a flow).
-    steps: Vec<StepCalls>,
-    /// Rows in every step's table together (bounded by `max_destinations`).
+    /// The job's steps, in the order first named (by a step marker or a flow).
+    steps: Vec<Step>,
+    /// Rows in every step's table together (`StepHit`s, bounded by `max_destinations`).
     step_rows: usize,
     /// Outbound flows of steps past MAX_STEPS.
     steps_folded: usize,
@@ -313,62 +328,32 @@ impl Report {
     }
 
     /// The index of the step labelled `label` in `steps`, added if new; None past MAX_STEPS.
+    /// Searched from the latest: flows mostly belong to the step running now.
     fn step_index(&mut self, label: Option<&str>) -> Option<usize> {
-        if let Some(i) = self.steps.iter().position(|s| s.label.as_deref() == label) {
+        if let Some(i) = self.steps.iter().rposition(|s| s.label.as_deref() == label) {
             return Some(i);
         }
         if self.steps.len() >= MAX_STEPS {
             return None;
         }
-        self.steps.push(StepCalls {
+        self.steps.push(Step {
             label: label.map(str::to_owned),
-            ..Default::default()
+            folded: 0,
         });
         Some(self.steps.len() - 1)
     }
 
-    /// Adds an outbound flow to its step's table.
-    fn add_call(&mut self, f: &FlowEvent) {
-        let Some(i) = self.step_index(f.step.as_deref()) else {
-            self.steps_folded += 1;
-            return;
-        };
-        let key = CallKey {
-            domain: f.domain.clone(),
-            dst: f.dst,
-            port: f.port,
-            proto: Proto::from(u8::from(f.proto)),
-            verdict: f.verdict,
-        };
-        let max = self.limits.max_destinations;
-        let step = &mut self.steps[i];
-        if !step.calls.contains_key(&key) {
-            if self.step_rows >= max {
-                step.folded += 1;
-                return;
-            }
-            self.step_rows += 1;
-        }
-        let first = || Row {
-            count: 0,
-            first_ts: f.ts,
-            first_pid: f.pid,
-            first_comm: f.comm.clone(),
-        };
-        let row = step.calls.entry(key).or_insert_with(first);
-        if f.ts < row.first_ts {
-            *row = Row {
-                count: row.count,
-                ..first()
-            };
-        }
-        row.count += 1;
-    }
-
     fn add_flow(&mut self, f: &FlowEvent) {
-        if f.direction.is_outbound() {
-            self.add_call(f);
-        }
+        // The step an outbound call was made from (inbound flows are not calls).
+        let step = if f.direction.is_outbound() {
+            let s = self.step_index(f.step.as_deref());
+            if s.is_none() {
+                self.steps_folded += 1;
+            }
+            s
+        } else {
+            None
+        };
         self.flows += 1;
         match f.verdict {
             Verdict::Allowed => self.allowed += 1,
@@ -384,7 +369,8 @@ impl Report {
             verdict: f.verdict,
             reason: f.reason,
         };
-        if self.rows.len() >= self.limits.max_destinations && !self.rows.contains_key(&key) {
+        let max = self.limits.max_destinations;
+        if self.rows.len() >= max && !self.rows.contains_key(&key) {
             self.folded_flows += 1;
             *self
                 .folded
@@ -394,6 +380,9 @@ impl Report {
                     proto: u8::from(f.proto),
                 })
                 .or_default() += 1;
+            if let Some(i) = step {
+                self.steps[i].folded += 1;
+            }
             return;
         }
         let first = || Row {
@@ -401,15 +390,39 @@ impl Report {
             first_ts: f.ts,
             first_pid: f.pid,
             first_comm: f.comm.clone(),
+            steps: Vec::new(),
         };
         let row = self.rows.entry(key).or_insert_with(first);
         if f.ts < row.first_ts {
-            *row = Row {
-                count: row.count,
-                ..first()
-            };
+            row.first_ts = f.ts;
+            row.first_pid = f.pid;
+            row.first_comm.clone_from(&f.comm);
         }
         row.count += 1;
+        let Some(i) = step else {
+            return;
+        };
+        match row.steps.iter_mut().find(|h| h.step == i) {
+            Some(h) => {
+                if f.ts < h.first_ts {
+                    h.first_ts = f.ts;
+                    h.first_pid = f.pid;
+                    h.first_comm.clone_from(&f.comm);
+                }
+                h.count += 1;
+            }
+            None if self.step_rows < max => {
+                self.step_rows += 1;
+                row.steps.push(StepHit {
+                    step: i,
+                    count: 1,
+                    first_ts: f.ts,
+                    first_pid: f.pid,
+                    first_comm: f.comm.clone(),
+                });
+            }
+            None => self.steps[i].folded += 1,
+        }
     }
 
     /// Replaces the findings with the detector's current ones, whose values and counts kept
@@ -569,8 +582,8 @@ impl Report {
         let step_folded: usize = self.steps.iter().map(|s| s.folded).sum();
         if step_folded > 0 {
             notes.push(format!(
-                "{step_folded} outbound calls to destinations beyond the first {max} (all steps \
-                 together) are not listed under their step (--max-destinations)."
+                "{step_folded} outbound calls are not listed under their step: their \
+                 destinations are beyond the first {max} (--max-destinations)."
             ));
         }
         if self.steps_folded > 0 {
@@ -637,8 +650,10 @@ impl Report {
         }
         self.steps
             .iter()
-            .map(|st| {
-                let cells = sorted_calls(st)
+            .enumerate()
+            .map(|(i, st)| {
+                let cells = self
+                    .step_calls(i)
                     .into_iter()
                     .map(|(k, r)| {
                         [
@@ -648,13 +663,71 @@ impl Report {
                             k.proto.to_string(),
                             k.verdict.to_string(),
                             r.count.to_string(),
-                            process(r),
+                            process(&r),
                         ]
                     })
                     .collect();
                 (st.label.as_deref(), cells, st.folded)
             })
             .collect()
+    }
+
+    /// Step `i`'s calls in report order (blocked, audited, allowed; then domain, unknown
+    /// last, address, port, protocol): its hits in the main table's rows, rows that differ
+    /// only by reason merged.
+    fn step_calls(&self, i: usize) -> Vec<(CallKey, Row)> {
+        let mut calls: HashMap<CallKey, Row> = HashMap::new();
+        for (k, r) in &self.rows {
+            for h in r.steps.iter().filter(|h| h.step == i) {
+                let key = CallKey {
+                    domain: k.domain.clone(),
+                    dst: k.dst,
+                    port: k.port,
+                    proto: k.proto,
+                    verdict: k.verdict,
+                };
+                let hit = Row {
+                    count: h.count,
+                    first_ts: h.first_ts,
+                    first_pid: h.first_pid,
+                    first_comm: h.first_comm.clone(),
+                    steps: Vec::new(),
+                };
+                match calls.get_mut(&key) {
+                    Some(c) => {
+                        c.count += hit.count;
+                        if hit.first_ts < c.first_ts {
+                            *c = Row {
+                                count: c.count,
+                                ..hit
+                            };
+                        }
+                    }
+                    None => {
+                        calls.insert(key, hit);
+                    }
+                }
+            }
+        }
+        let mut v: Vec<_> = calls.into_iter().collect();
+        v.sort_by(|(a, _), (b, _)| {
+            (
+                verdict_rank(a.verdict),
+                a.domain.is_none(),
+                &a.domain,
+                a.dst,
+                a.port,
+            )
+                .cmp(&(
+                    verdict_rank(b.verdict),
+                    b.domain.is_none(),
+                    &b.domain,
+                    b.dst,
+                    b.port,
+                ))
+                .then(u8::from(a.proto).cmp(&u8::from(b.proto)))
+        });
+        v
     }
 
     fn dns_line(name: &str, row: &DnsRow) -> String {
@@ -865,21 +938,21 @@ impl Report {
             first_ts: String,
         }
         #[derive(Serialize)]
-        struct JsonCall<'a> {
-            domain: Option<&'a str>,
+        struct JsonCall {
+            domain: Option<String>,
             address: IpAddr,
             port: u16,
             proto: Proto,
             verdict: Verdict,
             count: usize,
             first_pid: u32,
-            first_comm: &'a str,
+            first_comm: String,
             first_ts: String,
         }
         #[derive(Serialize)]
         struct JsonStep<'a> {
             step: Option<&'a str>,
-            calls: Vec<JsonCall<'a>>,
+            calls: Vec<JsonCall>,
             #[serde(skip_serializing_if = "is_zero")]
             folded: usize,
         }
@@ -1003,19 +1076,21 @@ impl Report {
             } else {
                 self.steps
                     .iter()
-                    .map(|st| JsonStep {
+                    .enumerate()
+                    .map(|(i, st)| JsonStep {
                         step: st.label.as_deref(),
-                        calls: sorted_calls(st)
+                        calls: self
+                            .step_calls(i)
                             .into_iter()
                             .map(|(k, r)| JsonCall {
-                                domain: k.domain.as_deref(),
+                                domain: k.domain,
                                 address: k.dst,
                                 port: k.port,
                                 proto: k.proto,
                                 verdict: k.verdict,
                                 count: r.count,
                                 first_pid: r.first_pid,
-                                first_comm: &r.first_comm,
+                                first_comm: r.first_comm,
                                 first_ts: format_ts(r.first_ts),
                             })
                             .collect(),
@@ -1071,30 +1146,6 @@ fn process(r: &Row) -> String {
     } else {
         format!("{}[{}]", r.first_comm, r.first_pid)
     }
-}
-
-/// A step's calls in report order: blocked, audited, allowed; then domain (unknown last),
-/// address, port, protocol.
-fn sorted_calls(st: &StepCalls) -> Vec<(&CallKey, &Row)> {
-    let mut v: Vec<_> = st.calls.iter().collect();
-    v.sort_by(|(a, _), (b, _)| {
-        (
-            verdict_rank(a.verdict),
-            a.domain.is_none(),
-            &a.domain,
-            a.dst,
-            a.port,
-        )
-            .cmp(&(
-                verdict_rank(b.verdict),
-                b.domain.is_none(),
-                &b.domain,
-                b.dst,
-                b.port,
-            ))
-            .then(u8::from(a.proto).cmp(&u8::from(b.proto)))
-    });
-    v
 }
 
 /// A step's label as a heading says it.
@@ -1632,11 +1683,22 @@ No outbound calls.
             "{text}"
         );
         assert!(
-            text.contains("1 outbound calls to destinations beyond the first 2"),
+            text.contains("1 outbound calls are not listed under their step"),
             "{text}"
         );
         let v: serde_json::Value = serde_json::from_str(&r.render(Format::Json)).unwrap();
         assert_eq!(v["steps"][1]["folded"], 1);
+        // A destination already in the main table, from a third step: the step rows are
+        // bounded on their own.
+        r.add(&in_step(
+            Some("three"),
+            flow(3, "x", 1, None, "198.51.100.1", 80, V::Audited, R::DirectIp),
+        ));
+        let v: serde_json::Value = serde_json::from_str(&r.render(Format::Json)).unwrap();
+        assert_eq!(v["steps"][2]["step"], "three");
+        assert_eq!(v["steps"][2]["calls"], serde_json::json!([]));
+        assert_eq!(v["steps"][2]["folded"], 1);
+        assert_eq!(v["rows"][0]["count"], 2);
     }
 
     #[test]
