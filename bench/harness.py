@@ -3,7 +3,8 @@
 
 Runs, in one go: the per-packet BPF_PROG_TEST_RUN costs, veth throughput between two
 network namespaces under every filter configuration (paired against "no filter"), the
-event pipeline, the userspace criterion benches and the memory footprint. Prints one
+event pipeline, the userspace criterion benches, the memory footprint and the host
+daemon (job start/end latency and leaks, memory per job, events under load). Prints one
 table, writes bench/out/<stamp>/*.json and bench/out/latest.json, and with --check
 compares the ratios to bench/baseline.json.
 
@@ -374,14 +375,34 @@ def fmt_value(test, v):
 # The other parts
 # ------------------------------------------------------------------------------------
 
-def run_rfbench(rfbench, what, out, quick):
-    cmd = [rfbench, what, "--json", str(out)] + (["--quick"] if quick else [])
+class PartFailed(RuntimeError):
+    """A part that ran but failed its own checks: its numbers are kept beside the failure."""
+
+    def __init__(self, msg, result=None):
+        super().__init__(msg)
+        self.result = result
+
+
+def run_rfbench(rfbench, what, out, quick, extra=()):
+    cmd = [rfbench, what, "--json", str(out)] + (["--quick"] if quick else []) + list(extra)
     log(f"== {what}: {' '.join(cmd)}")
-    r = subprocess.run(cmd, timeout=3600, text=True, stdout=subprocess.PIPE)
-    print(r.stdout, end="")
-    if r.returncode != 0:
-        raise RuntimeError(f"rfbench {what} failed (exit {r.returncode})")
-    return json.loads(Path(out).read_text())
+    p = subprocess.Popen(cmd, text=True, stdout=subprocess.PIPE)
+    try:
+        stdout, _ = p.communicate(timeout=3600)
+    except BaseException:
+        # Ctrl-C / SIGTERM / timeout: let rfbench take down what it created (the daemon
+        # part has a daemon, namespaces, pins and cgroups), then kill it if it does not.
+        p.terminate()
+        try:
+            p.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+        raise
+    print(stdout, end="")
+    result = json.loads(Path(out).read_text()) if Path(out).exists() else None
+    if p.returncode != 0:
+        raise PartFailed(f"rfbench {what} failed (exit {p.returncode})", result)
+    return result
 
 
 def criterion(args):
@@ -451,6 +472,12 @@ def targets_report(res):
                     f"drops from {fmt_rate(pl.get('drop_point_events_per_s'))}); agent.handle alone "
                     f"{pl['handle_events_per_s'] / 1e6:.3f} M/s, {pl.get('handle_nocheck_events_per_s', 0) / 1e6:.3f} M/s without the pid check",
                     s >= 1e6))
+    dm = res.get("daemon")
+    if dm:
+        e = dm["enforcement"]
+        leaks = e["triggered_leaks"] + e["stream_leaks"] + e.get("enforced_late", 0)
+        out.append(("daemon: nothing sent after `job start` returned gets through (server side)",
+                    f"{leaks} leaks over {e['tries']} job starts", leaks == 0))
     mem = res.get("memory")
     if mem and mem["learned_addresses"] < 1_000_000:
         out.append(("agent RSS <= 128 MiB at 1M learned addresses",
@@ -461,6 +488,55 @@ def targets_report(res):
                     f"BPF maps {mem['maps_memlock_mib']:.1f} MiB memlock",
                     mem["rss_with_dataplane_mib"] <= 128))
     return out
+
+
+def fmt_ms(v):
+    if not v or not v.get("n"):
+        return "-"
+    return f"{v['p50']:8.2f} {v['p99']:8.2f} {v['max']:8.2f}  n={v['n']}"
+
+
+def print_daemon(dm):
+    p = print
+    e = dm["enforcement"]
+    p("\n## Daemon (`ringfence run` in a namespace, driven over its control socket)")
+    p(f"  enforcement: {e['tries']} job starts ({e['tries_cgroup']} --cgroup, {e['tries_pid']} --pid, "
+      f"{e['tries_cli']} through the CLI): leaks {e['triggered_leaks']} triggered + {e['stream_leaks']} stream "
+      f"(server side; control with no job {e['control_received']}/{e['control_sent']} arrived); "
+      f"{e['stream_refused_in_jobs']} stream sends refused in jobs; "
+      f"enforcing before the answer in {e['enforced_before_return']}/{e['enforced_measured']}, "
+      f"after it in {e.get('enforced_late')}, undetermined {e.get('enforced_undetermined')}")
+    p(f"  pid jobs: {e['premove_socket_passed']} datagrams of a socket opened before the move got through (not the job's)")
+    p(f"  {'latency, ms':<34}{'p50':>8} {'p99':>8} {'max':>8}")
+    rows = [("ping (refused at once): baseline", e["ping_ms"]),
+            ("job start --cgroup", e["start_ms"]["cgroup"]), ("job start --pid", e["start_ms"]["pid"]),
+            ("job end --cgroup", e["end_ms"]["cgroup"]), ("job end --pid", e["end_ms"]["pid"]),
+            ("request -> first refused send", e["enforced_after_request_ms"]),
+            ("CLI: ringfence --version: baseline", e["cli_version_ms"]),
+            ("CLI: job start --cgroup", e["start_ms"]["cli_cgroup"]),
+            ("CLI: job start --pid", e["start_ms"]["cli_pid"]),
+            ("CLI: job end --cgroup", e["end_ms"]["cli_cgroup"]),
+            ("CLI: job end --pid", e["end_ms"]["cli_pid"])]
+    for k, s in dm["memory"]["start_ms"].items():
+        rows.append((f"job start, jobs {k}", s))
+    rows.append(("job end, 256 jobs running", dm["memory"]["end_ms_256"]))
+    for label, v in rows:
+        p(f"  {label:<34}{fmt_ms(v)}")
+    p(f"  {'memory':<22}{'RSS MiB':>9}{'HWM MiB':>9}{'maps MiB':>10}{'allow':>8}{'names':>8}")
+    for r in dm["memory"]["rows"]:
+        label = f"{r['jobs']} jobs" + (" (all ended)" if r.get("after_end") else "")
+        p(f"  {label:<22}{r['rss_mib']:>9.1f}{r['hwm_mib']:>9.1f}{r['maps_memlock_mib']:>10.1f}"
+          f"{r['map_entries'].get('allow', 0):>8}{r['map_entries'].get('names', 0):>8}")
+    f = dm["flood"]
+    p(f"  events under load, {f['jobs']} jobs; with no job {f['baseline_sends_per_s']:.0f} sends/s, "
+      f"daemon {f['baseline_daemon_cpu_pct']}% CPU")
+    p(f"  {'nice':>6}{'sends/s':>10}{'kernel/s':>10}{'written':>10}{'in flood/s':>11}{'drain/s':>9}{'drops':>9}"
+      f"{'cpu %':>7}{'us/ev':>7}{'HWM MiB':>9}{'end p50 ms':>11}")
+    for r in f["runs"]:
+        p(f"  {r['nice']:>6}{r['sends_per_s']:>10.0f}{r['kernel_events_per_s']:>10.0f}{r['written']:>10}"
+          f"{r['written_per_s_in_window']:>11.0f}{r['written_per_s_drain']:>9.0f}{r['ringbuf_drops']:>9}"
+          f"{r['daemon_cpu_pct_window']:>7.1f}{r['daemon_us_per_event']:>7.1f}{r['hwm_mib']:>9.1f}"
+          f"{r['end_ms'].get('p50', 0):>11.1f}")
 
 
 def fmt_rate(x):
@@ -511,6 +587,9 @@ def print_table(res):
         for m in mem["maps"]:
             p(f"  map {m['name']:<18}{m['memlock'] / 1048576:>8.1f} MiB")
         p(f"  maps total {mem['maps_memlock_mib']:.1f} MiB (memlock, as bpftool map show reports it)")
+    dm = res.get("daemon")
+    if dm:
+        print_daemon(dm)
     p("\n## Targets" + (" (--quick: indicative only, one pair, few packets)" if res.get("quick") else ""))
     for label, got, ok in targets_report(res):
         p(f"  [{'n/a ' if ok is None else 'met ' if ok else 'MISS'}] {label}: {got}")
@@ -557,7 +636,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="seconds, for CI: few packets, 1 pair, short runs")
     ap.add_argument("--check", action="store_true", help="compare to bench/baseline.json; exit 1 on a regression (never with --quick)")
-    ap.add_argument("--only", default="dataplane,veth,pipeline,criterion,memory",
+    ap.add_argument("--only", default="dataplane,veth,pipeline,criterion,memory,daemon",
                     help="comma-separated parts to run")
     ap.add_argument("--pairs", type=int, default=0, help="override the number of pairs per veth test")
     ap.add_argument("--max-minutes", type=float, default=40, help="time budget of the veth part")
@@ -590,6 +669,8 @@ def main():
         try:
             res[name] = fn()
         except Exception as e:  # one broken part must not hide the others' numbers
+            if getattr(e, "result", None):
+                res[name] = e.result
             failures.append(f"{name}: {e}")
             log(f"!! {name} failed: {e}")
             if os.environ.get("RFBENCH_DEBUG"):
@@ -599,6 +680,8 @@ def main():
     part("dataplane", lambda: run_rfbench(args.rfbench, "dataplane", outdir / "dataplane.json", args.quick))
     part("pipeline", lambda: run_rfbench(args.rfbench, "pipeline", outdir / "pipeline.json", args.quick))
     part("memory", lambda: run_rfbench(args.rfbench, "memory", outdir / "memory.json", args.quick))
+    part("daemon", lambda: run_rfbench(args.rfbench, "daemon", outdir / "daemon.json", args.quick,
+                                       ["--ringfence", args.ringfence]))
     part("criterion", lambda: criterion(args))
     if "veth" in parts:
         log("== veth throughput")

@@ -5,6 +5,9 @@
 //!   rfbench dataplane [--quick] [--json FILE]   per-packet cost, BPF_PROG_TEST_RUN
 //!   rfbench pipeline  [--quick] [--json FILE]   ring buffer -> agent -> JSON Lines, drop point
 //!   rfbench memory    [--quick] [--json FILE]   agent RSS and BPF map memory at 1M addresses
+//!   rfbench daemon --ringfence PATH [--quick] [--json FILE]   `ringfence run` from outside:
+//!                     job start/end latency and leaks, memory at 0/32/256 jobs, events
+//!                     under load (benches/rfbench/daemon.rs)
 //!   rfbench connect-server ADDR:PORT SECONDS    accept and close, until SECONDS pass
 //!   rfbench connect-client ADDR:PORT SECONDS MAX   connect/close loop; prints conns/s
 //!
@@ -25,13 +28,17 @@ use anyhow::{bail, Context, Result};
 use ringfence::agent::{Agent, JobState};
 use ringfence::kernel::abi;
 use ringfence::kernel::dataplane::{Dataplane, Options};
-use ringfence::policy::{Compiled, Policy, PortSet};
+use ringfence::policy::{Compiled, Mode, Policy, PortSet};
 use ringfence::testkit::testrun::{
     self, dns_answer, dns_query, frame, run_tc, Rr, TCP_ACK, TCP_SYN,
 };
 use serde_json::{json, Value};
 
+#[path = "rfbench/daemon.rs"]
+mod daemon;
+
 const USAGE: &str = "usage: rfbench dataplane|pipeline|memory [--quick] [--json FILE] \
+     | daemon --ringfence PATH [--quick] [--json FILE] \
      | connect-server ADDR:PORT SECS | connect-client ADDR:PORT SECS MAX";
 
 const LO: u32 = 1;
@@ -138,6 +145,8 @@ fn main() -> Result<()> {
         Some("dataplane") => dataplane(&args),
         Some("pipeline") => pipeline(&args),
         Some("memory") => memory(&args),
+        Some("daemon") => daemon::daemon(&args),
+        Some("daemon-sender") => daemon::sender_main(&args.rest[1..]),
         Some("connect-server") => connect_server(&args.rest[1..]),
         Some("connect-client") => connect_client(&args.rest[1..]),
         // `cargo bench`: the quick per-packet pass, when it can run at all.
@@ -167,6 +176,20 @@ fn main() -> Result<()> {
 
 /// Loads a dataplane whose trie holds `entries` host entries for JOB (plus `extra` free
 /// slots for DNS answers), the job keyed on loopback in block mode.
+/// A block-mode job that sends every DNS query on (no in-kernel REFUSED), as the
+/// benchmarks measure verdicts and binding, not query filtering.
+fn block_job(job_id: u32) -> abi::rf_job {
+    abi::rf_job::for_policy(
+        job_id,
+        &Policy {
+            mode: Mode::Block,
+            direct_ip: Mode::Block,
+            dns_filter: false,
+            ..Default::default()
+        },
+    )
+}
+
 fn rig(entries: u64, always_judge: bool, emit_events: bool) -> Result<Dataplane> {
     let mut dp = Dataplane::load(&Options {
         emit_events,
@@ -192,15 +215,7 @@ fn rig(entries: u64, always_judge: bool, emit_events: bool) -> Result<Dataplane>
         })
         .collect();
     dp.install_policy(JOB, &compiled, &[resolver()])?;
-    dp.add_interface_job(
-        LO,
-        abi::rf_job {
-            job_id: JOB,
-            mode: 1,
-            direct_ip: 1,
-            ..Default::default()
-        },
-    )?;
+    dp.add_interface_job(LO, block_job(JOB))?;
     Ok(dp)
 }
 
@@ -612,15 +627,7 @@ fn pipeline(args: &Args) -> Result<()> {
         inbound: vec![],
     };
     dp.install_policy(JOB, &compiled, &[resolver()])?;
-    dp.add_interface_job(
-        LO,
-        abi::rf_job {
-            job_id: JOB,
-            mode: 1,
-            direct_ip: 1,
-            ..Default::default()
-        },
-    )?;
+    dp.add_interface_job(LO, block_job(JOB))?;
     let map = dp.events_map()?;
     let consumed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -900,16 +907,7 @@ fn memory(args: &Args) -> Result<()> {
             },
             &[resolver()],
         )?;
-        dp.add_job(
-            0x00be_0000_0000 + j as u64,
-            2,
-            abi::rf_job {
-                job_id: *id,
-                mode: 1,
-                direct_ip: 1,
-                ..Default::default()
-            },
-        )?;
+        dp.add_job(0x00be_0000_0000 + j as u64, 2, block_job(*id))?;
     }
     let rss_all = status_kib("VmRSS:");
     let maps = my_maps();

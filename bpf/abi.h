@@ -25,6 +25,7 @@ enum rf_limits {
 	RF_DNS_RR_MAX = 256,     /* resource records walked in one answer */
 	RF_JOB_LEVELS = 32,      /* cgroup ancestor levels searched for a job */
 	RF_LPM_FULL = 160,       /* prefixlen of a host entry: 32 bits job id + 128 bits address */
+	RF_TCP_STREAMS_MAX = 4096, /* split TCP DNS answers followed at once (tcp_streams; the agent holds as many) */
 };
 
 enum rf_verdict {
@@ -125,6 +126,20 @@ enum rf_counter {
 	RF_CNT_INBOUND,        /* inbound connections seen (allowed or not) */
 	RF_CNT_DNS_SPECIAL,    /* special addresses in answers, never bound */
 	RF_CNT_MAX,
+};
+
+/* The programs' settings: the one read-only global `config` (bpf/lib/common.h), written by
+ * the agent before load (Dataplane::load) and frozen with it, so the verifier knows every
+ * value and skips the code they turn off. */
+struct rf_config {
+	__u64 dns_min_ttl_ns;   /* learned addresses live at least this long */
+	__u64 dns_grace_ns;     /* added to every learned address's TTL */
+	__u8 emit_events;       /* 0: no ring-buffer records (benchmarks: a full buffer distorts them) */
+	__u8 always_judge;      /* benchmarks: every packet judged as a new flow (no flow cache) */
+	__u8 have_task_helpers; /* bpf_get_current_pid_tgid/comm are callable from TC programs */
+	__u8 have_sock_owner;   /* the socket-owner hooks (bpf/sockowner.h) load: rf_sock_owner is filled */
+	__u8 have_sockopt_task; /* cgroup/setsockopt programs may call bpf_get_current_pid_tgid/comm */
+	__u8 _pad[3];
 };
 
 /* A set of destination ports. any != 0 means every port. */

@@ -80,13 +80,13 @@ struct {
  * which reassembles and binds them. The agent deletes an entry when the answer is whole. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, RF_TCP_STREAMS_MAX);
 	__type(key, struct rf_stream_key);
 	__type(value, struct rf_stream_val);
 } tcp_streams SEC(".maps");
 
 /* TCP DNS streams from a job to a resolver, followed in the kernel so that every message is
- * judged whatever the segmentation (see dns_tcp_query in dns.h). Internal to the programs. */
+ * judged whatever the segmentation (see dns_tcp_query in lib/dns_tcp.h). Internal to the programs. */
 enum rf_dns_stream_limits {
 	/* Bytes of a message held across segments: enough for any question (12-byte header,
 	 * a name of at most 255 bytes, type and class: 271). Later bytes are only counted. */

@@ -13,14 +13,23 @@
 
 #include "abi.h"
 #include "maps.h"
-#include "parse.h"
-#include "dns.h"
+#include "lib/common.h"
+#include "lib/parse.h"
+#include "lib/ports.h"
+/* Answers before queries: the object's subprograms then come in the order they always had. */
+#include "lib/dns_answer.h"
+#include "lib/dns_query.h"
+#include "lib/dns_refuse.h"
+#include "lib/sender.h"
 
 /* Bit n set: some job's cgroup sits at level n of the hierarchy. Written by the agent as
  * jobs come and go, so the ancestor walk only asks about levels that can match. */
 volatile __u32 job_levels = 0;
 /* Set once any job is keyed by interface: saves the lookup for everyone else. */
 volatile __u32 have_ifjobs = 0;
+/* Set when the daemon has a host default policy: a packet sent by a socket that belongs to
+ * no job is judged under it (the `jobs` entry of cgroup id 0, which no cgroup has). */
+volatile __u32 have_host_job = 0;
 /* Set once some attached interface is not Ethernet: only then does the verdict program look
  * up the link header length of its interface, so the Ethernet hot path stays as it was. */
 volatile __u32 have_l3_devs = 0;
@@ -90,6 +99,11 @@ static __always_inline struct rf_job *find_job(struct __sk_buff *skb, __u64 *cgi
 		j = bpf_map_lookup_elem(&jobs, &a);
 		if (j)
 			return j;
+	}
+	if (have_host_job) {
+		__u64 host = 0;
+
+		return bpf_map_lookup_elem(&jobs, &host);
 	}
 	return NULL;
 }
@@ -163,14 +177,14 @@ static __always_inline int inbound_allows(const struct rf_job *job, const struct
 }
 
 /* `task` (RF_SENDER_*, a constant at each call site) and `skb` (NULL where there is none)
- * say how the sender is found: see sender_of in dns.h. */
+ * say how the sender is found: see sender_of in lib/sender.h. */
 static __always_inline void emit_flow(const struct rf_job *job, __u64 cgid, struct pkt *p,
 				      __u64 now, __u8 verdict, __u8 reason, __u8 direction,
 				      int task, struct __sk_buff *skb)
 {
 	struct rf_flow_event *e;
 
-	if (!emit_events)
+	if (!config.emit_events)
 		return;
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
@@ -322,7 +336,7 @@ int rf_egress(struct __sk_buff *skb)
 	fk.proto = p.proto;
 	now = bpf_ktime_get_boot_ns();
 
-	cached = always_judge ? NULL : bpf_map_lookup_elem(&flows, &fk);
+	cached = config.always_judge ? NULL : bpf_map_lookup_elem(&flows, &fk);
 	if (cached) {
 		/* Established path: the verdict was made on the first packet. Touch the entry
 		 * at most once a second so live flows keep their learned address alive. */
@@ -464,7 +478,7 @@ int rf_backstop(struct __sk_buff *skb)
 	fk.sport = p.sport;
 	fk.dport = p.dport;
 	fk.proto = p.proto;
-	cached = always_judge ? NULL : bpf_map_lookup_elem(&flows, &fk);
+	cached = config.always_judge ? NULL : bpf_map_lookup_elem(&flows, &fk);
 	if (cached) {
 		if (cached->verdict != RF_VERDICT_BLOCKED)
 			return 1;

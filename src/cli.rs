@@ -26,6 +26,46 @@ pub enum Cmd {
     /// inside network namespaces it creates and removes.
     #[cfg(feature = "testkit")]
     Demo(crate::testkit::demo::DemoOptions),
+    /// Run the host daemon: load, attach and pin the dataplane, serve the control socket.
+    Run(crate::daemon::server::RunArgs),
+    /// Start, mark steps of, and end jobs of the daemon.
+    #[command(subcommand)]
+    Job(crate::daemon::client::JobCmd),
+    /// Print a running job's report so far.
+    Report {
+        /// The job's id.
+        id: String,
+        #[arg(long, value_enum, default_value = "text")]
+        format: crate::trail::report::Format,
+        #[command(flatten)]
+        socket: crate::daemon::client::SocketArg,
+    },
+    /// The daemon's jobs, counters, map fill, attach path and kernel.
+    Status {
+        /// The whole status as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        socket: crate::daemon::client::SocketArg,
+    },
+    /// Detach every program and remove every pin (through the daemon, or without one).
+    Unload {
+        /// Even while jobs run (they are no longer enforced).
+        #[arg(long)]
+        force: bool,
+        /// Where the dataplane is pinned (when no daemon runs).
+        #[arg(long, value_name = "DIR", default_value = crate::kernel::pins::DEFAULT_BASE)]
+        bpffs: std::path::PathBuf,
+        /// The daemon's state directory (when no daemon runs).
+        #[arg(
+            long = "state-dir",
+            value_name = "DIR",
+            default_value = "/run/ringfence"
+        )]
+        state_dir: std::path::PathBuf,
+        #[command(flatten)]
+        socket: crate::daemon::client::SocketArg,
+    },
     /// Print what this kernel supports (version, BTF, attach path) as JSON.
     Probe,
     /// Internal: the process `exec` starts to kill the job if ringfence dies.

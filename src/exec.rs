@@ -14,39 +14,18 @@ use anyhow::{Context, Result};
 
 use crate::agent::{self, Agent, JobState};
 use crate::job::cgroup::JobCgroup;
+use crate::job::spec::mode_name;
+pub use crate::job::spec::{ModeArg, PolicyArgs, UsageError};
 use crate::kernel::abi;
 use crate::kernel::dataplane::{self, AttachMode, Dataplane};
-use crate::policy::{Mode, Policy, PolicyBuilder, PolicyError};
 use crate::trail::limits::Limits;
 use crate::trail::report::Format;
 
 /// Everything `exec` takes from the command line.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ExecArgs {
-    /// audit: report, block nothing the policy would allow in block mode; block: enforce.
-    #[arg(long, value_enum)]
-    pub mode: Option<ModeArg>,
-    /// Allowed endpoints, as in a policy's allowed-endpoints ("github.com:443 *.npmjs.org").
-    /// May be given more than once; adds to --policy.
-    #[arg(long = "allow", value_name = "ENDPOINTS")]
-    pub allow: Vec<String>,
-    /// Peers that may connect to sockets the job listens on, as in a policy's
-    /// allowed-inbound ("198.51.100.7 203.0.113.0/24:8080", "*" for all). Repeatable.
-    #[arg(long = "allow-inbound", value_name = "PEERS")]
-    pub allow_inbound: Vec<String>,
-    /// A TOML policy file.
-    #[arg(long, value_name = "FILE")]
-    pub policy: Option<PathBuf>,
-    /// Connections to addresses no DNS answer produced: block (default) or audit.
-    #[arg(long = "direct-ip", value_enum)]
-    pub direct_ip: Option<ModeArg>,
-    /// allowed-only (default): in block mode, DNS queries for names the policy does not
-    /// allow are answered REFUSED and never leave the host; any: no query filtering.
-    #[arg(long = "dns-policy", value_parser = ["allowed-only", "any"])]
-    pub dns_policy: Option<String>,
-    /// A DNS server the job may use (repeatable). Default: the policy's, else /etc/resolv.conf.
-    #[arg(long = "dns-resolver", value_name = "IP")]
-    pub dns_resolvers: Vec<std::net::IpAddr>,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     /// Also write the report to FILE.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
@@ -136,30 +115,6 @@ fn step_label(command: &[OsString]) -> String {
         .collect()
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum ModeArg {
-    Audit,
-    Block,
-}
-
-impl From<ModeArg> for Mode {
-    fn from(m: ModeArg) -> Mode {
-        match m {
-            ModeArg::Audit => Mode::Audit,
-            ModeArg::Block => Mode::Block,
-        }
-    }
-}
-
-/// Errors that are the user's input, not the machine: exit status 2.
-#[derive(Debug, thiserror::Error)]
-pub enum UsageError {
-    #[error(transparent)]
-    Policy(#[from] PolicyError),
-    #[error("{0}")]
-    Other(String),
-}
-
 /// Internet sockets among what the job will inherit (stdin, stdout, stderr and --keep-fd)
 /// were opened outside the job: what goes through them is not judged. Said, not refused:
 /// passing them was the caller's choice.
@@ -199,46 +154,9 @@ fn check_keep_fds(fds: &[i32]) -> std::result::Result<(), UsageError> {
     Ok(())
 }
 
-/// Builds the job's policy: the file, then the command line on top of it.
-pub fn build_policy(args: &ExecArgs) -> std::result::Result<Policy, UsageError> {
-    let mut b = match &args.policy {
-        Some(p) => PolicyBuilder::from_file(p)?,
-        None => PolicyBuilder::new(),
-    };
-    if let Some(m) = args.mode {
-        b.mode = Some(m.into());
-    }
-    if let Some(m) = args.direct_ip {
-        b.direct_ip = Some(m.into());
-    }
-    for a in &args.allow {
-        b.allow(a, "--allow")?;
-    }
-    for a in &args.allow_inbound {
-        b.allow_inbound(a, "--allow-inbound")?;
-    }
-    if !args.dns_resolvers.is_empty() {
-        b.dns_resolvers = Some(args.dns_resolvers.clone());
-    }
-    if let Some(p) = &args.dns_policy {
-        b.dns_filter = crate::policy::parse_dns_policy(p);
-    }
-    let policy = b.build()?;
-    // Compile now, so a policy that cannot fit the dataplane fails before anything loads.
-    policy.compile()?;
-    Ok(policy)
-}
-
-fn mode_name(m: Mode) -> &'static str {
-    match m {
-        Mode::Audit => "audit",
-        Mode::Block => "block",
-    }
-}
-
 /// Runs the command as a job. Returns the exit status ringfence should exit with.
 pub fn run(args: &ExecArgs) -> Result<i32> {
-    let policy = build_policy(args).map_err(anyhow::Error::new)?;
+    let policy = args.policy.build().map_err(anyhow::Error::new)?;
     check_keep_fds(&args.keep_fds).map_err(anyhow::Error::new)?;
     warn_inherited_sockets(&args.keep_fds);
     let compiled = policy.compile()?;
@@ -299,19 +217,7 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     dp.add_job(
         cgroup.id(),
         cgroup.level(),
-        abi::rf_job {
-            job_id: JOB_ID,
-            mode: match policy.mode {
-                Mode::Audit => 0,
-                Mode::Block => 1,
-            },
-            direct_ip: match policy.direct_ip {
-                Mode::Audit => 0,
-                Mode::Block => 1,
-            },
-            dns_filter: u8::from(policy.mode == Mode::Block && policy.dns_filter),
-            _pad: 0,
-        },
+        abi::rf_job::for_policy(JOB_ID, &policy),
     )?;
     for i in &interfaces {
         match dp.attach(i) {
@@ -414,46 +320,8 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     let counters = dp.counters().unwrap_or([0; abi::COUNTERS]);
     dp.detach_all();
 
+    agent.close_report(JOB_ID, &counters);
     let job = agent.jobs.get_mut(&JOB_ID).expect("the job was registered");
-    // The events carry each finding as first crossed; the report shows the final counts.
-    job.report.set_findings(job.exfil.findings());
-    let c = |k: abi::rf_counter| counters[k.0 as usize];
-    use abi::rf_counter as cnt;
-    job.report
-        .set_kernel_counts(crate::trail::report::KernelCounts {
-            new_flows: c(cnt::RF_CNT_NEW_FLOWS),
-            allowed: c(cnt::RF_CNT_ALLOWED),
-            blocked: c(cnt::RF_CNT_BLOCKED),
-            audited: c(cnt::RF_CNT_AUDITED),
-            ringbuf_dropped: c(cnt::RF_CNT_RINGBUF_DROP),
-        });
-    let warnings = [
-        (
-            c(abi::rf_counter::RF_CNT_RINGBUF_DROP),
-            "events were lost (ring buffer full); verdicts were still enforced",
-        ),
-        (
-            c(abi::rf_counter::RF_CNT_TRIE_FULL),
-            "learned addresses did not fit the map: connections to them were blocked",
-        ),
-        (
-            c(abi::rf_counter::RF_CNT_DNS_TCP_SPLIT),
-            "DNS answers over TCP were split across segments and not bound in the kernel",
-        ),
-        (
-            c(abi::rf_counter::RF_CNT_DNS_FRAGMENT),
-            "DNS answers arrived as IP fragments and were not bound (fail closed)",
-        ),
-        (
-            agent.streams_evicted,
-            "split TCP DNS answers were given up half-assembled (too many at once) and not bound",
-        ),
-    ];
-    for (n, what) in warnings {
-        if n > 0 {
-            job.report.warn(format!("{n} {what}"));
-        }
-    }
     if let Some(w) = &ptrace_warning {
         job.report.warn(w.clone());
     }

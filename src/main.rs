@@ -11,6 +11,18 @@ fn main() {
         Cmd::Demo(o) => ringfence::testkit::demo::run(&o).map(|()| 0),
         Cmd::Probe => ringfence::kernel::probe::print().map(|()| 0),
         Cmd::Guard(args) => ringfence::job::guard::run(&args),
+        Cmd::Run(args) => ringfence::daemon::server::run(&args),
+        Cmd::Job(cmd) => ringfence::daemon::client::job(&cmd),
+        Cmd::Report { id, format, socket } => {
+            ringfence::daemon::client::report(&id, format, &socket)
+        }
+        Cmd::Status { json, socket } => ringfence::daemon::client::status(json, &socket),
+        Cmd::Unload {
+            force,
+            bpffs,
+            state_dir,
+            socket,
+        } => ringfence::daemon::client::unload(force, &socket, &bpffs, &state_dir),
     };
     match result {
         Ok(code) => std::process::exit(code),

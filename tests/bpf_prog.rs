@@ -74,17 +74,8 @@ fn rig_with(mode: Mode, direct_ip: Mode, allow: &str, dns_filter: bool) -> Rig {
     let compiled = policy.compile().expect("compile");
     dp.install_policy(JOB, &compiled, &policy.dns_resolvers)
         .unwrap();
-    dp.add_interface_job(
-        LO,
-        abi::rf_job {
-            job_id: JOB,
-            mode: (mode == Mode::Block) as u8,
-            direct_ip: (direct_ip == Mode::Block) as u8,
-            dns_filter: (mode == Mode::Block && dns_filter) as u8,
-            _pad: 0,
-        },
-    )
-    .unwrap();
+    dp.add_interface_job(LO, abi::rf_job::for_policy(JOB, &policy))
+        .unwrap();
     Rig {
         dp: Some(dp),
         next_port: std::cell::Cell::new(40000),
@@ -183,11 +174,13 @@ impl Rig {
         let mut b = libbpf_rs::RingBufferBuilder::new();
         b.add(&map, |d: &[u8]| {
             let hdr: abi::rf_event_hdr = abi::from_bytes(d).unwrap();
-            out.borrow_mut().push(if hdr.r#type == 1 {
-                Ev::Flow(abi::from_bytes(d).unwrap())
-            } else {
-                Ev::Dns(abi::from_bytes(d).unwrap())
-            });
+            out.borrow_mut().push(
+                if abi::rf_event_type(hdr.r#type) == abi::rf_event_type::RF_EVENT_FLOW {
+                    Ev::Flow(abi::from_bytes(d).unwrap())
+                } else {
+                    Ev::Dns(abi::from_bytes(d).unwrap())
+                },
+            );
             0
         })
         .unwrap();
@@ -238,8 +231,8 @@ fn verdict_table() {
         dst: &'static str,
         port: u16,
         rc: i32,
-        verdict: u8,
-        reason: u8,
+        verdict: abi::rf_verdict,
+        reason: abi::rf_reason,
     }
     use abi::rf_reason as R;
     use abi::rf_verdict as V;
@@ -252,8 +245,8 @@ fn verdict_table() {
             dst: "203.0.113.9",
             port: 443,
             rc: PASS,
-            verdict: V::RF_VERDICT_ALLOWED.0 as u8,
-            reason: R::RF_REASON_ALLOWED.0 as u8,
+            verdict: V::RF_VERDICT_ALLOWED,
+            reason: R::RF_REASON_ALLOWED,
         },
         Case {
             what: "listed CIDR, other port",
@@ -263,8 +256,8 @@ fn verdict_table() {
             dst: "203.0.113.9",
             port: 80,
             rc: DROP,
-            verdict: V::RF_VERDICT_BLOCKED.0 as u8,
-            reason: R::RF_REASON_NOT_ALLOWED.0 as u8,
+            verdict: V::RF_VERDICT_BLOCKED,
+            reason: R::RF_REASON_NOT_ALLOWED,
         },
         Case {
             what: "CIDR any port",
@@ -274,8 +267,8 @@ fn verdict_table() {
             dst: "203.0.113.200",
             port: 8080,
             rc: PASS,
-            verdict: 0,
-            reason: 0,
+            verdict: V::RF_VERDICT_ALLOWED,
+            reason: R::RF_REASON_ALLOWED,
         },
         Case {
             what: "unlisted address, block mode",
@@ -285,8 +278,8 @@ fn verdict_table() {
             dst: "198.51.100.66",
             port: 443,
             rc: DROP,
-            verdict: 1,
-            reason: R::RF_REASON_DIRECT_IP.0 as u8,
+            verdict: V::RF_VERDICT_BLOCKED,
+            reason: R::RF_REASON_DIRECT_IP,
         },
         Case {
             what: "direct IP blocked even in audit mode",
@@ -296,8 +289,8 @@ fn verdict_table() {
             dst: "198.51.100.66",
             port: 443,
             rc: DROP,
-            verdict: 1,
-            reason: 2,
+            verdict: V::RF_VERDICT_BLOCKED,
+            reason: R::RF_REASON_DIRECT_IP,
         },
         Case {
             what: "direct IP audited with direct-ip=audit",
@@ -307,8 +300,8 @@ fn verdict_table() {
             dst: "198.51.100.66",
             port: 443,
             rc: PASS,
-            verdict: V::RF_VERDICT_AUDITED.0 as u8,
-            reason: 2,
+            verdict: V::RF_VERDICT_AUDITED,
+            reason: R::RF_REASON_DIRECT_IP,
         },
         Case {
             what: "metadata blocked in audit mode",
@@ -318,8 +311,8 @@ fn verdict_table() {
             dst: "169.254.169.254",
             port: 80,
             rc: DROP,
-            verdict: 1,
-            reason: R::RF_REASON_METADATA.0 as u8,
+            verdict: V::RF_VERDICT_BLOCKED,
+            reason: R::RF_REASON_METADATA,
         },
         Case {
             what: "metadata allowed when listed",
@@ -329,8 +322,8 @@ fn verdict_table() {
             dst: "169.254.169.254",
             port: 80,
             rc: PASS,
-            verdict: 0,
-            reason: 0,
+            verdict: V::RF_VERDICT_ALLOWED,
+            reason: R::RF_REASON_ALLOWED,
         },
         Case {
             what: "v6 metadata",
@@ -340,8 +333,8 @@ fn verdict_table() {
             dst: "fd00:ec2::254",
             port: 80,
             rc: DROP,
-            verdict: 1,
-            reason: 4,
+            verdict: V::RF_VERDICT_BLOCKED,
+            reason: R::RF_REASON_METADATA,
         },
         Case {
             what: "v6 CIDR with port",
@@ -351,8 +344,8 @@ fn verdict_table() {
             dst: "2001:db8:2::7",
             port: 443,
             rc: PASS,
-            verdict: 0,
-            reason: 0,
+            verdict: V::RF_VERDICT_ALLOWED,
+            reason: R::RF_REASON_ALLOWED,
         },
         Case {
             what: "v6 unlisted",
@@ -362,8 +355,8 @@ fn verdict_table() {
             dst: "2001:db8:3::7",
             port: 443,
             rc: DROP,
-            verdict: 1,
-            reason: 2,
+            verdict: V::RF_VERDICT_BLOCKED,
+            reason: R::RF_REASON_DIRECT_IP,
         },
     ];
     for c in &cases {
@@ -373,8 +366,8 @@ fn verdict_table() {
         let flows = r.flows();
         assert_eq!(flows.len(), 1, "{}: one flow event", c.what);
         let f = &flows[0];
-        assert_eq!(f.verdict, c.verdict, "{}: verdict", c.what);
-        assert_eq!(f.reason, c.reason, "{}: reason", c.what);
+        assert_eq!(f.verdict(), c.verdict, "{}: verdict", c.what);
+        assert_eq!(f.reason(), c.reason, "{}: reason", c.what);
         assert_eq!(abi::addr_from_bytes(f.daddr), ip(c.dst), "{}: dst", c.what);
         assert_eq!(f.dport, c.port, "{}: port", c.what);
         assert_eq!(f.proto, 6);
@@ -464,7 +457,9 @@ const PEER: &str = "198.51.100.66";
 /// in block mode nothing passes unjudged; audit mode reports and passes.
 #[test]
 fn fail_closed_table() {
+    use abi::rf_direction as D;
     use abi::rf_reason as R;
+    use abi::rf_verdict as V;
     struct Case {
         what: &'static str,
         mode: Mode,
@@ -473,10 +468,14 @@ fn fail_closed_table() {
         frame: Vec<u8>,
         rc: i32,
         /// (verdict, reason, direction) of the one flow event.
-        event: (u8, u32, u8),
+        event: (abi::rf_verdict, abi::rf_reason, abi::rf_direction),
     }
-    let (allowed, blocked, audited) = (0u8, 1u8, 2u8);
-    let (out, inb) = (0u8, 1u8);
+    let (allowed, blocked, audited) = (
+        V::RF_VERDICT_ALLOWED,
+        V::RF_VERDICT_BLOCKED,
+        V::RF_VERDICT_AUDITED,
+    );
+    let (out, inb) = (D::RF_DIR_OUTBOUND, D::RF_DIR_INBOUND);
     let cut_tcp = frame(ip(CLIENT), ip(PEER), 6, 1, 443, TCP_SYN, &[])[..40].to_vec();
     let ack = |dst: &str, sport: u16, dport: u16| {
         frame(ip(CLIENT), ip(dst), 6, sport, dport, TCP_ACK, b"data")
@@ -490,7 +489,7 @@ fn fail_closed_table() {
             inbound: "",
             frame: cut_tcp.clone(),
             rc: DROP,
-            event: (blocked, R::RF_REASON_UNPARSED.0, out),
+            event: (blocked, R::RF_REASON_UNPARSED, out),
         },
         Case {
             what: "TCP header cut short, audit mode",
@@ -499,7 +498,7 @@ fn fail_closed_table() {
             inbound: "",
             frame: cut_tcp,
             rc: PASS,
-            event: (audited, R::RF_REASON_UNPARSED.0, out),
+            event: (audited, R::RF_REASON_UNPARSED, out),
         },
         Case {
             what: "non-SYN segment without a cached flow, unlisted peer (eviction, or a \
@@ -509,7 +508,7 @@ fn fail_closed_table() {
             inbound: "",
             frame: ack(PEER, 41000, 443),
             rc: DROP,
-            event: (blocked, R::RF_REASON_DIRECT_IP.0, out),
+            event: (blocked, R::RF_REASON_DIRECT_IP, out),
         },
         Case {
             what: "non-SYN segment without a cached flow, listed destination",
@@ -518,7 +517,7 @@ fn fail_closed_table() {
             inbound: "",
             frame: ack(PEER, 41000, 443),
             rc: PASS,
-            event: (allowed, R::RF_REASON_ALLOWED.0, out),
+            event: (allowed, R::RF_REASON_ALLOWED, out),
         },
         Case {
             what: "non-SYN segment without a cached flow, peer allowed inbound",
@@ -527,7 +526,7 @@ fn fail_closed_table() {
             inbound: "198.51.100.66:8080",
             frame: ack(PEER, 8080, 40000),
             rc: PASS,
-            event: (allowed, R::RF_REASON_ALLOWED.0, inb),
+            event: (allowed, R::RF_REASON_ALLOWED, inb),
         },
         Case {
             what: "UDP from the job's port to a peer allowed inbound on it: the answer",
@@ -536,7 +535,7 @@ fn fail_closed_table() {
             inbound: "198.51.100.66:5000",
             frame: frame(ip(CLIENT), ip(PEER), 17, 5000, 40000, 0, b"answer"),
             rc: PASS,
-            event: (allowed, R::RF_REASON_ALLOWED.0, inb),
+            event: (allowed, R::RF_REASON_ALLOWED, inb),
         },
         Case {
             what: "UDP from another port to that peer: an outbound flow like any",
@@ -545,7 +544,7 @@ fn fail_closed_table() {
             inbound: "198.51.100.66:5000",
             frame: frame(ip(CLIENT), ip(PEER), 17, 5001, 40000, 0, b"leak"),
             rc: DROP,
-            event: (blocked, R::RF_REASON_DIRECT_IP.0, out),
+            event: (blocked, R::RF_REASON_DIRECT_IP, out),
         },
         Case {
             what: "SYN-ACK to a peer the policy does not list: inbound refused",
@@ -554,7 +553,7 @@ fn fail_closed_table() {
             inbound: "",
             frame: syn_ack(PEER, 8080),
             rc: PASS, // turned into a RST: see refused_syn_ack_goes_out_as_a_reset
-            event: (blocked, R::RF_REASON_INBOUND.0, inb),
+            event: (blocked, R::RF_REASON_INBOUND, inb),
         },
         Case {
             what: "SYN-ACK, audit mode",
@@ -563,7 +562,7 @@ fn fail_closed_table() {
             inbound: "",
             frame: syn_ack(PEER, 8080),
             rc: PASS,
-            event: (audited, R::RF_REASON_INBOUND.0, inb),
+            event: (audited, R::RF_REASON_INBOUND, inb),
         },
         Case {
             what: "SYN-ACK to a listed peer on its port",
@@ -572,7 +571,7 @@ fn fail_closed_table() {
             inbound: "198.51.100.0/24:8080",
             frame: syn_ack(PEER, 8080),
             rc: PASS,
-            event: (allowed, R::RF_REASON_ALLOWED.0, inb),
+            event: (allowed, R::RF_REASON_ALLOWED, inb),
         },
         Case {
             what: "SYN-ACK to a listed peer on another local port",
@@ -581,7 +580,7 @@ fn fail_closed_table() {
             inbound: "198.51.100.0/24:8080",
             frame: syn_ack(PEER, 22),
             rc: PASS, // turned into a RST: see refused_syn_ack_goes_out_as_a_reset
-            event: (blocked, R::RF_REASON_INBOUND.0, inb),
+            event: (blocked, R::RF_REASON_INBOUND, inb),
         },
         Case {
             what: "SYN-ACK with allowed-inbound = \"*\" (IPv6 peer)",
@@ -590,7 +589,7 @@ fn fail_closed_table() {
             inbound: "*",
             frame: frame(ip(CLIENT6), ip("2001:db8:3::9"), 6, 22, 40000, SYN_ACK, &[]),
             rc: PASS,
-            event: (allowed, R::RF_REASON_ALLOWED.0, inb),
+            event: (allowed, R::RF_REASON_ALLOWED, inb),
         },
         Case {
             what: "SYN-ACK: a peer's port covered by * and a more specific entry",
@@ -599,7 +598,7 @@ fn fail_closed_table() {
             inbound: "198.51.100.66:22 *:9000",
             frame: syn_ack(PEER, 9000),
             rc: PASS,
-            event: (allowed, R::RF_REASON_ALLOWED.0, inb),
+            event: (allowed, R::RF_REASON_ALLOWED, inb),
         },
     ];
     for c in &cases {
@@ -611,7 +610,7 @@ fn fail_closed_table() {
         assert_eq!(flows.len(), 1, "{}: one event", c.what);
         let f = &flows[0];
         assert_eq!(
-            (f.verdict, u32::from(f.reason), f.direction),
+            (f.verdict(), f.reason(), f.direction()),
             c.event,
             "{}: (verdict, reason, direction)",
             c.what
@@ -668,17 +667,20 @@ fn l3_devices_parse_from_the_ip_header() {
             DROP,
             "{mode}: unlisted UDP (direct-ip blocks in audit too)"
         );
-        let reasons: Vec<(IpAddr, u8)> = r
+        let reasons: Vec<(IpAddr, abi::rf_reason)> = r
             .flows()
             .iter()
-            .map(|f| (abi::addr_from_bytes(f.daddr), f.reason))
+            .map(|f| (abi::addr_from_bytes(f.daddr), f.reason()))
             .collect();
-        let direct = abi::rf_reason::RF_REASON_DIRECT_IP.0 as u8;
+        let (allowed, direct) = (
+            abi::rf_reason::RF_REASON_ALLOWED,
+            abi::rf_reason::RF_REASON_DIRECT_IP,
+        );
         assert_eq!(
             reasons,
             vec![
-                (ip("203.0.113.9"), 0),
-                (ip("2001:db8:2::9"), 0),
+                (ip("203.0.113.9"), allowed),
+                (ip("2001:db8:2::9"), allowed),
                 (ip("198.51.100.66"), direct),
                 (ip("198.51.100.66"), direct),
             ],
@@ -693,7 +695,7 @@ fn l3_devices_parse_from_the_ip_header() {
             "{mode}: Ethernet frame on an L3 device"
         );
         let f = r.flows().pop().expect("an unparsed event");
-        assert_eq!(f.reason, abi::rf_reason::RF_REASON_UNPARSED.0 as u8);
+        assert_eq!(f.reason(), abi::rf_reason::RF_REASON_UNPARSED);
         assert_eq!(r.counter(abi::rf_counter::RF_CNT_UNPARSED), 1);
     }
 }
@@ -713,8 +715,8 @@ fn unknown_link_types_fail_closed() {
         1,
         "one event for the stream of unparsed packets"
     );
-    assert_eq!(flows[0].reason, abi::rf_reason::RF_REASON_UNPARSED.0 as u8);
-    assert_eq!(flows[0].verdict, 1);
+    assert_eq!(flows[0].reason(), abi::rf_reason::RF_REASON_UNPARSED);
+    assert_eq!(flows[0].verdict(), abi::rf_verdict::RF_VERDICT_BLOCKED);
     // Ingress never drops, whatever it cannot parse.
     assert_eq!(
         r.answer_to(5353, &dns_answer(1, "x.test", 1, &[]), false),
@@ -731,7 +733,7 @@ fn dns_to_other_servers_is_blocked() {
         DROP
     );
     let f = &r.flows()[0];
-    assert_eq!(f.reason, abi::rf_reason::RF_REASON_DNS_RESOLVER.0 as u8);
+    assert_eq!(f.reason(), abi::rf_reason::RF_REASON_DNS_RESOLVER);
     // ...also in audit mode (it is a direct IP), unless direct-ip = audit
     let r = rig(Mode::Audit, Mode::Block, "github.test");
     assert_eq!(
@@ -921,7 +923,7 @@ fn special_answers_never_bind() {
                 // Blocked as metadata, in audit mode too: no answer opens it.
                 assert_eq!(r.syn(c.dst, c.port), DROP, "{mode} {}", c.what);
                 let f = r.flows().pop().unwrap();
-                assert_eq!(f.reason, abi::rf_reason::RF_REASON_METADATA.0 as u8);
+                assert_eq!(f.reason(), abi::rf_reason::RF_REASON_METADATA);
             } else if !c.dst.is_empty() && mode == Mode::Block {
                 assert_eq!(r.syn(c.dst, c.port), DROP, "{mode} {}", c.what);
             }
@@ -1129,8 +1131,8 @@ fn audit_mode_keeps_unlisted_answers_as_seen_not_allowed() {
     // A connection to it is audited as not-allowed (not blocked as a direct IP).
     assert_eq!(r.syn("198.51.100.66", 443), PASS);
     let f = r.flows().pop().unwrap();
-    assert_eq!(f.verdict, abi::rf_verdict::RF_VERDICT_AUDITED.0 as u8);
-    assert_eq!(f.reason, abi::rf_reason::RF_REASON_NOT_ALLOWED.0 as u8);
+    assert_eq!(f.verdict(), abi::rf_verdict::RF_VERDICT_AUDITED);
+    assert_eq!(f.reason(), abi::rf_reason::RF_REASON_NOT_ALLOWED);
 }
 
 #[test]
@@ -1430,12 +1432,12 @@ fn refused_syn_ack_goes_out_as_a_reset() {
         let flows = r.flows();
         assert_eq!(flows.len(), 1, "v6={v6}: one event");
         assert_eq!(
+            (flows[0].verdict(), flows[0].reason(), flows[0].direction()),
             (
-                flows[0].verdict,
-                u32::from(flows[0].reason),
-                flows[0].direction
-            ),
-            (1, abi::rf_reason::RF_REASON_INBOUND.0, 1)
+                abi::rf_verdict::RF_VERDICT_BLOCKED,
+                abi::rf_reason::RF_REASON_INBOUND,
+                abi::rf_direction::RF_DIR_INBOUND
+            )
         );
         // Audit mode leaves the SYN-ACK as it is.
         let r = rig_inbound(Mode::Audit, "", "");
@@ -1726,17 +1728,8 @@ fn a_full_trie_fails_closed_and_counts() {
     };
     dp.install_policy(JOB, &policy.compile().unwrap(), &policy.dns_resolvers)
         .unwrap();
-    dp.add_interface_job(
-        LO,
-        abi::rf_job {
-            job_id: JOB,
-            mode: 1,
-            direct_ip: 1,
-            dns_filter: 1,
-            _pad: 0,
-        },
-    )
-    .unwrap();
+    dp.add_interface_job(LO, abi::rf_job::for_policy(JOB, &policy))
+        .unwrap();
     let mut r = Rig {
         dp: Some(dp),
         next_port: std::cell::Cell::new(45000),
@@ -1764,6 +1757,56 @@ fn a_full_trie_fails_closed_and_counts() {
     drop(r.dp.take());
 }
 
+/// Every field of struct rf_config that Dataplane::load sets reaches the programs: a learned
+/// address lives max(TTL, dns-min-ttl) + dns-grace, no record is written with events off,
+/// and with always_judge the flow cache is skipped.
+#[test]
+fn settings_reach_the_programs() {
+    let mut dp = Dataplane::load(&Options {
+        dns_min_ttl: std::time::Duration::from_secs(600),
+        dns_grace: std::time::Duration::from_secs(7),
+        emit_events: false,
+        always_judge: true,
+        ..Options::default()
+    })
+    .unwrap();
+    dp.reset().unwrap();
+    let policy = Policy {
+        mode: Mode::Block,
+        direct_ip: Mode::Block,
+        dns_resolvers: vec![ip(RESOLVER)],
+        endpoints: Policy::parse_endpoints("github.test:443", "test").unwrap(),
+        ..Policy::default()
+    };
+    dp.install_policy(JOB, &policy.compile().unwrap(), &policy.dns_resolvers)
+        .unwrap();
+    dp.add_interface_job(LO, abi::rf_job::for_policy(JOB, &policy))
+        .unwrap();
+    let mut r = Rig {
+        dp: Some(dp),
+        next_port: std::cell::Cell::new(46000),
+    };
+    let before = ringfence::agent::boottime_ns();
+    let rrs = [Rr::A("github.test", 30, a4("198.51.100.10"))];
+    assert_eq!(r.resolve(0x2323, "github.test", 1, &rrs), PASS);
+    let after = ringfence::agent::boottime_ns();
+    // 600 s (the minimum, over the answer's 30) + 7 s of grace; swapped fields give 630.
+    let life = 607_000_000_000;
+    let exp = r.host("198.51.100.10").expect("bound").expires_ns;
+    assert!(
+        (before + life..=after + life).contains(&exp),
+        "expires {exp}, want {before}+{life}..{after}+{life}"
+    );
+    // One flow, two packets: both judged as new (the cache is skipped), both allowed.
+    let new_flows = r.counter(abi::rf_counter::RF_CNT_NEW_FLOWS);
+    let syn = frame(ip(CLIENT), ip("198.51.100.10"), 6, 41000, 443, TCP_SYN, &[]);
+    assert_eq!((r.egress(&syn), r.egress(&syn)), (PASS, PASS));
+    assert_eq!(r.counter(abi::rf_counter::RF_CNT_NEW_FLOWS), new_flows + 2);
+    assert!(r.events().is_empty(), "events off: no record");
+    // Not back to the pool: its settings are not the other tests'.
+    drop(r.dp.take());
+}
+
 #[test]
 fn encrypted_dns_to_unlisted_resolvers_is_a_direct_ip() {
     // DoT (853) and DoH (443) bypass the resolver pinning of port 53: they are blocked like
@@ -1778,11 +1821,11 @@ fn encrypted_dns_to_unlisted_resolvers_is_a_direct_ip() {
         assert_eq!(r.syn(dst, port), rc, "{allow} -> {dst}:{port}");
         let f = r.flows().pop().unwrap();
         let want = if rc == PASS {
-            0
+            abi::rf_reason::RF_REASON_ALLOWED
         } else {
-            abi::rf_reason::RF_REASON_DIRECT_IP.0 as u8
+            abi::rf_reason::RF_REASON_DIRECT_IP
         };
-        assert_eq!(f.reason, want, "{allow} -> {dst}:{port}");
+        assert_eq!(f.reason(), want, "{allow} -> {dst}:{port}");
     }
 }
 
@@ -2265,17 +2308,8 @@ fn dns_to_any_loopback_address_is_pinned_and_filtered() {
     };
     dp.install_policy(JOB, &policy.compile().unwrap(), &policy.dns_resolvers)
         .unwrap();
-    dp.add_interface_job(
-        LO,
-        abi::rf_job {
-            job_id: JOB,
-            mode: 1,
-            direct_ip: 1,
-            dns_filter: 1,
-            _pad: 0,
-        },
-    )
-    .unwrap();
+    dp.add_interface_job(LO, abi::rf_job::for_policy(JOB, &policy))
+        .unwrap();
     let r = Rig {
         dp: Some(dp),
         next_port: std::cell::Cell::new(42000),
@@ -2296,8 +2330,8 @@ fn dns_to_any_loopback_address_is_pinned_and_filtered() {
     // Another loopback address on port 53: not a resolver of the job.
     assert_eq!(lo("127.0.0.54", 17, 53, &ok), DROP, "udp to 127.0.0.54");
     assert_eq!(
-        r.flows()[0].reason,
-        abi::rf_reason::RF_REASON_DNS_RESOLVER.0 as u8
+        r.flows()[0].reason(),
+        abi::rf_reason::RF_REASON_DNS_RESOLVER
     );
     assert_eq!(lo("127.0.0.54", 6, 53, &[]), DROP, "tcp SYN to 127.0.0.54");
     // The configured stub: filtered like any resolver.
@@ -2319,7 +2353,7 @@ fn dns_to_any_loopback_address_is_pinned_and_filtered() {
 
 // ---- what ringfence turns around, GSO, urgent data -----------------------------------------
 
-/// bpf/dns.h's RF_TURNED_MARK: every packet ringfence turns around carries it.
+/// bpf/lib/dns_refuse.h's RF_TURNED_MARK: every packet ringfence turns around carries it.
 const TURNED_MARK: u32 = 0x5246_0a7b;
 const URG: u8 = 0x20;
 const RST_ACK: u8 = 0x14;

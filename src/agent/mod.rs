@@ -54,7 +54,11 @@ pub struct JobState {
     dropped: CutCounts,
     /// Answer addresses not put in `names` because it was full.
     names_not_kept: u64,
+    /// The job's own events file (the daemon: one per job); without one, the agent's.
+    sink: Option<Sink>,
 }
+
+type Sink = JsonLinesWriter<io::BufWriter<std::fs::File>>;
 
 /// A TCP DNS answer being put back together from the segments the kernel copied.
 struct Stream {
@@ -150,7 +154,17 @@ impl JobState {
             guard: FloodGuard::new(&Limits::unlimited(), 0),
             dropped: CutCounts::default(),
             names_not_kept: 0,
+            sink: None,
         }
+    }
+
+    /// Gives the job its own events file, appended to (a restarted daemon goes on where
+    /// the last one stopped) and kept to `max_bytes` (0: no limit).
+    pub fn with_events_file(mut self, path: &std::path::Path, max_bytes: u64) -> Result<JobState> {
+        let w = JsonLinesWriter::append(path)
+            .with_context(|| format!("opening the events file {}", path.display()))?;
+        self.sink = Some(w.with_max_bytes(max_bytes));
+        Ok(self)
     }
 
     /// The job's limits (see [`crate::trail::limits`]); a new job has none.
@@ -205,8 +219,8 @@ pub struct Agent {
     procs: lineage::ProcCache,
 }
 
-/// TCP DNS answers the agent assembles at once (bpf/maps.h: tcp_streams).
-const MAX_STREAMS: usize = 4096;
+/// TCP DNS answers the agent assembles at once: as many as the kernel follows (tcp_streams).
+const MAX_STREAMS: usize = abi::rf_limits::RF_TCP_STREAMS_MAX.0 as usize;
 
 pub fn boottime_ns() -> u64 {
     let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_BOOTTIME)
@@ -308,6 +322,32 @@ impl Agent {
         }
     }
 
+    /// Takes over a job a previous daemon started: no header is written again (its events
+    /// file has one), and its report is rebuilt from what that file holds.
+    pub fn adopt_job(&mut self, job_id: u32, state: JobState) {
+        self.jobs.insert(job_id, state);
+    }
+
+    /// A new step of a job: its label goes on every later event.
+    pub fn step(&mut self, job_id: u32, step: &str) {
+        let Some(j) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        j.step = Some(step.to_string());
+        let ev = Event::Step(StepEvent {
+            ts: std::time::SystemTime::now(),
+            job: j.name.clone(),
+            step: step.to_string(),
+            command: None,
+        });
+        self.emit(job_id, ev);
+    }
+
+    /// Re-checks a learned address at `deadline` (a daemon taking over pinned maps).
+    pub fn watch_expiry(&mut self, job_id: u32, addr: IpAddr, deadline: u64) {
+        self.expiry.push(Reverse((deadline, job_id, addr)));
+    }
+
     fn emit(&mut self, job_id: u32, ev: Event) {
         self.emit_at(job_id, ev, boottime_ns());
     }
@@ -344,7 +384,7 @@ impl Agent {
 
     /// Writes one line; a line that does not fit (or fails) is counted against its job.
     fn write(&mut self, job_id: u32, ev: &Event, marker: bool) {
-        if self.try_write(ev, marker) {
+        if self.try_write(job_id, ev, marker) {
             return;
         }
         let Some(j) = self.jobs.get_mut(&job_id) else {
@@ -363,9 +403,11 @@ impl Agent {
         }
     }
 
-    /// Whether the line went to the file (true without a file: nothing is lost).
-    fn try_write(&mut self, ev: &Event, marker: bool) -> bool {
-        let Some(w) = self.sink.as_mut() else {
+    /// Whether the line went to the file (true without a file: nothing is lost). A job
+    /// with its own file writes there, the others to the agent's.
+    fn try_write(&mut self, job_id: u32, ev: &Event, marker: bool) -> bool {
+        let own = self.jobs.get_mut(&job_id).and_then(|j| j.sink.as_mut());
+        let Some(w) = own.or(self.sink.as_mut()) else {
             return true;
         };
         let res = if marker {
@@ -409,7 +451,7 @@ impl Agent {
         for (id, ev, c, since) in lines {
             if at_end {
                 self.write(id, &ev, true);
-            } else if !self.try_write(&ev, false) {
+            } else if !self.try_write(id, &ev, false) {
                 if let Some(j) = self.jobs.get_mut(&id) {
                     j.guard.hold_over(&c, since);
                 }
@@ -423,38 +465,121 @@ impl Agent {
     pub fn finish(&mut self) {
         let now = boottime_ns();
         self.summarize(now, true);
-        let max_bytes = self.sink.as_ref().map_or(0, |w| w.max_bytes());
-        let markers: Vec<Event> = self
-            .jobs
-            .values()
-            .filter(|j| !j.dropped.is_empty())
-            .map(|j| {
-                let d = j.dropped;
-                Event::Truncated(TruncatedEvent {
+        let ids: Vec<u32> = self.jobs.keys().copied().collect();
+        for id in ids {
+            self.close_trail(id, now);
+        }
+        self.flush();
+    }
+
+    /// The end of one job's trail (the daemon's `job end`): as [`Self::finish`], for it
+    /// alone. The job stays registered until [`Self::remove_job`].
+    pub fn finish_job(&mut self, job_id: u32) {
+        let now = boottime_ns();
+        if let Some(j) = self.jobs.get_mut(&job_id) {
+            // Only this job's held-back events are summarized now.
+            if let Some((c, since)) = j.guard.summary_due(now, true) {
+                let ev = Event::Suppressed(SuppressedEvent {
                     ts: boottime_to_system(now),
                     job: j.name.clone(),
-                    max_bytes,
-                    events: d.events(),
-                    flows: d.flows,
-                    blocked: d.blocked,
-                    audited: d.audited,
-                    dns: d.dns,
-                })
-            })
-            .collect();
-        for ev in markers {
-            if !matches!(
-                self.sink.as_mut().map(|w| w.write_marker(&ev)),
-                Some(Ok(true))
-            ) {
+                    flows: c.flows,
+                    blocked: c.blocked,
+                    audited: c.audited,
+                    dns: c.dns,
+                    since: boottime_to_system(since),
+                });
+                self.write(job_id, &ev, true);
+            }
+        }
+        self.close_trail(job_id, now);
+        self.flush();
+    }
+
+    /// Forgets a job (after [`Self::finish_job`]): its report, names and pending expiry.
+    pub fn remove_job(&mut self, job_id: u32) -> Option<JobState> {
+        self.expiry.retain(|Reverse((_, id, _))| *id != job_id);
+        self.streams.retain(|_, st| st.job_id != job_id);
+        self.jobs.remove(&job_id)
+    }
+
+    /// The `truncated` line of one job, if it lost lines, and its report's cuts.
+    fn close_trail(&mut self, job_id: u32, now: u64) {
+        let default_max = self.sink.as_ref().map_or(0, |w| w.max_bytes());
+        let Some(j) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        if !j.dropped.is_empty() {
+            let d = j.dropped;
+            let max_bytes = j.sink.as_ref().map_or(default_max, |w| w.max_bytes());
+            let ev = Event::Truncated(TruncatedEvent {
+                ts: boottime_to_system(now),
+                job: j.name.clone(),
+                max_bytes,
+                events: d.events(),
+                flows: d.flows,
+                blocked: d.blocked,
+                audited: d.audited,
+                dns: d.dns,
+            });
+            let w = match j.sink.as_mut() {
+                Some(w) => Some(w),
+                None => self.sink.as_mut(),
+            };
+            if !matches!(w.map(|w| w.write_marker(&ev)), Some(Ok(true))) {
                 tracing::error!("no room left for the events file's final line: {ev:?}");
             }
         }
-        for j in self.jobs.values_mut() {
-            let cuts = j.cuts();
-            j.report.set_cuts(cuts);
+        let j = self.jobs.get_mut(&job_id).expect("checked above");
+        let cuts = j.cuts();
+        j.report.set_cuts(cuts);
+    }
+
+    /// Puts the kernel's counters and what they warn of into a job's report, before it is
+    /// rendered (the counters are the dataplane's, shared by every job it holds).
+    pub fn close_report(&mut self, job_id: u32, counters: &[u64; abi::COUNTERS]) {
+        let streams_evicted = self.streams_evicted;
+        let Some(job) = self.jobs.get_mut(&job_id) else {
+            return;
+        };
+        // The events carry each finding as first crossed; the report shows the final counts.
+        job.report.set_findings(job.exfil.findings());
+        let c = |k: abi::rf_counter| counters[k.0 as usize];
+        use abi::rf_counter as cnt;
+        job.report
+            .set_kernel_counts(crate::trail::report::KernelCounts {
+                new_flows: c(cnt::RF_CNT_NEW_FLOWS),
+                allowed: c(cnt::RF_CNT_ALLOWED),
+                blocked: c(cnt::RF_CNT_BLOCKED),
+                audited: c(cnt::RF_CNT_AUDITED),
+                ringbuf_dropped: c(cnt::RF_CNT_RINGBUF_DROP),
+            });
+        let warnings = [
+            (
+                c(abi::rf_counter::RF_CNT_RINGBUF_DROP),
+                "events were lost (ring buffer full); verdicts were still enforced",
+            ),
+            (
+                c(abi::rf_counter::RF_CNT_TRIE_FULL),
+                "learned addresses did not fit the map: connections to them were blocked",
+            ),
+            (
+                c(abi::rf_counter::RF_CNT_DNS_TCP_SPLIT),
+                "DNS answers over TCP were split across segments and not bound in the kernel",
+            ),
+            (
+                c(abi::rf_counter::RF_CNT_DNS_FRAGMENT),
+                "DNS answers arrived as IP fragments and were not bound (fail closed)",
+            ),
+            (
+                streams_evicted,
+                "split TCP DNS answers were given up half-assembled (too many at once) and not bound",
+            ),
+        ];
+        for (n, what) in warnings {
+            if n > 0 {
+                job.report.warn(format!("{n} {what}"));
+            }
         }
-        self.flush();
     }
 
     /// One ring buffer record.
@@ -878,12 +1003,13 @@ impl Agent {
         }
     }
 
-    /// Writes any `suppressed` lines that are due, then pushes buffered lines to the file.
+    /// Writes any `suppressed` lines that are due, then pushes buffered lines to the files.
     pub fn flush(&mut self) {
         self.summarize(boottime_ns(), false);
-        if let Some(w) = self.sink.as_mut() {
+        let own = self.jobs.values_mut().filter_map(|j| j.sink.as_mut());
+        for w in own.chain(self.sink.as_mut()) {
             if let Err(e) = w.flush() {
-                tracing::error!("flushing the events file: {e}");
+                tracing::error!("flushing an events file: {e}");
             }
         }
     }
@@ -954,7 +1080,7 @@ pub fn run_until_exit(
     let mut next_check = std::time::Instant::now() + ATTACH_CHECK;
     let status = loop {
         // The kernel wakes the loop only when the ring buffer fills up or a record is urgent
-        // (see ringbuf_flags in bpf/dns.h); the 10 ms tick drains the rest.
+        // (see ringbuf_flags in bpf/lib/common.h); the 10 ms tick drains the rest.
         let timeout = agent
             .borrow()
             .next_deadline()

@@ -3,4 +3,5 @@
 //! what the dataplane cannot judge itself (`tamper`).
 pub mod cgroup;
 pub mod guard;
+pub mod spec;
 pub mod tamper;

@@ -46,6 +46,21 @@ pub enum DataplaneError {
     },
     #[error("policy does not fit the dataplane: {0}")]
     Policy(String),
+    #[error(transparent)]
+    Pin(#[from] crate::kernel::pins::PinError),
+    #[error("reusing the maps pinned at {base} failed: {source} (were they made with other map sizes? a daemon must be configured as the one that pinned them, or unloaded first)")]
+    Reuse {
+        base: String,
+        #[source]
+        source: libbpf_rs::Error,
+    },
+    #[error("pinning {what} at {path}: {source}")]
+    PinLink {
+        what: String,
+        path: String,
+        #[source]
+        source: libbpf_rs::Error,
+    },
 }
 
 type Result<T> = std::result::Result<T, DataplaneError>;
@@ -87,6 +102,9 @@ pub struct Options {
     pub always_judge: bool,
     pub allow_entries: u32,
     pub flow_entries: u32,
+    /// Pin maps and links under this bpffs base (the daemon): they outlive the process,
+    /// and a later load with the same ABI reuses them (`Dataplane::adopted`).
+    pub pins: Option<crate::kernel::pins::Pins>,
 }
 
 impl Default for Options {
@@ -99,6 +117,7 @@ impl Default for Options {
             always_judge: false,
             allow_entries: 65536,
             flow_entries: 262144,
+            pins: None,
         }
     }
 }
@@ -214,11 +233,18 @@ pub struct Dataplane {
     process_watch: Vec<Link>,
     /// (interface name, ifindex, attachment), two per interface (egress and ingress).
     attached: Vec<(String, u32, Attachment)>,
-    /// The cgroup backstop links (see rf_backstop in bpf/ringfence.bpf.c).
-    backstops: Vec<Link>,
+    /// Each job's cgroup links, by owner (the job's slot, or "exec"): the backstop (see
+    /// rf_backstop in bpf/ringfence.bpf.c) and the socket hooks, by program name.
+    job_links: Vec<(String, String, Link)>,
     /// The socket-owner hooks (bpf/sockowner.h) are loaded, to attach with the backstop.
     owner_hooks: bool,
     kernel: KernelInfo,
+    /// Where maps and links are pinned (the daemon), if anywhere.
+    pins: Option<crate::kernel::pins::Pins>,
+    /// The maps were reused from an earlier daemon's pins.
+    adopted: bool,
+    /// clsact filters an earlier daemon left, by (ifindex, egress): replaced in place.
+    adopt_filters: std::collections::HashMap<(i32, bool), (u32, u32)>,
 }
 
 /// One clsact filter ringfence added: enough to find it again (and to tell it from a filter
@@ -553,6 +579,11 @@ impl Dataplane {
     pub fn load(opts: &Options) -> Result<Dataplane> {
         let kernel = preflight()?;
         crate::logging::route_libbpf_logs();
+        let mut adopted = false;
+        if let Some(pins) = &opts.pins {
+            pins.prepare()?;
+            adopted = pins.check(abi::ABI_VERSION)? == crate::kernel::pins::Found::Adoptable;
+        }
         let kind = match opts.attach {
             AttachMode::Tcx => AttachKind::Tcx,
             AttachMode::Clsact => AttachKind::Clsact,
@@ -573,20 +604,25 @@ impl Dataplane {
                 .rodata_data
                 .as_deref_mut()
                 .expect("rodata is mmapped by the skeleton");
-            ro.dns_min_ttl_ns = opts.dns_min_ttl.as_nanos() as u64;
-            ro.dns_grace_ns = opts.dns_grace.as_nanos() as u64;
-            ro.emit_events = u8::from(opts.emit_events);
-            ro.always_judge = u8::from(opts.always_judge);
-            ro.have_task_helpers = u8::from(task_helpers_in_tc());
-            ro.have_sock_owner = u8::from(owner_hooks);
-            // The multicast-join check names its caller when setsockopt hooks may ask.
-            ro.have_sockopt_task = u8::from(helpers_in(
-                libbpf_rs::libbpf_sys::BPF_PROG_TYPE_CGROUP_SOCKOPT,
-                &[
-                    libbpf_rs::libbpf_sys::BPF_FUNC_get_current_pid_tgid,
-                    libbpf_rs::libbpf_sys::BPF_FUNC_get_current_comm,
-                ],
-            ));
+            // Every setting, here and only here (struct rf_config): a field added in C
+            // fails to build until it is set.
+            ro.config = abi::rf_config {
+                dns_min_ttl_ns: opts.dns_min_ttl.as_nanos() as u64,
+                dns_grace_ns: opts.dns_grace.as_nanos() as u64,
+                emit_events: u8::from(opts.emit_events),
+                always_judge: u8::from(opts.always_judge),
+                have_task_helpers: u8::from(task_helpers_in_tc()),
+                have_sock_owner: u8::from(owner_hooks),
+                // The multicast-join check names its caller when setsockopt hooks may ask.
+                have_sockopt_task: u8::from(helpers_in(
+                    libbpf_rs::libbpf_sys::BPF_PROG_TYPE_CGROUP_SOCKOPT,
+                    &[
+                        libbpf_rs::libbpf_sys::BPF_FUNC_get_current_pid_tgid,
+                        libbpf_rs::libbpf_sys::BPF_FUNC_get_current_comm,
+                    ],
+                )),
+                _pad: [0; 3],
+            };
         }
         // Hooks this kernel would refuse are not loaded (the rest of the object still is).
         if !owner_hooks {
@@ -619,16 +655,41 @@ impl Dataplane {
                 .rf_empty
                 .set_attach_type(ProgramAttachType::TcxEgress);
         }
-        let skel = open.load().map_err(DataplaneError::Load)?;
+        if let Some(pins) = &opts.pins {
+            // libbpf reuses a map already pinned at its path (checking type, sizes and
+            // flags) and pins the ones it creates. The internal maps (.rodata, .bss) are the
+            // programs' own: every load gets fresh ones, set from the daemon's state.
+            for mut m in open.open_object_mut().maps_mut() {
+                let name = m.name().to_string_lossy().into_owned();
+                if name.contains('.') {
+                    continue;
+                }
+                m.set_pin_path(pins.map(&name))
+                    .map_err(map_err("pin path"))?;
+            }
+        }
+        let skel = open.load().map_err(|e| match &opts.pins {
+            Some(p) if adopted => DataplaneError::Reuse {
+                base: p.base().display().to_string(),
+                source: e,
+            },
+            _ => DataplaneError::Load(e),
+        })?;
+        if let (Some(pins), false) = (&opts.pins, adopted) {
+            pins.write_abi(abi::ABI_VERSION)?;
+        }
         Ok(Dataplane {
             skel,
             kind,
             attached: Vec::new(),
             watched: Vec::new(),
             process_watch: Vec::new(),
-            backstops: Vec::new(),
+            job_links: Vec::new(),
             owner_hooks,
             kernel,
+            pins: opts.pins.clone(),
+            adopted,
+            adopt_filters: Default::default(),
         })
     }
 
@@ -643,6 +704,21 @@ impl Dataplane {
 
     pub fn attach_kind(&self) -> AttachKind {
         self.kind
+    }
+
+    /// Whether the maps were reused from an earlier daemon's pins (its jobs, learned
+    /// addresses, flows and unread events are all still there).
+    pub fn adopted(&self) -> bool {
+        self.adopted
+    }
+
+    /// clsact filters an earlier daemon attached: attaching to their interface replaces
+    /// their program in place (same handle and priority) instead of adding a second filter.
+    pub fn adopt_filters(&mut self, filters: &[TcFilter]) {
+        for f in filters {
+            self.adopt_filters
+                .insert((f.ifindex, f.egress), (f.handle, f.priority));
+        }
     }
 
     pub fn kernel(&self) -> &KernelInfo {
@@ -779,6 +855,74 @@ impl Dataplane {
     /// the socket-owner hooks (bpf/sockowner.h), which only record who owns each socket, so
     /// that flows name their process where TC cannot ask (they always allow).
     pub fn attach_backstop(&mut self, cgroup: &Path) -> Result<()> {
+        self.attach_job_hooks("exec", cgroup)
+    }
+
+    /// The cgroup programs every job carries: (program, name, hook, program type).
+    fn job_progs(
+        &self,
+    ) -> Vec<(
+        &libbpf_rs::ProgramMut<'static>,
+        &'static str,
+        &'static str,
+        &'static str,
+    )> {
+        let mut progs = vec![
+            (
+                &self.skel.progs.rf_backstop,
+                "rf_backstop",
+                "cgroup egress",
+                "cgroup_skb",
+            ),
+            (
+                &self.skel.progs.rf_sockopt,
+                "rf_sockopt",
+                "cgroup setsockopt",
+                "cgroup_sockopt",
+            ),
+        ];
+        // The socket-owner hooks, where this kernel loads them (Dataplane::load).
+        if self.owner_hooks {
+            progs.extend([
+                (
+                    &self.skel.progs.rf_own_create,
+                    "rf_own_create",
+                    "cgroup sock_create",
+                    "cgroup_sock",
+                ),
+                (
+                    &self.skel.progs.rf_own_connect4,
+                    "rf_own_connect4",
+                    "cgroup connect4",
+                    "cgroup_sock_addr",
+                ),
+                (
+                    &self.skel.progs.rf_own_connect6,
+                    "rf_own_connect6",
+                    "cgroup connect6",
+                    "cgroup_sock_addr",
+                ),
+                (
+                    &self.skel.progs.rf_own_sendmsg4,
+                    "rf_own_sendmsg4",
+                    "cgroup sendmsg4",
+                    "cgroup_sock_addr",
+                ),
+                (
+                    &self.skel.progs.rf_own_sendmsg6,
+                    "rf_own_sendmsg6",
+                    "cgroup sendmsg6",
+                    "cgroup_sock_addr",
+                ),
+            ]);
+        }
+        progs
+    }
+
+    /// Attaches the job's cgroup programs (see [`Self::attach_backstop`]) for `owner` (a
+    /// daemon job's slot, or "exec"). Pinned, a link an earlier daemon left for the same
+    /// owner is taken over and its program replaced in place, so there is no gap.
+    pub fn attach_job_hooks(&mut self, owner: &str, cgroup: &Path) -> Result<()> {
         let dir = std::fs::File::open(cgroup).map_err(|source| DataplaneError::Attach {
             ifname: cgroup.display().to_string(),
             dir: "cgroup egress",
@@ -786,54 +930,80 @@ impl Dataplane {
             source,
         })?;
         let fd = std::os::fd::AsRawFd::as_raw_fd(&dir);
-        let owners = [
-            (
-                &self.skel.progs.rf_own_create,
-                "cgroup sock_create",
-                "cgroup_sock",
-            ),
-            (
-                &self.skel.progs.rf_own_connect4,
-                "cgroup connect4",
-                "cgroup_sock_addr",
-            ),
-            (
-                &self.skel.progs.rf_own_connect6,
-                "cgroup connect6",
-                "cgroup_sock_addr",
-            ),
-            (
-                &self.skel.progs.rf_own_sendmsg4,
-                "cgroup sendmsg4",
-                "cgroup_sock_addr",
-            ),
-            (
-                &self.skel.progs.rf_own_sendmsg6,
-                "cgroup sendmsg6",
-                "cgroup_sock_addr",
-            ),
-        ];
-        let owners = if self.owner_hooks { &owners[..] } else { &[] };
-        for (prog, dir_name, kind) in [
-            (&self.skel.progs.rf_backstop, "cgroup egress", "cgroup_skb"),
-            (
-                &self.skel.progs.rf_sockopt,
-                "cgroup setsockopt",
-                "cgroup_sockopt",
-            ),
-        ]
-        .iter()
-        .chain(owners)
-        {
-            let link = prog.attach_cgroup(fd).map_err(|e| DataplaneError::Attach {
+        let cgroup_id = std::os::unix::fs::MetadataExt::ino(&dir.metadata().map_err(|source| {
+            DataplaneError::Attach {
+                ifname: cgroup.display().to_string(),
+                dir: "cgroup egress",
+                kind: "cgroup_skb",
+                source,
+            }
+        })?);
+        let mut links = Vec::new();
+        for (prog, name, dir_name, kind) in self.job_progs() {
+            let err = |e: libbpf_rs::Error| DataplaneError::Attach {
                 ifname: cgroup.display().to_string(),
                 dir: dir_name,
                 kind,
                 source: std::io::Error::other(e.to_string()),
-            })?;
-            self.backstops.push(link);
+            };
+            let pin = self.pins.as_ref().map(|p| p.job_link(owner, name));
+            // A pinned link is taken over only if it is still attached to this very cgroup:
+            // one whose cgroup was removed (and perhaps made again under the same path while
+            // no daemon ran) is severed, and updating it would leave the cgroup without
+            // programs (see tests/redteam9.rs).
+            let adopted = match &pin {
+                Some(path) if path.exists() => match Link::open(path) {
+                    Ok(mut l) if link_cgroup_id(&l) == Some(cgroup_id) => {
+                        l.update_prog(prog).map_err(err)?;
+                        Some(l)
+                    }
+                    Ok(mut l) => {
+                        let _ = l.unpin();
+                        None
+                    }
+                    Err(e) => {
+                        tracing::warn!("opening {}: {e}", path.display());
+                        let _ = std::fs::remove_file(path);
+                        None
+                    }
+                },
+                _ => None,
+            };
+            let link = match adopted {
+                Some(l) => l,
+                None => {
+                    let mut l = prog.attach_cgroup(fd).map_err(err)?;
+                    if let Some(path) = &pin {
+                        l.pin(path).map_err(|source| DataplaneError::PinLink {
+                            what: format!("{name} of job {owner}"),
+                            path: path.display().to_string(),
+                            source,
+                        })?;
+                    }
+                    l
+                }
+            };
+            links.push((owner.to_string(), name.to_string(), link));
         }
+        self.job_links.extend(links);
         Ok(())
+    }
+
+    /// Detaches a job's cgroup programs and removes their pins.
+    pub fn detach_job_hooks(&mut self, owner: &str) {
+        let (gone, kept): (Vec<_>, Vec<_>) =
+            self.job_links.drain(..).partition(|(o, _, _)| o == owner);
+        self.job_links = kept;
+        for (_, name, mut link) in gone {
+            if link.pin_path().is_some() {
+                if let Err(e) = link.unpin() {
+                    tracing::warn!("unpinning {name} of job {owner}: {e}");
+                }
+            }
+            if let Err(e) = link.detach() {
+                tracing::warn!("detaching {name} of job {owner}: {e}");
+            }
+        }
     }
 
     fn attach_one(&self, ifname: &str, ifindex: i32, egress: bool) -> Result<Attachment> {
@@ -851,6 +1021,27 @@ impl Dataplane {
         };
         match self.kind {
             AttachKind::Tcx => {
+                // Pinned: an earlier daemon's link on this device is taken over, its program
+                // replaced in place (the device never runs without ringfence).
+                let pin = self
+                    .pins
+                    .as_ref()
+                    .map(|p| p.tcx_link(ifindex as u32, egress));
+                if let Some(path) = pin.as_ref().filter(|p| p.exists()) {
+                    match Link::open(path) {
+                        Ok(mut l) if link_ifindex(&l) == Some(ifindex as u32) => {
+                            l.update_prog(prog)
+                                .map_err(|e| err(std::io::Error::other(e.to_string())))?;
+                            return Ok(Attachment::Tcx(l));
+                        }
+                        // A link whose device went away (or an index reused): start over.
+                        Ok(mut l) => {
+                            let _ = l.unpin();
+                        }
+                        Err(e) => tracing::warn!("opening {}: {e}", path.display()),
+                    }
+                    let _ = std::fs::remove_file(path);
+                }
                 // libbpf-rs 0.27 does not wrap TCX attach; the link it returns is owned here.
                 let raw = prog.as_libbpf_object().as_ptr();
                 // SAFETY: raw is a loaded program of this skeleton; NULL opts are allowed.
@@ -860,13 +1051,32 @@ impl Dataplane {
                 let link =
                     NonNull::new(link).ok_or_else(|| err(std::io::Error::last_os_error()))?;
                 // SAFETY: a fresh link from libbpf, owned by nobody else.
-                Ok(Attachment::Tcx(unsafe { Link::from_ptr(link) }))
+                let mut link = unsafe { Link::from_ptr(link) };
+                if let Some(path) = &pin {
+                    link.pin(path).map_err(|source| DataplaneError::PinLink {
+                        what: format!("the {dir} link of {ifname}"),
+                        path: path.display().to_string(),
+                        source,
+                    })?;
+                }
+                Ok(Attachment::Tcx(link))
             }
             AttachKind::Clsact => {
                 let mut b = TcHookBuilder::new(prog.as_fd());
                 // handle 0 and priority 0: the kernel picks free ones, so several ringfence
                 // instances (and other tools) can share the device.
-                b.ifindex(ifindex).replace(false).handle(0).priority(0);
+                match self.adopt_filters.get(&(ifindex, egress)) {
+                    // An earlier daemon's filter: its program is replaced in place.
+                    Some(&(handle, priority)) => {
+                        b.ifindex(ifindex)
+                            .replace(true)
+                            .handle(handle)
+                            .priority(priority);
+                    }
+                    None => {
+                        b.ifindex(ifindex).replace(false).handle(0).priority(0);
+                    }
+                }
                 let mut hook = b.hook(if egress { TC_EGRESS } else { TC_INGRESS });
                 let created = match hook.create() {
                     Ok(_) => true,
@@ -929,9 +1139,9 @@ impl Dataplane {
         let mut h = self.held_since(0);
         // The cgroup backstop too: it covers interfaces that appear after ringfence died.
         h.link_fds.extend(
-            self.backstops
+            self.job_links
                 .iter()
-                .map(|l| std::os::fd::AsRawFd::as_raw_fd(&l.as_fd())),
+                .map(|(_, _, l)| std::os::fd::AsRawFd::as_raw_fd(&l.as_fd())),
         );
         h
     }
@@ -1066,12 +1276,18 @@ impl Dataplane {
     pub fn detach_all(&mut self) {
         self.watched.clear();
         self.process_watch.clear();
-        self.backstops.clear();
+        let owners: Vec<String> = self.job_links.iter().map(|(o, _, _)| o.clone()).collect();
+        for o in owners {
+            self.detach_job_hooks(&o);
+        }
         for (ifname, _, a) in self.attached.drain(..) {
             match a {
                 // Detached explicitly: dropping only closes this process's fd, and a guard
                 // process may still hold a duplicate (src/job/guard.rs).
-                Attachment::Tcx(link) => {
+                Attachment::Tcx(mut link) => {
+                    if link.pin_path().is_some() {
+                        let _ = link.unpin();
+                    }
                     if let Err(e) = link.detach() {
                         tracing::warn!(ifname, "detaching the tcx link: {e}");
                     }
@@ -1117,6 +1333,166 @@ impl Dataplane {
             .map_err(map_err("ifjobs"))?;
         let bss = self.bss();
         bss.have_ifjobs = 1;
+        Ok(())
+    }
+
+    /// The host default policy's job: every packet sent by a socket of no job is judged
+    /// under it (forwarded packets, which have no socket, are not).
+    pub fn set_host_job(&mut self, job: Option<abi::rf_job>) -> Result<()> {
+        match job {
+            Some(j) => {
+                self.skel
+                    .maps
+                    .jobs
+                    .update(&0u64.to_ne_bytes(), bytes_of(&j), MapFlags::ANY)
+                    .map_err(map_err("jobs"))?;
+                self.bss().have_host_job = 1;
+            }
+            None => {
+                self.bss().have_host_job = 0;
+                match self.skel.maps.jobs.delete(&0u64.to_ne_bytes()) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
+                    Err(e) => return Err(map_err("jobs")(e)),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets a job keyed by interface.
+    pub fn remove_interface_job(&mut self, ifindex: u32) -> Result<()> {
+        match self.skel.maps.ifjobs.delete(&ifindex.to_ne_bytes()) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(map_err("ifjobs")(e)),
+        }
+    }
+
+    /// Removes every trace of job slot `job_id` from the maps: its policy (names, static
+    /// and learned addresses, resolvers, inbound peers), its flows, outstanding queries and
+    /// DNS streams. Other jobs' entries are untouched. Returns how many entries went.
+    pub fn purge_job(&self, job_id: u32) -> Result<u64> {
+        let maps = &self.skel.maps;
+        let mut n = 0u64;
+        let mut purge = |name: &'static str,
+                         map: &libbpf_rs::MapMut<'static>,
+                         by_key: Option<usize>,
+                         by_val: Option<usize>|
+         -> Result<()> {
+            let keys: Vec<Vec<u8>> = map.keys().collect();
+            for k in keys {
+                let owner = if let Some(off) = by_key {
+                    k.get(off..off + 4)
+                        .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
+                } else if let Some(off) = by_val {
+                    map.lookup(&k, MapFlags::ANY).ok().flatten().and_then(|v| {
+                        v.get(off..off + 4)
+                            .map(|b| u32::from_ne_bytes(b.try_into().unwrap()))
+                    })
+                } else {
+                    None
+                };
+                if owner == Some(job_id) {
+                    match map.delete(&k) {
+                        Ok(()) => n += 1,
+                        Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
+                        Err(e) => return Err(map_err(name)(e)),
+                    }
+                }
+            }
+            Ok(())
+        };
+        use std::mem::offset_of;
+        purge(
+            "allow",
+            &maps.allow,
+            Some(offset_of!(abi::rf_lpm_key, job_id)),
+            None,
+        )?;
+        purge(
+            "inbound",
+            &maps.inbound,
+            Some(offset_of!(abi::rf_lpm_key, job_id)),
+            None,
+        )?;
+        purge(
+            "names",
+            &maps.names,
+            Some(offset_of!(abi::rf_name_key, job_id)),
+            None,
+        )?;
+        purge(
+            "resolvers",
+            &maps.resolvers,
+            Some(offset_of!(abi::rf_resolver_key, job_id)),
+            None,
+        )?;
+        purge(
+            "flows",
+            &maps.flows,
+            Some(offset_of!(abi::rf_flow_key, job_id)),
+            None,
+        )?;
+        purge(
+            "queries",
+            &maps.queries,
+            None,
+            Some(offset_of!(abi::rf_query_val, job_id)),
+        )?;
+        purge(
+            "tcp_streams",
+            &maps.tcp_streams,
+            None,
+            Some(offset_of!(
+                crate::kernel::skel::types::rf_stream_val,
+                job_id
+            )),
+        )?;
+        purge(
+            "dns_streams",
+            &maps.dns_streams,
+            Some(offset_of!(
+                crate::kernel::skel::types::rf_dns_stream_key,
+                job_id
+            )),
+            None,
+        )?;
+        Ok(n)
+    }
+
+    /// Entries in each map, for `ringfence status` (name, entries, capacity).
+    pub fn map_fill(&self) -> Vec<(&'static str, u64, u32)> {
+        let maps = &self.skel.maps;
+        let count = |m: &libbpf_rs::MapMut<'static>| m.keys().count() as u64;
+        vec![
+            ("jobs", count(&maps.jobs), maps.jobs.max_entries()),
+            ("ifjobs", count(&maps.ifjobs), maps.ifjobs.max_entries()),
+            ("allow", count(&maps.allow), maps.allow.max_entries()),
+            ("names", count(&maps.names), maps.names.max_entries()),
+            (
+                "resolvers",
+                count(&maps.resolvers),
+                maps.resolvers.max_entries(),
+            ),
+            ("inbound", count(&maps.inbound), maps.inbound.max_entries()),
+            ("flows", count(&maps.flows), maps.flows.max_entries()),
+            ("queries", count(&maps.queries), maps.queries.max_entries()),
+            (
+                "dns_streams",
+                count(&maps.dns_streams),
+                maps.dns_streams.max_entries(),
+            ),
+        ]
+    }
+
+    /// Detaches everything this instance attached and removes every pin: nothing of
+    /// ringfence stays in the kernel (`ringfence unload`).
+    pub fn unload(&mut self) -> Result<()> {
+        self.detach_all();
+        if let Some(p) = self.pins.take() {
+            p.remove_all()?;
+        }
         Ok(())
     }
 
@@ -1269,6 +1645,7 @@ impl Dataplane {
         bss.job_levels = 0;
         bss.have_ifjobs = 0;
         bss.have_l3_devs = 0;
+        bss.have_host_job = 0;
         Ok(())
     }
 
@@ -1378,6 +1755,51 @@ impl Dataplane {
             .map_err(map_err("allow"))
     }
 
+    /// Every job slot the pinned dataplane still holds anything of: job entries (by cgroup
+    /// and by interface), policy entries (names, addresses, resolvers, inbound peers) and
+    /// pinned cgroup links (`job-<slot>-<program>`). An adopting daemon must never hand one
+    /// of these to a new job, also when its own state does not name it (a state lost, or a
+    /// daemon killed inside a job start before it wrote its state): the new job would inherit
+    /// what is there (see tests/redteam9.rs).
+    pub fn slots_in_use(&self) -> std::collections::BTreeSet<u32> {
+        use std::mem::offset_of;
+        let maps = &self.skel.maps;
+        let mut slots = std::collections::BTreeSet::new();
+        let at = |b: &[u8], off: usize| {
+            b.get(off..off + 4)
+                .map(|x| u32::from_ne_bytes(x.try_into().expect("4 bytes")))
+        };
+        for m in [&maps.jobs, &maps.ifjobs] {
+            for k in m.keys() {
+                if let Ok(Some(v)) = m.lookup(&k, MapFlags::ANY) {
+                    slots.extend(at(&v, offset_of!(abi::rf_job, job_id)));
+                }
+            }
+        }
+        for k in maps.allow.keys() {
+            slots.extend(at(&k, offset_of!(abi::rf_lpm_key, job_id)));
+        }
+        for k in maps.inbound.keys() {
+            slots.extend(at(&k, offset_of!(abi::rf_lpm_key, job_id)));
+        }
+        for k in maps.names.keys() {
+            slots.extend(at(&k, offset_of!(abi::rf_name_key, job_id)));
+        }
+        for k in maps.resolvers.keys() {
+            slots.extend(at(&k, offset_of!(abi::rf_resolver_key, job_id)));
+        }
+        if let Some(p) = &self.pins {
+            for (name, _) in p.list_links() {
+                let slot = name
+                    .strip_prefix("job-")
+                    .and_then(|r| r.split('-').next())
+                    .and_then(|n| n.parse::<u32>().ok());
+                slots.extend(slot);
+            }
+        }
+        slots
+    }
+
     /// Every entry of the allow trie (tests, status, reports).
     pub fn allow_entries(&self) -> Vec<AddrEntry> {
         let map = &self.skel.maps.allow;
@@ -1415,9 +1837,59 @@ impl Dataplane {
 unsafe impl Send for Dataplane {}
 
 impl Drop for Dataplane {
+    /// Unpinned (`exec`), everything is detached. Pinned (the daemon), nothing is: the
+    /// links stay in bpffs and the kernel goes on enforcing until a daemon takes them over
+    /// or `ringfence unload` removes them.
     fn drop(&mut self) {
-        self.detach_all();
+        if self.pins.is_none() {
+            self.detach_all();
+        } else {
+            // The clsact filters are netlink state: they stay whatever happens to the hooks.
+            for (_, _, a) in self.attached.drain(..) {
+                std::mem::forget(a);
+            }
+        }
     }
+}
+
+/// The device a TCX link is attached to (None when it cannot be read, 0 when defunct).
+/// The cgroup a cgroup link is attached to (0 once that cgroup is gone: the link is severed).
+fn link_cgroup_id(link: &Link) -> Option<u64> {
+    use libbpf_rs::libbpf_sys as sys;
+    let mut info = sys::bpf_link_info::default();
+    let mut len = std::mem::size_of::<sys::bpf_link_info>() as u32;
+    // SAFETY: info is a plain struct of `len` bytes that outlives the call.
+    let err = unsafe {
+        sys::bpf_link_get_info_by_fd(
+            std::os::fd::AsRawFd::as_raw_fd(&link.as_fd()),
+            &mut info,
+            &mut len,
+        )
+    };
+    if err != 0 {
+        return None;
+    }
+    // SAFETY: a cgroup link's info fills the cgroup member of the union.
+    Some(unsafe { info.__bindgen_anon_1.cgroup.cgroup_id })
+}
+
+fn link_ifindex(link: &Link) -> Option<u32> {
+    use libbpf_rs::libbpf_sys as sys;
+    let mut info = sys::bpf_link_info::default();
+    let mut len = std::mem::size_of::<sys::bpf_link_info>() as u32;
+    // SAFETY: info is a plain struct of `len` bytes that outlives the call.
+    let err = unsafe {
+        sys::bpf_link_get_info_by_fd(
+            std::os::fd::AsRawFd::as_raw_fd(&link.as_fd()),
+            &mut info,
+            &mut len,
+        )
+    };
+    if err != 0 {
+        return None;
+    }
+    // SAFETY: a TCX link's info fills the tcx member of the union.
+    Some(unsafe { info.__bindgen_anon_1.tcx.ifindex })
 }
 
 #[cfg(test)]

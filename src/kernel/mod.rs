@@ -5,5 +5,6 @@
 pub mod abi;
 pub mod dataplane;
 pub mod netif;
+pub mod pins;
 pub mod probe;
 pub mod skel;

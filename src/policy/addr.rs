@@ -29,7 +29,7 @@ pub fn is_metadata(addr: IpAddr) -> bool {
 }
 
 /// Addresses a DNS answer never opens, only a static policy entry does (the kernel's
-/// `is_special_answer` in bpf/parse.h): 0.0.0.0/8, 127/8, 169.254/16, 224/4 and 240/4
+/// `is_special_answer` in bpf/lib/parse.h): 0.0.0.0/8, 127/8, 169.254/16, 224/4 and 240/4
 /// (broadcast included); ::, ::1, fe80::/10, ff00::/8, fd00:ec2::254; the IPv4-mapped and
 /// NAT64 (64:ff9b::/96) forms of the IPv4 ones. Private ranges are not special: internal
 /// mirrors and cloud endpoints legitimately resolve to them.

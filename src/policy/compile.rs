@@ -13,9 +13,9 @@ use ipnet::IpNet;
 use super::{Endpoint, HostPattern, PolicyError, PortSpec};
 
 /// Distinct ports one set can carry (`RF_MAX_PORTS` in bpf/abi.h).
-pub const MAX_PORTS: usize = 8;
+pub const MAX_PORTS: usize = crate::kernel::abi::MAX_PORTS;
 /// Label globs sharing one parent suffix (`RF_GLOBS_MAX` in bpf/abi.h).
-pub const MAX_GLOBS: usize = 4;
+pub const MAX_GLOBS: usize = crate::kernel::abi::GLOBS_MAX;
 
 const FNV_OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
 const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;

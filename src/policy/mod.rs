@@ -260,7 +260,7 @@ fn position(source: &str, line: &usize, column: &usize) -> String {
 }
 
 impl PolicyError {
-    fn whole(source_name: &str, message: String) -> PolicyError {
+    pub fn whole(source_name: &str, message: String) -> PolicyError {
         PolicyError {
             source_name: source_name.to_owned(),
             line: 0,

@@ -22,6 +22,7 @@ use thiserror::Error;
 use time::macros::format_description;
 use time::{OffsetDateTime, PrimitiveDateTime};
 
+use crate::kernel::abi::{rf_direction, rf_reason, rf_verdict};
 use crate::trail::dns::{self, DnsMessage, RecordData};
 use crate::trail::limits::Limits;
 
@@ -73,8 +74,10 @@ impl Direction {
         *self == Direction::Outbound
     }
 
+    /// A value outside the enum is read as outbound: the default, whose events name the
+    /// destination port (the verdict and reason still say what happened).
     pub fn from_abi(v: u8) -> Direction {
-        if v == 1 {
+        if rf_direction(v.into()) == rf_direction::RF_DIR_INBOUND {
             Direction::Inbound
         } else {
             Direction::Outbound
@@ -94,14 +97,14 @@ pub struct UnknownValue {
 impl TryFrom<u8> for Verdict {
     type Error = UnknownValue;
     fn try_from(v: u8) -> Result<Self, UnknownValue> {
-        Ok(match v {
-            0 => Self::Allowed,
-            1 => Self::Blocked,
-            2 => Self::Audited,
-            value => {
+        Ok(match rf_verdict(v.into()) {
+            rf_verdict::RF_VERDICT_ALLOWED => Self::Allowed,
+            rf_verdict::RF_VERDICT_BLOCKED => Self::Blocked,
+            rf_verdict::RF_VERDICT_AUDITED => Self::Audited,
+            _ => {
                 return Err(UnknownValue {
                     what: "verdict",
-                    value,
+                    value: v,
                 })
             }
         })
@@ -111,20 +114,20 @@ impl TryFrom<u8> for Verdict {
 impl TryFrom<u8> for Reason {
     type Error = UnknownValue;
     fn try_from(v: u8) -> Result<Self, UnknownValue> {
-        Ok(match v {
-            0 => Self::Allowed,
-            1 => Self::NotAllowed,
-            2 => Self::DirectIp,
-            3 => Self::DnsResolver,
-            4 => Self::Metadata,
-            5 => Self::DnsQuery,
-            6 => Self::DnsUnjudged,
-            7 => Self::Unparsed,
-            8 => Self::Inbound,
-            value => {
+        Ok(match rf_reason(v.into()) {
+            rf_reason::RF_REASON_ALLOWED => Self::Allowed,
+            rf_reason::RF_REASON_NOT_ALLOWED => Self::NotAllowed,
+            rf_reason::RF_REASON_DIRECT_IP => Self::DirectIp,
+            rf_reason::RF_REASON_DNS_RESOLVER => Self::DnsResolver,
+            rf_reason::RF_REASON_METADATA => Self::Metadata,
+            rf_reason::RF_REASON_DNS_QUERY => Self::DnsQuery,
+            rf_reason::RF_REASON_DNS_UNJUDGED => Self::DnsUnjudged,
+            rf_reason::RF_REASON_UNPARSED => Self::Unparsed,
+            rf_reason::RF_REASON_INBOUND => Self::Inbound,
+            _ => {
                 return Err(UnknownValue {
                     what: "reason",
-                    value,
+                    value: v,
                 })
             }
         })
@@ -1037,17 +1040,57 @@ mod tests {
 
     #[test]
     fn kernel_values_convert() {
-        assert_eq!(Verdict::try_from(2), Ok(Verdict::Audited));
-        assert_eq!(Reason::try_from(4), Ok(Reason::Metadata));
-        assert_eq!(Reason::try_from(5), Ok(Reason::DnsQuery));
+        let verdicts = [
+            (rf_verdict::RF_VERDICT_ALLOWED, Verdict::Allowed),
+            (rf_verdict::RF_VERDICT_BLOCKED, Verdict::Blocked),
+            (rf_verdict::RF_VERDICT_AUDITED, Verdict::Audited),
+        ];
+        for (k, v) in verdicts {
+            assert_eq!(Verdict::try_from(k.0 as u8), Ok(v));
+        }
+        let reasons = [
+            (rf_reason::RF_REASON_ALLOWED, Reason::Allowed),
+            (rf_reason::RF_REASON_NOT_ALLOWED, Reason::NotAllowed),
+            (rf_reason::RF_REASON_DIRECT_IP, Reason::DirectIp),
+            (rf_reason::RF_REASON_DNS_RESOLVER, Reason::DnsResolver),
+            (rf_reason::RF_REASON_METADATA, Reason::Metadata),
+            (rf_reason::RF_REASON_DNS_QUERY, Reason::DnsQuery),
+            (rf_reason::RF_REASON_DNS_UNJUDGED, Reason::DnsUnjudged),
+            (rf_reason::RF_REASON_UNPARSED, Reason::Unparsed),
+            (rf_reason::RF_REASON_INBOUND, Reason::Inbound),
+        ];
+        for (k, r) in reasons {
+            assert_eq!(Reason::try_from(k.0 as u8), Ok(r));
+        }
+        // Nothing else converts: every other byte is an ABI disagreement, named as such.
         assert_eq!(
-            Reason::try_from(9),
+            (0..=u8::MAX)
+                .filter(|&b| Verdict::try_from(b).is_ok())
+                .count(),
+            verdicts.len()
+        );
+        assert_eq!(
+            (0..=u8::MAX)
+                .filter(|&b| Reason::try_from(b).is_ok())
+                .count(),
+            reasons.len()
+        );
+        let past = rf_reason::RF_REASON_INBOUND.0 as u8 + 1;
+        assert_eq!(
+            Reason::try_from(past),
             Err(UnknownValue {
                 what: "reason",
-                value: 9
+                value: past
             })
         );
-        assert!(Verdict::try_from(3).is_err());
+        assert_eq!(
+            Direction::from_abi(rf_direction::RF_DIR_INBOUND.0 as u8),
+            Direction::Inbound
+        );
+        assert_eq!(
+            Direction::from_abi(rf_direction::RF_DIR_OUTBOUND.0 as u8),
+            Direction::Outbound
+        );
         assert_eq!(Proto::from(17), Proto::Udp);
         assert_eq!(Proto::from(58), Proto::Icmpv6);
         assert_eq!(u8::from(Proto::Other(47)), 47);

@@ -484,6 +484,11 @@ impl Report {
             .collect()
     }
 
+    /// (flows, allowed, blocked, audited) so far, for `ringfence status`.
+    pub fn totals(&self) -> (usize, usize, usize, usize) {
+        (self.flows, self.allowed, self.blocked, self.audited)
+    }
+
     /// Flow events the kernel blocked.
     pub fn blocked(&self) -> usize {
         self.blocked

@@ -11,6 +11,8 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
+pub mod daemon;
+
 #[allow(unused_imports)] // not every test binary names the module itself
 pub use ringfence::testkit::testbed;
 pub use ringfence::testkit::testbed::{DnsOptions, DnsRecord, Testbed};

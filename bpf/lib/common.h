@@ -1,0 +1,43 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* What every part of the programs uses: the settings the agent fixes before load, the
+ * per-CPU counters, and when to wake the agent for ring-buffer records. */
+#ifndef RINGFENCE_LIB_COMMON_H
+#define RINGFENCE_LIB_COMMON_H
+
+#include "../abi.h"
+#include "../maps.h"
+
+/* Set by the agent before load (see struct rf_config); these defaults are Options'. The
+ * task helpers (bpf_get_current_pid_tgid/comm) are callable from TC programs only on newer
+ * kernels: the agent probes, and the verifier skips the calls it can prove are dead. */
+const volatile struct rf_config config = {
+	.dns_min_ttl_ns = 0,
+	.dns_grace_ns = 30ULL * 1000000000ULL,
+	.emit_events = 1,
+	.always_judge = 0,
+	.have_task_helpers = 0,
+	.have_sock_owner = 0,
+	.have_sockopt_task = 0,
+};
+
+/* Waking the agent for every record costs a context switch per DNS answer, which on a busy
+ * runner lands on the lookup's critical path. Records wait in the ring buffer until a quarter
+ * of it is used (or the agent's 10 ms tick drains it); what must not wait forces a wakeup. */
+#define RF_WAKE_BYTES (2 << 20)
+
+static __always_inline __u64 ringbuf_flags(int urgent)
+{
+	if (urgent || bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > RF_WAKE_BYTES)
+		return BPF_RB_FORCE_WAKEUP;
+	return BPF_RB_NO_WAKEUP;
+}
+
+static __always_inline void count(__u32 idx)
+{
+	__u64 *c = bpf_map_lookup_elem(&counters, &idx);
+
+	if (c)
+		*c += 1;
+}
+
+#endif

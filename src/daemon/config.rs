@@ -1,0 +1,127 @@
+//! The daemon's configuration file (TOML). Every key is optional; `ringfence run` with no
+//! file runs with the defaults below.
+//!
+//! ```toml
+//! socket = "/run/ringfence/control.sock"   # the control socket (mode 0600, or 0660 with group)
+//! group = "ringfence"                        # a group granted the socket (optional)
+//! bpffs = "/sys/fs/bpf/ringfence"            # where programs' maps and links are pinned
+//! state-dir = "/run/ringfence"               # the daemon's state, for re-adoption
+//! data-dir = "/var/lib/ringfence"            # each job's events file: jobs/<id>/events.jsonl
+//! attach = "auto"                            # tcx, clsact or auto
+//! interfaces = []                            # default: every interface, and new ones
+//! host-policy = "/etc/ringfence/host.toml"   # traffic of no job (optional; see README)
+//! max-jobs = 1024
+//! events-max-bytes = "256M"                  # per job
+//! ```
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::kernel::dataplane::AttachMode;
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_socket")]
+    pub socket: PathBuf,
+    #[serde(default)]
+    pub group: Option<String>,
+    #[serde(default = "default_bpffs")]
+    pub bpffs: PathBuf,
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    #[serde(default, deserialize_with = "attach_mode")]
+    pub attach: AttachMode,
+    #[serde(default)]
+    pub interfaces: Vec<String>,
+    #[serde(default)]
+    pub host_policy: Option<PathBuf>,
+    #[serde(default = "default_max_jobs")]
+    pub max_jobs: usize,
+    #[serde(default = "default_events_max")]
+    pub events_max_bytes: String,
+}
+
+pub const DEFAULT_SOCKET: &str = "/run/ringfence/control.sock";
+
+fn default_socket() -> PathBuf {
+    DEFAULT_SOCKET.into()
+}
+fn default_bpffs() -> PathBuf {
+    crate::kernel::pins::DEFAULT_BASE.into()
+}
+fn default_state_dir() -> PathBuf {
+    "/run/ringfence".into()
+}
+fn default_data_dir() -> PathBuf {
+    "/var/lib/ringfence".into()
+}
+fn default_max_jobs() -> usize {
+    1024
+}
+fn default_events_max() -> String {
+    "256M".into()
+}
+
+fn attach_mode<'de, D: serde::Deserializer<'de>>(d: D) -> Result<AttachMode, D::Error> {
+    let s = String::deserialize(d)?;
+    match s.as_str() {
+        "auto" => Ok(AttachMode::Auto),
+        "tcx" => Ok(AttachMode::Tcx),
+        "clsact" => Ok(AttachMode::Clsact),
+        _ => Err(serde::de::Error::custom(format!(
+            "attach = {s:?}: expected \"auto\", \"tcx\" or \"clsact\""
+        ))),
+    }
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        toml::from_str("").expect("the empty config is valid")
+    }
+}
+
+impl Config {
+    /// Reads a config file; errors name it and the key.
+    pub fn from_file(path: &Path) -> anyhow::Result<Config> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("reading the config {}: {e}", path.display()))?;
+        let c: Config =
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        c.events_max()
+            .map_err(|e| anyhow::anyhow!("config {}: events-max-bytes: {e}", path.display()))?;
+        if c.max_jobs == 0 {
+            anyhow::bail!("config {}: max-jobs must be at least 1", path.display());
+        }
+        Ok(c)
+    }
+
+    pub fn events_max(&self) -> Result<u64, String> {
+        crate::trail::limits::parse_size(&self.events_max_bytes)
+    }
+
+    pub fn state_file(&self) -> PathBuf {
+        self.state_dir.join("state.json")
+    }
+
+    pub fn job_dir(&self, id: &str) -> PathBuf {
+        self.data_dir.join("jobs").join(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_errors() {
+        let c = Config::default();
+        assert_eq!(c.socket, Path::new(DEFAULT_SOCKET));
+        assert_eq!(c.max_jobs, 1024);
+        assert!(toml::from_str::<Config>("sockett = \"/x\"").is_err());
+        let e = toml::from_str::<Config>("attach = \"xdp\"").unwrap_err();
+        assert!(e.to_string().contains("expected \"auto\""), "{e}");
+    }
+}
