@@ -137,7 +137,9 @@ struct rf_config {
 	__u8 emit_events;       /* 0: no ring-buffer records (benchmarks: a full buffer distorts them) */
 	__u8 always_judge;      /* benchmarks: every packet judged as a new flow (no flow cache) */
 	__u8 have_task_helpers; /* bpf_get_current_pid_tgid/comm are callable from TC programs */
-	__u8 _pad[5];
+	__u8 have_sock_owner;   /* the socket-owner hooks (bpf/sockowner.h) load: rf_sock_owner is filled */
+	__u8 have_sockopt_task; /* cgroup/setsockopt programs may call bpf_get_current_pid_tgid/comm */
+	__u8 _pad[3];
 };
 
 /* A set of destination ports. any != 0 means every port. */
@@ -271,6 +273,17 @@ struct rf_flow_event {
 	__u8 verdict; /* enum rf_verdict */
 	__u8 reason;  /* enum rf_reason */
 	__u8 direction; /* enum rf_direction */
+};
+
+/* rf_sock_owner: socket cookie -> the process that owns the socket, as the cgroup socket
+ * hooks saw it (bpf/sockowner.h): whoever created it, then whoever connected it or sent an
+ * addressed datagram on it last. Lets the TC and cgroup_skb programs, which cannot ask the
+ * current task (kernels before 6.10, packets sent from timers), name a flow's process. */
+struct rf_sock_owner {
+	__u64 cgroup_id; /* the process's cgroup when it was recorded */
+	__u32 tgid;      /* init pid namespace */
+	__u32 _pad;
+	char comm[16];
 };
 
 /* Followed by `len` bytes of the DNS message. */

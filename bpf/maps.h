@@ -138,6 +138,18 @@ struct {
 	__type(value, struct rf_flow_val);
 } flows SEC(".maps");
 
+/* Socket cookie -> the process that owns the socket (struct rf_sock_owner), written by the
+ * cgroup socket hooks on the job's cgroup (sock_create, connect4/6, sendmsg4/6) and read
+ * only where an event is sent (a new flow, a DNS query copy), never per packet. LRU: a
+ * closed socket's entry is never deleted, it ages out; 65536 sockets recently opened or
+ * used by the jobs of one host is far more than live at once. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct rf_sock_owner);
+} rf_sock_owner SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 8 << 20);

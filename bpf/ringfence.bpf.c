@@ -23,6 +23,7 @@
 #include "lib/dns_answer.h"
 #include "lib/dns_query.h"
 #include "lib/dns_refuse.h"
+#include "lib/sender.h"
 
 /* Bit n set: some job's cgroup sits at level n of the hierarchy. Written by the agent as
  * jobs come and go, so the ancestor walk only asks about levels that can match. */
@@ -194,11 +195,11 @@ static __always_inline int inbound_allows(const struct rf_job *job, const struct
 	return ports && ports_has(ports, p->sport);
 }
 
-/* `task`: whether the task helpers may be called at all (a compile-time constant: the cgroup
- * hook passes 0, since which kernels offer them there was not probed). */
+/* `task` (RF_SENDER_*, a constant at each call site) and `skb` (NULL where there is none)
+ * say how the sender is found: see sender_of in lib/sender.h. */
 static __always_inline void emit_flow(const struct rf_job *job, __u64 cgid, struct pkt *p,
 				      __u64 now, __u8 verdict, __u8 reason, __u8 direction,
-				      int task)
+				      int task, struct __sk_buff *skb)
 {
 	struct rf_flow_event *e;
 
@@ -213,20 +214,11 @@ static __always_inline void emit_flow(const struct rf_job *job, __u64 cgid, stru
 	e->hdr.job_id = job->job_id;
 	e->hdr.ts_ns = now;
 	e->cgroup_id = cgid;
-	/* The first packet of a flow is sent from the process that opened it (connect(),
-	 * sendmsg()); a retransmit from a timer has no process, which the agent tells by
-	 * checking the pid against the job's cgroup. */
 	e->_pad = 0;
-	/* A packet sent from a timer (a retransmit) runs in whatever task was current: the
-	 * pid is only kept when the current task is in the socket's cgroup, so the agent never
-	 * has to check /proc per event. */
-	if (task && config.have_task_helpers && bpf_get_current_cgroup_id() == cgid) {
-		e->pid = bpf_get_current_pid_tgid() >> 32;
-		bpf_get_current_comm(e->comm, sizeof(e->comm));
-	} else {
-		e->pid = 0;
-		__builtin_memset(e->comm, 0, sizeof(e->comm));
-	}
+	/* The first packet of a flow is sent from the process that opened it (connect(),
+	 * sendmsg()) where the kernel lets TC ask; elsewhere, and for packets sent from a timer,
+	 * the socket's owner names it. The agent never has to check /proc to tell. */
+	sender_of(skb, cgid, task, &e->pid, e->comm);
 	__builtin_memcpy(e->saddr, p->saddr, 16);
 	__builtin_memcpy(e->daddr, p->daddr, 16);
 	e->sport = p->sport;
@@ -242,7 +234,8 @@ static __always_inline void emit_flow(const struct rf_job *job, __u64 cgid, stru
  * reported either way, once per (job, destination, protocol) as far as they could be read:
  * the flow cache remembers it under a key no parsed flow has (`_pad[0]` set), so a stream
  * of such packets is one event, not one per packet. Returns the TC action. */
-static __always_inline int unparsed(const struct rf_job *job, __u64 cgid, struct pkt *p, int task)
+static __always_inline int unparsed(const struct rf_job *job, __u64 cgid, struct pkt *p, int task,
+				    struct __sk_buff *skb)
 {
 	struct rf_flow_key fk = {};
 	struct rf_flow_val fv = {}, *cached;
@@ -264,7 +257,7 @@ static __always_inline int unparsed(const struct rf_job *job, __u64 cgid, struct
 		fv.reason = RF_REASON_UNPARSED;
 		bpf_map_update_elem(&flows, &fk, &fv, BPF_ANY);
 		count(RF_CNT_UNPARSED);
-		emit_flow(job, cgid, p, now, verdict, RF_REASON_UNPARSED, RF_DIR_OUTBOUND, task);
+		emit_flow(job, cgid, p, now, verdict, RF_REASON_UNPARSED, RF_DIR_OUTBOUND, task, skb);
 	}
 	if (verdict == RF_VERDICT_BLOCKED) {
 		count(RF_CNT_BLOCKED);
@@ -375,7 +368,7 @@ static __noinline int judge_packet(struct __sk_buff *skb, struct rf_job *job, __
 		/* ARP of a job keyed by interface carries no job data. */
 		if (rc == RF_PARSE_NOT_IP && !by_socket)
 			return TC_ACT_UNSPEC;
-		return unparsed(job, cgid, &p, 1);
+		return unparsed(job, cgid, &p, RF_SENDER_TC, skb);
 	}
 	p.rx = rx;
 	/* Nor does the job's IPv6 neighbour discovery, which is IP. */
@@ -463,7 +456,7 @@ static __noinline int judge_packet(struct __sk_buff *skb, struct rf_job *job, __
 	fv.reason = reason;
 	bpf_map_update_elem(&flows, &fk, &fv, BPF_ANY);
 	count(RF_CNT_NEW_FLOWS);
-	emit_flow(job, cgid, &p, now, verdict, reason, direction, 1);
+	emit_flow(job, cgid, &p, now, verdict, reason, direction, RF_SENDER_TC, skb);
 
 	if (verdict == RF_VERDICT_BLOCKED) {
 		count(RF_CNT_BLOCKED);
@@ -574,7 +567,7 @@ int rf_backstop(struct __sk_buff *skb)
 	/* At this hook the packet starts at its IP header. */
 	rc = parse_pkt(skb, &p, RF_L2_NONE);
 	if (!bpf_map_lookup_elem(&devices, &ifindex))
-		return unparsed(job, cgid, &p, 0) == TC_ACT_SHOT ? 0 : 1;
+		return unparsed(job, cgid, &p, RF_SENDER_SOCKET, skb) == TC_ACT_SHOT ? 0 : 1;
 	/* What cannot be parsed here (headers beyond the linear part, which only TC can pull
 	 * in) is judged by TC as before. */
 	if (rc != RF_PARSE_OK || is_syn_ack(&p) || is_loopback(p.daddr))
@@ -606,7 +599,7 @@ int rf_backstop(struct __sk_buff *skb)
 	bpf_map_update_elem(&flows, &fk, &fv, BPF_ANY);
 	count(RF_CNT_NEW_FLOWS);
 	count(RF_CNT_BLOCKED);
-	emit_flow(job, cgid, &p, now, verdict, reason, RF_DIR_OUTBOUND, 0);
+	emit_flow(job, cgid, &p, now, verdict, reason, RF_DIR_OUTBOUND, RF_SENDER_SOCKET, skb);
 	return 0;
 }
 
@@ -618,6 +611,10 @@ int rf_empty(struct __sk_buff *skb)
 }
 
 #include "sockopt.h"
+
+/* Who owns each socket of a job: cgroup socket hooks, attached with the backstop. */
+#include "sockowner.h"
+struct rf_sock_owner _rf_sock_owner = {};
 
 /* The process-level watch (ptrace and friends): tracepoint programs, attached separately. */
 #include "guard.h"

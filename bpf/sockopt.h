@@ -115,7 +115,8 @@ int rf_sockopt(struct bpf_sockopt *ctx)
 	now = bpf_ktime_get_boot_ns();
 	verdict = deny(job, 0);
 	count(verdict == RF_VERDICT_BLOCKED ? RF_CNT_BLOCKED : RF_CNT_AUDITED);
-	emit_flow(job, cgid, &p, now, verdict, RF_REASON_NOT_ALLOWED, RF_DIR_OUTBOUND, 0);
+	emit_flow(job, cgid, &p, now, verdict, RF_REASON_NOT_ALLOWED, RF_DIR_OUTBOUND,
+		  RF_SENDER_CALLER, NULL);
 	if (verdict == RF_VERDICT_BLOCKED)
 		return 0; /* EPERM */
 	if (ctx->optlen > 4096)

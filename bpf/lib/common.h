@@ -16,6 +16,8 @@ const volatile struct rf_config config = {
 	.emit_events = 1,
 	.always_judge = 0,
 	.have_task_helpers = 0,
+	.have_sock_owner = 0,
+	.have_sockopt_task = 0,
 };
 
 /* Waking the agent for every record costs a context switch per DNS answer, which on a busy

@@ -354,7 +354,7 @@ malformed:
 	s->flags |= RF_DNS_MALFORMED;
 	s->bound = 0;
 out:
-	emit_dns_copy(s, job_id, p->saddr);
+	emit_dns_copy(s, job_id, p->saddr, NULL);
 }
 
 #endif

@@ -10,9 +10,12 @@
 #include "common.h"
 #include "parse.h"
 #include "scratch.h"
+#include "sender.h"
 
-/* Sends the DNS message in scratch to the ring buffer behind an rf_dns_event header. */
-static __always_inline void emit_dns_copy(struct rf_scratch *s, __u32 job_id, const __u8 *server)
+/* Sends the DNS message in scratch to the ring buffer behind an rf_dns_event header.
+ * `skb`: the query's packet, to name its sender by (NULL for answers: they have none). */
+static __always_inline void emit_dns_copy(struct rf_scratch *s, __u32 job_id, const __u8 *server,
+					  struct __sk_buff *skb)
 {
 	__u32 len = s->len;
 
@@ -41,10 +44,7 @@ static __always_inline void emit_dns_copy(struct rf_scratch *s, __u32 job_id, co
 	__builtin_memset(s->ev.comm, 0, sizeof(s->ev.comm));
 	if (s->flags & RF_DNS_QUERY) {
 		s->ev.cgroup_id = s->cgroup_id;
-		if (config.have_task_helpers && bpf_get_current_cgroup_id() == s->cgroup_id) {
-			s->ev.pid = bpf_get_current_pid_tgid() >> 32;
-			bpf_get_current_comm(s->ev.comm, sizeof(s->ev.comm));
-		}
+		sender_of(skb, s->cgroup_id, RF_SENDER_TC, &s->ev.pid, s->ev.comm);
 	}
 	barrier_var(len);
 	if (len > RF_DNS_BUF)
@@ -88,7 +88,7 @@ static __always_inline void copy_segment(struct __sk_buff *skb, struct pkt *p, _
 	s->flags = RF_DNS_TCP | RF_DNS_TCP_SEGMENT | flags;
 	s->ev.seq = bpf_ntohl(seq);
 	s->ev.client_port = p->dport;
-	emit_dns_copy(s, job_id, p->saddr);
+	emit_dns_copy(s, job_id, p->saddr, NULL);
 }
 
 /* Up to RF_DNS_BUF bytes of the packet from `off`, as the copy of something that has no

@@ -54,14 +54,14 @@ static __always_inline void remember_query(struct rf_scratch *s)
 }
 
 /* The copy of a query that was not allowed (or not judged) for the audit trail. */
-static __always_inline void report_query(struct rf_scratch *s, __u32 job_id, const __u8 *server,
-					 __u32 flags)
+static __always_inline void report_query(struct __sk_buff *skb, struct rf_scratch *s, __u32 job_id,
+					 const __u8 *server, __u32 flags)
 {
 	if (flags & RF_DNS_UNJUDGED)
 		count(RF_CNT_DNS_UNJUDGED);
 	s->flags = RF_DNS_QUERY | flags;
 	s->bound = 0;
-	emit_dns_copy(s, job_id, server);
+	emit_dns_copy(s, job_id, server, skb);
 }
 
 #endif

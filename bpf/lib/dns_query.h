@@ -57,15 +57,15 @@ static __always_inline int dns_udp_query(struct __sk_buff *skb, struct pkt *p,
 	if (v == RF_Q_ALLOWED)
 		return TC_ACT_UNSPEC;
 	if (!s->enforce) {
-		report_query(s, job->job_id, p->daddr, v == RF_Q_UNJUDGED ? RF_DNS_UNJUDGED : 0);
+		report_query(skb, s, job->job_id, p->daddr, v == RF_Q_UNJUDGED ? RF_DNS_UNJUDGED : 0);
 		return TC_ACT_UNSPEC;
 	}
-	report_query(s, job->job_id, p->daddr,
+	report_query(skb, s, job->job_id, p->daddr,
 		     RF_DNS_REFUSED | (v == RF_Q_UNJUDGED ? RF_DNS_UNJUDGED : 0));
 	return refuse_query(skb, p);
 raw:
 	load_raw(skb, s, p->payload);
-	report_query(s, job->job_id, p->daddr, RF_DNS_UNJUDGED);
+	report_query(skb, s, job->job_id, p->daddr, RF_DNS_UNJUDGED);
 	return s->enforce ? TC_ACT_SHOT : TC_ACT_UNSPEC;
 }
 

@@ -93,7 +93,7 @@ static long tcp_walk_cb(__u32 i, void *ctx)
 				s->verdict = v;
 				return 1;
 			}
-			report_query(s, s->qv.job_id, s->qk.server,
+			report_query(w->skb, s, s->qv.job_id, s->qk.server,
 				     RF_DNS_TCP | (v == RF_Q_UNJUDGED ? RF_DNS_UNJUDGED : 0));
 		}
 	}
@@ -201,18 +201,18 @@ __noinline int dns_tcp_query(struct __sk_buff *skb, struct pkt *p)
 	s->flags = RF_DNS_TCP | (s->verdict == RF_Q_UNJUDGED ? RF_DNS_UNJUDGED : 0);
 	if (s->boundary && s->seg_end - p->payload == 2 + (__u32)st->msglen && st->msglen >= 12) {
 		/* Exactly one whole message: answer it REFUSED, so the client learns at once. */
-		report_query(s, s->qv.job_id, s->qk.server, s->flags | RF_DNS_REFUSED);
+		report_query(skb, s, s->qv.job_id, s->qk.server, s->flags | RF_DNS_REFUSED);
 		p->dns_off = p->payload + 2;
 		p->l4_len = 2 + st->msglen;
 		return RF_ACT_REFUSE;
 	}
-	report_query(s, s->qv.job_id, s->qk.server, s->flags);
+	report_query(skb, s, s->qv.job_id, s->qk.server, s->flags);
 	return RF_ACT_RESET;
 lose:
 	st->state = s->enforce ? RF_STREAM_DEAD : RF_STREAM_LOST;
 raw:
 	load_raw(skb, s, p->payload);
-	report_query(s, s->qv.job_id, s->qk.server, RF_DNS_TCP | RF_DNS_UNJUDGED);
+	report_query(skb, s, s->qv.job_id, s->qk.server, RF_DNS_TCP | RF_DNS_UNJUDGED);
 	return s->enforce ? RF_ACT_RESET : TC_ACT_UNSPEC;
 }
 

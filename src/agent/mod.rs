@@ -14,6 +14,8 @@ use anyhow::{Context, Result};
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
+pub mod lineage;
+
 use crate::kernel::abi;
 use crate::kernel::dataplane::Dataplane;
 use crate::trail::dns;
@@ -80,7 +82,8 @@ enum Pending {
 
 impl JobState {
     /// A flow event of this job: `who` is what the kernel said of the sender (boot-time
-    /// stamp, pid, comm, cgroup), `to` the destination and the name behind it.
+    /// stamp, pid, comm, cgroup), `to` the destination and the name behind it. The process's
+    /// executable and parent chain are added when the event is written (`Agent::emit_at`).
     fn flow(
         &self,
         who: (u64, u32, &[i8; 16], u64),
@@ -98,6 +101,8 @@ impl JobState {
             step: self.step.clone(),
             pid,
             comm,
+            exe: None,
+            parents: Vec::new(),
             cgroup,
             proto,
             dst,
@@ -125,8 +130,9 @@ impl JobState {
             .unwrap_or(crate::policy::PortSet::None)
     }
 
-    /// The kernel keeps a pid only when the sending task was in the socket's cgroup (see
-    /// emit_flow in bpf/ringfence.bpf.c), so no /proc lookup is needed here.
+    /// The kernel names the sender only when it knows it (the sending task in the socket's
+    /// cgroup, or the socket's recorded owner: see sender_of in bpf/dns.h), so pid 0 is "not
+    /// known" and needs no /proc check.
     fn attribute(&self, pid: u32, comm: String) -> (u32, String) {
         if pid == 0 {
             (0, String::new())
@@ -208,6 +214,9 @@ pub struct Agent {
     write_failed: bool,
     /// TCP answers given up half-assembled to keep at most MAX_STREAMS.
     pub streams_evicted: u64,
+    /// Executables and parent chains of the processes flows name (one host, one pid space:
+    /// shared by every job), read when a flow event is written.
+    procs: lineage::ProcCache,
 }
 
 /// TCP DNS answers the agent assembles at once: as many as the kernel follows (tcp_streams).
@@ -271,6 +280,7 @@ impl Agent {
             detached: Default::default(),
             write_failed: false,
             streams_evicted: 0,
+            procs: lineage::ProcCache::default(),
         })
     }
 
@@ -353,7 +363,22 @@ impl Agent {
             None => true,
         };
         if admitted {
+            let ev = self.with_lineage(ev);
             self.write(job_id, &ev, false);
+        }
+    }
+
+    /// A flow event with its process's executable and parent chain (see [`lineage`]). Only
+    /// events that are written get them: what the rate limit holds back costs no /proc read.
+    fn with_lineage(&mut self, ev: Event) -> Event {
+        match ev {
+            Event::Flow(mut f) if f.pid != 0 && f.exe.is_none() && f.parents.is_empty() => {
+                let l = self.procs.lineage(f.pid, &f.comm);
+                f.exe = l.exe;
+                f.parents = l.parents;
+                Event::Flow(f)
+            }
+            ev => ev,
         }
     }
 
@@ -1141,6 +1166,8 @@ mod tests {
             step: Some("python3".into()),
             pid: 7,
             comm: "python3".into(),
+            exe: None,
+            parents: Vec::new(),
             cgroup: 1,
             proto: Proto::Udp,
             dst: IpAddr::from(std::net::Ipv4Addr::from(0xcb00_7100 + (i & 0xff))),
@@ -1256,6 +1283,65 @@ mod tests {
         events.iter().for_each(|e| back.add(e));
         assert_eq!(back.blocked(), 10_000);
         assert_eq!(back.cuts(), j.report.cuts());
+    }
+
+    /// A written flow event names its process's executable and parent chain; one the rate
+    /// limit holds back costs no /proc read.
+    #[test]
+    fn written_flows_carry_the_parent_chain() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("events.jsonl");
+        let limits = Limits {
+            events_per_sec: 1,
+            events_burst: 1,
+            ..Limits::unlimited()
+        };
+        let mut agent = Agent::new(Some(&path), Duration::ZERO, Duration::ZERO).unwrap();
+        let job = JobState::new("flood", "block", None).with_limits(limits);
+        let t0 = boottime_ns();
+        agent.start_job(1, job, vec!["sleep".into()], &Default::default());
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap() != "sleep\n" {
+            assert!(std::time::Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let of_child = |i| match blocked(i) {
+            Event::Flow(mut f) => {
+                f.pid = child.id();
+                f.comm = "sleep".into();
+                Event::Flow(f)
+            }
+            _ => unreachable!(),
+        };
+        agent.emit_at(1, of_child(0), t0);
+        let reads = agent.procs.reads;
+        assert!(reads >= 2, "{reads}");
+        // Held back by the rate limit (burst 1): not written, nothing read.
+        for i in 1..100 {
+            agent.emit_at(1, of_child(i), t0);
+        }
+        assert_eq!(agent.procs.reads, reads);
+        agent.finish();
+        let _ = child.kill();
+        let _ = child.wait();
+        let events = read_events(io::BufReader::new(std::fs::File::open(&path).unwrap())).unwrap();
+        let flows: Vec<&FlowEvent> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Flow(f) => Some(f),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(flows.len(), 1);
+        let sleep = std::fs::canonicalize("/bin/sleep").unwrap();
+        assert_eq!(flows[0].exe.as_deref(), sleep.to_str());
+        assert_eq!(flows[0].parents[0].pid, std::process::id());
+        let me = std::fs::read_link("/proc/self/exe").unwrap();
+        assert_eq!(flows[0].parents[0].exe.as_deref(), me.to_str());
     }
 
     #[test]

@@ -7,7 +7,7 @@ pub use crate::kernel::skel::types::{
     rf_dns_stream, rf_dns_stream_key, rf_event_hdr, rf_event_type, rf_flow_event, rf_flow_key,
     rf_flow_val, rf_glob, rf_guard_event, rf_guard_kind, rf_job, rf_job_flags, rf_limits, rf_link,
     rf_lpm_key, rf_mode, rf_name_key, rf_name_val, rf_ports, rf_query_key, rf_query_val, rf_reason,
-    rf_resolver_key, rf_stream_key, rf_stream_val, rf_verdict,
+    rf_resolver_key, rf_sock_owner, rf_stream_key, rf_stream_val, rf_verdict,
 };
 
 use crate::policy::{Mode, Policy};
@@ -131,6 +131,7 @@ const _: () = {
     assert!(size_of::<rf_flow_event>() == 88);
     assert!(size_of::<rf_dns_event>() == 80);
     assert!(size_of::<rf_guard_event>() == 64);
+    assert!(size_of::<rf_sock_owner>() == 32);
 };
 
 // SAFETY: plain-old-data C structs, every bit pattern valid.

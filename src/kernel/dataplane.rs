@@ -184,6 +184,37 @@ pub fn task_helpers_in_tc() -> bool {
         && probe(sys::BPF_FUNC_get_current_cgroup_id)
 }
 
+/// Whether a program of type `prog_type` may call every helper in `helpers` here.
+fn helpers_in(prog_type: libbpf_rs::libbpf_sys::bpf_prog_type, helpers: &[u32]) -> bool {
+    helpers.iter().all(|&helper| {
+        // SAFETY: a read-only feature probe; NULL opts are allowed.
+        unsafe {
+            libbpf_rs::libbpf_sys::libbpf_probe_bpf_helper(prog_type, helper, std::ptr::null()) == 1
+        }
+    })
+}
+
+/// Can the cgroup socket hooks that record socket owners (bpf/sockowner.h) load here? They
+/// name the process of a flow where TC programs cannot ask the current task (kernels before
+/// 6.10, packets sent from timers). Where they cannot, they are left out and flows of such
+/// kernels carry no pid.
+pub fn sock_owner_hooks() -> bool {
+    use libbpf_rs::libbpf_sys as sys;
+    let needs = [
+        sys::BPF_FUNC_get_socket_cookie,
+        sys::BPF_FUNC_get_current_pid_tgid,
+        sys::BPF_FUNC_get_current_comm,
+        sys::BPF_FUNC_get_current_cgroup_id,
+    ];
+    helpers_in(sys::BPF_PROG_TYPE_CGROUP_SOCK_ADDR, &needs)
+        && helpers_in(sys::BPF_PROG_TYPE_CGROUP_SOCK, &needs)
+}
+
+/// Can a flow event name its process on this kernel, one way or the other?
+pub fn process_attribution() -> bool {
+    task_helpers_in_tc() || sock_owner_hooks()
+}
+
 enum Attachment {
     /// A TCX link: detached when the link is dropped (or the process dies).
     Tcx(#[allow(dead_code)] Link),
@@ -205,6 +236,8 @@ pub struct Dataplane {
     /// Each job's cgroup links, by owner (the job's slot, or "exec"): the backstop (see
     /// rf_backstop in bpf/ringfence.bpf.c) and the socket hooks, by program name.
     job_links: Vec<(String, String, Link)>,
+    /// The socket-owner hooks (bpf/sockowner.h) are loaded, to attach with the backstop.
+    owner_hooks: bool,
     kernel: KernelInfo,
     /// Where maps and links are pinned (the daemon), if anywhere.
     pins: Option<crate::kernel::pins::Pins>,
@@ -561,6 +594,7 @@ impl Dataplane {
         // long as the process, so the (pointer-sized) storage is leaked on purpose.
         let storage: &'static mut MaybeUninit<libbpf_rs::OpenObject> =
             Box::leak(Box::new(MaybeUninit::uninit()));
+        let owner_hooks = sock_owner_hooks();
         let mut open = RingfenceSkelBuilder::default()
             .open(storage)
             .map_err(DataplaneError::Load)?;
@@ -578,8 +612,29 @@ impl Dataplane {
                 emit_events: u8::from(opts.emit_events),
                 always_judge: u8::from(opts.always_judge),
                 have_task_helpers: u8::from(task_helpers_in_tc()),
-                _pad: [0; 5],
+                have_sock_owner: u8::from(owner_hooks),
+                // The multicast-join check names its caller when setsockopt hooks may ask.
+                have_sockopt_task: u8::from(helpers_in(
+                    libbpf_rs::libbpf_sys::BPF_PROG_TYPE_CGROUP_SOCKOPT,
+                    &[
+                        libbpf_rs::libbpf_sys::BPF_FUNC_get_current_pid_tgid,
+                        libbpf_rs::libbpf_sys::BPF_FUNC_get_current_comm,
+                    ],
+                )),
+                _pad: [0; 3],
             };
+        }
+        // Hooks this kernel would refuse are not loaded (the rest of the object still is).
+        if !owner_hooks {
+            for p in [
+                &mut open.progs.rf_own_create,
+                &mut open.progs.rf_own_connect4,
+                &mut open.progs.rf_own_connect6,
+                &mut open.progs.rf_own_sendmsg4,
+                &mut open.progs.rf_own_sendmsg6,
+            ] {
+                p.set_autoload(false);
+            }
         }
         open.maps
             .allow
@@ -630,6 +685,7 @@ impl Dataplane {
             watched: Vec::new(),
             process_watch: Vec::new(),
             job_links: Vec::new(),
+            owner_hooks,
             kernel,
             pins: opts.pins.clone(),
             adopted,
@@ -795,7 +851,9 @@ impl Dataplane {
     /// interface the TC programs are not attached to are unparsed (dropped in block mode),
     /// and new flows to blocked destinations are dropped before neighbour resolution (ARP and
     /// neighbour discovery would put the address on the link). With it, the multicast-join
-    /// check (rf_sockopt): the kernel's IGMP/MLD reports carry the group the job chose.
+    /// check (rf_sockopt): the kernel's IGMP/MLD reports carry the group the job chose. And
+    /// the socket-owner hooks (bpf/sockowner.h), which only record who owns each socket, so
+    /// that flows name their process where TC cannot ask (they always allow).
     pub fn attach_backstop(&mut self, cgroup: &Path) -> Result<()> {
         self.attach_job_hooks("exec", cgroup)
     }
@@ -809,7 +867,7 @@ impl Dataplane {
         &'static str,
         &'static str,
     )> {
-        vec![
+        let mut progs = vec![
             (
                 &self.skel.progs.rf_backstop,
                 "rf_backstop",
@@ -822,7 +880,43 @@ impl Dataplane {
                 "cgroup setsockopt",
                 "cgroup_sockopt",
             ),
-        ]
+        ];
+        // The socket-owner hooks, where this kernel loads them (Dataplane::load).
+        if self.owner_hooks {
+            progs.extend([
+                (
+                    &self.skel.progs.rf_own_create,
+                    "rf_own_create",
+                    "cgroup sock_create",
+                    "cgroup_sock",
+                ),
+                (
+                    &self.skel.progs.rf_own_connect4,
+                    "rf_own_connect4",
+                    "cgroup connect4",
+                    "cgroup_sock_addr",
+                ),
+                (
+                    &self.skel.progs.rf_own_connect6,
+                    "rf_own_connect6",
+                    "cgroup connect6",
+                    "cgroup_sock_addr",
+                ),
+                (
+                    &self.skel.progs.rf_own_sendmsg4,
+                    "rf_own_sendmsg4",
+                    "cgroup sendmsg4",
+                    "cgroup_sock_addr",
+                ),
+                (
+                    &self.skel.progs.rf_own_sendmsg6,
+                    "rf_own_sendmsg6",
+                    "cgroup sendmsg6",
+                    "cgroup_sock_addr",
+                ),
+            ]);
+        }
+        progs
     }
 
     /// Attaches the job's cgroup programs (see [`Self::attach_backstop`]) for `owner` (a

@@ -10,8 +10,11 @@ pub fn print() -> anyhow::Result<()> {
         "tcx": k.tcx,
         "attach": if k.tcx { "tcx" } else { "clsact" },
         "cgroup2": cg.map(|p| p.display().to_string()),
-        // Whether flows can name their process (TC programs may call the task helpers).
-        "process_attribution": crate::kernel::dataplane::task_helpers_in_tc(),
+        // Whether flows can name their process: TC programs may call the task helpers, or
+        // the cgroup socket hooks that record socket owners load.
+        "process_attribution": crate::kernel::dataplane::process_attribution(),
+        "task_helpers_in_tc": crate::kernel::dataplane::task_helpers_in_tc(),
+        "sock_owner_hooks": crate::kernel::dataplane::sock_owner_hooks(),
     });
     println!("{v}");
     Ok(())

@@ -253,6 +253,14 @@ pub struct FlowEvent {
     /// 0 when the packet was not sent from process context.
     pub pid: u32,
     pub comm: String,
+    /// The process's executable (`/proc/PID/exe` as the agent read it); absent when the
+    /// process was gone by then, or no pid is known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
+    /// Its parent, grandparent… (at most [`MAX_PARENTS`]), nearest first. Absent when empty:
+    /// no pid, or the process was gone before the agent read its event.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parents: Vec<Ancestor>,
     pub cgroup: u64,
     pub proto: Proto,
     pub dst: IpAddr,
@@ -264,6 +272,19 @@ pub struct FlowEvent {
     /// Written only for inbound connections.
     #[serde(default, skip_serializing_if = "Direction::is_outbound")]
     pub direction: Direction,
+}
+
+/// Ancestors a flow event names: the parent chain up to here.
+pub const MAX_PARENTS: usize = 4;
+
+/// One ancestor of a flow's process.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ancestor {
+    pub pid: u32,
+    /// Its executable; absent when it could not be read (a kernel thread, a process that
+    /// exited while the chain was read).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exe: Option<String>,
 }
 
 /// One DNS answer the kernel saw.
@@ -809,6 +830,8 @@ mod tests {
             step: Some("npm install".into()),
             pid: 4242,
             comm: "node".into(),
+            exe: None,
+            parents: Vec::new(),
             cgroup: 12345,
             proto: Proto::Tcp,
             dst: "198.51.100.66".parse().unwrap(),
@@ -852,6 +875,40 @@ mod tests {
                 r#""port":443,"domain":"attacker.test","verdict":"blocked","reason":"not-allowed"}"#,
                 "\n"
             )
+        );
+    }
+
+    /// The process's executable and parent chain follow comm; they are left out when not
+    /// known, so a line written before them reads back the same.
+    #[test]
+    fn flow_line_with_parents() {
+        let mut f = flow();
+        f.exe = Some("/usr/bin/node".into());
+        f.parents = vec![
+            Ancestor {
+                pid: 4200,
+                exe: Some("/usr/bin/bash".into()),
+            },
+            Ancestor { pid: 2, exe: None },
+        ];
+        let l = line(&Event::Flow(f.clone()));
+        assert!(
+            l.contains(concat!(
+                r#""pid":4242,"comm":"node","exe":"/usr/bin/node","#,
+                r#""parents":[{"pid":4200,"exe":"/usr/bin/bash"},{"pid":2}],"cgroup":12345,"#
+            )),
+            "{l}"
+        );
+        f.ts = micros(f.ts);
+        assert_eq!(read_events(l.as_bytes()).unwrap(), vec![Event::Flow(f)]);
+        // A line from before: no exe, no parents.
+        let old = line(&Event::Flow(flow()));
+        assert!(!old.contains("exe") && !old.contains("parents"), "{old}");
+        let mut back = flow();
+        back.ts = micros(back.ts);
+        assert_eq!(
+            read_events(old.as_bytes()).unwrap(),
+            vec![Event::Flow(back)]
         );
     }
 
@@ -1052,8 +1109,18 @@ mod tests {
         other.step = None;
         other.proto = Proto::Other(132);
         other.domain = None;
+        let mut named = flow();
+        named.exe = Some("/usr/bin/node".into());
+        named.parents = vec![
+            Ancestor {
+                pid: 4200,
+                exe: Some("/usr/bin/bash".into()),
+            },
+            Ancestor { pid: 2, exe: None },
+        ];
         let events = vec![
             Event::Flow(flow()),
+            Event::Flow(named),
             Event::Dns(dns_event()),
             Event::Finding(finding()),
             Event::Flow(other),
@@ -1093,7 +1160,7 @@ mod tests {
             w.write(&Event::Dns(dns_event())).unwrap();
         }
         let back = read_events(io::BufReader::new(File::open(&path).unwrap())).unwrap();
-        assert_eq!(back.len(), 5);
+        assert_eq!(back.len(), 6);
     }
 
     #[test]

@@ -319,6 +319,8 @@ mod tests {
             step: None,
             pid: 1,
             comm: "x".into(),
+            exe: None,
+            parents: Vec::new(),
             cgroup: 1,
             proto: Proto::Udp,
             dst: "203.0.113.1".parse().unwrap(),

@@ -60,6 +60,20 @@ struct Row {
     first_ts: SystemTime,
     first_pid: u32,
     first_comm: String,
+    /// The steps its outbound flows came from, each with its own count and earliest
+    /// process (one lookup per flow serves both tables).
+    steps: Vec<StepHit>,
+}
+
+/// A row's outbound flows from one step.
+#[derive(Debug, Clone)]
+struct StepHit {
+    /// Index into `Report::steps`.
+    step: usize,
+    count: usize,
+    first_ts: SystemTime,
+    first_pid: u32,
+    first_comm: String,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -82,6 +96,33 @@ struct FoldKey {
 
 /// Answers kept per DNS name (a name can be answered with a new address every time).
 const MAX_ANSWERS_PER_NAME: usize = 256;
+
+/// Steps tabled one by one; the flows of later ones are counted, and said to be.
+const MAX_STEPS: usize = 256;
+
+/// A step's table as rendered: its label, its rows' cells, the calls not listed.
+type StepTable<'a> = (Option<&'a str>, Vec<[String; 7]>, usize);
+
+/// One row of a step's table: a destination the step called, and how it was judged.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct CallKey {
+    domain: Option<String>,
+    dst: IpAddr,
+    port: u16,
+    proto: Proto,
+    verdict: Verdict,
+}
+
+/// One step of the job, as its table needs it (its rows are the `StepHit`s of the main
+/// table's rows).
+#[derive(Debug, Clone, Default)]
+struct Step {
+    /// The step's label; None for flows written before any step was named.
+    label: Option<String>,
+    /// Calls not listed: to destinations folded out of the main table, or past
+    /// `max_destinations` step rows (all steps together).
+    folded: usize,
+}
 
 /// What was cut to keep a job within its limits. The agent knows the events it did not
 /// write; a report read back from a file learns them from its `suppressed` and `truncated`
@@ -140,6 +181,12 @@ pub struct Report {
     answers_not_listed: usize,
     cuts: Cuts,
     kernel: Option<KernelCounts>,
+    /// The job's steps, in the order first named (by a step marker or a flow).
+    steps: Vec<Step>,
+    /// Rows in every step's table together (`StepHit`s, bounded by `max_destinations`).
+    step_rows: usize,
+    /// Outbound flows of steps past MAX_STEPS.
+    steps_folded: usize,
 }
 
 impl Report {
@@ -164,6 +211,9 @@ impl Report {
             answers_not_listed: 0,
             cuts: Cuts::default(),
             kernel: None,
+            steps: Vec::new(),
+            step_rows: 0,
+            steps_folded: 0,
         }
     }
 
@@ -253,7 +303,9 @@ impl Report {
                 }
             }
             Event::Job(j) => self.limits = j.limits,
-            Event::Step(_) => {}
+            Event::Step(st) => {
+                self.step_index(Some(&st.step));
+            }
             // Read back from a file: these flows and answers exist only as counts.
             Event::Suppressed(s) => {
                 let c = CutCounts::from(s);
@@ -275,7 +327,33 @@ impl Report {
         }
     }
 
+    /// The index of the step labelled `label` in `steps`, added if new; None past MAX_STEPS.
+    /// Searched from the latest: flows mostly belong to the step running now.
+    fn step_index(&mut self, label: Option<&str>) -> Option<usize> {
+        if let Some(i) = self.steps.iter().rposition(|s| s.label.as_deref() == label) {
+            return Some(i);
+        }
+        if self.steps.len() >= MAX_STEPS {
+            return None;
+        }
+        self.steps.push(Step {
+            label: label.map(str::to_owned),
+            folded: 0,
+        });
+        Some(self.steps.len() - 1)
+    }
+
     fn add_flow(&mut self, f: &FlowEvent) {
+        // The step an outbound call was made from (inbound flows are not calls).
+        let step = if f.direction.is_outbound() {
+            let s = self.step_index(f.step.as_deref());
+            if s.is_none() {
+                self.steps_folded += 1;
+            }
+            s
+        } else {
+            None
+        };
         self.flows += 1;
         match f.verdict {
             Verdict::Allowed => self.allowed += 1,
@@ -291,7 +369,8 @@ impl Report {
             verdict: f.verdict,
             reason: f.reason,
         };
-        if self.rows.len() >= self.limits.max_destinations && !self.rows.contains_key(&key) {
+        let max = self.limits.max_destinations;
+        if self.rows.len() >= max && !self.rows.contains_key(&key) {
             self.folded_flows += 1;
             *self
                 .folded
@@ -301,6 +380,9 @@ impl Report {
                     proto: u8::from(f.proto),
                 })
                 .or_default() += 1;
+            if let Some(i) = step {
+                self.steps[i].folded += 1;
+            }
             return;
         }
         let first = || Row {
@@ -308,15 +390,39 @@ impl Report {
             first_ts: f.ts,
             first_pid: f.pid,
             first_comm: f.comm.clone(),
+            steps: Vec::new(),
         };
         let row = self.rows.entry(key).or_insert_with(first);
         if f.ts < row.first_ts {
-            *row = Row {
-                count: row.count,
-                ..first()
-            };
+            row.first_ts = f.ts;
+            row.first_pid = f.pid;
+            row.first_comm.clone_from(&f.comm);
         }
         row.count += 1;
+        let Some(i) = step else {
+            return;
+        };
+        match row.steps.iter_mut().find(|h| h.step == i) {
+            Some(h) => {
+                if f.ts < h.first_ts {
+                    h.first_ts = f.ts;
+                    h.first_pid = f.pid;
+                    h.first_comm.clone_from(&f.comm);
+                }
+                h.count += 1;
+            }
+            None if self.step_rows < max => {
+                self.step_rows += 1;
+                row.steps.push(StepHit {
+                    step: i,
+                    count: 1,
+                    first_ts: f.ts,
+                    first_pid: f.pid,
+                    first_comm: f.comm.clone(),
+                });
+            }
+            None => self.steps[i].folded += 1,
+        }
     }
 
     /// Replaces the findings with the detector's current ones, whose values and counts kept
@@ -478,6 +584,19 @@ impl Report {
                 self.answers_not_listed
             ));
         }
+        let step_folded: usize = self.steps.iter().map(|s| s.folded).sum();
+        if step_folded > 0 {
+            notes.push(format!(
+                "{step_folded} outbound calls are not listed under their step: their \
+                 destinations are beyond the first {max} (--max-destinations)."
+            ));
+        }
+        if self.steps_folded > 0 {
+            notes.push(format!(
+                "{} outbound calls of steps beyond the first {MAX_STEPS} are not listed by step.",
+                self.steps_folded
+            ));
+        }
         if self.cuts.names_not_kept > 0 {
             notes.push(format!(
                 "{} answer addresses were not remembered for naming flows (more than {max}; \
@@ -520,17 +639,100 @@ impl Report {
                     k.verdict.to_string(),
                     k.reason.to_string(),
                     r.count.to_string(),
-                    // pid 0: the kernel could not tell (a packet sent from a timer, or a
-                    // kernel without the task helpers in TC programs).
-                    if r.first_pid == 0 {
-                        "-".to_owned()
-                    } else {
-                        format!("{}[{}]", r.first_comm, r.first_pid)
-                    },
+                    process(r),
                 ]
             })
             .chain(folds)
             .collect()
+    }
+
+    /// The per-step tables, when the job has more than one step (a job of one step keeps
+    /// the report it always had): each step's label and its rows' cells, unescaped, in the
+    /// order of the main table.
+    fn step_cells(&self) -> Vec<StepTable<'_>> {
+        if self.steps.len() < 2 {
+            return Vec::new();
+        }
+        self.steps
+            .iter()
+            .enumerate()
+            .map(|(i, st)| {
+                let cells = self
+                    .step_calls(i)
+                    .into_iter()
+                    .map(|(k, r)| {
+                        [
+                            k.domain.clone().unwrap_or_else(|| "-".to_owned()),
+                            k.dst.to_string(),
+                            k.port.to_string(),
+                            k.proto.to_string(),
+                            k.verdict.to_string(),
+                            r.count.to_string(),
+                            process(&r),
+                        ]
+                    })
+                    .collect();
+                (st.label.as_deref(), cells, st.folded)
+            })
+            .collect()
+    }
+
+    /// Step `i`'s calls in report order (blocked, audited, allowed; then domain, unknown
+    /// last, address, port, protocol): its hits in the main table's rows, rows that differ
+    /// only by reason merged.
+    fn step_calls(&self, i: usize) -> Vec<(CallKey, Row)> {
+        let mut calls: HashMap<CallKey, Row> = HashMap::new();
+        for (k, r) in &self.rows {
+            for h in r.steps.iter().filter(|h| h.step == i) {
+                let key = CallKey {
+                    domain: k.domain.clone(),
+                    dst: k.dst,
+                    port: k.port,
+                    proto: k.proto,
+                    verdict: k.verdict,
+                };
+                let hit = Row {
+                    count: h.count,
+                    first_ts: h.first_ts,
+                    first_pid: h.first_pid,
+                    first_comm: h.first_comm.clone(),
+                    steps: Vec::new(),
+                };
+                match calls.get_mut(&key) {
+                    Some(c) => {
+                        c.count += hit.count;
+                        if hit.first_ts < c.first_ts {
+                            *c = Row {
+                                count: c.count,
+                                ..hit
+                            };
+                        }
+                    }
+                    None => {
+                        calls.insert(key, hit);
+                    }
+                }
+            }
+        }
+        let mut v: Vec<_> = calls.into_iter().collect();
+        v.sort_by(|(a, _), (b, _)| {
+            (
+                verdict_rank(a.verdict),
+                a.domain.is_none(),
+                &a.domain,
+                a.dst,
+                a.port,
+            )
+                .cmp(&(
+                    verdict_rank(b.verdict),
+                    b.domain.is_none(),
+                    &b.domain,
+                    b.dst,
+                    b.port,
+                ))
+                .then(u8::from(a.proto).cmp(&u8::from(b.proto)))
+        });
+        v
     }
 
     fn dns_line(name: &str, row: &DnsRow) -> String {
@@ -582,6 +784,23 @@ impl Report {
                 }
                 out.push_str(&line);
                 out.push('\n');
+            }
+        }
+        let steps = self.step_cells();
+        if !steps.is_empty() {
+            out.push_str("\nOutbound calls made from each step\n");
+            for (i, (label, cells, folded)) in steps.into_iter().enumerate() {
+                let _ = writeln!(out, "  {}", text_clean(&step_title(i, label)));
+                if cells.is_empty() && folded == 0 {
+                    out.push_str("    No outbound calls.\n");
+                    continue;
+                }
+                let mut table = vec![STEP_HEADERS.map(str::to_owned)];
+                table.extend(cells.into_iter().map(|row| row.map(|c| text_clean(&c))));
+                text_table(&mut out, "    ", &table);
+                if folded > 0 {
+                    let _ = writeln!(out, "    (and {folded} calls not listed: see above)");
+                }
             }
         }
         let findings = self.finding_cells();
@@ -652,6 +871,26 @@ impl Report {
                 cells,
             );
         }
+        let steps = self.step_cells();
+        if !steps.is_empty() {
+            out.push_str("\n#### Outbound calls made from each step\n");
+            for (i, (label, cells, folded)) in steps.into_iter().enumerate() {
+                let _ = write!(out, "\n**{}**\n\n", md_escape(&step_title(i, label)));
+                if cells.is_empty() && folded == 0 {
+                    out.push_str("No outbound calls.\n");
+                    continue;
+                }
+                md_table(
+                    &mut out,
+                    "| Domain | Address | Port | Proto | Verdict | Count | Process |\n\
+                     |---|---|---|---|---|---:|---|\n",
+                    cells,
+                );
+                if folded > 0 {
+                    let _ = writeln!(out, "\n(and {folded} calls not listed: see above)");
+                }
+            }
+        }
         let findings = self.finding_cells();
         if !findings.is_empty() {
             out.push_str("\nFindings (DNS exfiltration signals: value above threshold):\n\n");
@@ -702,6 +941,25 @@ impl Report {
             first_pid: u32,
             first_comm: &'a str,
             first_ts: String,
+        }
+        #[derive(Serialize)]
+        struct JsonCall {
+            domain: Option<String>,
+            address: IpAddr,
+            port: u16,
+            proto: Proto,
+            verdict: Verdict,
+            count: usize,
+            first_pid: u32,
+            first_comm: String,
+            first_ts: String,
+        }
+        #[derive(Serialize)]
+        struct JsonStep<'a> {
+            step: Option<&'a str>,
+            calls: Vec<JsonCall>,
+            #[serde(skip_serializing_if = "is_zero")]
+            folded: usize,
         }
         #[derive(Serialize)]
         struct JsonDns<'a> {
@@ -758,6 +1016,10 @@ impl Report {
             rows: Vec<JsonRow<'a>>,
             #[serde(skip_serializing_if = "Vec::is_empty")]
             folded: Vec<JsonFold>,
+            // Only for a job of more than one step, so a one-step job's report keeps its
+            // shape.
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            steps: Vec<JsonStep<'a>>,
             // Absent rather than empty, so reports of jobs without findings keep their shape.
             #[serde(skip_serializing_if = "Vec::is_empty")]
             findings: Vec<JsonFinding<'a>>,
@@ -814,6 +1076,33 @@ impl Report {
                     first_ts: format_ts(r.first_ts),
                 })
                 .collect(),
+            steps: if self.steps.len() < 2 {
+                Vec::new()
+            } else {
+                self.steps
+                    .iter()
+                    .enumerate()
+                    .map(|(i, st)| JsonStep {
+                        step: st.label.as_deref(),
+                        calls: self
+                            .step_calls(i)
+                            .into_iter()
+                            .map(|(k, r)| JsonCall {
+                                domain: k.domain,
+                                address: k.dst,
+                                port: k.port,
+                                proto: k.proto,
+                                verdict: k.verdict,
+                                count: r.count,
+                                first_pid: r.first_pid,
+                                first_comm: r.first_comm,
+                                first_ts: format_ts(r.first_ts),
+                            })
+                            .collect(),
+                        folded: st.folded,
+                    })
+                    .collect()
+            },
             findings: self
                 .findings
                 .values()
@@ -852,6 +1141,49 @@ impl Report {
         s.push('\n');
         s
     }
+}
+
+/// "comm[pid]" of a row's earliest flow; "-" for pid 0: the kernel could not tell (no
+/// socket owner recorded and no task to ask, e.g. a socket opened before the job started).
+fn process(r: &Row) -> String {
+    if r.first_pid == 0 {
+        "-".to_owned()
+    } else {
+        format!("{}[{}]", r.first_comm, r.first_pid)
+    }
+}
+
+/// A step's label as a heading says it.
+fn step_title(i: usize, label: Option<&str>) -> String {
+    match label {
+        Some(l) => format!("Step {}: {l}", i + 1),
+        None => format!("Step {}: (before any step was named)", i + 1),
+    }
+}
+
+/// An aligned table (headers first), each line indented by `indent`.
+fn text_table<const N: usize>(out: &mut String, indent: &str, table: &[[String; N]]) {
+    let mut widths = [0; N];
+    for row in table {
+        for (w, c) in widths.iter_mut().zip(row) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    for row in table {
+        out.push_str(indent);
+        for (i, (c, w)) in row.iter().zip(widths).enumerate() {
+            if i + 1 < row.len() {
+                let _ = write!(out, "{c:<w$}  ");
+            } else {
+                out.push_str(c);
+            }
+        }
+        out.push('\n');
+    }
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 fn verdict_rank(v: Verdict) -> u8 {
@@ -897,6 +1229,10 @@ const HEADERS: [&str; 8] = [
     "REASON",
     "COUNT",
     "FIRST PROCESS",
+];
+
+const STEP_HEADERS: [&str; 7] = [
+    "DOMAIN", "ADDRESS", "PORT", "PROTO", "VERDICT", "COUNT", "PROCESS",
 ];
 
 const FINDING_HEADERS: [&str; 6] = ["DOMAIN", "SIGNAL", "VALUE", "THRESHOLD", "COUNT", "EXAMPLE"];
@@ -985,6 +1321,8 @@ mod tests {
             step: Some("npm install".into()),
             pid,
             comm: comm.into(),
+            exe: None,
+            parents: Vec::new(),
             cgroup: 12345,
             proto: Proto::Tcp,
             dst: dst.parse().unwrap(),
@@ -1108,6 +1446,264 @@ DNS:
 - nope.example -> NXDOMAIN (not bound)
 ";
         assert_eq!(sample().render(Format::Markdown), expected);
+    }
+
+    /// A flow of step `step` (None: before any step was named).
+    fn in_step(step: Option<&str>, ev: Event) -> Event {
+        match ev {
+            Event::Flow(mut f) => {
+                f.step = step.map(str::to_owned);
+                Event::Flow(f)
+            }
+            other => other,
+        }
+    }
+
+    fn step_marker(secs: u64, step: &str) -> Event {
+        Event::Step(crate::trail::events::StepEvent {
+            ts: at(secs),
+            job: "build-42".into(),
+            step: step.into(),
+            command: None,
+        })
+    }
+
+    /// A job of three steps: checkout calls GitHub (twice, from two processes), npm install
+    /// calls the registry and is blocked reaching attacker.test (and is called from outside,
+    /// which is not an outbound call), npm test calls nothing.
+    fn stepped() -> Report {
+        let mut r = Report::new("build-42", "block");
+        let gh = |secs, comm, pid| {
+            flow(
+                secs,
+                comm,
+                pid,
+                Some("github.com"),
+                "140.82.112.3",
+                443,
+                V::Allowed,
+                R::Allowed,
+            )
+        };
+        let mut inbound = flow(
+            9,
+            "node",
+            4242,
+            None,
+            "203.0.113.9",
+            8080,
+            V::Allowed,
+            R::Allowed,
+        );
+        if let Event::Flow(f) = &mut inbound {
+            f.direction = crate::trail::events::Direction::Inbound;
+        }
+        let events = [
+            step_marker(0, "checkout"),
+            // Added out of order: the row still names the earlier process.
+            in_step(Some("checkout"), gh(3, "git", 301)),
+            in_step(Some("checkout"), gh(2, "git", 300)),
+            step_marker(5, "npm install"),
+            in_step(
+                Some("npm install"),
+                flow(
+                    6,
+                    "node",
+                    4242,
+                    Some("registry.npmjs.org"),
+                    "104.16.0.35",
+                    443,
+                    V::Allowed,
+                    R::Allowed,
+                ),
+            ),
+            in_step(
+                Some("npm install"),
+                flow(
+                    7,
+                    "node",
+                    4242,
+                    Some("attacker.test"),
+                    "198.51.100.66",
+                    443,
+                    V::Blocked,
+                    R::NotAllowed,
+                ),
+            ),
+            in_step(Some("npm install"), gh(8, "node", 4242)),
+            in_step(Some("npm install"), inbound),
+            step_marker(10, "npm test"),
+        ];
+        for e in &events {
+            r.add(e);
+        }
+        r
+    }
+
+    #[test]
+    fn per_step_tables_text() {
+        let expected = "\
+ringfence report: job build-42, mode block: 6 flows: 1 blocked, 0 audited, 5 allowed
+
+DOMAIN              ADDRESS        PORT  PROTO  VERDICT  REASON       COUNT  FIRST PROCESS
+attacker.test       198.51.100.66  443   tcp    blocked  not-allowed  1      node[4242]
+github.com          140.82.112.3   443   tcp    allowed  allowed      3      git[300]
+registry.npmjs.org  104.16.0.35    443   tcp    allowed  allowed      1      node[4242]
+-                   203.0.113.9    8080  tcp    allowed  allowed      1      node[4242]
+
+Outbound calls made from each step
+  Step 1: checkout
+    DOMAIN      ADDRESS       PORT  PROTO  VERDICT  COUNT  PROCESS
+    github.com  140.82.112.3  443   tcp    allowed  2      git[300]
+  Step 2: npm install
+    DOMAIN              ADDRESS        PORT  PROTO  VERDICT  COUNT  PROCESS
+    attacker.test       198.51.100.66  443   tcp    blocked  1      node[4242]
+    github.com          140.82.112.3   443   tcp    allowed  1      node[4242]
+    registry.npmjs.org  104.16.0.35    443   tcp    allowed  1      node[4242]
+  Step 3: npm test
+    No outbound calls.
+";
+        assert_eq!(stepped().render(Format::Text), expected);
+    }
+
+    #[test]
+    fn per_step_tables_markdown() {
+        let expected = "\
+### ringfence: job build-42 (block mode)
+
+6 flows: 1 blocked, 0 audited, 5 allowed.
+
+| Domain | Address | Port | Proto | Verdict | Reason | Count | First process |
+|---|---|---|---|---|---|---:|---|
+| attacker.test | 198.51.100.66 | 443 | tcp | blocked | not-allowed | 1 | node\\[4242\\] |
+| github.com | 140.82.112.3 | 443 | tcp | allowed | allowed | 3 | git\\[300\\] |
+| registry.npmjs.org | 104.16.0.35 | 443 | tcp | allowed | allowed | 1 | node\\[4242\\] |
+| - | 203.0.113.9 | 8080 | tcp | allowed | allowed | 1 | node\\[4242\\] |
+
+#### Outbound calls made from each step
+
+**Step 1: checkout**
+
+| Domain | Address | Port | Proto | Verdict | Count | Process |
+|---|---|---|---|---|---:|---|
+| github.com | 140.82.112.3 | 443 | tcp | allowed | 2 | git\\[300\\] |
+
+**Step 2: npm install**
+
+| Domain | Address | Port | Proto | Verdict | Count | Process |
+|---|---|---|---|---|---:|---|
+| attacker.test | 198.51.100.66 | 443 | tcp | blocked | 1 | node\\[4242\\] |
+| github.com | 140.82.112.3 | 443 | tcp | allowed | 1 | node\\[4242\\] |
+| registry.npmjs.org | 104.16.0.35 | 443 | tcp | allowed | 1 | node\\[4242\\] |
+
+**Step 3: npm test**
+
+No outbound calls.
+";
+        assert_eq!(stepped().render(Format::Markdown), expected);
+    }
+
+    #[test]
+    fn per_step_tables_json() {
+        let v: serde_json::Value = serde_json::from_str(&stepped().render(Format::Json)).unwrap();
+        let steps = v["steps"].as_array().expect("steps in the JSON report");
+        let labels: Vec<&str> = steps.iter().map(|s| s["step"].as_str().unwrap()).collect();
+        assert_eq!(labels, ["checkout", "npm install", "npm test"]);
+        assert_eq!(
+            steps[0]["calls"],
+            serde_json::json!([{
+                "domain": "github.com",
+                "address": "140.82.112.3",
+                "port": 443,
+                "proto": "tcp",
+                "verdict": "allowed",
+                "count": 2,
+                "first_pid": 300,
+                "first_comm": "git",
+                "first_ts": "2026-11-25T21:04:07.000000Z",
+            }])
+        );
+        let calls: Vec<(&str, &str, u64)> = steps[1]["calls"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                (
+                    c["domain"].as_str().unwrap(),
+                    c["verdict"].as_str().unwrap(),
+                    c["count"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            calls,
+            [
+                ("attacker.test", "blocked", 1),
+                ("github.com", "allowed", 1),
+                ("registry.npmjs.org", "allowed", 1)
+            ]
+        );
+        assert_eq!(steps[2]["calls"], serde_json::json!([]));
+        assert!(steps.iter().all(|s| s.get("folded").is_none()));
+    }
+
+    /// One step, by marker or by label: the report looks as it did before steps were tabled.
+    #[test]
+    fn one_step_keeps_the_report_as_it_was() {
+        let mut r = sample();
+        r.add(&step_marker(0, "npm install"));
+        let text = r.render(Format::Text);
+        assert!(!text.contains("each step"), "{text}");
+        assert_eq!(text, sample().render(Format::Text));
+        assert_eq!(
+            r.render(Format::Markdown),
+            sample().render(Format::Markdown)
+        );
+        assert_eq!(r.render(Format::Json), sample().render(Format::Json));
+    }
+
+    /// The step tables share the report's row limit; what does not fit is counted and said.
+    #[test]
+    fn step_tables_are_bounded() {
+        let mut r = Report::new("build-42", "block");
+        r.set_limits(Limits {
+            max_destinations: 2,
+            ..Limits::unlimited()
+        });
+        r.add(&step_marker(0, "one"));
+        r.add(&step_marker(1, "two"));
+        for (i, dst) in ["198.51.100.1", "198.51.100.2", "198.51.100.3"]
+            .iter()
+            .enumerate()
+        {
+            let step = if i == 0 { "one" } else { "two" };
+            r.add(&in_step(
+                Some(step),
+                flow(2, "x", 1, None, dst, 80, V::Audited, R::DirectIp),
+            ));
+        }
+        let text = r.render(Format::Text);
+        assert!(
+            text.contains("(and 1 calls not listed: see above)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("1 outbound calls are not listed under their step"),
+            "{text}"
+        );
+        let v: serde_json::Value = serde_json::from_str(&r.render(Format::Json)).unwrap();
+        assert_eq!(v["steps"][1]["folded"], 1);
+        // A destination already in the main table, from a third step: the step rows are
+        // bounded on their own.
+        r.add(&in_step(
+            Some("three"),
+            flow(3, "x", 1, None, "198.51.100.1", 80, V::Audited, R::DirectIp),
+        ));
+        let v: serde_json::Value = serde_json::from_str(&r.render(Format::Json)).unwrap();
+        assert_eq!(v["steps"][2]["step"], "three");
+        assert_eq!(v["steps"][2]["calls"], serde_json::json!([]));
+        assert_eq!(v["steps"][2]["folded"], 1);
+        assert_eq!(v["rows"][0]["count"], 2);
     }
 
     #[test]

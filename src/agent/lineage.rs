@@ -1,0 +1,282 @@
+//! The process behind a flow: its executable and its parent chain, read from `/proc`.
+//!
+//! The kernel names a flow's process by pid and comm only (bpf/sockowner.h, emit_flow). The
+//! agent adds where it came from: `/proc/PID/exe`, and the same for its parent, grandparent…
+//! up to [`MAX_PARENTS`], following `/proc/PID/stat`'s ppid. Each process is read once and
+//! kept in a bounded cache (a build's compiler runs reach the same shell again and again),
+//! so a flow costs hash lookups, not file reads.
+//!
+//! A process may have exited by the time its event is read (events wait in the ring buffer
+//! for up to the agent's tick): the event then says so with no `exe` and no parents; an
+//! ancestor that exited ends the chain there. Nothing here fails.
+//!
+//! Pids are the init namespace's (what BPF reports): the agent must see the host's `/proc`.
+//! A pid is reused once its process is gone; a cached entry is read again when the kernel's
+//! comm for the pid no longer matches it (an exec, or most reuses), and after [`TTL`]
+//! whatever happens, so a stale entry can name at worst a process gone within that time.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub use crate::trail::events::{Ancestor, MAX_PARENTS};
+
+/// Processes remembered at once. Past it the oldest entry goes (read again if needed).
+pub const CACHE_ENTRIES: usize = 4096;
+
+/// Thread names remembered per process (each costs one more read to learn).
+const COMMS: usize = 8;
+
+/// How long an entry is trusted without being read again.
+pub const TTL: Duration = Duration::from_secs(60);
+
+/// What one read of `/proc/PID` gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Proc {
+    ppid: u32,
+    /// comm as `/proc/PID/stat` had it, and the comms the kernel reported for the pid since
+    /// (a named thread's differs from its process's): to tell the process from a later one
+    /// with its pid. At most [`COMMS`].
+    comms: Vec<String>,
+    exe: Option<String>,
+    read_at: Instant,
+}
+
+/// A process's executable and its ancestors, nearest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Lineage {
+    pub exe: Option<String>,
+    pub parents: Vec<Ancestor>,
+}
+
+/// The bounded cache of processes read from `/proc`.
+#[derive(Debug)]
+pub struct ProcCache {
+    procs: HashMap<u32, Proc>,
+    /// Pids in the order they were read, oldest first, for eviction; an entry read again is
+    /// pushed again, and its older place is skipped when reached.
+    order: VecDeque<(u32, Instant)>,
+    capacity: usize,
+    proc_root: PathBuf,
+    /// `/proc` reads, for tests and the curious.
+    pub reads: u64,
+}
+
+impl Default for ProcCache {
+    fn default() -> Self {
+        ProcCache::new(CACHE_ENTRIES)
+    }
+}
+
+impl ProcCache {
+    pub fn new(capacity: usize) -> ProcCache {
+        ProcCache {
+            procs: HashMap::new(),
+            order: VecDeque::new(),
+            capacity: capacity.max(1),
+            proc_root: PathBuf::from("/proc"),
+            reads: 0,
+        }
+    }
+
+    /// Processes cached now.
+    pub fn len(&self) -> usize {
+        self.procs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.procs.is_empty()
+    }
+
+    /// The lineage of `pid`, whose comm the kernel reported as `comm` (empty: unknown).
+    /// Empty when pid is 0 or the process is gone.
+    pub fn lineage(&mut self, pid: u32, comm: &str) -> Lineage {
+        if pid == 0 {
+            return Lineage::default();
+        }
+        let Some(me) = self.get(pid, Some(comm)) else {
+            return Lineage::default();
+        };
+        let mut out = Lineage {
+            exe: me.exe,
+            parents: Vec::new(),
+        };
+        let mut next = me.ppid;
+        while next != 0 && out.parents.len() < MAX_PARENTS {
+            let Some(p) = self.get(next, None) else {
+                break; // exited meanwhile: the chain ends here
+            };
+            out.parents.push(Ancestor {
+                pid: next,
+                exe: p.exe,
+            });
+            next = p.ppid;
+        }
+        out
+    }
+
+    /// The entry of `pid`, read from `/proc` if it is not cached, too old, or (when the
+    /// kernel's comm is known) names another comm.
+    fn get(&mut self, pid: u32, comm: Option<&str>) -> Option<Proc> {
+        let now = Instant::now();
+        let comm = comm.filter(|c| !c.is_empty());
+        if let Some(p) = self.procs.get(&pid) {
+            let fresh = now.duration_since(p.read_at) < TTL;
+            let same = comm.is_none_or(|c| p.comms.iter().any(|k| k == c));
+            if fresh && same {
+                return Some(p.clone());
+            }
+        }
+        self.reads += 1;
+        let Some(mut p) = self.read(pid, now) else {
+            // Gone: nothing to remember (the pid may be someone else's next time).
+            self.procs.remove(&pid);
+            return None;
+        };
+        // Still another comm than the kernel's: a thread named apart from its process (or
+        // an exec since the event, which no later read can undo). Remembered, so the
+        // thread's next flow is not a read again.
+        if let Some(c) = comm {
+            if !p.comms.iter().any(|k| k == c) && p.comms.len() < COMMS {
+                p.comms.push(c.to_string());
+            }
+        }
+        self.insert(pid, p.clone());
+        Some(p)
+    }
+
+    fn insert(&mut self, pid: u32, p: Proc) {
+        while self.procs.len() >= self.capacity && !self.procs.contains_key(&pid) {
+            let Some((old, at)) = self.order.pop_front() else {
+                break;
+            };
+            // Only the latest read of a pid evicts it.
+            if self.procs.get(&old).is_some_and(|e| e.read_at == at) {
+                self.procs.remove(&old);
+            }
+        }
+        self.order.push_back((pid, p.read_at));
+        self.procs.insert(pid, p);
+        // Entries read again leave their older places behind: drop them when they pile up.
+        if self.order.len() > 2 * self.capacity {
+            let procs = &self.procs;
+            self.order
+                .retain(|(pid, at)| procs.get(pid).is_some_and(|e| e.read_at == *at));
+        }
+    }
+
+    /// Reads `/proc/PID/stat` (ppid, comm) and `/proc/PID/exe`. None when the process is gone.
+    fn read(&self, pid: u32, now: Instant) -> Option<Proc> {
+        let dir = self.proc_root.join(pid.to_string());
+        let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+        let (comm, ppid) = parse_stat(&stat)?;
+        // A kernel thread has no executable; a process that exited between the two reads
+        // neither (it is still named, by its stat).
+        let exe = std::fs::read_link(dir.join("exe"))
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned());
+        Some(Proc {
+            ppid,
+            comms: vec![comm],
+            exe,
+            read_at: now,
+        })
+    }
+}
+
+/// (comm, ppid) from the text of `/proc/PID/stat`: `pid (comm) state ppid …`. The comm is
+/// whatever the process named itself — spaces and parentheses included — so it runs to the
+/// last `)`.
+fn parse_stat(s: &str) -> Option<(String, u32)> {
+    let open = s.find('(')?;
+    let close = s.rfind(')')?;
+    if close < open {
+        return None;
+    }
+    let comm = s[open + 1..close].to_string();
+    let mut rest = s[close + 1..].split_ascii_whitespace();
+    let _state = rest.next()?;
+    let ppid = rest.next()?.parse().ok()?;
+    Some((comm, ppid))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::process::{Command, Stdio};
+
+    #[test]
+    fn stat_with_odd_comm() {
+        assert_eq!(
+            parse_stat("42 (a) b (c)) S 7 42 42 0 -1"),
+            Some(("a) b (c)".into(), 7))
+        );
+        assert_eq!(parse_stat("1 (init) S 0 1 1"), Some(("init".into(), 0)));
+        assert_eq!(parse_stat("garbage"), None);
+        assert_eq!(parse_stat("5 (x) S notanumber"), None);
+    }
+
+    /// A real child of a real shell: its exe, then the shell, then this test process.
+    #[test]
+    fn reads_a_live_chain_once() {
+        let mut sh = Command::new("/bin/sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(sh.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let sleep: u32 = line.trim().parse().unwrap();
+        // Until the fork has exec'd, the child is a copy of the shell.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::fs::read_to_string(format!("/proc/{sleep}/comm")).unwrap() != "sleep\n" {
+            assert!(Instant::now() < deadline);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let mut cache = ProcCache::new(16);
+        let l = cache.lineage(sleep, "sleep");
+        let me = std::fs::read_link("/proc/self/exe").unwrap();
+        let sh_exe = std::fs::read_link(format!("/proc/{}/exe", sh.id())).unwrap();
+        let sleep_exe = std::fs::canonicalize("/bin/sleep").unwrap();
+        assert_eq!(l.exe.as_deref(), Some(sleep_exe.to_str().unwrap()));
+        assert_eq!(l.parents[0].pid, sh.id());
+        assert_eq!(l.parents[0].exe.as_deref(), Some(sh_exe.to_str().unwrap()));
+        assert_eq!(l.parents[1].pid, std::process::id());
+        assert_eq!(l.parents[1].exe.as_deref(), Some(me.to_str().unwrap()));
+        assert!(l.parents.len() <= MAX_PARENTS);
+        // Once per process: asking again reads nothing.
+        let reads = cache.reads;
+        assert_eq!(cache.lineage(sleep, "sleep"), l);
+        assert_eq!(cache.reads, reads);
+        // Another comm for the pid (an exec, a reused pid, a named thread): read again,
+        // once.
+        let _ = cache.lineage(sleep, "worker");
+        assert_eq!(cache.reads, reads + 1);
+        assert_eq!(cache.lineage(sleep, "worker"), l);
+        assert_eq!(cache.reads, reads + 1);
+        let _ = Command::new("kill").arg(sleep.to_string()).status();
+        let _ = sh.wait();
+        // Gone: an empty lineage, not an error, and nothing cached for the pid.
+        let gone = cache.lineage(sleep, "other");
+        assert_eq!(gone, Lineage::default());
+        assert!(!cache.procs.contains_key(&sleep));
+        assert_eq!(cache.lineage(0, ""), Lineage::default());
+    }
+
+    #[test]
+    fn stays_within_capacity() {
+        let mut cache = ProcCache::new(3);
+        // This process and its ancestors, asked for many times over, in turn.
+        let me = std::process::id();
+        for _ in 0..10 {
+            let _ = cache.lineage(me, "");
+            let _ = cache.lineage(1, "");
+        }
+        assert!(cache.len() <= 3, "{}", cache.len());
+        assert!(cache.order.len() <= 2 * 3 + 1);
+    }
+}
