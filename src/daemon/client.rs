@@ -85,13 +85,16 @@ pub fn call(socket: &std::path::Path, req: &Request) -> Result<Response> {
     s.set_read_timeout(Some(Duration::from_secs(300)))?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
-    s.write_all(line.as_bytes())
-        .with_context(|| format!("writing to {}", socket.display()))?;
+    // A refused peer is answered at once and closed before it has written: its answer
+    // is read even if writing failed.
+    let wrote = s.write_all(line.as_bytes());
     let mut answer = String::new();
-    BufReader::new(&s)
-        .read_line(&mut answer)
-        .with_context(|| format!("reading from {}", socket.display()))?;
+    let read = BufReader::new(&s).read_line(&mut answer);
     if answer.is_empty() {
+        if let Err(e) = wrote {
+            return Err(e).with_context(|| format!("writing to {}", socket.display()));
+        }
+        read.with_context(|| format!("reading from {}", socket.display()))?;
         anyhow::bail!("the daemon closed {} without answering", socket.display());
     }
     match serde_json::from_str::<Response>(&answer)
