@@ -341,6 +341,7 @@ impl Rig {
         Ok(el)
     }
 
+    /// Ends a job; the bench's own sender stays in the cgroup for the next try.
     fn end_job(&self, id: &str) -> Result<f64> {
         let t = Instant::now();
         let r = call(
@@ -348,6 +349,7 @@ impl Rig {
             &Request::JobEnd {
                 id: id.into(),
                 format: None,
+                keep_processes: true,
             },
         )
         .with_context(|| format!("job end {id}"))?;
@@ -948,6 +950,7 @@ fn enforcement(rig: &mut Rig, quick: bool) -> Result<Value> {
                 "end".into(),
                 "--id".into(),
                 id.clone(),
+                "--keep-processes".into(),
                 "--socket".into(),
                 rig.socket.display().to_string(),
             ])?,

@@ -42,6 +42,10 @@ pub enum JobCmd {
         /// Also write the report to FILE.
         #[arg(long, value_name = "FILE")]
         report: Option<PathBuf>,
+        /// A --cgroup job: leave the processes still in the cgroup running (they belong to
+        /// no job from then on). By default they are killed with the job.
+        #[arg(long = "keep-processes")]
+        keep_processes: bool,
         #[command(flatten)]
         socket: SocketArg,
     },
@@ -172,6 +176,7 @@ pub fn job(cmd: &JobCmd) -> Result<i32> {
             id,
             format,
             report,
+            keep_processes,
             socket,
         } => {
             let r = call(
@@ -179,6 +184,7 @@ pub fn job(cmd: &JobCmd) -> Result<i32> {
                 &Request::JobEnd {
                     id: id.clone(),
                     format: Some(format_name(*format)),
+                    keep_processes: *keep_processes,
                 },
             )?;
             print_report(r, report.as_ref())?;

@@ -38,6 +38,10 @@ pub enum Request {
         id: String,
         #[serde(default)]
         format: Option<String>,
+        /// A `--cgroup` job: leave what is still in the cgroup running (from then on it
+        /// belongs to no job). By default it is killed with the job.
+        #[serde(default)]
+        keep_processes: bool,
     },
     Report {
         id: String,

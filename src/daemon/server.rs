@@ -670,7 +670,11 @@ impl Daemon {
         let res = match req {
             Request::JobStart { id, target, policy } => self.job_start(&id, target, policy),
             Request::JobStep { id, name } => self.job_step(&id, &name),
-            Request::JobEnd { id, format } => self.job_end(&id, format.as_deref(), rb),
+            Request::JobEnd {
+                id,
+                format,
+                keep_processes,
+            } => self.job_end(&id, format.as_deref(), keep_processes, rb),
             Request::Report { id, format } => self.report(&id, format.as_deref(), rb),
             Request::Status => Ok(Response::Status(self.status())),
             Request::Unload { force } => self.request_unload(force),
@@ -1028,6 +1032,7 @@ impl Daemon {
         &mut self,
         id: &str,
         format: Option<&str>,
+        keep_processes: bool,
         rb: &libbpf_rs::RingBuffer,
     ) -> Result<Response> {
         let live = self.jobs.get(id).ok_or_else(|| unknown_job(id))?;
@@ -1067,7 +1072,7 @@ impl Daemon {
                 cg.kill_all();
                 std::mem::forget(cg);
             }
-        } else if let Some(dir) = &rec.cgroup {
+        } else if let (Some(dir), false) = (&rec.cgroup, keep_processes) {
             // A --cgroup job: the operator named the cgroup as the job, so what is still in
             // it is the job's (a double-forked background process, say). It ends with the
             // job rather than going on unjudged. The cgroup itself is the operator's.
