@@ -969,6 +969,14 @@ impl Agent {
         findings.into_iter().for_each(|f| self.emit(job_id, f));
     }
 
+    /// How long the event loop may sleep: until the next expiry, at most `tick`.
+    pub fn poll_timeout(&self, tick: Duration) -> Duration {
+        self.next_deadline()
+            .map(|t| Duration::from_nanos(t.saturating_sub(boottime_ns())))
+            .unwrap_or(tick)
+            .min(tick)
+    }
+
     /// The next expiry deadline, CLOCK_BOOTTIME ns.
     pub fn next_deadline(&self) -> Option<u64> {
         self.expiry.peek().map(|Reverse((t, _, _))| *t)
@@ -1081,12 +1089,7 @@ pub fn run_until_exit(
     let status = loop {
         // The kernel wakes the loop only when the ring buffer fills up or a record is urgent
         // (see ringbuf_flags in bpf/lib/common.h); the 10 ms tick drains the rest.
-        let timeout = agent
-            .borrow()
-            .next_deadline()
-            .map(|t| Duration::from_nanos(t.saturating_sub(boottime_ns())))
-            .unwrap_or(TICK)
-            .min(TICK);
+        let timeout = agent.borrow().poll_timeout(TICK);
         match poll.poll(&mut events, Some(timeout)) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -465,13 +465,7 @@ impl Daemon {
         let mut next_check = Instant::now() + ATTACH_CHECK;
         let mut stop = false;
         while !stop && !self.unload {
-            let timeout = self
-                .agent
-                .borrow()
-                .next_deadline()
-                .map(|t| Duration::from_nanos(t.saturating_sub(boottime_ns())))
-                .unwrap_or(TICK)
-                .min(TICK);
+            let timeout = self.agent.borrow().poll_timeout(TICK);
             match poll.poll(&mut events, Some(timeout)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

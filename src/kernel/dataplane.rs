@@ -1856,9 +1856,8 @@ impl Drop for Dataplane {
     }
 }
 
-/// The device a TCX link is attached to (None when it cannot be read, 0 when defunct).
-/// The cgroup a cgroup link is attached to (0 once that cgroup is gone: the link is severed).
-fn link_cgroup_id(link: &Link) -> Option<u64> {
+/// What the kernel says of a link (None when it cannot be read).
+fn link_info(link: &Link) -> Option<libbpf_rs::libbpf_sys::bpf_link_info> {
     use libbpf_rs::libbpf_sys as sys;
     let mut info = sys::bpf_link_info::default();
     let mut len = std::mem::size_of::<sys::bpf_link_info>() as u32;
@@ -1870,30 +1869,19 @@ fn link_cgroup_id(link: &Link) -> Option<u64> {
             &mut len,
         )
     };
-    if err != 0 {
-        return None;
-    }
-    // SAFETY: a cgroup link's info fills the cgroup member of the union.
-    Some(unsafe { info.__bindgen_anon_1.cgroup.cgroup_id })
+    (err == 0).then_some(info)
 }
 
+/// The cgroup a cgroup link is attached to (0 once that cgroup is gone: the link is severed).
+fn link_cgroup_id(link: &Link) -> Option<u64> {
+    // SAFETY: a cgroup link's info fills the cgroup member of the union.
+    link_info(link).map(|i| unsafe { i.__bindgen_anon_1.cgroup.cgroup_id })
+}
+
+/// The device a TCX link is attached to (0 when defunct).
 fn link_ifindex(link: &Link) -> Option<u32> {
-    use libbpf_rs::libbpf_sys as sys;
-    let mut info = sys::bpf_link_info::default();
-    let mut len = std::mem::size_of::<sys::bpf_link_info>() as u32;
-    // SAFETY: info is a plain struct of `len` bytes that outlives the call.
-    let err = unsafe {
-        sys::bpf_link_get_info_by_fd(
-            std::os::fd::AsRawFd::as_raw_fd(&link.as_fd()),
-            &mut info,
-            &mut len,
-        )
-    };
-    if err != 0 {
-        return None;
-    }
     // SAFETY: a TCX link's info fills the tcx member of the union.
-    Some(unsafe { info.__bindgen_anon_1.tcx.ifindex })
+    link_info(link).map(|i| unsafe { i.__bindgen_anon_1.tcx.ifindex })
 }
 
 #[cfg(test)]
