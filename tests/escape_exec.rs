@@ -621,8 +621,15 @@ fn detached_program_is_a_finding(attach: &str) {
         );
         assert!(st.success(), "bpftool link detach: {err}");
     } else {
+        // Not just any sign of ringfence (the clsact qdisc comes before its filters): the
+        // job has started, so every filter is in place, and the egress one is listed.
         wait_for("the clsact filters", Duration::from_secs(20), || {
-            !attached_programs(&tb).is_empty()
+            let started = read_events(&rf.events).iter().any(|e| e["type"] == "job");
+            let out = tb
+                .client_cmd("tc", ["filter", "show", "dev", &ifname, "egress"])
+                .output()
+                .expect("running tc");
+            started && String::from_utf8_lossy(&out.stdout).contains("rf_egress")
         });
         let (st, _, err) = run_timeout(
             tb.client_cmd("tc", ["filter", "del", "dev", &ifname, "egress"]),
