@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 use common::daemon::{in_job, Daemon};
+use common::vethjob::VethJob;
 use common::*;
 use testbed::{link_v4, DNS_V4};
 
@@ -140,8 +141,25 @@ fn two_jobs_each_see_only_their_own_verdicts() {
     }
 }
 
-/// 32 jobs at once, each allowed only its own name and port: each reaches its own server
-/// port, none reaches the next job's.
+/// Where a job in the 32-job test lives: a cgroup in the daemon's namespace, or a namespace
+/// of its own behind a veth whose host side is the job (`--interface`).
+enum JobHome {
+    Cgroup(std::path::PathBuf),
+    Veth(VethJob),
+}
+
+impl JobHome {
+    fn command(&self, tb: &Testbed, argv: &[String]) -> std::process::Command {
+        match self {
+            JobHome::Cgroup(cg) => in_job(tb, cg, argv),
+            JobHome::Veth(v) => v.command(argv),
+        }
+    }
+}
+
+/// 32 jobs at once, half of them cgroups and half veth-bound namespaces, in block and in
+/// audit mode, each allowed only its own name and port: each reaches its own server port,
+/// none in block mode reaches the next job's, and each trail holds only its own flows.
 #[test]
 fn thirty_two_jobs_at_once() {
     const N: u16 = 32;
@@ -153,79 +171,99 @@ fn thirty_two_jobs_at_once() {
     let tb = testbed(&records, &http);
     let mut d = Daemon::start(&tb, &[]);
     let dns = dns_flag();
-    let cgs: Vec<_> = (0..N).map(|i| d.cgroup(&format!("j{i}"))).collect();
+    // Odd jobs are veth-bound; two of every eight audit (one of each kind).
+    let veth = |i: u16| i % 2 == 1;
+    let audit = |i: u16| i % 8 == 3 || i % 8 == 6;
+    let homes: Vec<JobHome> = (0..N)
+        .map(|i| {
+            if veth(i) {
+                JobHome::Veth(VethJob::new(&tb, (i / 2) as u8))
+            } else {
+                JobHome::Cgroup(d.cgroup(&format!("j{i}")))
+            }
+        })
+        .collect();
     for i in 0..N {
         let allow = format!("j{i}.test:{}", 8000 + i);
-        let mode = if i % 4 == 3 { "audit" } else { "block" };
-        d.start_job(
-            &format!("j{i}"),
-            &cgs[i as usize],
-            &["--mode", mode, "--allow", &allow, "--dns-resolver", &dns],
-        );
+        let mode = if audit(i) { "audit" } else { "block" };
+        let id = format!("j{i}");
+        let target = match &homes[i as usize] {
+            JobHome::Cgroup(cg) => ["--cgroup".to_string(), cg.display().to_string()],
+            JobHome::Veth(v) => ["--interface".to_string(), v.host_if.clone()],
+        };
+        d.ok(&[
+            "job",
+            "start",
+            "--id",
+            &id,
+            &target[0],
+            &target[1],
+            "--mode",
+            mode,
+            "--allow",
+            &allow,
+            "--dns-resolver",
+            &dns,
+        ]);
     }
     assert_eq!(d.status()["jobs"].as_array().unwrap().len(), N as usize);
     // Eight jobs at a time (emulated kernels are slow): its own name and port, then the
-    // next job's. What must succeed gets time enough; a blocked attempt gives up sooner.
-    let slow = ["--connect-timeout", "20", "--max-time", "30"];
-    let handles: Vec<_> = (0..N)
+    // next job's address and port. What must succeed gets time enough; a blocked attempt
+    // gives up sooner.
+    let slow = ["-4", "--connect-timeout", "20", "--max-time", "30"];
+    let mut cmds: Vec<_> = (0..N)
         .map(|i| {
             let next = (i + 1) % N;
-            let audit = i % 4 == 3;
-            let own = in_job(
+            let home = &homes[i as usize];
+            let own = home.command(
                 &tb,
-                &cgs[i as usize],
-                &curl(
-                    &["-4", slow[0], slow[1], slow[2], slow[3]],
-                    &format!("http://j{i}.test:{}/", 8000 + i),
-                ),
+                &curl(&slow, &format!("http://j{i}.test:{}/", 8000 + i)),
             );
-            let other_opts: Vec<&str> = if audit {
-                vec!["-4", slow[0], slow[1], slow[2], slow[3]]
-            } else {
-                vec!["-4"]
-            };
-            let other = in_job(
+            let other_opts: &[&str] = if audit(i) { &slow } else { &["-4"] };
+            let other = home.command(
                 &tb,
-                &cgs[i as usize],
-                &curl(&other_opts, &format!("http://{web}:{}/", 8000 + next)),
+                &curl(other_opts, &format!("http://{web}:{}/", 8000 + next)),
             );
-            (own, other)
+            Some((own, other))
         })
-        .collect::<Vec<_>>()
-        .chunks_mut(8)
-        .flat_map(|batch| {
-            let hs: Vec<_> = batch
-                .iter_mut()
-                .map(|(own, other)| {
-                    let own = std::mem::replace(own, std::process::Command::new("true"));
-                    let other = std::mem::replace(other, std::process::Command::new("true"));
-                    std::thread::spawn(move || {
-                        let (a, _, _) = run_timeout(own, JOB_TIMEOUT);
-                        let (b, _, _) = run_timeout(other, JOB_TIMEOUT);
-                        (a.success(), b.success())
-                    })
+        .collect();
+    let mut results = Vec::new();
+    for batch in cmds.chunks_mut(8) {
+        let hs: Vec<_> = batch
+            .iter_mut()
+            .map(|c| {
+                let (own, other) = c.take().unwrap();
+                std::thread::spawn(move || {
+                    let (a, _, _) = run_timeout(own, JOB_TIMEOUT);
+                    let (b, _, _) = run_timeout(other, JOB_TIMEOUT);
+                    (a.success(), b.success())
                 })
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().unwrap())
-                .collect::<Vec<_>>()
-        })
-        .collect::<Vec<_>>();
-    let results: Vec<(bool, bool)> = handles;
+            })
+            .collect();
+        results.extend(hs.into_iter().map(|h| h.join().unwrap()));
+    }
     for (i, (own, other)) in results.iter().enumerate() {
-        let audit = i % 4 == 3;
-        assert!(own, "job j{i} could not reach its own name\n{}", d.log());
+        let i = i as u16;
+        let kind = if veth(i) { "veth" } else { "cgroup" };
+        assert!(
+            own,
+            "{kind} job j{i} could not reach its own name\n{}",
+            d.log()
+        );
         assert_eq!(
-            *other, audit,
-            "job j{i} reaching the next job's port (audit mode: {audit})"
+            *other,
+            audit(i),
+            "{kind} job j{i} reaching the next job's port (audit mode: {})",
+            audit(i)
         );
     }
+    // The servers' own counts: each port had its own job's fetch, plus the previous job's
+    // direct-IP attempt when that job audits; nothing else.
     for i in 0..N {
-        // Its own fetch, plus the previous job's direct-IP attempt when that job audits.
-        let prev_audits = (i + N - 1) % N % 4 == 3;
+        let prev = (i + N - 1) % N;
         assert_eq!(
             tb.http_hits(sa(web, 8000 + i)),
-            1 + usize::from(prev_audits),
+            1 + usize::from(audit(prev)),
             "port {}",
             8000 + i
         );
@@ -239,13 +277,47 @@ fn thirty_two_jobs_at_once() {
             ev.iter().all(|e| e["job"] == id.as_str()),
             "{id}: another job's event"
         );
+        let flows: Vec<_> = ev.iter().filter(|e| e.get("verdict").is_some()).collect();
         let next = (i + 1) % N;
-        let hit = ev
-            .iter()
-            .any(|e| e.get("verdict").is_some() && e["port"] == 8000 + next);
-        assert!(hit, "{id}: no event for the direct-IP attempt\n{r}\n{ev:?}");
+        let want = if audit(i) { "audited" } else { "blocked" };
+        assert!(
+            flows
+                .iter()
+                .any(|e| e["port"] == 8000 + next && e["verdict"] == want),
+            "{id}: no {want} event for the direct-IP attempt\n{r}\n{ev:?}"
+        );
+        assert!(
+            flows
+                .iter()
+                .any(|e| e["port"] == 8000 + i && e["verdict"] == "allowed"),
+            "{id}: no allowed event for its own fetch\n{ev:?}"
+        );
+        // Only its own connections and lookups: no other job's flow leaked into this trail.
+        // (A veth job's trail also holds what its namespace's kernel sends on the link, such
+        // as IPv6 multicast listener reports: they came from the job's device.)
+        assert!(
+            flows.iter().all(|e| !["tcp", "udp"].contains(&e["proto"].as_str().unwrap_or(""))
+                || e["port"] == 8000 + i
+                || e["port"] == 8000 + next
+                || e["port"] == 53),
+            "{id}: a flow that is not this job's\n{ev:?}"
+        );
+        // Named after the process that sent it, or not named: never after a kernel thread
+        // that happened to be running (a veth job's packets cross into the host there).
+        assert!(
+            flows.iter().all(|e| e["pid"] == 0 || e["comm"] == "curl"),
+            "{id}: a flow named after a process that did not send it\n{ev:?}"
+        );
     }
-    assert_eq!(d.status()["maps"][0]["entries"], 0, "jobs map not empty");
+    let st = d.status();
+    assert_eq!(st["jobs"].as_array().unwrap().len(), 0, "{st}");
+    for m in st["maps"].as_array().unwrap() {
+        if ["jobs", "allow", "names", "resolvers", "flows", "queries", "ifjobs"]
+            .contains(&m["map"].as_str().unwrap())
+        {
+            assert_eq!(m["entries"], 0, "{m} after every job ended");
+        }
+    }
 }
 
 /// kill -9 of the daemon under traffic: nothing disallowed gets out while it is dead, allowed

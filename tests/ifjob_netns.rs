@@ -7,7 +7,7 @@
 //!
 //! ```text
 //!  job ns                     host ns (the testbed's client)            server ns
-//!  203.0.113.130/28  ==veth==  203.0.113.129/28 | 198.51.100.1  ==veth==  dnsmasq 198.51.100.53
+//!  203.0.113.130/30  ==veth==  203.0.113.129/30 | 198.51.100.1  ==veth==  dnsmasq 198.51.100.53
 //!  2001:db8:3::2/64            2001:db8:3::1/64 | 2001:db8:1::1            HTTP 198.51.100.10..
 //!                             (forwarding on)                              2001:db8:2::10
 //! ```
@@ -19,163 +19,24 @@ mod common;
 
 use std::cell::RefCell;
 use std::fs::File;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::path::{Path, PathBuf};
+use std::net::IpAddr;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
-
-use common::*;
-use ringfence::kernel::abi;
-use ringfence::kernel::dataplane::{Dataplane, Options};
-use ringfence::policy::{Mode, Policy};
-use ringfence::testkit::testbed::{link_v4, routed_v6, CLIENT_V4, CLIENT_V6, DNS_V4, DNS_V6};
-use ringfence::testkit::testrun::wire;
-
-/// The job's policy slot.
-const JOB: u32 = 9;
-/// The job's end of its link and the host's end: a range the testbed does not use.
-const JOB_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 130);
-const HOST_V4: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 129);
-const JOB_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 2);
-const HOST_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 3, 0, 0, 0, 0, 1);
 
 /// Every command in these tests is bounded; this only turns a hang into a failure.
 const CMD_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The job's namespace and its veth pair, the host end in the testbed's client namespace
-/// (which plays the host). Dropping it deletes the namespace, and with it the pair.
-struct JobLink {
-    ns: String,
-    host_if: String,
-    resolv_dir: PathBuf,
-}
+use common::vethjob::{ip_cmd, VethJob};
+use common::*;
+use ringfence::kernel::abi;
+use ringfence::kernel::dataplane::{Dataplane, Options};
+use ringfence::policy::{Mode, Policy};
+use ringfence::testkit::testbed::{link_v4, routed_v6, DNS_V4, DNS_V6};
+use ringfence::testkit::testrun::wire;
 
-fn ip_cmd(args: &[&str]) {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("running ip {args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl JobLink {
-    fn new(tb: &Testbed) -> JobLink {
-        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let pid = std::process::id();
-        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let ns = format!("rfj-{pid}-{n}");
-        // A namespace of this name left by a killed run of the same pid goes first.
-        if Path::new("/run/netns").join(&ns).exists() {
-            ip_cmd(&["netns", "del", &ns]);
-        }
-        let link = JobLink {
-            resolv_dir: Path::new("/etc/netns").join(&ns),
-            // Interface names hold 15 bytes: "rfj", at most 7 hex digits of pid, n, one more.
-            host_if: format!("rfj{pid:x}x{n:x}h"),
-            ns,
-        };
-        let job_if = format!("rfj{pid:x}x{n:x}j");
-        let host = tb.client_ns();
-        ip_cmd(&["netns", "add", &link.ns]);
-        ip_cmd(&[
-            "link",
-            "add",
-            "name",
-            &link.host_if,
-            "netns",
-            host,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &job_if,
-            "netns",
-            &link.ns,
-        ]);
-        let (h, j) = (&link.host_if, &job_if);
-        let steps: Vec<(&str, String)> = vec![
-            (&link.ns, "link set lo up".into()),
-            (&link.ns, format!("link set {j} up")),
-            (&link.ns, format!("addr add {JOB_V4}/28 dev {j}")),
-            (&link.ns, format!("addr add {JOB_V6}/64 dev {j} nodad")),
-            (&link.ns, format!("route add default via {HOST_V4}")),
-            (&link.ns, format!("-6 route add default via {HOST_V6}")),
-            (host, format!("link set {h} up")),
-            (host, format!("addr add {HOST_V4}/28 dev {h}")),
-            (host, format!("addr add {HOST_V6}/64 dev {h} nodad")),
-            // The server answers the job through the host.
-            (
-                tb.server_ns(),
-                format!("route add 203.0.113.128/28 via {CLIENT_V4}"),
-            ),
-            (
-                tb.server_ns(),
-                format!("-6 route add 2001:db8:3::/64 via {CLIENT_V6}"),
-            ),
-        ];
-        for (ns, step) in &steps {
-            let mut args = vec!["-n", ns];
-            args.extend(step.split_whitespace());
-            ip_cmd(&args);
-        }
-        let sysctl = tb
-            .client_cmd(
-                "sysctl",
-                [
-                    "-qw",
-                    "net.ipv4.ip_forward=1",
-                    "net.ipv6.conf.all.forwarding=1",
-                ],
-            )
-            .status()
-            .expect("running sysctl");
-        assert!(
-            sysctl.success(),
-            "turning forwarding on in the host namespace"
-        );
-        std::fs::create_dir_all(&link.resolv_dir).expect("creating the job's /etc/netns dir");
-        std::fs::write(
-            link.resolv_dir.join("resolv.conf"),
-            format!("nameserver {DNS_V4}\n"),
-        )
-        .expect("writing the job's resolv.conf");
-        link
-    }
-
-    /// `argv` run inside the job's namespace, with its resolv.conf.
-    fn run(&self, argv: &[&str]) -> (bool, String, String) {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &self.ns]).args(argv);
-        let (status, out, err) = run_timeout(cmd, CMD_TIMEOUT);
-        (status.success(), out, err)
-    }
-}
-
-impl Drop for JobLink {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "pids", &self.ns])
-            .output()
-            .map(|o| {
-                for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
-                    if let Ok(pid) = pid.parse::<i32>() {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(pid),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                    }
-                }
-            });
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
-        let _ = std::fs::remove_dir_all(&self.resolv_dir);
-    }
-}
-
+/// The job's policy slot.
+const JOB: u32 = 9;
 /// This thread inside network namespace `ns` until dropped: the dataplane attaches to
 /// interfaces (and detaches from them) in the namespace of the thread that asks.
 struct InNetns(File);
@@ -207,7 +68,7 @@ enum Ev {
 struct Rig {
     dp: Dataplane,
     _in_host: InNetns,
-    link: JobLink,
+    link: VethJob,
     tb: Testbed,
 }
 
@@ -235,7 +96,7 @@ fn rig(mode: Mode) -> Rig {
         ],
         &http,
     );
-    let link = JobLink::new(&tb);
+    let link = VethJob::new(&tb, 0);
     let in_host = InNetns::enter(tb.client_ns());
     let mut dp = Dataplane::load(&Options::default()).expect("load the dataplane (root?)");
     dp.attach(&link.host_if).expect("attach to the job's link");
@@ -436,7 +297,7 @@ fn block_mode_interface_job() {
     assert_ne!(entry.flags & abi::ADDR_LEARNED, 0);
 
     // ARP on the job's link worked both ways.
-    for (ns, addr) in [(&r.link.ns, IpAddr::from(HOST_V4)), (&host, JOB_V4.into())] {
+    for (ns, addr) in [(&r.link.ns, IpAddr::from(r.link.host_v4)), (&host, r.link.job_v4.into())] {
         let n = r.neighbour(ns, addr);
         assert!(
             n.contains("lladdr"),
@@ -494,7 +355,7 @@ fn block_mode_interface_job() {
     let (ok, out, err) = r.curl(&["-6"], "http://v6.test/");
     assert!(ok, "curl -6 v6.test failed: {err}");
     assert_eq!(out, format!("hello from [{}]:80\n", routed_v6(V6_HOST)));
-    for (ns, addr) in [(&r.link.ns, IpAddr::from(HOST_V6)), (&host, JOB_V6.into())] {
+    for (ns, addr) in [(&r.link.ns, IpAddr::from(r.link.host_v6)), (&host, r.link.job_v6.into())] {
         let n = r.neighbour(ns, addr);
         assert!(
             n.contains("lladdr"),
@@ -531,7 +392,7 @@ fn block_mode_interface_job() {
             "python3",
             [
                 send.display().to_string(),
-                JOB_V6.to_string(),
+                r.link.job_v6.to_string(),
                 "8080".into(),
                 "hello-host6".into(),
             ],
@@ -544,7 +405,7 @@ fn block_mode_interface_job() {
             "python3",
             [
                 peer.display().to_string(),
-                JOB_V4.to_string(),
+                r.link.job_v4.to_string(),
                 "8080".into(),
             ],
         ),

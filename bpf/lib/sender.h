@@ -14,19 +14,23 @@
 #define RF_SENDER_TC 1     /* TC: the current task where the helpers exist and it is in the socket's cgroup */
 #define RF_SENDER_CALLER 2 /* a syscall hook (cgroup/setsockopt): the caller, where the helpers exist */
 
+#define RF_ROOT_CGROUP_ID 1 /* cgroup v2's root: kernfs gives it id 1 */
+
 /* Who sent `skb` (socket cgroup `cgid`): *pid and comm (16 bytes), zero when unknown.
  * `task` (a constant at each call site, RF_SENDER_*) says whether the current task may be
  * asked: in TC it may on kernels with the task helpers there (config.have_task_helpers),
  * and it is the sender only when it is in the socket's cgroup (a packet sent from a timer,
- * a retransmit, runs in whatever task was current). Otherwise the socket's owner names the
- * process that opened it. */
+ * a retransmit, runs in whatever task was current). Not when that cgroup is the root
+ * (id 1): kernel threads live there, and a packet a kworker or ksoftirqd handles (an
+ * interface job's packets cross a veth, the kernel's own multicast reports) would be named
+ * after it. Otherwise the socket's owner names the process that opened it. */
 static __always_inline void sender_of(struct __sk_buff *skb, __u64 cgid, int task, __u32 *pid,
 				      char *comm)
 {
 	struct rf_sock_owner *o;
 	__u64 cookie;
 
-	if ((task == RF_SENDER_TC && config.have_task_helpers &&
+	if ((task == RF_SENDER_TC && config.have_task_helpers && cgid != RF_ROOT_CGROUP_ID &&
 	     bpf_get_current_cgroup_id() == cgid) ||
 	    (task == RF_SENDER_CALLER && config.have_sockopt_task)) {
 		*pid = bpf_get_current_pid_tgid() >> 32;

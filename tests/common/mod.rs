@@ -12,6 +12,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 pub mod daemon;
+pub mod vethjob;
 
 #[allow(unused_imports)] // not every test binary names the module itself
 pub use ringfence::testkit::testbed;
