@@ -296,10 +296,12 @@ fn thirty_two_jobs_at_once() {
         // (A veth job's trail also holds what its namespace's kernel sends on the link, such
         // as IPv6 multicast listener reports: they came from the job's device.)
         assert!(
-            flows.iter().all(|e| !["tcp", "udp"].contains(&e["proto"].as_str().unwrap_or(""))
-                || e["port"] == 8000 + i
-                || e["port"] == 8000 + next
-                || e["port"] == 53),
+            flows.iter().all(
+                |e| !["tcp", "udp"].contains(&e["proto"].as_str().unwrap_or(""))
+                    || e["port"] == 8000 + i
+                    || e["port"] == 8000 + next
+                    || e["port"] == 53
+            ),
             "{id}: a flow that is not this job's\n{ev:?}"
         );
         // Named after the process that sent it, or not named: never after a kernel thread
@@ -312,8 +314,16 @@ fn thirty_two_jobs_at_once() {
     let st = d.status();
     assert_eq!(st["jobs"].as_array().unwrap().len(), 0, "{st}");
     for m in st["maps"].as_array().unwrap() {
-        if ["jobs", "allow", "names", "resolvers", "flows", "queries", "ifjobs"]
-            .contains(&m["map"].as_str().unwrap())
+        if [
+            "jobs",
+            "allow",
+            "names",
+            "resolvers",
+            "flows",
+            "queries",
+            "ifjobs",
+        ]
+        .contains(&m["map"].as_str().unwrap())
         {
             assert_eq!(m["entries"], 0, "{m} after every job ended");
         }

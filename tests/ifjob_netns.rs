@@ -297,7 +297,10 @@ fn block_mode_interface_job() {
     assert_ne!(entry.flags & abi::ADDR_LEARNED, 0);
 
     // ARP on the job's link worked both ways.
-    for (ns, addr) in [(&r.link.ns, IpAddr::from(r.link.host_v4)), (&host, r.link.job_v4.into())] {
+    for (ns, addr) in [
+        (&r.link.ns, IpAddr::from(r.link.host_v4)),
+        (&host, r.link.job_v4.into()),
+    ] {
         let n = r.neighbour(ns, addr);
         assert!(
             n.contains("lladdr"),
@@ -355,7 +358,10 @@ fn block_mode_interface_job() {
     let (ok, out, err) = r.curl(&["-6"], "http://v6.test/");
     assert!(ok, "curl -6 v6.test failed: {err}");
     assert_eq!(out, format!("hello from [{}]:80\n", routed_v6(V6_HOST)));
-    for (ns, addr) in [(&r.link.ns, IpAddr::from(r.link.host_v6)), (&host, r.link.job_v6.into())] {
+    for (ns, addr) in [
+        (&r.link.ns, IpAddr::from(r.link.host_v6)),
+        (&host, r.link.job_v6.into()),
+    ] {
         let n = r.neighbour(ns, addr);
         assert!(
             n.contains("lladdr"),

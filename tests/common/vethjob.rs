@@ -49,7 +49,10 @@ pub fn ip_cmd(args: &[&str]) {
 impl VethJob {
     /// The job namespace for `slot` (0..32) of `tb`, up and routed both ways.
     pub fn new(tb: &Testbed, slot: u8) -> VethJob {
-        assert!(slot < 32, "slot {slot}: 32 /30 links fit in 203.0.113.128/25");
+        assert!(
+            slot < 32,
+            "slot {slot}: 32 /30 links fit in 203.0.113.128/25"
+        );
         static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let pid = std::process::id();
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
