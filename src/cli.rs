@@ -37,6 +37,10 @@ pub enum Cmd {
         id: String,
         #[arg(long, value_enum, default_value = "text")]
         format: crate::trail::report::Format,
+        /// Earlier runs' events files, or directories of them: destinations none of them
+        /// used are marked new.
+        #[arg(long, value_name = "EVENTS|DIR", num_args = 1..)]
+        baseline: Vec<std::path::PathBuf>,
         #[command(flatten)]
         socket: crate::daemon::client::SocketArg,
     },
@@ -68,6 +72,9 @@ pub enum Cmd {
     },
     /// Print what this kernel supports (version, BTF, attach path) as JSON.
     Probe,
+    /// Policies from audit runs, offline: suggest one, compare one, check endpoints.
+    #[command(subcommand)]
+    Policy(crate::insights::PolicyCmd),
     /// Internal: the process `exec` starts to kill the job if ringfence dies.
     #[command(hide = true)]
     Guard(crate::job::guard::GuardArgs),

@@ -29,9 +29,14 @@ pub struct ExecArgs {
     /// Also write the report to FILE.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
-    /// Report format.
+    /// Report format (html needs --report: the page goes to FILE, the text report to
+    /// stderr).
     #[arg(long, value_enum, default_value = "text")]
     pub format: Format,
+    /// Earlier runs' events files, or directories of them: destinations none of them used
+    /// are marked new in the report.
+    #[arg(long, value_name = "EVENTS|DIR", num_args = 1..)]
+    pub baseline: Vec<PathBuf>,
     /// Write every event as JSON Lines to FILE.
     #[arg(long, value_name = "FILE")]
     pub events: Option<PathBuf>,
@@ -158,6 +163,22 @@ fn check_keep_fds(fds: &[i32]) -> std::result::Result<(), UsageError> {
 pub fn run(args: &ExecArgs) -> Result<i32> {
     let policy = args.policy.build().map_err(anyhow::Error::new)?;
     check_keep_fds(&args.keep_fds).map_err(anyhow::Error::new)?;
+    if args.format == Format::Html && args.report.is_none() {
+        return Err(UsageError::Other(
+            "--format html writes a page: give it a file with --report FILE".into(),
+        )
+        .into());
+    }
+    // Read before anything is loaded: a bad file is bad input (exit 2), and the job has
+    // not started yet.
+    let baseline = if args.baseline.is_empty() {
+        None
+    } else {
+        Some(std::sync::Arc::new(
+            crate::trail::baseline::Baseline::load(&args.baseline)
+                .map_err(|e| UsageError::Other(e.to_string()))?,
+        ))
+    };
     warn_inherited_sockets(&args.keep_fds);
     let compiled = policy.compile()?;
     // Subscribed before the interfaces are listed, so none can appear unseen in between.
@@ -262,6 +283,9 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     state.step = Some(step);
     state.policy = Some(policy.clone());
     state.exfil = crate::trail::exfil::ExfilDetector::new(policy.dns_exfil);
+    if let Some(b) = baseline {
+        state.report.set_baseline(b);
+    }
     let command = args
         .command
         .iter()
@@ -330,9 +354,13 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
             "ptrace of processes outside the job was not watched ({f})"
         ));
     }
-    let text = job.report.render(args.format);
+    let mut text = job.report.render(args.format);
     if let Some(p) = &args.report {
         std::fs::write(p, &text).with_context(|| format!("writing the report {}", p.display()))?;
+    }
+    if args.format == Format::Html {
+        // A page is for a browser: the terminal gets the text report.
+        text = job.report.render(Format::Text);
     }
     let mut err = std::io::stderr().lock();
     let _ = err.write_all(text.as_bytes());

@@ -9,11 +9,13 @@
 //! - `trail`: events, DNS, exfiltration findings, reports.
 //! - `exec`: one command as one job, start to finish; `daemon`: `ringfence run`, the
 //!   control socket and its clients, many jobs on one pinned dataplane.
+//! - `insights`: `policy suggest|check`, from audit runs to a block-mode policy, offline.
 //! - `testkit` (feature): network namespaces with real DNS servers, for tests and the demo.
 pub mod agent;
 pub mod cli;
 pub mod daemon;
 pub mod exec;
+pub mod insights;
 pub mod job;
 pub mod kernel;
 pub mod logging;

@@ -13,9 +13,13 @@ fn main() {
         Cmd::Guard(args) => ringfence::job::guard::run(&args),
         Cmd::Run(args) => ringfence::daemon::server::run(&args),
         Cmd::Job(cmd) => ringfence::daemon::client::job(&cmd),
-        Cmd::Report { id, format, socket } => {
-            ringfence::daemon::client::report(&id, format, &socket)
-        }
+        Cmd::Report {
+            id,
+            format,
+            baseline,
+            socket,
+        } => ringfence::daemon::client::report(&id, format, &baseline, &socket),
+        Cmd::Policy(cmd) => ringfence::insights::run(&cmd),
         Cmd::Status { json, socket } => ringfence::daemon::client::status(json, &socket),
         Cmd::Unload {
             force,

@@ -352,18 +352,19 @@ impl Agent {
         self.emit_at(job_id, ev, boottime_ns());
     }
 
-    /// Every event reaches the job's report, whatever the limits; only then is it written,
-    /// if the job's rate limit lets it.
+    /// Every event reaches the job's report, whatever the limits; it is written if the job's
+    /// rate limit lets it. An admitted flow gets its lineage before the report sees it, so
+    /// the report (the HTML page's parent chains) names the same process the file does.
     fn emit_at(&mut self, job_id: u32, ev: Event, now_ns: u64) {
         let admitted = match self.jobs.get_mut(&job_id) {
-            Some(j) => {
-                j.report.add(&ev);
-                j.guard.admit(&ev, now_ns)
-            }
+            Some(j) => j.guard.admit(&ev, now_ns),
             None => true,
         };
+        let ev = if admitted { self.with_lineage(ev) } else { ev };
+        if let Some(j) = self.jobs.get_mut(&job_id) {
+            j.report.add(&ev);
+        }
         if admitted {
-            let ev = self.with_lineage(ev);
             self.write(job_id, &ev, false);
         }
     }

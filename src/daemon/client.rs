@@ -125,6 +125,7 @@ fn format_name(f: Format) -> String {
         Format::Text => "text",
         Format::Json => "json",
         Format::Markdown => "markdown",
+        Format::Html => "html",
     }
     .into()
 }
@@ -193,12 +194,23 @@ pub fn job(cmd: &JobCmd) -> Result<i32> {
     }
 }
 
-pub fn report(id: &str, format: Format, socket: &SocketArg) -> Result<i32> {
+/// `ringfence report`: the baseline's files are read here, as the caller, and only the
+/// destinations they name travel to the daemon.
+pub fn report(id: &str, format: Format, baseline: &[PathBuf], socket: &SocketArg) -> Result<i32> {
+    let baseline = if baseline.is_empty() {
+        None
+    } else {
+        Some(
+            crate::trail::baseline::Baseline::load(baseline)
+                .map_err(|e| UsageError::Other(e.to_string()))?,
+        )
+    };
     let r = call(
         &socket.socket,
         &Request::Report {
             id: id.to_string(),
             format: Some(format_name(format)),
+            baseline,
         },
     )?;
     print_report(r, None)?;

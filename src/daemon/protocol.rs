@@ -47,6 +47,10 @@ pub enum Request {
         id: String,
         #[serde(default)]
         format: Option<String>,
+        /// Earlier runs' destinations, read by the client (the daemon never opens a path a
+        /// client names): the report marks what is new.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        baseline: Option<crate::trail::baseline::Baseline>,
     },
     Status,
     /// Detach every program and remove every pin; refused while jobs run unless `force`.

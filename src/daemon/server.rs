@@ -669,7 +669,11 @@ impl Daemon {
                 format,
                 keep_processes,
             } => self.job_end(&id, format.as_deref(), keep_processes, rb),
-            Request::Report { id, format } => self.report(&id, format.as_deref(), rb),
+            Request::Report {
+                id,
+                format,
+                baseline,
+            } => self.report(&id, format.as_deref(), baseline, rb),
             Request::Status => Ok(Response::Status(self.status())),
             Request::Unload { force } => self.request_unload(force),
         };
@@ -996,6 +1000,7 @@ impl Daemon {
         &mut self,
         id: &str,
         format: Option<&str>,
+        baseline: Option<crate::trail::baseline::Baseline>,
         rb: &libbpf_rs::RingBuffer,
     ) -> Result<Response> {
         let slot = self.jobs.get(id).ok_or_else(|| unknown_job(id))?.slot;
@@ -1011,6 +1016,9 @@ impl Daemon {
             let saved = j.report.clone();
             let cuts = j.cuts();
             j.report.set_cuts(cuts);
+            if let Some(b) = baseline {
+                j.report.set_baseline(std::sync::Arc::new(b));
+            }
             drop(a);
             self.agent.borrow_mut().close_report(slot, &counters);
             let mut a = self.agent.borrow_mut();
@@ -1078,6 +1086,13 @@ impl Daemon {
         let _ = rb.consume();
         self.agent.borrow_mut().apply(&self.dp);
         let text = self.render(slot, format)?;
+        // The insights page goes beside the events whatever format was asked for: a CI
+        // artifact to open later.
+        let page = if format == Some("html") {
+            None
+        } else {
+            self.render(slot, Some("html")).ok()
+        };
         self.agent.borrow_mut().finish_job(slot);
         // Then the kernel forgets it: its packets are no longer its own, its entries go.
         if let Some(cid) = cgroup_id {
@@ -1102,9 +1117,13 @@ impl Daemon {
         let ext = match format.unwrap_or("text") {
             "json" => "json",
             "markdown" => "md",
+            "html" => "html",
             _ => "txt",
         };
         let _ = std::fs::write(self.cfg.job_dir(id).join(format!("report.{ext}")), &text);
+        if let Some(page) = page {
+            let _ = std::fs::write(self.cfg.job_dir(id).join("report.html"), page);
+        }
         tracing::info!(job = id, slot, purged, "job ended");
         Ok(Response::Report { text })
     }

@@ -71,10 +71,12 @@ use std::str::FromStr;
 use ipnet::IpNet;
 
 mod addr;
+pub mod check;
 mod compile;
 mod endpoint;
 mod file;
 mod inbound;
+pub mod suggest;
 
 pub use addr::{
     is_loopback, is_metadata, is_special, parse_resolv_conf, read_resolv_conf, RESOLV_CONF,

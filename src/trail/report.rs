@@ -18,9 +18,13 @@ use std::time::SystemTime;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::trail::events::{format_ts, Event, FlowEvent, Proto, Reason, Verdict};
+use crate::trail::baseline::Baseline;
+use crate::trail::events::{format_ts, Ancestor, Event, FlowEvent, Proto, Reason, Verdict};
 use crate::trail::exfil::{Finding, Signal};
 use crate::trail::limits::{Bytes, CutCounts, Limits};
+
+#[path = "report_html.rs"]
+mod html;
 
 /// How a report is rendered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -31,10 +35,12 @@ pub enum Format {
     Json,
     /// A GitHub-flavoured table, for a job summary.
     Markdown,
+    /// One self-contained page (no scripts, fonts or fetches): the job's insights.
+    Html,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
-#[error("unknown report format {0:?} (expected text, json or markdown)")]
+#[error("unknown report format {0:?} (expected text, json, markdown or html)")]
 pub struct UnknownFormat(pub String);
 
 impl FromStr for Format {
@@ -60,6 +66,9 @@ struct Row {
     first_ts: SystemTime,
     first_pid: u32,
     first_comm: String,
+    /// The earliest flow's executable and parent chain (as the events file has them).
+    first_exe: Option<String>,
+    first_parents: Vec<Ancestor>,
     /// The steps its outbound flows came from, each with its own count and earliest
     /// process (one lookup per flow serves both tables).
     steps: Vec<StepHit>,
@@ -74,6 +83,8 @@ struct StepHit {
     first_ts: SystemTime,
     first_pid: u32,
     first_comm: String,
+    first_exe: Option<String>,
+    first_parents: Vec<Ancestor>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -122,6 +133,8 @@ struct Step {
     /// Calls not listed: to destinations folded out of the main table, or past
     /// `max_destinations` step rows (all steps together).
     folded: usize,
+    /// When it started: its marker's time, else its earliest flow's.
+    started: Option<SystemTime>,
 }
 
 /// What was cut to keep a job within its limits. The agent knows the events it did not
@@ -187,6 +200,8 @@ pub struct Report {
     step_rows: usize,
     /// Outbound flows of steps past MAX_STEPS.
     steps_folded: usize,
+    /// Earlier runs' destinations: what is not in it is marked new.
+    baseline: Option<std::sync::Arc<Baseline>>,
 }
 
 impl Report {
@@ -214,7 +229,20 @@ impl Report {
             steps: Vec::new(),
             step_rows: 0,
             steps_folded: 0,
+            baseline: None,
         }
+    }
+
+    /// Marks, in every format, each destination no earlier run used.
+    pub fn set_baseline(&mut self, b: std::sync::Arc<Baseline>) {
+        self.baseline = Some(b);
+    }
+
+    /// Whether a destination is new since the baseline (false without one).
+    fn is_new(&self, domain: Option<&str>, dst: IpAddr, port: u16) -> bool {
+        self.baseline
+            .as_ref()
+            .is_some_and(|b| !b.knows(domain, dst, port))
     }
 
     /// The limits the job ran under: `max_destinations` bounds the rows from now on, the
@@ -304,7 +332,10 @@ impl Report {
             }
             Event::Job(j) => self.limits = j.limits,
             Event::Step(st) => {
-                self.step_index(Some(&st.step));
+                if let Some(i) = self.step_index(Some(&st.step)) {
+                    let s = &mut self.steps[i];
+                    s.started = Some(s.started.map_or(st.ts, |t| t.min(st.ts)));
+                }
             }
             // Read back from a file: these flows and answers exist only as counts.
             Event::Suppressed(s) => {
@@ -339,6 +370,7 @@ impl Report {
         self.steps.push(Step {
             label: label.map(str::to_owned),
             folded: 0,
+            started: None,
         });
         Some(self.steps.len() - 1)
     }
@@ -349,6 +381,10 @@ impl Report {
             let s = self.step_index(f.step.as_deref());
             if s.is_none() {
                 self.steps_folded += 1;
+            }
+            if let Some(i) = s {
+                let st = &mut self.steps[i];
+                st.started = Some(st.started.map_or(f.ts, |t| t.min(f.ts)));
             }
             s
         } else {
@@ -390,6 +426,8 @@ impl Report {
             first_ts: f.ts,
             first_pid: f.pid,
             first_comm: f.comm.clone(),
+            first_exe: f.exe.clone(),
+            first_parents: f.parents.clone(),
             steps: Vec::new(),
         };
         let row = self.rows.entry(key).or_insert_with(first);
@@ -397,6 +435,8 @@ impl Report {
             row.first_ts = f.ts;
             row.first_pid = f.pid;
             row.first_comm.clone_from(&f.comm);
+            row.first_exe.clone_from(&f.exe);
+            row.first_parents.clone_from(&f.parents);
         }
         row.count += 1;
         let Some(i) = step else {
@@ -408,6 +448,8 @@ impl Report {
                     h.first_ts = f.ts;
                     h.first_pid = f.pid;
                     h.first_comm.clone_from(&f.comm);
+                    h.first_exe.clone_from(&f.exe);
+                    h.first_parents.clone_from(&f.parents);
                 }
                 h.count += 1;
             }
@@ -419,6 +461,8 @@ impl Report {
                     first_ts: f.ts,
                     first_pid: f.pid,
                     first_comm: f.comm.clone(),
+                    first_exe: f.exe.clone(),
+                    first_parents: f.parents.clone(),
                 });
             }
             None => self.steps[i].folded += 1,
@@ -504,6 +548,7 @@ impl Report {
             Format::Text => self.render_text(),
             Format::Json => self.render_json(),
             Format::Markdown => self.render_markdown(),
+            Format::Html => html::render(self),
         }
     }
 
@@ -657,21 +702,7 @@ impl Report {
             .iter()
             .enumerate()
             .map(|(i, st)| {
-                let cells = self
-                    .step_calls(i)
-                    .into_iter()
-                    .map(|(k, r)| {
-                        [
-                            k.domain.clone().unwrap_or_else(|| "-".to_owned()),
-                            k.dst.to_string(),
-                            k.port.to_string(),
-                            k.proto.to_string(),
-                            k.verdict.to_string(),
-                            r.count.to_string(),
-                            process(&r),
-                        ]
-                    })
-                    .collect();
+                let cells = call_cells(&self.step_calls(i));
                 (st.label.as_deref(), cells, st.folded)
             })
             .collect()
@@ -696,6 +727,8 @@ impl Report {
                     first_ts: h.first_ts,
                     first_pid: h.first_pid,
                     first_comm: h.first_comm.clone(),
+                    first_exe: h.first_exe.clone(),
+                    first_parents: h.first_parents.clone(),
                     steps: Vec::new(),
                 };
                 match calls.get_mut(&key) {
@@ -735,6 +768,54 @@ impl Report {
         v
     }
 
+    /// The calls to destinations no earlier run used, per step (steps without any left
+    /// out); None without a baseline.
+    fn new_calls(&self) -> Option<Vec<(usize, Option<&str>, Vec<(CallKey, Row)>)>> {
+        self.baseline.as_ref()?;
+        Some(
+            self.steps
+                .iter()
+                .enumerate()
+                .map(|(i, st)| {
+                    let calls: Vec<_> = self
+                        .step_calls(i)
+                        .into_iter()
+                        .filter(|(k, _)| self.is_new(k.domain.as_deref(), k.dst, k.port))
+                        .collect();
+                    (i, st.label.as_deref(), calls)
+                })
+                .filter(|(_, _, c)| !c.is_empty())
+                .collect(),
+        )
+    }
+
+    /// The baseline's heading line: how many runs, how many new destinations.
+    fn new_heading(&self, new: &[(usize, Option<&str>, Vec<(CallKey, Row)>)]) -> String {
+        let runs = self.baseline.as_ref().map_or(0, |b| b.runs);
+        let dests: BTreeSet<String> = new
+            .iter()
+            .flat_map(|(_, _, c)| c)
+            .map(|(k, _)| crate::trail::baseline::destination(k.domain.as_deref(), k.dst, k.port))
+            .collect();
+        match dests.len() {
+            0 => format!("Nothing new since the baseline ({runs} earlier runs)"),
+            1 => format!("1 destination new since the baseline ({runs} earlier runs)"),
+            n => format!("{n} destinations new since the baseline ({runs} earlier runs)"),
+        }
+    }
+
+    /// The note on destinations the baseline could not hold.
+    fn baseline_note(&self) -> Option<String> {
+        let b = self.baseline.as_ref()?;
+        (b.not_kept > 0).then(|| {
+            format!(
+                "the baseline holds at most {} destinations: {} more of the earlier runs were not kept, and show as new if used again",
+                crate::trail::baseline::MAX_DESTINATIONS,
+                b.not_kept
+            )
+        })
+    }
+
     fn dns_line(name: &str, row: &DnsRow) -> String {
         let answers = if row.answers.is_empty() {
             // No answers: the response code is the interesting part (NXDOMAIN, SERVFAIL…).
@@ -758,6 +839,22 @@ impl Report {
             out.push_str("Cut to stay within limits:\n");
             for n in &notes {
                 let _ = writeln!(out, "  - {}", text_clean(n));
+            }
+        }
+        if let Some(new) = self.new_calls() {
+            let _ = writeln!(out, "{}", self.new_heading(&new));
+            for (i, label, calls) in &new {
+                let _ = writeln!(out, "  {}", text_clean(&step_title(*i, *label)));
+                let mut table = vec![STEP_HEADERS.map(str::to_owned)];
+                table.extend(
+                    call_cells(calls)
+                        .into_iter()
+                        .map(|row| row.map(|c| text_clean(&c))),
+                );
+                text_table(&mut out, "    ", &table);
+            }
+            if let Some(n) = self.baseline_note() {
+                let _ = writeln!(out, "  ({})", text_clean(&n));
             }
         }
         let cells = self.cells();
@@ -847,11 +944,28 @@ impl Report {
 
     fn render_markdown(&self) -> String {
         let mut out = format!(
-            "### ringfence: job {} ({} mode)\n\n{}.\n\n",
+            "### ringfence: job {} ({} mode)\n\n",
             md_escape(&self.job),
             md_escape(&self.mode),
-            self.summary()
         );
+        // First, for $GITHUB_STEP_SUMMARY: what this run called that no earlier run did.
+        if let Some(new) = self.new_calls() {
+            let _ = writeln!(out, "**{}**\n", self.new_heading(&new));
+            for (i, label, calls) in &new {
+                let _ = write!(out, "*{}*\n\n", md_escape(&step_title(*i, *label)));
+                md_table(
+                    &mut out,
+                    "| Domain | Address | Port | Proto | Verdict | Count | Process |\n\
+                     |---|---|---|---|---|---:|---|\n",
+                    call_cells(calls),
+                );
+                out.push('\n');
+            }
+            if let Some(n) = self.baseline_note() {
+                let _ = writeln!(out, "> {}\n", md_escape(&n));
+            }
+        }
+        let _ = write!(out, "{}.\n\n", self.summary());
         let notes = self.cut_notes();
         if !notes.is_empty() {
             out.push_str("**Cut to stay within limits:**\n\n");
@@ -940,7 +1054,14 @@ impl Report {
             count: usize,
             first_pid: u32,
             first_comm: &'a str,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            first_exe: Option<&'a str>,
+            #[serde(skip_serializing_if = "<[Ancestor]>::is_empty")]
+            first_parents: &'a [Ancestor],
             first_ts: String,
+            /// Absent unless a baseline was given and no earlier run used it.
+            #[serde(skip_serializing_if = "is_false")]
+            new: bool,
         }
         #[derive(Serialize)]
         struct JsonCall {
@@ -952,7 +1073,27 @@ impl Report {
             count: usize,
             first_pid: u32,
             first_comm: String,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            first_exe: Option<String>,
+            #[serde(skip_serializing_if = "Vec::is_empty")]
+            first_parents: Vec<Ancestor>,
             first_ts: String,
+            #[serde(skip_serializing_if = "is_false")]
+            new: bool,
+        }
+        #[derive(Serialize)]
+        struct JsonNew<'a> {
+            step: Option<&'a str>,
+            #[serde(flatten)]
+            call: JsonCall,
+        }
+        #[derive(Serialize)]
+        struct JsonBaseline<'a> {
+            runs: usize,
+            #[serde(skip_serializing_if = "is_zero")]
+            not_kept: usize,
+            /// The calls to destinations no earlier run used, step by step.
+            new: Vec<JsonNew<'a>>,
         }
         #[derive(Serialize)]
         struct JsonStep<'a> {
@@ -1007,6 +1148,8 @@ impl Report {
             job: &'a str,
             mode: &'a str,
             totals: Totals,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            baseline: Option<JsonBaseline<'a>>,
             // Absent unless something was cut or the kernel's counters are known, so the
             // report of an ordinary job keeps its shape.
             #[serde(skip_serializing_if = "Option::is_none")]
@@ -1029,7 +1172,34 @@ impl Report {
             #[serde(skip_serializing_if = "<[String]>::is_empty")]
             warnings: &'a [String],
         }
+        let json_call = |k: CallKey, r: Row| JsonCall {
+            new: self.is_new(k.domain.as_deref(), k.dst, k.port),
+            domain: k.domain,
+            address: k.dst,
+            port: k.port,
+            proto: k.proto,
+            verdict: k.verdict,
+            count: r.count,
+            first_pid: r.first_pid,
+            first_comm: r.first_comm,
+            first_exe: r.first_exe,
+            first_parents: r.first_parents,
+            first_ts: format_ts(r.first_ts),
+        };
         let report = JsonReport {
+            baseline: self.new_calls().map(|new| JsonBaseline {
+                runs: self.baseline.as_ref().map_or(0, |b| b.runs),
+                not_kept: self.baseline.as_ref().map_or(0, |b| b.not_kept),
+                new: new
+                    .into_iter()
+                    .flat_map(|(_, label, calls)| {
+                        calls.into_iter().map(move |(k, r)| JsonNew {
+                            step: label,
+                            call: json_call(k, r),
+                        })
+                    })
+                    .collect(),
+            }),
             job: &self.job,
             mode: &self.mode,
             totals: Totals {
@@ -1073,7 +1243,11 @@ impl Report {
                     count: r.count,
                     first_pid: r.first_pid,
                     first_comm: &r.first_comm,
+                    first_exe: r.first_exe.as_deref(),
+                    first_parents: &r.first_parents,
                     first_ts: format_ts(r.first_ts),
+                    // Only outbound flows have steps: an inbound peer is no destination.
+                    new: !r.steps.is_empty() && self.is_new(k.domain.as_deref(), k.dst, k.port),
                 })
                 .collect(),
             steps: if self.steps.len() < 2 {
@@ -1087,17 +1261,7 @@ impl Report {
                         calls: self
                             .step_calls(i)
                             .into_iter()
-                            .map(|(k, r)| JsonCall {
-                                domain: k.domain,
-                                address: k.dst,
-                                port: k.port,
-                                proto: k.proto,
-                                verdict: k.verdict,
-                                count: r.count,
-                                first_pid: r.first_pid,
-                                first_comm: r.first_comm,
-                                first_ts: format_ts(r.first_ts),
-                            })
+                            .map(|(k, r)| json_call(k, r))
                             .collect(),
                         folded: st.folded,
                     })
@@ -1186,6 +1350,28 @@ fn is_zero(n: &usize) -> bool {
     *n == 0
 }
 
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// A step table's cells for these calls, unescaped.
+fn call_cells(calls: &[(CallKey, Row)]) -> Vec<[String; 7]> {
+    calls
+        .iter()
+        .map(|(k, r)| {
+            [
+                k.domain.clone().unwrap_or_else(|| "-".to_owned()),
+                k.dst.to_string(),
+                k.port.to_string(),
+                k.proto.to_string(),
+                k.verdict.to_string(),
+                r.count.to_string(),
+                process(r),
+            ]
+        })
+        .collect()
+}
+
 fn verdict_rank(v: Verdict) -> u8 {
     match v {
         Verdict::Blocked => 0,
@@ -1248,7 +1434,7 @@ fn number(v: f64) -> String {
 
 /// A process picks its own `comm`, and job and step names come from CI configuration:
 /// control characters in them must not reach a terminal as escape sequences.
-fn text_clean(s: &str) -> String {
+pub(crate) fn text_clean(s: &str) -> String {
     s.chars()
         .flat_map(|c| {
             let esc: Vec<char> = if c.is_control() {
@@ -2337,6 +2523,119 @@ DNS:
         assert_eq!("text".parse(), Ok(Format::Text));
         assert_eq!("JSON".parse(), Ok(Format::Json));
         assert_eq!("markdown".parse(), Ok(Format::Markdown));
-        assert_eq!("html".parse::<Format>(), Err(UnknownFormat("html".into())));
+        assert_eq!("html".parse(), Ok(Format::Html));
+        assert_eq!("pdf".parse::<Format>(), Err(UnknownFormat("pdf".into())));
+    }
+
+    /// The stepped job against a baseline in which checkout reached GitHub and npm install
+    /// the registry, but nothing ever called attacker.test.
+    fn with_baseline() -> Report {
+        let mut r = stepped();
+        let mut b = Baseline {
+            runs: 2,
+            ..Default::default()
+        };
+        b.destinations.insert("github.com:443".into());
+        b.destinations.insert("registry.npmjs.org:443".into());
+        r.set_baseline(std::sync::Arc::new(b));
+        r
+    }
+
+    #[test]
+    fn baseline_marks_exactly_the_new_destinations() {
+        let r = with_baseline();
+        let md = r.render(Format::Markdown);
+        let (head, _) = md.split_once(" flows: ").unwrap();
+        // The markdown starts with what is new, per step, before anything else.
+        assert!(
+            head.starts_with(
+                "### ringfence: job build-42 (block mode)\n\n\
+                 **1 destination new since the baseline (2 earlier runs)**\n\n\
+                 *Step 2: npm install*\n\n\
+                 | Domain | Address | Port | Proto | Verdict | Count | Process |\n\
+                 |---|---|---|---|---|---:|---|\n\
+                 | attacker.test | 198.51.100.66 | 443 | tcp | blocked | 1 | node\\[4242\\] |\n"
+            ),
+            "{md}"
+        );
+        let text = r.render(Format::Text);
+        assert!(
+            text.contains(
+                "1 destination new since the baseline (2 earlier runs)\n  Step 2: npm install\n"
+            ),
+            "{text}"
+        );
+        let j: serde_json::Value = serde_json::from_str(&r.render(Format::Json)).unwrap();
+        assert_eq!(j["baseline"]["runs"], 2);
+        let new = j["baseline"]["new"].as_array().unwrap();
+        assert_eq!(new.len(), 1, "{j:#}");
+        assert_eq!(new[0]["step"], "npm install");
+        assert_eq!(new[0]["domain"], "attacker.test");
+        let flagged: Vec<_> = j["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|r| r["new"] == true)
+            .map(|r| r["domain"].as_str().unwrap())
+            .collect();
+        assert_eq!(flagged, ["attacker.test"]);
+        // Without a baseline nothing is said about it.
+        assert!(!stepped().render(Format::Json).contains("\"new\""));
+        assert!(!stepped().render(Format::Text).contains("baseline"));
+        // An empty baseline's answer is explicit.
+        let mut all = stepped();
+        let mut b = with_baseline().baseline.unwrap().as_ref().clone();
+        b.destinations.insert("attacker.test:443".into());
+        all.set_baseline(std::sync::Arc::new(b));
+        assert!(all
+            .render(Format::Text)
+            .contains("Nothing new since the baseline (2 earlier runs)"));
+    }
+
+    #[test]
+    fn html_escapes_every_string_and_loads_nothing() {
+        let hostile = "<img src=x onerror=alert(1)>";
+        let mut r = Report::new("build-42", "audit");
+        let mut ev = flow(
+            1,
+            hostile,
+            4242,
+            Some(hostile),
+            "198.51.100.66",
+            443,
+            V::Audited,
+            R::NotAllowed,
+        );
+        if let Event::Flow(f) = &mut ev {
+            f.step = Some(hostile.into());
+            f.exe = Some(format!("/tmp/{hostile}"));
+            f.parents = vec![Ancestor {
+                pid: 1,
+                exe: Some(format!("/bin/\"{hostile}")),
+            }];
+        }
+        r.add(&step_marker(0, hostile));
+        r.add(&ev);
+        r.add(&dns(hostile, &["198.51.100.66"], false, "NOERROR"));
+        let page = r.render(Format::Html);
+        assert!(!page.contains("<img"), "{page}");
+        assert!(page.contains("&lt;img src=x onerror=alert(1)&gt;"));
+        assert!(page.contains("/bin/&quot;&lt;img"));
+        // Nothing that could fetch: no script, no external reference of any kind.
+        for bad in [
+            "<script",
+            "src=\"",
+            "href=\"http",
+            "url(",
+            "@import",
+            "<link",
+            "<iframe",
+        ] {
+            assert!(!page.contains(bad), "{bad} in the page");
+        }
+        assert!(page.contains("content=\"default-src 'none'; style-src 'unsafe-inline'\""));
+        // The parent chain and the DNS name behind the address are on the page.
+        assert!(page.contains("← <code>/bin/&quot;&lt;img"), "{page}");
+        assert!(page.contains("<h3>The names each address came from</h3>"));
     }
 }
