@@ -3,7 +3,8 @@
 //! alerts, offline and from files the user owns).
 //!
 //! A destination is the DNS name behind a flow (lowercase, no trailing dot) or, for a flow
-//! no answer named, its address; with its port. Every outbound flow of an earlier run
+//! no answer named, its address; with its port. DNS query findings are not destinations
+//! (their address is the resolver): the name counts when the job connects to it. Every outbound flow of an earlier run
 //! counts, whatever its verdict, its job id or its step: a step's label changes between
 //! runs (exec labels it by its program), a destination does not. Protocol is not part of
 //! it, as in policies.
@@ -57,6 +58,13 @@ pub struct Baseline {
     /// Destinations not remembered: past [`MAX_DESTINATIONS`].
     #[serde(default)]
     pub not_kept: usize,
+}
+
+/// Flows that are no call to a destination: a DNS query finding (its address is the
+/// resolver, its name is judged when connected to) and DNS that could not be judged.
+pub fn not_a_destination(r: crate::trail::events::Reason) -> bool {
+    use crate::trail::events::Reason;
+    matches!(r, Reason::DnsQuery | Reason::DnsUnjudged)
 }
 
 /// The key of a destination: its name if a DNS answer named it, else its address.
@@ -113,7 +121,7 @@ impl Baseline {
         let Event::Flow(f) = ev else {
             return;
         };
-        if !f.direction.is_outbound() {
+        if !f.direction.is_outbound() || not_a_destination(f.reason) {
             return;
         }
         let d = destination(f.domain.as_deref(), f.dst, f.port);

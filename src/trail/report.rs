@@ -245,6 +245,28 @@ impl Report {
             .is_some_and(|b| !b.knows(domain, dst, port))
     }
 
+    /// Whether a row of the main table is a destination new since the baseline: an
+    /// outbound flow (only those have steps) that is not a DNS query finding (its address
+    /// is the resolver; the name is judged when it is connected to).
+    fn is_new_row(&self, k: &RowKey, r: &Row) -> bool {
+        !r.steps.is_empty()
+            && !crate::trail::baseline::not_a_destination(k.reason)
+            && self.is_new(k.domain.as_deref(), k.dst, k.port)
+    }
+
+    /// Whether a step's call is new since the baseline: some row behind it is.
+    fn is_new_call(&self, k: &CallKey) -> bool {
+        self.baseline.is_some()
+            && self.rows.iter().any(|(rk, r)| {
+                rk.domain == k.domain
+                    && rk.dst == k.dst
+                    && rk.port == k.port
+                    && rk.proto == k.proto
+                    && rk.verdict == k.verdict
+                    && self.is_new_row(rk, r)
+            })
+    }
+
     /// The limits the job ran under: `max_destinations` bounds the rows from now on, the
     /// others are named when the report says what was cut.
     pub fn set_limits(&mut self, limits: Limits) {
@@ -780,7 +802,7 @@ impl Report {
                     let calls: Vec<_> = self
                         .step_calls(i)
                         .into_iter()
-                        .filter(|(k, _)| self.is_new(k.domain.as_deref(), k.dst, k.port))
+                        .filter(|(k, _)| self.is_new_call(k))
                         .collect();
                     (i, st.label.as_deref(), calls)
                 })
@@ -1173,7 +1195,7 @@ impl Report {
             warnings: &'a [String],
         }
         let json_call = |k: CallKey, r: Row| JsonCall {
-            new: self.is_new(k.domain.as_deref(), k.dst, k.port),
+            new: self.is_new_call(&k),
             domain: k.domain,
             address: k.dst,
             port: k.port,
@@ -1247,7 +1269,7 @@ impl Report {
                     first_parents: &r.first_parents,
                     first_ts: format_ts(r.first_ts),
                     // Only outbound flows have steps: an inbound peer is no destination.
-                    new: !r.steps.is_empty() && self.is_new(k.domain.as_deref(), k.dst, k.port),
+                    new: self.is_new_row(k, r),
                 })
                 .collect(),
             steps: if self.steps.len() < 2 {

@@ -168,7 +168,7 @@ fn call_rows(r: &Report, calls: &[(CallKey, Row)]) -> Vec<(String, Vec<String>)>
     calls
         .iter()
         .map(|(k, row)| {
-            let new = r.is_new(k.domain.as_deref(), k.dst, k.port);
+            let new = r.is_new_call(k);
             (
                 row_class(k.verdict, new),
                 vec![
@@ -314,10 +314,7 @@ pub(super) fn render(r: &Report) -> String {
                 .iter()
                 .filter(|(k, _)| k.verdict != Verdict::Allowed)
                 .count();
-            let fresh = calls
-                .iter()
-                .filter(|(k, _)| r.is_new(k.domain.as_deref(), k.dst, k.port))
-                .count();
+            let fresh = calls.iter().filter(|(k, _)| r.is_new_call(k)).count();
             let n: usize = calls.iter().map(|(_, row)| row.count).sum::<usize>() + st.folded;
             let class = match (blocked > 0, fresh > 0) {
                 (true, _) => " class=\"bad\"",
@@ -342,7 +339,7 @@ pub(super) fn render(r: &Report) -> String {
             }
             out.push_str("</span><div class=\"chips\">");
             for (k, _) in &calls {
-                let fresh = r.is_new(k.domain.as_deref(), k.dst, k.port);
+                let fresh = r.is_new_call(k);
                 let mut class = match k.verdict {
                     Verdict::Allowed => "chip".to_owned(),
                     v => format!("chip {v}"),
@@ -396,7 +393,7 @@ pub(super) fn render(r: &Report) -> String {
         .into_iter()
         .map(|(k, row)| {
             // Only outbound flows have steps: an inbound peer is no destination.
-            let new = !row.steps.is_empty() && r.is_new(k.domain.as_deref(), k.dst, k.port);
+            let new = r.is_new_row(k, row);
             (
                 row_class(k.verdict, new),
                 vec![
