@@ -104,6 +104,65 @@ fn bad_usage_exits_2() {
     assert!(attached_programs(&tb).is_empty());
 }
 
+/// Insights' bad input: exit 2 naming the cause, before anything runs or is attached.
+#[test]
+fn bad_insights_input_exits_2_naming_it() {
+    let tb = testbed(&[], &[]);
+    let marker = tb.workdir().join("ran");
+    let marker = marker.to_str().unwrap();
+    let bad = scratch(&tb, "bad.jsonl", "{\"type\":\"flow\"}\n");
+    let bad = bad.to_str().unwrap();
+    let policy = scratch(&tb, "p.toml", "allowed-endpoints = \"github.test\"\n");
+    let policy = policy.to_str().unwrap();
+    for (args, cause) in [
+        (
+            vec!["exec", "--format", "html", "--", "touch", marker],
+            "--format html writes a page: give it a file with --report FILE",
+        ),
+        (
+            vec![
+                "exec",
+                "--baseline",
+                "/nonexistent/run.jsonl",
+                "--",
+                "touch",
+                marker,
+            ],
+            "baseline /nonexistent/run.jsonl: No such file",
+        ),
+        (
+            vec!["exec", "--baseline", bad, "--", "touch", marker],
+            &*format!("baseline {bad}:1: not an event"),
+        ),
+        (
+            vec!["policy", "suggest", "--from", bad],
+            &*format!("{bad}: events line 1"),
+        ),
+        (
+            vec!["policy", "check", "--policy", policy, "github.test", "x:0"],
+            "\"x:0\": bad port \"0\"",
+        ),
+        (
+            vec![
+                "policy",
+                "check",
+                "--policy",
+                "/nonexistent.toml",
+                "github.test",
+            ],
+            "/nonexistent.toml: cannot read the policy file",
+        ),
+    ] {
+        let (st, out, err) = run_timeout(tb.client_cmd(RINGFENCE, &args), JOB_TIMEOUT);
+        let shown = format!("{args:?}\nstdout:\n{out}\nstderr:\n{err}");
+        assert_eq!(st.code(), Some(2), "{shown}");
+        assert!(err.contains(cause), "not naming {cause:?}: {shown}");
+        assert!(out.is_empty(), "{shown}");
+    }
+    assert!(!std::path::Path::new(marker).exists(), "a job ran");
+    assert!(attached_programs(&tb).is_empty());
+}
+
 #[test]
 fn not_root_exits_1_naming_the_privilege() {
     let tb = testbed(&[], &[]);

@@ -535,3 +535,94 @@ impl<'a> Browser<'a> {
         }
     }
 }
+
+/// Through the daemon: `report ID --baseline FILE` (the client reads the file and sends its
+/// destinations) marks exactly the new one, `--format html` answers with the page, and
+/// `job end` leaves report.html beside the events whatever format it printed.
+#[test]
+fn daemon_report_with_baseline_and_page() {
+    use common::daemon::{in_job, Daemon};
+    let (a, b) = (link_v4(15), link_v4(16));
+    let tb = testbed(
+        &[DnsRecord::a("a.test", a), DnsRecord::a("b.test", b)],
+        &[sa(a, 80), sa(b, 80)],
+    );
+    let mut d = Daemon::start(&tb, &[]);
+    let cg = d.cgroup("insights");
+    let dns = testbed::DNS_V4.to_string();
+    d.start_job(
+        "job-12",
+        &cg,
+        &[
+            "--mode",
+            "audit",
+            "--allow",
+            "a.test:80",
+            "--dns-resolver",
+            &dns,
+        ],
+    );
+    d.ok(&["job", "step", "--id", "job-12", "--name", "fetch"]);
+    for url in ["http://a.test/", "http://b.test/"] {
+        let (st, out, err) = run_timeout(in_job(&tb, &cg, &curl(&["-4"], url)), JOB_TIMEOUT);
+        assert!(st.success(), "{url}: {out}{err}");
+    }
+    // An earlier run that used the resolver and called a.test only (another job id: the
+    // baseline ignores ids).
+    let line = |dst: &str, port: u16, domain: &str| {
+        format!(
+            "{{\"ts\":\"2026-11-25T21:04:05.123456Z\",\"job\":\"job-11\",\"step\":\"fetch\",\"pid\":1,\
+             \"comm\":\"curl\",\"cgroup\":1,\"proto\":\"udp\",\"dst\":\"{dst}\",\"port\":{port},\
+             \"domain\":{domain},\"verdict\":\"allowed\",\"reason\":\"allowed\"}}\n"
+        )
+    };
+    let earlier = scratch(
+        &tb,
+        "earlier.jsonl",
+        &(line(&dns, 53, "null") + &line(&a.to_string(), 80, "\"a.test\"")),
+    );
+    let earlier = earlier.display().to_string();
+    let j: Value = serde_json::from_str(&d.ok(&[
+        "report",
+        "job-12",
+        "--format",
+        "json",
+        "--baseline",
+        &earlier,
+    ]))
+    .unwrap();
+    let new: Vec<String> = j["baseline"]["new"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{j:#}"))
+        .iter()
+        .map(|c| {
+            format!(
+                "{}:{} {}",
+                c["domain"].as_str().unwrap_or("-"),
+                c["port"],
+                c["step"]
+            )
+        })
+        .collect();
+    assert_eq!(new, ["b.test:80 \"fetch\""], "{j:#}");
+    // A baseline that does not parse is the client's error (exit 2), named by file and line.
+    let bad = scratch(&tb, "bad.jsonl", "{\"type\":\"nope\"}\n");
+    let (ok, _, err) = d.cli(&["report", "job-12", "--baseline", &bad.display().to_string()]);
+    assert!(
+        !ok && err.contains(&format!("baseline {}:1:", bad.display())),
+        "{err}"
+    );
+    // The page, through the socket.
+    let page = d.ok(&["report", "job-12", "--format", "html"]);
+    assert!(page.starts_with("<!DOCTYPE html>") && page.contains("<code>b.test</code>"));
+    // job end prints markdown and leaves the page beside the events.
+    let md = d.ok(&["job", "end", "--id", "job-12", "--format", "markdown"]);
+    assert!(md.starts_with("### ringfence: job job-12"), "{md}");
+    let dir = d.dir.join("data").join("jobs").join("job-12");
+    let html = std::fs::read_to_string(dir.join("report.html")).expect("report.html");
+    assert!(
+        html.contains("<code>a.test</code>") && html.contains("Step 1: fetch"),
+        "{html}"
+    );
+    assert!(dir.join("report.md").exists());
+}
