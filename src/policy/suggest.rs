@@ -322,7 +322,7 @@ impl Usage {
                 blocked.push(addr_port(*a, *port));
             }
         }
-        for ((k, what), _) in &self.asides {
+        for (k, what) in self.asides.keys() {
             if matches!(k, Aside::DirectIp | Aside::Metadata) {
                 if let Some((a, p)) = parse_addr_port(what) {
                     if !policy.allows_addr(a, p) {

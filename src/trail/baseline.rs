@@ -213,7 +213,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("bad.jsonl");
         std::fs::write(&f, format!("{FLOW}\n{{\"type\":\"flow\"}}\n")).unwrap();
-        let e = Baseline::load(&[f.clone()]).unwrap_err().to_string();
+        let e = Baseline::load(std::slice::from_ref(&f))
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with(&format!("baseline {}:2: not an event", f.display())),
             "{e}"

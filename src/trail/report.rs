@@ -69,6 +69,8 @@ struct Row {
     /// The earliest flow's executable and parent chain (as the events file has them).
     first_exe: Option<String>,
     first_parents: Vec<Ancestor>,
+    /// A step's call (see `step_calls`) to a destination new since the baseline.
+    new: bool,
     /// The steps its outbound flows came from, each with its own count and earliest
     /// process (one lookup per flow serves both tables).
     steps: Vec<StepHit>,
@@ -110,6 +112,9 @@ const MAX_ANSWERS_PER_NAME: usize = 256;
 
 /// Steps tabled one by one; the flows of later ones are counted, and said to be.
 const MAX_STEPS: usize = 256;
+
+/// A step's calls new since the baseline: its index, its label, the calls.
+type NewCalls<'a> = (usize, Option<&'a str>, Vec<(CallKey, Row)>);
 
 /// A step's table as rendered: its label, its rows' cells, the calls not listed.
 type StepTable<'a> = (Option<&'a str>, Vec<[String; 7]>, usize);
@@ -252,19 +257,6 @@ impl Report {
         !r.steps.is_empty()
             && !crate::trail::baseline::not_a_destination(k.reason)
             && self.is_new(k.domain.as_deref(), k.dst, k.port)
-    }
-
-    /// Whether a step's call is new since the baseline: some row behind it is.
-    fn is_new_call(&self, k: &CallKey) -> bool {
-        self.baseline.is_some()
-            && self.rows.iter().any(|(rk, r)| {
-                rk.domain == k.domain
-                    && rk.dst == k.dst
-                    && rk.port == k.port
-                    && rk.proto == k.proto
-                    && rk.verdict == k.verdict
-                    && self.is_new_row(rk, r)
-            })
     }
 
     /// The limits the job ran under: `max_destinations` bounds the rows from now on, the
@@ -450,6 +442,7 @@ impl Report {
             first_comm: f.comm.clone(),
             first_exe: f.exe.clone(),
             first_parents: f.parents.clone(),
+            new: false,
             steps: Vec::new(),
         };
         let row = self.rows.entry(key).or_insert_with(first);
@@ -751,14 +744,17 @@ impl Report {
                     first_comm: h.first_comm.clone(),
                     first_exe: h.first_exe.clone(),
                     first_parents: h.first_parents.clone(),
+                    new: self.is_new_row(k, r),
                     steps: Vec::new(),
                 };
                 match calls.get_mut(&key) {
                     Some(c) => {
                         c.count += hit.count;
+                        c.new |= hit.new;
                         if hit.first_ts < c.first_ts {
                             *c = Row {
                                 count: c.count,
+                                new: c.new,
                                 ..hit
                             };
                         }
@@ -792,7 +788,7 @@ impl Report {
 
     /// The calls to destinations no earlier run used, per step (steps without any left
     /// out); None without a baseline.
-    fn new_calls(&self) -> Option<Vec<(usize, Option<&str>, Vec<(CallKey, Row)>)>> {
+    fn new_calls(&self) -> Option<Vec<NewCalls<'_>>> {
         self.baseline.as_ref()?;
         Some(
             self.steps
@@ -802,7 +798,7 @@ impl Report {
                     let calls: Vec<_> = self
                         .step_calls(i)
                         .into_iter()
-                        .filter(|(k, _)| self.is_new_call(k))
+                        .filter(|(_, r)| r.new)
                         .collect();
                     (i, st.label.as_deref(), calls)
                 })
@@ -812,7 +808,7 @@ impl Report {
     }
 
     /// The baseline's heading line: how many runs, how many new destinations.
-    fn new_heading(&self, new: &[(usize, Option<&str>, Vec<(CallKey, Row)>)]) -> String {
+    fn new_heading(&self, new: &[NewCalls<'_>]) -> String {
         let runs = self.baseline.as_ref().map_or(0, |b| b.runs);
         let dests: BTreeSet<String> = new
             .iter()
@@ -1195,7 +1191,7 @@ impl Report {
             warnings: &'a [String],
         }
         let json_call = |k: CallKey, r: Row| JsonCall {
-            new: self.is_new_call(&k),
+            new: r.new,
             domain: k.domain,
             address: k.dst,
             port: k.port,

@@ -164,11 +164,11 @@ fn dest_html(domain: Option<&str>) -> String {
 }
 
 /// A step's calls as table rows.
-fn call_rows(r: &Report, calls: &[(CallKey, Row)]) -> Vec<(String, Vec<String>)> {
+fn call_rows(calls: &[(CallKey, Row)]) -> Vec<(String, Vec<String>)> {
     calls
         .iter()
         .map(|(k, row)| {
-            let new = r.is_new_call(k);
+            let new = row.new;
             (
                 row_class(k.verdict, new),
                 vec![
@@ -297,7 +297,7 @@ pub(super) fn render(r: &Report) -> String {
                 "<div class=\"newbox\"><h3>{}</h3>",
                 esc(&step_title(*i, *label))
             );
-            table(&mut out, &CALL_HEAD, &call_rows(r, calls), &[2, 5]);
+            table(&mut out, &CALL_HEAD, &call_rows(calls), &[2, 5]);
             out.push_str("</div>\n");
         }
         if let Some(n) = r.baseline_note() {
@@ -314,7 +314,7 @@ pub(super) fn render(r: &Report) -> String {
                 .iter()
                 .filter(|(k, _)| k.verdict != Verdict::Allowed)
                 .count();
-            let fresh = calls.iter().filter(|(k, _)| r.is_new_call(k)).count();
+            let fresh = calls.iter().filter(|(_, c)| c.new).count();
             let n: usize = calls.iter().map(|(_, row)| row.count).sum::<usize>() + st.folded;
             let class = match (blocked > 0, fresh > 0) {
                 (true, _) => " class=\"bad\"",
@@ -338,8 +338,8 @@ pub(super) fn render(r: &Report) -> String {
                 let _ = write!(out, ", {fresh} new");
             }
             out.push_str("</span><div class=\"chips\">");
-            for (k, _) in &calls {
-                let fresh = r.is_new_call(k);
+            for (k, c) in &calls {
+                let fresh = c.new;
                 let mut class = match k.verdict {
                     Verdict::Allowed => "chip".to_owned(),
                     v => format!("chip {v}"),
@@ -377,7 +377,7 @@ pub(super) fn render(r: &Report) -> String {
             out.push_str("<p class=\"muted\">No outbound calls.</p>\n");
             continue;
         }
-        table(&mut out, &CALL_HEAD, &call_rows(r, &calls), &[2, 5]);
+        table(&mut out, &CALL_HEAD, &call_rows(&calls), &[2, 5]);
         if st.folded > 0 {
             let _ = writeln!(
                 out,
