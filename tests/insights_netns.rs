@@ -402,6 +402,54 @@ fn audit_run_to_policy_to_block_with_baseline_and_page() {
         "{} bytes",
         png.len()
     );
+    // And a desktop one in dark mode (prefers-color-scheme: dark).
+    let dark = artifacts().join("insights-dark.png");
+    let _ = std::fs::remove_file(&dark);
+    browser.render(
+        &page,
+        &[
+            &format!("--screenshot={}", dark.display()),
+            "--window-size=1200,1400",
+            "--force-dark-mode",
+            "--hide-scrollbars",
+        ],
+    );
+    assert!(std::fs::read(&dark)
+        .expect("no dark screenshot")
+        .starts_with(b"\x89PNG"));
+
+    // A hostile DNS name: injected into the real run's events file (a name from the wire
+    // may hold any byte), rendered by the library as `report` would, shown as text.
+    let mut events = std::fs::read_to_string(&r.events_file).unwrap();
+    let mut flow = r.flows_named("attacker.test")[0].clone();
+    flow["domain"] = HOSTILE.into();
+    flow["port"] = 8443.into();
+    events.push_str(&format!("{flow}\n"));
+    events.push_str(&format!(
+        "{{\"type\":\"dns\",\"ts\":{},\"job\":\"insights-page\",\"step\":null,\"name\":{},\
+         \"qtype\":\"A\",\"answers\":[\"{attacker}\"],\"ttl\":60,\"server\":\"{}\",\
+         \"rcode\":\"NOERROR\",\"bound\":false}}\n",
+        flow["ts"],
+        serde_json::to_string(HOSTILE).unwrap(),
+        testbed::DNS_V4
+    ));
+    let read = ringfence::trail::events::read_events(events.as_bytes()).unwrap();
+    let mut report = ringfence::trail::report::Report::new("insights-page", "audit");
+    read.iter().for_each(|e| report.add(e));
+    let injected = scratch(
+        &tb,
+        "injected.html",
+        &report.render(ringfence::trail::report::Format::Html),
+    );
+    let seen = browser.render(&injected, &["--dump-dom"]);
+    assert!(!seen.dom.contains("<img"), "{}", seen.dom);
+    assert!(
+        seen.dom
+            .contains("<code>&lt;img src=x onerror=alert(1)&gt;</code>"),
+        "{}",
+        seen.dom
+    );
+    assert!(seen.console.is_empty() && seen.requests.is_empty());
 
     // The detectors work: a page that fetches and logs is caught by both.
     let probe = scratch(

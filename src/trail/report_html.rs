@@ -40,6 +40,7 @@ body{margin:0;padding:1rem;background:var(--bg);color:var(--fg);
 font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;max-width:1200px;margin:auto}
 h1{font-size:1.4rem;margin:.2rem 0 1rem}h2{font-size:1.15rem;margin:1.6rem 0 .6rem;border-bottom:1px solid var(--line)}
 h3{font-size:1rem;margin:1.1rem 0 .4rem}
+.addr{white-space:nowrap}
 code,.mono{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:.9em;overflow-wrap:anywhere}
 .muted{color:var(--muted)}
 .cards{display:grid;grid-template-columns:repeat(auto-fit,minmax(8.5rem,1fr));gap:.6rem}
@@ -173,7 +174,7 @@ fn call_rows(calls: &[(CallKey, Row)]) -> Vec<(String, Vec<String>)> {
                 row_class(k.verdict, new),
                 vec![
                     format!("{}{}", dest_html(k.domain.as_deref()), new_tag(new)),
-                    format!("<code>{}</code>", k.dst),
+                    format!("<code class=\"addr\">{}</code>", k.dst),
                     k.port.to_string(),
                     k.proto.to_string(),
                     verdict_html(k.verdict),
@@ -398,7 +399,7 @@ pub(super) fn render(r: &Report) -> String {
                 row_class(k.verdict, new),
                 vec![
                     format!("{}{}", dest_html(k.domain.as_deref()), new_tag(new)),
-                    format!("<code>{}</code>", k.dst),
+                    format!("<code class=\"addr\">{}</code>", k.dst),
                     k.port.to_string(),
                     k.proto.to_string(),
                     verdict_html(k.verdict),
