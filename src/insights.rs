@@ -78,7 +78,9 @@ fn check_endpoints(policy: &std::path::Path, endpoints: &[String]) -> Result<i32
     for (arg, (t, port)) in endpoints.iter().zip(&targets) {
         let a = check(&p, t, *port);
         all &= a.allowed;
-        println!("{arg}: {} {}", a.verdict, a.why);
+        // "x: allowed by entry …" / "x: blocked: why".
+        let sep = if a.allowed { " " } else { ": " };
+        println!("{arg}: {}{sep}{}", a.verdict, a.why);
     }
     Ok(if all { 0 } else { 1 })
 }

@@ -257,12 +257,12 @@ fn audit_run_to_policy_to_block_with_baseline_and_page() {
     ]);
     assert_eq!(code, 1, "{out}");
     assert!(
-        out.contains("\nattacker.test:80: blocked no entry matches attacker.test:80\n"),
+        out.contains("\nattacker.test:80: blocked: no entry matches attacker.test:80\n"),
         "{out}"
     );
     assert!(
         out.contains(&format!(
-            "\n{direct}:80: blocked no address entry covers it"
+            "\n{direct}:80: blocked: no address entry covers it"
         )),
         "{out}"
     );
