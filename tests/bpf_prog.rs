@@ -1721,7 +1721,11 @@ fn a_live_flow_outlives_its_expired_address() {
 fn a_full_trie_fails_closed_and_counts() {
     // A dataplane of its own: a trie of 4 entries (the pool's are full size).
     let mut dp = Dataplane::load(&Options {
-        allow_entries: 4,
+        capacity: ringfence::kernel::capacity::Capacity {
+            static_addresses: 2,
+            learned_addresses: 2,
+            ..Default::default()
+        },
         ..Options::default()
     })
     .unwrap();
