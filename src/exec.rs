@@ -165,7 +165,9 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     // A policy the maps cannot hold is refused here, before anything is loaded, rather than
     // half-loaded with the kernel's bare "No space left on device".
     let capacity = args.capacity.capacity();
-    capacity.validate().map_err(|e| anyhow::Error::new(UsageError::Other(e)))?;
+    capacity
+        .validate()
+        .map_err(|e| anyhow::Error::new(UsageError::Other(e)))?;
     capacity
         .check(
             crate::kernel::capacity::Usage::of(&compiled),

@@ -52,7 +52,11 @@ pub fn policy_text(n: u64) -> String {
             // IPv4: hosts across 198.51.100.0/24 and 203.0.113.0/24, each on its own port
             // (duplicates of a network merge their ports, as in a real policy).
             75..=84 => {
-                let net = if h & 1 == 0 { "198.51.100" } else { "203.0.113" };
+                let net = if h & 1 == 0 {
+                    "198.51.100"
+                } else {
+                    "203.0.113"
+                };
                 let _ = writeln!(s, "{net}.{}:{}", (h >> 8) % 256, 1 + i % 8);
             }
             85..=94 => {

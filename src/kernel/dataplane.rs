@@ -566,7 +566,10 @@ fn host_key(job_id: u32, addr: IpAddr) -> abi::rf_lpm_key {
 
 /// A daemon reusing pinned maps must want them the size they are: libbpf would refuse them
 /// with a bare "Invalid argument" otherwise. Checked before anything is loaded.
-fn check_pinned_sizes(pins: &crate::kernel::pins::Pins, sizes: &[(&'static str, u32)]) -> Result<()> {
+fn check_pinned_sizes(
+    pins: &crate::kernel::pins::Pins,
+    sizes: &[(&'static str, u32)],
+) -> Result<()> {
     for &(name, want) in sizes {
         let path = pins.map(name);
         let Ok(h) = MapHandle::from_pinned_path(&path) else {

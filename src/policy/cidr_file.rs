@@ -141,7 +141,10 @@ mod tests {
     #[test]
     fn errors_name_file_line_column_and_token() {
         let e = parse("198.51.100.0/24\n\n 203.0.113.0/33\n", "r.txt").unwrap_err();
-        assert_eq!((e.line, e.column, e.token.as_str()), (3, 2, "203.0.113.0/33"));
+        assert_eq!(
+            (e.line, e.column, e.token.as_str()),
+            (3, 2, "203.0.113.0/33")
+        );
         assert!(e.to_string().starts_with("r.txt:3:2: "), "{e}");
         let e = parse("github.com\n", "r.txt").unwrap_err();
         assert!(e.message.contains("is a name"), "{e}");
