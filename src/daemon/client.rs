@@ -89,6 +89,17 @@ pub fn call(socket: &std::path::Path, req: &Request) -> Result<Response> {
     s.set_read_timeout(Some(Duration::from_secs(300)))?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
+    // Said here, with the cause: the daemon would refuse it after reading the first 4 MiB.
+    if line.len() > crate::daemon::protocol::MAX_REQUEST {
+        return Err(crate::job::spec::UsageError::Other(format!(
+            "the request is {} bytes, more than the daemon takes ({} bytes): a job's policy \
+             travels inline, its allowed-cidr-files included. Use fewer or wider networks, or \
+             `ringfence exec`, which has no such limit",
+            line.len(),
+            crate::daemon::protocol::MAX_REQUEST
+        ))
+        .into());
+    }
     // A refused peer is answered at once and closed before it has written: its answer
     // is read even if writing failed.
     let wrote = s.write_all(line.as_bytes());
@@ -140,7 +151,7 @@ pub fn job(cmd: &JobCmd) -> Result<i32> {
             };
             // Checked here first: a policy error names its file, line and token.
             let policy = a.policy.to_spec().map_err(anyhow::Error::new)?;
-            policy.build().map_err(anyhow::Error::new)?;
+            policy.build()?.compile()?;
             let r = call(
                 &a.socket.socket,
                 &Request::JobStart {

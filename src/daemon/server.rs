@@ -54,6 +54,9 @@ pub struct RunArgs {
     /// Interfaces to attach to (repeatable). Default: every one, and new ones as they come.
     #[arg(long = "interface", value_name = "IFNAME")]
     pub interfaces: Vec<String>,
+    /// Map sizes (the config's keys of the same names).
+    #[command(flatten)]
+    pub capacity: crate::kernel::capacity::CapacityArgs,
 }
 
 impl RunArgs {
@@ -80,6 +83,19 @@ impl RunArgs {
         if !self.interfaces.is_empty() {
             c.interfaces = self.interfaces.clone();
         }
+        let cap = &self.capacity;
+        for (flag, key) in [
+            (cap.static_addresses, &mut c.max_static_addresses),
+            (cap.learned_addresses, &mut c.max_learned_addresses),
+            (cap.names, &mut c.max_names),
+            (cap.inbound, &mut c.max_inbound),
+            (cap.flows, &mut c.max_flows),
+        ] {
+            if let Some(v) = flag {
+                *key = v;
+            }
+        }
+        c.capacity().validate().map_err(|e| anyhow::anyhow!(e))?;
         Ok(c)
     }
 }

@@ -133,15 +133,15 @@ impl PolicyArgs {
         })
     }
 
-    /// The policy: the file, then the flags on top of it, compiled once so that a policy
-    /// that cannot fit the dataplane fails before anything loads.
+    /// The policy: the file, then the flags on top of it. Callers compile it (once: a
+    /// large policy's compile is most of its cost) before anything loads.
     pub fn build(&self) -> Result<Policy, UsageError> {
         self.to_spec()?.build()
     }
 }
 
 impl PolicySpec {
-    /// The policy: the file, then the flags on top of it; compiled once to check it fits.
+    /// The policy: the file, then the flags on top of it (not compiled yet).
     pub fn build(&self) -> Result<Policy, UsageError> {
         let mut b = match &self.file {
             Some(f) => {
@@ -180,9 +180,7 @@ impl PolicySpec {
                 ))
             })?);
         }
-        let policy = b.build()?;
-        policy.compile()?;
-        Ok(policy)
+        Ok(b.build()?)
     }
 }
 

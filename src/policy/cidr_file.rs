@@ -154,6 +154,64 @@ mod tests {
     }
 
     #[test]
+    fn policy_files_read_their_cidr_files_and_clients_send_them() {
+        use crate::job::spec::PolicyArgs;
+        use crate::policy::{Policy, PolicyBuilder};
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("lists")).unwrap();
+        std::fs::write(
+            dir.path().join("lists/a.txt"),
+            "198.51.100.0/24:* # all ports
+",
+        )
+        .unwrap();
+        let policy = dir.path().join("p.toml");
+        std::fs::write(
+            &policy,
+            "dns-resolvers = [\"127.0.0.53\"]\nallowed-cidr-files = [\"lists/a.txt\"]\n",
+        )
+        .unwrap();
+        let check = |p: &Policy| {
+            assert!(p.allows_addr("198.51.100.9".parse().unwrap(), 22));
+            assert!(!p.allows_addr("203.0.113.9".parse().unwrap(), 443));
+        };
+        // From the disk (exec, the daemon's host-policy)…
+        check(&Policy::from_file(&policy).unwrap());
+        // …and as a client sends it: the file's text travels, the daemon reads no path.
+        let args = PolicyArgs {
+            policy: Some(policy.clone()),
+            ..Default::default()
+        };
+        let mut spec = args.to_spec().unwrap();
+        assert_eq!(spec.cidr_files.len(), 1);
+        std::fs::remove_file(dir.path().join("lists/a.txt")).unwrap();
+        check(&spec.build().unwrap());
+        // Text that was not sent is an error at the key, never a silent empty list.
+        spec.cidr_files.clear();
+        let e = spec.build().unwrap_err().to_string();
+        assert!(
+            e.contains("p.toml:2:23: allowed-cidr-files: cannot read"),
+            "{e}"
+        );
+        // A missing file: the client says which.
+        let e = args.to_spec().unwrap_err().to_string();
+        assert!(
+            e.contains("lists/a.txt") && e.contains("cannot read"),
+            "{e}"
+        );
+        // Text with no path to start from cannot use the key.
+        let e = PolicyBuilder::from_toml_str("allowed-cidr-files = [\"x.txt\"]", "t.toml")
+            .unwrap()
+            .build()
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("t.toml:1:23: allowed-cidr-files \"x.txt\" was not read"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn relative_paths_from_the_policy_directory() {
         assert_eq!(policy_dir("/etc/rf/p.toml"), Path::new("/etc/rf"));
         assert_eq!(policy_dir("p.toml"), Path::new("."));

@@ -508,6 +508,11 @@ mod tests {
             tokens(s).collect::<Vec<_>>(),
             vec![(0, "a"), (3, "b"), (6, "c\u{e9}"), (11, "d")]
         );
+        // Many tokens of one text share one index: the same answers.
+        let index = LineIndex::new(s);
+        for (off, want) in [(0, (1, 1)), (3, (1, 4)), (6, (2, 2)), (11, (2, 6))] {
+            assert_eq!(index.line_col(off), want, "{off}");
+        }
         assert_eq!(line_col(s, 0), (1, 1));
         assert_eq!(line_col(s, 3), (1, 4));
         assert_eq!(line_col(s, 6), (2, 2));

@@ -183,6 +183,39 @@ mod tests {
     }
 
     #[test]
+    fn covering_by_truncation_matches_every_pair() {
+        // Nested networks of both families and `*`, ports drawn from few values so unions
+        // stay within MAX_PORTS; the reference tests every pair, as the compiler once did.
+        let mut toks = vec!["*:9".to_string()];
+        for i in 0..300u32 {
+            let p = 1 + i % 3;
+            toks.push(match i % 6 {
+                0 => format!("198.51.100.{}:{p}", i % 256),
+                1 => format!("198.51.{}.0/24:{p}", 100 + i % 2),
+                2 => format!("198.51.100.{}/30:{p}", (i % 64) * 4),
+                3 => format!("2001:db8:{:x}::/48:{p}", i % 4),
+                4 => format!("[2001:db8:{:x}::{:x}]:{p}", i % 4, i),
+                _ => format!("203.0.113.0/24:{p}"),
+            });
+        }
+        let rules = parse(&toks.join(" ")).unwrap();
+        let got = compile(&rules).unwrap();
+        for (net, ports) in &got {
+            let mut want = PortSet::None;
+            for r in &rules {
+                let HostPattern::Net(n) = r.host else {
+                    unreachable!()
+                };
+                let (a, b) = (mapped(n), mapped(*net));
+                if a.prefix_len() <= b.prefix_len() && a.contains(&b.network()) {
+                    want.add(r.port).unwrap();
+                }
+            }
+            assert_eq!(*ports, want, "{net}");
+        }
+    }
+
+    #[test]
     fn covering_networks_lend_their_ports() {
         let rules = parse("198.51.100.7:22 *:8080 198.51.100.0/24:9000").unwrap();
         let c = compile(&rules).unwrap();
