@@ -791,8 +791,8 @@ impl Daemon {
         let in_use = self
             .jobs
             .values()
-            .fold(self.host_usage, |sum, l| sum.add(l.usage));
-        self.cfg.capacity().check(in_use.add(usage), in_use)?;
+            .fold(self.host_usage, |sum, l| sum + l.usage);
+        self.cfg.capacity().check(in_use + usage, in_use)?;
         // Where the job is, checked before anything changes.
         let mut cgroup_dir = None;
         let mut origin = None;

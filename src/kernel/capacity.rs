@@ -107,8 +107,11 @@ impl Usage {
             inbound: c.inbound.len() as u64,
         }
     }
+}
 
-    pub fn add(self, o: Usage) -> Usage {
+impl std::ops::Add for Usage {
+    type Output = Usage;
+    fn add(self, o: Usage) -> Usage {
         Usage {
             static_addresses: self.static_addresses + o.static_addresses,
             names: self.names + o.names,
