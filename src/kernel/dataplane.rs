@@ -1618,11 +1618,23 @@ impl Dataplane {
                 prefixlen,
                 ..Default::default()
             };
-            self.skel
-                .maps
-                .allow
+            let allow = &self.skel.maps.allow;
+            allow
                 .update(bytes_of(&key), bytes_of(&val), MapFlags::ANY)
-                .map_err(map_err("allow"))?;
+                .map_err(|e| {
+                    // The fit check counts static entries only: learned addresses past their
+                    // share can still leave no room. Say so rather than a bare ENOSPC.
+                    if allow.keys().count() as u64 >= u64::from(allow.max_entries()) {
+                        DataplaneError::Policy(format!(
+                            "map allow is full ({} entries: the jobs' static entries and the \
+                             addresses learned from DNS answers): raise max-learned-addresses \
+                             (exec --max-learned-addresses, daemon config max-learned-addresses)",
+                            allow.max_entries()
+                        ))
+                    } else {
+                        map_err("allow")(e)
+                    }
+                })?;
         }
         for (net, ports) in &compiled.inbound {
             let addr = net.network();
