@@ -251,11 +251,20 @@ pub fn status(json: bool, socket: &SocketArg) -> Result<i32> {
     }
     println!("maps:");
     for m in v["maps"].as_array().cloned().unwrap_or_default() {
+        let (e, c) = (
+            m["entries"].as_u64().unwrap_or(0),
+            m["capacity"].as_u64().unwrap_or(0),
+        );
         println!(
-            "  {:<12} {:>8} / {}",
+            "  {:<12} {:>8} / {:<8} {:>5.1}%",
             m["map"].as_str().unwrap_or("?"),
-            m["entries"],
-            m["capacity"]
+            e,
+            c,
+            if c == 0 {
+                0.0
+            } else {
+                e as f64 * 100.0 / c as f64
+            }
         );
     }
     let c = &v["counters"];

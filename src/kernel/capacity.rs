@@ -223,23 +223,25 @@ impl Capacity {
 /// The capacity flags of `exec` (the daemon takes the same keys from its config).
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct CapacityArgs {
-    /// Addresses and networks the policy may list (the allow trie's static share).
+    /// Addresses and networks the policies may list, across jobs (the allow trie's static
+    /// share). Default 262144; README "Map sizes" has the memory each setting costs.
     #[arg(long = "max-static-addresses", value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub static_addresses: Option<u32>,
     /// Addresses learned from DNS answers held at once (the allow trie's learned share).
+    /// Default 262144.
     #[arg(long = "max-learned-addresses", value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub learned_addresses: Option<u32>,
-    /// Distinct names and wildcard parents the policy may list.
+    /// Distinct names and wildcard parents the policies may list. Default 65536.
     #[arg(long = "max-names", value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub names: Option<u32>,
-    /// allowed-inbound entries.
+    /// allowed-inbound entries. Default 16384.
     #[arg(long = "max-inbound", value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub inbound: Option<u32>,
-    /// Flows in the verdict cache (preallocated: ~120 bytes each).
+    /// Flows in the verdict cache (preallocated: ~120 bytes each). Default 262144.
     #[arg(long = "max-flows", value_name = "N",
           value_parser = clap::value_parser!(u32).range(1..))]
     pub flows: Option<u32>,
