@@ -309,3 +309,34 @@ fn daemon_refuses_a_job_over_capacity_and_keeps_serving() {
         "{err}"
     );
 }
+
+/// A job's policy travels inline to the daemon, which reads at most 4 MiB a request: a larger
+/// one is refused by the client with the cause, before it connects (no daemon here at all).
+#[test]
+fn a_job_too_large_for_the_daemon_is_refused_by_the_client() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("big.txt"), filler(200_000)).unwrap();
+    let policy = dir.path().join("p.toml");
+    std::fs::write(&policy, "allowed-cidr-files = [\"big.txt\"]\n").unwrap();
+    let mut c = Command::new(RINGFENCE);
+    c.args([
+        "job",
+        "start",
+        "--id",
+        "scale16-big",
+        "--cgroup",
+        "/nonexistent",
+    ])
+    .arg("--policy")
+    .arg(&policy)
+    .arg("--socket")
+    .arg(dir.path().join("no-daemon.sock"));
+    let (st, _, err) = run_timeout(c, JOB_TIMEOUT);
+    assert_eq!(st.code(), Some(2), "{err}");
+    assert!(
+        err.contains("more than the daemon takes (4194304 bytes)")
+            && err.contains("allowed-cidr-files included"),
+        "{err}"
+    );
+}

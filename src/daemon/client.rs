@@ -75,18 +75,6 @@ pub struct StartArgs {
 
 /// Sends one request, returns the answer (a daemon error is an error here).
 pub fn call(socket: &std::path::Path, req: &Request) -> Result<Response> {
-    let mut s = UnixStream::connect(socket).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
-            "no ringfence daemon at {} (is `ringfence run` running? --socket or RINGFENCE_SOCKET name another)",
-            socket.display()
-        ),
-        std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
-            "permission denied on {}: the control socket is for root (and the group the daemon's config names)",
-            socket.display()
-        ),
-        _ => anyhow::anyhow!("connecting to {}: {e}", socket.display()),
-    })?;
-    s.set_read_timeout(Some(Duration::from_secs(300)))?;
     let mut line = serde_json::to_string(req)?;
     line.push('\n');
     // Said here, with the cause: the daemon would refuse it after reading the first 4 MiB.
@@ -100,6 +88,18 @@ pub fn call(socket: &std::path::Path, req: &Request) -> Result<Response> {
         ))
         .into());
     }
+    let mut s = UnixStream::connect(socket).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
+            "no ringfence daemon at {} (is `ringfence run` running? --socket or RINGFENCE_SOCKET name another)",
+            socket.display()
+        ),
+        std::io::ErrorKind::PermissionDenied => anyhow::anyhow!(
+            "permission denied on {}: the control socket is for root (and the group the daemon's config names)",
+            socket.display()
+        ),
+        _ => anyhow::anyhow!("connecting to {}: {e}", socket.display()),
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(300)))?;
     // A refused peer is answered at once and closed before it has written: its answer
     // is read even if writing failed.
     let wrote = s.write_all(line.as_bytes());
