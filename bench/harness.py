@@ -472,6 +472,13 @@ def targets_report(res):
                     f"drops from {fmt_rate(pl.get('drop_point_events_per_s'))}); agent.handle alone "
                     f"{pl['handle_events_per_s'] / 1e6:.3f} M/s, {pl.get('handle_nocheck_events_per_s', 0) / 1e6:.3f} M/s without the pid check",
                     s >= 1e6))
+    pol = res.get("policy")
+    if pol:
+        big = [r for r in pol["policy"] if r["entries"] == 100_000]
+        if big:
+            out.append(("a 100k-entry policy parsed and compiled in well under a second",
+                        f"{big[0]['parse_compile_ms']:.0f} ms ({'release' if not res.get('quick') else 'debug build, --quick'})",
+                        big[0]["parse_compile_ms"] < 1000 if not res.get("quick") else None))
     dm = res.get("daemon")
     if dm:
         e = dm["enforcement"]
@@ -587,6 +594,14 @@ def print_table(res):
         for m in mem["maps"]:
             p(f"  map {m['name']:<18}{m['memlock'] / 1048576:>8.1f} MiB")
         p(f"  maps total {mem['maps_memlock_mib']:.1f} MiB (memlock, as bpftool map show reports it)")
+    pol = res.get("policy")
+    if pol:
+        p("\n## Policy size (parse+compile, then load into the maps; x1k: per-entry time / the 1k row's)")
+        p(f"  {'entries':>9}{'static':>9}{'names':>8}{'parse+compile':>15}{'x1k':>7}{'load':>10}{'allow B/entry':>15}")
+        for r in pol["policy"]:
+            load = f"{r['load_ms']:.0f} ms" if r.get("load_ms") is not None else "-"
+            p(f"  {r['entries']:>9}{r['static']:>9}{r['names']:>8}{r['parse_compile_ms']:>12.1f} ms{r['ratio_to_1k']:>7.2f}"
+              f"{load:>10}{r['allow_bytes_per_static_entry']:>15.0f}")
     dm = res.get("daemon")
     if dm:
         print_daemon(dm)
@@ -636,7 +651,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="seconds, for CI: few packets, 1 pair, short runs")
     ap.add_argument("--check", action="store_true", help="compare to bench/baseline.json; exit 1 on a regression (never with --quick)")
-    ap.add_argument("--only", default="dataplane,veth,pipeline,criterion,memory,daemon",
+    ap.add_argument("--only", default="dataplane,veth,pipeline,criterion,memory,daemon,policy",
                     help="comma-separated parts to run")
     ap.add_argument("--pairs", type=int, default=0, help="override the number of pairs per veth test")
     ap.add_argument("--max-minutes", type=float, default=40, help="time budget of the veth part")
@@ -680,6 +695,7 @@ def main():
     part("dataplane", lambda: run_rfbench(args.rfbench, "dataplane", outdir / "dataplane.json", args.quick))
     part("pipeline", lambda: run_rfbench(args.rfbench, "pipeline", outdir / "pipeline.json", args.quick))
     part("memory", lambda: run_rfbench(args.rfbench, "memory", outdir / "memory.json", args.quick))
+    part("policy", lambda: run_rfbench(args.rfbench, "policy", outdir / "policy.json", args.quick))
     part("daemon", lambda: run_rfbench(args.rfbench, "daemon", outdir / "daemon.json", args.quick,
                                        ["--ringfence", args.ringfence]))
     part("criterion", lambda: criterion(args))

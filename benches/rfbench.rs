@@ -5,6 +5,8 @@
 //!   rfbench dataplane [--quick] [--json FILE]   per-packet cost, BPF_PROG_TEST_RUN
 //!   rfbench pipeline  [--quick] [--json FILE]   ring buffer -> agent -> JSON Lines, drop point
 //!   rfbench memory    [--quick] [--json FILE]   agent RSS and BPF map memory at 1M addresses
+//!   rfbench policy    [--quick] [--json FILE]   parse+compile and load of 1k..1M-entry
+//!                     policies (benches/rfbench/policy.rs)
 //!   rfbench daemon --ringfence PATH [--quick] [--json FILE]   `ringfence run` from outside:
 //!                     job start/end latency and leaks, memory at 0/32/256 jobs, events
 //!                     under load (benches/rfbench/daemon.rs)
@@ -27,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use ringfence::agent::{Agent, JobState};
 use ringfence::kernel::abi;
+use ringfence::kernel::capacity::Capacity;
 use ringfence::kernel::dataplane::{Dataplane, Options};
 use ringfence::policy::{Compiled, Mode, Policy, PortSet};
 use ringfence::testkit::testrun::{
@@ -36,8 +39,10 @@ use serde_json::{json, Value};
 
 #[path = "rfbench/daemon.rs"]
 mod daemon;
+#[path = "rfbench/policy.rs"]
+mod policy;
 
-const USAGE: &str = "usage: rfbench dataplane|pipeline|memory [--quick] [--json FILE] \
+const USAGE: &str = "usage: rfbench dataplane|pipeline|memory|policy [--quick] [--json FILE] \
      | daemon --ringfence PATH [--quick] [--json FILE] \
      | connect-server ADDR:PORT SECS | connect-client ADDR:PORT SECS MAX";
 
@@ -145,6 +150,7 @@ fn main() -> Result<()> {
         Some("dataplane") => dataplane(&args),
         Some("pipeline") => pipeline(&args),
         Some("memory") => memory(&args),
+        Some("policy") => policy::policy(&args),
         Some("daemon") => daemon::daemon(&args),
         Some("daemon-sender") => daemon::sender_main(&args.rest[1..]),
         Some("connect-server") => connect_server(&args.rest[1..]),
@@ -194,7 +200,11 @@ fn rig(entries: u64, always_judge: bool, emit_events: bool) -> Result<Dataplane>
     let mut dp = Dataplane::load(&Options {
         emit_events,
         always_judge,
-        allow_entries: (entries as u32).max(1024) + 1024,
+        capacity: Capacity {
+            static_addresses: (entries as u32).max(1024),
+            learned_addresses: 1024,
+            ..Default::default()
+        },
         ..Default::default()
     })?;
     let endpoints = Policy::parse_endpoints(&format!("{DNS_NAME}:*"), "bench")?;
@@ -609,7 +619,11 @@ fn pipeline(args: &Args) -> Result<()> {
     let mut dp = Dataplane::load(&Options {
         emit_events: true,
         always_judge: true,
-        allow_entries: 4096,
+        capacity: Capacity {
+            static_addresses: 2048,
+            learned_addresses: 2048,
+            ..Default::default()
+        },
         ..Default::default()
     })?;
     let compiled = Compiled {
@@ -882,7 +896,11 @@ fn memory(args: &Args) -> Result<()> {
     // 256 jobs, 256 cgroup jobs.
     let mut dp = Dataplane::load(&Options {
         emit_events: true,
-        allow_entries: total as u32 + 1024,
+        capacity: Capacity {
+            static_addresses: total as u32,
+            learned_addresses: 1024,
+            ..Default::default()
+        },
         ..Default::default()
     })?;
     let per_job = total.div_ceil(jobs as u64);

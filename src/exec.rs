@@ -26,6 +26,8 @@ use crate::trail::report::Format;
 pub struct ExecArgs {
     #[command(flatten)]
     pub policy: PolicyArgs,
+    #[command(flatten)]
+    pub capacity: crate::kernel::capacity::CapacityArgs,
     /// Also write the report to FILE.
     #[arg(long, value_name = "FILE")]
     pub report: Option<PathBuf>,
@@ -181,6 +183,18 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     };
     warn_inherited_sockets(&args.keep_fds);
     let compiled = policy.compile()?;
+    // A policy the maps cannot hold is refused here, before anything is loaded, rather than
+    // half-loaded with the kernel's bare "No space left on device".
+    let capacity = args.capacity.capacity();
+    capacity
+        .validate()
+        .map_err(|e| anyhow::Error::new(UsageError::Other(e)))?;
+    capacity
+        .check(
+            crate::kernel::capacity::Usage::of(&compiled),
+            Default::default(),
+        )
+        .map_err(anyhow::Error::new)?;
     // Subscribed before the interfaces are listed, so none can appear unseen in between.
     let auto_interfaces = args.interfaces.is_empty();
     let links = if auto_interfaces {
@@ -222,6 +236,7 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
         attach: args.attach,
         dns_min_ttl: policy.dns_min_ttl,
         dns_grace: policy.dns_grace,
+        capacity,
         ..Default::default()
     };
     dataplane::preflight()?;

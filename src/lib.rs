@@ -29,6 +29,8 @@ pub mod trail;
 pub fn exit_status(e: &anyhow::Error) -> i32 {
     if e.downcast_ref::<exec::UsageError>().is_some()
         || e.downcast_ref::<policy::PolicyError>().is_some()
+        || e.downcast_ref::<kernel::capacity::CapacityError>()
+            .is_some()
     {
         2
     } else {

@@ -1721,7 +1721,11 @@ fn a_live_flow_outlives_its_expired_address() {
 fn a_full_trie_fails_closed_and_counts() {
     // A dataplane of its own: a trie of 4 entries (the pool's are full size).
     let mut dp = Dataplane::load(&Options {
-        allow_entries: 4,
+        capacity: ringfence::kernel::capacity::Capacity {
+            static_addresses: 2,
+            learned_addresses: 2,
+            ..Default::default()
+        },
         ..Options::default()
     })
     .unwrap();
@@ -1751,15 +1755,56 @@ fn a_full_trie_fails_closed_and_counts() {
     // What did not fit stays blocked; nothing in use was evicted to make room.
     assert_eq!(r.syn("198.51.100.107", 443), DROP);
     assert_eq!(r.syn("198.51.100.100", 443), PASS);
-    let copies: Vec<_> = r
-        .events()
-        .into_iter()
-        .filter_map(|e| match e {
-            Ev::Dns(d) => Some(d),
-            _ => None,
-        })
+    // The answer's copy says so, and the agent puts it in that job's report.
+    let raw = RefCell::new(Vec::new());
+    let map = r.dp().events_map().unwrap();
+    let mut b = libbpf_rs::RingBufferBuilder::new();
+    b.add(&map, |d: &[u8]| {
+        raw.borrow_mut().push(d.to_vec());
+        0
+    })
+    .unwrap();
+    b.build().unwrap().consume().unwrap();
+    let raw = raw.into_inner();
+    let copies: Vec<abi::rf_dns_event> = raw
+        .iter()
+        .filter_map(|d| abi::from_bytes::<abi::rf_event_hdr>(d).map(|h| (h, d)))
+        .filter(|(h, _)| abi::rf_event_type(h.r#type) != abi::rf_event_type::RF_EVENT_FLOW)
+        .filter_map(|(_, d)| abi::from_bytes(d))
         .collect();
     assert_eq!(copies[0].flags & abi::DNS_TRIE_FULL, abi::DNS_TRIE_FULL);
+    let mut agent =
+        ringfence::agent::Agent::new(None, std::time::Duration::ZERO, std::time::Duration::ZERO)
+            .unwrap();
+    agent.start_job(
+        JOB,
+        ringfence::agent::JobState::new("full", "block", None),
+        vec![],
+        &policy,
+    );
+    raw.iter().for_each(|d| agent.handle(d));
+    let report = agent.jobs[&JOB]
+        .report
+        .render(ringfence::trail::report::Format::Text);
+    assert!(
+        report.contains("the learned-address map (allow) was full"),
+        "{report}"
+    );
+    // A policy loaded into a trie the learned addresses filled names the setting to raise.
+    let more = Policy {
+        endpoints: Policy::parse_endpoints("203.0.113.0/24", "--allow").unwrap(),
+        ..Policy::default()
+    };
+    let err =
+        r.dp.as_mut()
+            .unwrap()
+            .install_policy(JOB + 1, &more.compile().unwrap(), &[])
+            .unwrap_err()
+            .to_string();
+    assert!(
+        err.contains("map allow is full (4 entries") && err.contains("max-learned-addresses"),
+        "{err}"
+    );
     // Not back to the pool: its trie is too small for the other tests.
     drop(r.dp.take());
 }

@@ -958,6 +958,11 @@ impl Agent {
         }
         if ev.flags & abi::DNS_TRIE_FULL != 0 {
             tracing::warn!(job = dns_ev.job, name = dns_ev.name, "the learned-address map is full: some answers were not bound, connections to them are blocked (fail closed)");
+            // In this job's own report: the host-wide counter does not say whose answers
+            // went unbound, and the blocks it caused look like the policy's doing.
+            job.report.warn(
+                "the learned-address map (allow) was full: some DNS answers were not bound and                  connections to them were blocked; raise max-learned-addresses",
+            );
         }
         if ev.flags & abi::DNS_MALFORMED != 0 {
             tracing::warn!(

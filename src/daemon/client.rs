@@ -75,6 +75,19 @@ pub struct StartArgs {
 
 /// Sends one request, returns the answer (a daemon error is an error here).
 pub fn call(socket: &std::path::Path, req: &Request) -> Result<Response> {
+    let mut line = serde_json::to_string(req)?;
+    line.push('\n');
+    // Said here, with the cause: the daemon would refuse it after reading the first 4 MiB.
+    if line.len() > crate::daemon::protocol::MAX_REQUEST {
+        return Err(crate::job::spec::UsageError::Other(format!(
+            "the request is {} bytes, more than the daemon takes ({} bytes): a job's policy \
+             travels inline, its allowed-cidr-files included. Use fewer or wider networks, or \
+             `ringfence exec`, which has no such limit",
+            line.len(),
+            crate::daemon::protocol::MAX_REQUEST
+        ))
+        .into());
+    }
     let mut s = UnixStream::connect(socket).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow::anyhow!(
             "no ringfence daemon at {} (is `ringfence run` running? --socket or RINGFENCE_SOCKET name another)",
@@ -87,8 +100,6 @@ pub fn call(socket: &std::path::Path, req: &Request) -> Result<Response> {
         _ => anyhow::anyhow!("connecting to {}: {e}", socket.display()),
     })?;
     s.set_read_timeout(Some(Duration::from_secs(300)))?;
-    let mut line = serde_json::to_string(req)?;
-    line.push('\n');
     // A refused peer is answered at once and closed before it has written: its answer
     // is read even if writing failed.
     let wrote = s.write_all(line.as_bytes());
@@ -141,7 +152,7 @@ pub fn job(cmd: &JobCmd) -> Result<i32> {
             };
             // Checked here first: a policy error names its file, line and token.
             let policy = a.policy.to_spec().map_err(anyhow::Error::new)?;
-            policy.build().map_err(anyhow::Error::new)?;
+            policy.build()?.compile()?;
             let r = call(
                 &a.socket.socket,
                 &Request::JobStart {
@@ -252,11 +263,20 @@ pub fn status(json: bool, socket: &SocketArg) -> Result<i32> {
     }
     println!("maps:");
     for m in v["maps"].as_array().cloned().unwrap_or_default() {
+        let (e, c) = (
+            m["entries"].as_u64().unwrap_or(0),
+            m["capacity"].as_u64().unwrap_or(0),
+        );
         println!(
-            "  {:<12} {:>8} / {}",
+            "  {:<12} {:>8} / {:<8} {:>5.1}%",
             m["map"].as_str().unwrap_or("?"),
-            m["entries"],
-            m["capacity"]
+            e,
+            c,
+            if c == 0 {
+                0.0
+            } else {
+                e as f64 * 100.0 / c as f64
+            }
         );
     }
     let c = &v["counters"];

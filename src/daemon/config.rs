@@ -10,13 +10,19 @@
 //! attach = "auto"                            # tcx, clsact or auto
 //! interfaces = []                            # default: every interface, and new ones
 //! host-policy = "/etc/ringfence/host.toml"   # traffic of no job (optional; see README)
-//! max-jobs = 1024
+//! max-jobs = 1024                           # jobs at once (sizes the jobs and ifjobs maps)
+//! max-static-addresses = 262144              # map sizes: see README's "Map sizes"
+//! max-learned-addresses = 262144
+//! max-names = 65536
+//! max-inbound = 16384
+//! max-flows = 262144
 //! events-max-bytes = "256M"                  # per job
 //! ```
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::kernel::capacity::Capacity;
 use crate::kernel::dataplane::AttachMode;
 
 #[derive(Clone, Debug, Deserialize)]
@@ -42,6 +48,32 @@ pub struct Config {
     pub max_jobs: usize,
     #[serde(default = "default_events_max")]
     pub events_max_bytes: String,
+    #[serde(default = "default_static")]
+    pub max_static_addresses: u32,
+    #[serde(default = "default_learned")]
+    pub max_learned_addresses: u32,
+    #[serde(default = "default_names")]
+    pub max_names: u32,
+    #[serde(default = "default_inbound")]
+    pub max_inbound: u32,
+    #[serde(default = "default_flows")]
+    pub max_flows: u32,
+}
+
+fn default_static() -> u32 {
+    Capacity::default().static_addresses
+}
+fn default_learned() -> u32 {
+    Capacity::default().learned_addresses
+}
+fn default_names() -> u32 {
+    Capacity::default().names
+}
+fn default_inbound() -> u32 {
+    Capacity::default().inbound
+}
+fn default_flows() -> u32 {
+    Capacity::default().flows
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/ringfence/control.sock";
@@ -59,7 +91,7 @@ fn default_data_dir() -> PathBuf {
     "/var/lib/ringfence".into()
 }
 fn default_max_jobs() -> usize {
-    1024
+    Capacity::default().jobs as usize
 }
 fn default_events_max() -> String {
     "256M".into()
@@ -95,7 +127,25 @@ impl Config {
         if c.max_jobs == 0 {
             anyhow::bail!("config {}: max-jobs must be at least 1", path.display());
         }
+        if u32::try_from(c.max_jobs).is_err() {
+            anyhow::bail!("config {}: max-jobs is too large", path.display());
+        }
+        c.capacity()
+            .validate()
+            .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
         Ok(c)
+    }
+
+    /// The map sizes this configuration asks for.
+    pub fn capacity(&self) -> Capacity {
+        Capacity {
+            static_addresses: self.max_static_addresses,
+            learned_addresses: self.max_learned_addresses,
+            names: self.max_names,
+            inbound: self.max_inbound,
+            flows: self.max_flows,
+            jobs: u32::try_from(self.max_jobs).unwrap_or(u32::MAX),
+        }
     }
 
     pub fn events_max(&self) -> Result<u64, String> {
@@ -120,6 +170,9 @@ mod tests {
         let c = Config::default();
         assert_eq!(c.socket, Path::new(DEFAULT_SOCKET));
         assert_eq!(c.max_jobs, 1024);
+        assert_eq!(c.capacity(), Capacity::default());
+        let c: Config = toml::from_str("max-names = 10\nmax-static-addresses = 7").unwrap();
+        assert_eq!((c.capacity().names, c.capacity().static_addresses), (10, 7));
         assert!(toml::from_str::<Config>("sockett = \"/x\"").is_err());
         let e = toml::from_str::<Config>("attach = \"xdp\"").unwrap_err();
         assert!(e.to_string().contains("expected \"auto\""), "{e}");

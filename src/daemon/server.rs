@@ -23,6 +23,7 @@ use crate::daemon::state::{JobRecord, State, HOST_SLOT};
 use crate::job::cgroup;
 use crate::job::spec::{mode_name, PolicySpec};
 use crate::kernel::abi;
+use crate::kernel::capacity::Usage;
 use crate::kernel::dataplane::{self, Dataplane, TcFilter};
 use crate::kernel::pins::Pins;
 use crate::policy::Policy;
@@ -53,6 +54,9 @@ pub struct RunArgs {
     /// Interfaces to attach to (repeatable). Default: every one, and new ones as they come.
     #[arg(long = "interface", value_name = "IFNAME")]
     pub interfaces: Vec<String>,
+    /// Map sizes (the config's keys of the same names).
+    #[command(flatten)]
+    pub capacity: crate::kernel::capacity::CapacityArgs,
 }
 
 impl RunArgs {
@@ -79,6 +83,19 @@ impl RunArgs {
         if !self.interfaces.is_empty() {
             c.interfaces = self.interfaces.clone();
         }
+        let cap = &self.capacity;
+        for (flag, key) in [
+            (cap.static_addresses, &mut c.max_static_addresses),
+            (cap.learned_addresses, &mut c.max_learned_addresses),
+            (cap.names, &mut c.max_names),
+            (cap.inbound, &mut c.max_inbound),
+            (cap.flows, &mut c.max_flows),
+        ] {
+            if let Some(v) = flag {
+                *key = v;
+            }
+        }
+        c.capacity().validate().map_err(|e| anyhow::anyhow!(e))?;
         Ok(c)
     }
 }
@@ -88,6 +105,8 @@ struct Live {
     slot: u32,
     policy: Policy,
     cgroup_id: Option<u64>,
+    /// Entries its policy holds in the capacity-checked maps.
+    usage: Usage,
 }
 
 /// One control connection: a request line in, a response line out, then closed.
@@ -126,6 +145,8 @@ pub struct Daemon {
     watch_failed: Vec<String>,
     /// Set by an `unload` request: leave the loop and take everything down.
     unload: bool,
+    /// Entries the host default policy holds in the capacity-checked maps.
+    host_usage: Usage,
 }
 
 /// `ringfence run`.
@@ -187,8 +208,14 @@ impl Daemon {
             ),
             None => None,
         };
+        let capacity = cfg.capacity();
+        let mut host_usage = Usage::default();
         if let Some(p) = &host_policy {
-            p.compile().map_err(anyhow::Error::new)?;
+            host_usage = Usage::of(&p.compile().map_err(anyhow::Error::new)?);
+            // Refused before anything is loaded, like an exec's policy.
+            capacity
+                .check(host_usage, Usage::default())
+                .map_err(|e| anyhow::anyhow!("host-policy: {e}"))?;
         }
         let mut state = State::load(&cfg.state_file())?;
         let cg_root = cgroup::find_cgroup2()?;
@@ -197,6 +224,7 @@ impl Daemon {
             pins: Some(Pins::new(&cfg.bpffs)),
             dns_min_ttl: crate::policy::DEFAULT_DNS_MIN_TTL,
             dns_grace: crate::policy::DEFAULT_DNS_GRACE,
+            capacity,
             ..Default::default()
         };
         let mut dp = Dataplane::load(&opts)?;
@@ -346,6 +374,7 @@ impl Daemon {
             started: Instant::now(),
             watch_failed,
             unload: false,
+            host_usage,
         };
         d.save_state();
         Ok(d)
@@ -760,6 +789,14 @@ impl Daemon {
         }
         let policy = spec.build().map_err(anyhow::Error::new)?;
         let compiled = policy.compile()?;
+        // The maps hold every job's policy at once: refused before anything changes, with
+        // the setting that makes room, and the daemon goes on serving the others.
+        let usage = Usage::of(&compiled);
+        let in_use = self
+            .jobs
+            .values()
+            .fold(self.host_usage, |sum, l| sum + l.usage);
+        self.cfg.capacity().check(in_use + usage, in_use)?;
         // Where the job is, checked before anything changes.
         let mut cgroup_dir = None;
         let mut origin = None;
@@ -842,6 +879,7 @@ impl Daemon {
                 slot,
                 policy,
                 cgroup_id,
+                usage,
             },
         );
         let resp = Response::JobStarted {
@@ -1268,6 +1306,7 @@ fn readopt(dp: &mut Dataplane, agent: &mut Agent, r: &JobRecord, events_max: u64
         slot: r.slot,
         policy,
         cgroup_id,
+        usage: Usage::of(&compiled),
     })
 }
 

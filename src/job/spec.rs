@@ -87,17 +87,36 @@ pub struct PolicySpec {
     pub dns_policy: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub dns_resolvers: Vec<std::net::IpAddr>,
+    /// The policy file's `allowed-cidr-files`, read by the client (each `source` is the
+    /// path resolved from the policy file's directory): the daemon opens no user's paths.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cidr_files: Vec<PolicyText>,
 }
 
 impl PolicyArgs {
     /// Reads the policy file (if any) into a spec. Errors name the file.
     pub fn to_spec(&self) -> Result<PolicySpec, UsageError> {
+        let mut cidr_files = Vec::new();
         let file = match &self.policy {
             Some(p) => {
                 let source = p.display().to_string();
                 let text = std::fs::read_to_string(p).map_err(|e| {
                     PolicyError::whole(&source, format!("cannot read the policy file: {e}"))
                 })?;
+                let dir = crate::policy::cidr_file::policy_dir(&source);
+                for f in crate::policy::file_cidr_files(&text) {
+                    let path = dir.join(&f);
+                    let text = std::fs::read_to_string(&path).map_err(|e| {
+                        PolicyError::whole(
+                            &source,
+                            format!("allowed-cidr-files: cannot read {}: {e}", path.display()),
+                        )
+                    })?;
+                    cidr_files.push(PolicyText {
+                        source: path.display().to_string(),
+                        text,
+                    });
+                }
                 Some(PolicyText { source, text })
             }
             None => None,
@@ -110,21 +129,33 @@ impl PolicyArgs {
             direct_ip: self.direct_ip,
             dns_policy: self.dns_policy.clone(),
             dns_resolvers: self.dns_resolvers.clone(),
+            cidr_files,
         })
     }
 
-    /// The policy: the file, then the flags on top of it, compiled once so that a policy
-    /// that cannot fit the dataplane fails before anything loads.
+    /// The policy: the file, then the flags on top of it. Callers compile it (once: a
+    /// large policy's compile is most of its cost) before anything loads.
     pub fn build(&self) -> Result<Policy, UsageError> {
         self.to_spec()?.build()
     }
 }
 
 impl PolicySpec {
-    /// The policy: the file, then the flags on top of it; compiled once to check it fits.
+    /// The policy: the file, then the flags on top of it (not compiled yet).
     pub fn build(&self) -> Result<Policy, UsageError> {
         let mut b = match &self.file {
-            Some(f) => PolicyBuilder::from_toml_str(&f.text, &f.source)?,
+            Some(f) => {
+                let mut b = PolicyBuilder::from_toml_str(&f.text, &f.source)?;
+                b.read_cidr_files(crate::policy::cidr_file::policy_dir(&f.source), |p| {
+                    let p = p.display().to_string();
+                    self.cidr_files
+                        .iter()
+                        .find(|c| c.source == p)
+                        .map(|c| c.text.clone())
+                        .ok_or_else(|| "its text was not sent with the job".to_string())
+                })?;
+                b
+            }
             None => PolicyBuilder::new(),
         };
         if let Some(m) = self.mode {
@@ -149,9 +180,7 @@ impl PolicySpec {
                 ))
             })?);
         }
-        let policy = b.build()?;
-        policy.compile()?;
-        Ok(policy)
+        Ok(b.build()?)
     }
 }
 

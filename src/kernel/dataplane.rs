@@ -48,6 +48,13 @@ pub enum DataplaneError {
     Policy(String),
     #[error(transparent)]
     Pin(#[from] crate::kernel::pins::PinError),
+    #[error("the dataplane pinned at {base} has map {map} sized for {pinned} entries; this configuration asks for {want}. Map sizes are fixed once pinned: run `ringfence unload` (it detaches everything; end the jobs first) and start the daemon again, or set the daemon's config back to the sizes it was started with")]
+    PinnedSize {
+        base: String,
+        map: &'static str,
+        pinned: u32,
+        want: u32,
+    },
     #[error("reusing the maps pinned at {base} failed: {source} (were they made with other map sizes? a daemon must be configured as the one that pinned them, or unloaded first)")]
     Reuse {
         base: String,
@@ -100,8 +107,8 @@ pub struct Options {
     pub emit_events: bool,
     /// Benchmarks only: judge every packet as a new flow (skips the flow cache).
     pub always_judge: bool,
-    pub allow_entries: u32,
-    pub flow_entries: u32,
+    /// How many entries the maps hold (see [`crate::kernel::capacity`]).
+    pub capacity: crate::kernel::capacity::Capacity,
     /// Pin maps and links under this bpffs base (the daemon): they outlive the process,
     /// and a later load with the same ABI reuses them (`Dataplane::adopted`).
     pub pins: Option<crate::kernel::pins::Pins>,
@@ -115,8 +122,7 @@ impl Default for Options {
             dns_grace: Duration::from_secs(30),
             emit_events: true,
             always_judge: false,
-            allow_entries: 65536,
-            flow_entries: 262144,
+            capacity: Default::default(),
             pins: None,
         }
     }
@@ -558,6 +564,30 @@ fn host_key(job_id: u32, addr: IpAddr) -> abi::rf_lpm_key {
     }
 }
 
+/// A daemon reusing pinned maps must want them the size they are: libbpf would refuse them
+/// with a bare "Invalid argument" otherwise. Checked before anything is loaded.
+fn check_pinned_sizes(
+    pins: &crate::kernel::pins::Pins,
+    sizes: &[(&'static str, u32)],
+) -> Result<()> {
+    for &(name, want) in sizes {
+        let path = pins.map(name);
+        let Ok(h) = MapHandle::from_pinned_path(&path) else {
+            continue;
+        };
+        let pinned = h.max_entries();
+        if pinned != want {
+            return Err(DataplaneError::PinnedSize {
+                base: pins.base().display().to_string(),
+                map: name,
+                pinned,
+                want,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// a |= b, the kernel's rule: `any` absorbs, ports that do not fit are left out.
 fn merge_ports(a: &mut abi::rf_ports, b: &abi::rf_ports) {
     if b.any != 0 {
@@ -636,14 +666,32 @@ impl Dataplane {
                 p.set_autoload(false);
             }
         }
-        open.maps
-            .allow
-            .set_max_entries(opts.allow_entries)
-            .map_err(map_err("allow"))?;
-        open.maps
-            .flows
-            .set_max_entries(opts.flow_entries)
-            .map_err(map_err("flows"))?;
+        let cap = &opts.capacity;
+        let sizes = [
+            ("allow", cap.allow_entries()),
+            ("names", cap.names),
+            ("inbound", cap.inbound),
+            ("flows", cap.flows),
+            ("jobs", cap.job_entries()),
+            ("ifjobs", cap.job_entries()),
+        ];
+        if let (Some(pins), true) = (&opts.pins, adopted) {
+            check_pinned_sizes(pins, &sizes)?;
+        }
+        let maps = &mut open.maps;
+        for (m, (name, entries)) in [
+            &mut maps.allow,
+            &mut maps.names,
+            &mut maps.inbound,
+            &mut maps.flows,
+            &mut maps.jobs,
+            &mut maps.ifjobs,
+        ]
+        .into_iter()
+        .zip(sizes)
+        {
+            m.set_max_entries(entries).map_err(map_err(name))?;
+        }
         if kind == AttachKind::Tcx {
             open.progs
                 .rf_egress
@@ -1570,11 +1618,23 @@ impl Dataplane {
                 prefixlen,
                 ..Default::default()
             };
-            self.skel
-                .maps
-                .allow
+            let allow = &self.skel.maps.allow;
+            allow
                 .update(bytes_of(&key), bytes_of(&val), MapFlags::ANY)
-                .map_err(map_err("allow"))?;
+                .map_err(|e| {
+                    // The fit check counts static entries only: learned addresses past their
+                    // share can still leave no room. Say so rather than a bare ENOSPC.
+                    if allow.keys().count() as u64 >= u64::from(allow.max_entries()) {
+                        DataplaneError::Policy(format!(
+                            "map allow is full ({} entries: the jobs' static entries and the \
+                             addresses learned from DNS answers): raise max-learned-addresses \
+                             (exec --max-learned-addresses, daemon config max-learned-addresses)",
+                            allow.max_entries()
+                        ))
+                    } else {
+                        map_err("allow")(e)
+                    }
+                })?;
         }
         for (net, ports) in &compiled.inbound {
             let addr = net.network();

@@ -1,8 +1,9 @@
 //! Everything that touches libbpf and the kernel's BPF objects: the ABI shared with
 //! bpf/abi.h (`abi`), the generated skeleton (`skel`), loading, attaching and the maps
-//! (`dataplane`), the bpffs paths the daemon pins under (`pins`), interfaces and their
+//! (`dataplane`), how many entries the maps hold (`capacity`), the bpffs paths the daemon pins under (`pins`), interfaces and their
 //! link types (`netif`), and what this kernel supports (`probe`).
 pub mod abi;
+pub mod capacity;
 pub mod dataplane;
 pub mod netif;
 pub mod pins;

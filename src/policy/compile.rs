@@ -147,6 +147,8 @@ pub fn name_hash(wire_suffix: &[u8]) -> u64 {
 pub(super) fn compile(endpoints: &[Endpoint]) -> Result<Compiled, PolicyError> {
     let mut out = Compiled::default();
     let mut by_hash: HashMap<u64, usize> = HashMap::new();
+    // Networks seen so far, by value: a linear search per entry made compiling quadratic.
+    let mut by_net: HashMap<IpNet, usize> = HashMap::new();
     for ep in endpoints {
         let too_many_ports = |what: &str| {
             ep.error(format!(
@@ -157,13 +159,10 @@ pub(super) fn compile(endpoints: &[Endpoint]) -> Result<Compiled, PolicyError> {
         };
         match &ep.host {
             HostPattern::Net(net) => {
-                let at = match out.prefixes.iter().position(|(n, _)| n == net) {
-                    Some(at) => at,
-                    None => {
-                        out.prefixes.push((*net, PortSet::None));
-                        out.prefixes.len() - 1
-                    }
-                };
+                let at = *by_net.entry(*net).or_insert_with(|| {
+                    out.prefixes.push((*net, PortSet::None));
+                    out.prefixes.len() - 1
+                });
                 out.prefixes[at]
                     .1
                     .add(ep.port)

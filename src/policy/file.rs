@@ -23,6 +23,7 @@ struct RawPolicy {
     dns_exfil_entropy_min_length: Option<Spanned<i64>>,
     dns_exfil_max_names: Option<Spanned<i64>>,
     allowed_inbound: Option<Spanned<String>>,
+    allowed_cidr_files: Option<Vec<Spanned<String>>>,
 }
 
 /// The same keys with any value: a first pass that finds each key's span, so that a type
@@ -42,6 +43,7 @@ struct KeySpans {
     dns_exfil_entropy_min_length: Option<Spanned<toml::Value>>,
     dns_exfil_max_names: Option<Spanned<toml::Value>>,
     allowed_inbound: Option<Spanned<toml::Value>>,
+    allowed_cidr_files: Option<Spanned<toml::Value>>,
 }
 
 impl KeySpans {
@@ -62,6 +64,7 @@ impl KeySpans {
             ),
             ("dns-exfil-max-names", &self.dns_exfil_max_names),
             ("allowed-inbound", &self.allowed_inbound),
+            ("allowed-cidr-files", &self.allowed_cidr_files),
         ]
         .into_iter()
         .find(|(_, v)| v.as_ref().is_some_and(|v| v.span().contains(&offset)))
@@ -70,8 +73,9 @@ impl KeySpans {
 }
 
 pub(super) fn parse_toml(text: &str, source: &str) -> Result<PolicyBuilder, PolicyError> {
+    let lines = LineIndex::new(text);
     let at_span = |span: Range<usize>, message: String| {
-        let (line, column) = line_col(text, span.start);
+        let (line, column) = lines.line_col(span.start);
         PolicyError {
             source_name: source.to_owned(),
             line,
@@ -205,7 +209,7 @@ pub(super) fn parse_toml(text: &str, source: &str) -> Result<PolicyBuilder, Poli
         let offsets = string_offsets(text, span.clone(), &value);
         builder.endpoints = parse_endpoint_list(&value, source, |i| {
             let in_doc = offsets.as_ref().map_or(span.start, |o| o[i]);
-            line_col(text, in_doc)
+            lines.line_col(in_doc)
         })?;
     }
     if let Some(peers) = raw.allowed_inbound {
@@ -214,10 +218,40 @@ pub(super) fn parse_toml(text: &str, source: &str) -> Result<PolicyBuilder, Poli
         let offsets = string_offsets(text, span.clone(), &value);
         builder.inbound = parse_list(&value, source, super::inbound::parse_token, |i| {
             let in_doc = offsets.as_ref().map_or(span.start, |o| o[i]);
-            line_col(text, in_doc)
+            lines.line_col(in_doc)
         })?;
     }
+    if let Some(files) = raw.allowed_cidr_files {
+        builder.cidr_files = files
+            .into_iter()
+            .map(|f| {
+                let (line, column) = lines.line_col(f.span().start);
+                super::cidr_file::CidrFileRef {
+                    path: f.into_inner(),
+                    location: Location {
+                        source_name: source.to_owned(),
+                        line,
+                        column,
+                    },
+                }
+            })
+            .collect();
+    }
     Ok(builder)
+}
+
+/// Only the `allowed-cidr-files` of a policy file's text, for a client that reads them to
+/// send along (the full parse comes later, and reports what is wrong with the text).
+pub fn cidr_files_of(text: &str) -> Vec<String> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "kebab-case")]
+    struct Only {
+        allowed_cidr_files: Option<Vec<String>>,
+    }
+    toml::from_str::<Only>(text)
+        .ok()
+        .and_then(|o| o.allowed_cidr_files)
+        .unwrap_or_default()
 }
 
 /// Parses whitespace-separated endpoints; `locate` gives the line and column of a byte
@@ -271,14 +305,62 @@ fn tokens(s: &str) -> impl Iterator<Item = (usize, &str)> {
         .map(move |t| (t.as_ptr() as usize - s.as_ptr() as usize, t))
 }
 
-/// 1-based line and column (in characters) of byte `offset` of `text`.
+/// 1-based line and column (in characters) of byte `offset` of `text`. Scans `text` up to
+/// `offset`: for one position. Many positions of one text go through a [`LineIndex`].
+#[cfg(test)]
 pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset];
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (
-        before.matches('\n').count() + 1,
-        before[line_start..].chars().count() + 1,
-    )
+    LineIndex::new(text).line_col(offset)
+}
+
+/// Where each line of a text starts, so that the position of every token of a policy with
+/// 100k entries is found in O(log lines), not by rescanning the text before it (which made
+/// parsing quadratic in the policy's size).
+pub(super) struct LineIndex<'a> {
+    text: &'a str,
+    /// Byte offset of each line's start; the first is 0.
+    starts: Vec<usize>,
+    /// Whether each line is ASCII: then a column is a byte count, with no characters to
+    /// count (an `--allow` of 100k endpoints is one long line).
+    ascii: Vec<bool>,
+}
+
+impl<'a> LineIndex<'a> {
+    pub(super) fn new(text: &'a str) -> LineIndex<'a> {
+        let mut starts = vec![0];
+        starts.extend(newlines(text).map(|i| i + 1));
+        let ascii = starts
+            .iter()
+            .enumerate()
+            .map(|(n, &s)| {
+                let end = starts.get(n + 1).copied().unwrap_or(text.len());
+                text.as_bytes()[s..end].is_ascii()
+            })
+            .collect();
+        LineIndex {
+            text,
+            starts,
+            ascii,
+        }
+    }
+
+    /// 1-based line and column (in characters) of byte `offset`.
+    pub(super) fn line_col(&self, offset: usize) -> (usize, usize) {
+        let line = self.starts.partition_point(|&s| s <= offset) - 1;
+        let start = self.starts[line];
+        let column = if self.ascii[line] {
+            offset - start
+        } else {
+            self.text[start..offset].chars().count()
+        };
+        (line + 1, column + 1)
+    }
+}
+
+fn newlines(text: &str) -> impl Iterator<Item = usize> + '_ {
+    text.bytes()
+        .enumerate()
+        .filter(|&(_, b)| b == b'\n')
+        .map(|(i, _)| i)
 }
 
 /// The text of a span for an error's `token`: its first line, cut short if long (the span
@@ -426,6 +508,11 @@ mod tests {
             tokens(s).collect::<Vec<_>>(),
             vec![(0, "a"), (3, "b"), (6, "c\u{e9}"), (11, "d")]
         );
+        // Many tokens of one text share one index: the same answers.
+        let index = LineIndex::new(s);
+        for (off, want) in [(0, (1, 1)), (3, (1, 4)), (6, (2, 2)), (11, (2, 6))] {
+            assert_eq!(index.line_col(off), want, "{off}");
+        }
         assert_eq!(line_col(s, 0), (1, 1));
         assert_eq!(line_col(s, 3), (1, 4));
         assert_eq!(line_col(s, 6), (2, 2));

@@ -17,6 +17,7 @@
 //! key, no inbound connection is allowed (in block mode they are refused; in audit mode
 //! reported). Loopback peers are always allowed.
 
+use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 
 use ipnet::{IpNet, Ipv6Net};
@@ -64,30 +65,48 @@ pub(super) fn parse_token(tok: &str) -> Result<(HostPattern, PortSpec), String> 
 /// One entry per distinct peer network, ports merged; each entry also carries the ports of
 /// every network that covers it, so that the dataplane's longest-prefix match finds the
 /// union (`198.51.100.7:22` with `*:8080` lets 198.51.100.7 reach 8080 too).
+///
+/// Linear in the number of rules: the covering networks of each entry are found by
+/// truncating it to every shorter prefix (at most 128) and looking each up, not by testing
+/// every pair of entries.
 pub(super) fn compile(rules: &[Endpoint]) -> Result<Vec<(IpNet, PortSet)>, PolicyError> {
     let mut out: Vec<(IpNet, PortSet, &Endpoint)> = Vec::new();
+    // Keyed in the IPv4-mapped space the dataplane uses, where 198.51.100.0/24 is
+    // ::ffff:198.51.100.0/120 and `*` (::/0) covers IPv4 too.
+    let mut by_net: HashMap<Ipv6Net, usize> = HashMap::new();
     for r in rules {
         let HostPattern::Net(net) = r.host else {
             return Err(r.error(format!("{:?} is not an address or network", r.text)));
         };
-        let at = match out.iter().position(|(n, _, _)| *n == net) {
-            Some(at) => at,
-            None => {
-                out.push((net, PortSet::None, r));
-                out.len() - 1
-            }
-        };
+        let at = *by_net.entry(mapped(net)).or_insert_with(|| {
+            out.push((net, PortSet::None, r));
+            out.len() - 1
+        });
         out[at].1.add(r.port).map_err(|()| too_many(r))?;
     }
-    let snapshot: Vec<(IpNet, PortSet)> = out.iter().map(|(n, p, _)| (*n, p.clone())).collect();
+    let own: Vec<PortSet> = out.iter().map(|(_, p, _)| p.clone()).collect();
     for (net, ports, r) in &mut out {
-        for (cover, cports) in &snapshot {
-            if cover != net && covers(*cover, *net) {
-                ports.union(cports).map_err(|()| too_many(r))?;
+        let m = mapped(*net);
+        for len in 0..m.prefix_len() {
+            let cover = Ipv6Net::new(m.network(), len)
+                .expect("shorter than a valid prefix")
+                .trunc();
+            if let Some(&at) = by_net.get(&cover) {
+                ports.union(&own[at]).map_err(|()| too_many(r))?;
             }
         }
     }
     Ok(out.into_iter().map(|(n, p, _)| (n, p)).collect())
+}
+
+/// `net` in the IPv4-mapped IPv6 space, host bits cleared.
+fn mapped(net: IpNet) -> Ipv6Net {
+    match net {
+        IpNet::V4(n) => Ipv6Net::new(n.network().to_ipv6_mapped(), n.prefix_len() + 96)
+            .expect("an IPv4 prefix plus 96 is a valid IPv6 prefix"),
+        IpNet::V6(n) => n,
+    }
+    .trunc()
 }
 
 fn too_many(r: &Endpoint) -> PolicyError {
@@ -97,15 +116,6 @@ fn too_many(r: &Endpoint) -> PolicyError {
         r.text,
         super::MAX_PORTS
     ))
-}
-
-/// Does `a` cover `b`, both placed in the IPv4-mapped space the dataplane uses?
-fn covers(a: IpNet, b: IpNet) -> bool {
-    let mapped_len = |n: IpNet| match n {
-        IpNet::V4(n) => n.prefix_len() + 96,
-        IpNet::V6(n) => n.prefix_len(),
-    };
-    mapped_len(a) <= mapped_len(b) && addr::mapped_contains(a, addr::to_mapped(b.network()))
 }
 
 /// Whether `rules` let `peer` connect to the job's local `port`; loopback always may.
@@ -170,6 +180,39 @@ mod tests {
         .unwrap_err();
         assert_eq!((e.line, e.column), (4, 1), "{e}");
         assert!(e.to_string().starts_with("p.toml:4:1: "), "{e}");
+    }
+
+    #[test]
+    fn covering_by_truncation_matches_every_pair() {
+        // Nested networks of both families and `*`, ports drawn from few values so unions
+        // stay within MAX_PORTS; the reference tests every pair, as the compiler once did.
+        let mut toks = vec!["*:9".to_string()];
+        for i in 0..300u32 {
+            let p = 1 + i % 3;
+            toks.push(match i % 6 {
+                0 => format!("198.51.100.{}:{p}", i % 256),
+                1 => format!("198.51.{}.0/24:{p}", 100 + i % 2),
+                2 => format!("198.51.100.{}/30:{p}", (i % 64) * 4),
+                3 => format!("2001:db8:{:x}::/48:{p}", i % 4),
+                4 => format!("[2001:db8:{:x}::{:x}]:{p}", i % 4, i),
+                _ => format!("203.0.113.0/24:{p}"),
+            });
+        }
+        let rules = parse(&toks.join(" ")).unwrap();
+        let got = compile(&rules).unwrap();
+        for (net, ports) in &got {
+            let mut want = PortSet::None;
+            for r in &rules {
+                let HostPattern::Net(n) = r.host else {
+                    unreachable!()
+                };
+                let (a, b) = (mapped(n), mapped(*net));
+                if a.prefix_len() <= b.prefix_len() && a.contains(&b.network()) {
+                    want.add(r.port).unwrap();
+                }
+            }
+            assert_eq!(*ports, want, "{net}");
+        }
     }
 
     #[test]

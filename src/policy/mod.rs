@@ -24,6 +24,7 @@
 //! dns-exfil-entropy-min-length = 20 # runs shorter than this are not measured (1-63)
 //! dns-exfil-max-names = 50       # distinct names per domain within a job (1-10000)
 //! allowed-inbound = "198.51.100.7 203.0.113.0/24:8080" # peers that may connect to the job
+//! # allowed-cidr-files = ["github-actions.txt"]  # files of addresses/CIDRs, one a line
 //! "#;
 //! let policy = Policy::from_toml_str(text, "policy.toml").unwrap();
 //! assert_eq!(policy.mode, Mode::Block);
@@ -72,6 +73,7 @@ use ipnet::IpNet;
 
 mod addr;
 pub mod check;
+pub mod cidr_file;
 mod compile;
 mod endpoint;
 mod file;
@@ -85,6 +87,7 @@ pub use compile::{
     name_hash, wire_name, Compiled, GlobEntry, NameEntry, PortSet, MAX_GLOBS, MAX_PORTS,
 };
 pub use endpoint::DEFAULT_PORT;
+pub use file::cidr_files_of as file_cidr_files;
 pub use inbound::every_peer;
 
 /// Block or only log what the policy does not allow. Also the `direct-ip` setting.
@@ -343,13 +346,15 @@ impl Policy {
     /// Parses a whitespace-separated endpoint list, as given to `--allow`; `source` names
     /// it in errors, whose lines and columns count within `s`.
     pub fn parse_endpoints(s: &str, source: &str) -> Result<Vec<Endpoint>, PolicyError> {
-        file::parse_endpoint_list(s, source, |offset| file::line_col(s, offset))
+        let lines = file::LineIndex::new(s);
+        file::parse_endpoint_list(s, source, |offset| lines.line_col(offset))
     }
 
     /// Parses a whitespace-separated `allowed-inbound` list, as given to `--allow-inbound`.
     pub fn parse_inbound(s: &str, source: &str) -> Result<Vec<Endpoint>, PolicyError> {
+        let lines = file::LineIndex::new(s);
         file::parse_list(s, source, inbound::parse_token, |offset| {
-            file::line_col(s, offset)
+            lines.line_col(offset)
         })
     }
 
@@ -440,6 +445,9 @@ pub struct PolicyBuilder {
     pub dns_exfil_max_names: Option<u32>,
     /// `allowed-inbound` entries; accumulate like endpoints.
     pub inbound: Vec<Endpoint>,
+    /// `allowed-cidr-files` not read yet: [`read_cidr_files`](Self::read_cidr_files)
+    /// turns them into endpoints.
+    pub cidr_files: Vec<cidr_file::CidrFileRef>,
 }
 
 // `dns_exfil_entropy` is never NaN: the parser accepts only values in (0, 8].
@@ -461,7 +469,32 @@ impl PolicyBuilder {
         let text = std::fs::read_to_string(path).map_err(|e| {
             PolicyError::whole(&source, format!("cannot read the policy file: {e}"))
         })?;
-        PolicyBuilder::from_toml_str(&text, &source)
+        let mut b = PolicyBuilder::from_toml_str(&text, &source)?;
+        b.read_cidr_files(cidr_file::policy_dir(&source), |p| {
+            std::fs::read_to_string(p).map_err(|e| e.to_string())
+        })?;
+        Ok(b)
+    }
+
+    /// Adds the entries of the `allowed-cidr-files` (relative paths taken from
+    /// `policy_dir`), each file's text given by `read` (the disk, or what a client sent).
+    pub fn read_cidr_files(
+        &mut self,
+        policy_dir: &Path,
+        mut read: impl FnMut(&Path) -> Result<String, String>,
+    ) -> Result<&mut Self, PolicyError> {
+        for f in std::mem::take(&mut self.cidr_files) {
+            let path = f.resolve(policy_dir);
+            let text = read(&path).map_err(|e| {
+                f.error(format!(
+                    "allowed-cidr-files: cannot read {}: {e}",
+                    path.display()
+                ))
+            })?;
+            self.endpoints
+                .extend(cidr_file::parse(&text, &path.display().to_string())?);
+        }
+        Ok(self)
     }
 
     /// Adds the endpoints of an `--allow` string.
@@ -493,6 +526,7 @@ impl PolicyBuilder {
         self.dns_exfil_max_names = later.dns_exfil_max_names.or(self.dns_exfil_max_names);
         self.endpoints.extend(later.endpoints);
         self.inbound.extend(later.inbound);
+        self.cidr_files.extend(later.cidr_files);
         self
     }
 
@@ -504,6 +538,13 @@ impl PolicyBuilder {
     /// As [`build`](Self::build), reading default resolvers from `resolv_conf` (which is
     /// not read at all when resolvers were given).
     pub fn build_with_resolv_conf(self, resolv_conf: &Path) -> Result<Policy, PolicyError> {
+        // Files are read where the policy's own path is known; text alone has no directory.
+        if let Some(f) = self.cidr_files.first() {
+            return Err(f.error(format!(
+                "allowed-cidr-files {:?} was not read: the key works in a policy file given                  by its path (--policy, host-policy), whose directory relative paths start from",
+                f.path
+            )));
+        }
         let dns_resolvers = match self.dns_resolvers {
             Some(r) => r,
             None => read_resolv_conf(resolv_conf)?,
