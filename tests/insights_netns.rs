@@ -684,8 +684,9 @@ struct Registry(std::process::Child);
 
 impl Registry {
     fn start(tb: &Testbed, addr: std::net::Ipv4Addr, root: &Path) -> Registry {
-        let child = tb
-            .server_cmd(
+        // Held at once, so a panic below still kills it.
+        let registry = Registry(
+            tb.server_cmd(
                 "python3",
                 [
                     "-m",
@@ -700,7 +701,8 @@ impl Registry {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
-            .expect("python3 -m http.server");
+            .expect("python3 -m http.server"),
+        );
         // Ready when it answers (from the server namespace, where no ringfence runs).
         for _ in 0..100 {
             let st = tb
@@ -712,7 +714,7 @@ impl Registry {
                 .status()
                 .unwrap();
             if st.success() {
-                return Registry(child);
+                return registry;
             }
             std::thread::sleep(Duration::from_millis(100));
         }
