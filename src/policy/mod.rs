@@ -24,7 +24,7 @@
 //! dns-exfil-entropy-min-length = 20 # runs shorter than this are not measured (1-63)
 //! dns-exfil-max-names = 50       # distinct names per domain within a job (1-10000)
 //! allowed-inbound = "198.51.100.7 203.0.113.0/24:8080" # peers that may connect to the job
-//! # allowed-cidr-files = ["github-actions.txt"]  # files of addresses/CIDRs, one a line
+//! ## allowed-cidr-files = ["github-actions.txt"]  # files of addresses/CIDRs, one a line
 //! "#;
 //! let policy = Policy::from_toml_str(text, "policy.toml").unwrap();
 //! assert_eq!(policy.mode, Mode::Block);
