@@ -40,6 +40,11 @@ pub struct ExecArgs {
     /// Write every event as JSON Lines to FILE.
     #[arg(long, value_name = "FILE")]
     pub events: Option<PathBuf>,
+    /// Exit 3 when anything was blocked and the command itself succeeded (a command that
+    /// failed keeps its own status). Under GitHub Actions (GITHUB_ACTIONS=true), also print
+    /// an `::error` annotation line per blocked call to stdout.
+    #[arg(long = "fail-on-block")]
+    pub fail_on_block: bool,
     /// Interfaces to attach to (repeatable). Default: every interface of this network
     /// namespace except lo, and every one that appears while the job runs. Either way the
     /// job's packets leaving through an interface ringfence is not attached to are dropped
@@ -364,12 +369,41 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     }
     let mut err = std::io::stderr().lock();
     let _ = err.write_all(text.as_bytes());
+    drop(err);
+    let blocked = args.fail_on_block.then(|| job.report.blocked_calls());
     drop(cgroup);
 
-    Ok(match status.code() {
+    let code = match status.code() {
         Some(c) => c,
         None => 128 + status.signal().unwrap_or(0),
+    };
+    Ok(match blocked {
+        Some(b) => fail_on_block(&job_name, &b, code),
+        None => code,
     })
+}
+
+/// `--fail-on-block`: the annotations under GitHub Actions (the runner reads workflow
+/// commands from stdout), and the status to exit with.
+pub fn fail_on_block(job: &str, b: &crate::trail::blocked::Blocked, code: i32) -> i32 {
+    use crate::trail::blocked;
+    if blocked::under_github_actions() {
+        let mut out = std::io::stdout().lock();
+        for l in blocked::annotations(job, b) {
+            let _ = writeln!(out, "{l}");
+        }
+        let _ = out.flush();
+    }
+    let c = b.exit_status(code);
+    if c == blocked::BLOCKED_EXIT {
+        tracing::error!(
+            job,
+            blocked = b.flows,
+            "--fail-on-block: the job succeeded, but {} flows were blocked: exiting {c}",
+            b.flows
+        );
+    }
+    c
 }
 
 fn sanitize(s: &str) -> String {

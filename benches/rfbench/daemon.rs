@@ -331,6 +331,7 @@ impl Rig {
                 id: id.into(),
                 target,
                 policy: policy.clone(),
+                fail_on_block: false,
             },
         )
         .with_context(|| format!("job start {id}"))?;

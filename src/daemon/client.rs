@@ -69,6 +69,10 @@ pub struct StartArgs {
     pub interface: Option<String>,
     #[command(flatten)]
     pub policy: PolicyArgs,
+    /// `job end` exits 3 when anything was blocked (and, under GitHub Actions, prints an
+    /// `::error` annotation line per blocked call).
+    #[arg(long = "fail-on-block")]
+    pub fail_on_block: bool,
     #[command(flatten)]
     pub socket: SocketArg,
 }
@@ -109,15 +113,19 @@ pub fn call(socket: &std::path::Path, req: &Request) -> Result<Response> {
     }
 }
 
-fn print_report(r: Response, file: Option<&PathBuf>) -> Result<()> {
-    let Response::Report { text } = r else {
+/// Prints a report answer; returns what a `--fail-on-block` job's end says was blocked.
+fn print_report(
+    r: Response,
+    file: Option<&PathBuf>,
+) -> Result<Option<crate::trail::blocked::Blocked>> {
+    let Response::Report { text, blocked } = r else {
         anyhow::bail!("unexpected answer: {r:?}");
     };
     if let Some(p) = file {
         std::fs::write(p, &text).with_context(|| format!("writing the report {}", p.display()))?;
     }
     print!("{text}");
-    Ok(())
+    Ok(blocked)
 }
 
 fn format_name(f: Format) -> String {
@@ -148,6 +156,7 @@ pub fn job(cmd: &JobCmd) -> Result<i32> {
                     id: a.id.clone(),
                     target,
                     policy,
+                    fail_on_block: a.fail_on_block,
                 },
             )?;
             if let Response::JobStarted {
@@ -188,8 +197,11 @@ pub fn job(cmd: &JobCmd) -> Result<i32> {
                     keep_processes: *keep_processes,
                 },
             )?;
-            print_report(r, report.as_ref())?;
-            Ok(0)
+            // The report went to stdout; the annotations follow it there.
+            Ok(match print_report(r, report.as_ref())? {
+                Some(b) => crate::exec::fail_on_block(id, &b, 0),
+                None => 0,
+            })
         }
     }
 }

@@ -29,6 +29,9 @@ pub enum Request {
         id: String,
         target: Target,
         policy: PolicySpec,
+        /// `job end` fails (exit 3) when anything was blocked.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fail_on_block: bool,
     },
     JobStep {
         id: String,
@@ -76,6 +79,9 @@ pub enum Response {
     },
     Report {
         text: String,
+        /// `job end` of a `--fail-on-block` job: what was blocked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        blocked: Option<crate::trail::blocked::Blocked>,
     },
     Status(serde_json::Value),
     Error {
@@ -121,6 +127,7 @@ mod tests {
                 allow: vec!["github.com:443".into()],
                 ..Default::default()
             },
+            fail_on_block: false,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.contains(r#""op":"job_start""#), "{s}");

@@ -662,7 +662,12 @@ impl Daemon {
             return Response::error("refused: only root may unload ringfence");
         }
         let res = match req {
-            Request::JobStart { id, target, policy } => self.job_start(&id, target, policy),
+            Request::JobStart {
+                id,
+                target,
+                policy,
+                fail_on_block,
+            } => self.job_start(&id, target, policy, fail_on_block),
             Request::JobStep { id, name } => self.job_step(&id, &name),
             Request::JobEnd {
                 id,
@@ -747,7 +752,13 @@ impl Daemon {
         Ok(abs)
     }
 
-    fn job_start(&mut self, id: &str, target: Target, spec: PolicySpec) -> Result<Response> {
+    fn job_start(
+        &mut self,
+        id: &str,
+        target: Target,
+        spec: PolicySpec,
+        fail_on_block: bool,
+    ) -> Result<Response> {
         check_job_id(id).map_err(|e| anyhow::anyhow!(e))?;
         if self.jobs.contains_key(id) {
             anyhow::bail!("job {id:?} is already running (end it first, or choose another id)");
@@ -812,6 +823,7 @@ impl Daemon {
             step: None,
             events: events.clone(),
             started: now_rfc3339(),
+            fail_on_block,
         };
         let rec = match self.register(record, &policy, &compiled) {
             Ok(r) => r,
@@ -1027,7 +1039,10 @@ impl Daemon {
             j.report = saved;
             text
         };
-        Ok(Response::Report { text })
+        Ok(Response::Report {
+            text,
+            blocked: None,
+        })
     }
 
     fn job_end(
@@ -1086,6 +1101,13 @@ impl Daemon {
         let _ = rb.consume();
         self.agent.borrow_mut().apply(&self.dp);
         let text = self.render(slot, format)?;
+        let blocked = rec.fail_on_block.then(|| {
+            let a = self.agent.borrow();
+            a.jobs
+                .get(&slot)
+                .map(|j| j.report.blocked_calls())
+                .unwrap_or_default()
+        });
         // The insights page goes beside the events whatever format was asked for: a CI
         // artifact to open later.
         let page = if format == Some("html") {
@@ -1125,7 +1147,7 @@ impl Daemon {
             let _ = std::fs::write(self.cfg.job_dir(id).join("report.html"), page);
         }
         tracing::info!(job = id, slot, purged, "job ended");
-        Ok(Response::Report { text })
+        Ok(Response::Report { text, blocked })
     }
 
     fn status(&self) -> serde_json::Value {

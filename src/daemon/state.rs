@@ -51,6 +51,9 @@ pub struct JobRecord {
     pub events: PathBuf,
     /// RFC 3339.
     pub started: String,
+    /// `job start --fail-on-block`: `job end` fails when anything was blocked.
+    #[serde(default)]
+    pub fail_on_block: bool,
 }
 
 impl Default for State {

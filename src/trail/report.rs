@@ -553,6 +553,30 @@ impl Report {
         self.blocked
     }
 
+    /// The blocked destinations, in report order, for `--fail-on-block` (every blocked flow
+    /// is counted in `flows`; flows folded past the row limit are counted, not listed).
+    pub fn blocked_calls(&self) -> crate::trail::blocked::Blocked {
+        let calls = self
+            .sorted_rows()
+            .into_iter()
+            .filter(|(k, _)| k.verdict == Verdict::Blocked)
+            .map(|(k, r)| crate::trail::blocked::BlockedCall {
+                domain: k.domain.clone(),
+                dst: k.dst.to_string(),
+                port: k.port,
+                proto: k.proto.to_string(),
+                reason: k.reason.to_string(),
+                comm: r.first_comm.clone(),
+                pid: r.first_pid,
+                count: r.count,
+            })
+            .collect();
+        crate::trail::blocked::Blocked {
+            flows: self.blocked,
+            calls,
+        }
+    }
+
     /// Flow events that would have been blocked in block mode (audit mode let them pass).
     pub fn audited(&self) -> usize {
         self.audited
