@@ -208,3 +208,205 @@ fn daemon_job_fail_on_block() {
     assert_eq!(code, Some(0), "{out}\n{err}");
     assert!(annotation_lines(&out).is_empty(), "{out}");
 }
+
+/// Scrapes a metrics endpoint (`HOST:PORT` over HTTP with urllib, or a Unix socket path)
+/// and parses it with the Prometheus client library's own text parser; prints
+/// `{sample name: [{labels, value, type}]}` as JSON.
+const SCRAPE: &str = r#"
+import json, socket, sys, urllib.request
+from prometheus_client.parser import text_string_to_metric_families
+t = sys.argv[1]
+if t.startswith("/"):
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(5)
+    s.connect(t)
+    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: ringfence\r\n\r\n")
+    data = b""
+    while True:
+        c = s.recv(65536)
+        if not c:
+            break
+        data += c
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert head.startswith(b"HTTP/1.1 200"), head
+    assert b"Content-Type: text/plain; version=0.0.4" in head, head
+    body = body.decode()
+else:
+    r = urllib.request.urlopen("http://%s/metrics" % t, timeout=5)
+    assert r.status == 200
+    assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4"), r.headers
+    body = r.read().decode()
+out = {}
+for fam in text_string_to_metric_families(body):
+    for s in fam.samples:
+        out.setdefault(s.name, []).append({"labels": s.labels, "value": s.value, "type": fam.type})
+print(json.dumps(out))
+"#;
+
+fn scrape(tb: &Testbed, target: &str) -> serde_json::Value {
+    let (st, out, err) = run_timeout(
+        // The system's python, which Debian's python3-prometheus-client installs into
+        // (scripts/ensure-deps test), whatever python3 comes first in PATH.
+        tb.client_cmd("/usr/bin/python3", ["-c", SCRAPE, target]),
+        JOB_TIMEOUT,
+    );
+    assert!(st.success(), "scraping {target}: {err}");
+    serde_json::from_str(&out).expect("scrape JSON")
+}
+
+/// A sample's value: the one whose labels include all of `labels`.
+fn value(m: &serde_json::Value, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    m[name].as_array()?.iter().find_map(|s| {
+        labels
+            .iter()
+            .all(|(k, v)| s["labels"][*k] == *v)
+            .then(|| s["value"].as_f64())
+            .flatten()
+    })
+}
+
+#[test]
+fn metrics_scraped_during_real_traffic_match_the_events() {
+    let (ok, bad) = (link_v4(24), link_v4(25));
+    let tb = testbed(
+        &[
+            DnsRecord::a("ok.test", ok),
+            DnsRecord::a("attacker.test", bad),
+        ],
+        &[sa(ok, 80), sa(bad, 80)],
+    );
+    let dir = tb.workdir().join("metrics-13");
+    std::fs::create_dir_all(&dir).unwrap();
+    let sock = dir.join("metrics.sock");
+    let sock_s = sock.display().to_string();
+    let tcp = "127.0.0.1:19464";
+    let mut d = Daemon::start(&tb, &["--metrics", tcp, "--metrics-socket", &sock_s]);
+    let dns = DNS_V4.to_string();
+    let cg = d.cgroup("metrics");
+    let id = "metrics-13";
+    d.start_job(
+        id,
+        &cg,
+        &[
+            "--mode",
+            "block",
+            "--allow",
+            "ok.test:80",
+            "--dns-resolver",
+            &dns,
+        ],
+    );
+    let job = [("job", id), ("mode", "block")];
+
+    // Traffic in the background while the endpoint is scraped over both transports.
+    let traffic = {
+        let argv: Vec<String> = [
+            "sh",
+            "-c",
+            &format!(
+                "for i in 1 2 3 4 5 6; do curl -4 -sS --max-time 3 http://ok.test/ >/dev/null; \
+                 curl -4 -sS --connect-timeout 1 --max-time 2 http://attacker.test/ >/dev/null 2>&1; \
+                 curl -4 -sS --connect-timeout 1 --max-time 2 http://{bad}/ >/dev/null 2>&1; done"
+            ),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        in_job(&tb, &cg, &argv).spawn().expect("traffic")
+    };
+    let mut traffic = traffic;
+    let mut last = 0.0;
+    let mut scrapes = 0;
+    while traffic.try_wait().unwrap().is_none() {
+        for target in [tcp, sock_s.as_str()] {
+            let m = scrape(&tb, target);
+            let flows = value(&m, "ringfence_job_flows_total", &job).unwrap_or(0.0);
+            assert!(flows >= last, "job flows went down: {last} -> {flows}");
+            last = flows;
+            scrapes += 1;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+    assert!(scrapes >= 2, "the traffic ended before it was scraped");
+
+    // Once the snapshot has caught up (a second at most), every count is the events'.
+    let evs = d.events(id);
+    let flows: Vec<&serde_json::Value> = evs
+        .iter()
+        .filter(|e| e.get("type").is_none() || e["type"] == "flow")
+        .filter(|e| e.get("dst").is_some())
+        .collect();
+    let by = |v: &str| flows.iter().filter(|e| e["verdict"] == v).count() as f64;
+    let refused = flows
+        .iter()
+        .filter(|e| e["verdict"] == "blocked" && e["reason"] == "dns-query")
+        .count() as f64;
+    let dns: Vec<&serde_json::Value> = evs.iter().filter(|e| e["type"] == "dns").collect();
+    let bound = dns.iter().filter(|e| e["bound"] == true).count() as f64;
+    assert!(
+        by("allowed") >= 6.0 && by("blocked") >= 12.0 && refused >= 6.0,
+        "{evs:?}"
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let m = loop {
+        let m = scrape(&tb, tcp);
+        if value(&m, "ringfence_job_flows_total", &job) == Some(flows.len() as f64) {
+            break m;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "job flows never reached the events' {}: {m}",
+            flows.len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    };
+    let v = |n: &str| value(&m, n, &job).unwrap_or_else(|| panic!("{n} missing: {m}"));
+    assert_eq!(v("ringfence_job_flows_allowed_total"), by("allowed"));
+    assert_eq!(v("ringfence_job_flows_blocked_total"), by("blocked"));
+    assert_eq!(v("ringfence_job_flows_audited_total"), by("audited"));
+    assert_eq!(v("ringfence_job_dns_answers_total"), dns.len() as f64);
+    assert_eq!(v("ringfence_job_dns_answers_bound_total"), bound);
+    assert_eq!(v("ringfence_job_dns_queries_refused_total"), refused);
+    assert_eq!(m["ringfence_job_flows_total"][0]["type"], "counter");
+    // The kernel's totals hold at least this job's.
+    let k = |n: &str| value(&m, n, &[]).unwrap_or_else(|| panic!("{n} missing: {m}"));
+    eprintln!(
+        "kernel: new_flows {} allowed {} blocked {} dns_refused {}; events: flows {} allowed {} blocked {}",
+        k("ringfence_kernel_new_flows_total"),
+        k("ringfence_kernel_allowed_total"),
+        k("ringfence_kernel_blocked_total"),
+        k("ringfence_kernel_dns_refused_total"),
+        flows.len(),
+        by("allowed"),
+        by("blocked")
+    );
+    // The only job of this daemon: the kernel's counts are its own. A query refused in the
+    // kernel is a blocked flow event but not a new flow.
+    assert_eq!(
+        k("ringfence_kernel_new_flows_total") + k("ringfence_kernel_dns_refused_total"),
+        flows.len() as f64
+    );
+    assert_eq!(k("ringfence_kernel_allowed_total"), by("allowed"));
+    assert_eq!(
+        k("ringfence_kernel_blocked_total") + k("ringfence_kernel_dns_refused_total"),
+        by("blocked")
+    );
+    assert_eq!(k("ringfence_kernel_dns_refused_total"), refused);
+    assert!(k("ringfence_kernel_dns_bound_total") >= bound);
+    assert_eq!(k("ringfence_kernel_ringbuf_drop_total"), 0.0);
+    assert_eq!(k("ringfence_jobs"), 1.0);
+    assert!(value(&m, "ringfence_map_entries", &[("map", "jobs")]).unwrap() >= 1.0);
+    assert!(value(&m, "ringfence_map_capacity_entries", &[("map", "allow")]).unwrap() > 0.0);
+    let attach = &m["ringfence_attach_info"][0]["labels"]["attach"];
+    assert!(attach == "tcx" || attach == "clsact", "{m}");
+    let render = k("ringfence_metrics_render_seconds");
+    eprintln!(
+        "metrics: {} scrapes during traffic, snapshot rendered in {:.3} ms",
+        scrapes,
+        render * 1e3
+    );
+
+    d.ok(&["job", "end", "--id", id]);
+    d.stop();
+    assert!(!sock.exists(), "the metrics socket was left behind");
+}

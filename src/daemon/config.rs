@@ -42,6 +42,12 @@ pub struct Config {
     pub max_jobs: usize,
     #[serde(default = "default_events_max")]
     pub events_max_bytes: String,
+    /// The Prometheus endpoint: a TCP address (`127.0.0.1:9464`).
+    #[serde(default)]
+    pub metrics: Option<String>,
+    /// The Prometheus endpoint on a Unix socket (mode 0600).
+    #[serde(default)]
+    pub metrics_socket: Option<PathBuf>,
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/ringfence/control.sock";

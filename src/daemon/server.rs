@@ -53,6 +53,12 @@ pub struct RunArgs {
     /// Interfaces to attach to (repeatable). Default: every one, and new ones as they come.
     #[arg(long = "interface", value_name = "IFNAME")]
     pub interfaces: Vec<String>,
+    /// Serve Prometheus metrics on ADDR (TCP, e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Serve Prometheus metrics on a Unix socket.
+    #[arg(long = "metrics-socket", value_name = "PATH")]
+    pub metrics_socket: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -78,6 +84,12 @@ impl RunArgs {
         }
         if !self.interfaces.is_empty() {
             c.interfaces = self.interfaces.clone();
+        }
+        if let Some(v) = &self.metrics {
+            c.metrics = Some(v.clone());
+        }
+        if let Some(v) = &self.metrics_socket {
+            c.metrics_socket = Some(v.clone());
         }
         Ok(c)
     }
@@ -408,6 +420,10 @@ impl Daemon {
     pub fn serve(&mut self) -> Result<i32> {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
         let mut listener = self.bind()?;
+        let mut metrics = crate::daemon::metrics::Exporter::start(
+            self.cfg.metrics.as_deref(),
+            self.cfg.metrics_socket.as_deref(),
+        )?;
         let agent = self.agent.clone();
         let events_map = self.dp.events_map()?;
         let mut rbb = libbpf_rs::RingBufferBuilder::new();
@@ -571,6 +587,9 @@ impl Daemon {
                 next_check = Instant::now() + ATTACH_CHECK;
             }
             self.agent.borrow_mut().flush();
+            if let Some(m) = metrics.as_mut().filter(|m| m.due()) {
+                m.publish(self.metrics_text());
+            }
             let now = Instant::now();
             conns.retain(|_, c| {
                 let keep = c.deadline > now;
@@ -584,6 +603,7 @@ impl Daemon {
         self.agent.borrow_mut().apply(&self.dp);
         self.agent.borrow_mut().flush();
         drop(listener);
+        drop(metrics);
         let _ = std::fs::remove_file(&self.cfg.socket);
         if self.unload {
             return self.take_down();
@@ -1206,6 +1226,143 @@ impl Daemon {
             "decode_errors": a.decode_errors,
             "process_watch": self.watch_failed.is_empty(),
         })
+    }
+
+    /// The Prometheus exposition text (see [`crate::daemon::metrics`]).
+    fn metrics_text(&self) -> String {
+        let t0 = Instant::now();
+        let mut t = crate::daemon::metrics::Text::default();
+        let values = self.counters();
+        for (c, n) in COUNTER_NAMES {
+            let name = format!("ringfence_kernel_{n}_total");
+            t.family(
+                &name,
+                "counter",
+                &format!("The dataplane's counter {n} (enum rf_counter in bpf/abi.h), all jobs and the host policy together"),
+            );
+            t.sample(&name, &[], values[c.0 as usize]);
+        }
+        let a = self.agent.borrow();
+        let jobs: Vec<(&str, &str, crate::trail::report::JobMetrics)> = self
+            .state
+            .jobs
+            .iter()
+            .map(|r| {
+                let m = a
+                    .jobs
+                    .get(&r.slot)
+                    .map(|j| j.report.metrics())
+                    .unwrap_or_default();
+                (r.id.as_str(), mode_name(self.jobs[&r.id].policy.mode), m)
+            })
+            .collect();
+        type Field = fn(&crate::trail::report::JobMetrics) -> usize;
+        let per_job: [(&str, &str, Field); 8] = [
+            ("flows", "New flows of the job (every verdict)", |m| m.flows),
+            ("flows_allowed", "The job's flows its policy allowed", |m| {
+                m.allowed
+            }),
+            ("flows_blocked", "The job's flows that were blocked", |m| {
+                m.blocked
+            }),
+            (
+                "flows_audited",
+                "The job's flows that would have been blocked (audit mode let them pass)",
+                |m| m.audited,
+            ),
+            ("dns_answers", "DNS answers the job received", |m| {
+                m.dns_answers
+            }),
+            (
+                "dns_answers_bound",
+                "DNS answers whose addresses the kernel bound to the job's policy",
+                |m| m.dns_answers_bound,
+            ),
+            (
+                "dns_queries_refused",
+                "DNS queries of the job refused in the kernel (name not allowed)",
+                |m| m.dns_queries_refused,
+            ),
+            (
+                "findings",
+                "Distinct findings of the job (DNS exfiltration, process and dataplane alerts)",
+                |m| m.findings,
+            ),
+        ];
+        for (n, help, f) in per_job {
+            let name = format!("ringfence_job_{n}_total");
+            t.family(&name, "counter", help);
+            for (id, mode, m) in &jobs {
+                t.sample(&name, &[("job", id), ("mode", mode)], f(m));
+            }
+        }
+        t.family("ringfence_jobs", "gauge", "Jobs running");
+        t.sample("ringfence_jobs", &[], jobs.len());
+        t.family(
+            "ringfence_decode_errors_total",
+            "counter",
+            "Ring buffer records the daemon could not decode",
+        );
+        t.sample("ringfence_decode_errors_total", &[], a.decode_errors);
+        drop(a);
+        t.family("ringfence_map_entries", "gauge", "Entries in each BPF map");
+        let fill = self.dp.map_fill();
+        for (m, e, _) in &fill {
+            t.sample("ringfence_map_entries", &[("map", m)], e);
+        }
+        t.family(
+            "ringfence_map_capacity_entries",
+            "gauge",
+            "Each BPF map's capacity (max_entries)",
+        );
+        for (m, _, c) in &fill {
+            t.sample("ringfence_map_capacity_entries", &[("map", m)], c);
+        }
+        t.family(
+            "ringfence_attach_info",
+            "gauge",
+            "How the programs are attached (tcx or clsact), on which kernel; 1",
+        );
+        t.sample(
+            "ringfence_attach_info",
+            &[
+                ("attach", self.dp.attach_kind().name()),
+                ("kernel", &self.dp.kernel().release),
+                ("adopted", if self.dp.adopted() { "true" } else { "false" }),
+            ],
+            1,
+        );
+        t.family(
+            "ringfence_process_watch_attached",
+            "gauge",
+            "1 when the process watch (ptrace of processes outside jobs) is attached",
+        );
+        t.sample(
+            "ringfence_process_watch_attached",
+            &[],
+            u8::from(self.watch_failed.is_empty()),
+        );
+        t.family(
+            "ringfence_uptime_seconds",
+            "gauge",
+            "Seconds since the daemon started",
+        );
+        t.sample(
+            "ringfence_uptime_seconds",
+            &[],
+            self.started.elapsed().as_secs(),
+        );
+        t.family(
+            "ringfence_metrics_render_seconds",
+            "gauge",
+            "Time the event loop took to render this snapshot",
+        );
+        t.sample(
+            "ringfence_metrics_render_seconds",
+            &[],
+            t0.elapsed().as_secs_f64(),
+        );
+        t.0
     }
 
     fn request_unload(&mut self, force: bool) -> Result<Response> {
