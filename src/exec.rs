@@ -45,6 +45,12 @@ pub struct ExecArgs {
     /// an `::error` annotation line per blocked call to stdout.
     #[arg(long = "fail-on-block")]
     pub fail_on_block: bool,
+    /// POST blocked calls and findings to URL (http://), batched, while the job runs.
+    #[arg(long, value_name = "URL")]
+    pub webhook: Option<String>,
+    /// The webhook's body: slack ({"text": …}) or json (the events).
+    #[arg(long = "webhook-format", value_enum, default_value = "slack")]
+    pub webhook_format: crate::notify::WebhookFormat,
     /// Interfaces to attach to (repeatable). Default: every interface of this network
     /// namespace except lo, and every one that appears while the job runs. Either way the
     /// job's packets leaving through an interface ringfence is not attached to are dropped
@@ -184,6 +190,17 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
                 .map_err(|e| UsageError::Other(e.to_string()))?,
         ))
     };
+    let webhook = match &args.webhook {
+        Some(url) => {
+            let w = crate::notify::Webhook {
+                url: url.clone(),
+                format: args.webhook_format,
+            };
+            w.check().map_err(UsageError::Other)?;
+            Some(w)
+        }
+        None => None,
+    };
     warn_inherited_sockets(&args.keep_fds);
     let compiled = policy.compile()?;
     // Subscribed before the interfaces are listed, so none can appear unseen in between.
@@ -291,6 +308,11 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     if let Some(b) = baseline {
         state.report.set_baseline(b);
     }
+    let notifier = match webhook {
+        Some(w) => Some(crate::notify::Sink::start(w).context("starting the webhook sender")?),
+        None => None,
+    };
+    state.notify.extend(notifier.clone());
     let command = args
         .command
         .iter()
@@ -372,6 +394,15 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     drop(err);
     let blocked = args.fail_on_block.then(|| job.report.blocked_calls());
     drop(cgroup);
+    if let Some(n) = &notifier {
+        // The last batch goes out before ringfence exits (the job has ended: a while, not
+        // forever).
+        if !n.flush(std::time::Duration::from_secs(10)) {
+            tracing::warn!(
+                "the webhook did not take every notice within 10 s (the events file has them)"
+            );
+        }
+    }
 
     let code = match status.code() {
         Some(c) => c,

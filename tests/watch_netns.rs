@@ -410,3 +410,210 @@ fn metrics_scraped_during_real_traffic_match_the_events() {
     d.stop();
     assert!(!sock.exists(), "the metrics socket was left behind");
 }
+
+/// A webhook receiver on loopback in the client namespace: every POST body, parsed.
+struct Receiver {
+    bodies: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+}
+
+impl Receiver {
+    fn start(tb: &Testbed, addr: &str) -> Receiver {
+        let addr = addr.to_string();
+        let l = testbed::in_netns(tb.client_ns(), move || std::net::TcpListener::bind(addr))
+            .expect("entering the client namespace")
+            .expect("binding the receiver");
+        let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let b = bodies.clone();
+        std::thread::spawn(move || {
+            use std::io::{BufRead, BufReader, Read, Write};
+            for s in l.incoming().flatten() {
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                let mut len = 0usize;
+                let mut first = String::new();
+                r.read_line(&mut first).unwrap();
+                assert!(first.starts_with("POST "), "{first}");
+                loop {
+                    let mut h = String::new();
+                    r.read_line(&mut h).unwrap();
+                    if h.trim().is_empty() {
+                        break;
+                    }
+                    if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap();
+                    }
+                }
+                let mut body = vec![0; len];
+                r.read_exact(&mut body).unwrap();
+                b.lock()
+                    .unwrap()
+                    .push(serde_json::from_slice(&body).expect("a JSON body"));
+                let mut s = s;
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok",
+                );
+            }
+        });
+        Receiver { bodies }
+    }
+
+    fn bodies(&self) -> Vec<serde_json::Value> {
+        self.bodies.lock().unwrap().clone()
+    }
+}
+
+/// Notices a Slack body stood for ("… N blocked call(s) or finding(s)").
+fn slack_count(b: &serde_json::Value) -> usize {
+    let t = b["text"].as_str().expect("a Slack body has text");
+    let head = t.lines().next().unwrap();
+    head.split(": ")
+        .nth(1)
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn wait_for(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < end,
+            "waited {secs} s for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn webhooks_batched_retried_while_down_nothing_lost() {
+    let (ok, bad) = (link_v4(22), link_v4(23));
+    let tb = testbed(
+        &[
+            DnsRecord::a("ok.test", ok),
+            DnsRecord::a("attacker.test", bad),
+        ],
+        &[sa(ok, 80), sa(bad, 80)],
+    );
+    let (host_hook, job_hook) = ("127.0.0.1:19480", "127.0.0.1:19481");
+    let cfg = scratch(
+        &tb,
+        "hooks-13.toml",
+        &format!("[[webhook]]\nurl = \"http://{host_hook}/hook\"\nformat = \"slack\"\n"),
+    );
+    let cfg_s = cfg.display().to_string();
+    let mut d = Daemon::start(&tb, &["--config", &cfg_s]);
+    let dns = DNS_V4.to_string();
+    let cg = d.cgroup("hooks");
+    let id = "hooks-13";
+    let url = format!("http://{job_hook}/job");
+    // The job's own receiver is up from the start; the host's is down.
+    let job_rx = Receiver::start(&tb, job_hook);
+    d.start_job(
+        id,
+        &cg,
+        &[
+            "--mode",
+            "block",
+            "--allow",
+            "ok.test:80",
+            "--dns-resolver",
+            &dns,
+            "--webhook",
+            &url,
+            "--webhook-format",
+            "json",
+        ],
+    );
+    let script = format!(
+        "for i in 1 2 3 4 5; do curl -4 -sS --max-time 3 http://ok.test/ >/dev/null; \
+         curl -4 -sS --connect-timeout 1 --max-time 2 http://attacker.test/ >/dev/null 2>&1; \
+         curl -4 -sS --connect-timeout 1 --max-time 2 http://{bad}/ >/dev/null 2>&1; sleep 0.3; done"
+    );
+    let argv: Vec<String> = ["sh", "-c", &script]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let (st, _, err) = run_timeout(in_job(&tb, &cg, &argv), JOB_TIMEOUT);
+    assert!(st.success(), "{err}");
+
+    // The trail has every blocked flow, whatever the receivers do.
+    let blocked = || -> Vec<serde_json::Value> {
+        d.events(id)
+            .into_iter()
+            .filter(|e| e["verdict"] == "blocked")
+            .collect()
+    };
+    wait_for("the blocked flows in the trail", 10, || {
+        let st = d.status();
+        let j = &st["jobs"][0];
+        j["blocked"].as_u64() == Some(blocked().len() as u64) && blocked().len() >= 10
+    });
+    let trail = blocked();
+
+    // The job's receiver gets them all, in batches, each exactly once.
+    wait_for("the job's webhook", 20, || {
+        job_rx
+            .bodies()
+            .iter()
+            .map(|b| b["events"].as_array().unwrap().len())
+            .sum::<usize>()
+            >= trail.len()
+    });
+    let got: Vec<serde_json::Value> = job_rx
+        .bodies()
+        .iter()
+        .flat_map(|b| b["events"].as_array().unwrap().clone())
+        .collect();
+    let key =
+        |e: &serde_json::Value| format!("{} {} {} {}", e["ts"], e["dst"], e["port"], e["reason"]);
+    let mut a: Vec<String> = got.iter().map(key).collect();
+    let mut b: Vec<String> = trail.iter().map(key).collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "the job's webhook and the trail differ");
+    let batches = job_rx.bodies().len();
+    assert!(
+        batches < trail.len(),
+        "{batches} batches for {} notices: not batched",
+        trail.len()
+    );
+    assert!(job_rx
+        .bodies()
+        .iter()
+        .all(|b| b["source"] == "ringfence" && b["dropped"] == 0));
+
+    // The host's receiver was down: the daemon retried, and says so.
+    wait_for("a failed delivery", 10, || {
+        d.log().contains("webhook not delivered")
+    });
+    let host_rx = Receiver::start(&tb, host_hook);
+    wait_for("the host's webhook after it came back", 60, || {
+        host_rx.bodies().iter().map(slack_count).sum::<usize>() >= trail.len()
+    });
+    let bodies = host_rx.bodies();
+    assert_eq!(bodies.iter().map(slack_count).sum::<usize>(), trail.len());
+    let text: String = bodies
+        .iter()
+        .map(|b| b["text"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        text.contains("job hooks-13: blocked udp to attacker.test"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "job hooks-13: blocked tcp to {bad} port 80 from curl"
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("dropped"), "{text}");
+    eprintln!(
+        "webhooks: {} notices; job receiver {} batches; host receiver down then up: {} batches",
+        trail.len(),
+        batches,
+        bodies.len()
+    );
+    d.ok(&["job", "end", "--id", id]);
+}

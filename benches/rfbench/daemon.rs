@@ -332,6 +332,7 @@ impl Rig {
                 target,
                 policy: policy.clone(),
                 fail_on_block: false,
+                webhook: None,
             },
         )
         .with_context(|| format!("job start {id}"))?;

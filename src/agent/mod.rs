@@ -56,6 +56,8 @@ pub struct JobState {
     names_not_kept: u64,
     /// The job's own events file (the daemon: one per job); without one, the agent's.
     sink: Option<Sink>,
+    /// Webhooks told of the job's blocked flows and findings (the host's and the job's own).
+    pub notify: Vec<crate::notify::Sink>,
 }
 
 type Sink = JsonLinesWriter<io::BufWriter<std::fs::File>>;
@@ -155,6 +157,7 @@ impl JobState {
             dropped: CutCounts::default(),
             names_not_kept: 0,
             sink: None,
+            notify: Vec::new(),
         }
     }
 
@@ -366,6 +369,17 @@ impl Agent {
         }
         if admitted {
             self.write(job_id, &ev, false);
+        }
+        // After the trail: a notice is queued (never waited for), written or rate-limited
+        // alike, so the receiver hears of every block the report counts.
+        if let Some(j) = self.jobs.get(&job_id) {
+            if !j.notify.is_empty() && crate::notify::wanted(&ev) {
+                if let Ok(v) = serde_json::to_value(&ev) {
+                    for n in &j.notify {
+                        n.send(v.clone());
+                    }
+                }
+            }
         }
     }
 

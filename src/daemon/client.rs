@@ -73,6 +73,13 @@ pub struct StartArgs {
     /// `::error` annotation line per blocked call).
     #[arg(long = "fail-on-block")]
     pub fail_on_block: bool,
+    /// Also POST the job's blocked calls and findings to URL (http://; the daemon's
+    /// configured webhooks get them anyway).
+    #[arg(long, value_name = "URL")]
+    pub webhook: Option<String>,
+    /// The job's webhook body: slack ({"text": …}) or json (the events).
+    #[arg(long = "webhook-format", value_enum, default_value = "slack")]
+    pub webhook_format: crate::notify::WebhookFormat,
     #[command(flatten)]
     pub socket: SocketArg,
 }
@@ -150,6 +157,17 @@ pub fn job(cmd: &JobCmd) -> Result<i32> {
             // Checked here first: a policy error names its file, line and token.
             let policy = a.policy.to_spec().map_err(anyhow::Error::new)?;
             policy.build().map_err(anyhow::Error::new)?;
+            let webhook = match &a.webhook {
+                Some(url) => {
+                    let w = crate::notify::Webhook {
+                        url: url.clone(),
+                        format: a.webhook_format,
+                    };
+                    w.check().map_err(UsageError::Other)?;
+                    Some(w)
+                }
+                None => None,
+            };
             let r = call(
                 &a.socket.socket,
                 &Request::JobStart {
@@ -157,6 +175,7 @@ pub fn job(cmd: &JobCmd) -> Result<i32> {
                     target,
                     policy,
                     fail_on_block: a.fail_on_block,
+                    webhook,
                 },
             )?;
             if let Response::JobStarted {

@@ -48,6 +48,9 @@ pub struct Config {
     /// The Prometheus endpoint on a Unix socket (mode 0600).
     #[serde(default)]
     pub metrics_socket: Option<PathBuf>,
+    /// Webhooks told of every job's blocked calls and findings (`[[webhook]]` tables).
+    #[serde(default)]
+    pub webhook: Vec<crate::notify::Webhook>,
 }
 
 pub const DEFAULT_SOCKET: &str = "/run/ringfence/control.sock";
@@ -98,6 +101,10 @@ impl Config {
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
         c.events_max()
             .map_err(|e| anyhow::anyhow!("config {}: events-max-bytes: {e}", path.display()))?;
+        for w in &c.webhook {
+            w.check()
+                .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        }
         if c.max_jobs == 0 {
             anyhow::bail!("config {}: max-jobs must be at least 1", path.display());
         }

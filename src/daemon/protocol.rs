@@ -32,6 +32,9 @@ pub enum Request {
         /// `job end` fails (exit 3) when anything was blocked.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         fail_on_block: bool,
+        /// The job's own webhook (besides the host's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        webhook: Option<crate::notify::Webhook>,
     },
     JobStep {
         id: String,
@@ -128,6 +131,7 @@ mod tests {
                 ..Default::default()
             },
             fail_on_block: false,
+            webhook: None,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.contains(r#""op":"job_start""#), "{s}");

@@ -138,6 +138,8 @@ pub struct Daemon {
     watch_failed: Vec<String>,
     /// Set by an `unload` request: leave the loop and take everything down.
     unload: bool,
+    /// The host's webhooks (config `[[webhook]]`), told of every job's blocks and findings.
+    webhooks: Vec<crate::notify::Sink>,
 }
 
 /// `ringfence run`.
@@ -228,6 +230,12 @@ impl Daemon {
             .filter_map(|f| TcFilter::parse_arg(f).ok())
             .collect();
         dp.adopt_filters(&filters);
+        let webhooks = cfg
+            .webhook
+            .iter()
+            .map(|w| crate::notify::Sink::start(w.clone()))
+            .collect::<io::Result<Vec<_>>>()
+            .context("starting the webhook senders")?;
         let mut agent = Agent::new(
             None,
             crate::policy::DEFAULT_DNS_MIN_TTL,
@@ -251,7 +259,11 @@ impl Daemon {
         let mut jobs = HashMap::new();
         let records = std::mem::take(&mut state.jobs);
         for r in records {
-            match readopt(&mut dp, &mut agent, &r, events_max) {
+            let mut notify = webhooks.clone();
+            if let Some(w) = r.webhook.clone() {
+                notify.extend(crate::notify::Sink::start(w).ok());
+            }
+            match readopt(&mut dp, &mut agent, &r, events_max, notify) {
                 Ok(live) => {
                     jobs.insert(r.id.clone(), live);
                     state.jobs.push(r);
@@ -358,6 +370,7 @@ impl Daemon {
             started: Instant::now(),
             watch_failed,
             unload: false,
+            webhooks,
         };
         d.save_state();
         Ok(d)
@@ -687,7 +700,8 @@ impl Daemon {
                 target,
                 policy,
                 fail_on_block,
-            } => self.job_start(&id, target, policy, fail_on_block),
+                webhook,
+            } => self.job_start(&id, target, policy, fail_on_block, webhook),
             Request::JobStep { id, name } => self.job_step(&id, &name),
             Request::JobEnd {
                 id,
@@ -778,8 +792,12 @@ impl Daemon {
         target: Target,
         spec: PolicySpec,
         fail_on_block: bool,
+        webhook: Option<crate::notify::Webhook>,
     ) -> Result<Response> {
         check_job_id(id).map_err(|e| anyhow::anyhow!(e))?;
+        if let Some(w) = &webhook {
+            w.check().map_err(|e| anyhow::anyhow!(e))?;
+        }
         if self.jobs.contains_key(id) {
             anyhow::bail!("job {id:?} is already running (end it first, or choose another id)");
         }
@@ -844,6 +862,7 @@ impl Daemon {
             events: events.clone(),
             started: now_rfc3339(),
             fail_on_block,
+            webhook: webhook.clone(),
         };
         let rec = match self.register(record, &policy, &compiled) {
             Ok(r) => r,
@@ -859,6 +878,7 @@ impl Daemon {
             .with_events_file(&events, self.events_max)?;
         st.policy = Some(policy.clone());
         st.exfil = crate::trail::exfil::ExfilDetector::new(policy.dns_exfil);
+        st.notify = self.job_webhooks(webhook);
         let what = match &target {
             Target::Cgroup(p) => format!("cgroup:{p}"),
             Target::Pid(p) => format!("pid:{p}"),
@@ -994,6 +1014,18 @@ impl Daemon {
             self.dp.add_interface_job(i, entry.host_side())?;
         }
         Ok(r)
+    }
+
+    /// The host's webhooks, and the job's own (its sender thread starts here).
+    fn job_webhooks(&self, own: Option<crate::notify::Webhook>) -> Vec<crate::notify::Sink> {
+        let mut v = self.webhooks.clone();
+        if let Some(w) = own {
+            match crate::notify::Sink::start(w) {
+                Ok(s) => v.push(s),
+                Err(e) => tracing::warn!("starting a job's webhook sender: {e}"),
+            }
+        }
+        v
     }
 
     fn job_step(&mut self, id: &str, name: &str) -> Result<Response> {
@@ -1403,7 +1435,13 @@ impl Daemon {
 
 /// A job an earlier daemon left: its entries are written again (the same values: a no-op
 /// for the kernel), its cgroup links taken over in place, its trail reopened.
-fn readopt(dp: &mut Dataplane, agent: &mut Agent, r: &JobRecord, events_max: u64) -> Result<Live> {
+fn readopt(
+    dp: &mut Dataplane,
+    agent: &mut Agent,
+    r: &JobRecord,
+    events_max: u64,
+    notify: Vec<crate::notify::Sink>,
+) -> Result<Live> {
     let policy = r.policy.build().map_err(anyhow::Error::new)?;
     let compiled = policy.compile()?;
     dp.install_policy(r.slot, &compiled, &policy.dns_resolvers)?;
@@ -1441,6 +1479,7 @@ fn readopt(dp: &mut Dataplane, agent: &mut Agent, r: &JobRecord, events_max: u64
     st.step = r.step.clone();
     st.policy = Some(policy.clone());
     st.exfil = crate::trail::exfil::ExfilDetector::new(policy.dns_exfil);
+    st.notify = notify;
     agent.adopt_job(r.slot, st);
     tracing::info!(job = r.id, slot = r.slot, "job taken over");
     Ok(Live {

@@ -54,6 +54,9 @@ pub struct JobRecord {
     /// `job start --fail-on-block`: `job end` fails when anything was blocked.
     #[serde(default)]
     pub fail_on_block: bool,
+    /// `job start --webhook`.
+    #[serde(default)]
+    pub webhook: Option<crate::notify::Webhook>,
 }
 
 impl Default for State {
