@@ -306,7 +306,7 @@ fn metrics_scraped_during_real_traffic_match_the_events() {
             &format!(
                 "for i in 1 2 3 4 5 6; do curl -4 -sS --max-time 3 http://ok.test/ >/dev/null; \
                  curl -4 -sS --connect-timeout 1 --max-time 2 http://attacker.test/ >/dev/null 2>&1; \
-                 curl -4 -sS --connect-timeout 1 --max-time 2 http://{bad}/ >/dev/null 2>&1; done"
+                 curl -4 -sS --connect-timeout 1 --max-time 2 http://{bad}/ >/dev/null 2>&1; done; true"
             ),
         ]
         .iter()
@@ -614,6 +614,202 @@ fn webhooks_batched_retried_while_down_nothing_lost() {
         trail.len(),
         batches,
         bodies.len()
+    );
+    d.ok(&["job", "end", "--id", id]);
+}
+
+/// Runs `argv` in a pseudo-terminal (python3's pty, 40x160) and prints everything the
+/// terminal received.
+const IN_PTY: &str = r#"
+import fcntl, os, pty, struct, sys, termios
+pid, fd = pty.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 160, 0, 0))
+out = b""
+while True:
+    try:
+        c = os.read(fd, 65536)
+    except OSError:
+        break
+    if not c:
+        break
+    out += c
+os.waitpid(pid, 0)
+sys.stdout.buffer.write(out)
+"#;
+
+#[test]
+fn watch_plain_lines_and_in_a_terminal_during_a_real_job() {
+    let (ok, bad) = (link_v4(20), link_v4(21));
+    let tb = testbed(
+        &[
+            DnsRecord::a("ok.test", ok),
+            DnsRecord::a("attacker.test", bad),
+        ],
+        &[sa(ok, 80), sa(bad, 80)],
+    );
+    let mut d = Daemon::start(&tb, &[]);
+    let dns = DNS_V4.to_string();
+    let cg = d.cgroup("watch");
+    let id = "watch-13";
+    d.start_job(
+        id,
+        &cg,
+        &[
+            "--mode",
+            "block",
+            "--allow",
+            "ok.test:80",
+            "--dns-resolver",
+            &dns,
+        ],
+    );
+    let sock = d.socket.display().to_string();
+    let watch = |extra: &[&str]| {
+        let mut c = Command::new(RINGFENCE);
+        c.args([
+            "watch",
+            "--interval",
+            "100",
+            "--for",
+            "7",
+            "--socket",
+            &sock,
+        ])
+        .args(extra)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        c
+    };
+    let script = format!(
+        "sleep 1; for i in 1 2 3; do curl -4 -sS --max-time 3 http://ok.test/ >/dev/null; \
+         curl -4 -sS --connect-timeout 1 --max-time 2 http://attacker.test/ >/dev/null 2>&1; \
+         curl -4 -sS --connect-timeout 1 --max-time 2 http://{bad}/ >/dev/null 2>&1; done; true"
+    );
+    let traffic: Vec<String> = ["sh", "-c", &script]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+
+    // Plain lines (stdout is a pipe): one per flow, as they open.
+    let plain = watch(&["--job", id]).spawn().expect("watch");
+    let (st, _, err) = run_timeout(in_job(&tb, &cg, &traffic), JOB_TIMEOUT);
+    assert!(st.success(), "{err}");
+    let out = plain.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        !text.contains('\x1b'),
+        "escape sequences in plain output: {text:?}"
+    );
+    let flows: Vec<serde_json::Value> = d
+        .events(id)
+        .into_iter()
+        .filter(|e| e.get("dst").is_some())
+        .collect();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), flows.len(), "{text}");
+    for (l, e) in lines.iter().zip(&flows) {
+        assert!(
+            l.starts_with(&format!("{} {id} ", e["ts"].as_str().unwrap())),
+            "{l} vs {e}"
+        );
+        let v = e["verdict"].as_str().unwrap().to_uppercase();
+        assert!(l.contains(&format!(" {v} ")), "{l} vs {e}");
+    }
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!(" BLOCKED tcp {bad}:80 - curl("))
+                && l.contains("direct-ip")),
+        "{text}"
+    );
+    assert!(
+        lines.iter().any(|l| l.contains(" BLOCKED udp ")
+            && l.contains(" attacker.test curl(")
+            && l.contains("dns-query")),
+        "{text}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&format!(" ALLOWED tcp {ok}:80 ok.test curl("))),
+        "{text}"
+    );
+
+    // In a terminal: redrawn in place, the job's counters, blocked flows in red.
+    let before = flows.len();
+    let pty = {
+        let mut c = Command::new("/usr/bin/python3");
+        c.args([
+            "-c",
+            IN_PTY,
+            RINGFENCE,
+            "watch",
+            "--interval",
+            "100",
+            "--for",
+            "6",
+            "--socket",
+            &sock,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        c.spawn().expect("python3 pty")
+    };
+    let (st, _, err) = run_timeout(in_job(&tb, &cg, &traffic), JOB_TIMEOUT);
+    assert!(st.success(), "{err}");
+    let out = pty.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let screen = String::from_utf8_lossy(&out.stdout).into_owned();
+    let redraws = screen.matches("\x1b[H\x1b[2J").count();
+    assert!(redraws >= 10, "{redraws} redraws: {screen:?}");
+    // The last screen: the job's row with its totals, and the latest flows.
+    let last = screen.rsplit("\x1b[H\x1b[2J").next().unwrap();
+    assert!(
+        last.contains("ringfence watch") && last.contains("flows/s"),
+        "{last:?}"
+    );
+    let total = d
+        .events(id)
+        .into_iter()
+        .filter(|e| e.get("dst").is_some())
+        .count();
+    assert!(total > before);
+    let blocked = d
+        .events(id)
+        .into_iter()
+        .filter(|e| e["verdict"] == "blocked")
+        .count();
+    let row = last
+        .split("\r\n")
+        .find(|l| l.contains(id) && !l.contains("BLOCKED"))
+        .unwrap_or_else(|| panic!("no row for the job: {last:?}"));
+    let nums: Vec<&str> = row.split_whitespace().collect();
+    assert!(
+        row.starts_with("\x1b[31;1m"),
+        "a job with blocks is red: {row:?}"
+    );
+    assert_eq!(nums[2], total.to_string(), "{row:?}");
+    assert_eq!(nums[3], blocked.to_string(), "{row:?}");
+    assert!(
+        last.split("\r\n")
+            .any(|l| l.starts_with("\x1b[31;1m") && l.contains(&format!(" BLOCKED tcp {bad}:80 "))),
+        "{last:?}"
+    );
+    assert!(
+        last.split("\r\n")
+            .any(|l| !l.starts_with('\x1b') && l.contains(" ALLOWED tcp ")),
+        "{last:?}"
     );
     d.ok(&["job", "end", "--id", id]);
 }

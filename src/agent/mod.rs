@@ -220,6 +220,19 @@ pub struct Agent {
     /// Executables and parent chains of the processes flows name (one host, one pid space:
     /// shared by every job), read when a flow event is written.
     procs: lineage::ProcCache,
+    /// The latest flow events of every job, numbered, for `ringfence watch` (the daemon turns
+    /// it on; bounded by RECENT).
+    pub recent: Option<Recent>,
+}
+
+/// Flow events kept for `ringfence watch`.
+pub const RECENT: usize = 4096;
+
+/// The latest flow events, each with a sequence number (the first is 1).
+#[derive(Default)]
+pub struct Recent {
+    pub events: std::collections::VecDeque<(u64, serde_json::Value)>,
+    pub seq: u64,
 }
 
 /// TCP DNS answers the agent assembles at once: as many as the kernel follows (tcp_streams).
@@ -283,6 +296,7 @@ impl Agent {
             detached: Default::default(),
             write_failed: false,
             streams_evicted: 0,
+            recent: None,
             procs: lineage::ProcCache::default(),
         })
     }
@@ -369,6 +383,15 @@ impl Agent {
         }
         if admitted {
             self.write(job_id, &ev, false);
+        }
+        if let (Some(r), crate::trail::events::Event::Flow(_)) = (self.recent.as_mut(), &ev) {
+            if let Ok(v) = serde_json::to_value(&ev) {
+                r.seq += 1;
+                if r.events.len() >= RECENT {
+                    r.events.pop_front();
+                }
+                r.events.push_back((r.seq, v));
+            }
         }
         // After the trail: a notice is queued (never waited for), written or rate-limited
         // alike, so the receiver hears of every block the report counts.

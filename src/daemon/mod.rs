@@ -8,3 +8,4 @@ pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod state;
+pub mod watch;

@@ -59,6 +59,14 @@ pub enum Request {
         baseline: Option<crate::trail::baseline::Baseline>,
     },
     Status,
+    /// `ringfence watch`: the status, and the flow events numbered after `after` (all jobs',
+    /// or `job`'s).
+    Watch {
+        #[serde(default)]
+        job: Option<String>,
+        #[serde(default)]
+        after: u64,
+    },
     /// Detach every program and remove every pin; refused while jobs run unless `force`.
     Unload {
         #[serde(default)]
@@ -87,6 +95,14 @@ pub enum Response {
         blocked: Option<crate::trail::blocked::Blocked>,
     },
     Status(serde_json::Value),
+    Watch {
+        status: serde_json::Value,
+        /// The number of the last flow event the daemon has (pass it back as `after`).
+        cursor: u64,
+        events: Vec<serde_json::Value>,
+        /// Events between `after` and the first one sent that the daemon no longer holds.
+        missed: u64,
+    },
     Error {
         error: String,
     },

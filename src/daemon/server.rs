@@ -372,6 +372,7 @@ impl Daemon {
             unload: false,
             webhooks,
         };
+        d.agent.borrow_mut().recent = Some(Default::default());
         d.save_state();
         Ok(d)
     }
@@ -714,6 +715,7 @@ impl Daemon {
                 baseline,
             } => self.report(&id, format.as_deref(), baseline, rb),
             Request::Status => Ok(Response::Status(self.status())),
+            Request::Watch { job, after } => self.watch(job.as_deref(), after, rb),
             Request::Unload { force } => self.request_unload(force),
         };
         res.unwrap_or_else(|e| Response::error(format!("{e:#}")))
@@ -1257,6 +1259,46 @@ impl Daemon {
             "maps": maps,
             "decode_errors": a.decode_errors,
             "process_watch": self.watch_failed.is_empty(),
+        })
+    }
+
+    /// `ringfence watch`'s poll: what the ring buffer holds is read first.
+    fn watch(
+        &mut self,
+        job: Option<&str>,
+        after: u64,
+        rb: &libbpf_rs::RingBuffer,
+    ) -> Result<Response> {
+        if let Some(id) = job {
+            if !self.jobs.contains_key(id) {
+                return Err(unknown_job(id));
+            }
+        }
+        let _ = rb.consume();
+        self.agent.borrow_mut().apply(&self.dp);
+        let status = self.status();
+        let a = self.agent.borrow();
+        let r = a.recent.as_ref().expect("the daemon keeps recent events");
+        let oldest = r.events.front().map_or(r.seq + 1, |(s, _)| *s);
+        // A first poll gets the latest few, not the whole backlog.
+        let after = if after == 0 {
+            r.seq.saturating_sub(50)
+        } else {
+            after
+        };
+        let missed = oldest.saturating_sub(after + 1);
+        let events = r
+            .events
+            .iter()
+            .filter(|(s, _)| *s > after)
+            .filter(|(_, e)| job.is_none_or(|j| e["job"] == j))
+            .map(|(_, e)| e.clone())
+            .collect();
+        Ok(Response::Watch {
+            status,
+            cursor: r.seq,
+            events,
+            missed,
         })
     }
 
