@@ -49,6 +49,14 @@ pub struct Webhook {
 }
 
 impl Webhook {
+    /// The URL as logs show it: scheme, host and port. A chat webhook's path is its secret
+    /// (whoever has a Slack hook URL may post to the channel).
+    pub fn shown(&self) -> String {
+        let rest = self.url.strip_prefix("http://").unwrap_or(&self.url);
+        let host = rest.split('/').next().unwrap_or("");
+        format!("http://{host}/…")
+    }
+
     /// Only plain http:// is built in (no TLS stack in the binary): an https receiver is
     /// reached through a local relay.
     pub fn check(&self) -> Result<(), String> {
@@ -205,13 +213,13 @@ fn sender(hook: Webhook, rx: Receiver<Value>, s: Arc<Shared>) {
             Err(e) => {
                 s.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
-                    url = hook.url,
+                    url = hook.shown(),
                     notices = batch.len(),
                     "webhook not delivered ({e}); retrying in {backoff:?}"
                 );
                 if orphan && backoff == BACKOFF_MAX {
                     tracing::warn!(
-                        url = hook.url,
+                        url = hook.shown(),
                         notices = batch.len(),
                         "webhook: giving up on a batch of an ended job (its events file has them)"
                     );
@@ -323,5 +331,9 @@ mod tests {
         assert!(w("http://127.0.0.1:9/x").check().is_ok());
         assert!(w("https://hooks.example/x").check().is_err());
         assert!(w("http:///x").check().is_err());
+        assert_eq!(
+            w("http://hooks.example:8080/services/T0/B0/secret").shown(),
+            "http://hooks.example:8080/…"
+        );
     }
 }

@@ -813,3 +813,125 @@ fn watch_plain_lines_and_in_a_terminal_during_a_real_job() {
     );
     d.ok(&["job", "end", "--id", id]);
 }
+
+/// Bad input names its cause: an https webhook (no TLS is linked in), a bad config entry, an
+/// unknown job to watch. Nothing runs.
+#[test]
+fn bad_webhooks_and_watch_input_are_refused() {
+    let tb = testbed(&[], &[]);
+    let marker = tb.workdir().join("ran");
+    let m = marker.display().to_string();
+    let (st, _, err) = run_timeout(
+        tb.client_cmd(
+            RINGFENCE,
+            [
+                "exec",
+                "--webhook",
+                "https://hooks.example/x",
+                "--",
+                "touch",
+                &m,
+            ],
+        ),
+        JOB_TIMEOUT,
+    );
+    assert_eq!(st.code(), Some(2), "{err}");
+    assert!(
+        err.contains("webhook \"https://hooks.example/x\": only http:// URLs"),
+        "{err}"
+    );
+    assert!(!marker.exists(), "the command ran");
+
+    let cfg = scratch(&tb, "bad-hook.toml", "[[webhook]]\nurl = \"ftp://x/y\"\n");
+    let mut d = Daemon::start(&tb, &[]);
+    let cfg_s = cfg.display().to_string();
+    let (st, _, err) = run_timeout(
+        // In the namespace, on paths of its own: were the check gone, this daemon would
+        // touch nothing of the host's.
+        tb.client_cmd(
+            RINGFENCE,
+            [
+                "run",
+                "--config",
+                &cfg_s,
+                "--socket",
+                &tb.workdir().join("bad.sock").display().to_string(),
+                "--bpffs",
+                "/sys/fs/bpf/rf-13-bad",
+                "--state-dir",
+                &tb.workdir().join("bad-state").display().to_string(),
+                "--data-dir",
+                &tb.workdir().join("bad-data").display().to_string(),
+            ],
+        ),
+        JOB_TIMEOUT,
+    );
+    assert_eq!(st.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("config {cfg_s}: webhook \"ftp://x/y\"")),
+        "{err}"
+    );
+
+    let cg = d.cgroup("bad");
+    let cgs = cg.display().to_string();
+    let (ok, _, err) = d.cli(&[
+        "job",
+        "start",
+        "--id",
+        "bad-13",
+        "--cgroup",
+        &cgs,
+        "--webhook",
+        "hooks.example",
+    ]);
+    assert!(!ok && err.contains("only http:// URLs"), "{err}");
+    let (ok, _, err) = d.cli(&["watch", "--job", "nope-13", "--for", "1"]);
+    assert!(
+        !ok && err.contains("no job \"nope-13\" is running"),
+        "{err}"
+    );
+}
+
+/// `exec --webhook`: the job's blocked calls reach the receiver before ringfence exits.
+#[test]
+fn exec_webhook_delivers_before_exit() {
+    let bad = link_v4(19);
+    let tb = testbed(&[DnsRecord::a("attacker.test", bad)], &[sa(bad, 80)]);
+    let rx = Receiver::start(&tb, "127.0.0.1:19482");
+    let script = format!(
+        "for i in 1 2 3; do curl -4 -sS --connect-timeout 1 --max-time 2 http://{bad}/ >/dev/null 2>&1; done; true"
+    );
+    let job = exec(
+        &tb,
+        &[
+            "--mode",
+            "block",
+            "--allow",
+            "ok.test:80",
+            "--job",
+            "hook-exec-13",
+            "--webhook",
+            "http://127.0.0.1:19482/x",
+            "--webhook-format",
+            "json",
+        ],
+        &["sh", "-c", &script],
+    );
+    assert_eq!(job.code(), Some(0), "{}", job.dump());
+    let trail: Vec<&serde_json::Value> = job
+        .flows()
+        .into_iter()
+        .filter(|e| e["verdict"] == "blocked")
+        .collect();
+    assert!(trail.len() >= 3, "{}", job.dump());
+    // Read at once: exec flushed before it exited.
+    let got: Vec<serde_json::Value> = rx
+        .bodies()
+        .iter()
+        .flat_map(|b| b["events"].as_array().unwrap().clone())
+        .collect();
+    assert_eq!(got.len(), trail.len(), "{got:?}\n{}", job.dump());
+    assert!(got
+        .iter()
+        .all(|e| e["job"] == "hook-exec-13" && e["dst"] == bad.to_string()));
+}
