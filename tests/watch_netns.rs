@@ -503,7 +503,12 @@ fn webhooks_batched_retried_while_down_nothing_lost() {
         &format!("[[webhook]]\nurl = \"http://{host_hook}/hook\"\nformat = \"slack\"\n"),
     );
     let cfg_s = cfg.display().to_string();
-    let mut d = Daemon::start(&tb, &["--config", &cfg_s]);
+    let msock = tb
+        .workdir()
+        .join("hooks-metrics.sock")
+        .display()
+        .to_string();
+    let mut d = Daemon::start(&tb, &["--config", &cfg_s, "--metrics-socket", &msock]);
     let dns = DNS_V4.to_string();
     let cg = d.cgroup("hooks");
     let id = "hooks-13";
@@ -609,6 +614,25 @@ fn webhooks_batched_retried_while_down_nothing_lost() {
         "{text}"
     );
     assert!(!text.contains("dropped"), "{text}");
+    // The metrics say the same: every notice delivered, the failed POSTs, nothing dropped.
+    let hook = [("webhook", "0")];
+    wait_for("the webhook metrics", 5, || {
+        value(
+            &scrape(&tb, &msock),
+            "ringfence_webhook_notices_delivered_total",
+            &hook,
+        ) == Some(trail.len() as f64)
+    });
+    let m = scrape(&tb, &msock);
+    assert_eq!(
+        value(&m, "ringfence_webhook_batches_delivered_total", &hook),
+        Some(bodies.len() as f64)
+    );
+    assert!(value(&m, "ringfence_webhook_post_failures_total", &hook).unwrap() >= 1.0);
+    assert_eq!(
+        value(&m, "ringfence_webhook_notices_dropped_total", &hook),
+        Some(0.0)
+    );
     eprintln!(
         "webhooks: {} notices; job receiver {} batches; host receiver down then up: {} batches",
         trail.len(),

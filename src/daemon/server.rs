@@ -1416,6 +1416,41 @@ impl Daemon {
             &[],
             u8::from(self.watch_failed.is_empty()),
         );
+        // The host's webhooks, by their place in the config (a URL may hold a secret).
+        let hooks: Vec<(String, (u64, u64, u64, u64))> = self
+            .webhooks
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (i.to_string(), w.stats()))
+            .collect();
+        type Stat = fn(&(u64, u64, u64, u64)) -> u64;
+        let stats: [(&str, &str, Stat); 4] = [
+            (
+                "notices_delivered",
+                "Notices the host's webhook took",
+                |s| s.0,
+            ),
+            ("batches_delivered", "POSTs the host's webhook took", |s| {
+                s.1
+            }),
+            (
+                "post_failures",
+                "POSTs to the host's webhook that failed (each retried)",
+                |s| s.2,
+            ),
+            (
+                "notices_dropped",
+                "Notices dropped with the queue full, not yet said in a delivered batch",
+                |s| s.3,
+            ),
+        ];
+        for (n, help, f) in stats {
+            let name = format!("ringfence_webhook_{n}_total");
+            t.family(&name, "counter", help);
+            for (i, s) in &hooks {
+                t.sample(&name, &[("webhook", i)], f(s));
+            }
+        }
         t.family(
             "ringfence_uptime_seconds",
             "gauge",
