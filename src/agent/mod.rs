@@ -231,7 +231,8 @@ pub const RECENT: usize = 4096;
 /// The latest flow events, each with a sequence number (the first is 1).
 #[derive(Default)]
 pub struct Recent {
-    pub events: std::collections::VecDeque<(u64, serde_json::Value)>,
+    /// Kept as events, serialized only when a watcher asks (a flood costs a clone each).
+    pub events: std::collections::VecDeque<(u64, Event)>,
     pub seq: u64,
 }
 
@@ -384,14 +385,12 @@ impl Agent {
         if admitted {
             self.write(job_id, &ev, false);
         }
-        if let (Some(r), crate::trail::events::Event::Flow(_)) = (self.recent.as_mut(), &ev) {
-            if let Ok(v) = serde_json::to_value(&ev) {
-                r.seq += 1;
-                if r.events.len() >= RECENT {
-                    r.events.pop_front();
-                }
-                r.events.push_back((r.seq, v));
+        if let (Some(r), Event::Flow(_)) = (self.recent.as_mut(), &ev) {
+            r.seq += 1;
+            if r.events.len() >= RECENT {
+                r.events.pop_front();
             }
+            r.events.push_back((r.seq, ev.clone()));
         }
         // After the trail: a notice is queued (never waited for), written or rate-limited
         // alike, so the receiver hears of every block the report counts.

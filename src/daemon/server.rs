@@ -1291,8 +1291,8 @@ impl Daemon {
             .events
             .iter()
             .filter(|(s, _)| *s > after)
-            .filter(|(_, e)| job.is_none_or(|j| e["job"] == j))
-            .map(|(_, e)| e.clone())
+            .filter(|(_, e)| job.is_none_or(|j| e.job() == j))
+            .filter_map(|(_, e)| serde_json::to_value(e).ok())
             .collect();
         Ok(Response::Watch {
             status,
