@@ -387,9 +387,10 @@ fn metrics_scraped_during_real_traffic_match_the_events() {
         flows.len() as f64
     );
     assert_eq!(k("ringfence_kernel_allowed_total"), by("allowed"));
-    assert_eq!(
-        k("ringfence_kernel_blocked_total") + k("ringfence_kernel_dns_refused_total"),
-        by("blocked")
+    // `blocked` counts dropped packets: a blocked flow's retransmitted SYNs count again.
+    assert!(
+        k("ringfence_kernel_blocked_total") + k("ringfence_kernel_dns_refused_total")
+            >= by("blocked")
     );
     assert_eq!(k("ringfence_kernel_dns_refused_total"), refused);
     assert!(k("ringfence_kernel_dns_bound_total") >= bound);
@@ -697,7 +698,7 @@ fn watch_plain_lines_and_in_a_terminal_during_a_real_job() {
             "--interval",
             "100",
             "--for",
-            "7",
+            "10",
             "--socket",
             &sock,
         ])
@@ -778,7 +779,7 @@ fn watch_plain_lines_and_in_a_terminal_during_a_real_job() {
             "--interval",
             "100",
             "--for",
-            "6",
+            "8",
             "--socket",
             &sock,
         ])
