@@ -42,6 +42,17 @@ pub struct ExecArgs {
     /// Write every event as JSON Lines to FILE.
     #[arg(long, value_name = "FILE")]
     pub events: Option<PathBuf>,
+    /// Exit 3 when anything was blocked and the command itself succeeded (a command that
+    /// failed keeps its own status). Under GitHub Actions (GITHUB_ACTIONS=true), also print
+    /// an `::error` annotation line per blocked call to stdout.
+    #[arg(long = "fail-on-block")]
+    pub fail_on_block: bool,
+    /// POST blocked calls and findings to URL (http://), batched, while the job runs.
+    #[arg(long, value_name = "URL")]
+    pub webhook: Option<String>,
+    /// The webhook's body: slack ({"text": …}) or json (the events).
+    #[arg(long = "webhook-format", value_enum, default_value = "slack")]
+    pub webhook_format: crate::notify::WebhookFormat,
     /// Interfaces to attach to (repeatable). Default: every interface of this network
     /// namespace except lo, and every one that appears while the job runs. Either way the
     /// job's packets leaving through an interface ringfence is not attached to are dropped
@@ -181,6 +192,17 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
                 .map_err(|e| UsageError::Other(e.to_string()))?,
         ))
     };
+    let webhook = match &args.webhook {
+        Some(url) => {
+            let w = crate::notify::Webhook {
+                url: url.clone(),
+                format: args.webhook_format,
+            };
+            w.check().map_err(UsageError::Other)?;
+            Some(w)
+        }
+        None => None,
+    };
     warn_inherited_sockets(&args.keep_fds);
     let compiled = policy.compile()?;
     // A policy the maps cannot hold is refused here, before anything is loaded, rather than
@@ -301,6 +323,11 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     if let Some(b) = baseline {
         state.report.set_baseline(b);
     }
+    let notifier = match webhook {
+        Some(w) => Some(crate::notify::Sink::start(w).context("starting the webhook sender")?),
+        None => None,
+    };
+    state.notify.extend(notifier.clone());
     let command = args
         .command
         .iter()
@@ -379,12 +406,50 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     }
     let mut err = std::io::stderr().lock();
     let _ = err.write_all(text.as_bytes());
+    drop(err);
+    let blocked = args.fail_on_block.then(|| job.report.blocked_calls());
     drop(cgroup);
+    if let Some(n) = &notifier {
+        // The last batch goes out before ringfence exits (the job has ended: a while, not
+        // forever).
+        if !n.flush(std::time::Duration::from_secs(10)) {
+            tracing::warn!(
+                "the webhook did not take every notice within 10 s (the events file has them)"
+            );
+        }
+    }
 
-    Ok(match status.code() {
+    let code = match status.code() {
         Some(c) => c,
         None => 128 + status.signal().unwrap_or(0),
+    };
+    Ok(match blocked {
+        Some(b) => fail_on_block(&job_name, &b, code),
+        None => code,
     })
+}
+
+/// `--fail-on-block`: the annotations under GitHub Actions (the runner reads workflow
+/// commands from stdout), and the status to exit with.
+pub fn fail_on_block(job: &str, b: &crate::trail::blocked::Blocked, code: i32) -> i32 {
+    use crate::trail::blocked;
+    if blocked::under_github_actions() {
+        let mut out = std::io::stdout().lock();
+        for l in blocked::annotations(job, b) {
+            let _ = writeln!(out, "{l}");
+        }
+        let _ = out.flush();
+    }
+    let c = b.exit_status(code);
+    if c == blocked::BLOCKED_EXIT {
+        tracing::error!(
+            job,
+            blocked = b.flows,
+            "--fail-on-block: the job succeeded, but {} flows were blocked: exiting {c}",
+            b.flows
+        );
+    }
+    c
 }
 
 fn sanitize(s: &str) -> String {

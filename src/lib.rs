@@ -19,6 +19,7 @@ pub mod insights;
 pub mod job;
 pub mod kernel;
 pub mod logging;
+pub mod notify;
 pub mod policy;
 #[cfg(feature = "testkit")]
 pub mod testkit;

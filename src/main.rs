@@ -21,6 +21,7 @@ fn main() {
         } => ringfence::daemon::client::report(&id, format, &baseline, &socket),
         Cmd::Policy(cmd) => ringfence::insights::run(&cmd),
         Cmd::Status { json, socket } => ringfence::daemon::client::status(json, &socket),
+        Cmd::Watch(a) => ringfence::daemon::watch::run(&a),
         Cmd::Unload {
             force,
             bpffs,

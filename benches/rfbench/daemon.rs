@@ -331,6 +331,8 @@ impl Rig {
                 id: id.into(),
                 target,
                 policy: policy.clone(),
+                fail_on_block: false,
+                webhook: None,
             },
         )
         .with_context(|| format!("job start {id}"))?;

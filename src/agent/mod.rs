@@ -56,6 +56,8 @@ pub struct JobState {
     names_not_kept: u64,
     /// The job's own events file (the daemon: one per job); without one, the agent's.
     sink: Option<Sink>,
+    /// Webhooks told of the job's blocked flows and findings (the host's and the job's own).
+    pub notify: Vec<crate::notify::Sink>,
 }
 
 type Sink = JsonLinesWriter<io::BufWriter<std::fs::File>>;
@@ -155,6 +157,7 @@ impl JobState {
             dropped: CutCounts::default(),
             names_not_kept: 0,
             sink: None,
+            notify: Vec::new(),
         }
     }
 
@@ -217,6 +220,20 @@ pub struct Agent {
     /// Executables and parent chains of the processes flows name (one host, one pid space:
     /// shared by every job), read when a flow event is written.
     procs: lineage::ProcCache,
+    /// The latest flow events of every job, numbered, for `ringfence watch` (the daemon turns
+    /// it on; bounded by RECENT).
+    pub recent: Option<Recent>,
+}
+
+/// Flow events kept for `ringfence watch`.
+pub const RECENT: usize = 4096;
+
+/// The latest flow events, each with a sequence number (the first is 1).
+#[derive(Default)]
+pub struct Recent {
+    /// Kept as events, serialized only when a watcher asks (a flood costs a clone each).
+    pub events: std::collections::VecDeque<(u64, Event)>,
+    pub seq: u64,
 }
 
 /// TCP DNS answers the agent assembles at once: as many as the kernel follows (tcp_streams).
@@ -280,6 +297,7 @@ impl Agent {
             detached: Default::default(),
             write_failed: false,
             streams_evicted: 0,
+            recent: None,
             procs: lineage::ProcCache::default(),
         })
     }
@@ -366,6 +384,24 @@ impl Agent {
         }
         if admitted {
             self.write(job_id, &ev, false);
+        }
+        if let (Some(r), Event::Flow(_)) = (self.recent.as_mut(), &ev) {
+            r.seq += 1;
+            if r.events.len() >= RECENT {
+                r.events.pop_front();
+            }
+            r.events.push_back((r.seq, ev.clone()));
+        }
+        // After the trail: a notice is queued (never waited for), written or rate-limited
+        // alike, so the receiver hears of every block the report counts.
+        if let Some(j) = self.jobs.get(&job_id) {
+            if !j.notify.is_empty() && crate::notify::wanted(&ev) {
+                if let Ok(v) = serde_json::to_value(&ev) {
+                    for n in &j.notify {
+                        n.send(v.clone());
+                    }
+                }
+            }
         }
     }
 

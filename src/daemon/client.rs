@@ -69,6 +69,17 @@ pub struct StartArgs {
     pub interface: Option<String>,
     #[command(flatten)]
     pub policy: PolicyArgs,
+    /// `job end` exits 3 when anything was blocked (and, under GitHub Actions, prints an
+    /// `::error` annotation line per blocked call).
+    #[arg(long = "fail-on-block")]
+    pub fail_on_block: bool,
+    /// Also POST the job's blocked calls and findings to URL (http://; the daemon's
+    /// configured webhooks get them anyway).
+    #[arg(long, value_name = "URL")]
+    pub webhook: Option<String>,
+    /// The job's webhook body: slack ({"text": …}) or json (the events).
+    #[arg(long = "webhook-format", value_enum, default_value = "slack")]
+    pub webhook_format: crate::notify::WebhookFormat,
     #[command(flatten)]
     pub socket: SocketArg,
 }
@@ -120,15 +131,19 @@ pub fn call(socket: &std::path::Path, req: &Request) -> Result<Response> {
     }
 }
 
-fn print_report(r: Response, file: Option<&PathBuf>) -> Result<()> {
-    let Response::Report { text } = r else {
+/// Prints a report answer; returns what a `--fail-on-block` job's end says was blocked.
+fn print_report(
+    r: Response,
+    file: Option<&PathBuf>,
+) -> Result<Option<crate::trail::blocked::Blocked>> {
+    let Response::Report { text, blocked } = r else {
         anyhow::bail!("unexpected answer: {r:?}");
     };
     if let Some(p) = file {
         std::fs::write(p, &text).with_context(|| format!("writing the report {}", p.display()))?;
     }
     print!("{text}");
-    Ok(())
+    Ok(blocked)
 }
 
 fn format_name(f: Format) -> String {
@@ -153,12 +168,25 @@ pub fn job(cmd: &JobCmd) -> Result<i32> {
             // Checked here first: a policy error names its file, line and token.
             let policy = a.policy.to_spec().map_err(anyhow::Error::new)?;
             policy.build()?.compile()?;
+            let webhook = match &a.webhook {
+                Some(url) => {
+                    let w = crate::notify::Webhook {
+                        url: url.clone(),
+                        format: a.webhook_format,
+                    };
+                    w.check().map_err(UsageError::Other)?;
+                    Some(w)
+                }
+                None => None,
+            };
             let r = call(
                 &a.socket.socket,
                 &Request::JobStart {
                     id: a.id.clone(),
                     target,
                     policy,
+                    fail_on_block: a.fail_on_block,
+                    webhook,
                 },
             )?;
             if let Response::JobStarted {
@@ -199,8 +227,11 @@ pub fn job(cmd: &JobCmd) -> Result<i32> {
                     keep_processes: *keep_processes,
                 },
             )?;
-            print_report(r, report.as_ref())?;
-            Ok(0)
+            // The report went to stdout; the annotations follow it there.
+            Ok(match print_report(r, report.as_ref())? {
+                Some(b) => crate::exec::fail_on_block(id, &b, 0),
+                None => 0,
+            })
         }
     }
 }

@@ -58,6 +58,15 @@ pub struct Config {
     pub max_inbound: u32,
     #[serde(default = "default_flows")]
     pub max_flows: u32,
+    /// The Prometheus endpoint: a TCP address (`127.0.0.1:9464`).
+    #[serde(default)]
+    pub metrics: Option<String>,
+    /// The Prometheus endpoint on a Unix socket (mode 0600).
+    #[serde(default)]
+    pub metrics_socket: Option<PathBuf>,
+    /// Webhooks told of every job's blocked calls and findings (`[[webhook]]` tables).
+    #[serde(default)]
+    pub webhook: Vec<crate::notify::Webhook>,
 }
 
 fn default_static() -> u32 {
@@ -124,6 +133,10 @@ impl Config {
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
         c.events_max()
             .map_err(|e| anyhow::anyhow!("config {}: events-max-bytes: {e}", path.display()))?;
+        for w in &c.webhook {
+            w.check()
+                .map_err(|e| anyhow::anyhow!("config {}: {e}", path.display()))?;
+        }
         if c.max_jobs == 0 {
             anyhow::bail!("config {}: max-jobs must be at least 1", path.display());
         }

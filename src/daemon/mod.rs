@@ -4,6 +4,8 @@
 //! restart is in `state`. `config` is its TOML file.
 pub mod client;
 pub mod config;
+pub mod metrics;
 pub mod protocol;
 pub mod server;
 pub mod state;
+pub mod watch;

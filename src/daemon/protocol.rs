@@ -29,6 +29,12 @@ pub enum Request {
         id: String,
         target: Target,
         policy: PolicySpec,
+        /// `job end` fails (exit 3) when anything was blocked.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        fail_on_block: bool,
+        /// The job's own webhook (besides the host's).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        webhook: Option<crate::notify::Webhook>,
     },
     JobStep {
         id: String,
@@ -53,6 +59,14 @@ pub enum Request {
         baseline: Option<crate::trail::baseline::Baseline>,
     },
     Status,
+    /// `ringfence watch`: the status, and the flow events numbered after `after` (all jobs',
+    /// or `job`'s).
+    Watch {
+        #[serde(default)]
+        job: Option<String>,
+        #[serde(default)]
+        after: u64,
+    },
     /// Detach every program and remove every pin; refused while jobs run unless `force`.
     Unload {
         #[serde(default)]
@@ -76,8 +90,19 @@ pub enum Response {
     },
     Report {
         text: String,
+        /// `job end` of a `--fail-on-block` job: what was blocked.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        blocked: Option<crate::trail::blocked::Blocked>,
     },
     Status(serde_json::Value),
+    Watch {
+        status: serde_json::Value,
+        /// The number of the last flow event the daemon has (pass it back as `after`).
+        cursor: u64,
+        events: Vec<serde_json::Value>,
+        /// Events between `after` and the first one sent that the daemon no longer holds.
+        missed: u64,
+    },
     Error {
         error: String,
     },
@@ -121,6 +146,8 @@ mod tests {
                 allow: vec!["github.com:443".into()],
                 ..Default::default()
             },
+            fail_on_block: false,
+            webhook: None,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.contains(r#""op":"job_start""#), "{s}");

@@ -30,6 +30,11 @@ use crate::policy::Policy;
 use crate::trail::events::read_events;
 use crate::trail::report::Format;
 
+// What the daemon shows while it runs (the metrics text, `watch` polls): methods of
+// `Daemon` in a file of their own.
+#[path = "observe.rs"]
+mod observe;
+
 /// `ringfence run`'s flags: each overrides the config file's key.
 #[derive(Clone, Debug, clap::Args)]
 pub struct RunArgs {
@@ -57,6 +62,12 @@ pub struct RunArgs {
     /// Map sizes (the config's keys of the same names).
     #[command(flatten)]
     pub capacity: crate::kernel::capacity::CapacityArgs,
+    /// Serve Prometheus metrics on ADDR (TCP, e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Serve Prometheus metrics on a Unix socket.
+    #[arg(long = "metrics-socket", value_name = "PATH")]
+    pub metrics_socket: Option<PathBuf>,
 }
 
 impl RunArgs {
@@ -96,6 +107,12 @@ impl RunArgs {
             }
         }
         c.capacity().validate().map_err(|e| anyhow::anyhow!(e))?;
+        if let Some(v) = &self.metrics {
+            c.metrics = Some(v.clone());
+        }
+        if let Some(v) = &self.metrics_socket {
+            c.metrics_socket = Some(v.clone());
+        }
         Ok(c)
     }
 }
@@ -147,6 +164,8 @@ pub struct Daemon {
     unload: bool,
     /// Entries the host default policy holds in the capacity-checked maps.
     host_usage: Usage,
+    /// The host's webhooks (config `[[webhook]]`), told of every job's blocks and findings.
+    webhooks: Vec<crate::notify::Sink>,
 }
 
 /// `ringfence run`.
@@ -244,6 +263,12 @@ impl Daemon {
             .filter_map(|f| TcFilter::parse_arg(f).ok())
             .collect();
         dp.adopt_filters(&filters);
+        let webhooks = cfg
+            .webhook
+            .iter()
+            .map(|w| crate::notify::Sink::start(w.clone()))
+            .collect::<io::Result<Vec<_>>>()
+            .context("starting the webhook senders")?;
         let mut agent = Agent::new(
             None,
             crate::policy::DEFAULT_DNS_MIN_TTL,
@@ -267,7 +292,11 @@ impl Daemon {
         let mut jobs = HashMap::new();
         let records = std::mem::take(&mut state.jobs);
         for r in records {
-            match readopt(&mut dp, &mut agent, &r, events_max) {
+            let mut notify = webhooks.clone();
+            if let Some(w) = r.webhook.clone() {
+                notify.extend(crate::notify::Sink::start(w).ok());
+            }
+            match readopt(&mut dp, &mut agent, &r, events_max, notify) {
                 Ok(live) => {
                     jobs.insert(r.id.clone(), live);
                     state.jobs.push(r);
@@ -375,7 +404,9 @@ impl Daemon {
             watch_failed,
             unload: false,
             host_usage,
+            webhooks,
         };
+        d.agent.borrow_mut().recent = Some(Default::default());
         d.save_state();
         Ok(d)
     }
@@ -437,6 +468,10 @@ impl Daemon {
     pub fn serve(&mut self) -> Result<i32> {
         use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
         let mut listener = self.bind()?;
+        let mut metrics = crate::daemon::metrics::Exporter::start(
+            self.cfg.metrics.as_deref(),
+            self.cfg.metrics_socket.as_deref(),
+        )?;
         let agent = self.agent.clone();
         let events_map = self.dp.events_map()?;
         let mut rbb = libbpf_rs::RingBufferBuilder::new();
@@ -600,6 +635,9 @@ impl Daemon {
                 next_check = Instant::now() + ATTACH_CHECK;
             }
             self.agent.borrow_mut().flush();
+            if let Some(m) = metrics.as_mut().filter(|m| m.due()) {
+                m.publish(self.metrics_text());
+            }
             let now = Instant::now();
             conns.retain(|_, c| {
                 let keep = c.deadline > now;
@@ -613,6 +651,7 @@ impl Daemon {
         self.agent.borrow_mut().apply(&self.dp);
         self.agent.borrow_mut().flush();
         drop(listener);
+        drop(metrics);
         let _ = std::fs::remove_file(&self.cfg.socket);
         if self.unload {
             return self.take_down();
@@ -691,7 +730,13 @@ impl Daemon {
             return Response::error("refused: only root may unload ringfence");
         }
         let res = match req {
-            Request::JobStart { id, target, policy } => self.job_start(&id, target, policy),
+            Request::JobStart {
+                id,
+                target,
+                policy,
+                fail_on_block,
+                webhook,
+            } => self.job_start(&id, target, policy, fail_on_block, webhook),
             Request::JobStep { id, name } => self.job_step(&id, &name),
             Request::JobEnd {
                 id,
@@ -704,6 +749,7 @@ impl Daemon {
                 baseline,
             } => self.report(&id, format.as_deref(), baseline, rb),
             Request::Status => Ok(Response::Status(self.status())),
+            Request::Watch { job, after } => self.watch(job.as_deref(), after, rb),
             Request::Unload { force } => self.request_unload(force),
         };
         res.unwrap_or_else(|e| Response::error(format!("{e:#}")))
@@ -776,8 +822,18 @@ impl Daemon {
         Ok(abs)
     }
 
-    fn job_start(&mut self, id: &str, target: Target, spec: PolicySpec) -> Result<Response> {
+    fn job_start(
+        &mut self,
+        id: &str,
+        target: Target,
+        spec: PolicySpec,
+        fail_on_block: bool,
+        webhook: Option<crate::notify::Webhook>,
+    ) -> Result<Response> {
         check_job_id(id).map_err(|e| anyhow::anyhow!(e))?;
+        if let Some(w) = &webhook {
+            w.check().map_err(|e| anyhow::anyhow!(e))?;
+        }
         if self.jobs.contains_key(id) {
             anyhow::bail!("job {id:?} is already running (end it first, or choose another id)");
         }
@@ -849,6 +905,8 @@ impl Daemon {
             step: None,
             events: events.clone(),
             started: now_rfc3339(),
+            fail_on_block,
+            webhook: webhook.clone(),
         };
         let rec = match self.register(record, &policy, &compiled) {
             Ok(r) => r,
@@ -864,6 +922,7 @@ impl Daemon {
             .with_events_file(&events, self.events_max)?;
         st.policy = Some(policy.clone());
         st.exfil = crate::trail::exfil::ExfilDetector::new(policy.dns_exfil);
+        st.notify = self.job_webhooks(webhook);
         let what = match &target {
             Target::Cgroup(p) => format!("cgroup:{p}"),
             Target::Pid(p) => format!("pid:{p}"),
@@ -1002,6 +1061,18 @@ impl Daemon {
         Ok(r)
     }
 
+    /// The host's webhooks, and the job's own (its sender thread starts here).
+    fn job_webhooks(&self, own: Option<crate::notify::Webhook>) -> Vec<crate::notify::Sink> {
+        let mut v = self.webhooks.clone();
+        if let Some(w) = own {
+            match crate::notify::Sink::start(w) {
+                Ok(s) => v.push(s),
+                Err(e) => tracing::warn!("starting a job's webhook sender: {e}"),
+            }
+        }
+        v
+    }
+
     fn job_step(&mut self, id: &str, name: &str) -> Result<Response> {
         if name.is_empty() || name.len() > 128 {
             anyhow::bail!("a step name is 1 to 128 bytes (it is repeated in every event)");
@@ -1065,7 +1136,10 @@ impl Daemon {
             j.report = saved;
             text
         };
-        Ok(Response::Report { text })
+        Ok(Response::Report {
+            text,
+            blocked: None,
+        })
     }
 
     fn job_end(
@@ -1124,6 +1198,13 @@ impl Daemon {
         let _ = rb.consume();
         self.agent.borrow_mut().apply(&self.dp);
         let text = self.render(slot, format)?;
+        let blocked = rec.fail_on_block.then(|| {
+            let a = self.agent.borrow();
+            a.jobs
+                .get(&slot)
+                .map(|j| j.report.blocked_calls())
+                .unwrap_or_default()
+        });
         // The insights page goes beside the events whatever format was asked for: a CI
         // artifact to open later.
         let page = if format == Some("html") {
@@ -1163,7 +1244,7 @@ impl Daemon {
             let _ = std::fs::write(self.cfg.job_dir(id).join("report.html"), page);
         }
         tracing::info!(job = id, slot, purged, "job ended");
-        Ok(Response::Report { text })
+        Ok(Response::Report { text, blocked })
     }
 
     fn status(&self) -> serde_json::Value {
@@ -1262,7 +1343,13 @@ impl Daemon {
 
 /// A job an earlier daemon left: its entries are written again (the same values: a no-op
 /// for the kernel), its cgroup links taken over in place, its trail reopened.
-fn readopt(dp: &mut Dataplane, agent: &mut Agent, r: &JobRecord, events_max: u64) -> Result<Live> {
+fn readopt(
+    dp: &mut Dataplane,
+    agent: &mut Agent,
+    r: &JobRecord,
+    events_max: u64,
+    notify: Vec<crate::notify::Sink>,
+) -> Result<Live> {
     let policy = r.policy.build().map_err(anyhow::Error::new)?;
     let compiled = policy.compile()?;
     dp.install_policy(r.slot, &compiled, &policy.dns_resolvers)?;
@@ -1300,6 +1387,7 @@ fn readopt(dp: &mut Dataplane, agent: &mut Agent, r: &JobRecord, events_max: u64
     st.step = r.step.clone();
     st.policy = Some(policy.clone());
     st.exfil = crate::trail::exfil::ExfilDetector::new(policy.dns_exfil);
+    st.notify = notify;
     agent.adopt_job(r.slot, st);
     tracing::info!(job = r.id, slot = r.slot, "job taken over");
     Ok(Live {

@@ -51,6 +51,12 @@ pub struct JobRecord {
     pub events: PathBuf,
     /// RFC 3339.
     pub started: String,
+    /// `job start --fail-on-block`: `job end` fails when anything was blocked.
+    #[serde(default)]
+    pub fail_on_block: bool,
+    /// `job start --webhook`.
+    #[serde(default)]
+    pub webhook: Option<crate::notify::Webhook>,
 }
 
 impl Default for State {

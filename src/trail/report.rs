@@ -169,6 +169,20 @@ pub struct KernelCounts {
     pub ringbuf_dropped: u64,
 }
 
+/// A job's counts as the metrics endpoint exports them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct JobMetrics {
+    pub flows: usize,
+    pub allowed: usize,
+    pub blocked: usize,
+    pub audited: usize,
+    pub dns_answers: usize,
+    pub dns_answers_bound: usize,
+    pub dns_queries_refused: usize,
+    /// Distinct findings: DNS exfiltration (domain, signal) and process or dataplane alerts.
+    pub findings: usize,
+}
+
 /// The report of one job, built from its events.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -189,6 +203,10 @@ pub struct Report {
     blocked: usize,
     audited: usize,
     dns_answers: usize,
+    /// Answers the kernel bound (their name was allowed), and queries it refused (blocked
+    /// `dns-query` flows), for the metrics.
+    dns_answers_bound: usize,
+    dns_queries_refused: usize,
     limits: Limits,
     /// Flows past `limits.max_destinations` rows.
     folded: BTreeMap<FoldKey, usize>,
@@ -224,6 +242,8 @@ impl Report {
             blocked: 0,
             audited: 0,
             dns_answers: 0,
+            dns_answers_bound: 0,
+            dns_queries_refused: 0,
             limits: Limits::unlimited(),
             folded: BTreeMap::new(),
             folded_flows: 0,
@@ -324,6 +344,7 @@ impl Report {
             }
             Event::Dns(d) => {
                 self.dns_answers += 1;
+                self.dns_answers_bound += usize::from(d.bound);
                 if !self.dns.contains_key(&d.name) && self.dns.len() >= self.limits.max_destinations
                 {
                     self.dns_folded += 1;
@@ -409,6 +430,9 @@ impl Report {
             Verdict::Allowed => self.allowed += 1,
             Verdict::Blocked => self.blocked += 1,
             Verdict::Audited => self.audited += 1,
+        }
+        if f.verdict == Verdict::Blocked && f.reason == Reason::DnsQuery {
+            self.dns_queries_refused += 1;
         }
         let key = RowKey {
             domain: f.domain.clone(),
@@ -548,9 +572,47 @@ impl Report {
         (self.flows, self.allowed, self.blocked, self.audited)
     }
 
+    /// The job's counts for the metrics endpoint (every event so far, written or not).
+    pub fn metrics(&self) -> JobMetrics {
+        JobMetrics {
+            flows: self.flows,
+            allowed: self.allowed,
+            blocked: self.blocked,
+            audited: self.audited,
+            dns_answers: self.dns_answers,
+            dns_answers_bound: self.dns_answers_bound,
+            dns_queries_refused: self.dns_queries_refused,
+            findings: self.findings.len() + self.alerts.len(),
+        }
+    }
+
     /// Flow events the kernel blocked.
     pub fn blocked(&self) -> usize {
         self.blocked
+    }
+
+    /// The blocked destinations, in report order, for `--fail-on-block` (every blocked flow
+    /// is counted in `flows`; flows folded past the row limit are counted, not listed).
+    pub fn blocked_calls(&self) -> crate::trail::blocked::Blocked {
+        let calls = self
+            .sorted_rows()
+            .into_iter()
+            .filter(|(k, _)| k.verdict == Verdict::Blocked)
+            .map(|(k, r)| crate::trail::blocked::BlockedCall {
+                domain: k.domain.clone(),
+                dst: k.dst.to_string(),
+                port: k.port,
+                proto: k.proto.to_string(),
+                reason: k.reason.to_string(),
+                comm: r.first_comm.clone(),
+                pid: r.first_pid,
+                count: r.count,
+            })
+            .collect();
+        crate::trail::blocked::Blocked {
+            flows: self.blocked,
+            calls,
+        }
     }
 
     /// Flow events that would have been blocked in block mode (audit mode let them pass).
