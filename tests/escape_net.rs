@@ -352,7 +352,7 @@ const LISTEN_PORT: u16 = 8080;
 /// The job: listens on LISTEN_PORT and sends the secret to whoever connects; gives up after
 /// a few seconds without one.
 const LISTENER: &str = r#"
-import socket
+import socket, sys
 s = socket.socket()
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 s.bind(("0.0.0.0", 8080))
@@ -361,6 +361,7 @@ s.bind(("0.0.0.0", 8080))
 # cookies, whose SYN-ACKs have no socket and are not judged (open, see rf_egress).
 s.listen(128)
 s.settimeout(7)
+open(sys.argv[1], "w").close()  # listening: the peer may start
 try:
     c, peer = s.accept()
     c.sendall(b"SECRET-FROM-JOB")
@@ -395,9 +396,21 @@ while time.time() < deadline:
 fn inbound_attempt(tb: &Testbed, opts: &[&str]) -> (Job, String) {
     let listener = script(tb, "listener.py", LISTENER);
     let connector = script(tb, "connector.py", CONNECTOR);
+    // The listener says when it listens (through a file nobody may write): under emulation
+    // ringfence can take seconds to start, longer than the peer's few seconds of tries.
+    let shared = tb.workdir().join("inbound-shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let ready = shared.join("ready");
+    let _ = std::fs::remove_file(&ready);
+    let ready_arg = ready.display().to_string();
     let mut peer_out = String::new();
-    let job = exec_during(tb, opts, &as_nobody(&[PY, &listener]), || {
-        std::thread::sleep(Duration::from_millis(300));
+    let job = exec_during(tb, opts, &as_nobody(&[PY, &listener, &ready_arg]), || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !ready.exists() {
+            assert!(Instant::now() < deadline, "the job never listened");
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let (_, out, err) = run_timeout(
             tb.server_cmd(
                 PY,

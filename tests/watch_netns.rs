@@ -960,3 +960,78 @@ fn exec_webhook_delivers_before_exit() {
         .iter()
         .all(|e| e["job"] == "hook-exec-13" && e["dst"] == bad.to_string()));
 }
+
+/// `watch --events FILE` follows a standalone `ringfence exec` (no daemon, no socket) as it
+/// writes its events file: one plain line per flow event, in order, with its verdict.
+#[test]
+fn watch_follows_a_running_exec_through_its_events_file() {
+    let (ok, bad) = (link_v4(28), link_v4(29));
+    let tb = testbed(
+        &[
+            DnsRecord::a("ok.test", ok),
+            DnsRecord::a("attacker.test", bad),
+        ],
+        &[sa(ok, 80), sa(bad, 80)],
+    );
+    let events = tb.workdir().join("followed.jsonl");
+    let file = events.display().to_string();
+    // Started before the exec: it waits for the file to appear.
+    let watch = Command::new(RINGFENCE)
+        .args(["watch", "--events", &file, "--interval", "100", "--plain"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("watch");
+    let script = format!(
+        "for i in 1 2 3; do curl -4 -sS --max-time 3 http://ok.test/ >/dev/null; \
+         curl -4 -sS --connect-timeout 1 --max-time 2 http://{bad}/ >/dev/null 2>&1; \
+         sleep 0.3; done; true"
+    );
+    let args = [
+        "exec",
+        "--job",
+        "follow-13",
+        "--mode",
+        "block",
+        "--allow",
+        "ok.test:80",
+        "--events",
+        &file,
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ];
+    let (st, _, err) = run_timeout(tb.client_cmd(RINGFENCE, args), JOB_TIMEOUT);
+    assert!(st.success(), "{err}");
+    // A few polls more, then stop it: it prints as it reads, nothing is buffered.
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    // SAFETY: kill(2) on the child's own pid.
+    unsafe { libc::kill(watch.id() as i32, libc::SIGTERM) };
+    let out = watch.wait_with_output().unwrap();
+    let text = String::from_utf8(out.stdout).unwrap();
+    let flows: Vec<serde_json::Value> = std::fs::read_to_string(&events)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e.get("dst").is_some())
+        .collect();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(flows.len() >= 6, "{flows:?}");
+    assert_eq!(
+        lines.len(),
+        flows.len(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for (l, e) in lines.iter().zip(&flows) {
+        assert!(
+            l.starts_with(&format!("{} follow-13 ", e["ts"].as_str().unwrap())),
+            "{l} vs {e}"
+        );
+        let v = e["verdict"].as_str().unwrap().to_uppercase();
+        assert!(l.contains(&format!(" {v} ")), "{l} vs {e}");
+    }
+    assert!(lines.iter().any(|l| l.contains(" BLOCKED ")), "{text}");
+    assert!(lines.iter().any(|l| l.contains(" ALLOWED ")), "{text}");
+}

@@ -3,6 +3,9 @@
 //! the last it saw), so it needs nothing but the socket, and a slow terminal never holds up
 //! the daemon. On a terminal the view is redrawn in place (counters, jobs, the latest flows,
 //! blocked ones in red, audited ones in yellow); otherwise each flow is one plain line.
+//! A standalone `ringfence exec` has no socket: `watch --events FILE` follows the events
+//! file it writes (`exec --events FILE`) and counts from its lines what it can (flows,
+//! verdicts, DNS answers bound, steps); the kernel's counters and map fill stay unknown.
 use std::collections::VecDeque;
 use std::io::{IsTerminal, Write};
 use std::time::{Duration, Instant};
@@ -28,8 +31,158 @@ pub struct WatchArgs {
     /// Stop after SECONDS (default: until interrupted).
     #[arg(long = "for", value_name = "SECONDS")]
     pub duration: Option<u64>,
+    /// Follow the events file of a running `ringfence exec --events FILE` instead of the
+    /// daemon (exec has no control socket).
+    #[arg(long, value_name = "FILE")]
+    pub events: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub socket: SocketArg,
+}
+
+/// Where the view's numbers and flows come from.
+enum Source {
+    Daemon { after: u64 },
+    File(FileFollow),
+}
+
+impl Source {
+    /// The status (the daemon's `status` shape) and the flow events since the last poll,
+    /// with how many the daemon no longer kept.
+    fn poll(&mut self, a: &WatchArgs) -> Result<(Value, Vec<Value>, u64)> {
+        match self {
+            Source::Daemon { after } => {
+                let r = call(
+                    &a.socket.socket,
+                    &Request::Watch {
+                        job: a.job.clone(),
+                        after: *after,
+                    },
+                )?;
+                let Response::Watch {
+                    status,
+                    cursor,
+                    events,
+                    missed,
+                } = r
+                else {
+                    anyhow::bail!("unexpected answer to watch: {r:?}");
+                };
+                *after = cursor;
+                Ok((status, events, missed))
+            }
+            Source::File(f) => {
+                let events = f.read_new()?;
+                Ok((f.status(), events, 0))
+            }
+        }
+    }
+}
+
+/// An exec's events file, read as it grows: complete lines only (a line being written is
+/// kept until its newline comes), counted per job.
+struct FileFollow {
+    path: std::path::PathBuf,
+    file: Option<std::fs::File>,
+    partial: Vec<u8>,
+    started: Instant,
+    jobs: Vec<(String, Value)>,
+    counters: [u64; 4],
+}
+
+impl FileFollow {
+    fn new(path: &std::path::Path) -> FileFollow {
+        FileFollow {
+            path: path.to_owned(),
+            file: None,
+            partial: Vec::new(),
+            started: Instant::now(),
+            jobs: Vec::new(),
+            counters: [0; 4],
+        }
+    }
+
+    fn read_new(&mut self) -> Result<Vec<Value>> {
+        use std::io::Read;
+        if self.file.is_none() {
+            match std::fs::File::open(&self.path) {
+                Ok(f) => self.file = Some(f),
+                // exec creates it when the job starts: wait for it.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+                Err(e) => anyhow::bail!("{}: {e}", self.path.display()),
+            }
+        }
+        let f = self.file.as_mut().expect("opened above");
+        f.read_to_end(&mut self.partial)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", self.path.display()))?;
+        let Some(end) = self.partial.iter().rposition(|&b| b == b'\n') else {
+            return Ok(Vec::new());
+        };
+        let rest = self.partial.split_off(end + 1);
+        let done = std::mem::replace(&mut self.partial, rest);
+        let mut flows = Vec::new();
+        for line in done.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            // A line that is not JSON (not an events file?) is skipped, not fatal: the view
+            // is best effort, the file itself is the record.
+            let Ok(e) = serde_json::from_slice::<Value>(line) else {
+                continue;
+            };
+            if let Some(f) = self.count(e) {
+                flows.push(f);
+            }
+        }
+        Ok(flows)
+    }
+
+    /// Counts one event; a flow of the watched jobs is returned for the view.
+    fn count(&mut self, e: Value) -> Option<Value> {
+        let id = e["job"].as_str().unwrap_or("-").to_owned();
+        let at = match self.jobs.iter().position(|(j, _)| *j == id) {
+            Some(i) => i,
+            None => {
+                let row = serde_json::json!({"id": id, "mode": null, "flows": 0, "blocked": 0,
+                                             "audited": 0, "step": null});
+                self.jobs.push((id, row));
+                self.jobs.len() - 1
+            }
+        };
+        let row = &mut self.jobs[at].1;
+        let bump = |row: &mut Value, k: &str| row[k] = (row[k].as_u64().unwrap_or(0) + 1).into();
+        match e.get("type").and_then(Value::as_str) {
+            None | Some("flow") => {
+                self.counters[0] += 1;
+                bump(row, "flows");
+                match e["verdict"].as_str() {
+                    Some("blocked") => {
+                        self.counters[1] += 1;
+                        bump(row, "blocked");
+                    }
+                    Some("audited") => {
+                        self.counters[2] += 1;
+                        bump(row, "audited");
+                    }
+                    _ => {}
+                }
+                return Some(e);
+            }
+            Some("job") => row["mode"] = e["mode"].clone(),
+            Some("step") => row["step"] = e["step"].clone(),
+            Some("dns") if e["bound"] == true => self.counters[3] += 1,
+            _ => {}
+        }
+        None
+    }
+
+    fn status(&self) -> Value {
+        let [flows, blocked, audited, bound] = self.counters;
+        serde_json::json!({
+            "kernel": format!("exec, following {}", self.path.display()),
+            "attach": null,
+            "uptime_s": self.started.elapsed().as_secs(),
+            "counters": {"new_flows": flows, "blocked": blocked, "audited": audited,
+                         "dns_bound": bound, "dns_refused": null, "ringbuf_drop": null},
+            "jobs": self.jobs.iter().map(|(_, r)| r.clone()).collect::<Vec<_>>(),
+        })
+    }
 }
 
 /// Flows kept for the terminal view.
@@ -38,30 +191,20 @@ const KEPT: usize = 500;
 pub fn run(a: &WatchArgs) -> Result<i32> {
     let live = !a.plain && std::io::stdout().is_terminal();
     let end = a.duration.map(|s| Instant::now() + Duration::from_secs(s));
-    let mut after = 0;
+    let mut source = match &a.events {
+        Some(p) => Source::File(FileFollow::new(p)),
+        None => Source::Daemon { after: 0 },
+    };
     let mut flows: VecDeque<Value> = VecDeque::new();
     let mut last: Option<(Instant, u64)> = None;
     let mut rate = 0.0;
     let mut missed_total = 0;
     let mut out = std::io::stdout().lock();
     loop {
-        let r = call(
-            &a.socket.socket,
-            &Request::Watch {
-                job: a.job.clone(),
-                after,
-            },
-        )?;
-        let Response::Watch {
-            status,
-            cursor,
-            events,
-            missed,
-        } = r
-        else {
-            anyhow::bail!("unexpected answer to watch: {r:?}");
-        };
-        after = cursor;
+        let (status, mut events, missed) = source.poll(a)?;
+        if let Some(j) = &a.job {
+            events.retain(|e| e["job"] == j.as_str());
+        }
         missed_total += missed;
         let now = Instant::now();
         let new_flows = status["counters"]["new_flows"].as_u64().unwrap_or(0);
@@ -116,6 +259,15 @@ pub fn clean(s: &str) -> String {
     s.chars()
         .map(|c| if c.is_control() { '?' } else { c })
         .collect()
+}
+
+/// A number of the status, `-` where it is not known.
+fn num(v: &Value) -> String {
+    if v.is_null() {
+        "-".into()
+    } else {
+        v.to_string()
+    }
 }
 
 fn field(e: &Value, k: &str) -> String {
@@ -193,7 +345,7 @@ fn render(
                     .unwrap_or_default(),
                 field(st, "kernel"),
                 field(st, "attach"),
-                st["uptime_s"]
+                num(&st["uptime_s"])
             ),
             cols
         )
@@ -201,7 +353,8 @@ fn render(
     lines.push(cut(
         &format!(
             "flows/s {rate:.1}  new flows {}  blocked {}  audited {}  dns bound {}  dns refused {}  ring-buffer drops {}",
-            c["new_flows"], c["blocked"], c["audited"], c["dns_bound"], c["dns_refused"], c["ringbuf_drop"]
+            num(&c["new_flows"]), num(&c["blocked"]), num(&c["audited"]), num(&c["dns_bound"]),
+            num(&c["dns_refused"]), num(&c["ringbuf_drop"])
         ),
         cols,
     ));
@@ -213,7 +366,11 @@ fn render(
                 .collect()
         })
         .unwrap_or_default();
-    lines.push(cut(&format!("maps: {}", maps.join("  ")), cols));
+    if st.get("maps").is_some() {
+        lines.push(cut(&format!("maps: {}", maps.join("  ")), cols));
+    } else {
+        lines.push("maps: not known from an events file".to_string());
+    }
     lines.push(String::new());
     lines.push(format!(
         "{BOLD}{}{RESET}",
@@ -288,5 +445,56 @@ mod tests {
             l,
             "t j BLOCKED tcp [2001:db8::1]:443 a?[2Jb x?y(3) not-allowed step=-"
         );
+    }
+}
+
+#[cfg(test)]
+mod follow_tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn an_events_file_is_read_by_whole_lines_and_counted() {
+        let dir = std::env::temp_dir().join(format!("rf-follow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("ev.jsonl");
+        let mut f = FileFollow::new(&path);
+        assert!(f.read_new().unwrap().is_empty(), "no file yet: nothing");
+        let mut w = std::fs::File::create(&path).unwrap();
+        let flow = |v: &str| {
+            format!(
+                "{{\"ts\":\"t\",\"job\":\"j\",\"dst\":\"198.51.100.9\",\"port\":443,\"verdict\":\"{v}\"}}\n"
+            )
+        };
+        write!(
+            w,
+            "{{\"type\":\"job\",\"job\":\"j\",\"mode\":\"block\"}}\n{}",
+            flow("allowed")
+        )
+        .unwrap();
+        // Half a line: not read until its newline comes.
+        let half = flow("blocked");
+        let (a, b) = half.split_at(20);
+        w.write_all(a.as_bytes()).unwrap();
+        assert_eq!(f.read_new().unwrap().len(), 1);
+        w.write_all(b.as_bytes()).unwrap();
+        write!(
+            w,
+            "{{\"type\":\"step\",\"job\":\"j\",\"step\":\"npm ci\"}}\nnot json\n"
+        )
+        .unwrap();
+        let got = f.read_new().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0]["verdict"], "blocked");
+        let st = f.status();
+        assert_eq!(st["counters"]["new_flows"], 2);
+        assert_eq!(st["counters"]["blocked"], 1);
+        assert_eq!(st["jobs"][0]["mode"], "block");
+        assert_eq!(st["jobs"][0]["step"], "npm ci");
+        assert_eq!(st["jobs"][0]["blocked"], 1);
+        let screen = render(&st, &got.into_iter().collect(), 0.0, 0, None, 24, 120);
+        assert!(screen.contains("ring-buffer drops -"), "{screen}");
+        assert!(screen.contains("maps: not known"), "{screen}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
