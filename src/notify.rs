@@ -52,20 +52,22 @@ impl Webhook {
     /// The URL as logs show it: scheme, host and port. A chat webhook's path is its secret
     /// (whoever has a Slack hook URL may post to the channel).
     pub fn shown(&self) -> String {
-        let rest = self.url.strip_prefix("http://").unwrap_or(&self.url);
+        let (scheme, rest) = match self.url.split_once("://") {
+            Some((s, r)) => (s, r),
+            None => ("http", self.url.as_str()),
+        };
         let host = rest.split('/').next().unwrap_or("");
-        format!("http://{host}/…")
+        format!("{scheme}://{host}/…")
     }
 
-    /// Only plain http:// is built in (no TLS stack in the binary): an https receiver is
-    /// reached through a local relay.
+    /// http:// or https:// (rustls; the host's certificate store, which `SSL_CERT_FILE` or
+    /// `SSL_CERT_DIR` may point elsewhere, e.g. at a private CA).
     pub fn check(&self) -> Result<(), String> {
-        let u = self.url.strip_prefix("http://").ok_or_else(|| {
-            format!(
-                "webhook {:?}: only http:// URLs (for https, send through a local relay)",
-                self.url
-            )
-        })?;
+        let u = self
+            .url
+            .strip_prefix("https://")
+            .or_else(|| self.url.strip_prefix("http://"))
+            .ok_or_else(|| format!("webhook {:?}: not an http:// or https:// URL", self.url))?;
         if u.is_empty() || u.starts_with('/') {
             return Err(format!("webhook {:?}: no host", self.url));
         }
@@ -323,17 +325,23 @@ mod tests {
     }
 
     #[test]
-    fn only_http_urls() {
+    fn http_and_https_urls_only() {
         let w = |u: &str| Webhook {
             url: u.into(),
             format: WebhookFormat::Slack,
         };
         assert!(w("http://127.0.0.1:9/x").check().is_ok());
-        assert!(w("https://hooks.example/x").check().is_err());
+        assert!(w("https://hooks.example/x").check().is_ok());
+        assert!(w("ftp://hooks.example/x").check().is_err());
+        assert!(w("https:///x").check().is_err());
         assert!(w("http:///x").check().is_err());
         assert_eq!(
             w("http://hooks.example:8080/services/T0/B0/secret").shown(),
             "http://hooks.example:8080/…"
+        );
+        assert_eq!(
+            w("https://hooks.slack.com/services/T0/B0/secret").shown(),
+            "https://hooks.slack.com/…"
         );
     }
 }

@@ -839,7 +839,7 @@ fn watch_plain_lines_and_in_a_terminal_during_a_real_job() {
     d.ok(&["job", "end", "--id", id]);
 }
 
-/// Bad input names its cause: an https webhook (no TLS is linked in), a bad config entry, an
+/// Bad input names its cause: a webhook URL of another scheme, a bad config entry, an
 /// unknown job to watch. Nothing runs.
 #[test]
 fn bad_webhooks_and_watch_input_are_refused() {
@@ -852,7 +852,7 @@ fn bad_webhooks_and_watch_input_are_refused() {
             [
                 "exec",
                 "--webhook",
-                "https://hooks.example/x",
+                "ftp://hooks.example/x",
                 "--",
                 "touch",
                 &m,
@@ -862,7 +862,7 @@ fn bad_webhooks_and_watch_input_are_refused() {
     );
     assert_eq!(st.code(), Some(2), "{err}");
     assert!(
-        err.contains("webhook \"https://hooks.example/x\": only http:// URLs"),
+        err.contains("webhook \"ftp://hooks.example/x\": not an http:// or https:// URL"),
         "{err}"
     );
     assert!(!marker.exists(), "the command ran");
@@ -909,7 +909,10 @@ fn bad_webhooks_and_watch_input_are_refused() {
         "--webhook",
         "hooks.example",
     ]);
-    assert!(!ok && err.contains("only http:// URLs"), "{err}");
+    assert!(
+        !ok && err.contains("not an http:// or https:// URL"),
+        "{err}"
+    );
     let (ok, _, err) = d.cli(&["watch", "--job", "nope-13", "--for", "1"]);
     assert!(
         !ok && err.contains("no job \"nope-13\" is running"),
@@ -1034,4 +1037,177 @@ fn watch_follows_a_running_exec_through_its_events_file() {
     }
     assert!(lines.iter().any(|l| l.contains(" BLOCKED ")), "{text}");
     assert!(lines.iter().any(|l| l.contains(" ALLOWED ")), "{text}");
+}
+
+/// The HTTPS receiver: Python's http.server behind TLS with a self-signed certificate for
+/// 127.0.0.1, in the client namespace; every POST body appended to a file.
+const TLS_RECEIVER: &str = r#"
+import http.server, ssl, sys
+cert, key, out, ready = sys.argv[1:5]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        with open(out, "ab") as f:
+            f.write(body + b"\n")
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *a):
+        pass
+s = http.server.HTTPServer(("127.0.0.1", 19483), H)
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+s.socket = ctx.wrap_socket(s.socket, server_side=True)
+open(ready, "w").close()
+s.serve_forever()
+"#;
+
+/// An https webhook: delivered when the receiver's certificate is trusted (here through
+/// `SSL_CERT_FILE`, as a private CA would be), never when it is not (the trail is complete
+/// either way).
+#[test]
+fn https_webhook_is_verified_and_delivered() {
+    let bad = link_v4(18);
+    let tb = testbed(&[], &[sa(bad, 80)]);
+    let dir = tb.workdir();
+    // A private CA and the receiver's certificate for 127.0.0.1, signed by it.
+    let (ca, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    let (cert, key, csr) = (
+        dir.join("hook.crt"),
+        dir.join("hook.key"),
+        dir.join("hook.csr"),
+    );
+    let ext = scratch(
+        &tb,
+        "hook.ext",
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    );
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let st = Command::new("openssl")
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(st.success(), "openssl {args:?}");
+    };
+    let o = |s: &str| std::ffi::OsString::from(s);
+    openssl(&[
+        &o("req"),
+        &o("-x509"),
+        &o("-newkey"),
+        &o("rsa:2048"),
+        &o("-nodes"),
+        &o("-days"),
+        &o("1"),
+        &o("-subj"),
+        &o("/CN=ringfence test CA"),
+        &o("-keyout"),
+        ca_key.as_os_str(),
+        &o("-out"),
+        ca.as_os_str(),
+    ]);
+    openssl(&[
+        &o("req"),
+        &o("-newkey"),
+        &o("rsa:2048"),
+        &o("-nodes"),
+        &o("-subj"),
+        &o("/CN=127.0.0.1"),
+        &o("-keyout"),
+        key.as_os_str(),
+        &o("-out"),
+        csr.as_os_str(),
+    ]);
+    openssl(&[
+        &o("x509"),
+        &o("-req"),
+        &o("-in"),
+        csr.as_os_str(),
+        &o("-CA"),
+        ca.as_os_str(),
+        &o("-CAkey"),
+        ca_key.as_os_str(),
+        &o("-CAcreateserial"),
+        &o("-days"),
+        &o("1"),
+        &o("-extfile"),
+        ext.as_os_str(),
+        &o("-out"),
+        cert.as_os_str(),
+    ]);
+    let out = dir.join("tls-bodies.jsonl");
+    let ready = dir.join("tls-ready");
+    let server = scratch(&tb, "tls_receiver.py", TLS_RECEIVER);
+    let mut child = tb
+        .client_cmd(
+            "/usr/bin/python3",
+            [&server, &cert, &key, &out, &ready].map(|p| p.as_os_str().to_owned()),
+        )
+        .spawn()
+        .expect("the TLS receiver");
+    wait_for("the TLS receiver", 20, || ready.exists());
+    let script = format!(
+        "for i in 1 2; do curl -4 -sS --connect-timeout 1 --max-time 2 http://{bad}/ >/dev/null 2>&1; done; true"
+    );
+    let run = |tag: &str, trust: bool| {
+        let events = dir.join(format!("tls-{tag}.jsonl"));
+        let mut cmd = tb.client_cmd(
+            RINGFENCE,
+            [
+                "exec",
+                "--mode",
+                "block",
+                "--job",
+                tag,
+                "--events",
+                &events.display().to_string(),
+                "--webhook",
+                "https://127.0.0.1:19483/hook",
+                "--webhook-format",
+                "json",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
+        );
+        if trust {
+            cmd.env("SSL_CERT_FILE", &ca);
+        } else {
+            // An empty store: nothing is trusted, whatever the host's.
+            cmd.env("SSL_CERT_FILE", "/dev/null");
+        }
+        let (st, _, err) = run_timeout(cmd, JOB_TIMEOUT);
+        assert!(st.success(), "{err}");
+        let blocked = std::fs::read_to_string(&events)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("\"verdict\":\"blocked\""))
+            .count();
+        (blocked, err)
+    };
+    let delivered = |job: &str| -> usize {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .flat_map(|b| b["events"].as_array().unwrap().clone())
+            .filter(|e| e["job"] == job)
+            .count()
+    };
+    // Untrusted certificate: nothing delivered, the trail complete.
+    let (blocked, err) = run("tls-untrusted", false);
+    assert!(blocked >= 2, "{err}");
+    assert_eq!(
+        delivered("tls-untrusted"),
+        0,
+        "an untrusted certificate was accepted"
+    );
+    // Trusted: every blocked call arrives before exec exits.
+    let (blocked, err) = run("tls-trusted", true);
+    assert!(blocked >= 2, "{err}");
+    assert_eq!(delivered("tls-trusted"), blocked, "{err}");
+    let _ = child.kill();
+    let _ = child.wait();
 }
