@@ -192,17 +192,8 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
                 .map_err(|e| UsageError::Other(e.to_string()))?,
         ))
     };
-    let webhook = match &args.webhook {
-        Some(url) => {
-            let w = crate::notify::Webhook {
-                url: url.clone(),
-                format: args.webhook_format,
-            };
-            w.check().map_err(UsageError::Other)?;
-            Some(w)
-        }
-        None => None,
-    };
+    let webhook = crate::notify::Webhook::from_flag(args.webhook.as_ref(), args.webhook_format)
+        .map_err(UsageError::Other)?;
     warn_inherited_sockets(&args.keep_fds);
     let compiled = policy.compile()?;
     // A policy the maps cannot hold is refused here, before anything is loaded, rather than

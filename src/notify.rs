@@ -49,6 +49,21 @@ pub struct Webhook {
 }
 
 impl Webhook {
+    /// A webhook from the command line (`--webhook URL --webhook-format F`), its URL checked.
+    pub fn from_flag(
+        url: Option<&String>,
+        format: WebhookFormat,
+    ) -> Result<Option<Webhook>, String> {
+        url.map(|url| {
+            let w = Webhook {
+                url: url.clone(),
+                format,
+            };
+            w.check().map(|()| w)
+        })
+        .transpose()
+    }
+
     /// The URL as logs show it: scheme, host and port. A chat webhook's path is its secret
     /// (whoever has a Slack hook URL may post to the channel).
     pub fn shown(&self) -> String {

@@ -168,17 +168,8 @@ pub fn job(cmd: &JobCmd) -> Result<i32> {
             // Checked here first: a policy error names its file, line and token.
             let policy = a.policy.to_spec().map_err(anyhow::Error::new)?;
             policy.build()?.compile()?;
-            let webhook = match &a.webhook {
-                Some(url) => {
-                    let w = crate::notify::Webhook {
-                        url: url.clone(),
-                        format: a.webhook_format,
-                    };
-                    w.check().map_err(UsageError::Other)?;
-                    Some(w)
-                }
-                None => None,
-            };
+            let webhook = crate::notify::Webhook::from_flag(a.webhook.as_ref(), a.webhook_format)
+                .map_err(UsageError::Other)?;
             let r = call(
                 &a.socket.socket,
                 &Request::JobStart {
