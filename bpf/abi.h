@@ -263,7 +263,7 @@ struct rf_flow_event {
 	struct rf_event_hdr hdr;
 	__u64 cgroup_id;
 	__u32 pid;    /* 0 when the packet was not sent from process context */
-	__u32 _pad;
+	__u32 ifindex; /* the device a packet no socket sent came in on (a container's link, a bridge); 0 for a socket's */
 	char comm[16];
 	__u8 saddr[16];
 	__u8 daddr[16];
@@ -296,7 +296,7 @@ struct rf_dns_event {
 	/* Who sent it: filled for query copies (egress runs in the sender's context). */
 	__u64 cgroup_id;
 	__u32 pid;
-	__u32 _pad;
+	__u32 ifindex; /* query copies: the device the query came in on (a container's link); 0 for a socket's */
 	char comm[16];
 	/* For RF_DNS_TCP_SEGMENT copies: where the bytes sit in the stream. */
 	__u32 seq;

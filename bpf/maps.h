@@ -54,6 +54,28 @@ struct {
 	__type(value, __u32);
 } devices SEC(".maps");
 
+/* ifindex -> 1 for the devices that face containers and namespaces (bridges, their veths,
+ * taps: the way *in* to them). A forwarded packet leaving through one of these is an answer
+ * or a peer going to a container, not a container's outbound: it is not judged there. Every
+ * other device is an uplink, where a forwarded packet no job has judged is judged under the
+ * forwarded-traffic job (fail closed: a device not listed is an uplink). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u8);
+} inside_devs SEC(".maps");
+
+/* The job forwarded traffic no job has judged is judged under (see forwarded_job in
+ * ringfence.bpf.c): exec's own job, or the daemon's host default policy. Read only while
+ * have_fwd_job is set. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct rf_job);
+} fwd_job SEC(".maps");
+
 /* (job, hash of a name suffix) -> what that name allows. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -33,6 +33,9 @@ volatile __u32 have_ifjobs = 0;
 /* Set when the daemon has a host default policy: a packet sent by a socket that belongs to
  * no job is judged under it (the `jobs` entry of cgroup id 0, which no cgroup has). */
 volatile __u32 have_host_job = 0;
+/* Set when forwarded traffic (containers, a job's own namespaces) is judged: see
+ * forwarded_job(). */
+volatile __u32 have_fwd_job = 0;
 /* Set once some attached interface is not Ethernet: only then does the verdict program look
  * up the link header length of its interface, so the Ethernet hot path stays as it was. */
 volatile __u32 have_l3_devs = 0;
@@ -127,6 +130,33 @@ static __always_inline struct rf_job *find_job(struct __sk_buff *skb, struct rf_
 	return NULL;
 }
 
+/* The skb mark bit set on a packet judged as its job's outbound at the host side of the job's
+ * link (rf_ingress). Forwarded on through a bridge and out of an uplink, it is not judged a
+ * second time there. A job cannot set it on a forwarded packet: crossing from its namespace
+ * into the host's clears the mark (skb_scrub_packet), a tap's packets start with none, and
+ * a packet its own socket sends is judged by its socket, never as forwarded. Bit 20: clear
+ * of the bits kube-proxy (0x4000, 0x8000), Cilium (0x0f00), Tailscale (0xff0000 is theirs
+ * only with 0x40000/0x80000 set) and Istio use. */
+#define RF_JUDGED_MARK 0x00100000U
+
+/* The job a forwarded packet is judged under as it leaves through an uplink: a packet with
+ * no socket that came in on some device (a container's or a namespace's, through NAT) and
+ * that no job judged on its way in (no RF_JUDGED_MARK: it came through a link no job
+ * claims, or one not attached yet). Leaving through a device that faces containers
+ * (inside_devs) it is going *to* one (an answer, a peer's packet) and is not judged. */
+static __always_inline struct rf_job *forwarded_job(struct __sk_buff *skb, struct rf_job *link)
+{
+	__u32 ifindex = skb->ifindex, zero = 0;
+
+	if (!have_fwd_job || link || !skb->ingress_ifindex || (skb->mark & RF_JUDGED_MARK))
+		return NULL;
+	if (bpf_skb_cgroup_id(skb))
+		return NULL; /* sent by a socket: find_job's to place */
+	if (bpf_map_lookup_elem(&inside_devs, &ifindex))
+		return NULL;
+	return bpf_map_lookup_elem(&fwd_job, &zero);
+}
+
 static __always_inline __u8 deny(const struct rf_job *job, int direct)
 {
 	if (job->mode == RF_MODE_BLOCK)
@@ -214,7 +244,8 @@ static __always_inline void emit_flow(const struct rf_job *job, __u64 cgid, stru
 	e->hdr.job_id = job->job_id;
 	e->hdr.ts_ns = now;
 	e->cgroup_id = cgid;
-	e->_pad = 0;
+	/* 0 for a packet a socket sent (ingress_ifindex is 0 on the way out). */
+	e->ifindex = skb ? skb->ingress_ifindex : 0;
 	/* The first packet of a flow is sent from the process that opened it (connect(),
 	 * sendmsg()) where the kernel lets TC ask; elsewhere, and for packets sent from a timer,
 	 * the socket's owner names it. The agent never has to check /proc to tell. */
@@ -510,6 +541,8 @@ int rf_egress(struct __sk_buff *skb)
 	 * socket, so no cgroup, and is not placed here: it passes unjudged. bpf_sk_cgroup_id()
 	 * of the listener, which would place it, is not callable from TC. */
 	if (!job)
+		job = forwarded_job(skb, link);
+	if (!job)
 		return TC_ACT_UNSPEC;
 	return judge_packet(skb, job, cgid, by_socket, 0);
 }
@@ -525,8 +558,14 @@ int rf_ingress(struct __sk_buff *skb)
 	 * as rf_egress judges a cgroup's (a mark cannot come with it: crossing from the job's
 	 * namespace clears it, and a tap's packets are new). */
 	link = link_job(skb);
-	if (host_side(link))
-		return judge_packet(skb, link, bpf_skb_cgroup_id(skb), 0, 1);
+	if (host_side(link)) {
+		int rc = judge_packet(skb, link, bpf_skb_cgroup_id(skb), 0, 1);
+
+		/* Judged: not again under the forwarded-traffic job on its way out. */
+		if (rc == TC_ACT_UNSPEC)
+			skb->mark |= RF_JUDGED_MARK;
+		return rc;
+	}
 	read_answer(skb, 0, 0);
 	return TC_ACT_UNSPEC;
 }

@@ -263,11 +263,11 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     let mut dp = Dataplane::load(&opts)?;
     const JOB_ID: u32 = 1;
     dp.install_policy(JOB_ID, &compiled, &policy.dns_resolvers)?;
-    dp.add_job(
-        cgroup.id(),
-        cgroup.level(),
-        abi::rf_job::for_policy(JOB_ID, &policy),
-    )?;
+    let entry = abi::rf_job::for_policy(JOB_ID, &policy);
+    dp.add_job(cgroup.id(), cgroup.level(), entry)?;
+    // exec is the only job here: forwarded traffic no link of its own judged (containers
+    // started before it, or in the moment before their link is claimed) is judged as its.
+    dp.set_forward_job(Some(entry))?;
     for i in &interfaces {
         match dp.attach(i) {
             Ok(()) => {}
@@ -279,6 +279,9 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
             Err(e) => return Err(e.into()),
         }
     }
+    // Container links that appear from here on are the job's (job::containers).
+    let mut containers = crate::job::containers::ContainerLinks::new(JOB_ID, entry, &dp);
+    containers.refresh(&mut dp);
     let watch_failed = dp.attach_process_watch();
     for f in &watch_failed {
         tracing::warn!(
@@ -367,6 +370,7 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
         &mut child,
         links.as_ref(),
         Some(&mut guard),
+        Some(&mut containers),
     )?;
     // The job's leftovers (daemons, background jobs) end with it.
     cgroup.kill_all();

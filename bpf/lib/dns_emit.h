@@ -40,10 +40,11 @@ static __always_inline void emit_dns_copy(struct rf_scratch *s, __u32 job_id, co
 	s->ev.flags = s->flags;
 	s->ev.cgroup_id = 0;
 	s->ev.pid = 0;
-	s->ev._pad = 0;
+	s->ev.ifindex = 0;
 	__builtin_memset(s->ev.comm, 0, sizeof(s->ev.comm));
 	if (s->flags & RF_DNS_QUERY) {
 		s->ev.cgroup_id = s->cgroup_id;
+		s->ev.ifindex = skb ? skb->ingress_ifindex : 0;
 		sender_of(skb, s->cgroup_id, RF_SENDER_TC, &s->ev.pid, s->ev.comm);
 	}
 	barrier_var(len);

@@ -106,6 +106,7 @@ impl JobState {
             exe: None,
             parents: Vec::new(),
             cgroup,
+            container: None,
             proto,
             dst,
             port,
@@ -200,6 +201,8 @@ impl JobState {
 
 pub struct Agent {
     pub jobs: HashMap<u32, JobState>,
+    /// Names for the senders of forwarded flows (containers).
+    container_names: crate::job::containers::ContainerNames,
     sink: Option<JsonLinesWriter<io::BufWriter<std::fs::File>>>,
     /// (deadline in CLOCK_BOOTTIME ns, job, address) of learned addresses to re-check.
     expiry: BinaryHeap<Reverse<(u64, u32, IpAddr)>>,
@@ -287,6 +290,7 @@ impl Agent {
             jobs: HashMap::new(),
             sink,
             expiry: BinaryHeap::new(),
+            container_names: Default::default(),
             min_ttl_ns: min_ttl.as_nanos() as u64,
             grace_ns: grace.as_nanos() as u64,
             decode_errors: 0,
@@ -714,7 +718,11 @@ impl Agent {
             Verdict::try_from(ev.verdict).unwrap_or(Verdict::Blocked),
             reason,
         );
-        let flow = FlowEvent { direction, ..flow };
+        let mut flow = FlowEvent { direction, ..flow };
+        // Came in on a device (a container's or namespace's link, forwarded): named after
+        // its container.
+        self.container_names
+            .name(&mut flow, ev.ifindex, Some(abi::addr_from_bytes(ev.saddr)));
         self.emit(ev.hdr.job_id, Event::Flow(flow));
     }
 
@@ -917,7 +925,7 @@ impl Agent {
             } else {
                 Verdict::Audited
             };
-            let flow = job.flow(
+            let mut flow = job.flow(
                 (ev.hdr.ts_ns, ev.pid, &ev.comm, ev.cgroup_id),
                 if ev.flags & abi::DNS_TCP != 0 {
                     Proto::Tcp
@@ -928,6 +936,7 @@ impl Agent {
                 verdict,
                 Reason::DnsQuery,
             );
+            self.container_names.name(&mut flow, ev.ifindex, None);
             self.emit(job_id, Event::Flow(flow));
             findings.into_iter().for_each(|f| self.emit(job_id, f));
             return;
@@ -1095,6 +1104,7 @@ pub fn run_until_exit(
     child: &mut std::process::Child,
     links: Option<&crate::kernel::netif::LinkWatcher>,
     mut guard: Option<&mut crate::job::guard::Guard>,
+    mut containers: Option<&mut crate::job::containers::ContainerLinks>,
 ) -> Result<std::process::ExitStatus> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGQUIT, SIGTERM};
 
@@ -1166,6 +1176,10 @@ pub fn run_until_exit(
                                 tracing::warn!("handing a new interface to the guard: {e:#}");
                             }
                         }
+                        // A container's link is claimed as soon as it is attached.
+                        if let Some(c) = containers.as_deref_mut() {
+                            c.refresh(dp);
+                        }
                     }
                 }
                 _ => {}
@@ -1178,6 +1192,10 @@ pub fn run_until_exit(
         agent.borrow_mut().expire(dp, boottime_ns());
         if std::time::Instant::now() >= next_check {
             agent.borrow_mut().check_dataplane(dp);
+            // Addresses come after their links (a bridge's): shared networks are re-read.
+            if let Some(c) = containers.as_deref_mut() {
+                c.refresh(dp);
+            }
             next_check = std::time::Instant::now() + ATTACH_CHECK;
         }
         agent.borrow_mut().flush();
@@ -1214,6 +1232,7 @@ mod tests {
             exe: None,
             parents: Vec::new(),
             cgroup: 1,
+            container: None,
             proto: Proto::Udp,
             dst: IpAddr::from(std::net::Ipv4Addr::from(0xcb00_7100 + (i & 0xff))),
             port: 20_000 + (i >> 8) as u16,

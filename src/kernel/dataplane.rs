@@ -1,5 +1,6 @@
 //! The kernel side as the agent sees it: load the skeleton, attach it to interfaces (TCX on
 //! 6.6+, clsact through netlink before), and read and write its maps.
+use ipnet::IpNet;
 use std::mem::MaybeUninit;
 use std::net::IpAddr;
 use std::os::fd::AsFd;
@@ -251,6 +252,8 @@ pub struct Dataplane {
     adopted: bool,
     /// clsact filters an earlier daemon left, by (ifindex, egress): replaced in place.
     adopt_filters: std::collections::HashMap<(i32, bool), (u32, u32)>,
+    /// New veths not attached yet: their peer was still here (see follow_links).
+    deferred: std::collections::BTreeMap<u32, u16>,
 }
 
 /// One clsact filter ringfence added: enough to find it again (and to tell it from a filter
@@ -540,6 +543,16 @@ fn map_err(map: &'static str) -> impl FnOnce(libbpf_rs::Error) -> DataplaneError
     move |source| DataplaneError::Map { map, source }
 }
 
+/// The `allow` key of network `net` in job `job_id`'s share of the trie.
+fn net_key(job_id: u32, net: IpNet) -> abi::rf_lpm_key {
+    let addr = net.network();
+    abi::rf_lpm_key {
+        prefixlen: abi::lpm_prefixlen(addr, net.prefix_len()),
+        job_id,
+        addr: abi::addr_to_bytes(addr),
+    }
+}
+
 fn ports_to_abi(p: &PortSet) -> abi::rf_ports {
     let mut out = abi::rf_ports::default();
     match p {
@@ -673,7 +686,7 @@ impl Dataplane {
             ("inbound", cap.inbound),
             ("flows", cap.flows),
             ("jobs", cap.job_entries()),
-            ("ifjobs", cap.job_entries()),
+            ("ifjobs", cap.ifjob_entries()),
         ];
         if let (Some(pins), true) = (&opts.pins, adopted) {
             check_pinned_sizes(pins, &sizes)?;
@@ -738,6 +751,7 @@ impl Dataplane {
             pins: opts.pins.clone(),
             adopted,
             adopt_filters: Default::default(),
+            deferred: Default::default(),
         })
     }
 
@@ -797,6 +811,10 @@ impl Dataplane {
         let l2 = crate::kernel::netif::link_header_len(arphrd);
         // Recorded before attaching, so the first packet the program sees parses right.
         self.set_device(ifindex, l2)?;
+        // And which way it faces, so that its first answer to a container is not judged as
+        // forwarded outbound traffic.
+        let inside = crate::kernel::netif::faces_containers(ifname);
+        self.set_inside(ifindex, inside)?;
         let egress = self.attach_one(ifname, ifindex as i32, true)?;
         self.watched
             .push(self.watched_of(ifname, ifindex as i32, true, &egress));
@@ -834,9 +852,58 @@ impl Dataplane {
         Ok(())
     }
 
+    /// Records whether `ifindex` faces containers or namespaces (`inside_devs` in
+    /// bpf/maps.h): forwarded packets leaving through it are going to them, not judged.
+    pub fn set_inside(&mut self, ifindex: u32, inside: bool) -> Result<()> {
+        let key = ifindex.to_ne_bytes();
+        if inside {
+            self.skel
+                .maps
+                .inside_devs
+                .update(&key, &[1u8], MapFlags::ANY)
+                .map_err(map_err("inside_devs"))
+        } else {
+            match self.skel.maps.inside_devs.delete(&key) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(map_err("inside_devs")(e)),
+            }
+        }
+    }
+
+    /// Whether `ifindex` is recorded as facing containers.
+    pub fn is_inside(&self, ifindex: u32) -> bool {
+        matches!(
+            self.skel
+                .maps
+                .inside_devs
+                .lookup(&ifindex.to_ne_bytes(), MapFlags::ANY),
+            Ok(Some(_))
+        )
+    }
+
+    /// The job forwarded traffic is judged under where no job judged it on its way in
+    /// (`forwarded_job` in bpf/ringfence.bpf.c): packets from containers and namespaces
+    /// behind NAT that leave through an uplink with no socket. `None`: they pass unjudged.
+    pub fn set_forward_job(&mut self, job: Option<abi::rf_job>) -> Result<()> {
+        match job {
+            Some(j) => {
+                self.skel
+                    .maps
+                    .fwd_job
+                    .update(&0u32.to_ne_bytes(), bytes_of(&j), MapFlags::ANY)
+                    .map_err(map_err("fwd_job"))?;
+                self.bss().have_fwd_job = 1;
+            }
+            None => self.bss().have_fwd_job = 0,
+        }
+        Ok(())
+    }
+
     /// An interface went away: its TCX links went with it; forget it.
     pub fn forget_interface(&mut self, ifindex: u32) {
         let _ = self.skel.maps.devices.delete(&ifindex.to_ne_bytes());
+        let _ = self.skel.maps.inside_devs.delete(&ifindex.to_ne_bytes());
         // Not a detach to report: the device itself is gone.
         self.watched.retain(|w| w.ifindex as u32 != ifindex);
         let (gone, kept): (Vec<_>, Vec<_>) =
@@ -874,7 +941,11 @@ impl Dataplane {
         };
         for c in changes {
             match c {
-                LinkChange::New { ifindex, arphrd } => {
+                LinkChange::New {
+                    ifindex,
+                    arphrd,
+                    peer_elsewhere,
+                } => {
                     // lo (1) stays on the host; the backstop lets it be.
                     if ifindex == 1 || self.is_attached(ifindex) {
                         continue;
@@ -883,13 +954,48 @@ impl Dataplane {
                         continue; // gone again already
                     };
                     let name = name.to_string_lossy().into_owned();
+                    // A new veth pair has both ends here at first, and a container engine
+                    // moves one into the container at once: programs attached to that end
+                    // would go with it, and their link job with them. It is attached once
+                    // its peer is elsewhere; until then what crosses it is forwarded
+                    // traffic, judged at the uplink.
+                    if !peer_elsewhere
+                        && crate::kernel::netif::driver(&name).is_ok_and(|d| d == "veth")
+                    {
+                        self.deferred.insert(ifindex, arphrd);
+                        continue;
+                    }
+                    self.deferred.remove(&ifindex);
                     let mark = self.attachment_count();
                     if let Err(e) = self.attach_index(&name, ifindex, arphrd) {
                         tracing::warn!("{e}: only the backstop sees the job's traffic through it (dropped in block mode)");
                     }
                     held.add(self.held_since(mark));
                 }
-                LinkChange::Gone { ifindex } => self.forget_interface(ifindex),
+                LinkChange::Gone { ifindex } => {
+                    self.deferred.remove(&ifindex);
+                    self.forget_interface(ifindex)
+                }
+            }
+        }
+        // Veths whose peer has moved since, without an event for this end.
+        for (ifindex, arphrd) in std::mem::take(&mut self.deferred) {
+            match crate::kernel::netif::peer_elsewhere(ifindex) {
+                Ok(true) => {
+                    let Ok(name) = nix::net::if_::if_indextoname(ifindex) else {
+                        continue;
+                    };
+                    let name = name.to_string_lossy().into_owned();
+                    let mark = self.attachment_count();
+                    if let Err(e) = self.attach_index(&name, ifindex, arphrd) {
+                        tracing::warn!("{e}: only the backstop sees the job's traffic through it (dropped in block mode)");
+                    }
+                    held.add(self.held_since(mark));
+                }
+                Ok(false) => {
+                    self.deferred.insert(ifindex, arphrd);
+                }
+                Err(_) => {} // gone
             }
         }
         held
@@ -1265,6 +1371,9 @@ impl Dataplane {
                         }
                     }
                 },
+                // The device went away (a container's veth deleted, or moved into the
+                // container's namespace) before its link event was read: nothing to watch.
+                Err(e) if e.raw_os_error() == Some(libc::ENODEV) => {}
                 Err(e) => problem(format!(
                     "querying the programs attached (tcx): {e}; ringfence's was {}",
                     w.prog_id
@@ -1410,6 +1519,64 @@ impl Dataplane {
             }
         }
         Ok(())
+    }
+
+    /// Allows job `job_id` every port of `net`, a network it shares with its own
+    /// containers (see job::containers). Returns false, changing nothing, when the job's
+    /// policy already has an entry for exactly that network: it is the policy's to keep.
+    pub fn allow_network(&mut self, job_id: u32, net: IpNet) -> Result<bool> {
+        let key = net_key(job_id, net);
+        let allow = &self.skel.maps.allow;
+        if let Ok(Some(_)) = allow.lookup(bytes_of(&key), MapFlags::ANY) {
+            return Ok(false);
+        }
+        let val = abi::rf_addr_val {
+            ports: ports_to_abi(&PortSet::Any),
+            flags: abi::ADDR_STATIC,
+            prefixlen: key.prefixlen,
+            ..Default::default()
+        };
+        allow
+            .update(bytes_of(&key), bytes_of(&val), MapFlags::NO_EXIST)
+            .map_err(map_err("allow"))?;
+        // Both ways: a service container answering the job, a sibling connecting to one.
+        self.skel
+            .maps
+            .inbound
+            .update(
+                bytes_of(&key),
+                bytes_of(&ports_to_abi(&PortSet::Any)),
+                MapFlags::ANY,
+            )
+            .map_err(map_err("inbound"))?;
+        Ok(true)
+    }
+
+    /// Takes back what [`allow_network`](Self::allow_network) added.
+    pub fn forget_network(&mut self, job_id: u32, net: IpNet) -> Result<()> {
+        let key = net_key(job_id, net);
+        for (name, map) in [
+            ("allow", &self.skel.maps.allow),
+            ("inbound", &self.skel.maps.inbound),
+        ] {
+            match map.delete(bytes_of(&key)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
+                Err(e) => return Err(map_err(name)(e)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The interfaces the TC programs are attached to, by index and name.
+    pub fn attached_interfaces(&self) -> Vec<(u32, String)> {
+        let mut v: Vec<(u32, String)> = self
+            .attached
+            .iter()
+            .map(|(n, i, _)| (*i, n.clone()))
+            .collect();
+        v.dedup();
+        v
     }
 
     /// Forgets a job keyed by interface.
@@ -1685,6 +1852,7 @@ impl Dataplane {
             ("dns_streams", &maps.dns_streams),
             ("inbound", &maps.inbound),
             ("devices", &maps.devices),
+            ("inside_devs", &maps.inside_devs),
         ] {
             let keys: Vec<Vec<u8>> = map.keys().collect();
             for k in keys {
@@ -1710,6 +1878,7 @@ impl Dataplane {
         bss.have_ifjobs = 0;
         bss.have_l3_devs = 0;
         bss.have_host_job = 0;
+        bss.have_fwd_job = 0;
         Ok(())
     }
 

@@ -43,25 +43,8 @@ pub fn link_header_len(arphrd: u16) -> u32 {
 /// The link type of `ifname` in this network namespace (SIOCGIFHWADDR's address family,
 /// which is what /sys/class/net/IF/type shows, without depending on how /sys is mounted).
 pub fn link_type(ifname: &str) -> io::Result<u16> {
-    // SAFETY: a plain datagram socket, owned below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor.
-    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
-    // SAFETY: ifreq is plain data; zero is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    let name = ifname.as_bytes();
-    if name.len() >= req.ifr_name.len() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("interface name {ifname:?} is too long"),
-        ));
-    }
-    for (d, s) in req.ifr_name.iter_mut().zip(name) {
-        *d = *s as libc::c_char;
-    }
+    let sock = dgram_socket()?;
+    let mut req = ifreq_for(ifname)?;
     // SAFETY: SIOCGIFHWADDR fills ifr_hwaddr of a valid ifreq.
     if unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) } < 0 {
         return Err(io::Error::last_os_error());
@@ -82,11 +65,147 @@ pub fn all_interfaces() -> Vec<String> {
     set.into_iter().collect()
 }
 
+/// Whether `ifname` faces containers or network namespaces rather than the world: a bridge,
+/// a veth or a tun/tap (by driver, asked with ETHTOOL_GDRVINFO in this namespace), unless it
+/// carries a default route — then it is the host's way out (a NIC enslaved to a bridge leaves
+/// through the bridge, a runner in a namespace leaves through its veth). Everything else is
+/// an uplink, where forwarded traffic no job judged is judged: a device wrongly taken for an
+/// uplink blocks answers to a container (fails closed), never lets its outbound through.
+pub fn faces_containers(ifname: &str) -> bool {
+    let Ok(driver) = driver(ifname) else {
+        return false;
+    };
+    matches!(driver.as_str(), "bridge" | "veth" | "tun")
+        && !default_route_devices().contains(ifname)
+}
+
+/// The kernel driver behind `ifname` ("veth", "bridge", "tun", "e1000", …).
+pub fn driver(ifname: &str) -> io::Result<String> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GDRVINFO: u32 = 0x3;
+    /// struct ethtool_drvinfo (include/uapi/linux/ethtool.h).
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        rest: [u8; 32 * 4 + 12 + 4 * 5],
+    }
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        rest: [0; 32 * 4 + 12 + 4 * 5],
+    };
+    let mut req = ifreq_for(ifname)?;
+    req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+    let sock = dgram_socket()?;
+    // SAFETY: ifr_data points at a live ethtool_drvinfo for the duration of the call.
+    if unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL, &mut req) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let end = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
+    Ok(String::from_utf8_lossy(&info.driver[..end]).into_owned())
+}
+
+/// The devices holding a default route (IPv4 or IPv6) in this network namespace, from
+/// /proc/self/net (the reader's namespace, unlike /sys, which shows the mounter's).
+pub fn default_route_devices() -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    if let Ok(t) = std::fs::read_to_string("/proc/self/net/route") {
+        for l in t.lines().skip(1) {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // Iface Destination Gateway Flags RefCnt Use Metric Mask ...
+            if f.len() > 7 && f[1] == "00000000" && f[7] == "00000000" {
+                out.insert(f[0].to_string());
+            }
+        }
+    }
+    if let Ok(t) = std::fs::read_to_string("/proc/self/net/ipv6_route") {
+        for l in t.lines() {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            // dest destlen src srclen nexthop metric refcnt use flags iface; the kernel's
+            // own unreachable defaults sit on lo.
+            if f.len() == 10 && f[1] == "00" && f[0].bytes().all(|b| b == b'0') && f[9] != "lo" {
+                out.insert(f[9].to_string());
+            }
+        }
+    }
+    out
+}
+
+/// The networks of the addresses on `ifname` (link-local ones left out: they name a link,
+/// not a network the job shares with its containers).
+pub fn networks(ifname: &str) -> Vec<ipnet::IpNet> {
+    let mut out = Vec::new();
+    let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
+        return out;
+    };
+    for a in addrs.filter(|a| a.interface_name == ifname) {
+        let (Some(addr), Some(mask)) = (a.address, a.netmask) else {
+            continue;
+        };
+        let net = if let (Some(a4), Some(m4)) = (addr.as_sockaddr_in(), mask.as_sockaddr_in()) {
+            let ip = std::net::Ipv4Addr::from(a4.ip());
+            if ip.is_link_local() {
+                continue;
+            }
+            let len = u32::from(std::net::Ipv4Addr::from(m4.ip())).count_ones() as u8;
+            ipnet::Ipv4Net::new(ip, len).map(ipnet::IpNet::from).ok()
+        } else if let (Some(a6), Some(m6)) = (addr.as_sockaddr_in6(), mask.as_sockaddr_in6()) {
+            let ip = a6.ip();
+            if (ip.segments()[0] & 0xffc0) == 0xfe80 {
+                continue;
+            }
+            let len = u128::from(m6.ip()).count_ones() as u8;
+            ipnet::Ipv6Net::new(ip, len).map(ipnet::IpNet::from).ok()
+        } else {
+            None
+        };
+        if let Some(n) = net {
+            out.push(n.trunc());
+        }
+    }
+    out
+}
+
+fn dgram_socket() -> io::Result<OwnedFd> {
+    // SAFETY: a plain datagram socket, owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn ifreq_for(ifname: &str) -> io::Result<libc::ifreq> {
+    // SAFETY: ifreq is plain data; zero is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    let name = ifname.as_bytes();
+    if name.len() >= req.ifr_name.len() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("interface name {ifname:?} is too long"),
+        ));
+    }
+    for (d, s) in req.ifr_name.iter_mut().zip(name) {
+        *d = *s as libc::c_char;
+    }
+    Ok(req)
+}
+
 /// An interface appearing or going away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LinkChange {
-    New { ifindex: u32, arphrd: u16 },
-    Gone { ifindex: u32 },
+    /// `peer_elsewhere`: the link's other end is in another network namespace
+    /// (IFLA_LINK_NETNSID: a veth whose peer is a container's).
+    New {
+        ifindex: u32,
+        arphrd: u16,
+        peer_elsewhere: bool,
+    },
+    Gone {
+        ifindex: u32,
+    },
 }
 
 /// A NETLINK_ROUTE socket subscribed to link events (RTMGRP_LINK), nonblocking, for the
@@ -119,7 +238,10 @@ impl LinkWatcher {
         // SAFETY: sockaddr_nl is plain data; zero is valid.
         let mut sa: libc::sockaddr_nl = unsafe { std::mem::zeroed() };
         sa.nl_family = libc::AF_NETLINK as libc::sa_family_t;
-        sa.nl_groups = libc::RTMGRP_LINK as u32;
+        // Address changes too: they carry no link change (the reader skips them) but wake
+        // the loop, which re-reads the networks shared with containers.
+        sa.nl_groups =
+            (libc::RTMGRP_LINK | libc::RTMGRP_IPV4_IFADDR | libc::RTMGRP_IPV6_IFADDR) as u32;
         // SAFETY: sa is a valid sockaddr_nl of the given size.
         let rc = unsafe {
             libc::bind(
@@ -168,6 +290,70 @@ impl LinkWatcher {
     }
 }
 
+const IFLA_LINK_NETNSID: u16 = 37;
+
+/// Whether the route attributes `b` (struct rtattr: len u16, type u16, then the payload,
+/// each 4-byte aligned) hold one of type `ty`.
+fn has_attr(mut b: &[u8], ty: u16) -> bool {
+    while b.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([b[0], b[1]]));
+        let t = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff; // without NLA_F_NESTED/NET_BYTEORDER
+        if len < 4 || len > b.len() {
+            return false;
+        }
+        if t == ty {
+            return true;
+        }
+        let next = (len + 3) & !3;
+        if next >= b.len() {
+            return false;
+        }
+        b = &b[next..];
+    }
+    false
+}
+
+/// Whether the other end of link `ifindex` is in another network namespace, asked with
+/// RTM_GETLINK (see [`LinkChange::New`]).
+pub fn peer_elsewhere(ifindex: u32) -> io::Result<bool> {
+    // SAFETY: plain socket call; the fd is owned below.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut req = Vec::with_capacity(NLMSG_HDRLEN + IFINFOMSG_LEN);
+    req.extend_from_slice(&((NLMSG_HDRLEN + IFINFOMSG_LEN) as u32).to_ne_bytes());
+    req.extend_from_slice(&18u16.to_ne_bytes()); // RTM_GETLINK
+    req.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    req.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel's
+    req.extend_from_slice(&[0u8; 4]); // family, pad, type
+    req.extend_from_slice(&(ifindex as i32).to_ne_bytes());
+    req.extend_from_slice(&[0u8; 8]); // flags, change
+                                      // SAFETY: req is readable for its length.
+    if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut buf = vec![0u8; 64 * 1024];
+    // SAFETY: buf is writable for its length.
+    let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    match parse_link_messages(&buf[..n as usize]).first() {
+        Some(LinkChange::New { peer_elsewhere, .. }) => Ok(*peer_elsewhere),
+        _ => Err(io::Error::from_raw_os_error(libc::ENODEV)),
+    }
+}
+
 /// The link changes in one netlink datagram (several messages, each 4-byte aligned).
 fn parse_link_messages(mut b: &[u8]) -> Vec<LinkChange> {
     let mut out = Vec::new();
@@ -183,7 +369,11 @@ fn parse_link_messages(mut b: &[u8]) -> Vec<LinkChange> {
             let index = i32::from_ne_bytes(body[4..8].try_into().expect("4 bytes"));
             if let Ok(ifindex) = u32::try_from(index) {
                 out.push(if ty == RTM_NEWLINK {
-                    LinkChange::New { ifindex, arphrd }
+                    LinkChange::New {
+                        ifindex,
+                        arphrd,
+                        peer_elsewhere: has_attr(&body[IFINFOMSG_LEN..], IFLA_LINK_NETNSID),
+                    }
                 } else {
                     LinkChange::Gone { ifindex }
                 });
@@ -229,7 +419,8 @@ mod tests {
             vec![
                 LinkChange::New {
                     ifindex: 7,
-                    arphrd: ARPHRD_NONE
+                    arphrd: ARPHRD_NONE,
+                    peer_elsewhere: false
                 },
                 LinkChange::Gone { ifindex: 3 }
             ]

@@ -429,6 +429,7 @@ mod tests {
             exe: None,
             parents: Vec::new(),
             cgroup: 1,
+            container: None,
             proto: Proto::Tcp,
             dst: dst.parse().unwrap(),
             port,

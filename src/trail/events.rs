@@ -262,6 +262,11 @@ pub struct FlowEvent {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parents: Vec<Ancestor>,
     pub cgroup: u64,
+    /// For a packet no socket sent — forwarded from a container or a namespace the job
+    /// started — who sent it: `docker:<name>` where the Docker Engine names the address,
+    /// else `via <device>` it came in on (job::containers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
     pub proto: Proto,
     pub dst: IpAddr,
     pub port: u16,
@@ -833,6 +838,7 @@ mod tests {
             exe: None,
             parents: Vec::new(),
             cgroup: 12345,
+            container: None,
             proto: Proto::Tcp,
             dst: "198.51.100.66".parse().unwrap(),
             port: 443,

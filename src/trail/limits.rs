@@ -322,6 +322,7 @@ mod tests {
             exe: None,
             parents: Vec::new(),
             cgroup: 1,
+            container: None,
             proto: Proto::Udp,
             dst: "203.0.113.1".parse().unwrap(),
             port: 1,

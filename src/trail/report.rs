@@ -1590,6 +1590,7 @@ mod tests {
             exe: None,
             parents: Vec::new(),
             cgroup: 12345,
+            container: None,
             proto: Proto::Tcp,
             dst: dst.parse().unwrap(),
             port,

@@ -1,0 +1,394 @@
+//! Containers a job starts are still the job (issue 10), with a real Docker Engine
+//! (Debian's docker.io): a private dockerd in the client namespace, its image imported
+//! offline from a root filesystem (busybox, curl and the libraries curl needs), so nothing
+//! is pulled. A job under `ringfence exec` runs containers on the default bridge (NAT) and
+//! on a user-defined network (Docker's embedded DNS at 127.0.0.11, which forwards from the
+//! container's namespace), builds an image whose `RUN` step calls out, reaches a service
+//! container of its own, and sets up a plain `ip netns` + veth + NAT: in block mode the
+//! allowed name works from all of them, the unlisted name and a direct IP are blocked
+//! (proven at the servers: no hit) and named in the events with the container; in audit
+//! mode all arrive and are named. Needs root and Docker; never skipped.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+use testbed::{link_v4, routed_v4};
+
+const DOCKER: &str = "/usr/bin/docker";
+const IMAGE: &str = "rf10-busybox:test";
+
+/// A dockerd of the test's own inside the client namespace: its bridge, NAT rules and
+/// containers live there, and go with it.
+struct Dockerd {
+    child: Child,
+    sock: PathBuf,
+    exec_root: PathBuf,
+    data_root: PathBuf,
+}
+
+impl Dockerd {
+    fn start(tb: &Testbed) -> Dockerd {
+        let dir = tb.workdir().join("docker");
+        let data_root = dir.join("data");
+        // containerd's socket paths must stay short: not under the workdir.
+        let exec_root =
+            PathBuf::from(format!("/run/rf10-{}", std::process::id())).join(tb.client_ns());
+        std::fs::create_dir_all(&data_root).unwrap();
+        std::fs::create_dir_all(&exec_root).unwrap();
+        let sock = exec_root.join("docker.sock");
+        let log = std::fs::File::create(dir.join("dockerd.log")).unwrap();
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", tb.client_ns()))
+            .arg("dockerd")
+            .arg(format!("--data-root={}", data_root.display()))
+            .arg(format!("--exec-root={}", exec_root.join("x").display()))
+            .arg(format!(
+                "--pidfile={}",
+                exec_root.join("dockerd.pid").display()
+            ))
+            .arg(format!("--host=unix://{}", sock.display()))
+            .arg(format!("--dns={}", tb.dns_addr_v4()))
+            .arg("--bip=172.29.0.1/24")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("starting dockerd (Debian package docker.io)");
+        let d = Dockerd {
+            child,
+            sock,
+            exec_root,
+            data_root,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !d
+            .cmd(&["version"])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            assert!(
+                Instant::now() < deadline,
+                "dockerd did not answer: {}",
+                std::fs::read_to_string(dir.join("dockerd.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        d.import_image(tb);
+        d
+    }
+
+    fn host(&self) -> String {
+        format!("unix://{}", self.sock.display())
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(DOCKER);
+        c.env("DOCKER_HOST", self.host()).args(args);
+        c
+    }
+
+    /// busybox (static) with curl and its libraries, imported from a tar stream.
+    fn import_image(&self, tb: &Testbed) {
+        let root = tb.workdir().join("rootfs");
+        for d in ["bin", "etc", "www", "usr/bin"] {
+            std::fs::create_dir_all(root.join(d)).unwrap();
+        }
+        std::fs::copy("/bin/busybox", root.join("bin/busybox"))
+            .expect("/bin/busybox (Debian package busybox-static)");
+        for a in [
+            "sh", "cat", "echo", "sleep", "httpd", "nslookup", "ip", "true",
+        ] {
+            std::os::unix::fs::symlink("busybox", root.join("bin").join(a)).unwrap();
+        }
+        std::fs::copy("/usr/bin/curl", root.join("usr/bin/curl")).unwrap();
+        let ldd = Command::new("ldd").arg("/usr/bin/curl").output().unwrap();
+        let mut libs: Vec<String> = String::from_utf8_lossy(&ldd.stdout)
+            .split_whitespace()
+            .filter(|w| w.starts_with('/'))
+            .map(str::to_string)
+            .collect();
+        for l in ["libnss_dns.so.2", "libnss_files.so.2"] {
+            libs.push(format!("/lib/x86_64-linux-gnu/{l}"));
+        }
+        for l in libs {
+            let to = root.join(l.trim_start_matches('/'));
+            std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+            std::fs::copy(&l, &to).unwrap_or_else(|e| panic!("copying {l}: {e}"));
+        }
+        std::fs::write(root.join("etc/nsswitch.conf"), "hosts: files dns\n").unwrap();
+        std::fs::write(root.join("www/index.html"), "service ok\n").unwrap();
+        let tar = Command::new("tar")
+            .args(["-C", root.to_str().unwrap(), "-c", "."])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = self
+            .cmd(&["import", "-", IMAGE])
+            .stdin(tar.stdout.unwrap())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "docker import: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if let Ok(o) = self.cmd(&["ps", "-aq"]).output() {
+            let ids: Vec<String> = String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .map(str::to_string)
+                .collect();
+            if !ids.is_empty() {
+                let mut args = vec!["rm", "-f"];
+                args.extend(ids.iter().map(String::as_str));
+                let _ = self.cmd(&args).output();
+            }
+        }
+        // SIGTERM: dockerd unmounts its layers and stops its containerd.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.exec_root);
+        let _ = std::fs::remove_dir_all(&self.data_root);
+    }
+}
+
+/// The job: containers on the default bridge and on a user-defined network, a build, a
+/// service container, and a namespace of its own behind NAT. Every call is made, allowed
+/// or not; what arrived is counted at the servers. `KEY=value` lines on stdout say what
+/// each container saw.
+fn job_script(direct: &str) -> String {
+    format!(
+        r#"set -u
+D="{DOCKER}"
+get() {{ curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' "$@"; }}
+run() {{ "$D" run --rm "$@"; }}
+echo "bridge_allowed=$(run {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://allowed.test/bridge)"
+echo "bridge_other=$(run {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://other.test/bridge)"
+echo "bridge_direct=$(run {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://{direct}/bridge)"
+"$D" network create rf10net >/dev/null
+"$D" run -d --name svc --network rf10net {IMAGE} httpd -f -p 8080 -h /www >/dev/null
+svc=$("$D" inspect -f '{{{{range .NetworkSettings.Networks}}}}{{{{.IPAddress}}}}{{{{end}}}}' svc)
+echo "net_allowed=$(run --network rf10net {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://allowed.test/net)"
+echo "net_other=$(run --network rf10net {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://other.test/net)"
+echo "svc_from_job=$(get http://$svc:8080/)"
+echo "svc_from_sibling=$(run --network rf10net {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://svc:8080/)"
+mkdir -p build && printf 'FROM {IMAGE}\nRUN curl -sS --connect-timeout 3 --max-time 6 -o /dev/null http://other.test/build || true\nRUN curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w "BUILD%%{{http_code}}\\n" http://allowed.test/build\n' > build/Dockerfile
+b=$(DOCKER_BUILDKIT=0 "$D" build --no-cache -t rf10-built build 2>&1 | grep -o 'BUILD[0-9][0-9][0-9]')
+echo "build_allowed=${{b#BUILD}}"
+ns=rf10job$$
+ip netns add $ns
+ip link add ${{ns}}h type veth peer name ${{ns}}c netns $ns
+ip addr add 10.77.0.1/24 dev ${{ns}}h && ip link set ${{ns}}h up
+ip -n $ns addr add 10.77.0.2/24 dev ${{ns}}c && ip -n $ns link set ${{ns}}c up && ip -n $ns link set lo up
+ip -n $ns route add default via 10.77.0.1
+iptables -t nat -A POSTROUTING -s 10.77.0.0/24 ! -o ${{ns}}h -j MASQUERADE
+sleep 1
+echo "netns_direct=$(ip netns exec $ns curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://{direct}/netns)"
+echo "netns_routed=$(ip netns exec $ns curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://{routed}/netns)"
+iptables -t nat -D POSTROUTING -s 10.77.0.0/24 ! -o ${{ns}}h -j MASQUERADE
+ip netns del $ns
+"$D" rm -f svc >/dev/null
+"$D" network rm rf10net >/dev/null
+exit 0
+"#,
+        routed = routed_v4(21),
+    )
+}
+
+struct Run {
+    stdout: String,
+    stderr: String,
+    events: Vec<Value>,
+}
+
+impl Run {
+    fn value(&self, key: &str) -> String {
+        self.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or_else(|| panic!("no {key}= line\n{}\n{}", self.stdout, self.stderr))
+            .to_string()
+    }
+
+    fn expect(&self, key: &str, want: &str) {
+        assert_eq!(
+            self.value(key),
+            want,
+            "{key}\n{}\n{}",
+            self.stdout,
+            self.stderr
+        );
+    }
+
+    fn flows(&self) -> impl Iterator<Item = &Value> {
+        self.events.iter().filter(|e| e.get("type").is_none())
+    }
+}
+
+fn run_job(tb: &Testbed, docker: &Dockerd, tag: &str, opts: &[&str], direct: &str) -> Run {
+    let script = scratch(tb, &format!("job-{tag}.sh"), &job_script(direct));
+    let events_file = tb.workdir().join(format!("events-{tag}.jsonl"));
+    let mut args: Vec<String> = vec![
+        "exec".into(),
+        "--job".into(),
+        format!("containers-{tag}"),
+        "--events".into(),
+        events_file.display().to_string(),
+    ];
+    args.extend(opts.iter().map(|s| s.to_string()));
+    args.extend(["--".into(), "sh".into(), script.display().to_string()]);
+    let mut cmd = tb.client_cmd(RINGFENCE, &args);
+    cmd.env("DOCKER_HOST", docker.host())
+        .current_dir(tb.workdir());
+    let (status, stdout, stderr) = run_timeout(cmd, Duration::from_secs(300));
+    assert_eq!(status.code(), Some(0), "{stdout}\n{stderr}");
+    let events = std::fs::read_to_string(&events_file)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    Run {
+        stdout,
+        stderr,
+        events,
+    }
+}
+
+fn setup() -> (Testbed, [std::net::Ipv4Addr; 3]) {
+    let allowed = link_v4(11);
+    let other = link_v4(12);
+    let direct = link_v4(13);
+    let routed = routed_v4(21);
+    let tb = testbed(
+        &[
+            DnsRecord::a("allowed.test", allowed),
+            DnsRecord::a("other.test", other),
+        ],
+        &[
+            sa(allowed, 80),
+            sa(other, 80),
+            sa(direct, 80),
+            sa(routed, 80),
+        ],
+    );
+    (tb, [allowed, other, direct])
+}
+
+#[test]
+fn block_mode_holds_for_containers_builds_and_namespaces() {
+    let (tb, [allowed, other, direct]) = setup();
+    let docker = Dockerd::start(&tb);
+    let routed = routed_v4(21);
+    let r = run_job(
+        &tb,
+        &docker,
+        "block",
+        &["--mode", "block", "--allow", "allowed.test:80"],
+        &direct.to_string(),
+    );
+    // What the containers saw.
+    r.expect("bridge_allowed", "200");
+    r.expect("net_allowed", "200");
+    r.expect("build_allowed", "200");
+    r.expect("svc_from_job", "200");
+    r.expect("svc_from_sibling", "200");
+    for k in [
+        "bridge_other",
+        "bridge_direct",
+        "net_other",
+        "netns_direct",
+        "netns_routed",
+    ] {
+        assert_ne!(r.value(k), "200", "{k}: {}", r.stderr);
+    }
+    // What arrived: the allowed server got the bridge, network and build calls; nothing
+    // reached the others.
+    assert!(tb.http_hits(sa(allowed, 80)) >= 3);
+    assert_eq!(tb.http_hits(sa(other, 80)), 0, "other.test was reached");
+    assert_eq!(tb.http_hits(sa(direct, 80)), 0, "the direct IP was reached");
+    assert_eq!(tb.http_hits(sa(routed, 80)), 0, "the namespace got out");
+    // The events name the blocked calls and who made them.
+    let blocked: Vec<&Value> = r.flows().filter(|f| f["verdict"] == "blocked").collect();
+    let to = |ip: std::net::Ipv4Addr| {
+        blocked
+            .iter()
+            .filter(|f| f["dst"] == ip.to_string() && f["port"] == 80)
+            .collect::<Vec<_>>()
+    };
+    assert!(!to(direct).is_empty(), "{blocked:#?}");
+    assert!(!to(routed).is_empty(), "{blocked:#?}");
+    // The unlisted name is refused at its query (block mode filters DNS), from the bridge,
+    // the network (through Docker's embedded DNS) and the build alike.
+    let refused: Vec<&&Value> = blocked
+        .iter()
+        .filter(|f| f["domain"] == "other.test")
+        .collect();
+    assert!(refused.len() >= 3, "{blocked:#?}");
+    for f in &refused {
+        assert!(f["container"].is_string(), "{f:#?}");
+    }
+    // The direct call from the bridge is named after its container; the namespace's own
+    // process is the job's (its socket is in the job's cgroup), named as a process.
+    assert!(
+        to(direct).iter().any(|f| f["container"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("docker:"))),
+        "a container on the bridge is named by Docker: {blocked:#?}"
+    );
+    // No flow to the service container or the bridge is reported as blocked.
+    assert!(
+        blocked
+            .iter()
+            .all(|f| !f["dst"].as_str().unwrap().starts_with("172.")),
+        "{blocked:#?}"
+    );
+}
+
+#[test]
+fn audit_mode_names_every_container_call() {
+    let (tb, [allowed, other, direct]) = setup();
+    let docker = Dockerd::start(&tb);
+    let r = run_job(
+        &tb,
+        &docker,
+        "audit",
+        &["--mode", "audit", "--allow", "allowed.test:80"],
+        &direct.to_string(),
+    );
+    r.expect("bridge_other", "200");
+    r.expect("net_other", "200");
+    assert!(tb.http_hits(sa(allowed, 80)) >= 3);
+    assert!(
+        tb.http_hits(sa(other, 80)) >= 3,
+        "bridge, network and build"
+    );
+    let audited: Vec<&Value> = r
+        .flows()
+        .filter(|f| f["verdict"] == "audited" && f["domain"] == "other.test")
+        .collect();
+    assert!(audited.len() >= 2, "{:#?}", r.events);
+    assert!(
+        audited.iter().all(|f| f["container"].is_string()),
+        "{audited:#?}"
+    );
+}
