@@ -281,7 +281,7 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     }
     // Container links that appear from here on are the job's (job::containers).
     let mut containers = crate::job::containers::ContainerLinks::new(JOB_ID, entry, &dp);
-    containers.refresh(&mut dp);
+    containers.refresh(&mut dp, true);
     let watch_failed = dp.attach_process_watch();
     for f in &watch_failed {
         tracing::warn!(

@@ -16,6 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use common::daemon;
 use serde_json::Value;
 use testbed::{link_v4, routed_v4};
 
@@ -391,4 +392,96 @@ fn audit_mode_names_every_container_call() {
         audited.iter().all(|f| f["container"].is_string()),
         "{audited:#?}"
     );
+}
+
+/// `docker run --rm IMAGE curl … URL` from inside job cgroup `cg`: the HTTP code it got.
+fn container_get(tb: &Testbed, docker: &Dockerd, cg: &std::path::Path, url: &str) -> String {
+    let argv: Vec<String> = [
+        DOCKER,
+        "run",
+        "--rm",
+        IMAGE,
+        "curl",
+        "-sS",
+        "--connect-timeout",
+        "3",
+        "--max-time",
+        "6",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        url,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let mut c = daemon::in_job(tb, cg, &argv);
+    c.env("DOCKER_HOST", docker.host());
+    let (_, out, _) = run_timeout(c, Duration::from_secs(60));
+    out.trim().to_string()
+}
+
+/// The daemon: a container link that appears while one job runs is that job's; one that
+/// appears while two run is neither's, and its traffic falls under the host default policy
+/// (here: block everything), judged at the uplink.
+#[test]
+fn daemon_sole_job_claims_containers_and_the_rest_is_host_default() {
+    let (tb, [allowed, other, _]) = setup();
+    let docker = Dockerd::start(&tb);
+    let host_policy = scratch(
+        &tb,
+        "host-policy.toml",
+        "mode = \"block\"\nallowed-endpoints = \"\"\ndirect-ip = \"block\"\n",
+    );
+    let mut d = daemon::Daemon::start(&tb, &["--host-policy", host_policy.to_str().unwrap()]);
+    let cg_a = d.cgroup("rf10a");
+    let resolver = tb.dns_addr_v4().to_string();
+    let job_policy = [
+        "--mode",
+        "block",
+        "--allow",
+        "allowed.test:80",
+        "--dns-resolver",
+        resolver.as_str(),
+    ];
+    d.start_job("a", &cg_a, &job_policy);
+    assert_eq!(
+        container_get(&tb, &docker, &cg_a, "http://allowed.test/a"),
+        "200",
+        "{}\n{:#?}",
+        d.log(),
+        d.events("a")
+    );
+    assert_ne!(container_get(&tb, &docker, &cg_a, "http://other.test/a"), "200");
+    let hits = tb.http_hits(sa(allowed, 80));
+    assert_eq!(hits, 1);
+
+    // A second job: containers started now are no one's; the host default blocks them.
+    let cg_b = d.cgroup("rf10b");
+    d.start_job("b", &cg_b, &job_policy);
+    assert_ne!(container_get(&tb, &docker, &cg_a, "http://allowed.test/two"), "200");
+    assert_eq!(tb.http_hits(sa(allowed, 80)), hits, "an unclaimed container got out");
+    d.ok(&["job", "end", "--id", "b"]);
+
+    let events = d.events("a");
+    let from_container = |name: &str, verdict: &str| {
+        events.iter().any(|e| {
+            e.get("type").is_none()
+                && e["domain"] == name
+                && e["verdict"] == verdict
+                && e["container"].is_string()
+        })
+    };
+    assert!(from_container("allowed.test", "allowed"), "{events:#?}");
+    assert!(from_container("other.test", "blocked"), "{events:#?}");
+    // Job a's trail holds nothing of the container started while b ran.
+    assert!(
+        !events
+            .iter()
+            .any(|e| e["verdict"] == "blocked" && e["domain"] == "allowed.test"),
+        "{events:#?}"
+    );
+    d.ok(&["job", "end", "--id", "a"]);
+    assert_eq!(tb.http_hits(sa(other, 80)), 0);
 }

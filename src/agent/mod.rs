@@ -1178,7 +1178,7 @@ pub fn run_until_exit(
                         }
                         // A container's link is claimed as soon as it is attached.
                         if let Some(c) = containers.as_deref_mut() {
-                            c.refresh(dp);
+                            c.refresh(dp, true);
                         }
                     }
                 }
@@ -1194,7 +1194,7 @@ pub fn run_until_exit(
             agent.borrow_mut().check_dataplane(dp);
             // Addresses come after their links (a bridge's): shared networks are re-read.
             if let Some(c) = containers.as_deref_mut() {
-                c.refresh(dp);
+                c.refresh(dp, true);
             }
             next_check = std::time::Instant::now() + ATTACH_CHECK;
         }

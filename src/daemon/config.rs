@@ -67,6 +67,36 @@ pub struct Config {
     /// Webhooks told of every job's blocked calls and findings (`[[webhook]]` tables).
     #[serde(default)]
     pub webhook: Vec<crate::notify::Webhook>,
+    /// Which job the containers and namespaces started on the host belong to.
+    #[serde(default)]
+    pub containers: ContainersMode,
+    /// What forwarded traffic no job judged (containers no job claimed) is judged under.
+    #[serde(default)]
+    pub forwarded: ForwardedMode,
+}
+
+/// `containers`: how container links are claimed (job::containers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContainersMode {
+    /// A link that appears while exactly one job runs is that job's: the host of one job
+    /// at a time (an ephemeral runner VM, a hosted runner). One that appears while several
+    /// run is no job's (which of them started it cannot be told from the link).
+    #[default]
+    SoleJob,
+    /// No job claims container links: their traffic is forwarded traffic.
+    Off,
+}
+
+/// `forwarded`: the job forwarded traffic no job judged is judged under.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ForwardedMode {
+    /// The host default policy (`host-policy`); without one it passes.
+    #[default]
+    HostDefault,
+    /// It passes unjudged (a router, a Kubernetes node whose pods are not jobs).
+    Pass,
 }
 
 fn default_static() -> u32 {

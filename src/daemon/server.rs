@@ -124,6 +124,9 @@ struct Live {
     cgroup_id: Option<u64>,
     /// Entries its policy holds in the capacity-checked maps.
     usage: Usage,
+    /// The container links it claimed and the networks it shares with them (cgroup and
+    /// pid jobs, config `containers`).
+    containers: Option<crate::job::containers::ContainerLinks>,
 }
 
 /// One control connection: a request line in, a response line out, then closed.
@@ -288,6 +291,14 @@ impl Daemon {
                 }
             }
         }
+        // Forwarded traffic no job judged (containers no job claimed): under the host
+        // default policy, or passed (config `forwarded`).
+        match (&host_policy, cfg.forwarded) {
+            (Some(p), super::config::ForwardedMode::HostDefault) => {
+                dp.set_forward_job(Some(abi::rf_job::for_policy(HOST_SLOT, p)))?
+            }
+            _ => dp.set_forward_job(None)?,
+        }
         // The jobs an earlier daemon left.
         let mut jobs = HashMap::new();
         let records = std::mem::take(&mut state.jobs);
@@ -296,7 +307,7 @@ impl Daemon {
             if let Some(w) = r.webhook.clone() {
                 notify.extend(crate::notify::Sink::start(w).ok());
             }
-            match readopt(&mut dp, &mut agent, &r, events_max, notify) {
+            match readopt(&mut dp, &mut agent, &r, events_max, notify, cfg.containers) {
                 Ok(live) => {
                     jobs.insert(r.id.clone(), live);
                     state.jobs.push(r);
@@ -555,6 +566,7 @@ impl Daemon {
                     LINKS => {
                         if let Some(l) = &self.links {
                             let _ = self.dp.follow_links(l);
+                            self.claim_containers();
                             self.save_state();
                         }
                     }
@@ -632,6 +644,8 @@ impl Daemon {
             }
             if Instant::now() >= next_check {
                 self.agent.borrow_mut().check_dataplane(&self.dp);
+                // Addresses come after their links (a bridge's): shared networks re-read.
+                self.claim_containers();
                 next_check = Instant::now() + ATTACH_CHECK;
             }
             self.agent.borrow_mut().flush();
@@ -822,6 +836,17 @@ impl Daemon {
         Ok(abs)
     }
 
+    /// After links or addresses changed: a container link that appeared is claimed by the
+    /// job running alone (config `containers = "sole-job"`); with several running, by none.
+    fn claim_containers(&mut self) {
+        let sole = self.jobs.len() == 1;
+        for live in self.jobs.values_mut() {
+            if let Some(c) = live.containers.as_mut() {
+                c.refresh(&mut self.dp, sole);
+            }
+        }
+    }
+
     fn job_start(
         &mut self,
         id: &str,
@@ -932,6 +957,16 @@ impl Daemon {
             .borrow_mut()
             .start_job(slot, st, vec![what], &policy);
         let cgroup_id = rec.cgroup.as_deref().and_then(cgroup_id_of);
+        // Containers it starts are its own while it is the only job (config `containers`).
+        let containers = match (&target, self.cfg.containers) {
+            (Target::Interface(_), _) | (_, super::config::ContainersMode::Off) => None,
+            _ => {
+                let entry = abi::rf_job::for_policy(slot, &policy);
+                let mut c = crate::job::containers::ContainerLinks::new(slot, entry, &self.dp);
+                c.refresh(&mut self.dp, false);
+                Some(c)
+            }
+        };
         self.jobs.insert(
             id.to_string(),
             Live {
@@ -939,6 +974,7 @@ impl Daemon {
                 policy,
                 cgroup_id,
                 usage,
+                containers,
             },
         );
         let resp = Response::JobStarted {
@@ -1149,9 +1185,10 @@ impl Daemon {
         keep_processes: bool,
         rb: &libbpf_rs::RingBuffer,
     ) -> Result<Response> {
-        let live = self.jobs.get(id).ok_or_else(|| unknown_job(id))?;
+        let live = self.jobs.get_mut(id).ok_or_else(|| unknown_job(id))?;
         let slot = live.slot;
         let cgroup_id = live.cgroup_id;
+        let containers = live.containers.take();
         let _ = format.unwrap_or("text").parse::<Format>()?;
         let rec = self
             .state
@@ -1219,6 +1256,9 @@ impl Daemon {
         }
         if let Some(i) = rec.ifindex {
             let _ = self.dp.remove_interface_job(i);
+        }
+        if let Some(mut c) = containers {
+            c.release(&mut self.dp);
         }
         self.dp.detach_job_hooks(&slot.to_string());
         let purged = self.dp.purge_job(slot).unwrap_or(0);
@@ -1349,6 +1389,7 @@ fn readopt(
     r: &JobRecord,
     events_max: u64,
     notify: Vec<crate::notify::Sink>,
+    containers: super::config::ContainersMode,
 ) -> Result<Live> {
     let policy = r.policy.build().map_err(anyhow::Error::new)?;
     let compiled = policy.compile()?;
@@ -1390,11 +1431,16 @@ fn readopt(
     st.notify = notify;
     agent.adopt_job(r.slot, st);
     tracing::info!(job = r.id, slot = r.slot, "job taken over");
+    // Links it claimed before the restart stay claimed in the pinned maps (and go with
+    // its slot at job end); from here on it claims new ones as before.
+    let containers = (r.ifindex.is_none() && containers != super::config::ContainersMode::Off)
+        .then(|| crate::job::containers::ContainerLinks::new(r.slot, entry, dp));
     Ok(Live {
         slot: r.slot,
         policy,
         cgroup_id,
         usage: Usage::of(&compiled),
+        containers,
     })
 }
 

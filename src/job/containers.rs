@@ -52,9 +52,10 @@ impl ContainerLinks {
     }
 
     /// After interfaces or addresses changed (and once at the start): claims the
-    /// container links that appeared, and allows the job the networks of every device that
-    /// faces containers. Returns the names of the links claimed now.
-    pub fn refresh(&mut self, dp: &mut Dataplane) -> Vec<String> {
+    /// container links that appeared (with `claim`; without, they are passed over for good:
+    /// the daemon's other jobs could have started them), and allows the job the networks of
+    /// every device that faces containers. Returns the names of the links claimed now.
+    pub fn refresh(&mut self, dp: &mut Dataplane, claim: bool) -> Vec<String> {
         let mut now_claimed = Vec::new();
         let attached = dp.attached_interfaces();
         let live: BTreeSet<u32> = attached.iter().map(|(i, _)| *i).collect();
@@ -66,6 +67,10 @@ impl ContainerLinks {
             }
             nets.extend(netif::networks(name));
             if self.before.contains(ifindex) || self.claimed.contains_key(ifindex) {
+                continue;
+            }
+            if !claim {
+                self.before.insert(*ifindex);
                 continue;
             }
             // A bridge is where many links meet (and where packets to the host arrive after

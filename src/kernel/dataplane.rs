@@ -1668,6 +1668,13 @@ impl Dataplane {
                 job_id
             )),
         )?;
+        // Container links the job claimed (job::containers), and its interface job.
+        purge(
+            "ifjobs",
+            &maps.ifjobs,
+            None,
+            Some(offset_of!(abi::rf_job, job_id)),
+        )?;
         purge(
             "dns_streams",
             &maps.dns_streams,
