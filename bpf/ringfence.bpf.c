@@ -139,8 +139,8 @@ static __always_inline struct rf_job *find_job(struct __sk_buff *skb, struct rf_
  * only with 0x40000/0x80000 set) and Istio use. */
 #define RF_JUDGED_MARK 0x00100000U
 
-/* The job a forwarded packet is judged under as it leaves through an uplink: a packet with
- * no socket that came in on some device (a container's or a namespace's, through NAT) and
+/* The job a forwarded packet is judged under as it leaves through an uplink: a packet
+ * that came in on some device (a container's or a namespace's, through NAT) and
  * that no job judged on its way in (no RF_JUDGED_MARK: it came through a link no job
  * claims, or one not attached yet). Leaving through a device that faces containers
  * (inside_devs) it is going *to* one (an answer, a peer's packet) and is not judged. */
@@ -148,10 +148,10 @@ static __always_inline struct rf_job *forwarded_job(struct __sk_buff *skb, struc
 {
 	__u32 ifindex = skb->ifindex, zero = 0;
 
+	/* A packet a local socket sends leaves with no device it came in on (skb_iif 0): only
+	 * a received one has one, forwarded or turned around (which is judged where it was). */
 	if (!have_fwd_job || link || !skb->ingress_ifindex || (skb->mark & RF_JUDGED_MARK))
 		return NULL;
-	if (bpf_skb_cgroup_id(skb))
-		return NULL; /* sent by a socket: find_job's to place */
 	if (bpf_map_lookup_elem(&inside_devs, &ifindex))
 		return NULL;
 	return bpf_map_lookup_elem(&fwd_job, &zero);

@@ -2777,3 +2777,77 @@ fn host_side_answers_do_not_bind_at_ingress() {
     assert!(r.host("198.51.100.12").is_none(), "bound at the uplink");
     assert_eq!(r.counter(abi::rf_counter::RF_CNT_DNS_UNMATCHED), 0);
 }
+
+/// Forwarded traffic (a container's, a namespace's behind NAT): a packet with no socket that
+/// came in on some device is judged as it leaves through an uplink, under the
+/// forwarded-traffic job; one a job's link already judged (RF_JUDGED_MARK), one leaving
+/// toward containers (inside_devs), and one the host sent itself are not.
+#[test]
+fn forwarded_traffic_is_judged_at_the_uplink() {
+    const JUDGED: u32 = 0x0010_0000;
+    let mut r = rig(Mode::Block, Mode::Block, "198.51.100.11:80");
+    let policy = Policy {
+        mode: Mode::Block,
+        direct_ip: Mode::Block,
+        dns_resolvers: vec![ip(RESOLVER)],
+        endpoints: Policy::parse_endpoints("198.51.100.11:80", "test").unwrap(),
+        ..Policy::default()
+    };
+    {
+        let dp = r.dp.as_mut().unwrap();
+        // LO is an uplink here, no job's link.
+        dp.remove_interface_job(LO).unwrap();
+        dp.set_forward_job(Some(abi::rf_job::for_policy(JOB, &policy)))
+            .unwrap();
+    }
+    let fwd = |r: &Rig, dst: &str, meta: SkbMeta| {
+        let f = frame(ip("172.17.0.2"), ip(dst), 6, r.port(), 80, TCP_SYN, &[]);
+        run_tc_meta(r.dp().egress_prog(), &f, LO, meta).unwrap().0
+    };
+    let came_in = SkbMeta {
+        ingress_ifindex: LO,
+        ..Default::default()
+    };
+    assert_eq!(fwd(&r, "198.51.100.12", came_in), DROP, "not allowed: dropped");
+    assert_eq!(fwd(&r, "198.51.100.11", came_in), PASS, "allowed: passes");
+    let blocked = r
+        .flows()
+        .into_iter()
+        .filter(|f| f.verdict() == abi::rf_verdict::RF_VERDICT_BLOCKED)
+        .collect::<Vec<_>>();
+    assert_eq!(blocked.len(), 1);
+    assert_eq!(blocked[0].ifindex, LO, "the flow names the device it came in on");
+    // Judged on its way in by the job's link: not again.
+    let judged = SkbMeta {
+        mark: JUDGED,
+        ..came_in
+    };
+    assert_eq!(fwd(&r, "198.51.100.13", judged), PASS);
+    // Sent by the host itself (no device it came in on, no socket): not forwarded traffic.
+    assert_eq!(fwd(&r, "198.51.100.14", SkbMeta::default()), PASS);
+    // Leaving toward containers: an answer or a peer's packet going to one.
+    r.dp.as_mut().unwrap().set_inside(LO, true).unwrap();
+    assert_eq!(fwd(&r, "198.51.100.15", came_in), PASS);
+    r.dp.as_mut().unwrap().set_inside(LO, false).unwrap();
+    assert_eq!(fwd(&r, "198.51.100.16", came_in), DROP);
+    // Without a forwarded-traffic job (the daemon's `forwarded = "pass"`), it passes.
+    r.dp.as_mut().unwrap().set_forward_job(None).unwrap();
+    assert_eq!(fwd(&r, "198.51.100.17", came_in), PASS);
+}
+
+/// The host side of a job's link marks what it let through, so that the uplink does not
+/// judge it again under the forwarded-traffic job; what it drops carries no mark.
+#[test]
+fn a_job_link_marks_what_it_judged() {
+    const JUDGED: u32 = 0x0010_0000;
+    let r = rig_job(Mode::Block, Mode::Block, "198.51.100.11:80", false, true);
+    let syn = |dst: &str| frame(ip(CLIENT), ip(dst), 6, r.port(), 80, TCP_SYN, &[]);
+    let (rc, mark) =
+        run_tc_meta(r.dp().ingress_prog(), &syn("198.51.100.11"), LO, SkbMeta::default())
+            .unwrap();
+    assert_eq!((rc, mark & JUDGED), (PASS, JUDGED));
+    let (rc, mark) =
+        run_tc_meta(r.dp().ingress_prog(), &syn("198.51.100.12"), LO, SkbMeta::default())
+            .unwrap();
+    assert_eq!((rc, mark & JUDGED), (DROP, 0));
+}
