@@ -2808,7 +2808,11 @@ fn forwarded_traffic_is_judged_at_the_uplink() {
         ingress_ifindex: LO,
         ..Default::default()
     };
-    assert_eq!(fwd(&r, "198.51.100.12", came_in), DROP, "not allowed: dropped");
+    assert_eq!(
+        fwd(&r, "198.51.100.12", came_in),
+        DROP,
+        "not allowed: dropped"
+    );
     assert_eq!(fwd(&r, "198.51.100.11", came_in), PASS, "allowed: passes");
     let blocked = r
         .flows()
@@ -2816,7 +2820,10 @@ fn forwarded_traffic_is_judged_at_the_uplink() {
         .filter(|f| f.verdict() == abi::rf_verdict::RF_VERDICT_BLOCKED)
         .collect::<Vec<_>>();
     assert_eq!(blocked.len(), 1);
-    assert_eq!(blocked[0].ifindex, LO, "the flow names the device it came in on");
+    assert_eq!(
+        blocked[0].ifindex, LO,
+        "the flow names the device it came in on"
+    );
     // Judged on its way in by the job's link: not again.
     let judged = SkbMeta {
         mark: JUDGED,
@@ -2842,12 +2849,20 @@ fn a_job_link_marks_what_it_judged() {
     const JUDGED: u32 = 0x0010_0000;
     let r = rig_job(Mode::Block, Mode::Block, "198.51.100.11:80", false, true);
     let syn = |dst: &str| frame(ip(CLIENT), ip(dst), 6, r.port(), 80, TCP_SYN, &[]);
-    let (rc, mark) =
-        run_tc_meta(r.dp().ingress_prog(), &syn("198.51.100.11"), LO, SkbMeta::default())
-            .unwrap();
+    let (rc, mark) = run_tc_meta(
+        r.dp().ingress_prog(),
+        &syn("198.51.100.11"),
+        LO,
+        SkbMeta::default(),
+    )
+    .unwrap();
     assert_eq!((rc, mark & JUDGED), (PASS, JUDGED));
-    let (rc, mark) =
-        run_tc_meta(r.dp().ingress_prog(), &syn("198.51.100.12"), LO, SkbMeta::default())
-            .unwrap();
+    let (rc, mark) = run_tc_meta(
+        r.dp().ingress_prog(),
+        &syn("198.51.100.12"),
+        LO,
+        SkbMeta::default(),
+    )
+    .unwrap();
     assert_eq!((rc, mark & JUDGED), (DROP, 0));
 }

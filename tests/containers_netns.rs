@@ -15,8 +15,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
 use common::daemon;
+use common::*;
 use serde_json::Value;
 use testbed::{link_v4, routed_v4};
 
@@ -186,6 +186,7 @@ run() {{ "$D" run --rm "$@"; }}
 echo "bridge_allowed=$(run {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://allowed.test/bridge)"
 echo "bridge_other=$(run {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://other.test/bridge)"
 echo "bridge_direct=$(run {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://{direct}/bridge)"
+echo "host_direct=$(run --network host {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://{direct}/host)"
 "$D" network create rf10net >/dev/null
 "$D" run -d --name svc --network rf10net {IMAGE} httpd -f -p 8080 -h /www >/dev/null
 svc=$("$D" inspect -f '{{{{range .NetworkSettings.Networks}}}}{{{{.IPAddress}}}}{{{{end}}}}' svc)
@@ -316,6 +317,7 @@ fn block_mode_holds_for_containers_builds_and_namespaces() {
     for k in [
         "bridge_other",
         "bridge_direct",
+        "host_direct",
         "net_other",
         "netns_direct",
         "netns_routed",
@@ -356,6 +358,17 @@ fn block_mode_holds_for_containers_builds_and_namespaces() {
             .is_some_and(|c| c.starts_with("docker:"))),
         "a container on the bridge is named by Docker: {blocked:#?}"
     );
+    // The host-network container sent from a socket of its own cgroup, claimed for the
+    // job: a process flow, not the job's cgroup.
+    let job_cgroup = r
+        .flows()
+        .find(|f| f["domain"] == "allowed.test" && f["container"].is_null());
+    assert!(
+        to(direct).iter().any(|f| f["container"].is_null()
+            && f["comm"] == "curl"
+            && job_cgroup.is_none_or(|j| j["cgroup"] != f["cgroup"])),
+        "{blocked:#?}"
+    );
     // No flow to the service container or the bridge is reported as blocked.
     assert!(
         blocked
@@ -378,6 +391,9 @@ fn audit_mode_names_every_container_call() {
     );
     r.expect("bridge_other", "200");
     r.expect("net_other", "200");
+    // Direct IPs are blocked in audit mode too: the host-network container's call is, now
+    // that its cgroup is the job's (unclaimed, no policy would judge it in exec).
+    assert_ne!(r.value("host_direct"), "200", "{}", r.stderr);
     assert!(tb.http_hits(sa(allowed, 80)) >= 3);
     assert!(
         tb.http_hits(sa(other, 80)) >= 3,
@@ -453,15 +469,25 @@ fn daemon_sole_job_claims_containers_and_the_rest_is_host_default() {
         d.log(),
         d.events("a")
     );
-    assert_ne!(container_get(&tb, &docker, &cg_a, "http://other.test/a"), "200");
+    assert_ne!(
+        container_get(&tb, &docker, &cg_a, "http://other.test/a"),
+        "200"
+    );
     let hits = tb.http_hits(sa(allowed, 80));
     assert_eq!(hits, 1);
 
     // A second job: containers started now are no one's; the host default blocks them.
     let cg_b = d.cgroup("rf10b");
     d.start_job("b", &cg_b, &job_policy);
-    assert_ne!(container_get(&tb, &docker, &cg_a, "http://allowed.test/two"), "200");
-    assert_eq!(tb.http_hits(sa(allowed, 80)), hits, "an unclaimed container got out");
+    assert_ne!(
+        container_get(&tb, &docker, &cg_a, "http://allowed.test/two"),
+        "200"
+    );
+    assert_eq!(
+        tb.http_hits(sa(allowed, 80)),
+        hits,
+        "an unclaimed container got out"
+    );
     d.ok(&["job", "end", "--id", "b"]);
 
     let events = d.events("a");

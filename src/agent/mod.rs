@@ -1190,6 +1190,9 @@ pub fn run_until_exit(
         }
         agent.borrow_mut().apply(dp);
         agent.borrow_mut().expire(dp, boottime_ns());
+        if let Some(c) = containers.as_deref_mut() {
+            c.refresh_cgroups(dp, true);
+        }
         if std::time::Instant::now() >= next_check {
             agent.borrow_mut().check_dataplane(dp);
             // Addresses come after their links (a bridge's): shared networks are re-read.

@@ -642,6 +642,14 @@ impl Daemon {
                 a.apply(&self.dp);
                 a.expire(&self.dp, boottime_ns());
             }
+            {
+                let sole = self.jobs.len() == 1;
+                for live in self.jobs.values_mut() {
+                    if let Some(c) = live.containers.as_mut() {
+                        c.refresh_cgroups(&mut self.dp, sole);
+                    }
+                }
+            }
             if Instant::now() >= next_check {
                 self.agent.borrow_mut().check_dataplane(&self.dp);
                 // Addresses come after their links (a bridge's): shared networks re-read.
@@ -964,6 +972,7 @@ impl Daemon {
                 let entry = abi::rf_job::for_policy(slot, &policy);
                 let mut c = crate::job::containers::ContainerLinks::new(slot, entry, &self.dp);
                 c.refresh(&mut self.dp, false);
+                c.refresh_cgroups(&mut self.dp, false);
                 Some(c)
             }
         };

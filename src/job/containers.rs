@@ -12,6 +12,9 @@
 //!   or the moment before a claim) is judged as it leaves through an uplink, under the
 //!   forwarded-traffic job (`Dataplane::set_forward_job`): the job itself in `exec`, the
 //!   host default policy in the daemon;
+//! - a container's cgroup that appears while the job runs (Docker's, Podman's) is claimed
+//!   as one of the job's cgroups: a container on the host's network (`--network host`)
+//!   sends from sockets judged by their cgroup;
 //! - the networks on the host's container-facing devices (docker0's 172.17.0.0/16, a
 //!   user-defined network's bridge, the job's own veth) are the job's own: a service
 //!   container, a published port, the container's gateway are reached without a rule, and
@@ -32,12 +35,58 @@ pub struct ContainerLinks {
     before: BTreeSet<u32>,
     claimed: BTreeMap<u32, String>,
     nets: BTreeSet<IpNet>,
+    /// The cgroup2 root, where container engines make their containers' cgroups.
+    cg_root: Option<std::path::PathBuf>,
+    /// Container cgroups that were there before the job, and those it claimed (id → dir).
+    cg_before: BTreeSet<u64>,
+    cg_claimed: BTreeMap<u64, std::path::PathBuf>,
+}
+
+/// Where container engines put their containers' cgroups, below the cgroup2 root: Docker's
+/// cgroupfs driver (`docker/<id>`), the systemd driver of Docker and Podman
+/// (`system.slice/docker-<id>.scope`, `machine.slice/libpod-<id>.scope`), Podman's cgroupfs
+/// driver (`libpod_parent/libpod-<id>`). A container's processes sit there, not in the job's
+/// cgroup: one with `--network host` sends from sockets in the host's namespace, judged by
+/// their cgroup, so that cgroup is claimed like a link.
+const ENGINE_PARENTS: &[&str] = &["docker", "system.slice", "machine.slice", "libpod_parent"];
+
+/// Whether `name` (a directory under one of [`ENGINE_PARENTS`]) is a container's cgroup.
+fn is_container_cgroup(name: &str) -> bool {
+    let id = name
+        .strip_prefix("docker-")
+        .or_else(|| name.strip_prefix("libpod-"))
+        .map(|r| r.strip_suffix(".scope").unwrap_or(r))
+        .unwrap_or(name);
+    id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Every container cgroup under `root` now: (id, directory).
+fn container_cgroups(root: &std::path::Path) -> Vec<(u64, std::path::PathBuf)> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    for parent in ENGINE_PARENTS {
+        let Ok(rd) = std::fs::read_dir(root.join(parent)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            if !is_container_cgroup(&e.file_name().to_string_lossy()) {
+                continue;
+            }
+            if let Ok(m) = e.metadata() {
+                if m.is_dir() {
+                    out.push((m.ino(), e.path()));
+                }
+            }
+        }
+    }
+    out
 }
 
 impl ContainerLinks {
     /// For job `job_id` with entry `entry` (as given to `Dataplane::add_job`), starting now:
     /// the links attached so far are not the job's.
     pub fn new(job_id: u32, entry: abi::rf_job, dp: &Dataplane) -> ContainerLinks {
+        let cg_root = crate::job::cgroup::find_cgroup2().ok();
         ContainerLinks {
             job_id,
             entry,
@@ -48,6 +97,59 @@ impl ContainerLinks {
                 .collect(),
             claimed: BTreeMap::new(),
             nets: BTreeSet::new(),
+            cg_before: cg_root
+                .as_deref()
+                .map(|r| container_cgroups(r).into_iter().map(|(id, _)| id).collect())
+                .unwrap_or_default(),
+            cg_root,
+            cg_claimed: BTreeMap::new(),
+        }
+    }
+
+    /// Claims the containers' cgroups that appeared since the last look (with `claim`;
+    /// without, they are passed over for good), so that a container's sockets in the host's
+    /// namespace (`--network host`) are the job's. Cheap (a few directory reads): the event
+    /// loops call it every tick, so a container is claimed within one (10 ms) of its cgroup
+    /// appearing, which its engine creates before it starts the container's process.
+    pub fn refresh_cgroups(&mut self, dp: &mut Dataplane, claim: bool) {
+        let Some(root) = self.cg_root.clone() else {
+            return;
+        };
+        let now = container_cgroups(&root);
+        let live: BTreeSet<u64> = now.iter().map(|(id, _)| *id).collect();
+        // Gone (the container ended): its entry goes with it.
+        let gone: Vec<u64> = self
+            .cg_claimed
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            let _ = dp.remove_job(id);
+            self.cg_claimed.remove(&id);
+        }
+        self.cg_before.retain(|id| live.contains(id));
+        for (id, dir) in now {
+            if self.cg_before.contains(&id) || self.cg_claimed.contains_key(&id) {
+                continue;
+            }
+            if !claim {
+                self.cg_before.insert(id);
+                continue;
+            }
+            let level = dir
+                .strip_prefix(&root)
+                .map(|p| p.components().count() as u32)
+                .unwrap_or(0);
+            match dp.add_job(id, level, self.entry) {
+                Ok(()) => {
+                    tracing::info!(cgroup = %dir.display(), "container cgroup claimed for the job");
+                    self.cg_claimed.insert(id, dir);
+                }
+                Err(e) => {
+                    tracing::warn!(cgroup = %dir.display(), "claiming a container's cgroup: {e}")
+                }
+            }
         }
     }
 
@@ -117,6 +219,9 @@ impl ContainerLinks {
         }
         for n in std::mem::take(&mut self.nets) {
             let _ = dp.forget_network(self.job_id, n);
+        }
+        for id in std::mem::take(&mut self.cg_claimed).into_keys() {
+            let _ = dp.remove_job(id);
         }
     }
 }
@@ -229,4 +334,21 @@ fn docker_containers() -> Option<std::collections::HashMap<std::net::IpAddr, Str
         }
     }
     Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn container_cgroup_names() {
+        let id = "e912117ee30d93b6f58aab788b727b26cd3d8680ce94cd693a07c41ab8ffe576";
+        assert!(super::is_container_cgroup(id));
+        assert!(super::is_container_cgroup(&format!("docker-{id}.scope")));
+        assert!(super::is_container_cgroup(&format!("libpod-{id}.scope")));
+        assert!(super::is_container_cgroup(&format!("libpod-{id}")));
+        assert!(!super::is_container_cgroup("ssh.service"));
+        assert!(!super::is_container_cgroup(&format!(
+            "libpod-conmon-{id}.scope"
+        )));
+        assert!(!super::is_container_cgroup(&id[1..]));
+    }
 }

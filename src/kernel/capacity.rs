@@ -10,7 +10,7 @@
 //! | `max-names` | `names` (hash, no prealloc) | 16 + 952 | ~1 KiB per entry + 16 per slot | per entry (buckets up front) |
 //! | `max-inbound` | `inbound` (LPM trie) | 24 + 24 | ~70 accounted, 96–160 in slabs | per entry |
 //! | `max-flows` | `flows` (LRU hash, preallocated) | 28 + 24 | ~120 | all up front |
-//! | `max-jobs` | `jobs`, `ifjobs` (hash, preallocated; `ifjobs` at least 1024: container links) | 8 + 8, 4 + 8 | ~80 each | all up front |
+//! | `max-jobs` | `jobs`, `ifjobs` (hash, preallocated; at least 1024 each: claimed containers) | 8 + 8, 4 + 8 | ~80 each | all up front |
 //!
 //! A hash element is the kernel's 48-byte `htab_elem` header plus key and value rounded to
 //! 8 bytes, and each slot of the bucket array is 16 bytes; a trie node is a 24-byte header
@@ -158,9 +158,9 @@ impl fmt::Display for CapacityError {
     }
 }
 
-/// Container and namespace links that jobs may hold claimed at once (each a veth's or tap's
-/// host side): one host's worth of containers.
-pub const CONTAINER_LINKS: u32 = 1024;
+/// Container links (a veth's or tap's host side) and container cgroups that jobs may hold
+/// claimed at once, each kind: one host's worth of containers.
+pub const CONTAINER_CLAIMS: u32 = 1024;
 
 impl Capacity {
     /// `max_entries` of the `allow` trie: static and learned entries share it.
@@ -173,10 +173,10 @@ impl Capacity {
         self.jobs.saturating_add(1)
     }
 
-    /// `max_entries` of `ifjobs`: interface jobs, and the container links jobs claim
-    /// (job::containers), at least [`CONTAINER_LINKS`] whatever `max-jobs` says.
-    pub fn ifjob_entries(&self) -> u32 {
-        self.job_entries().max(CONTAINER_LINKS)
+    /// `max_entries` of `jobs` and `ifjobs`: jobs, and the container cgroups and links jobs
+    /// claim (job::containers), at least [`CONTAINER_CLAIMS`] whatever `max-jobs` says.
+    pub fn job_map_entries(&self) -> u32 {
+        self.job_entries().max(CONTAINER_CLAIMS)
     }
 
     /// Whether `usage` (the running jobs' `in_use` included) fits.

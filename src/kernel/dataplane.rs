@@ -685,8 +685,8 @@ impl Dataplane {
             ("names", cap.names),
             ("inbound", cap.inbound),
             ("flows", cap.flows),
-            ("jobs", cap.job_entries()),
-            ("ifjobs", cap.ifjob_entries()),
+            ("jobs", cap.job_map_entries()),
+            ("ifjobs", cap.job_map_entries()),
         ];
         if let (Some(pins), true) = (&opts.pins, adopted) {
             check_pinned_sizes(pins, &sizes)?;
@@ -1668,7 +1668,14 @@ impl Dataplane {
                 job_id
             )),
         )?;
-        // Container links the job claimed (job::containers), and its interface job.
+        // Container cgroups and links the job claimed (job::containers), its own cgroup's
+        // entry and its interface job.
+        purge(
+            "jobs",
+            &maps.jobs,
+            None,
+            Some(offset_of!(abi::rf_job, job_id)),
+        )?;
         purge(
             "ifjobs",
             &maps.ifjobs,

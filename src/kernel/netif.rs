@@ -144,11 +144,11 @@ pub fn networks(ifname: &str) -> Vec<ipnet::IpNet> {
             continue;
         };
         let net = if let (Some(a4), Some(m4)) = (addr.as_sockaddr_in(), mask.as_sockaddr_in()) {
-            let ip = std::net::Ipv4Addr::from(a4.ip());
+            let ip = a4.ip();
             if ip.is_link_local() {
                 continue;
             }
-            let len = u32::from(std::net::Ipv4Addr::from(m4.ip())).count_ones() as u8;
+            let len = u32::from(m4.ip()).count_ones() as u8;
             ipnet::Ipv4Net::new(ip, len).map(ipnet::IpNet::from).ok()
         } else if let (Some(a6), Some(m6)) = (addr.as_sockaddr_in6(), mask.as_sockaddr_in6()) {
             let ip = a6.ip();
