@@ -123,14 +123,14 @@ impl Dockerd {
         }
         std::fs::write(root.join("etc/nsswitch.conf"), "hosts: files dns\n").unwrap();
         std::fs::write(root.join("www/index.html"), "service ok\n").unwrap();
-        let tar = Command::new("tar")
-            .args(["-C", root.to_str().unwrap(), "-c", "."])
-            .stdout(Stdio::piped())
-            .spawn()
+        let tarball = tb.workdir().join("rootfs.tar");
+        let st = Command::new("tar")
+            .args(["-C", root.to_str().unwrap(), "-cf", tarball.to_str().unwrap(), "."])
+            .status()
             .unwrap();
+        assert!(st.success(), "tar of the image's root");
         let out = self
-            .cmd(&["import", "-", IMAGE])
-            .stdin(tar.stdout.unwrap())
+            .cmd(&["import", tarball.to_str().unwrap(), IMAGE])
             .output()
             .unwrap();
         assert!(
