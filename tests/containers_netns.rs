@@ -125,7 +125,13 @@ impl Dockerd {
         std::fs::write(root.join("www/index.html"), "service ok\n").unwrap();
         let tarball = tb.workdir().join("rootfs.tar");
         let st = Command::new("tar")
-            .args(["-C", root.to_str().unwrap(), "-cf", tarball.to_str().unwrap(), "."])
+            .args([
+                "-C",
+                root.to_str().unwrap(),
+                "-cf",
+                tarball.to_str().unwrap(),
+                ".",
+            ])
             .status()
             .unwrap();
         assert!(st.success(), "tar of the image's root");

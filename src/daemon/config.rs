@@ -217,6 +217,28 @@ mod tests {
         let c: Config = toml::from_str("max-names = 10\nmax-static-addresses = 7").unwrap();
         assert_eq!((c.capacity().names, c.capacity().static_addresses), (10, 7));
         assert!(toml::from_str::<Config>("sockett = \"/x\"").is_err());
+        // Containers: the defaults, the other values, and a bad one named.
+        assert_eq!(
+            (c.containers, c.forwarded),
+            (ContainersMode::SoleJob, ForwardedMode::HostDefault)
+        );
+        let c: Config = toml::from_str("containers = \"off\"\nforwarded = \"pass\"").unwrap();
+        assert_eq!(
+            (c.containers, c.forwarded),
+            (ContainersMode::Off, ForwardedMode::Pass)
+        );
+        let e = toml::from_str::<Config>("containers = \"all\"").unwrap_err();
+        assert!(e.to_string().contains("sole-job"), "{e}");
+        // The shipped config is every key with its default.
+        let shipped = Config::from_file(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/ringfence.toml"
+        )))
+        .unwrap();
+        assert_eq!(
+            (shipped.containers, shipped.forwarded),
+            (ContainersMode::SoleJob, ForwardedMode::HostDefault)
+        );
         let e = toml::from_str::<Config>("attach = \"xdp\"").unwrap_err();
         assert!(e.to_string().contains("expected \"auto\""), "{e}");
     }
