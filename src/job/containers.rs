@@ -164,20 +164,20 @@ impl ContainerLinks {
         self.claimed.retain(|i, _| live.contains(i));
         let mut nets = BTreeSet::new();
         for (ifindex, name) in &attached {
-            if !dp.is_inside(*ifindex) {
+            let inside = dp.is_inside(*ifindex);
+            if inside || self.claimed.contains_key(ifindex) {
+                nets.extend(netif::networks(name));
+            }
+            if self.before.contains(ifindex) || self.claimed.contains_key(ifindex) {
                 continue;
             }
-            nets.extend(netif::networks(name));
-            if self.before.contains(ifindex) || self.claimed.contains_key(ifindex) {
+            // Bridges are where many links meet (and where packets to the host arrive after
+            // their link judged them): not links of their own to claim.
+            if !netif::is_container_link(name) {
                 continue;
             }
             if !claim {
                 self.before.insert(*ifindex);
-                continue;
-            }
-            // A bridge is where many links meet (and where packets to the host arrive after
-            // their link judged them): not a link of its own to claim.
-            if netif::driver(name).map(|d| d == "bridge").unwrap_or(true) {
                 continue;
             }
             match dp.add_interface_job(*ifindex, self.entry.host_side()) {

@@ -65,18 +65,29 @@ pub fn all_interfaces() -> Vec<String> {
     set.into_iter().collect()
 }
 
-/// Whether `ifname` faces containers or network namespaces rather than the world: a bridge,
-/// a veth or a tun/tap (by driver, asked with ETHTOOL_GDRVINFO in this namespace), unless it
-/// carries a default route — then it is the host's way out (a NIC enslaved to a bridge leaves
-/// through the bridge, a runner in a namespace leaves through its veth). Everything else is
-/// an uplink, where forwarded traffic no job judged is judged: a device wrongly taken for an
+/// Whether `ifname` faces containers or network namespaces rather than the world: a bridge
+/// or a veth (by driver, asked with ETHTOOL_GDRVINFO in this namespace), unless it carries a
+/// default route — then it is the host's way out (a NIC enslaved to a bridge leaves through
+/// the bridge, a runner in a namespace leaves through its veth). Everything else is an
+/// uplink, where forwarded traffic no job judged is judged: a device wrongly taken for an
 /// uplink blocks answers to a container (fails closed), never lets its outbound through.
+/// tun/tap devices are uplinks here (a VPN's split tunnel is one); a microVM's tap that a
+/// job starts is the job's link (see [`is_container_link`]), judged there.
 pub fn faces_containers(ifname: &str) -> bool {
     let Ok(driver) = driver(ifname) else {
         return false;
     };
-    matches!(driver.as_str(), "bridge" | "veth" | "tun")
-        && !default_route_devices().contains(ifname)
+    matches!(driver.as_str(), "bridge" | "veth") && !default_route_devices().contains(ifname)
+}
+
+/// Whether `ifname`, appearing while a job runs, is a link of something the job started: a
+/// veth's host end (its peer moved into a container's namespace) or a tap (a microVM's),
+/// not carrying a default route. Bridges are where many links meet, not a link.
+pub fn is_container_link(ifname: &str) -> bool {
+    let Ok(driver) = driver(ifname) else {
+        return false;
+    };
+    matches!(driver.as_str(), "veth" | "tun") && !default_route_devices().contains(ifname)
 }
 
 /// The kernel driver behind `ifname` ("veth", "bridge", "tun", "e1000", …).
