@@ -256,25 +256,13 @@ impl Run {
 fn run_job(tb: &Testbed, docker: &Dockerd, tag: &str, opts: &[&str], direct: &str) -> Run {
     let script = scratch(tb, &format!("job-{tag}.sh"), &job_script(direct));
     let events_file = tb.workdir().join(format!("events-{tag}.jsonl"));
-    let mut args: Vec<String> = vec![
-        "exec".into(),
-        "--job".into(),
-        format!("containers-{tag}"),
-        "--events".into(),
-        events_file.display().to_string(),
-    ];
-    args.extend(opts.iter().map(|s| s.to_string()));
-    args.extend(["--".into(), "sh".into(), script.display().to_string()]);
+    let args = exec_sh_args(&format!("containers-{tag}"), &events_file, opts, &script);
     let mut cmd = tb.client_cmd(RINGFENCE, &args);
     cmd.env("DOCKER_HOST", docker.host())
         .current_dir(tb.workdir());
     let (status, stdout, stderr) = run_timeout(cmd, Duration::from_secs(300));
     assert_eq!(status.code(), Some(0), "{stdout}\n{stderr}");
-    let events = std::fs::read_to_string(&events_file)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events = read_events(&events_file);
     Run {
         stdout,
         stderr,

@@ -72,21 +72,9 @@ impl Run {
 /// `ringfence exec --events <file> OPTS -- sh SCRIPT` in the client namespace.
 fn run(tb: &Testbed, tag: &str, opts: &[&str], script: &Path) -> Run {
     let events_file = tb.workdir().join(format!("events-{tag}.jsonl"));
-    let mut args: Vec<String> = vec![
-        "exec".into(),
-        "--job".into(),
-        format!("insights-{tag}"),
-        "--events".into(),
-        events_file.display().to_string(),
-    ];
-    args.extend(opts.iter().map(|s| s.to_string()));
-    args.extend(["--".into(), "sh".into(), script.display().to_string()]);
+    let args = exec_sh_args(&format!("insights-{tag}"), &events_file, opts, script);
     let (status, _, stderr) = run_timeout(tb.client_cmd(RINGFENCE, &args), JOB_TIMEOUT);
-    let events = std::fs::read_to_string(&events_file)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let events = read_events(&events_file);
     Run {
         status,
         stderr,

@@ -361,3 +361,31 @@ pub fn as_nobody(argv: &[&str]) -> Vec<String> {
     .map(|s| s.to_string())
     .collect()
 }
+
+/// `ringfence exec --job JOB --events EVENTS OPTS… -- sh SCRIPT`, as arguments.
+pub fn exec_sh_args(
+    job: &str,
+    events: &std::path::Path,
+    opts: &[&str],
+    script: &std::path::Path,
+) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "exec".into(),
+        "--job".into(),
+        job.into(),
+        "--events".into(),
+        events.display().to_string(),
+    ];
+    args.extend(opts.iter().map(|s| s.to_string()));
+    args.extend(["--".into(), "sh".into(), script.display().to_string()]);
+    args
+}
+
+/// The JSON Lines of an events file (none if it is missing).
+pub fn read_events(path: &std::path::Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("an events line is JSON"))
+        .collect()
+}
