@@ -98,6 +98,9 @@ pub struct Pod {
     pub name: String,
     pub uid: String,
     pub phase: String,
+    /// `spec.hostNetwork`: the pod shares the node's network namespace, where the daemon
+    /// attaches.
+    pub host_network: bool,
     pub annotations: BTreeMap<String, String>,
 }
 
@@ -110,6 +113,7 @@ impl Pod {
             name: s(&m["name"])?,
             uid: s(&m["uid"])?,
             phase: s(&v["status"]["phase"]).unwrap_or_default(),
+            host_network: v["spec"]["hostNetwork"].as_bool().unwrap_or(false),
             annotations: m["annotations"]
                 .as_object()
                 .map(|o| {
@@ -377,6 +381,8 @@ struct Agent {
     pods: HashMap<String, Pod>,
     /// uid → job id, for pods that have one.
     jobs: HashMap<String, String>,
+    /// Pods refused a job (said once each).
+    refused: std::collections::HashSet<String>,
 }
 
 impl Agent {
@@ -456,6 +462,18 @@ impl Agent {
             .cloned()
             .collect();
         for pod in pending {
+            // A pod in a network namespace of its own sends through interfaces the daemon
+            // (in the node's namespace) is not attached to: judging it needs the
+            // containers work (issue 10). Said, not pretended.
+            if !pod.host_network {
+                if self.refused.insert(pod.uid.clone()) {
+                    tracing::error!(
+                        pod = %format!("{}/{}", pod.namespace, pod.name),
+                        "no job: the pod has its own network namespace (spec.hostNetwork is not true); only runner pods on the node's network are covered yet"
+                    );
+                }
+                continue;
+            }
             let Some(cg) = find_pod_cgroup(&self.root, &pod.uid) else {
                 continue;
             };
@@ -519,6 +537,7 @@ pub fn run(args: &KubeArgs) -> Result<i32> {
         root,
         pods: HashMap::new(),
         jobs: HashMap::new(),
+        refused: Default::default(),
     };
     tracing::info!(node = %agent.cfg.node()?, selector = %agent.cfg.label_selector, "watching runner pods");
     let mut last_tick = Instant::now();
@@ -566,6 +585,7 @@ mod tests {
             name: "x".repeat(300),
             uid: "0a1b2c3d-4e5f-6789-abcd-ef0123456789".into(),
             phase: "Running".into(),
+            host_network: true,
             annotations: BTreeMap::new(),
         };
         let id = p.job_id();

@@ -170,7 +170,7 @@ fn pod(name: &str, uid: &str, annotations: Value) -> Value {
             "labels": {"actions.github.com/scale-set-name": "rf15-set"},
             "annotations": annotations,
         },
-        "spec": {"nodeName": NODE},
+        "spec": {"nodeName": NODE, "hostNetwork": true},
         "status": {"phase": "Running"},
     })
 }
@@ -272,7 +272,13 @@ fn agent_jobs_follow_runner_pods_on_kubelet_cgroups() {
     let inline = format!(
         "mode = \"block\"\nallowed-endpoints = \"allowed.test:80\"\ndns-resolvers = [\"{dns}\"]\n"
     );
+    // A fourth runner pod on its own network namespace: not covered yet, said in the log.
+    let ud = "dddd0004-0000-4000-8000-00000000000d";
+    tree.pod(&format!("kubepods/besteffort/pod{ud}"), "d4");
+    let mut own_netns = pod("runner-d", ud, json!({}));
+    own_netns["spec"]["hostNetwork"] = json!(false);
     let pods = vec![
+        own_netns,
         pod("runner-a", ua, json!({"ringfence.dev/policy": inline})),
         pod(
             "runner-b",
@@ -372,12 +378,18 @@ fn agent_jobs_follow_runner_pods_on_kubelet_cgroups() {
     );
 
     // The pods go: A is deleted, B finishes. Their jobs end; C's stays.
-    let mut gone = pods[0].clone();
+    let agent_log = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        agent_log.contains("no job: the pod has its own network namespace")
+            && agent_log.contains("arc-runners/runner-d"),
+        "{agent_log}"
+    );
+    let mut gone = pods[1].clone();
     gone["metadata"]["resourceVersion"] = json!("101");
     api.events
         .send(json!({"type": "DELETED", "object": gone}))
         .unwrap();
-    let mut done = pods[1].clone();
+    let mut done = pods[2].clone();
     done["metadata"]["resourceVersion"] = json!("102");
     done["status"]["phase"] = json!("Succeeded");
     api.events
