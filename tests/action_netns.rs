@@ -475,7 +475,7 @@ fn action_main_and_post_audit_then_block() {
         "fail-on-block fails the post step\n{out}"
     );
     assert!(
-        out.contains(&format!("::error::ringfence: fail-on-block: "))
+        out.contains("::error::ringfence: fail-on-block: ")
             && out.contains(&format!("were blocked in job {}", b.id)),
         "{out}"
     );
