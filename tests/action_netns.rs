@@ -570,3 +570,50 @@ fn action_refuses_bad_inputs() {
         );
     }
 }
+
+/// Every input action.yml declares is one main.js reads, and the other way round.
+#[test]
+fn action_yml_inputs_are_read() {
+    let yml = std::fs::read_to_string(Path::new(REPO).join("action.yml")).unwrap();
+    let main = std::fs::read_to_string(Path::new(REPO).join("action/dist/main.js")).unwrap();
+    let section = yml
+        .split("\ninputs:\n")
+        .nth(1)
+        .unwrap()
+        .split("\nruns:")
+        .next()
+        .unwrap();
+    let declared: Vec<&str> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("  ")?.strip_suffix(':'))
+        .filter(|k| !k.starts_with(' '))
+        .collect();
+    assert_eq!(
+        declared,
+        [
+            "egress-policy",
+            "allowed-endpoints",
+            "disable-sudo",
+            "disable-telemetry",
+            "direct-ip",
+            "policy-file",
+            "fail-on-block",
+            "binary"
+        ]
+    );
+    for d in &declared {
+        assert!(
+            main.contains(&format!("Input('{d}'")),
+            "main.js does not read {d}"
+        );
+    }
+    let read = main.matches("Input('").count();
+    assert_eq!(
+        read,
+        declared.len(),
+        "main.js reads an input action.yml does not declare"
+    );
+    assert!(
+        yml.contains("  using: node24\n  main: action/dist/main.js\n  post: action/dist/post.js\n")
+    );
+}

@@ -408,3 +408,83 @@ fn agent_jobs_follow_runner_pods_on_kubelet_cgroups() {
         assert!(page.exists(), "no final report for {j}");
     }
 }
+
+/// The ConfigMaps' files, as the containers read them: each `<key>: |` block of
+/// deploy/kubernetes/configmap.yaml, unindented.
+fn configmap_files() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/deploy/kubernetes/configmap.yaml"
+    ))
+    .unwrap();
+    let mut files = Vec::new();
+    let mut cur: Option<(String, String)> = None;
+    for l in text.lines() {
+        if let Some(key) = l.strip_prefix("  ").and_then(|k| k.strip_suffix(": |")) {
+            files.extend(cur.take());
+            cur = Some((key.to_string(), String::new()));
+        } else if let Some((_, body)) = cur.as_mut() {
+            match l.strip_prefix("    ") {
+                Some(b) => {
+                    body.push_str(b);
+                    body.push('\n');
+                }
+                None if l.trim().is_empty() => body.push('\n'),
+                None => files.extend(cur.take()),
+            }
+        }
+    }
+    files.extend(cur);
+    files
+}
+
+/// What the DaemonSet mounts parses as what reads it: the daemon's config, the agent's
+/// settings (unknown keys refused), and every cluster policy (the default blocks direct IPs).
+#[test]
+fn configmap_files_parse() {
+    let files = configmap_files();
+    let names: Vec<&str> = files.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "ringfence.toml",
+            "kubernetes.toml",
+            "default.toml",
+            "npm.toml"
+        ]
+    );
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in &files {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap();
+        match name.as_str() {
+            "ringfence.toml" => {
+                ringfence::daemon::config::Config::from_file(&path)
+                    .unwrap_or_else(|e| panic!("{name}: {e:#}\n{text}"));
+            }
+            "kubernetes.toml" => {
+                let c = ringfence::kubernetes::KubeConfig::load(Some(&path))
+                    .unwrap_or_else(|e| panic!("{name}: {e:#}\n{text}"));
+                assert_eq!(c.cgroup_root, Some(PathBuf::from("/host/sys/fs/cgroup")));
+            }
+            _ => {
+                let spec = ringfence::job::spec::PolicySpec {
+                    file: Some(ringfence::job::spec::PolicyText {
+                        source: name.clone(),
+                        text: text.clone(),
+                    }),
+                    ..Default::default()
+                };
+                let policy = spec
+                    .build()
+                    .unwrap_or_else(|e| panic!("{name}: {e}\n{text}"));
+                policy.compile().unwrap();
+                if name == "default.toml" {
+                    assert!(
+                        text.contains("mode = \"block\"") && text.contains("direct-ip = \"block\"")
+                    );
+                }
+            }
+        }
+    }
+}
