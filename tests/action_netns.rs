@@ -170,7 +170,7 @@ cg() { sed -n 's/^0:://p' /proc/$1/cgroup; }
 inputs=(
   "INPUT_EGRESS-POLICY=$MODE" "INPUT_ALLOWED-ENDPOINTS=allowed.test:80
     198.51.100.99:80" "INPUT_DISABLE-SUDO=$DISABLE_SUDO" "INPUT_DISABLE-TELEMETRY=true"
-  "INPUT_DIRECT-IP=" "INPUT_POLICY-FILE=" "INPUT_FAIL-ON-BLOCK=$FAIL_ON_BLOCK"
+  "INPUT_DIRECT-IP=" "INPUT_POLICY-FILE=$POLICY_FILE" "INPUT_FAIL-ON-BLOCK=$FAIL_ON_BLOCK"
   "INPUT_BINARY=$RF_BINARY"
 )
 action() {
@@ -223,6 +223,7 @@ fn run_job(
     user: &RunnerUser,
     n: usize,
     (mode, disable_sudo, fail_on_block): (&str, bool, bool),
+    policy_file: Option<&str>,
     direct: std::net::Ipv4Addr,
 ) -> Run {
     let root = tb.workdir().join(format!("rf15-runner-{n}"));
@@ -248,6 +249,11 @@ fn run_job(
     std::fs::create_dir_all(&files).unwrap();
     for d in [&temp, &files, &workspace] {
         user.chown(d);
+    }
+    // The repository's policy, as a checkout would leave it (relative to the workspace).
+    if let Some(text) = policy_file {
+        std::fs::create_dir_all(workspace.join(".github")).unwrap();
+        std::fs::write(workspace.join(".github/ringfence.toml"), text).unwrap();
     }
     for f in ["state", "env", "step_summary"] {
         std::fs::write(files.join(f), "").unwrap();
@@ -295,6 +301,14 @@ fn run_job(
         .env("RUNNER_TEMP", &temp)
         .env("ACTION", &action)
         .env("MODE", mode)
+        .env(
+            "POLICY_FILE",
+            if policy_file.is_some() {
+                ".github/ringfence.toml"
+            } else {
+                ""
+            },
+        )
         .env("DISABLE_SUDO", disable_sudo.to_string())
         .env("FAIL_ON_BLOCK", fail_on_block.to_string())
         .env("RF_BINARY", RINGFENCE)
@@ -380,8 +394,17 @@ fn action_main_and_post_audit_then_block() {
     let user = RunnerUser::create();
     let host = Host::new(&tb);
 
-    // --- audit: everything passes and is reported, but a direct IP (blocked in both modes).
-    let a = run_job(&tb, &host, &user, 0, ("audit", false, false), direct);
+    // --- audit, from the repository's policy file (egress-policy left empty: the file's
+    // mode): everything passes and is reported, but a direct IP (blocked in both modes).
+    let a = run_job(
+        &tb,
+        &host,
+        &user,
+        0,
+        ("", false, false),
+        Some("mode = \"audit\"\nallowed-endpoints = \"allowed.test:80\"\n"),
+        direct,
+    );
     let out = &a.out;
     assert!(has_line(out, "action main.js: 0"), "{out}");
     assert!(
@@ -453,7 +476,7 @@ fn action_main_and_post_audit_then_block() {
     assert!(audit_queries > 0, "{}", tb.dns_log());
 
     // --- block, disable-sudo, fail-on-block; the daemon is already running.
-    let b = run_job(&tb, &host, &user, 1, ("block", true, true), direct);
+    let b = run_job(&tb, &host, &user, 1, ("block", true, true), None, direct);
     let out = &b.out;
     assert!(has_line(out, "action main.js: 0"), "{out}");
     assert!(out.contains("ringfence: a daemon already serves"), "{out}");

@@ -18,6 +18,8 @@ const fs = require('fs');
 const path = require('path');
 const lib = require('./lib');
 
+const MAX_REQUESTS = 16;
+
 function log(msg) {
   console.log(`${new Date().toISOString()} ringfence-action: ${msg}`);
 }
@@ -91,6 +93,13 @@ function watch(cfg) {
     for (const n of names) {
       const m = /^req-([0-9a-f]{8,64})$/.exec(n);
       if (!m || served.has(m[1])) continue;
+      // Any step can ask (it only ever gets its own job's report); a step asking in a loop
+      // must not keep root busy or fill the disk.
+      if (served.size >= MAX_REQUESTS) {
+        if (served.size === MAX_REQUESTS) log(`more than ${MAX_REQUESTS} report requests: no more are served`);
+        served.add(m[1]);
+        continue;
+      }
       served.add(m[1]);
       try {
         serve(cfg, m[1]);
