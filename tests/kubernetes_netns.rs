@@ -25,6 +25,116 @@ use serde_json::{json, Value};
 use testbed::link_v4;
 
 const NODE: &str = "rf15-node";
+
+/// TLS in front of the API stand-in, as the API server speaks it: terminates TLS with a
+/// certificate for 127.0.0.1 signed by a test CA and pipes the bytes to the plain server.
+const TLS_FRONT: &str = r#"
+import socket, ssl, sys, threading
+cert, key, listen_port, upstream_port, ready = sys.argv[1:6]
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+ctx.load_cert_chain(cert, key)
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(listen_port)))
+srv.listen(16)
+open(ready, "w").close()
+def pump(a, b):
+    try:
+        while True:
+            d = a.recv(65536)
+            if not d:
+                break
+            b.sendall(d)
+    except OSError:
+        pass
+    for s in (a, b):
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+def serve(c):
+    try:
+        t = ctx.wrap_socket(c, server_side=True)
+    except (ssl.SSLError, OSError):
+        c.close()
+        return
+    u = socket.create_connection(("127.0.0.1", int(upstream_port)))
+    threading.Thread(target=pump, args=(u, t), daemon=True).start()
+    pump(t, u)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// A test CA and a certificate for 127.0.0.1 signed by it: (ca.crt, cert, key).
+fn test_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (ca, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    let (cert, key, csr) = (
+        dir.join("api.crt"),
+        dir.join("api.key"),
+        dir.join("api.csr"),
+    );
+    let ext = dir.join("api.ext");
+    std::fs::write(
+        &ext,
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    let openssl = |args: &[&std::ffi::OsStr]| {
+        let st = Command::new("openssl")
+            .args(args)
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl");
+        assert!(st.success(), "openssl {args:?}");
+    };
+    let o = std::ffi::OsStr::new;
+    openssl(&[
+        o("req"),
+        o("-x509"),
+        o("-newkey"),
+        o("rsa:2048"),
+        o("-nodes"),
+        o("-days"),
+        o("1"),
+        o("-subj"),
+        o("/CN=rf15 test cluster CA"),
+        o("-keyout"),
+        ca_key.as_os_str(),
+        o("-out"),
+        ca.as_os_str(),
+    ]);
+    openssl(&[
+        o("req"),
+        o("-newkey"),
+        o("rsa:2048"),
+        o("-nodes"),
+        o("-subj"),
+        o("/CN=127.0.0.1"),
+        o("-keyout"),
+        key.as_os_str(),
+        o("-out"),
+        csr.as_os_str(),
+    ]);
+    openssl(&[
+        o("x509"),
+        o("-req"),
+        o("-in"),
+        csr.as_os_str(),
+        o("-CA"),
+        ca.as_os_str(),
+        o("-CAkey"),
+        ca_key.as_os_str(),
+        o("-CAcreateserial"),
+        o("-days"),
+        o("1"),
+        o("-extfile"),
+        ext.as_os_str(),
+        o("-out"),
+        cert.as_os_str(),
+    ]);
+    (ca, cert, key)
+}
 const TOKEN: &str = "rf15-service-account-token";
 
 /// A kubelet-like cgroup tree under `<cgroup2>/rf15-kubelet-<pid>`; on drop, whatever is in
@@ -175,6 +285,7 @@ fn pod(name: &str, uid: &str, annotations: Value) -> Value {
     })
 }
 
+/// A child process killed (by its own handle) when the test is over.
 struct Agent(Child);
 
 impl Drop for Agent {
@@ -288,35 +399,89 @@ fn agent_jobs_follow_runner_pods_on_kubelet_cgroups() {
         pod("runner-c", uc, json!({})),
     ];
     let api = FakeApi::start(tb.client_ns(), pods.clone());
+    // In front of it, TLS as in a cluster: the agent finds the API the in-cluster way
+    // (KUBERNETES_SERVICE_HOST/PORT, https) and trusts it through SSL_CERT_FILE, the
+    // service account's CA in the DaemonSet.
+    let (ca_crt, cert, key) = test_ca(&dir);
+    let tls_port = 16443u16;
+    let ready = dir.join("tls-ready");
+    let front = dir.join("tls_front.py");
+    std::fs::write(&front, TLS_FRONT).unwrap();
+    let _tls = Agent(
+        tb.client_cmd(
+            "/usr/bin/python3",
+            [
+                front.display().to_string(),
+                cert.display().to_string(),
+                key.display().to_string(),
+                tls_port.to_string(),
+                api.port.to_string(),
+                ready.display().to_string(),
+            ],
+        )
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("the TLS front"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the TLS front did not start");
+        thread::sleep(Duration::from_millis(50));
+    }
     std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
     let cfg = dir.join("kubernetes.toml");
+    // No api and no node-name: the in-cluster defaults, from the environment.
     std::fs::write(
         &cfg,
         format!(
-            "api = \"http://127.0.0.1:{}\"\ntoken-file = \"{}\"\nnode-name = \"{NODE}\"\npolicies-dir = \"{}\"\ncgroup-root = \"{}\"\n",
-            api.port,
+            "token-file = \"{}\"\npolicies-dir = \"{}\"\ncgroup-root = \"{}\"\n",
             dir.join("token").display(),
             dir.join("policies").display(),
             tree.root.display()
         ),
     )
     .unwrap();
-    let log = dir.join("agent.log");
-    let logf = std::fs::File::create(&log).unwrap();
-    let _agent = Agent(
-        Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", tb.client_ns()))
-            .args([RINGFENCE, "kubernetes", "--config"])
-            .arg(&cfg)
-            .arg("--socket")
-            .arg(&daemon.socket)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(logf.try_clone().unwrap())
-            .stderr(logf)
-            .spawn()
-            .expect("ringfence kubernetes"),
+    let agent = |log: &Path, ca: &Path| {
+        let logf = std::fs::File::create(log).unwrap();
+        Agent(
+            Command::new("nsenter")
+                .arg(format!("--net=/run/netns/{}", tb.client_ns()))
+                .args([RINGFENCE, "kubernetes", "--config"])
+                .arg(&cfg)
+                .arg("--socket")
+                .arg(&daemon.socket)
+                .env("RUST_LOG", "info")
+                .env("KUBERNETES_SERVICE_HOST", "127.0.0.1")
+                .env("KUBERNETES_SERVICE_PORT", tls_port.to_string())
+                .env("NODE_NAME", NODE)
+                .env("SSL_CERT_FILE", ca)
+                .stdin(Stdio::null())
+                .stdout(logf.try_clone().unwrap())
+                .stderr(logf)
+                .spawn()
+                .expect("ringfence kubernetes"),
+        )
+    };
+    // An API whose certificate the agent cannot verify is not spoken to.
+    let untrusting = dir.join("agent-untrusting.log");
+    {
+        let _a = agent(&untrusting, Path::new("/dev/null"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !std::fs::read_to_string(&untrusting)
+            .unwrap_or_default()
+            .contains("listing pods")
+        {
+            assert!(Instant::now() < deadline, "no TLS failure logged");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert!(
+        api.requests.lock().unwrap().is_empty(),
+        "a request passed an unverified TLS connection"
     );
+    assert!(job_ids(&daemon).is_empty());
+    let log = dir.join("agent.log");
+    let _agent = agent(&log, &ca_crt);
     let id = |name: &str, uid: &str| format!("k8s-arc-runners.{name}-{}", &uid[..8]);
     let (ja, jb, jc) = (id("runner-a", ua), id("runner-b", ub), id("runner-c", uc));
     wait_jobs(&daemon, &[&ja, &jb, &jc], &log);
