@@ -193,10 +193,14 @@ struct FakeApi {
     port: u16,
     requests: Arc<Mutex<Vec<(String, String)>>>,
     events: mpsc::Sender<Value>,
+    /// What the next list answers.
+    pods: Arc<Mutex<Vec<Value>>>,
 }
 
 impl FakeApi {
     fn start(netns: &str, pods: Vec<Value>) -> FakeApi {
+        let pods = Arc::new(Mutex::new(pods));
+        let listed = pods.clone();
         let (port_tx, port_rx) = mpsc::channel();
         let (ev_tx, ev_rx) = mpsc::channel::<Value>();
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -213,7 +217,7 @@ impl FakeApi {
             for s in l.incoming() {
                 let Ok(s) = s else { continue };
                 let reqs = reqs.clone();
-                let pods = pods.clone();
+                let pods = listed.clone();
                 let ev_rx = ev_rx.clone();
                 thread::spawn(move || {
                     let mut r = BufReader::new(s.try_clone().unwrap());
@@ -236,7 +240,7 @@ impl FakeApi {
                         let body = json!({
                             "kind": "PodList", "apiVersion": "v1",
                             "metadata": {"resourceVersion": "100"},
-                            "items": pods,
+                            "items": *pods.lock().unwrap(),
                         })
                         .to_string();
                         let _ = write!(
@@ -258,6 +262,10 @@ impl FakeApi {
                         if writeln!(s, "{ev}").and_then(|_| s.flush()).is_err() {
                             return;
                         }
+                        // The API server ends a watch after an ERROR event.
+                        if ev["type"] == "ERROR" {
+                            return;
+                        }
                     }
                 });
             }
@@ -267,6 +275,7 @@ impl FakeApi {
             .expect("the API stand-in listens");
         FakeApi {
             port,
+            pods,
             requests,
             events: ev_tx,
         }
@@ -558,9 +567,43 @@ fn agent_jobs_follow_runner_pods_on_kubelet_cgroups() {
     done["metadata"]["resourceVersion"] = json!("102");
     done["status"]["phase"] = json!("Succeeded");
     api.events
-        .send(json!({"type": "MODIFIED", "object": done}))
+        .send(json!({"type": "MODIFIED", "object": done.clone()}))
         .unwrap();
     wait_jobs(&daemon, &[&jc], &log);
+
+    // The watch's resourceVersion expires (410 Gone): the agent lists again.
+    let lists = |a: &FakeApi| {
+        a.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| !p.contains("watch=true"))
+            .count()
+    };
+    let before = lists(&api);
+    // What a list says now: A gone, B finished, C and D as they were.
+    *api.pods.lock().unwrap() = vec![pods[0].clone(), done.clone(), pods[3].clone()];
+    api.events
+        .send(json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Expired", "code": 410}}))
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while lists(&api) == before {
+        assert!(Instant::now() < deadline, "no list after a 410");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        job_ids(&daemon),
+        vec![jc.clone()],
+        "the relist keeps C's job"
+    );
+
+    // The agent is replaced (a DaemonSet update) while C's pod goes: the new agent finds
+    // the job by its k8s- id and ends it.
+    drop(_agent);
+    *api.pods.lock().unwrap() = Vec::new();
+    let log2 = dir.join("agent-2.log");
+    let _agent2 = agent(&log2, &ca_crt);
+    wait_jobs(&daemon, &[], &log2);
     let reqs = api.requests.lock().unwrap().clone();
     assert!(
         reqs.iter()
