@@ -169,7 +169,7 @@ set -u
 cg() { sed -n 's/^0:://p' /proc/$1/cgroup; }
 inputs=(
   "INPUT_EGRESS-POLICY=$MODE" "INPUT_ALLOWED-ENDPOINTS=allowed.test:80
-    198.51.100.99:80" "INPUT_DISABLE-SUDO=$DISABLE_SUDO" "INPUT_DISABLE-TELEMETRY=true"
+    198.51.100.99:80${EXTRA_ENDPOINT:-}" "INPUT_DISABLE-SUDO=$DISABLE_SUDO" "INPUT_DISABLE-TELEMETRY=true"
   "INPUT_DIRECT-IP=" "INPUT_POLICY-FILE=$POLICY_FILE" "INPUT_FAIL-ON-BLOCK=$FAIL_ON_BLOCK"
   "INPUT_BINARY=$RF_BINARY"
 )
@@ -224,6 +224,7 @@ fn run_job(
     n: usize,
     (mode, disable_sudo, fail_on_block): (&str, bool, bool),
     policy_file: Option<&str>,
+    extra_endpoint: &str,
     direct: std::net::Ipv4Addr,
 ) -> Run {
     let root = tb.workdir().join(format!("rf15-runner-{n}"));
@@ -313,6 +314,7 @@ fn run_job(
         .env("FAIL_ON_BLOCK", fail_on_block.to_string())
         .env("RF_BINARY", RINGFENCE)
         .env("DIRECT_IP", direct.to_string())
+        .env("EXTRA_ENDPOINT", extra_endpoint)
         // Test-only placement: the daemon's socket, pins and directories, and the runner's
         // own endpoints (GitHub's names do not resolve here).
         .env("RINGFENCE_SOCKET", &host.socket)
@@ -403,6 +405,7 @@ fn action_main_and_post_audit_then_block() {
         0,
         ("", false, false),
         Some("mode = \"audit\"\nallowed-endpoints = \"allowed.test:80\"\n"),
+        "",
         direct,
     );
     let out = &a.out;
@@ -476,7 +479,16 @@ fn action_main_and_post_audit_then_block() {
     assert!(audit_queries > 0, "{}", tb.dns_log());
 
     // --- block, disable-sudo, fail-on-block; the daemon is already running.
-    let b = run_job(&tb, &host, &user, 1, ("block", true, true), None, direct);
+    let b = run_job(
+        &tb,
+        &host,
+        &user,
+        1,
+        ("block", true, true),
+        None,
+        "",
+        direct,
+    );
     let out = &b.out;
     assert!(has_line(out, "action main.js: 0"), "{out}");
     assert!(out.contains("ringfence: a daemon already serves"), "{out}");
@@ -536,6 +548,35 @@ fn action_main_and_post_audit_then_block() {
         "{}",
         tb.dns_log()
     );
+
+    // --- an endpoint ringfence refuses: main fails naming the input and the token, no job
+    // starts, post says there is nothing to report. (sudo was removed by the block run:
+    // the runner's sudoers line again, as a fresh runner would have it.)
+    std::fs::write(&user.sudoers, format!("{USER} ALL=(ALL) NOPASSWD:ALL\n")).unwrap();
+    std::fs::set_permissions(&user.sudoers, std::fs::Permissions::from_mode(0o440)).unwrap();
+    let c = run_job(
+        &tb,
+        &host,
+        &user,
+        2,
+        ("block", false, false),
+        None,
+        " allowed.test:99999",
+        direct,
+    );
+    let out = &c.out;
+    assert!(has_line(out, "action main.js: 1"), "{out}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("::error::allowed-endpoints: ") && l.contains("99999")),
+        "{out}"
+    );
+    assert!(has_line(out, "action post.js: 0"), "{out}");
+    assert!(
+        out.contains("::warning::ringfence: no state from the main step"),
+        "{out}"
+    );
+    assert!(host.status()["jobs"].as_array().unwrap().is_empty());
 }
 
 /// Inputs that do not parse fail main with a message naming the input, before anything

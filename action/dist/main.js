@@ -197,7 +197,8 @@ async function main() {
     const why = started.stderr.trim() || started.stdout.trim();
     // Exit 2 is the input's (a policy or endpoint that does not parse: named with its token).
     const which = inputs.policyFile ? 'policy-file or allowed-endpoints' : 'allowed-endpoints';
-    throw new Error(started.status === 2 ? `${which}: ${why}` : `starting the ringfence job: ${why}`);
+    if (started.status === 2) throw new lib.InputError(`${which}: ${why}`);
+    throw new Error(`starting the ringfence job: ${why}`);
   }
   console.log(started.stdout.trim());
   const events = (started.stdout.match(/events: (.*)$/m) || [])[1] || '';
