@@ -47,8 +47,8 @@ pub struct KubeConfig {
     /// This node's name; default `$NODE_NAME` (the DaemonSet sets it from spec.nodeName).
     #[serde(default)]
     pub node_name: Option<String>,
-    /// Which pods are runners: a label selector. ARC's runner pods (scale sets) carry
-    /// `actions.github.com/scale-set-name`.
+    /// Which pods are runners: a label selector. ARC gives every runner pod of a scale set
+    /// `actions-ephemeral-runner=True` (and its listener pods not).
     #[serde(default = "default_selector")]
     pub label_selector: String,
     #[serde(default = "default_policy_annotation")]
@@ -70,7 +70,7 @@ fn default_token_file() -> PathBuf {
     "/var/run/secrets/kubernetes.io/serviceaccount/token".into()
 }
 fn default_selector() -> String {
-    "actions.github.com/scale-set-name".into()
+    "actions-ephemeral-runner=True".into()
 }
 fn default_policy_annotation() -> String {
     "ringfence.dev/policy".into()
@@ -597,8 +597,8 @@ mod tests {
     #[test]
     fn url_selects_node_and_label() {
         assert_eq!(
-            pods_url("https://k:443", "node-1", "actions.github.com/scale-set-name"),
-            "https://k:443/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-1&labelSelector=actions.github.com%2Fscale-set-name"
+            pods_url("https://k:443", "node-1", "actions-ephemeral-runner=True"),
+            "https://k:443/api/v1/pods?fieldSelector=spec.nodeName%3Dnode-1&labelSelector=actions-ephemeral-runner%3DTrue"
         );
     }
 

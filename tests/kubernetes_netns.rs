@@ -286,7 +286,7 @@ fn pod(name: &str, uid: &str, annotations: Value) -> Value {
     json!({
         "metadata": {
             "name": name, "namespace": "arc-runners", "uid": uid, "resourceVersion": "100",
-            "labels": {"actions.github.com/scale-set-name": "rf15-set"},
+            "labels": {"actions-ephemeral-runner": "True", "actions.github.com/scale-set-name": "rf15-set"},
             "annotations": annotations,
         },
         "spec": {"nodeName": NODE, "hostNetwork": true},
@@ -501,7 +501,7 @@ fn agent_jobs_follow_runner_pods_on_kubelet_cgroups() {
     assert!(
         reqs.iter().any(|(p, a)| p.starts_with("/api/v1/pods?")
             && p.contains("fieldSelector=spec.nodeName%3Drf15-node")
-            && p.contains("labelSelector=actions.github.com%2Fscale-set-name")
+            && p.contains("labelSelector=actions-ephemeral-runner%3DTrue")
             && !p.contains("watch=true")
             && a == &format!("Bearer {TOKEN}")),
         "{reqs:?}"
