@@ -216,17 +216,34 @@ struct Run {
     id: String,
 }
 
-/// One job through the action: `mode`, `disable_sudo`, `fail_on_block` as the inputs.
+/// What a run of the job gives the action (besides allowed-endpoints' fixed part).
+#[derive(Clone, Copy, Default)]
+struct Inputs<'a> {
+    mode: &'a str,
+    disable_sudo: bool,
+    fail_on_block: bool,
+    /// The text of the workspace's .github/ringfence.toml, named by policy-file.
+    policy_file: Option<&'a str>,
+    /// Appended to allowed-endpoints.
+    extra_endpoint: &'a str,
+}
+
+/// One job through the action, its `n`th on this host.
 fn run_job(
     tb: &Testbed,
     host: &Host,
     user: &RunnerUser,
     n: usize,
-    (mode, disable_sudo, fail_on_block): (&str, bool, bool),
-    policy_file: Option<&str>,
-    extra_endpoint: &str,
+    inputs: &Inputs,
     direct: std::net::Ipv4Addr,
 ) -> Run {
+    let Inputs {
+        mode,
+        disable_sudo,
+        fail_on_block,
+        policy_file,
+        extra_endpoint,
+    } = *inputs;
     let root = tb.workdir().join(format!("rf15-runner-{n}"));
     // The action as the runner downloads it (_actions/OWNER/REPO/REF), readable by its user.
     let action = root.join("_actions/ringfence/v1");
@@ -403,9 +420,10 @@ fn action_main_and_post_audit_then_block() {
         &host,
         &user,
         0,
-        ("", false, false),
-        Some("mode = \"audit\"\nallowed-endpoints = \"allowed.test:80\"\n"),
-        "",
+        &Inputs {
+            policy_file: Some("mode = \"audit\"\nallowed-endpoints = \"allowed.test:80\"\n"),
+            ..Default::default()
+        },
         direct,
     );
     let out = &a.out;
@@ -484,9 +502,12 @@ fn action_main_and_post_audit_then_block() {
         &host,
         &user,
         1,
-        ("block", true, true),
-        None,
-        "",
+        &Inputs {
+            mode: "block",
+            disable_sudo: true,
+            fail_on_block: true,
+            ..Default::default()
+        },
         direct,
     );
     let out = &b.out;
@@ -559,9 +580,11 @@ fn action_main_and_post_audit_then_block() {
         &host,
         &user,
         2,
-        ("block", false, false),
-        None,
-        " allowed.test:99999",
+        &Inputs {
+            mode: "block",
+            extra_endpoint: " allowed.test:99999",
+            ..Default::default()
+        },
         direct,
     );
     let out = &c.out;
