@@ -183,6 +183,9 @@ function disableSudo(user) {
 
 function mainRoot() {
   const [cmd, arg] = process.argv.slice(2);
+  // What the watcher writes is for the runner's user to read (sudo may pass a umask that
+  // would keep it root's).
+  process.umask(0o022);
   if (!lib.isRoot()) throw new Error('root.js runs as root (main starts it through sudo)');
   if (cmd === 'watch') return watch(JSON.parse(arg));
   if (cmd === 'disable-sudo') return disableSudo(arg);
