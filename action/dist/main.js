@@ -156,7 +156,7 @@ function startDaemon(rf, socket) {
 }
 
 /** Lines of the sudoers files that name `user` or one of its groups are removed. */
-function disableSudo(rf, user) {
+function disableSudo(user) {
   const script = path.join(__dirname, 'root.js');
   must(lib.run(lib.asRoot([process.execPath, script, 'disable-sudo', user])), 'disable-sudo');
 }
@@ -239,7 +239,7 @@ async function main() {
   );
 
   if (inputs.disableSudo) {
-    disableSudo(rf, os.userInfo().username);
+    disableSudo(os.userInfo().username);
     console.log(`ringfence: sudo removed for ${os.userInfo().username}: later steps cannot stop ringfence`);
   }
   console.log(`ringfence: job ${id} holds Runner.Worker (pid ${worker.pid}) and every later step`);
