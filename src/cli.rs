@@ -52,6 +52,8 @@ pub enum Cmd {
         #[command(flatten)]
         socket: crate::daemon::client::SocketArg,
     },
+    /// The node agent for Actions Runner Controller: a job per runner pod on this node.
+    Kubernetes(crate::kubernetes::KubeArgs),
     /// A live view of the daemon's jobs and their flows (plain lines when not a terminal).
     Watch(crate::daemon::watch::WatchArgs),
     /// Detach every program and remove every pin (through the daemon, or without one).

@@ -18,6 +18,7 @@ pub mod exec;
 pub mod insights;
 pub mod job;
 pub mod kernel;
+pub mod kubernetes;
 pub mod logging;
 pub mod notify;
 pub mod policy;

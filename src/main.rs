@@ -22,6 +22,7 @@ fn main() {
         Cmd::Policy(cmd) => ringfence::insights::run(&cmd),
         Cmd::Status { json, socket } => ringfence::daemon::client::status(json, &socket),
         Cmd::Watch(a) => ringfence::daemon::watch::run(&a),
+        Cmd::Kubernetes(a) => ringfence::kubernetes::run(&a),
         Cmd::Unload {
             force,
             bpffs,
