@@ -491,6 +491,7 @@ impl Agent {
                 policy,
                 fail_on_block: false,
                 webhook: None,
+                claim_running_containers: false,
             };
             match call(&self.socket, &req) {
                 Ok(_) => {

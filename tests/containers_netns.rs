@@ -505,3 +505,81 @@ fn daemon_sole_job_claims_containers_and_the_rest_is_host_default() {
     d.ok(&["job", "end", "--id", "a"]);
     assert_eq!(tb.http_hits(sa(other, 80)), 0);
 }
+
+/// `job start --claim-running-containers` (the Action's: a runner starts service containers
+/// before the first step): a container already running when the job starts is the job's,
+/// judged by its policy rather than the host default (here: block everything).
+#[test]
+fn daemon_claims_running_containers_when_asked() {
+    let (tb, [allowed, other, _]) = setup();
+    let docker = Dockerd::start(&tb);
+    let st = docker
+        .cmd(&["run", "-d", "--name", "service", IMAGE, "sleep", "600"])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let host_policy = scratch(
+        &tb,
+        "host-policy.toml",
+        "mode = \"block\"\nallowed-endpoints = \"\"\ndirect-ip = \"block\"\n",
+    );
+    let mut d = daemon::Daemon::start(&tb, &["--host-policy", host_policy.to_str().unwrap()]);
+    let cg = d.cgroup("rf10svc");
+    let resolver = tb.dns_addr_v4().to_string();
+    let get = |url: &str| {
+        let o = docker
+            .cmd(&[
+                "exec",
+                "service",
+                "curl",
+                "-sS",
+                "--connect-timeout",
+                "3",
+                "--max-time",
+                "6",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                url,
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    // Before any job: the host default holds it.
+    assert_ne!(get("http://allowed.test/before"), "200");
+    assert_eq!(tb.http_hits(sa(allowed, 80)), 0);
+    d.start_job(
+        "svc",
+        &cg,
+        &[
+            "--mode",
+            "block",
+            "--allow",
+            "allowed.test:80",
+            "--dns-resolver",
+            resolver.as_str(),
+            "--claim-running-containers",
+        ],
+    );
+    assert_eq!(get("http://allowed.test/job"), "200", "{}", d.log());
+    assert_ne!(get("http://other.test/job"), "200");
+    assert_eq!(tb.http_hits(sa(allowed, 80)), 1);
+    assert_eq!(tb.http_hits(sa(other, 80)), 0);
+    let events = d.events("svc");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["domain"] == "other.test" && e["verdict"] == "blocked"),
+        "{events:#?}"
+    );
+    d.ok(&["job", "end", "--id", "svc"]);
+    // Its job over, the container is no one's again.
+    assert_ne!(get("http://allowed.test/after"), "200");
+    assert_eq!(tb.http_hits(sa(allowed, 80)), 1);
+}

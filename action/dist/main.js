@@ -183,7 +183,11 @@ async function main() {
   startDaemon(rf, socket);
 
   const id = lib.jobId();
-  const args = [rf, 'job', 'start', '--id', id, '--pid', String(worker.pid), '--socket', socket];
+  // Service containers and a job container start before the first step: on a runner of
+  // one job at a time they are this job's too (the daemon claims them only if no other
+  // job runs).
+  const args = [rf, 'job', 'start', '--id', id, '--pid', String(worker.pid), '--socket', socket,
+    '--claim-running-containers'];
   if (inputs.policyFile) args.push('--policy', inputs.policyFile);
   if (inputs.mode) args.push('--mode', inputs.mode);
   else if (!inputs.policyFile) args.push('--mode', 'audit');

@@ -333,6 +333,7 @@ impl Rig {
                 policy: policy.clone(),
                 fail_on_block: false,
                 webhook: None,
+                claim_running_containers: false,
             },
         )
         .with_context(|| format!("job start {id}"))?;

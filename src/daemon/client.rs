@@ -73,6 +73,10 @@ pub struct StartArgs {
     /// `::error` annotation line per blocked call).
     #[arg(long = "fail-on-block")]
     pub fail_on_block: bool,
+    /// Containers already running (links and cgroups) are the job's too, if it is the only
+    /// job: the service containers a runner starts before the first step.
+    #[arg(long = "claim-running-containers")]
+    pub claim_running_containers: bool,
     /// Also POST the job's blocked calls and findings to URL (http://; the daemon's
     /// configured webhooks get them anyway).
     #[arg(long, value_name = "URL")]
@@ -178,6 +182,7 @@ pub fn job(cmd: &JobCmd) -> Result<i32> {
                     policy,
                     fail_on_block: a.fail_on_block,
                     webhook,
+                    claim_running_containers: a.claim_running_containers,
                 },
             )?;
             if let Response::JobStarted {

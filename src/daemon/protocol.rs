@@ -35,6 +35,10 @@ pub enum Request {
         /// The job's own webhook (besides the host's).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         webhook: Option<crate::notify::Webhook>,
+        /// Containers already running are the job's too, when it is the only job (its
+        /// service containers, started by the runner before its first step).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        claim_running_containers: bool,
     },
     JobStep {
         id: String,
@@ -148,6 +152,7 @@ mod tests {
             },
             fail_on_block: false,
             webhook: None,
+            claim_running_containers: false,
         };
         let s = serde_json::to_string(&r).unwrap();
         assert!(s.contains(r#""op":"job_start""#), "{s}");

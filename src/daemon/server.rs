@@ -758,7 +758,14 @@ impl Daemon {
                 policy,
                 fail_on_block,
                 webhook,
-            } => self.job_start(&id, target, policy, fail_on_block, webhook),
+                claim_running_containers,
+            } => self.job_start(
+                &id,
+                target,
+                policy,
+                (fail_on_block, claim_running_containers),
+                webhook,
+            ),
             Request::JobStep { id, name } => self.job_step(&id, &name),
             Request::JobEnd {
                 id,
@@ -860,7 +867,7 @@ impl Daemon {
         id: &str,
         target: Target,
         spec: PolicySpec,
-        fail_on_block: bool,
+        (fail_on_block, claim_running): (bool, bool),
         webhook: Option<crate::notify::Webhook>,
     ) -> Result<Response> {
         check_job_id(id).map_err(|e| anyhow::anyhow!(e))?;
@@ -970,9 +977,15 @@ impl Daemon {
             (Target::Interface(_), _) | (_, super::config::ContainersMode::Off) => None,
             _ => {
                 let entry = abi::rf_job::for_policy(slot, &policy);
-                let mut c = crate::job::containers::ContainerLinks::new(slot, entry, &self.dp);
-                c.refresh(&mut self.dp, false);
-                c.refresh_cgroups(&mut self.dp, false);
+                // Those running now are its own only when asked, and only if it runs alone.
+                let claim = claim_running && self.jobs.is_empty();
+                let mut c = if claim {
+                    crate::job::containers::ContainerLinks::claiming_running(slot, entry)
+                } else {
+                    crate::job::containers::ContainerLinks::new(slot, entry, &self.dp)
+                };
+                c.refresh(&mut self.dp, claim);
+                c.refresh_cgroups(&mut self.dp, claim);
                 Some(c)
             }
         };

@@ -106,6 +106,22 @@ impl ContainerLinks {
         }
     }
 
+    /// For job `job_id`, claiming the containers already running too (their links and
+    /// cgroups count as appeared): the service containers a runner starts before the job's
+    /// first step.
+    pub fn claiming_running(job_id: u32, entry: abi::rf_job) -> ContainerLinks {
+        ContainerLinks {
+            job_id,
+            entry,
+            before: BTreeSet::new(),
+            claimed: BTreeMap::new(),
+            nets: BTreeSet::new(),
+            cg_root: crate::job::cgroup::find_cgroup2().ok(),
+            cg_before: BTreeSet::new(),
+            cg_claimed: BTreeMap::new(),
+        }
+    }
+
     /// Claims the containers' cgroups that appeared since the last look (with `claim`;
     /// without, they are passed over for good), so that a container's sockets in the host's
     /// namespace (`--network host`) are the job's. Cheap (a few directory reads): the event
