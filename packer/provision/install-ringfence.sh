@@ -46,6 +46,7 @@ for e in 169.254.169.254:80 198.51.100.1:443; do
 done
 
 install -m 0644 "$PAYLOAD/deploy/systemd/ringfence.service" /etc/systemd/system/ringfence.service
+install -D -m 0644 "$PAYLOAD/packer/provision/files/ringfence-log.conf" /etc/systemd/system/ringfence.service.d/log.conf
 systemctl daemon-reload
 systemctl enable ringfence.service
-say "unit: ringfence.service enabled (starts at boot, Type=notify; not started now)"
+say "unit: ringfence.service enabled (starts at boot, Type=notify; not started now), logging at info"
