@@ -47,6 +47,14 @@ done
 
 install -m 0644 "$PAYLOAD/deploy/systemd/ringfence.service" /etc/systemd/system/ringfence.service
 install -D -m 0644 "$PAYLOAD/packer/provision/files/ringfence-log.conf" /etc/systemd/system/ringfence.service.d/log.conf
+# cloud-init (Debian's AMIs) reads the instance's ssh keys and user data from the metadata
+# service, which the host policy blocks: ringfence starts once cloud-init's network stage
+# has them. The runner stays ordered after ringfence.
+if [ -d /etc/cloud ] || command -v cloud-init >/dev/null; then
+  install -D -m 0644 "$PAYLOAD/packer/provision/files/ringfence-after-cloud-init.conf" \
+    /etc/systemd/system/ringfence.service.d/after-cloud-init.conf
+  say "cloud-init found: ringfence.service starts after cloud-init.service (metadata fetched)"
+fi
 systemctl daemon-reload
 systemctl enable ringfence.service
 say "unit: ringfence.service enabled (starts at boot, Type=notify; not started now), logging at info"
