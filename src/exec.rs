@@ -372,8 +372,10 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
         Some(&mut guard),
         Some(&mut containers),
     )?;
-    // The job's leftovers (daemons, background jobs) end with it.
+    // The job's leftovers (daemons, background jobs) end with it, and so do its containers
+    // (left running, they would send unjudged once the programs go).
     cgroup.kill_all();
+    containers.kill_containers();
     // Then the guard may leave (it holds duplicates of the links: release before detach).
     if let Err(e) = guard.release() {
         tracing::warn!("{e:#}");

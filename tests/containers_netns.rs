@@ -176,6 +176,28 @@ impl Drop for Dockerd {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.exec_root);
         let _ = std::fs::remove_dir_all(&self.data_root);
+        // The `--cgroup-parent` the job chose: left empty in every hierarchy by dockerd.
+        let mut roots: Vec<PathBuf> = std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .collect();
+        roots.push(PathBuf::from("/sys/fs/cgroup"));
+        for d in roots {
+            for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().starts_with("rf10esc-") {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
+        if let Ok(root) = ringfence::job::cgroup::find_cgroup2() {
+            for e in std::fs::read_dir(&root).into_iter().flatten().flatten() {
+                if e.file_name().to_string_lossy().starts_with("rf10esc-") {
+                    let _ = std::fs::remove_dir(e.path());
+                }
+            }
+        }
     }
 }
 
@@ -193,6 +215,10 @@ echo "bridge_allowed=$(run {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o 
 echo "bridge_other=$(run {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://other.test/bridge)"
 echo "bridge_direct=$(run {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://{direct}/bridge)"
 echo "host_direct=$(run --network host {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://{direct}/host)"
+echo "parent_direct=$(run --network host --cgroup-parent /rf10esc-$PPID {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://{direct}/parent)"
+ip link add rf10br$$ type bridge && ip addr add 203.0.113.200/24 dev rf10br$$ noprefixroute && ip link set rf10br$$ up
+echo "bridge_trick=$(get http://{routed}/trick)"
+ip link del rf10br$$
 "$D" network create rf10net >/dev/null
 "$D" run -d --name svc --network rf10net {IMAGE} httpd -f -p 8080 -h /www >/dev/null
 svc=$("$D" inspect -f '{{{{range .NetworkSettings.Networks}}}}{{{{.IPAddress}}}}{{{{end}}}}' svc)
@@ -312,6 +338,8 @@ fn block_mode_holds_for_containers_builds_and_namespaces() {
         "bridge_other",
         "bridge_direct",
         "host_direct",
+        "parent_direct",
+        "bridge_trick",
         "net_other",
         "netns_direct",
         "netns_routed",
@@ -582,4 +610,64 @@ fn daemon_claims_running_containers_when_asked() {
     // Its job over, the container is no one's again.
     assert_ne!(get("http://allowed.test/after"), "200");
     assert_eq!(tb.http_hits(sa(allowed, 80)), 1);
+}
+
+/// `kill -9` of ringfence while the job's container sends: its guard kills the job and the
+/// job's containers with it (they live in their engine's cgroups, not the job's), so nothing
+/// gets out once the programs go. A normal end takes its containers with it too.
+#[test]
+fn the_jobs_containers_end_with_it() {
+    let (tb, [_, _, direct]) = setup();
+    let docker = Dockerd::start(&tb);
+    let ready = tb.workdir().join("ready");
+    let script = scratch(
+        &tb,
+        "loop.sh",
+        &format!(
+            "\"{DOCKER}\" run -d --name looper {IMAGE} sh -c 'while true; do curl -s -o /dev/null \
+             --connect-timeout 1 --max-time 2 http://{direct}/loop; sleep 0.3; done' >/dev/null\n\
+             \"{DOCKER}\" run -d --name sleeper {IMAGE} sleep 600 >/dev/null\n\
+             touch {ready}\nsleep 600\n",
+            ready = ready.display()
+        ),
+    );
+    let events = tb.workdir().join("events-kill.jsonl");
+    let args = exec_sh_args("containers-kill", &events, &["--mode", "block"], &script);
+    let mut cmd = tb.client_cmd(RINGFENCE, &args);
+    cmd.env("DOCKER_HOST", docker.host())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut rf = cmd.spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !ready.exists() {
+        assert!(Instant::now() < deadline, "the job never started its containers");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(tb.http_hits(sa(direct, 80)), 0, "blocked while ringfence lives");
+    // `ip netns exec` runs ringfence as its child: kill ringfence itself.
+    let pid = std::fs::read_to_string(format!("/proc/{}/task/{}/children", rf.id(), rf.id()))
+        .unwrap_or_default()
+        .split_whitespace()
+        .next()
+        .and_then(|p| p.parse::<i32>().ok())
+        .unwrap_or(rf.id() as i32);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = rf.wait();
+    // The guard takes the job and its containers down; then the programs go.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let running = || {
+        let o = docker.cmd(&["ps", "-q"]).output().unwrap();
+        String::from_utf8_lossy(&o.stdout).trim().to_string()
+    };
+    while !running().is_empty() {
+        assert!(Instant::now() < deadline, "containers outlived the job: {}", running());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(tb.http_hits(sa(direct, 80)), 0, "a container got out after the kill");
 }

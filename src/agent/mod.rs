@@ -1138,6 +1138,7 @@ pub fn run_until_exit(
 
     let mut events = Events::with_capacity(64);
     let mut next_check = std::time::Instant::now() + ATTACH_CHECK;
+    let mut cgroup_scan = crate::job::containers::CgroupScan::new();
     let status = loop {
         // The kernel wakes the loop only when the ring buffer fills up or a record is urgent
         // (see ringbuf_flags in bpf/lib/common.h); the 10 ms tick drains the rest.
@@ -1191,7 +1192,17 @@ pub fn run_until_exit(
         agent.borrow_mut().apply(dp);
         agent.borrow_mut().expire(dp, boottime_ns());
         if let Some(c) = containers.as_deref_mut() {
-            c.refresh_cgroups(dp, true);
+            let claimed = c.refresh_cgroups(dp, true, &cgroup_scan.scan());
+            // If ringfence dies, the guard kills them with the job.
+            if let (false, Some(g)) = (claimed.is_empty(), guard.as_deref_mut()) {
+                let held = crate::kernel::dataplane::Held {
+                    cgroups: claimed,
+                    ..Default::default()
+                };
+                if let Err(e) = g.hold(&held) {
+                    tracing::warn!("handing a container's cgroup to the guard: {e:#}");
+                }
+            }
         }
         if std::time::Instant::now() >= next_check {
             agent.borrow_mut().check_dataplane(dp);

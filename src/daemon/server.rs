@@ -153,6 +153,8 @@ const ATTACH_CHECK: Duration = Duration::from_secs(1);
 
 pub struct Daemon {
     cfg: Config,
+    /// Finds containers' cgroups for the jobs' claims (job::containers).
+    cgroup_scan: crate::job::containers::CgroupScan,
     dp: Dataplane,
     agent: Rc<RefCell<Agent>>,
     state: State,
@@ -403,6 +405,7 @@ impl Daemon {
             tracing::warn!("the process watch is not attached: {f}");
         }
         let mut d = Daemon {
+            cgroup_scan: crate::job::containers::CgroupScan::new(),
             cfg,
             dp,
             agent: Rc::new(RefCell::new(agent)),
@@ -642,11 +645,12 @@ impl Daemon {
                 a.apply(&self.dp);
                 a.expire(&self.dp, boottime_ns());
             }
-            {
+            if self.jobs.values().any(|l| l.containers.is_some()) {
+                let now = self.cgroup_scan.scan();
                 let sole = self.jobs.len() == 1;
                 for live in self.jobs.values_mut() {
                     if let Some(c) = live.containers.as_mut() {
-                        c.refresh_cgroups(&mut self.dp, sole);
+                        c.refresh_cgroups(&mut self.dp, sole, &now);
                     }
                 }
             }
@@ -985,7 +989,8 @@ impl Daemon {
                     crate::job::containers::ContainerLinks::new(slot, entry, &self.dp)
                 };
                 c.refresh(&mut self.dp, claim);
-                c.refresh_cgroups(&mut self.dp, claim);
+                let now = self.cgroup_scan.scan();
+                c.refresh_cgroups(&mut self.dp, claim, &now);
                 Some(c)
             }
         };
@@ -1280,6 +1285,10 @@ impl Daemon {
             let _ = self.dp.remove_interface_job(i);
         }
         if let Some(mut c) = containers {
+            // Its containers end with it, as its processes do (not with --keep-processes).
+            if !keep_processes {
+                c.kill_containers();
+            }
             c.release(&mut self.dp);
         }
         self.dp.detach_job_hooks(&slot.to_string());

@@ -35,7 +35,7 @@ pub struct ContainerLinks {
     before: BTreeSet<u32>,
     claimed: BTreeMap<u32, String>,
     nets: BTreeSet<IpNet>,
-    /// The cgroup2 root, where container engines make their containers' cgroups.
+    /// The cgroup2 root (levels are counted from it).
     cg_root: Option<std::path::PathBuf>,
     /// Container cgroups that were there before the job, and those it claimed (id → dir).
     cg_before: BTreeSet<u64>,
@@ -60,33 +60,129 @@ fn is_container_cgroup(name: &str) -> bool {
     id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Every container cgroup under `root` now: (id, directory).
-fn container_cgroups(root: &std::path::Path) -> Vec<(u64, std::path::PathBuf)> {
+/// Whether network `n` on a container's link or bridge may be shared with the job: not one
+/// so wide that it covers the world (a /8 someone put on a bridge).
+fn shareable(n: IpNet) -> bool {
+    match n {
+        IpNet::V4(n) => n.prefix_len() >= 16,
+        IpNet::V6(n) => n.prefix_len() >= 48,
+    }
+}
+
+/// Kills every process in cgroup `dir` (`cgroup.kill`) and waits up to 5 s for it to
+/// empty. The directory is its engine's to remove.
+pub fn kill_cgroup(dir: &std::path::Path) {
+    let _ = std::fs::write(dir.join("cgroup.kill"), "1");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while std::time::Instant::now() < deadline {
+        let populated = std::fs::read_to_string(dir.join("cgroup.events"))
+            .map(|t| t.lines().any(|l| l.trim() == "populated 1"))
+            .unwrap_or(false);
+        if !populated {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// The container cgroups directly under `dir`: (id, directory).
+fn container_cgroups_in(dir: &std::path::Path, out: &mut Vec<(u64, std::path::PathBuf)>) {
     use std::os::unix::fs::MetadataExt;
-    let mut out = Vec::new();
-    for parent in ENGINE_PARENTS {
-        let Ok(rd) = std::fs::read_dir(root.join(parent)) else {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        if !is_container_cgroup(&e.file_name().to_string_lossy()) {
             continue;
-        };
-        for e in rd.flatten() {
-            if !is_container_cgroup(&e.file_name().to_string_lossy()) {
-                continue;
-            }
-            if let Ok(m) = e.metadata() {
-                if m.is_dir() {
-                    out.push((m.ino(), e.path()));
-                }
+        }
+        if let Ok(m) = e.metadata() {
+            if m.is_dir() {
+                out.push((m.ino(), e.path()));
             }
         }
     }
-    out
+}
+
+/// Every container cgroup anywhere under `dir` (an engine's `--cgroup-parent` can put one
+/// anywhere), at most `depth` levels down.
+fn container_cgroups_deep(
+    dir: &std::path::Path,
+    depth: u32,
+    out: &mut Vec<(u64, std::path::PathBuf)>,
+) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let Ok(m) = e.metadata() else { continue };
+        if !m.is_dir() {
+            continue;
+        }
+        if is_container_cgroup(&e.file_name().to_string_lossy()) {
+            out.push((m.ino(), e.path()));
+        } else if depth > 1 {
+            container_cgroups_deep(&e.path(), depth - 1, out);
+        }
+    }
+}
+
+/// Finds the containers' cgroups: the engines' usual parents every tick (a few directory
+/// reads), the whole tree every tenth (a container started with `--cgroup-parent`
+/// elsewhere: found within 100 ms). Shared by every job of a daemon.
+pub struct CgroupScan {
+    root: Option<std::path::PathBuf>,
+    tick: u32,
+    /// Found by the last walk of the whole tree outside the usual parents.
+    elsewhere: Vec<(u64, std::path::PathBuf)>,
+}
+
+impl CgroupScan {
+    pub fn new() -> CgroupScan {
+        CgroupScan {
+            root: crate::job::cgroup::find_cgroup2().ok(),
+            tick: 0,
+            elsewhere: Vec::new(),
+        }
+    }
+
+    /// The container cgroups there are now: (id, directory).
+    pub fn scan(&mut self) -> Vec<(u64, std::path::PathBuf)> {
+        let Some(root) = self.root.as_deref() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for parent in ENGINE_PARENTS {
+            container_cgroups_in(&root.join(parent), &mut out);
+        }
+        if self.tick % 10 == 0 {
+            let mut all = Vec::new();
+            container_cgroups_deep(root, 8, &mut all);
+            self.elsewhere = all
+                .into_iter()
+                .filter(|(id, _)| !out.iter().any(|(o, _)| o == id))
+                .collect();
+        } else {
+            self.elsewhere.retain(|(_, d)| d.is_dir());
+        }
+        self.tick = self.tick.wrapping_add(1);
+        out.extend(self.elsewhere.iter().cloned());
+        out
+    }
+}
+
+impl Default for CgroupScan {
+    fn default() -> Self {
+        CgroupScan::new()
+    }
 }
 
 impl ContainerLinks {
     /// For job `job_id` with entry `entry` (as given to `Dataplane::add_job`), starting now:
     /// the links attached so far are not the job's.
     pub fn new(job_id: u32, entry: abi::rf_job, dp: &Dataplane) -> ContainerLinks {
-        let cg_root = crate::job::cgroup::find_cgroup2().ok();
+        let mut scan = CgroupScan::new();
+        let cg_before = scan.scan().into_iter().map(|(id, _)| id).collect();
         ContainerLinks {
             job_id,
             entry,
@@ -97,11 +193,8 @@ impl ContainerLinks {
                 .collect(),
             claimed: BTreeMap::new(),
             nets: BTreeSet::new(),
-            cg_before: cg_root
-                .as_deref()
-                .map(|r| container_cgroups(r).into_iter().map(|(id, _)| id).collect())
-                .unwrap_or_default(),
-            cg_root,
+            cg_before,
+            cg_root: crate::job::cgroup::find_cgroup2().ok(),
             cg_claimed: BTreeMap::new(),
         }
     }
@@ -127,11 +220,18 @@ impl ContainerLinks {
     /// namespace (`--network host`) are the job's. Cheap (a few directory reads): the event
     /// loops call it every tick, so a container is claimed within one (10 ms) of its cgroup
     /// appearing, which its engine creates before it starts the container's process.
-    pub fn refresh_cgroups(&mut self, dp: &mut Dataplane, claim: bool) {
+    /// `now`: [`CgroupScan::scan`]'s. Returns the cgroups claimed now (for exec's guard,
+    /// which kills them if ringfence dies).
+    pub fn refresh_cgroups(
+        &mut self,
+        dp: &mut Dataplane,
+        claim: bool,
+        now: &[(u64, std::path::PathBuf)],
+    ) -> Vec<std::path::PathBuf> {
+        let mut claimed_now = Vec::new();
         let Some(root) = self.cg_root.clone() else {
-            return;
+            return claimed_now;
         };
-        let now = container_cgroups(&root);
         let live: BTreeSet<u64> = now.iter().map(|(id, _)| *id).collect();
         // Gone (the container ended): its entry goes with it.
         let gone: Vec<u64> = self
@@ -146,6 +246,7 @@ impl ContainerLinks {
         }
         self.cg_before.retain(|id| live.contains(id));
         for (id, dir) in now {
+            let id = *id;
             if self.cg_before.contains(&id) || self.cg_claimed.contains_key(&id) {
                 continue;
             }
@@ -160,13 +261,15 @@ impl ContainerLinks {
             match dp.add_job(id, level, self.entry) {
                 Ok(()) => {
                     tracing::info!(cgroup = %dir.display(), "container cgroup claimed for the job");
-                    self.cg_claimed.insert(id, dir);
+                    self.cg_claimed.insert(id, dir.clone());
+                    claimed_now.push(dir.clone());
                 }
                 Err(e) => {
                     tracing::warn!(cgroup = %dir.display(), "claiming a container's cgroup: {e}")
                 }
             }
         }
+        claimed_now
     }
 
     /// After interfaces or addresses changed (and once at the start): claims the
@@ -178,11 +281,19 @@ impl ContainerLinks {
         let attached = dp.attached_interfaces();
         let live: BTreeSet<u32> = attached.iter().map(|(i, _)| *i).collect();
         self.claimed.retain(|i, _| live.contains(i));
+        // The networks the job shares with its containers: those on its claimed links and
+        // on the bridges they are ports of — not every bridge's on the host (one left behind
+        // by an earlier job, or another tenant's, is not this job's).
+        let mut sharing: BTreeSet<u32> = self.claimed.keys().copied().collect();
+        for i in self.claimed.keys() {
+            if let Ok(Some(m)) = netif::master_of(*i) {
+                sharing.insert(m);
+            }
+        }
         let mut nets = BTreeSet::new();
         for (ifindex, name) in &attached {
-            let inside = dp.is_inside(*ifindex);
-            if inside || self.claimed.contains_key(ifindex) {
-                nets.extend(netif::networks(name));
+            if sharing.contains(ifindex) {
+                nets.extend(netif::networks(name).into_iter().filter(|n| shareable(*n)));
             }
             if self.before.contains(ifindex) || self.claimed.contains_key(ifindex) {
                 continue;
@@ -225,6 +336,14 @@ impl ContainerLinks {
     /// The links claimed, by index and name (for the trail: flows name them).
     pub fn claimed(&self) -> &BTreeMap<u32, String> {
         &self.claimed
+    }
+
+    /// Kills the containers whose cgroups the job claimed (the job ends, and its
+    /// containers with it, as its background processes do).
+    pub fn kill_containers(&self) {
+        for dir in self.cg_claimed.values() {
+            kill_cgroup(dir);
+        }
     }
 
     /// Gives back every claimed link and shared network (the job ends; the daemon reuses

@@ -121,6 +121,9 @@ impl Guard {
         for q in &held.qdiscs {
             text.push_str(&format!("qdisc {q}\n"));
         }
+        for c in &held.cgroups {
+            text.push_str(&format!("cgroup {}\n", c.display()));
+        }
         let chunks: Vec<&[RawFd]> = if held.link_fds.is_empty() {
             vec![&[]]
         } else {
@@ -221,6 +224,8 @@ struct Holding {
     links: Vec<OwnedFd>,
     filters: Vec<TcFilter>,
     qdiscs: Vec<i32>,
+    /// The job's containers' cgroups: killed with the job.
+    cgroups: Vec<PathBuf>,
 }
 
 /// One message from ringfence: Some(true) to leave, Some(false) after taking what it
@@ -266,6 +271,8 @@ fn receive(h: &mut Holding) -> Option<bool> {
                 Ok(f) => h.filters.push(f),
                 Err(e) => eprintln!("ringfence guard: {e}"),
             }
+        } else if let Some(c) = l.strip_prefix("cgroup ") {
+            h.cgroups.push(PathBuf::from(c));
         } else if let Some(q) = l.strip_prefix("qdisc ").and_then(|q| q.parse().ok()) {
             if !h.qdiscs.contains(&q) {
                 h.qdiscs.push(q);
@@ -322,6 +329,11 @@ fn take_down(args: &GuardArgs, h: &Holding) {
             std::thread::sleep(Duration::from_millis(10));
         }
         drop(cg);
+    }
+    // The containers it started, which live in their engine's cgroups: left running they
+    // would send unjudged once the links go.
+    for c in &h.cgroups {
+        crate::job::containers::kill_cgroup(c);
     }
     for f in &h.filters {
         if let Err(e) = f.remove_if_ours() {

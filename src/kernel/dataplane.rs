@@ -393,11 +393,16 @@ pub struct Held {
     pub filters: Vec<TcFilter>,
     /// Interfaces whose clsact qdisc ringfence created.
     pub qdiscs: Vec<i32>,
+    /// Cgroups that end with the job: its containers' (job::containers).
+    pub cgroups: Vec<std::path::PathBuf>,
 }
 
 impl Held {
     pub fn is_empty(&self) -> bool {
-        self.link_fds.is_empty() && self.filters.is_empty() && self.qdiscs.is_empty()
+        self.link_fds.is_empty()
+            && self.filters.is_empty()
+            && self.qdiscs.is_empty()
+            && self.cgroups.is_empty()
     }
 
     fn add(&mut self, more: Held) {
@@ -408,6 +413,7 @@ impl Held {
                 self.qdiscs.push(q);
             }
         }
+        self.cgroups.extend(more.cgroups);
     }
 }
 

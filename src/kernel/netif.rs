@@ -303,30 +303,33 @@ impl LinkWatcher {
 
 const IFLA_LINK_NETNSID: u16 = 37;
 
-/// Whether the route attributes `b` (struct rtattr: len u16, type u16, then the payload,
-/// each 4-byte aligned) hold one of type `ty`.
-fn has_attr(mut b: &[u8], ty: u16) -> bool {
+/// The payload of the route attribute of type `ty` in `b` (struct rtattr: len u16, type u16,
+/// then the payload, each 4-byte aligned), if there is one.
+fn find_attr(mut b: &[u8], ty: u16) -> Option<&[u8]> {
     while b.len() >= 4 {
         let len = usize::from(u16::from_ne_bytes([b[0], b[1]]));
         let t = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff; // without NLA_F_NESTED/NET_BYTEORDER
         if len < 4 || len > b.len() {
-            return false;
+            return None;
         }
         if t == ty {
-            return true;
+            return Some(&b[4..len]);
         }
         let next = (len + 3) & !3;
         if next >= b.len() {
-            return false;
+            return None;
         }
         b = &b[next..];
     }
-    false
+    None
 }
 
-/// Whether the other end of link `ifindex` is in another network namespace, asked with
-/// RTM_GETLINK (see [`LinkChange::New`]).
-pub fn peer_elsewhere(ifindex: u32) -> io::Result<bool> {
+fn has_attr(b: &[u8], ty: u16) -> bool {
+    find_attr(b, ty).is_some()
+}
+
+/// RTM_GETLINK of `ifindex`: the reply's body (ifinfomsg and attributes).
+fn get_link(ifindex: u32) -> io::Result<Vec<u8>> {
     // SAFETY: plain socket call; the fd is owned below.
     let fd = unsafe {
         libc::socket(
@@ -349,7 +352,7 @@ pub fn peer_elsewhere(ifindex: u32) -> io::Result<bool> {
     req.extend_from_slice(&[0u8; 4]); // family, pad, type
     req.extend_from_slice(&(ifindex as i32).to_ne_bytes());
     req.extend_from_slice(&[0u8; 8]); // flags, change
-                                      // SAFETY: req is readable for its length.
+    // SAFETY: req is readable for its length.
     if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -359,10 +362,32 @@ pub fn peer_elsewhere(ifindex: u32) -> io::Result<bool> {
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    match parse_link_messages(&buf[..n as usize]).first() {
-        Some(LinkChange::New { peer_elsewhere, .. }) => Ok(*peer_elsewhere),
-        _ => Err(io::Error::from_raw_os_error(libc::ENODEV)),
+    let b = &buf[..n as usize];
+    if b.len() < NLMSG_HDRLEN + IFINFOMSG_LEN {
+        return Err(io::Error::from_raw_os_error(libc::ENODEV));
     }
+    let len = (u32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")) as usize).min(b.len());
+    let ty = u16::from_ne_bytes(b[4..6].try_into().expect("2 bytes"));
+    if ty != RTM_NEWLINK || len < NLMSG_HDRLEN + IFINFOMSG_LEN {
+        return Err(io::Error::from_raw_os_error(libc::ENODEV)); // NLMSG_ERROR: no such link
+    }
+    Ok(b[NLMSG_HDRLEN..len].to_vec())
+}
+
+/// Whether the other end of link `ifindex` is in another network namespace, asked with
+/// RTM_GETLINK (see [`LinkChange::New`]).
+pub fn peer_elsewhere(ifindex: u32) -> io::Result<bool> {
+    let body = get_link(ifindex)?;
+    Ok(has_attr(&body[IFINFOMSG_LEN..], IFLA_LINK_NETNSID))
+}
+
+/// The bridge link `ifindex` is a port of (IFLA_MASTER), if any.
+pub fn master_of(ifindex: u32) -> io::Result<Option<u32>> {
+    const IFLA_MASTER: u16 = 10;
+    let body = get_link(ifindex)?;
+    Ok(find_attr(&body[IFINFOMSG_LEN..], IFLA_MASTER)
+        .and_then(|v| v.get(..4))
+        .map(|v| u32::from_ne_bytes(v.try_into().expect("4 bytes"))))
 }
 
 /// The link changes in one netlink datagram (several messages, each 4-byte aligned).
