@@ -40,6 +40,12 @@ pub enum Request {
         id: String,
         name: String,
     },
+    /// Adds `interface`, the host side of a veth or tap (a pod's), to running job `id`:
+    /// what comes in there is judged as the job's. Ends with the job.
+    JobLink {
+        id: String,
+        interface: String,
+    },
     JobEnd {
         id: String,
         #[serde(default)]

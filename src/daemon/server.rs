@@ -316,8 +316,8 @@ impl Daemon {
                     tracing::warn!(job = r.id, "cannot take the job over, ending it: {e:#}");
                     let _ = dp.purge_job(r.slot);
                     dp.detach_job_hooks(&r.slot.to_string());
-                    if let Some(i) = r.ifindex {
-                        let _ = dp.remove_interface_job(i);
+                    for i in r.ifindex.iter().chain(r.links.iter().map(|(l, _)| l)) {
+                        let _ = dp.remove_interface_job(*i);
                     }
                 }
             }
@@ -760,6 +760,7 @@ impl Daemon {
                 webhook,
             } => self.job_start(&id, target, policy, fail_on_block, webhook),
             Request::JobStep { id, name } => self.job_step(&id, &name),
+            Request::JobLink { id, interface } => self.job_link(&id, &interface),
             Request::JobEnd {
                 id,
                 format,
@@ -912,7 +913,12 @@ impl Daemon {
                         "interface {name:?} does not exist in the daemon's network namespace"
                     )
                 })?;
-                if self.state.jobs.iter().any(|j| j.ifindex == Some(i)) {
+                if self
+                    .state
+                    .jobs
+                    .iter()
+                    .any(|j| j.ifindex == Some(i) || j.links.iter().any(|(l, _)| *l == i))
+                {
                     anyhow::bail!("interface {name:?} is already a job's");
                 }
                 if i == 1 {
@@ -934,6 +940,7 @@ impl Daemon {
             created_cgroup: false,
             origin: origin.clone(),
             ifindex,
+            links: Vec::new(),
             policy: spec,
             step: None,
             events: events.clone(),
@@ -1118,6 +1125,55 @@ impl Daemon {
         v
     }
 
+    /// `job link`: the host side of a veth or tap (a pod's, whose processes are the job's
+    /// cgroup but send from a network namespace of their own) becomes the job's link, as a
+    /// container link it claimed would. Asking again for the same link is no change.
+    fn job_link(&mut self, id: &str, ifname: &str) -> Result<Response> {
+        let live = self.jobs.get(id).ok_or_else(|| unknown_job(id))?;
+        let entry = abi::rf_job::for_policy(live.slot, &live.policy);
+        let i = nix::net::if_::if_nametoindex(ifname).map_err(|_| {
+            anyhow::anyhow!("interface {ifname:?} does not exist in the daemon's network namespace")
+        })?;
+        if i == 1 {
+            anyhow::bail!(
+                "interface {ifname:?} is loopback: a job's link is the host side of a veth or tap"
+            );
+        }
+        for j in &self.state.jobs {
+            if j.ifindex == Some(i) || j.links.iter().any(|(l, _)| *l == i) {
+                if j.id == id {
+                    return Ok(Response::Ok {
+                        message: Some(format!("interface {ifname} is already job {id}'s link")),
+                    });
+                }
+                anyhow::bail!("interface {ifname:?} is already job {:?}'s", j.id);
+            }
+        }
+        // A link some job claimed as its container's (it was running alone when the link
+        // appeared) is given to the job named now: the caller knows whose it is.
+        for (other, l) in self.jobs.iter_mut() {
+            if let Some(c) = l.containers.as_mut() {
+                if other != id && c.give_up(i) {
+                    tracing::warn!(
+                        ifname,
+                        job = other,
+                        "a link claimed as this job's container is job {id}'s"
+                    );
+                }
+            }
+        }
+        self.dp.attach(ifname)?;
+        self.dp.add_interface_job(i, entry.host_side())?;
+        if let Some(r) = self.state.jobs.iter_mut().find(|j| j.id == id) {
+            r.links.push((i, ifname.to_string()));
+        }
+        self.save_state();
+        tracing::info!(job = id, ifname, ifindex = i, "interface linked to the job");
+        Ok(Response::Ok {
+            message: Some(format!("interface {ifname} linked to job {id}")),
+        })
+    }
+
     fn job_step(&mut self, id: &str, name: &str) -> Result<Response> {
         if name.is_empty() || name.len() > 128 {
             anyhow::bail!("a step name is 1 to 128 bytes (it is repeated in every event)");
@@ -1263,8 +1319,8 @@ impl Daemon {
         if let Some(cid) = cgroup_id {
             let _ = self.dp.remove_job(cid);
         }
-        if let Some(i) = rec.ifindex {
-            let _ = self.dp.remove_interface_job(i);
+        for i in rec.ifindex.iter().chain(rec.links.iter().map(|(l, _)| l)) {
+            let _ = self.dp.remove_interface_job(*i);
         }
         if let Some(mut c) = containers {
             c.release(&mut self.dp);
@@ -1320,6 +1376,7 @@ impl Daemon {
                     "mode": mode_name(live.policy.mode),
                     "target": r.target,
                     "cgroup": r.cgroup,
+                    "links": r.links.iter().map(|(_, n)| n).collect::<Vec<_>>(),
                     "step": r.step,
                     "started": r.started,
                     "events": r.events,
@@ -1416,6 +1473,16 @@ fn readopt(
         dp.add_job(id, level, entry)?;
         dp.attach_job_hooks(&r.slot.to_string(), dir)?;
         cgroup_id = Some(id);
+        // Its `job link`s, where the same interface is still there (a pod's veth goes with
+        // the pod; an index reused by another device is not the job's).
+        for (i, name) in &r.links {
+            let now = nix::net::if_::if_indextoname(*i).map(|n| n.to_string_lossy().into_owned());
+            if now.as_deref() == Ok(name.as_str()) && dp.attach(name).is_ok() {
+                dp.add_interface_job(*i, entry.host_side())?;
+            } else {
+                let _ = dp.remove_interface_job(*i);
+            }
+        }
     } else if let (Some(i), Target::Interface(name)) = (r.ifindex, &r.target) {
         dp.attach(name)?;
         dp.add_interface_job(i, entry.host_side())?;
