@@ -137,7 +137,7 @@ fn test_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 }
 const TOKEN: &str = "rf15-service-account-token";
 
-/// A kubelet-like cgroup tree under `<cgroup2>/rf15-kubelet-<pid>`; on drop, whatever is in
+/// A kubelet-like cgroup tree under `<cgroup2>/rf15-kubelet-<pid>-<n>`; on drop, whatever is in
 /// it is killed and the tree removed, deepest first.
 struct KubeletTree {
     root: PathBuf,
@@ -146,7 +146,10 @@ struct KubeletTree {
 impl KubeletTree {
     fn new() -> KubeletTree {
         let cg2 = ringfence::job::cgroup::find_cgroup2().expect("cgroup2");
-        let root = cg2.join(format!("rf15-kubelet-{}", std::process::id()));
+        // One per test: the tests of this file run at once.
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let root = cg2.join(format!("rf15-kubelet-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&root).unwrap();
         KubeletTree { root }
     }
