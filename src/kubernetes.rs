@@ -5,7 +5,9 @@
 //! on that cgroup through the daemon's control socket: the pod's containers are the job.
 //! The policy is the pod's `ringfence.dev/policy` annotation (inline TOML), or the policy
 //! its `ringfence.dev/policy-name` annotation names in the policies directory (the
-//! ConfigMap), or the cluster default there. The job ends when the pod is deleted or has
+//! ConfigMap), or the cluster default there. A pod on a network namespace of its own (not
+//! `hostNetwork`) also has its host-side veth linked to the job (`job link`), found from one
+//! of its processes' namespace ([`host_veth_of`]). The job ends when the pod is deleted or has
 //! finished. It is a client of the daemon like `ringfence job start`, so it runs without
 //! BPF privileges (deploy/kubernetes/ runs it as a container of its own beside the daemon).
 //!
