@@ -757,6 +757,28 @@ fn agent_links_the_veth_of_a_pod_on_its_own_network() {
             .any(|e| e["dst"] == direct.to_string() && e["verdict"] == "blocked"),
         "the direct IP blocked in the pod's trail: {events:?}"
     );
+    // A restarted daemon takes the link over with the job (state.json): still judged there.
+    daemon.kill9();
+    daemon.spawn();
+    let st = daemon.status();
+    assert!(
+        st["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["id"] == job.as_str() && j["links"] == json!([net.host_if.clone()])),
+        "{st}"
+    );
+    assert!(
+        !curl_pod("http://other.test/"),
+        "not listed, after the restart"
+    );
+    assert!(
+        curl_pod("http://allowed.test/"),
+        "allowed, after the restart"
+    );
+    assert_eq!(tb.http_hits(sa(other, 80)), 0);
+    assert_eq!(tb.http_hits(sa(allowed, 80)), 2);
     // The link is the job's and goes with it: a second `job link` of it to another job is
     // refused, naming the owner.
     let (ok, _, err) = daemon.cli(&["job", "link", "--id", &job, "--interface", "rf15-none"]);
