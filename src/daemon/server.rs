@@ -310,6 +310,8 @@ impl Daemon {
             match readopt(&mut dp, &mut agent, &r, events_max, notify, cfg.containers) {
                 Ok(live) => {
                     jobs.insert(r.id.clone(), live);
+                    let mut r = r;
+                    r.links.retain(still_there); // readopt() left the gone ones out
                     state.jobs.push(r);
                 }
                 Err(e) => {
@@ -1139,7 +1141,10 @@ impl Daemon {
                 "interface {ifname:?} is loopback: a job's link is the host side of a veth or tap"
             );
         }
-        for j in &self.state.jobs {
+        for j in self.state.jobs.iter_mut() {
+            // A link whose device went (its pod did) while its job runs is not held against
+            // a new device that got the same index.
+            j.links.retain(|l| still_there(l) || l.0 != i);
             if j.ifindex == Some(i) || j.links.iter().any(|(l, _)| *l == i) {
                 if j.id == id {
                     return Ok(Response::Ok {
@@ -1475,9 +1480,8 @@ fn readopt(
         cgroup_id = Some(id);
         // Its `job link`s, where the same interface is still there (a pod's veth goes with
         // the pod; an index reused by another device is not the job's).
-        for (i, name) in &r.links {
-            let now = nix::net::if_::if_indextoname(*i).map(|n| n.to_string_lossy().into_owned());
-            if now.as_deref() == Ok(name.as_str()) && dp.attach(name).is_ok() {
+        for l @ (i, name) in &r.links {
+            if still_there(l) && dp.attach(name).is_ok() {
                 dp.add_interface_job(*i, entry.host_side())?;
             } else {
                 let _ = dp.remove_interface_job(*i);
@@ -1546,6 +1550,11 @@ const COUNTER_NAMES: &[(abi::rf_counter, &str)] = {
         (c::RF_CNT_RINGBUF_DROP, "ringbuf_drop"),
     ]
 };
+
+/// Whether a `job link`ed interface (index, name) is still the same device.
+fn still_there((i, name): &(u32, String)) -> bool {
+    nix::net::if_::if_indextoname(*i).is_ok_and(|n| n.to_string_lossy() == name.as_str())
+}
 
 fn unknown_job(id: &str) -> anyhow::Error {
     anyhow::anyhow!("no job {id:?} is running")
