@@ -5,7 +5,9 @@
 //! on that cgroup through the daemon's control socket: the pod's containers are the job.
 //! The policy is the pod's `ringfence.dev/policy` annotation (inline TOML), or the policy
 //! its `ringfence.dev/policy-name` annotation names in the policies directory (the
-//! ConfigMap), or the cluster default there. The job ends when the pod is deleted or has
+//! ConfigMap), or the cluster default there. A pod on a network namespace of its own (not
+//! `hostNetwork`) also has its host-side veth linked to the job (`job link`), found from one
+//! of its processes' namespace ([`host_veth_of`]). The job ends when the pod is deleted or has
 //! finished. It is a client of the daemon like `ringfence job start`, so it runs without
 //! BPF privileges (deploy/kubernetes/ runs it as a container of its own beside the daemon).
 //!
@@ -381,8 +383,10 @@ struct Agent {
     pods: HashMap<String, Pod>,
     /// uid → job id, for pods that have one.
     jobs: HashMap<String, String>,
-    /// Pods refused a job (said once each).
+    /// Pods whose veth was not found yet (said once each).
     refused: std::collections::HashSet<String>,
+    /// Pods on a network namespace of their own whose veth is linked to their job.
+    linked: std::collections::HashSet<String>,
 }
 
 impl Agent {
@@ -448,6 +452,8 @@ impl Agent {
 
     fn deleted(&mut self, pod: &Pod, why: &str) {
         self.pods.remove(&pod.uid);
+        self.linked.remove(&pod.uid);
+        self.refused.remove(&pod.uid);
         if let Some(id) = self.jobs.remove(&pod.uid) {
             self.end(&id, why);
         }
@@ -462,18 +468,6 @@ impl Agent {
             .cloned()
             .collect();
         for pod in pending {
-            // A pod in a network namespace of its own sends through interfaces the daemon
-            // (in the node's namespace) is not attached to: judging it needs the
-            // containers work (issue 10). Said, not pretended.
-            if !pod.host_network {
-                if self.refused.insert(pod.uid.clone()) {
-                    tracing::error!(
-                        pod = %format!("{}/{}", pod.namespace, pod.name),
-                        "no job: the pod has its own network namespace (spec.hostNetwork is not true); only runner pods on the node's network are covered yet"
-                    );
-                }
-                continue;
-            }
             let Some(cg) = find_pod_cgroup(&self.root, &pod.uid) else {
                 continue;
             };
@@ -502,6 +496,52 @@ impl Agent {
                     self.jobs.insert(pod.uid.clone(), id);
                 }
                 Err(e) => tracing::error!(job = %id, "starting the pod's job: {e:#}"),
+            }
+        }
+    }
+
+    /// Links each pod on a network namespace of its own to its job: its host-side veth
+    /// (found from a process of the pod) becomes the job's link. Until the pod has a
+    /// process and its veth, it is looked for again every half second.
+    fn link_pending(&mut self) {
+        let pending: Vec<(Pod, String)> = self
+            .pods
+            .values()
+            .filter(|p| !p.host_network && !self.linked.contains(&p.uid))
+            .filter_map(|p| Some((p.clone(), self.jobs.get(&p.uid)?.clone())))
+            .collect();
+        for (pod, id) in pending {
+            let who = format!("{}/{}", pod.namespace, pod.name);
+            let Some(cg) = find_pod_cgroup(&self.root, &pod.uid) else {
+                continue;
+            };
+            let veth = match host_veth_of(&cg) {
+                Ok(Some(v)) => v,
+                Ok(None) => {
+                    if self.refused.insert(pod.uid.clone()) {
+                        tracing::info!(pod = %who, "waiting for the pod's network namespace and its veth (until then only its sockets in the node's namespace are judged)");
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    if self.refused.insert(pod.uid.clone()) {
+                        tracing::error!(pod = %who, "finding the pod's veth: {e:#} (looked for again every half second)");
+                    }
+                    continue;
+                }
+            };
+            let req = Request::JobLink {
+                id: id.clone(),
+                interface: veth.clone(),
+            };
+            match call(&self.socket, &req) {
+                Ok(_) => {
+                    tracing::info!(job = %id, pod = %who, interface = %veth, "the pod's veth linked to its job");
+                    self.linked.insert(pod.uid.clone());
+                }
+                Err(e) => {
+                    tracing::error!(job = %id, interface = %veth, "linking the pod's veth: {e:#}")
+                }
             }
         }
     }
@@ -539,13 +579,17 @@ pub fn run(args: &KubeArgs) -> Result<i32> {
         pods: HashMap::new(),
         jobs: HashMap::new(),
         refused: Default::default(),
+        linked: Default::default(),
     };
     tracing::info!(node = %agent.cfg.node()?, selector = %agent.cfg.label_selector, "watching runner pods");
     let mut last_tick = Instant::now();
     loop {
         match rx.recv_timeout(Duration::from_millis(500)) {
             Ok(Msg::Sync(pods)) => agent.sync(pods),
-            Ok(Msg::Upsert(p)) => agent.upsert(p),
+            Ok(Msg::Upsert(p)) => {
+                agent.upsert(p);
+                agent.link_pending();
+            }
             Ok(Msg::Deleted(p)) => agent.deleted(&p, "its pod was deleted"),
             Err(mpsc::RecvTimeoutError::Timeout) => {}
             Err(mpsc::RecvTimeoutError::Disconnected) => anyhow::bail!("the API watcher stopped"),
@@ -553,9 +597,62 @@ pub fn run(args: &KubeArgs) -> Result<i32> {
         // A pod seen before kubelet made its cgroup: look again.
         if last_tick.elapsed() >= Duration::from_millis(500) {
             agent.start_pending();
+            agent.link_pending();
             last_tick = Instant::now();
         }
     }
+}
+
+/// The pids in cgroup `dir` and below it (as this process's pid namespace numbers them:
+/// the agent runs with the node's, `hostPID`).
+fn pids_below(dir: &Path, out: &mut Vec<u32>) {
+    if let Ok(t) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+        out.extend(t.lines().filter_map(|l| l.trim().parse::<u32>().ok()));
+    }
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                pids_below(&e.path(), out);
+            }
+        }
+    }
+}
+
+/// The host side (in this process's network namespace, the node's) of the veth of the pod
+/// whose cgroup is `cg`: its first process's network namespace is entered (in a thread of
+/// its own) and asked which of its links have a peer elsewhere (IFLA_LINK: the peer's
+/// index here); the index must name a veth here whose own peer is elsewhere. `None` until
+/// the pod has a process on a network namespace of its own and the veth exists.
+pub fn host_veth_of(cg: &Path) -> Result<Option<String>> {
+    use std::os::unix::fs::MetadataExt;
+    let own = std::fs::metadata("/proc/self/ns/net").context("reading /proc/self/ns/net")?;
+    let mut pids = Vec::new();
+    pids_below(cg, &mut pids);
+    for pid in pids {
+        let Ok(f) = std::fs::File::open(format!("/proc/{pid}/ns/net")) else {
+            continue; // gone meanwhile
+        };
+        let m = f.metadata()?;
+        if (m.dev(), m.ino()) == (own.dev(), own.ino()) {
+            continue; // on the node's network
+        }
+        let links = crate::kernel::netif::peer_links_in(f)
+            .with_context(|| format!("listing the links of process {pid}'s network namespace (the agent needs CAP_SYS_ADMIN)"))?;
+        for (_, peer) in links {
+            let Ok(name) = nix::net::if_::if_indextoname(peer) else {
+                continue;
+            };
+            let name = name.to_string_lossy().into_owned();
+            if crate::kernel::netif::driver(&name).is_ok_and(|d| d == "veth")
+                && crate::kernel::netif::peer_elsewhere(peer).unwrap_or(false)
+            {
+                return Ok(Some(name));
+            }
+        }
+        // Every process of a pod shares its network namespace: one is enough.
+        return Ok(None);
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -640,11 +640,18 @@ fn the_jobs_containers_end_with_it() {
     let mut rf = cmd.spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     while !ready.exists() {
-        assert!(Instant::now() < deadline, "the job never started its containers");
+        assert!(
+            Instant::now() < deadline,
+            "the job never started its containers"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(tb.http_hits(sa(direct, 80)), 0, "blocked while ringfence lives");
+    assert_eq!(
+        tb.http_hits(sa(direct, 80)),
+        0,
+        "blocked while ringfence lives"
+    );
     // `ip netns exec` runs ringfence as its child: kill ringfence itself.
     let pid = std::fs::read_to_string(format!("/proc/{}/task/{}/children", rf.id(), rf.id()))
         .unwrap_or_default()
@@ -665,9 +672,17 @@ fn the_jobs_containers_end_with_it() {
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
     while !running().is_empty() {
-        assert!(Instant::now() < deadline, "containers outlived the job: {}", running());
+        assert!(
+            Instant::now() < deadline,
+            "containers outlived the job: {}",
+            running()
+        );
         std::thread::sleep(Duration::from_millis(200));
     }
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(tb.http_hits(sa(direct, 80)), 0, "a container got out after the kill");
+    assert_eq!(
+        tb.http_hits(sa(direct, 80)),
+        0,
+        "a container got out after the kill"
+    );
 }

@@ -137,7 +137,7 @@ fn test_ca(dir: &Path) -> (PathBuf, PathBuf, PathBuf) {
 }
 const TOKEN: &str = "rf15-service-account-token";
 
-/// A kubelet-like cgroup tree under `<cgroup2>/rf15-kubelet-<pid>`; on drop, whatever is in
+/// A kubelet-like cgroup tree under `<cgroup2>/rf15-kubelet-<pid>-<n>`; on drop, whatever is in
 /// it is killed and the tree removed, deepest first.
 struct KubeletTree {
     root: PathBuf,
@@ -146,7 +146,10 @@ struct KubeletTree {
 impl KubeletTree {
     fn new() -> KubeletTree {
         let cg2 = ringfence::job::cgroup::find_cgroup2().expect("cgroup2");
-        let root = cg2.join(format!("rf15-kubelet-{}", std::process::id()));
+        // One per test: the tests of this file run at once.
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let root = cg2.join(format!("rf15-kubelet-{}-{n}", std::process::id()));
         std::fs::create_dir_all(&root).unwrap();
         KubeletTree { root }
     }
@@ -392,7 +395,8 @@ fn agent_jobs_follow_runner_pods_on_kubelet_cgroups() {
     let inline = format!(
         "mode = \"block\"\nallowed-endpoints = \"allowed.test:80\"\ndns-resolvers = [\"{dns}\"]\n"
     );
-    // A fourth runner pod on its own network namespace: not covered yet, said in the log.
+    // A fourth runner pod on its own network namespace: a job on its cgroup too (its veth
+    // is linked once it has a process: see the next test).
     let ud = "dddd0004-0000-4000-8000-00000000000d";
     tree.pod(&format!("kubepods/besteffort/pod{ud}"), "d4");
     let mut own_netns = pod("runner-d", ud, json!({}));
@@ -493,7 +497,8 @@ fn agent_jobs_follow_runner_pods_on_kubelet_cgroups() {
     let _agent = agent(&log, &ca_crt);
     let id = |name: &str, uid: &str| format!("k8s-arc-runners.{name}-{}", &uid[..8]);
     let (ja, jb, jc) = (id("runner-a", ua), id("runner-b", ub), id("runner-c", uc));
-    wait_jobs(&daemon, &[&ja, &jb, &jc], &log);
+    let jd = id("runner-d", ud);
+    wait_jobs(&daemon, &[&ja, &jb, &jc, &jd], &log);
 
     // What the agent asked the API: this node's pods with the runner label, as the service
     // account.
@@ -554,7 +559,7 @@ fn agent_jobs_follow_runner_pods_on_kubelet_cgroups() {
     // The pods go: A is deleted, B finishes. Their jobs end; C's stays.
     let agent_log = std::fs::read_to_string(&log).unwrap();
     assert!(
-        agent_log.contains("no job: the pod has its own network namespace")
+        agent_log.contains("waiting for the pod's network namespace")
             && agent_log.contains("arc-runners/runner-d"),
         "{agent_log}"
     );
@@ -569,7 +574,7 @@ fn agent_jobs_follow_runner_pods_on_kubelet_cgroups() {
     api.events
         .send(json!({"type": "MODIFIED", "object": done.clone()}))
         .unwrap();
-    wait_jobs(&daemon, &[&jc], &log);
+    wait_jobs(&daemon, &[&jc, &jd], &log);
 
     // The watch's resourceVersion expires (410 Gone): the agent lists again.
     let lists = |a: &FakeApi| {
@@ -591,10 +596,12 @@ fn agent_jobs_follow_runner_pods_on_kubelet_cgroups() {
         assert!(Instant::now() < deadline, "no list after a 410");
         thread::sleep(Duration::from_millis(50));
     }
+    let mut kept = job_ids(&daemon);
+    kept.sort();
     assert_eq!(
-        job_ids(&daemon),
-        vec![jc.clone()],
-        "the relist keeps C's job"
+        kept,
+        vec![jc.clone(), jd.clone()],
+        "the relist keeps C's and D's jobs"
     );
 
     // The agent is replaced (a DaemonSet update) while C's pod goes: the new agent finds
@@ -615,6 +622,190 @@ fn agent_jobs_follow_runner_pods_on_kubelet_cgroups() {
         let page = daemon.dir.join("data/jobs").join(j).join("report.html");
         assert!(page.exists(), "no final report for {j}");
     }
+}
+
+/// A runner pod on a network namespace of its own, as kubelet and a CNI plugin lay it out:
+/// its cgroup under kubepods, a network namespace with a veth whose host end is in the
+/// daemon's namespace (routed out through it to the servers), a process of the pod in both.
+/// The agent finds the host end from that process's namespace and links it to the pod's
+/// job: the pod's real requests are judged there by its policy. Nothing else would judge
+/// them (no host default policy: forwarded traffic of no job passes), and the veth was there
+/// before the job, so no container claim takes it.
+#[test]
+fn agent_links_the_veth_of_a_pod_on_its_own_network() {
+    let allowed = link_v4(25);
+    let other = link_v4(26);
+    let direct = link_v4(27);
+    let tb = testbed(
+        &[
+            DnsRecord::a("allowed.test", allowed),
+            DnsRecord::a("other.test", other),
+        ],
+        &[sa(allowed, 80), sa(other, 80), sa(direct, 80)],
+    );
+    let mut daemon = Daemon::start(&tb, &[]);
+    let tree = KubeletTree::new();
+    let dir = tb.workdir().join("rf15-k8s-netns");
+    std::fs::create_dir_all(dir.join("policies")).unwrap();
+    let uid = "eeee0005-0000-4000-8000-00000000000e";
+    let ctr = tree.pod(&format!("kubepods/besteffort/pod{uid}"), "e5");
+    let net = common::vethjob::VethJob::new(&tb, 15);
+    let dns = testbed::DNS_V4;
+    std::fs::write(
+        dir.join("policies/default.toml"),
+        format!("mode = \"block\"\ndirect-ip = \"block\"\ndns-resolvers = [\"{dns}\"]\n"),
+    )
+    .unwrap();
+    let inline = format!(
+        "mode = \"block\"\ndirect-ip = \"block\"\nallowed-endpoints = \"allowed.test:80\"\ndns-resolvers = [\"{dns}\"]\n"
+    );
+    let mut p = pod("runner-e", uid, json!({"ringfence.dev/policy": inline}));
+    p["spec"]["hostNetwork"] = json!(false);
+    let api = FakeApi::start(tb.client_ns(), vec![p]);
+    std::fs::write(dir.join("token"), format!("{TOKEN}\n")).unwrap();
+    let cfg = dir.join("kubernetes.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "api = \"http://127.0.0.1:{}\"\nnode-name = \"{NODE}\"\ntoken-file = \"{}\"\npolicies-dir = \"{}\"\ncgroup-root = \"{}\"\n",
+            api.port,
+            dir.join("token").display(),
+            dir.join("policies").display(),
+            tree.root.display()
+        ),
+    )
+    .unwrap();
+    // The pod's sandbox: a process in its cgroup and its network namespace.
+    let in_pod = |argv: &[String]| {
+        let mut c = Command::new("sh");
+        c.arg("-c")
+            .arg("echo $$ > \"$0/cgroup.procs\" && exec ip netns exec \"$@\"")
+            .arg(&ctr)
+            .arg(&net.ns)
+            .args(argv);
+        c
+    };
+    let _pause = Agent(
+        in_pod(&["sleep".into(), "120".into()])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("the pod's process"),
+    );
+    let log = dir.join("agent.log");
+    let logf = std::fs::File::create(&log).unwrap();
+    let _agent = Agent(
+        Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", tb.client_ns()))
+            .args([RINGFENCE, "kubernetes", "--config"])
+            .arg(&cfg)
+            .arg("--socket")
+            .arg(&daemon.socket)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .expect("ringfence kubernetes"),
+    );
+    let job = format!("k8s-arc-runners.runner-e-{}", &uid[..8]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let st = daemon.status();
+        let linked = st["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["id"] == job.as_str() && j["links"] == json!([net.host_if.clone()]));
+        if linked {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pod's veth {} is not linked to {job}: {st}\nagent log:\n{}",
+            net.host_if,
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    let curl_pod = |url: &str| {
+        let (st, _, _) = run_timeout(in_pod(&curl(&[], url)), JOB_TIMEOUT);
+        st.success()
+    };
+    assert!(
+        curl_pod("http://allowed.test/"),
+        "the pod's policy allows it"
+    );
+    assert!(!curl_pod("http://other.test/"), "not listed");
+    assert!(!curl_pod(&format!("http://{direct}/")), "a direct IP");
+    assert_eq!(tb.http_hits(sa(allowed, 80)), 1);
+    assert_eq!(tb.http_hits(sa(other, 80)), 0);
+    assert_eq!(tb.http_hits(sa(direct, 80)), 0);
+    let events = daemon.events(&job);
+    // Judged at the pod's link (the flows name it), not by its sockets' cgroup.
+    let via = format!("via {}", net.host_if);
+    for (what, verdict) in [("allowed.test", "allowed"), ("other.test", "blocked")] {
+        assert!(
+            events.iter().any(|e| e["domain"] == what
+                && e["verdict"] == verdict
+                && e["container"] == via.as_str()),
+            "{what} {verdict} in the pod's trail: {events:?}"
+        );
+    }
+    assert!(
+        events
+            .iter()
+            .any(|e| e["dst"] == direct.to_string() && e["verdict"] == "blocked"),
+        "the direct IP blocked in the pod's trail: {events:?}"
+    );
+    // A restarted daemon takes the link over with the job (state.json): still judged there.
+    daemon.kill9();
+    daemon.spawn();
+    let st = daemon.status();
+    assert!(
+        st["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|j| j["id"] == job.as_str() && j["links"] == json!([net.host_if.clone()])),
+        "{st}"
+    );
+    assert!(
+        !curl_pod("http://other.test/"),
+        "not listed, after the restart"
+    );
+    assert!(
+        curl_pod("http://allowed.test/"),
+        "allowed, after the restart"
+    );
+    assert_eq!(tb.http_hits(sa(other, 80)), 0);
+    assert_eq!(tb.http_hits(sa(allowed, 80)), 2);
+    // The link is the job's and goes with it: a second `job link` of it to another job is
+    // refused, naming the owner.
+    let (ok, _, err) = daemon.cli(&["job", "link", "--id", &job, "--interface", "rf15-none"]);
+    assert!(!ok && err.contains("\"rf15-none\" does not exist"), "{err}");
+    let (ok, _, err) = daemon.cli(&[
+        "job",
+        "link",
+        "--id",
+        "rf15-nojob",
+        "--interface",
+        &net.host_if,
+    ]);
+    assert!(!ok && err.contains("no job \"rf15-nojob\""), "{err}");
+    let cg = daemon.cgroup("rf15-other");
+    daemon.start_job("rf15-other", &cg, &["--mode", "audit"]);
+    let (ok, _, err) = daemon.cli(&[
+        "job",
+        "link",
+        "--id",
+        "rf15-other",
+        "--interface",
+        &net.host_if,
+    ]);
+    assert!(
+        !ok && err.contains(&format!("already job {job:?}'s")),
+        "{err}"
+    );
 }
 
 /// The ConfigMaps' files, as the containers read them: each `<key>: |` block of

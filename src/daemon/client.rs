@@ -33,6 +33,16 @@ pub enum JobCmd {
         #[command(flatten)]
         socket: SocketArg,
     },
+    /// Add a host-side interface (a pod's veth, a tap) to a running job: what comes in
+    /// there is judged as the job's, until the job ends.
+    Link {
+        #[arg(long)]
+        id: String,
+        #[arg(long, value_name = "IFNAME")]
+        interface: String,
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// End a job: its report is printed, its state purged.
     End {
         #[arg(long)]
@@ -206,6 +216,23 @@ pub fn job(cmd: &JobCmd) -> Result<i32> {
                     name: name.clone(),
                 },
             )?;
+            Ok(0)
+        }
+        JobCmd::Link {
+            id,
+            interface,
+            socket,
+        } => {
+            let r = call(
+                &socket.socket,
+                &Request::JobLink {
+                    id: id.clone(),
+                    interface: interface.clone(),
+                },
+            )?;
+            if let Response::Ok { message: Some(m) } = r {
+                println!("{m}");
+            }
             Ok(0)
         }
         JobCmd::End {

@@ -44,6 +44,12 @@ pub enum Request {
         id: String,
         name: String,
     },
+    /// Adds `interface`, the host side of a veth or tap (a pod's), to running job `id`:
+    /// what comes in there is judged as the job's. Ends with the job.
+    JobLink {
+        id: String,
+        interface: String,
+    },
     JobEnd {
         id: String,
         #[serde(default)]
@@ -158,6 +164,15 @@ mod tests {
         assert!(s.contains(r#""op":"job_start""#), "{s}");
         assert_eq!(serde_json::from_str::<Request>(&s).unwrap(), r);
         assert!(serde_json::from_str::<Request>(r#"{"op":"job_end"}"#).is_err());
+        let l: Request =
+            serde_json::from_str(r#"{"op":"job_link","id":"j","interface":"veth1"}"#).unwrap();
+        assert_eq!(
+            l,
+            Request::JobLink {
+                id: "j".into(),
+                interface: "veth1".into()
+            }
+        );
     }
 
     #[test]

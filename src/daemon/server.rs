@@ -312,14 +312,16 @@ impl Daemon {
             match readopt(&mut dp, &mut agent, &r, events_max, notify, cfg.containers) {
                 Ok(live) => {
                     jobs.insert(r.id.clone(), live);
+                    let mut r = r;
+                    r.links.retain(still_there); // readopt() left the gone ones out
                     state.jobs.push(r);
                 }
                 Err(e) => {
                     tracing::warn!(job = r.id, "cannot take the job over, ending it: {e:#}");
                     let _ = dp.purge_job(r.slot);
                     dp.detach_job_hooks(&r.slot.to_string());
-                    if let Some(i) = r.ifindex {
-                        let _ = dp.remove_interface_job(i);
+                    for i in r.ifindex.iter().chain(r.links.iter().map(|(l, _)| l)) {
+                        let _ = dp.remove_interface_job(*i);
                     }
                 }
             }
@@ -771,6 +773,7 @@ impl Daemon {
                 webhook,
             ),
             Request::JobStep { id, name } => self.job_step(&id, &name),
+            Request::JobLink { id, interface } => self.job_link(&id, &interface),
             Request::JobEnd {
                 id,
                 format,
@@ -923,7 +926,12 @@ impl Daemon {
                         "interface {name:?} does not exist in the daemon's network namespace"
                     )
                 })?;
-                if self.state.jobs.iter().any(|j| j.ifindex == Some(i)) {
+                if self
+                    .state
+                    .jobs
+                    .iter()
+                    .any(|j| j.ifindex == Some(i) || j.links.iter().any(|(l, _)| *l == i))
+                {
                     anyhow::bail!("interface {name:?} is already a job's");
                 }
                 if i == 1 {
@@ -945,6 +953,7 @@ impl Daemon {
             created_cgroup: false,
             origin: origin.clone(),
             ifindex,
+            links: Vec::new(),
             policy: spec,
             step: None,
             events: events.clone(),
@@ -1136,6 +1145,58 @@ impl Daemon {
         v
     }
 
+    /// `job link`: the host side of a veth or tap (a pod's, whose processes are the job's
+    /// cgroup but send from a network namespace of their own) becomes the job's link, as a
+    /// container link it claimed would. Asking again for the same link is no change.
+    fn job_link(&mut self, id: &str, ifname: &str) -> Result<Response> {
+        let live = self.jobs.get(id).ok_or_else(|| unknown_job(id))?;
+        let entry = abi::rf_job::for_policy(live.slot, &live.policy);
+        let i = nix::net::if_::if_nametoindex(ifname).map_err(|_| {
+            anyhow::anyhow!("interface {ifname:?} does not exist in the daemon's network namespace")
+        })?;
+        if i == 1 {
+            anyhow::bail!(
+                "interface {ifname:?} is loopback: a job's link is the host side of a veth or tap"
+            );
+        }
+        for j in self.state.jobs.iter_mut() {
+            // A link whose device went (its pod did) while its job runs is not held against
+            // a new device that got the same index.
+            j.links.retain(|l| still_there(l) || l.0 != i);
+            if j.ifindex == Some(i) || j.links.iter().any(|(l, _)| *l == i) {
+                if j.id == id {
+                    return Ok(Response::Ok {
+                        message: Some(format!("interface {ifname} is already job {id}'s link")),
+                    });
+                }
+                anyhow::bail!("interface {ifname:?} is already job {:?}'s", j.id);
+            }
+        }
+        // A link some job claimed as its container's (it was running alone when the link
+        // appeared) is given to the job named now: the caller knows whose it is.
+        for (other, l) in self.jobs.iter_mut() {
+            if let Some(c) = l.containers.as_mut() {
+                if other != id && c.give_up(i) {
+                    tracing::warn!(
+                        ifname,
+                        job = other,
+                        "a link claimed as this job's container is job {id}'s"
+                    );
+                }
+            }
+        }
+        self.dp.attach(ifname)?;
+        self.dp.add_interface_job(i, entry.host_side())?;
+        if let Some(r) = self.state.jobs.iter_mut().find(|j| j.id == id) {
+            r.links.push((i, ifname.to_string()));
+        }
+        self.save_state();
+        tracing::info!(job = id, ifname, ifindex = i, "interface linked to the job");
+        Ok(Response::Ok {
+            message: Some(format!("interface {ifname} linked to job {id}")),
+        })
+    }
+
     fn job_step(&mut self, id: &str, name: &str) -> Result<Response> {
         if name.is_empty() || name.len() > 128 {
             anyhow::bail!("a step name is 1 to 128 bytes (it is repeated in every event)");
@@ -1281,8 +1342,8 @@ impl Daemon {
         if let Some(cid) = cgroup_id {
             let _ = self.dp.remove_job(cid);
         }
-        if let Some(i) = rec.ifindex {
-            let _ = self.dp.remove_interface_job(i);
+        for i in rec.ifindex.iter().chain(rec.links.iter().map(|(l, _)| l)) {
+            let _ = self.dp.remove_interface_job(*i);
         }
         if let Some(mut c) = containers {
             // Its containers end with it, as its processes do (not with --keep-processes).
@@ -1342,6 +1403,7 @@ impl Daemon {
                     "mode": mode_name(live.policy.mode),
                     "target": r.target,
                     "cgroup": r.cgroup,
+                    "links": r.links.iter().map(|(_, n)| n).collect::<Vec<_>>(),
                     "step": r.step,
                     "started": r.started,
                     "events": r.events,
@@ -1438,6 +1500,15 @@ fn readopt(
         dp.add_job(id, level, entry)?;
         dp.attach_job_hooks(&r.slot.to_string(), dir)?;
         cgroup_id = Some(id);
+        // Its `job link`s, where the same interface is still there (a pod's veth goes with
+        // the pod; an index reused by another device is not the job's).
+        for l @ (i, name) in &r.links {
+            if still_there(l) && dp.attach(name).is_ok() {
+                dp.add_interface_job(*i, entry.host_side())?;
+            } else {
+                let _ = dp.remove_interface_job(*i);
+            }
+        }
     } else if let (Some(i), Target::Interface(name)) = (r.ifindex, &r.target) {
         dp.attach(name)?;
         dp.add_interface_job(i, entry.host_side())?;
@@ -1501,6 +1572,11 @@ const COUNTER_NAMES: &[(abi::rf_counter, &str)] = {
         (c::RF_CNT_RINGBUF_DROP, "ringbuf_drop"),
     ]
 };
+
+/// Whether a `job link`ed interface (index, name) is still the same device.
+fn still_there((i, name): &(u32, String)) -> bool {
+    nix::net::if_::if_indextoname(*i).is_ok_and(|n| n.to_string_lossy() == name.as_str())
+}
 
 fn unknown_job(id: &str) -> anyhow::Error {
     anyhow::anyhow!("no job {id:?} is running")

@@ -46,6 +46,9 @@ pub struct JobRecord {
     #[serde(default)]
     pub origin: Option<(u32, PathBuf)>,
     pub ifindex: Option<u32>,
+    /// Host-side interfaces added with `job link` (ifindex, name at the time).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub links: Vec<(u32, String)>,
     pub policy: PolicySpec,
     pub step: Option<String>,
     pub events: PathBuf,

@@ -346,6 +346,13 @@ impl ContainerLinks {
         }
     }
 
+    /// Stops holding link `ifindex` as this job's (another job takes it, see `job link`),
+    /// and never claims it again. Its entry is left for the new owner to overwrite.
+    pub fn give_up(&mut self, ifindex: u32) -> bool {
+        self.before.insert(ifindex);
+        self.claimed.remove(&ifindex).is_some()
+    }
+
     /// Gives back every claimed link and shared network (the job ends; the daemon reuses
     /// the slot).
     pub fn release(&mut self, dp: &mut Dataplane) {

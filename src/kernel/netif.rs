@@ -303,9 +303,11 @@ impl LinkWatcher {
 
 const IFLA_LINK_NETNSID: u16 = 37;
 
-/// The payload of the route attribute of type `ty` in `b` (struct rtattr: len u16, type u16,
-/// then the payload, each 4-byte aligned), if there is one.
-fn find_attr(mut b: &[u8], ty: u16) -> Option<&[u8]> {
+const IFLA_LINK: u16 = 5;
+
+/// The payload of the first route attribute of type `ty` in `b` (struct rtattr: len u16,
+/// type u16, then the payload, each 4-byte aligned).
+fn attr(mut b: &[u8], ty: u16) -> Option<&[u8]> {
     while b.len() >= 4 {
         let len = usize::from(u16::from_ne_bytes([b[0], b[1]]));
         let t = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff; // without NLA_F_NESTED/NET_BYTEORDER
@@ -325,7 +327,94 @@ fn find_attr(mut b: &[u8], ty: u16) -> Option<&[u8]> {
 }
 
 fn has_attr(b: &[u8], ty: u16) -> bool {
-    find_attr(b, ty).is_some()
+    attr(b, ty).is_some()
+}
+
+/// A u32 attribute's value (IFLA_LINK's: the peer's ifindex).
+fn attr_u32(b: &[u8], ty: u16) -> Option<u32> {
+    Some(u32::from_ne_bytes(attr(b, ty)?.get(..4)?.try_into().ok()?))
+}
+
+/// The links of one RTM_GETLINK dump datagram whose other end is in another network
+/// namespace: (ifindex here, the peer's ifindex there — IFLA_LINK). NLMSG_DONE ends it.
+fn parse_peer_links(mut b: &[u8], out: &mut Vec<(u32, u32)>) -> bool {
+    while b.len() >= NLMSG_HDRLEN {
+        let len = u32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")) as usize;
+        let ty = u16::from_ne_bytes(b[4..6].try_into().expect("2 bytes"));
+        if len < NLMSG_HDRLEN || len > b.len() || ty == libc::NLMSG_DONE as u16 {
+            return true;
+        }
+        if ty == libc::NLMSG_ERROR as u16 {
+            return true;
+        }
+        let body = &b[NLMSG_HDRLEN..len];
+        if ty == RTM_NEWLINK && body.len() >= IFINFOMSG_LEN {
+            let index = i32::from_ne_bytes(body[4..8].try_into().expect("4 bytes"));
+            let attrs = &body[IFINFOMSG_LEN..];
+            if let (Ok(i), Some(peer), true) = (
+                u32::try_from(index),
+                attr_u32(attrs, IFLA_LINK),
+                has_attr(attrs, IFLA_LINK_NETNSID),
+            ) {
+                out.push((i, peer));
+            }
+        }
+        let next = (len + 3) & !3;
+        if next >= b.len() {
+            return false;
+        }
+        b = &b[next..];
+    }
+    false
+}
+
+/// The links of the network namespace `netns` (an open /proc/PID/ns/net) whose peer is in
+/// another namespace, as (ifindex there, peer ifindex): a pod's eth0 and the index of its
+/// host-side veth. Asked from a thread that enters the namespace (a netlink socket talks
+/// to the namespace it was made in); the calling thread stays where it is. Needs
+/// CAP_SYS_ADMIN.
+pub fn peer_links_in(netns: std::fs::File) -> io::Result<Vec<(u32, u32)>> {
+    std::thread::spawn(move || -> io::Result<Vec<(u32, u32)>> {
+        nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
+        // SAFETY: plain socket call; the fd is owned below.
+        let fd = unsafe {
+            libc::socket(
+                libc::AF_NETLINK,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                libc::NETLINK_ROUTE,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut req = Vec::with_capacity(NLMSG_HDRLEN + IFINFOMSG_LEN);
+        req.extend_from_slice(&((NLMSG_HDRLEN + IFINFOMSG_LEN) as u32).to_ne_bytes());
+        req.extend_from_slice(&18u16.to_ne_bytes()); // RTM_GETLINK
+        req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
+        req.extend_from_slice(&1u32.to_ne_bytes());
+        req.extend_from_slice(&0u32.to_ne_bytes());
+        req.extend_from_slice(&[0u8; IFINFOMSG_LEN]);
+        // SAFETY: req is readable for its length.
+        if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            // SAFETY: buf is writable for its length.
+            let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+            if n < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if n == 0 || parse_peer_links(&buf[..n as usize], &mut out) {
+                return Ok(out);
+            }
+        }
+    })
+    .join()
+    .map_err(|_| io::Error::other("the netlink thread panicked"))?
 }
 
 /// RTM_GETLINK of `ifindex`: the reply's body (ifinfomsg and attributes).
@@ -352,7 +441,7 @@ fn get_link(ifindex: u32) -> io::Result<Vec<u8>> {
     req.extend_from_slice(&[0u8; 4]); // family, pad, type
     req.extend_from_slice(&(ifindex as i32).to_ne_bytes());
     req.extend_from_slice(&[0u8; 8]); // flags, change
-    // SAFETY: req is readable for its length.
+                                      // SAFETY: req is readable for its length.
     if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -385,9 +474,7 @@ pub fn peer_elsewhere(ifindex: u32) -> io::Result<bool> {
 pub fn master_of(ifindex: u32) -> io::Result<Option<u32>> {
     const IFLA_MASTER: u16 = 10;
     let body = get_link(ifindex)?;
-    Ok(find_attr(&body[IFINFOMSG_LEN..], IFLA_MASTER)
-        .and_then(|v| v.get(..4))
-        .map(|v| u32::from_ne_bytes(v.try_into().expect("4 bytes"))))
+    Ok(attr_u32(&body[IFINFOMSG_LEN..], IFLA_MASTER))
 }
 
 /// The link changes in one netlink datagram (several messages, each 4-byte aligned).
@@ -465,6 +552,45 @@ mod tests {
         let mut bad = msg(RTM_NEWLINK, 1, 2, 0);
         bad[0] = 200;
         assert!(parse_link_messages(&bad).is_empty());
+    }
+
+    fn attr_bytes(ty: u16, val: &[u8]) -> Vec<u8> {
+        let mut a = Vec::new();
+        a.extend_from_slice(&((4 + val.len()) as u16).to_ne_bytes());
+        a.extend_from_slice(&ty.to_ne_bytes());
+        a.extend_from_slice(val);
+        while a.len() % 4 != 0 {
+            a.push(0);
+        }
+        a
+    }
+
+    #[test]
+    fn reads_peer_links() {
+        let mut attrs = attr_bytes(3 /* IFLA_IFNAME */, b"eth0\0");
+        attrs.extend(attr_bytes(IFLA_LINK, &25u32.to_ne_bytes()));
+        attrs.extend(attr_bytes(IFLA_LINK_NETNSID, &0i32.to_ne_bytes()));
+        assert_eq!(attr_u32(&attrs, IFLA_LINK), Some(25));
+        assert_eq!(attr_u32(&attrs, 99), None);
+        // A short payload is no value.
+        assert_eq!(attr_u32(&attr_bytes(IFLA_LINK, &[1, 2]), IFLA_LINK), None);
+        let with = |a: &[u8], index: i32| {
+            let mut m = msg(RTM_NEWLINK, ARPHRD_ETHER, index, 0);
+            m.extend_from_slice(a);
+            let len = m.len() as u32;
+            m[0..4].copy_from_slice(&len.to_ne_bytes());
+            m
+        };
+        let mut d = with(&attrs, 3);
+        // lo: no peer; a veth whose peer is here: IFLA_LINK without IFLA_LINK_NETNSID.
+        d.extend(with(&[], 1));
+        d.extend(with(&attr_bytes(IFLA_LINK, &7u32.to_ne_bytes()), 6));
+        let mut out = Vec::new();
+        assert!(!parse_peer_links(&d, &mut out));
+        assert_eq!(out, vec![(3, 25)]);
+        let mut done = msg(libc::NLMSG_DONE as u16, 0, 0, 0);
+        done.truncate(NLMSG_HDRLEN + 4);
+        assert!(parse_peer_links(&done, &mut out));
     }
 
     #[test]
