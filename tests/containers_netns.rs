@@ -237,6 +237,7 @@ ip -n $ns addr add 10.77.0.2/24 dev ${{ns}}c && ip -n $ns link set ${{ns}}c up &
 ip -n $ns route add default via 10.77.0.1
 iptables -t nat -A POSTROUTING -s 10.77.0.0/24 ! -o ${{ns}}h -j MASQUERADE
 sleep 1
+echo "netns_allowed=$(ip netns exec $ns curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://allowed.test/netns)"
 echo "netns_direct=$(ip netns exec $ns curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://{direct}/netns)"
 echo "netns_routed=$(ip netns exec $ns curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://{routed}/netns)"
 iptables -t nat -D POSTROUTING -s 10.77.0.0/24 ! -o ${{ns}}h -j MASQUERADE
@@ -334,6 +335,7 @@ fn block_mode_holds_for_containers_builds_and_namespaces() {
     r.expect("build_allowed", "200");
     r.expect("svc_from_job", "200");
     r.expect("svc_from_sibling", "200");
+    r.expect("netns_allowed", "200");
     for k in [
         "bridge_other",
         "bridge_direct",
@@ -652,15 +654,9 @@ fn the_jobs_containers_end_with_it() {
         0,
         "blocked while ringfence lives"
     );
-    // `ip netns exec` runs ringfence as its child: kill ringfence itself.
-    let pid = std::fs::read_to_string(format!("/proc/{}/task/{}/children", rf.id(), rf.id()))
-        .unwrap_or_default()
-        .split_whitespace()
-        .next()
-        .and_then(|p| p.parse::<i32>().ok())
-        .unwrap_or(rf.id() as i32);
+    // `ip netns exec` execs ringfence in its place: this is ringfence.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(pid),
+        nix::unistd::Pid::from_raw(rf.id() as i32),
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
