@@ -66,6 +66,17 @@ struct {
 	__type(value, __u8);
 } inside_devs SEC(".maps");
 
+/* ifindex in another namespace -> (job id << 32 | host-side ifindex): the far end of a job's
+ * host-side link (a container's or a pod's eth0, a namespace's veth). A process of the job's
+ * cgroup inside that namespace sends through it, and the backstop (which knows devices by
+ * index only) lets such a packet on: the link's host side judges it as it comes in. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u32);
+	__type(value, __u64);
+} peer_devs SEC(".maps");
+
 /* The job forwarded traffic no job has judged is judged under (see forwarded_job in
  * ringfence.bpf.c): exec's own job, or the daemon's host default policy. Read only while
  * have_fwd_job is set. */

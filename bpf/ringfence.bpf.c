@@ -605,8 +605,16 @@ int rf_backstop(struct __sk_buff *skb)
 		return 1;
 	/* At this hook the packet starts at its IP header. */
 	rc = parse_pkt(skb, &p, RF_L2_NONE);
-	if (!bpf_map_lookup_elem(&devices, &ifindex))
+	if (!bpf_map_lookup_elem(&devices, &ifindex)) {
+		__u64 *peer = bpf_map_lookup_elem(&peer_devs, &ifindex);
+
+		/* The far end of one of this job's links, in the namespace behind it: judged at
+		 * the link's host side. (An index here is not the namespace's own, so an unwatched
+		 * host device of the same index is let on too, for this job only.) */
+		if (peer && (*peer >> 32) == job->job_id)
+			return 1;
 		return unparsed(job, cgid, &p, RF_SENDER_SOCKET, skb) == TC_ACT_SHOT ? 0 : 1;
+	}
 	/* What cannot be parsed here (headers beyond the linear part, which only TC can pull
 	 * in) is judged by TC as before. */
 	if (rc != RF_PARSE_OK || is_syn_ack(&p) || is_loopback(p.daddr))

@@ -231,7 +231,9 @@ b=$(DOCKER_BUILDKIT=0 "$D" build --no-cache -t rf10-built build 2>&1 | grep -o '
 echo "build_allowed=${{b#BUILD}}"
 ns=rf10job$$
 ip netns add $ns
-ip link add ${{ns}}h type veth peer name ${{ns}}c netns $ns
+# The namespace end takes an index no device here has: the backstop must know it as
+# the far end of the job's link, not by a coincidence of indexes.
+ip -n $ns link add ${{ns}}c index 77 type veth peer name ${{ns}}h netns $$
 ip addr add 10.77.0.1/24 dev ${{ns}}h && ip link set ${{ns}}h up
 ip -n $ns addr add 10.77.0.2/24 dev ${{ns}}c && ip -n $ns link set ${{ns}}c up && ip -n $ns link set lo up
 ip -n $ns route add default via 10.77.0.1

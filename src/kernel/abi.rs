@@ -85,6 +85,11 @@ impl rf_job {
     /// The same entry for an interface job whose interface is the host side of its link
     /// (the host end of a veth, a tap): the job's packets are judged as they come in there,
     /// and DNS answers to it bind as they leave there (`RF_JOB_HOST_SIDE`).
+    /// The flag [`host_side`](Self::host_side) sets.
+    pub fn host_side_flag() -> u8 {
+        JOB_HOST_SIDE
+    }
+
     pub fn host_side(mut self) -> rf_job {
         self.flags |= JOB_HOST_SIDE;
         self

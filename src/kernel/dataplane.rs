@@ -1498,6 +1498,17 @@ impl Dataplane {
             .ifjobs
             .update(&ifindex.to_ne_bytes(), bytes_of(&job), MapFlags::ANY)
             .map_err(map_err("ifjobs"))?;
+        // The far end's index, for the backstop (peer_devs in bpf/maps.h).
+        if job.flags & abi::rf_job::host_side_flag() != 0 {
+            if let Ok(Some(peer)) = crate::kernel::netif::peer_index(ifindex) {
+                let v = (u64::from(job.job_id) << 32) | u64::from(ifindex);
+                self.skel
+                    .maps
+                    .peer_devs
+                    .update(&peer.to_ne_bytes(), &v.to_ne_bytes(), MapFlags::ANY)
+                    .map_err(map_err("peer_devs"))?;
+            }
+        }
         let bss = self.bss();
         bss.have_ifjobs = 1;
         Ok(())
@@ -1587,6 +1598,17 @@ impl Dataplane {
 
     /// Forgets a job keyed by interface.
     pub fn remove_interface_job(&mut self, ifindex: u32) -> Result<()> {
+        let maps = &self.skel.maps;
+        let keys: Vec<Vec<u8>> = maps.peer_devs.keys().collect();
+        for k in keys {
+            if let Ok(Some(v)) = maps.peer_devs.lookup(&k, MapFlags::ANY) {
+                if v.len() == 8
+                    && u64::from_ne_bytes(v[..8].try_into().expect("8")) as u32 == ifindex
+                {
+                    let _ = maps.peer_devs.delete(&k);
+                }
+            }
+        }
         match self.skel.maps.ifjobs.delete(&ifindex.to_ne_bytes()) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
@@ -1673,6 +1695,13 @@ impl Dataplane {
                 crate::kernel::skel::types::rf_stream_val,
                 job_id
             )),
+        )?;
+        // The far ends of its links (by the job id in the value's high half).
+        purge(
+            "peer_devs",
+            &maps.peer_devs,
+            None,
+            Some(if cfg!(target_endian = "little") { 4 } else { 0 }),
         )?;
         // Container cgroups and links the job claimed (job::containers), its own cgroup's
         // entry and its interface job.
@@ -1873,6 +1902,7 @@ impl Dataplane {
             ("inbound", &maps.inbound),
             ("devices", &maps.devices),
             ("inside_devs", &maps.inside_devs),
+            ("peer_devs", &maps.peer_devs),
         ] {
             let keys: Vec<Vec<u8>> = map.keys().collect();
             for k in keys {

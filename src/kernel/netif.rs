@@ -470,6 +470,18 @@ pub fn peer_elsewhere(ifindex: u32) -> io::Result<bool> {
     Ok(has_attr(&body[IFINFOMSG_LEN..], IFLA_LINK_NETNSID))
 }
 
+/// The index of link `ifindex`'s other end in the namespace it is in (IFLA_LINK), when that
+/// is another namespace (a veth whose peer moved into a container).
+pub fn peer_index(ifindex: u32) -> io::Result<Option<u32>> {
+    let body = get_link(ifindex)?;
+    let attrs = &body[IFINFOMSG_LEN..];
+    Ok(if has_attr(attrs, IFLA_LINK_NETNSID) {
+        attr_u32(attrs, IFLA_LINK)
+    } else {
+        None
+    })
+}
+
 /// The bridge link `ifindex` is a port of (IFLA_MASTER), if any.
 pub fn master_of(ifindex: u32) -> io::Result<Option<u32>> {
     const IFLA_MASTER: u16 = 10;
