@@ -36,6 +36,10 @@ volatile __u32 have_host_job = 0;
 /* Set when forwarded traffic (containers, a job's own namespaces) is judged: see
  * forwarded_job(). */
 volatile __u32 have_fwd_job = 0;
+/* exec (a host of one job): a socket of a cgroup made after the job's (cgroup ids only grow)
+ * belongs to no job yet but is judged under the forwarded-traffic job too — a container the
+ * job starts on the host's network sends before its cgroup is claimed. 0: off (the daemon). */
+volatile __u64 fwd_after_cgroup = 0;
 /* Set once some attached interface is not Ethernet: only then does the verdict program look
  * up the link header length of its interface, so the Ethernet hot path stays as it was. */
 volatile __u32 have_l3_devs = 0;
@@ -542,6 +546,11 @@ int rf_egress(struct __sk_buff *skb)
 	 * of the listener, which would place it, is not callable from TC. */
 	if (!job)
 		job = forwarded_job(skb, link);
+	if (!job && by_socket && fwd_after_cgroup && cgid > fwd_after_cgroup && have_fwd_job) {
+		__u32 zero = 0;
+
+		job = bpf_map_lookup_elem(&fwd_job, &zero);
+	}
 	if (!job)
 		return TC_ACT_UNSPEC;
 	return judge_packet(skb, job, cgid, by_socket, 0);

@@ -268,6 +268,9 @@ pub fn run(args: &ExecArgs) -> Result<i32> {
     // exec is the only job here: forwarded traffic no link of its own judged (containers
     // started before it, or in the moment before their link is claimed) is judged as its.
     dp.set_forward_job(Some(entry))?;
+    // So is a socket of any cgroup made from now on that no job claims yet: a container the
+    // job starts sends before its cgroup is found (job::containers claims it within a tick).
+    dp.set_fwd_after_cgroup(cgroup.id());
     for i in &interfaces {
         match dp.attach(i) {
             Ok(()) => {}

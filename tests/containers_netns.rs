@@ -216,7 +216,7 @@ echo "bridge_other=$(run {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /d
 echo "bridge_direct=$(run {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://{direct}/bridge)"
 echo "host_direct=$(run --network host {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://{direct}/host)"
 echo "parent_direct=$(run --network host --cgroup-parent /rf10esc-$PPID {IMAGE} curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w '%{{http_code}}' http://{direct}/parent)"
-ip link add rf10br$$ type bridge && ip addr add 203.0.113.200/24 dev rf10br$$ noprefixroute && ip link set rf10br$$ up
+ip link add rf10br$$ type bridge && ip addr add 203.0.0.1/8 dev rf10br$$ noprefixroute && ip link set rf10br$$ up
 echo "bridge_trick=$(get http://{routed}/trick)"
 ip link del rf10br$$
 "$D" network create rf10net >/dev/null
@@ -229,6 +229,8 @@ echo "svc_from_sibling=$(run --network rf10net {IMAGE} curl -sS --connect-timeou
 mkdir -p build && printf 'FROM {IMAGE}\nRUN curl -sS --connect-timeout 3 --max-time 6 -o /dev/null http://other.test/build || true\nRUN curl -sS --connect-timeout 3 --max-time 6 -o /dev/null -w "BUILD%%{{http_code}}\\n" http://allowed.test/build\n' > build/Dockerfile
 b=$(DOCKER_BUILDKIT=0 "$D" build --no-cache -t rf10-built build 2>&1 | grep -o 'BUILD[0-9][0-9][0-9]')
 echo "build_allowed=${{b#BUILD}}"
+b=$(DOCKER_BUILDKIT=1 "$D" build --progress=plain --no-cache -t rf10-bk build 2>&1 | grep -o 'BUILD[0-9][0-9][0-9]' | tail -1)
+echo "buildkit_allowed=${{b#BUILD}}"
 ns=rf10job$$
 ip netns add $ns
 # The namespace end takes an index no device here has: the backstop must know it as
@@ -335,6 +337,7 @@ fn block_mode_holds_for_containers_builds_and_namespaces() {
     r.expect("bridge_allowed", "200");
     r.expect("net_allowed", "200");
     r.expect("build_allowed", "200");
+    r.expect("buildkit_allowed", "200");
     r.expect("svc_from_job", "200");
     r.expect("svc_from_sibling", "200");
     r.expect("netns_allowed", "200");
@@ -350,7 +353,7 @@ fn block_mode_holds_for_containers_builds_and_namespaces() {
     ] {
         assert_ne!(r.value(k), "200", "{k}: {}", r.stderr);
     }
-    // What arrived: the allowed server got the bridge, network and build calls; nothing
+    // What arrived: the allowed server got the bridge, network and builds' calls; nothing
     // reached the others.
     assert!(tb.http_hits(sa(allowed, 80)) >= 3);
     assert_eq!(tb.http_hits(sa(other, 80)), 0, "other.test was reached");

@@ -290,6 +290,21 @@ impl ContainerLinks {
                 sharing.insert(m);
             }
         }
+        // And the bridges that appeared while it ran (`docker network create`): its
+        // containers join them a moment later.
+        // (Not one made while it did not run alone: that is no one's.)
+        for (i, name) in &attached {
+            if !self.before.contains(i)
+                && dp.is_inside(*i)
+                && netif::driver(name).is_ok_and(|d| d == "bridge")
+            {
+                if claim {
+                    sharing.insert(*i);
+                } else {
+                    self.before.insert(*i);
+                }
+            }
+        }
         let mut nets = BTreeSet::new();
         for (ifindex, name) in &attached {
             if sharing.contains(ifindex) {

@@ -906,6 +906,13 @@ impl Dataplane {
         Ok(())
     }
 
+    /// exec: sockets of cgroups made after `cgroup_id` (the job's own; ids only grow) that
+    /// no job claims yet are judged under the forwarded-traffic job (a container started on
+    /// the host's network, before its cgroup is claimed). 0 turns it off.
+    pub fn set_fwd_after_cgroup(&mut self, cgroup_id: u64) {
+        self.bss().fwd_after_cgroup = cgroup_id;
+    }
+
     /// An interface went away: its TCX links went with it; forget it.
     pub fn forget_interface(&mut self, ifindex: u32) {
         let _ = self.skel.maps.devices.delete(&ifindex.to_ne_bytes());
@@ -1929,6 +1936,7 @@ impl Dataplane {
         bss.have_l3_devs = 0;
         bss.have_host_job = 0;
         bss.have_fwd_job = 0;
+        bss.fwd_after_cgroup = 0;
         Ok(())
     }
 
