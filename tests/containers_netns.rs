@@ -518,7 +518,9 @@ fn daemon_sole_job_claims_containers_and_the_rest_is_host_default() {
         "an unclaimed container got out"
     );
     d.ok(&["job", "end", "--id", "b"]);
+    d.ok(&["job", "end", "--id", "a"]);
 
+    // Read after its end: the trail is flushed then.
     let events = d.events("a");
     let from_container = |name: &str, verdict: &str| {
         events.iter().any(|e| {
@@ -537,7 +539,6 @@ fn daemon_sole_job_claims_containers_and_the_rest_is_host_default() {
             .any(|e| e["verdict"] == "blocked" && e["domain"] == "allowed.test"),
         "{events:#?}"
     );
-    d.ok(&["job", "end", "--id", "a"]);
     assert_eq!(tb.http_hits(sa(other, 80)), 0);
 }
 
@@ -613,6 +614,10 @@ fn daemon_claims_running_containers_when_asked() {
     assert_ne!(get("http://other.test/job"), "200");
     assert_eq!(tb.http_hits(sa(allowed, 80)), 1);
     assert_eq!(tb.http_hits(sa(other, 80)), 0);
+    // --keep-processes: the container goes on, no longer the job's (without it, it would
+    // end with the job).
+    d.ok(&["job", "end", "--id", "svc", "--keep-processes"]);
+    // Read after its end: the trail is flushed then.
     let events = d.events("svc");
     assert!(
         events
@@ -620,7 +625,6 @@ fn daemon_claims_running_containers_when_asked() {
             .any(|e| e["domain"] == "other.test" && e["verdict"] == "blocked"),
         "{events:#?}"
     );
-    d.ok(&["job", "end", "--id", "svc"]);
     // Its job over, the container is no one's again.
     assert_ne!(get("http://allowed.test/after"), "200");
     assert_eq!(tb.http_hits(sa(allowed, 80)), 1);
