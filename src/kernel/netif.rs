@@ -376,30 +376,7 @@ fn parse_peer_links(mut b: &[u8], out: &mut Vec<(u32, u32)>) -> bool {
 pub fn peer_links_in(netns: std::fs::File) -> io::Result<Vec<(u32, u32)>> {
     std::thread::spawn(move || -> io::Result<Vec<(u32, u32)>> {
         nix::sched::setns(netns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-        // SAFETY: plain socket call; the fd is owned below.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_NETLINK,
-                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-                libc::NETLINK_ROUTE,
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: fd is a fresh descriptor.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut req = Vec::with_capacity(NLMSG_HDRLEN + IFINFOMSG_LEN);
-        req.extend_from_slice(&((NLMSG_HDRLEN + IFINFOMSG_LEN) as u32).to_ne_bytes());
-        req.extend_from_slice(&18u16.to_ne_bytes()); // RTM_GETLINK
-        req.extend_from_slice(&((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16).to_ne_bytes());
-        req.extend_from_slice(&1u32.to_ne_bytes());
-        req.extend_from_slice(&0u32.to_ne_bytes());
-        req.extend_from_slice(&[0u8; IFINFOMSG_LEN]);
-        // SAFETY: req is readable for its length.
-        if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        let fd = send_getlink((libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16, 0)?;
         let mut out = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
         loop {
@@ -417,8 +394,9 @@ pub fn peer_links_in(netns: std::fs::File) -> io::Result<Vec<(u32, u32)>> {
     .map_err(|_| io::Error::other("the netlink thread panicked"))?
 }
 
-/// RTM_GETLINK of `ifindex`: the reply's body (ifinfomsg and attributes).
-fn get_link(ifindex: u32) -> io::Result<Vec<u8>> {
+/// A NETLINK_ROUTE socket (of the calling thread's namespace) that has sent RTM_GETLINK for
+/// `ifindex` (0 with NLM_F_DUMP: every link), ready for the replies.
+fn send_getlink(flags: u16, ifindex: u32) -> io::Result<OwnedFd> {
     // SAFETY: plain socket call; the fd is owned below.
     let fd = unsafe {
         libc::socket(
@@ -435,7 +413,7 @@ fn get_link(ifindex: u32) -> io::Result<Vec<u8>> {
     let mut req = Vec::with_capacity(NLMSG_HDRLEN + IFINFOMSG_LEN);
     req.extend_from_slice(&((NLMSG_HDRLEN + IFINFOMSG_LEN) as u32).to_ne_bytes());
     req.extend_from_slice(&18u16.to_ne_bytes()); // RTM_GETLINK
-    req.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
+    req.extend_from_slice(&flags.to_ne_bytes());
     req.extend_from_slice(&1u32.to_ne_bytes()); // seq
     req.extend_from_slice(&0u32.to_ne_bytes()); // pid: the kernel's
     req.extend_from_slice(&[0u8; 4]); // family, pad, type
@@ -445,6 +423,12 @@ fn get_link(ifindex: u32) -> io::Result<Vec<u8>> {
     if unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
+    Ok(fd)
+}
+
+/// RTM_GETLINK of `ifindex`: the reply's body (ifinfomsg and attributes).
+fn get_link(ifindex: u32) -> io::Result<Vec<u8>> {
+    let fd = send_getlink(libc::NLM_F_REQUEST as u16, ifindex)?;
     let mut buf = vec![0u8; 64 * 1024];
     // SAFETY: buf is writable for its length.
     let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
