@@ -123,14 +123,29 @@ impl Daemon {
         }
     }
 
-    /// SIGTERM, and wait for the exit.
+    /// SIGTERM, and wait for the exit (60 s at most: a daemon that does not stop fails the
+    /// test, with its log, rather than hanging it).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = nix::sys::signal::kill(
                 nix::unistd::Pid::from_raw(c.id() as i32),
                 nix::sys::signal::Signal::SIGTERM,
             );
-            let _ = c.wait();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return;
+                }
+                if Instant::now() >= deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    panic!(
+                        "the daemon did not stop within 60 s of SIGTERM:\n{}",
+                        self.log()
+                    );
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 
