@@ -439,13 +439,9 @@ fn audit_mode_names_every_container_call() {
     );
 }
 
-/// `docker run --rm IMAGE curl … URL` from inside job cgroup `cg`: the HTTP code it got.
-fn container_get(tb: &Testbed, docker: &Dockerd, cg: &std::path::Path, url: &str) -> String {
-    let argv: Vec<String> = [
-        DOCKER,
-        "run",
-        "--rm",
-        IMAGE,
+/// A curl that prints only the HTTP code it got from `url` (000: no answer).
+fn curl_code(url: &str) -> [&str; 11] {
+    [
         "curl",
         "-sS",
         "--connect-timeout",
@@ -458,9 +454,15 @@ fn container_get(tb: &Testbed, docker: &Dockerd, cg: &std::path::Path, url: &str
         "%{http_code}",
         url,
     ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+}
+
+/// `docker run --rm IMAGE curl … URL` from inside job cgroup `cg`: the HTTP code it got.
+fn container_get(tb: &Testbed, docker: &Dockerd, cg: &std::path::Path, url: &str) -> String {
+    let mut argv: Vec<String> = [DOCKER, "run", "--rm", IMAGE]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    argv.extend(curl_code(url).iter().map(|s| s.to_string()));
     let mut c = daemon::in_job(tb, cg, &argv);
     c.env("DOCKER_HOST", docker.host());
     let (_, out, _) = run_timeout(c, Duration::from_secs(60));
@@ -574,24 +576,9 @@ fn daemon_claims_running_containers_when_asked() {
     let cg = d.cgroup("rf10svc");
     let resolver = tb.dns_addr_v4().to_string();
     let get = |url: &str| {
-        let o = docker
-            .cmd(&[
-                "exec",
-                "service",
-                "curl",
-                "-sS",
-                "--connect-timeout",
-                "3",
-                "--max-time",
-                "6",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                url,
-            ])
-            .output()
-            .unwrap();
+        let mut args = vec!["exec", "service"];
+        args.extend(curl_code(url));
+        let o = docker.cmd(&args).output().unwrap();
         String::from_utf8_lossy(&o.stdout).trim().to_string()
     };
     // Before any job: the host default holds it.
