@@ -171,6 +171,36 @@ struct {
 	__type(value, struct rf_flow_val);
 } flows SEC(".maps");
 
+/* The fast path of an established flow: a job's socket -> the flow it last sent on, with the
+ * verdict the slow path gave it (allowed or audited; blocked and DNS flows are never kept
+ * here). It answers what the `flows` lookup would, without hashing a key: the packet is
+ * still parsed and its flow compared with the one kept, so a socket that sends elsewhere (an
+ * unconnected UDP socket, a raw socket, a packet NATed or encapsulated after its socket
+ * wrote it) misses and takes the slow path, which keeps the new flow instead. An entry
+ * holds only while `verdict_gen` is the one it was made under: the agent bumps it whenever
+ * which job a socket belongs to, or what a device is, can have changed (jobs, interface
+ * jobs, devices, policies, a purge). Internal to the programs: not pinned, a new load
+ * starts empty. */
+struct rf_sk_flow {
+	__u8 daddr[16];
+	__u32 job_id;
+	__u32 ifindex;  /* the device it was judged on */
+	__u32 gen;      /* verdict_gen when it was made */
+	__be16 sport;   /* network order, as in the packet */
+	__be16 dport;
+	__u8 proto;     /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 family;    /* 4 or 6 */
+	__u8 _pad[6];
+	__u64 touched;  /* jiffies at the last keep-alive of the flow and its address */
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct rf_sk_flow);
+} sk_flows SEC(".maps");
+
 /* Socket cookie -> the process that owns the socket (struct rf_sock_owner), written by the
  * cgroup socket hooks on the job's cgroup (sock_create, connect4/6, sendmsg4/6) and read
  * only where an event is sent (a new flow, a DNS query copy), never per packet. LRU: a

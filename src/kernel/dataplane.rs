@@ -728,7 +728,9 @@ impl Dataplane {
             // programs' own: every load gets fresh ones, set from the daemon's state.
             for mut m in open.open_object_mut().maps_mut() {
                 let name = m.name().to_string_lossy().into_owned();
-                if name.contains('.') {
+                // sk_flows (verdicts kept with sockets) is valid only with this load's
+                // `verdict_gen`: a new load starts it empty.
+                if name.contains('.') || name == "sk_flows" {
                     continue;
                 }
                 m.set_pin_path(pins.map(&name))
@@ -745,7 +747,7 @@ impl Dataplane {
         if let (Some(pins), false) = (&opts.pins, adopted) {
             pins.write_abi(abi::ABI_VERSION)?;
         }
-        Ok(Dataplane {
+        let mut dp = Dataplane {
             skel,
             kind,
             attached: Vec::new(),
@@ -758,7 +760,15 @@ impl Dataplane {
             adopted,
             adopt_filters: Default::default(),
             deferred: Default::default(),
-        })
+        };
+        // A generation no earlier load used, so nothing kept before can match (the kept
+        // verdicts' map is never pinned; this is belt and braces).
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() ^ d.as_secs() as u32)
+            .unwrap_or(1);
+        dp.bss().verdict_gen = seed;
+        Ok(dp)
     }
 
     /// The programs' global variables (`job_levels`, `have_ifjobs`), mmapped.
@@ -768,6 +778,16 @@ impl Dataplane {
             .bss_data
             .as_deref_mut()
             .expect("bss is mmapped by the skeleton")
+    }
+
+    /// Every verdict kept with a socket (the established fast path: `sk_flows` in
+    /// bpf/maps.h) stops holding: called after any change to which job a socket belongs
+    /// to, what a device is, or what a job's policy says. Always *after* the change: a
+    /// packet that read the old generation is kept under it and no longer matches; one that
+    /// read the new one saw the change.
+    fn invalidate_kept(&mut self) {
+        let bss = self.bss();
+        bss.verdict_gen = bss.verdict_gen.wrapping_add(1);
     }
 
     pub fn attach_kind(&self) -> AttachKind {
@@ -855,6 +875,7 @@ impl Dataplane {
         if l2 != crate::kernel::skel::types::rf_link::RF_L2_ETHER.0 {
             self.bss().have_l3_devs = 1;
         }
+        self.invalidate_kept();
         Ok(())
     }
 
@@ -862,7 +883,7 @@ impl Dataplane {
     /// bpf/maps.h): forwarded packets leaving through it are going to them, not judged.
     pub fn set_inside(&mut self, ifindex: u32, inside: bool) -> Result<()> {
         let key = ifindex.to_ne_bytes();
-        if inside {
+        let r = if inside {
             self.skel
                 .maps
                 .inside_devs
@@ -874,7 +895,9 @@ impl Dataplane {
                 Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
                 Err(e) => Err(map_err("inside_devs")(e)),
             }
-        }
+        };
+        self.invalidate_kept();
+        r
     }
 
     /// Whether `ifindex` is recorded as facing containers.
@@ -903,6 +926,7 @@ impl Dataplane {
             }
             None => self.bss().have_fwd_job = 0,
         }
+        self.invalidate_kept();
         Ok(())
     }
 
@@ -911,12 +935,14 @@ impl Dataplane {
     /// the host's network, before its cgroup is claimed). 0 turns it off.
     pub fn set_fwd_after_cgroup(&mut self, cgroup_id: u64) {
         self.bss().fwd_after_cgroup = cgroup_id;
+        self.invalidate_kept();
     }
 
     /// An interface went away: its TCX links went with it; forget it.
     pub fn forget_interface(&mut self, ifindex: u32) {
         let _ = self.skel.maps.devices.delete(&ifindex.to_ne_bytes());
         let _ = self.skel.maps.inside_devs.delete(&ifindex.to_ne_bytes());
+        self.invalidate_kept();
         // Not a detach to report: the device itself is gone.
         self.watched.retain(|w| w.ifindex as u32 != ifindex);
         let (gone, kept): (Vec<_>, Vec<_>) =
@@ -1490,6 +1516,7 @@ impl Dataplane {
         if cgroup_level < 32 {
             self.bss().job_levels |= 1 << cgroup_level;
         }
+        self.invalidate_kept();
         Ok(())
     }
 
@@ -1518,6 +1545,7 @@ impl Dataplane {
         }
         let bss = self.bss();
         bss.have_ifjobs = 1;
+        self.invalidate_kept();
         Ok(())
     }
 
@@ -1542,6 +1570,7 @@ impl Dataplane {
                 }
             }
         }
+        self.invalidate_kept();
         Ok(())
     }
 
@@ -1589,6 +1618,7 @@ impl Dataplane {
                 Err(e) => return Err(map_err(name)(e)),
             }
         }
+        self.invalidate_kept();
         Ok(())
     }
 
@@ -1616,17 +1646,19 @@ impl Dataplane {
                 }
             }
         }
-        match self.skel.maps.ifjobs.delete(&ifindex.to_ne_bytes()) {
+        let r = match self.skel.maps.ifjobs.delete(&ifindex.to_ne_bytes()) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
             Err(e) => Err(map_err("ifjobs")(e)),
-        }
+        };
+        self.invalidate_kept();
+        r
     }
 
     /// Removes every trace of job slot `job_id` from the maps: its policy (names, static
     /// and learned addresses, resolvers, inbound peers), its flows, outstanding queries and
     /// DNS streams. Other jobs' entries are untouched. Returns how many entries went.
-    pub fn purge_job(&self, job_id: u32) -> Result<u64> {
+    pub fn purge_job(&mut self, job_id: u32) -> Result<u64> {
         let maps = &self.skel.maps;
         let mut n = 0u64;
         let mut purge = |name: &'static str,
@@ -1733,6 +1765,7 @@ impl Dataplane {
             )),
             None,
         )?;
+        self.invalidate_kept();
         Ok(n)
     }
 
@@ -1772,11 +1805,14 @@ impl Dataplane {
     }
 
     pub fn remove_job(&mut self, cgroup_id: u64) -> Result<()> {
-        self.skel
+        let r = self
+            .skel
             .maps
             .jobs
             .delete(&cgroup_id.to_ne_bytes())
-            .map_err(map_err("jobs"))
+            .map_err(map_err("jobs"));
+        self.invalidate_kept();
+        r
     }
 
     /// Writes a job's compiled policy: names, static prefixes and resolvers.
@@ -1888,6 +1924,7 @@ impl Dataplane {
                 .update(bytes_of(&key), &[1u8], MapFlags::ANY)
                 .map_err(map_err("resolvers"))?;
         }
+        self.invalidate_kept();
         Ok(())
     }
 
@@ -1937,6 +1974,7 @@ impl Dataplane {
         bss.have_host_job = 0;
         bss.have_fwd_job = 0;
         bss.fwd_after_cgroup = 0;
+        self.invalidate_kept();
         Ok(())
     }
 

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! <base>/abi            a one-entry array map: the ABI version of the build that pinned
-//! <base>/maps/<name>    every map of the skeleton (the .rodata/.bss internals excepted)
+//! <base>/maps/<name>    every map of the skeleton (the .rodata/.bss internals and sk_flows,
+//!                       whose entries hold only for the load that made them, excepted)
 //! <base>/links/<name>   TCX links (tcx-<ifindex>-egress|ingress) and each job's cgroup
 //!                       links (job-<slot>-<program>)
 //! ```
