@@ -184,6 +184,7 @@ fn the_daemon_judges_kept_flows_again_when_jobs_change() {
         std::thread::sleep(SETTLE);
         let marks =
             ["RF11-BEFORE", "RF11-DURING", "RF11-AFTER"].map(|m| format!("{m}-{host_allows}"));
+        let settling = format!("RF11-SETTLING-{host_allows}");
         let caps: Vec<Capture> = marks.iter().map(|m| Capture::start(&tb, m)).collect();
         std::fs::write(&phase, &marks[0]).unwrap();
         let mut sender = start_phased_sender(&tb, &cg, &dst, &phase);
@@ -195,12 +196,18 @@ fn the_daemon_judges_kept_flows_again_when_jobs_change() {
         } else {
             vec!["--mode", "block", "--allow", allow.as_str()]
         };
+        // Each change is settled first: what this test is about is kept flows being judged
+        // again, not the first moments of a job (see the daemon suite for those). While it
+        // settles the sender sends a marker no capture counts: a phase's marker still sent
+        // after the change that ends its phase would be judged by the next phase's policy
+        // and counted against the wrong one (which once read as a leak: the host default's
+        // datagrams in the 500 ms after `job end` counted as passed "during the job").
+        std::fs::write(&phase, &settling).unwrap();
         d.start_job("j", &cg, &policy);
-        // Settled first: what this test is about is kept flows being judged again, not the
-        // first moments of a job (see the daemon suite for those).
         std::thread::sleep(SETTLE);
         std::fs::write(&phase, &marks[1]).unwrap();
         std::thread::sleep(Duration::from_millis(800));
+        std::fs::write(&phase, &settling).unwrap();
         d.ok(&["job", "end", "--id", "j", "--keep-processes"]);
         std::thread::sleep(SETTLE);
         std::fs::write(&phase, &marks[2]).unwrap();
