@@ -63,6 +63,11 @@ fn main() {
         "-O2".into(),
         arch_inc,
     ];
+    // x86-64 keeps loads in order with loads (TSO): the seqlock reader of bpf/maps.h's
+    // sk_flows can use plain loads there; elsewhere it pays for an atomic read.
+    if env::consts::ARCH == "x86_64" {
+        args.push("-DRF_LOADS_IN_ORDER=1".into());
+    }
     if let Ok(extra) = env::var("BPF_CFLAGS") {
         args.extend(extra.split_whitespace().map(String::from));
     }

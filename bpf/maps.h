@@ -182,6 +182,12 @@ struct {
  * jobs, devices, policies, a purge). Internal to the programs: not pinned, a new load
  * starts empty. */
 struct rf_sk_flow {
+	/* A seqlock: odd while one writer (the only one: it takes it with a compare-and-swap)
+	 * rewrites the entry; a reader that saw it odd, or changed across its reads, misses.
+	 * Two CPUs may keep flows of one socket at once (an unconnected UDP socket shared by
+	 * threads): without it a reader could match a mix of two flows, neither of them. */
+	__u32 seq;
+	__u32 _pad0;
 	__u8 daddr[16];
 	__u32 job_id;
 	__u32 ifindex;  /* the device it was judged on */

@@ -385,6 +385,27 @@ static __noinline int is_neighbour_discovery(struct __sk_buff *skb, const struct
 	return bpf_fib_lookup(skb, &fib, sizeof(fib), 0) == BPF_FIB_LKUP_RET_NOT_FWDED;
 }
 
+#ifndef barrier
+#define barrier() asm volatile("" ::: "memory")
+#endif
+
+/* The sequence word of a kept flow (see struct rf_sk_flow), read so that the reads after it
+ * are not done before it and those before it not after it: plain loads on x86-64, whose
+ * loads stay in order (and a compiler barrier), an atomic read (a full barrier) elsewhere. */
+static __always_inline __u32 seq_read(__u32 *seq)
+{
+	__u32 v;
+
+	barrier();
+#ifdef RF_LOADS_IN_ORDER
+	v = *(volatile __u32 *)seq;
+#else
+	v = __sync_fetch_and_add(seq, 0);
+#endif
+	barrier();
+	return v;
+}
+
 /* The flow kept with the socket a packet was sent from; `create` makes an empty one. The
  * helper itself finds nothing for what is not a full socket (a request or time-wait
  * socket): asking bpf_sk_fullsock() first would only cost a call. */
@@ -413,13 +434,16 @@ static __always_inline int kept_flow(struct __sk_buff *skb, __u32 l2, int touch)
 	void *data_end = (void *)(long)skb->data_end;
 	struct rf_sk_flow *f;
 	__be16 *ports;
-	__u32 l4;
+	__u32 l4, seq;
 	__u8 proto;
 
 	if (config.always_judge || (l2 != RF_L2_ETHER && l2 != RF_L2_NONE))
 		return 0;
 	f = sk_flow_of(skb, 0);
-	if (!f || f->gen != verdict_gen || f->ifindex != skb->ifindex)
+	if (!f)
+		return 0;
+	seq = seq_read(&f->seq);
+	if ((seq & 1) || f->gen != verdict_gen || f->ifindex != skb->ifindex)
 		return 0;
 	if (touch && bpf_jiffies64() - f->touched > RF_TOUCH_JIFFIES)
 		return 0;
@@ -459,15 +483,19 @@ static __always_inline int kept_flow(struct __sk_buff *skb, __u32 l2, int touch)
 	} else if ((void *)(ports + 4) > data_end) { /* a whole UDP header */
 		return 0;
 	}
-	return ports[0] == f->sport && ports[1] == f->dport;
+	if (ports[0] != f->sport || ports[1] != f->dport)
+		return 0;
+	/* Every field read was one writer's: no write began or ended in between. */
+	return seq_read(&f->seq) == seq;
 }
 
 /* Keeps the flow of an allowed or audited packet with its socket (see kept_flow). Never
  * DNS: queries are all filtered (to port 53) and answers all read (from it). */
 static __always_inline void keep_flow(struct __sk_buff *skb, const struct rf_job *job,
-				      const struct pkt *p, __u32 gen)
+				      const struct pkt *p)
 {
 	struct rf_sk_flow *f;
+	__u32 seq;
 
 	if (config.always_judge || p->sport == 53 || p->dport == 53 || p->fragment ||
 	    (p->proto != IPPROTO_TCP && p->proto != IPPROTO_UDP))
@@ -475,6 +503,11 @@ static __always_inline void keep_flow(struct __sk_buff *skb, const struct rf_job
 	f = sk_flow_of(skb, 1);
 	if (!f)
 		return;
+	/* The writer's side of the seqlock: taken (odd) or left to the writer that has it. */
+	seq = f->seq;
+	if ((seq & 1) || __sync_val_compare_and_swap(&f->seq, seq, seq + 1) != seq)
+		return;
+	barrier();
 	__builtin_memcpy(f->daddr, p->daddr, 16);
 	f->job_id = job->job_id;
 	f->ifindex = skb->ifindex;
@@ -483,7 +516,10 @@ static __always_inline void keep_flow(struct __sk_buff *skb, const struct rf_job
 	f->proto = p->proto;
 	f->family = p->family;
 	f->touched = bpf_jiffies64();
-	f->gen = gen;
+	f->gen = p->gen;
+	barrier();
+	/* Even again, after every store (an atomic: a full barrier on every architecture). */
+	__sync_fetch_and_add(&f->seq, 1);
 }
 
 /* The verdict path for a packet the job sends: on TC egress for a job keyed by cgroup (and
@@ -523,6 +559,7 @@ static __noinline int judge_packet(struct __sk_buff *skb, struct rf_job *job, __
 		return unparsed(job, cgid, &p, RF_SENDER_TC, skb);
 	}
 	p.rx = rx;
+	p.gen = how >> 32;
 	/* Nor does the job's IPv6 neighbour discovery, which is IP. */
 	if (rx && is_neighbour_discovery(skb, &p))
 		return TC_ACT_UNSPEC;
@@ -571,7 +608,7 @@ static __noinline int judge_packet(struct __sk_buff *skb, struct rf_job *job, __
 		if (dns && cached->verdict == RF_VERDICT_ALLOWED)
 			goto query;
 		if (!dns && !rx)
-			keep_flow(skb, job, &p, how >> 32);
+			keep_flow(skb, job, &p);
 		return TC_ACT_UNSPEC;
 	}
 
@@ -621,7 +658,7 @@ static __noinline int judge_packet(struct __sk_buff *skb, struct rf_job *job, __
 	count(verdict == RF_VERDICT_AUDITED ? RF_CNT_AUDITED : RF_CNT_ALLOWED);
 	if (!dns) {
 		if (!rx)
-			keep_flow(skb, job, &p, how >> 32);
+			keep_flow(skb, job, &p);
 		return TC_ACT_UNSPEC;
 	}
 	if (verdict != RF_VERDICT_ALLOWED)
@@ -647,14 +684,22 @@ static __noinline int read_answer(struct __sk_buff *skb, int at_link, __u32 link
 	return 0;
 }
 
-/* rf_egress past the fast path: which job the packet is, and its verdict. `gen`: the
- * verdict_gen read before anything was looked up. A subprogram: its frame is not under
- * the fast path's. */
-static __noinline int egress_slow(struct __sk_buff *skb)
+SEC("tc")
+int rf_egress(struct __sk_buff *skb)
 {
-	/* Read before any lookup: see invalidate_kept in src/kernel/dataplane.rs. */
-	__u64 cgid = 0, how = (__u64)verdict_gen << 32;
-	struct rf_job *link = link_job(skb), *job;
+	struct rf_job *link, *job;
+	__u64 cgid = 0, how;
+
+	/* An established flow of a socket: its kept verdict, no lookup (see sk_flows). Before
+	 * the device's interface job: no DNS answer (from port 53) is ever kept, so none
+	 * leaving the host side of a job's link skips read_answer. */
+	if (kept_flow(skb, link_hdr_len(skb), 1))
+		return TC_ACT_UNSPEC;
+	/* The generation, read before any lookup: see invalidate_kept in src/kernel/dataplane.rs.
+	 * (One function, no subprogram for the slow path: 6.1 rounds every frame up to 32
+	 * bytes, and the verdict path's chain of calls is at the 512-byte limit.) */
+	how = (__u64)verdict_gen << 32;
+	link = link_job(skb);
 
 	if (host_side(link)) {
 		/* The host side of an interface job's link: what leaves here goes to the job. What
@@ -680,17 +725,6 @@ static __noinline int egress_slow(struct __sk_buff *skb)
 	if (!job)
 		return TC_ACT_UNSPEC;
 	return judge_packet(skb, job, cgid, how);
-}
-
-SEC("tc")
-int rf_egress(struct __sk_buff *skb)
-{
-	/* An established flow of a socket: its kept verdict, no lookup (see sk_flows). Before
-	 * the device's interface job: no DNS answer (from port 53) is ever kept, so none
-	 * leaving the host side of a job's link skips read_answer. */
-	if (kept_flow(skb, link_hdr_len(skb), 1))
-		return TC_ACT_UNSPEC;
-	return egress_slow(skb);
 }
 
 SEC("tc")

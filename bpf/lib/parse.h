@@ -48,6 +48,9 @@ struct pkt {
 	__u32 l4_off;     /* offset of the TCP/UDP header */
 	__u32 dns_off;    /* where the DNS message starts (after TCP's 2-byte length prefix) */
 	__u32 dns_len;
+	/* Set by the verdict program: the verdict_gen read before its job was looked up, which
+	 * a flow kept with its socket is stamped with (what was the tail padding). */
+	__u32 gen;
 } __attribute__((aligned(8)));
 
 static __always_inline void v4_mapped(__u8 *dst, __be32 a)
