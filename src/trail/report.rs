@@ -497,7 +497,12 @@ impl Report {
             reason: f.reason,
         };
         let max = self.limits.max_destinations;
-        if self.rows.len() >= max && !self.rows.contains_key(&key) {
+        // One hash for a row seen before (most flows), two for a new one.
+        if let Some(row) = self.rows.get_mut(&key) {
+            Self::count_in(row, f, step, &mut self.step_rows, max, &mut self.steps);
+            return;
+        }
+        if self.rows.len() >= max {
             self.folded_flows += 1;
             *self
                 .folded
@@ -523,6 +528,18 @@ impl Report {
             steps: Vec::new(),
         };
         let row = self.rows.entry(key).or_insert_with(first);
+        Self::count_in(row, f, step, &mut self.step_rows, max, &mut self.steps);
+    }
+
+    /// Counts flow `f` (from step `step`) in its row.
+    fn count_in(
+        row: &mut Row,
+        f: &FlowEvent,
+        step: Option<usize>,
+        step_rows: &mut usize,
+        max: usize,
+        steps: &mut [Step],
+    ) {
         if f.ts < row.first_ts {
             row.first_ts = f.ts;
             row.first_pid = f.pid;
@@ -545,8 +562,8 @@ impl Report {
                 }
                 h.count += 1;
             }
-            None if self.step_rows < max => {
-                self.step_rows += 1;
+            None if *step_rows < max => {
+                *step_rows += 1;
                 row.steps.push(StepHit {
                     step: i,
                     count: 1,
@@ -557,7 +574,7 @@ impl Report {
                     first_parents: f.parents.clone(),
                 });
             }
-            None => self.steps[i].folded += 1,
+            None => steps[i].folded += 1,
         }
     }
 
