@@ -20,7 +20,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(test)]
+use std::time::Instant;
 
 pub use crate::trail::events::{Ancestor, Parents, MAX_PARENTS};
 
@@ -42,7 +44,8 @@ struct Proc {
     /// with its pid. At most [`COMMS`].
     comms: Vec<String>,
     exe: Option<Arc<str>>,
-    read_at: Instant,
+    /// CLOCK_BOOTTIME ns.
+    read_at: u64,
     /// The parent chain as the last flow of this process got it, shared by its next flows
     /// (put together again when this entry is read again: at most [`TTL`] old).
     parents: Option<Parents>,
@@ -62,7 +65,7 @@ pub struct ProcCache {
     procs: HashMap<u32, Proc>,
     /// Pids in the order they were read, oldest first, for eviction; an entry read again is
     /// pushed again, and its older place is skipped when reached.
-    order: VecDeque<(u32, Instant)>,
+    order: VecDeque<(u32, u64)>,
     capacity: usize,
     proc_root: PathBuf,
     /// `/proc` reads, for tests and the curious.
@@ -98,10 +101,15 @@ impl ProcCache {
     /// The lineage of `pid`, whose comm the kernel reported as `comm` (empty: unknown).
     /// Empty when pid is 0 or the process is gone.
     pub fn lineage(&mut self, pid: u32, comm: &str) -> Lineage {
+        self.lineage_at(pid, comm, crate::agent::boottime_ns())
+    }
+
+    /// [`Self::lineage`] at `now` (CLOCK_BOOTTIME ns): the agent has read the clock for the
+    /// event already.
+    pub fn lineage_at(&mut self, pid: u32, comm: &str, now: u64) -> Lineage {
         if pid == 0 {
             return Lineage::default();
         }
-        let now = Instant::now();
         // The common case: a process whose chain is already put together.
         if let Some(p) = self.fresh(pid, Some(comm), now) {
             if let Some(parents) = &p.parents {
@@ -135,22 +143,17 @@ impl ProcCache {
 
     /// The cached entry of `pid` if it may be used as is: read less than [`TTL`] ago and
     /// (when the kernel's comm is known) naming that comm.
-    fn fresh(&self, pid: u32, comm: Option<&str>, now: Instant) -> Option<&Proc> {
+    fn fresh(&self, pid: u32, comm: Option<&str>, now: u64) -> Option<&Proc> {
         let comm = comm.filter(|c| !c.is_empty());
         let p = self.procs.get(&pid)?;
-        let fresh = now.duration_since(p.read_at) < TTL;
+        let fresh = now.saturating_sub(p.read_at) < TTL.as_nanos() as u64;
         let same = comm.is_none_or(|c| p.comms.iter().any(|k| k == c));
         (fresh && same).then_some(p)
     }
 
     /// (exe, ppid) of `pid`, read from `/proc` if it is not cached, too old, or (when the
     /// kernel's comm is known) names another comm.
-    fn get(
-        &mut self,
-        pid: u32,
-        comm: Option<&str>,
-        now: Instant,
-    ) -> Option<(Option<Arc<str>>, u32)> {
+    fn get(&mut self, pid: u32, comm: Option<&str>, now: u64) -> Option<(Option<Arc<str>>, u32)> {
         if let Some(p) = self.fresh(pid, comm, now) {
             return Some((p.exe.clone(), p.ppid));
         }
@@ -195,7 +198,7 @@ impl ProcCache {
     }
 
     /// Reads `/proc/PID/stat` (ppid, comm) and `/proc/PID/exe`. None when the process is gone.
-    fn read(&self, pid: u32, now: Instant) -> Option<Proc> {
+    fn read(&self, pid: u32, now: u64) -> Option<Proc> {
         let dir = self.proc_root.join(pid.to_string());
         let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
         let (comm, ppid) = parse_stat(&stat)?;

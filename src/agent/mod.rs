@@ -444,7 +444,11 @@ impl Agent {
             Some(j) => j.guard.admit(&ev, now_ns),
             None => true,
         };
-        let ev = if admitted { self.with_lineage(ev) } else { ev };
+        let ev = if admitted {
+            self.with_lineage(ev, now_ns)
+        } else {
+            ev
+        };
         if let Some(j) = self.jobs.get_mut(&job_id) {
             j.report.add(&ev);
         }
@@ -473,10 +477,10 @@ impl Agent {
 
     /// A flow event with its process's executable and parent chain (see [`lineage`]). Only
     /// events that are written get them: what the rate limit holds back costs no /proc read.
-    fn with_lineage(&mut self, ev: Event) -> Event {
+    fn with_lineage(&mut self, ev: Event, now_ns: u64) -> Event {
         match ev {
             Event::Flow(mut f) if f.pid != 0 && f.exe.is_none() && f.parents.is_empty() => {
-                let l = self.procs.lineage(f.pid, &f.comm);
+                let l = self.procs.lineage_at(f.pid, &f.comm, now_ns);
                 f.exe = l.exe;
                 f.parents = l.parents;
                 Event::Flow(f)

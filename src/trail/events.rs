@@ -257,11 +257,19 @@ pub struct FlowEvent {
     /// The process's executable (`/proc/PID/exe` as the agent read it); absent when the
     /// process was gone by then, or no pid is known.
     /// Shared with the agent's process cache and every other flow of the process.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "shared_json::exe"
+    )]
     pub exe: Option<Arc<str>>,
     /// Its parent, grandparent… (at most [`MAX_PARENTS`]), nearest first. Absent when empty:
     /// no pid, or the process was gone before the agent read its event.
-    #[serde(default, skip_serializing_if = "parents_empty")]
+    #[serde(
+        default,
+        skip_serializing_if = "parents_empty",
+        serialize_with = "shared_json::parents"
+    )]
     pub parents: Parents,
     pub cgroup: u64,
     /// For a packet no socket sent — forwarded from a container or a namespace the job
@@ -782,6 +790,60 @@ fn write_ip(a: IpAddr, buf: &mut [u8; 48]) -> &str {
         }
     }
     std::str::from_utf8(&buf[..n]).expect("ASCII")
+}
+
+/// The JSON of a process's executable and parent chain, made once per process: every flow
+/// of a process shares them (`Arc`s from the agent's process cache), and their paths were
+/// most of the bytes each line escaped. Cached by the `Arc`'s address, with a clone of it
+/// held so the address cannot be another's while cached.
+mod shared_json {
+    use super::*;
+    use serde_json::value::RawValue;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    /// Entries at most; past it the cache starts again.
+    const ENTRIES: usize = 4096;
+
+    thread_local! {
+        static EXES: RefCell<HashMap<usize, (Arc<str>, Box<RawValue>)>> = RefCell::default();
+        static PARENTS: RefCell<HashMap<usize, (Parents, Box<RawValue>)>> = RefCell::default();
+    }
+
+    fn cached<T: ?Sized + Serialize, S: Serializer>(
+        cache: &'static std::thread::LocalKey<RefCell<HashMap<usize, (Arc<T>, Box<RawValue>)>>>,
+        v: &Arc<T>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let key = Arc::as_ptr(v) as *const u8 as usize;
+        cache.with(|c| {
+            let mut c = c.borrow_mut();
+            if !c.contains_key(&key) {
+                let raw = serde_json::to_string(&**v)
+                    .ok()
+                    .and_then(|j| RawValue::from_string(j).ok());
+                let Some(raw) = raw else {
+                    return v.serialize(s);
+                };
+                if c.len() >= ENTRIES {
+                    c.clear();
+                }
+                c.insert(key, (v.clone(), raw));
+            }
+            c[&key].1.serialize(s)
+        })
+    }
+
+    pub fn exe<S: Serializer>(v: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => cached(&EXES, v, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn parents<S: Serializer>(v: &Parents, s: S) -> Result<S::Ok, S::Error> {
+        cached(&PARENTS, v, s)
+    }
 }
 
 mod ip_serde {
