@@ -123,10 +123,8 @@ impl Names {
         while self.slots.last().is_some_and(|s| s.name.is_none()) {
             self.slots.pop();
         }
-        if self.free.len() > self.slots.len() {
-            let n = self.slots.len() as NameId;
-            self.free.retain(|&i| i < n);
-        }
+        let n = self.slots.len() as NameId;
+        self.free.retain(|&i| i < n);
         shrink_map(&mut self.by_addr);
         shrink_map(&mut self.index);
         if self.slots.capacity() > SHRINK_ABOVE && self.slots.len() * 4 <= self.slots.capacity() {
@@ -232,5 +230,25 @@ mod tests {
         assert!(n.slots.len() <= 3);
         assert_eq!(n.expire(1000 * S), 5);
         assert!(n.is_empty() && n.slots.is_empty() && n.free.is_empty());
+    }
+
+    /// Free slots past the end of the table (the tail dropped by an expiry) are not used
+    /// again: a name freed by a rename just before the tail, then the tail expiring.
+    #[test]
+    fn free_slots_past_the_end_are_dropped() {
+        let mut n = Names::default();
+        for i in 0..10 {
+            n.insert(v4(i), &format!("n{i}.test"), 100 * S);
+        }
+        n.insert(v4(10), "n10.test", 5 * S);
+        n.insert(v4(9), "n0.test", 100 * S); // n9.test's slot is free now
+        assert_eq!(n.expire(6 * S), 1);
+        assert_eq!(n.slots.len(), 9);
+        for i in 20..30 {
+            n.insert(v4(i), &format!("m{i}.test"), 100 * S);
+        }
+        assert_eq!((n.len(), n.names()), (20, 19));
+        assert_eq!(n.get(v4(25)).map(|s| &**s), Some("m25.test"));
+        assert_eq!(n.get(v4(9)).map(|s| &**s), Some("n0.test"));
     }
 }

@@ -478,7 +478,7 @@ pub(super) fn render(r: &Report) -> String {
             .iter()
             .map(|(name, row)| {
                 let answers = if row.is_empty() {
-                    row.rcodes.iter().cloned().collect::<Vec<_>>().join(", ")
+                    row.rcodes.join(", ")
                 } else {
                     super::join_answers(row)
                 };
