@@ -1016,10 +1016,10 @@ fn memory(args: &Args) -> Result<()> {
 
 /// A daemon-like agent over a long life: `total` distinct names (200k) come at 10k an hour
 /// of simulated time, each answered with 4 addresses for a TTL of 1–10 minutes and used by
-/// one flow, over 4 jobs with the default limits, its expiry run every simulated second
-/// against a loaded dataplane as the daemon's loop runs it. Its RSS after the first 10k names
-/// (the job reports are full by then: 10k destinations) against its RSS at the end: flat
-/// means within 10%.
+/// one flow, over 4 jobs at a time with the default limits, each job an hour long (every 15
+/// minutes the oldest ends, as `job end` ends it, and a new one starts), the expiry run
+/// every simulated second against a loaded dataplane as the daemon's loop runs it. Its RSS
+/// after the first 10k names against its RSS at the end: flat means within 10%.
 fn churn(args: &Args) -> Result<()> {
     use ringfence::testkit::testrun::{dns_answer, Rr};
     let total: u64 = if args.quick { 20_000 } else { 200_000 };
@@ -1043,14 +1043,17 @@ fn churn(args: &Args) -> Result<()> {
         Duration::from_secs(0),
         Duration::from_secs(30),
     )?;
-    let ids = job_ids(jobs);
+    let mut ids = job_ids(jobs);
+    let new_job = |id: u32| {
+        JobState::new(&format!("churn-{id}"), "block", None)
+            .with_limits(ringfence::trail::limits::Limits::default())
+    };
     for &id in &ids {
-        agent.jobs.insert(
-            id,
-            JobState::new(&format!("churn-{id}"), "block", None)
-                .with_limits(ringfence::trail::limits::Limits::default()),
-        );
+        agent.jobs.insert(id, new_job(id));
     }
+    let mut next_id = 5000;
+    let turn_ns: u64 = 15 * 60 * 1_000_000_000;
+    let mut next_turn = turn_ns;
     let t0 = ringfence::agent::boottime_ns();
     let mut now = t0;
     let mut next_tick = t0;
@@ -1065,6 +1068,16 @@ fn churn(args: &Args) -> Result<()> {
             now = next_tick;
             agent.expire(&dp, now);
             next_tick += 1_000_000_000;
+        }
+        // A job ends and another starts, every 15 simulated minutes.
+        if ts - t0 >= next_turn {
+            next_turn += turn_ns;
+            let old = ids.remove(0);
+            agent.finish_job(old);
+            agent.remove_job(old);
+            next_id += 1;
+            agent.jobs.insert(next_id, new_job(next_id));
+            ids.push(next_id);
         }
         let job = ids[(i % jobs as u64) as usize];
         let name = format!("n{i}.svc{}.churn.test", i % 64);
