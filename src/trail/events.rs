@@ -805,13 +805,16 @@ mod shared_json {
     /// Entries at most; past it the cache starts again.
     const ENTRIES: usize = 4096;
 
+    /// By the `Arc`'s address: the `Arc` (held, so the address stays its own) and its JSON.
+    type Cache<T> = RefCell<HashMap<usize, (Arc<T>, Box<RawValue>)>>;
+
     thread_local! {
-        static EXES: RefCell<HashMap<usize, (Arc<str>, Box<RawValue>)>> = RefCell::default();
-        static PARENTS: RefCell<HashMap<usize, (Parents, Box<RawValue>)>> = RefCell::default();
+        static EXES: Cache<str> = RefCell::default();
+        static PARENTS: Cache<[Ancestor]> = RefCell::default();
     }
 
     fn cached<T: ?Sized + Serialize, S: Serializer>(
-        cache: &'static std::thread::LocalKey<RefCell<HashMap<usize, (Arc<T>, Box<RawValue>)>>>,
+        cache: &'static std::thread::LocalKey<Cache<T>>,
         v: &Arc<T>,
         s: S,
     ) -> Result<S::Ok, S::Error> {
