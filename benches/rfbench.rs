@@ -1017,7 +1017,8 @@ fn memory(args: &Args) -> Result<()> {
 /// A daemon-like agent over a long life: `total` distinct names (200k) come at 10k an hour
 /// of simulated time, each answered with 4 addresses for a TTL of 1–10 minutes and used by
 /// one flow, over 4 jobs at a time with the default limits, each job an hour long (every 15
-/// minutes the oldest ends, as `job end` ends it, and a new one starts), the expiry run
+/// minutes the oldest ends, as `job end` ends it, and a new one starts; the first four end
+/// sooner), the expiry run
 /// every simulated second against a loaded dataplane as the daemon's loop runs it. Its RSS
 /// after the first 10k names against its RSS at the end: flat means within 10%.
 fn churn(args: &Args) -> Result<()> {
