@@ -734,8 +734,9 @@ fn pipeline(args: &Args) -> Result<()> {
                 std::thread::sleep(Duration::from_micros(200));
                 continue;
             }
-            // Batches of at most 1024: the jobs take turns within a millisecond or so.
-            let n = (want - produced).min(1024) as u32;
+            // Batches of at most 4096 (a few ms): every job has had several turns within
+            // each step, and the producer's per-call cost stays small.
+            let n = (want - produced).min(4096) as u32;
             run_tc(
                 dp.egress_prog(),
                 &f,
