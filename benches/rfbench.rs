@@ -5,6 +5,7 @@
 //!   rfbench dataplane [--quick] [--json FILE]   per-packet cost, BPF_PROG_TEST_RUN
 //!   rfbench pipeline  [--quick] [--json FILE]   ring buffer -> agent -> JSON Lines, drop point
 //!   rfbench memory    [--quick] [--json FILE]   agent RSS and BPF map memory at 1M addresses
+//!   rfbench churn     [--quick] [--json FILE]   agent RSS over 200k names that come and go
 //!   rfbench policy    [--quick] [--json FILE]   parse+compile and load of 1k..1M-entry
 //!                     policies (benches/rfbench/policy.rs)
 //!   rfbench daemon --ringfence PATH [--quick] [--json FILE]   `ringfence run` from outside:
@@ -42,7 +43,8 @@ mod daemon;
 #[path = "rfbench/policy.rs"]
 mod policy;
 
-const USAGE: &str = "usage: rfbench dataplane|pipeline|memory|policy [--quick] [--json FILE] \
+const USAGE: &str =
+    "usage: rfbench dataplane|pipeline|memory|churn|policy [--quick] [--json FILE] \
      | daemon --ringfence PATH [--quick] [--json FILE] \
      | connect-server ADDR:PORT SECS | connect-client ADDR:PORT SECS MAX";
 
@@ -150,6 +152,7 @@ fn main() -> Result<()> {
         Some("dataplane") => dataplane(&args),
         Some("pipeline") => pipeline(&args),
         Some("memory") => memory(&args),
+        Some("churn") => churn(&args),
         Some("policy") => policy::policy(&args),
         Some("daemon") => daemon::daemon(&args),
         Some("daemon-sender") => daemon::sender_main(&args.rest[1..]),
@@ -530,11 +533,22 @@ fn machine() -> Value {
 // Event pipeline: real ring buffer -> Agent::handle -> JSON Lines writer
 // ---------------------------------------------------------------------------------------
 
-/// A flow event as the kernel writes it, for the decode-only pass.
+/// Jobs the pipeline's events are spread over (the target: 32 jobs busy).
+const BUSY_JOBS: u32 = 32;
+
+/// The ids of `n` jobs as [`new_agent_in`] registers them.
+fn job_ids(n: u32) -> Vec<u32> {
+    (0..n)
+        .map(|j| if j == 0 { JOB } else { 1000 + j })
+        .collect()
+}
+
+/// A flow event as the kernel writes it, for the decode-only pass; event `i` is job
+/// `i % BUSY_JOBS`'s.
 fn synthetic_flow_event(i: u64) -> Vec<u8> {
     let mut ev = abi::rf_flow_event::default();
     ev.hdr.r#type = abi::rf_event_type::RF_EVENT_FLOW.0;
-    ev.hdr.job_id = JOB;
+    ev.hdr.job_id = job_ids(BUSY_JOBS)[(i % BUSY_JOBS as u64) as usize];
     ev.hdr.ts_ns = 1_000_000_000 + i;
     ev.cgroup_id = 4242;
     ev.pid = std::process::id();
@@ -568,8 +582,7 @@ fn new_agent_in(sink: &str, jobs: u32, cgroup: Option<std::path::PathBuf>) -> Re
         Duration::from_secs(0),
         Duration::from_secs(30),
     )?;
-    for j in 0..jobs {
-        let id = if j == 0 { JOB } else { 1000 + j };
+    for id in job_ids(jobs) {
         agent.jobs.insert(
             id,
             JobState::new(&format!("bench-{id}"), "block", cgroup.clone()),
@@ -584,7 +597,7 @@ fn pipeline(args: &Args) -> Result<()> {
     let n_syn: u64 = if args.quick { 50_000 } else { 1_000_000 };
     let evs: Vec<Vec<u8>> = (0..1024).map(synthetic_flow_event).collect();
     let cg = own_cgroup();
-    let mut agent = new_agent_in(&sink, 1, cg.clone())?;
+    let mut agent = new_agent_in(&sink, BUSY_JOBS, cg.clone())?;
     let t = Instant::now();
     for i in 0..n_syn {
         agent.handle(&evs[(i % 1024) as usize]);
@@ -593,7 +606,7 @@ fn pipeline(args: &Args) -> Result<()> {
     let handle_rate = n_syn as f64 / t.elapsed().as_secs_f64();
     drop(agent);
     // The same without a job cgroup (no pid check): what the rest of the path costs.
-    let mut agent = new_agent_in(&sink, 1, None)?;
+    let mut agent = new_agent_in(&sink, BUSY_JOBS, None)?;
     let t = Instant::now();
     for i in 0..n_syn {
         agent.handle(&evs[(i % 1024) as usize]);
@@ -607,7 +620,7 @@ fn pipeline(args: &Args) -> Result<()> {
         1e9 / nocheck_rate
     );
     println!(
-        "agent.handle (synthetic flow events, sink {sink}, pid checked against {}): {:.0} events/s, {:.0} ns/event",
+        "agent.handle (synthetic flow events of {BUSY_JOBS} jobs, sink {sink}, pid checked against {}): {:.0} events/s, {:.0} ns/event",
         cg.as_ref().map_or("nothing".into(), |p| p.display().to_string()),
         handle_rate,
         1e9 / handle_rate
@@ -616,6 +629,10 @@ fn pipeline(args: &Args) -> Result<()> {
     // 2. Through the kernel: the egress program (always_judge, events on) turns every
     // BPF_PROG_TEST_RUN repetition into one ring-buffer flow event; a consumer thread polls
     // the ring buffer like the agent's loop does and hands every record to Agent::handle.
+    // The job of a packet is its interface's: BUSY_JOBS interfaces (veth ends in a network
+    // namespace of this thread's own, gone with the process), one job each, the producer
+    // going round them.
+    let links = private_links(BUSY_JOBS)?;
     let mut dp = Dataplane::load(&Options {
         emit_events: true,
         always_judge: true,
@@ -640,8 +657,10 @@ fn pipeline(args: &Args) -> Result<()> {
         )],
         inbound: vec![],
     };
-    dp.install_policy(JOB, &compiled, &[resolver()])?;
-    dp.add_interface_job(LO, block_job(JOB))?;
+    for (id, ifindex) in job_ids(BUSY_JOBS).into_iter().zip(&links) {
+        dp.install_policy(id, &compiled, &[resolver()])?;
+        dp.add_interface_job(*ifindex, block_job(id))?;
+    }
     let map = dp.events_map()?;
     let consumed = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
@@ -655,7 +674,7 @@ fn pipeline(args: &Args) -> Result<()> {
             cg.clone(),
         );
         std::thread::spawn(move || -> Result<()> {
-            let agent = std::cell::RefCell::new(new_agent_in(&sink, 1, cg)?);
+            let agent = std::cell::RefCell::new(new_agent_in(&sink, BUSY_JOBS, cg)?);
             let mut b = libbpf_rs::RingBufferBuilder::new();
             b.add(&map, |data: &[u8]| {
                 agent.borrow_mut().handle(data);
@@ -694,6 +713,7 @@ fn pipeline(args: &Args) -> Result<()> {
         ]
     };
     let mut steps = Vec::new();
+    let mut batch: u64 = 0;
     println!(
         "{:>10} {:>12} {:>12} {:>10} {:>8}",
         "offered/s", "produced/s", "consumed/s", "drops", "kept up"
@@ -714,8 +734,16 @@ fn pipeline(args: &Args) -> Result<()> {
                 std::thread::sleep(Duration::from_micros(200));
                 continue;
             }
-            let n = (want - produced).min(8192) as u32;
-            run_tc(dp.egress_prog(), &f, LO, n)?;
+            // Batches of at most 4096 (a few ms): every job has had several turns within
+            // each step, and the producer's per-call cost stays small.
+            let n = (want - produced).min(4096) as u32;
+            run_tc(
+                dp.egress_prog(),
+                &f,
+                links[(batch % links.len() as u64) as usize],
+                n,
+            )?;
+            batch += 1;
             produced += n as u64;
         }
         let elapsed = t.elapsed().as_secs_f64();
@@ -784,6 +812,7 @@ fn pipeline(args: &Args) -> Result<()> {
         "sink": sink,
         "loadavg": loadavg(),
         "job_cgroup": cg.map(|p| p.display().to_string()),
+        "jobs": BUSY_JOBS,
         "handle_events_per_s": handle_rate.round(),
         "handle_ns_per_event": round2(1e9 / handle_rate),
         "handle_nocheck_events_per_s": nocheck_rate.round(),
@@ -793,6 +822,34 @@ fn pipeline(args: &Args) -> Result<()> {
         "steps": steps,
     });
     write_json(&args.json, &out)
+}
+
+/// `n` interfaces for BPF_PROG_TEST_RUN to name as a packet's device: veth pairs in a new
+/// network namespace of the calling thread (a test run looks the ifindex up in the
+/// caller's namespace). Nothing outside the process sees them; they go when it exits.
+fn private_links(n: u32) -> Result<Vec<u32>> {
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+        .context("unshare(CLONE_NEWNET) for the pipeline's interfaces")?;
+    let mut out = Vec::new();
+    for p in 0..n.div_ceil(2) {
+        let (a, b) = (format!("rfb11a{p}"), format!("rfb11b{p}"));
+        // `ip` is forked from this thread, so it runs in the new namespace too.
+        let st = std::process::Command::new("ip")
+            .args(["link", "add", &a, "type", "veth", "peer", "name", &b])
+            .status()
+            .context("running ip")?;
+        if !st.success() {
+            bail!("ip link add {a} type veth peer name {b}: {st}");
+        }
+        for name in [a, b] {
+            out.push(
+                nix::net::if_::if_nametoindex(name.as_str())
+                    .with_context(|| format!("ifindex of {name}"))?,
+            );
+        }
+    }
+    out.truncate(n as usize);
+    Ok(out)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -953,6 +1010,159 @@ fn memory(args: &Args) -> Result<()> {
         "trie_entries": per_job * jobs as u64,
         "maps": maps.iter().map(|(id, n, m)| json!({"id": id, "name": n, "memlock": m})).collect::<Vec<_>>(),
         "maps_memlock_mib": round2(map_total as f64 / 1048576.0),
+    });
+    drop(dp);
+    write_json(&args.json, &out)
+}
+
+/// A daemon-like agent over a long life: `total` distinct names (200k) come at 10k an hour
+/// of simulated time, each answered with 4 addresses for a TTL of 1–10 minutes and used by
+/// one flow, over 4 jobs at a time with the default limits, each job an hour long (every 15
+/// minutes the oldest ends, as `job end` ends it, and a new one starts; the first four end
+/// sooner), the expiry run
+/// every simulated second against a loaded dataplane as the daemon's loop runs it. Its RSS
+/// after the first 10k names against its RSS at the end: flat means within 10%.
+fn churn(args: &Args) -> Result<()> {
+    use ringfence::testkit::testrun::{dns_answer, Rr};
+    let total: u64 = if args.quick { 20_000 } else { 200_000 };
+    let first: u64 = if args.quick { 2_000 } else { 10_000 };
+    let jobs: u32 = 4;
+    let per: u64 = 4;
+    // 10k names an hour (the rate of cilium/cilium#47128's report).
+    let every_ns: u64 = 3_600_000_000_000 / 10_000;
+    let sink = std::env::var("RFBENCH_EVENTS").unwrap_or_else(|_| "/dev/null".into());
+    let dp = Dataplane::load(&Options {
+        emit_events: true,
+        capacity: Capacity {
+            static_addresses: 1024,
+            learned_addresses: 1024,
+            ..Default::default()
+        },
+        ..Default::default()
+    })?;
+    let mut agent = Agent::new(
+        Some(std::path::Path::new(&sink)),
+        Duration::from_secs(0),
+        Duration::from_secs(30),
+    )?;
+    let mut ids = job_ids(jobs);
+    let new_job = |id: u32| {
+        JobState::new(&format!("churn-{id}"), "block", None)
+            .with_limits(ringfence::trail::limits::Limits::default())
+    };
+    for &id in &ids {
+        agent.jobs.insert(id, new_job(id));
+    }
+    let mut next_id = 5000;
+    let turn_ns: u64 = 15 * 60 * 1_000_000_000;
+    let mut next_turn = turn_ns;
+    let t0 = ringfence::agent::boottime_ns();
+    let mut now = t0;
+    let mut next_tick = t0;
+    let rss0 = status_kib("VmRSS:");
+    let mut rss_first = 0;
+    let mut curve = Vec::new();
+    let t = Instant::now();
+    for i in 0..total {
+        let ts = t0 + i * every_ns;
+        // The daemon's loop: expiry every tick (here every simulated second).
+        while next_tick <= ts {
+            now = next_tick;
+            agent.expire(&dp, now);
+            next_tick += 1_000_000_000;
+        }
+        // A job ends and another starts, every 15 simulated minutes.
+        if ts - t0 >= next_turn {
+            next_turn += turn_ns;
+            let old = ids.remove(0);
+            agent.finish_job(old);
+            agent.remove_job(old);
+            next_id += 1;
+            agent.jobs.insert(next_id, new_job(next_id));
+            ids.push(next_id);
+        }
+        let job = ids[(i % jobs as u64) as usize];
+        let name = format!("n{i}.svc{}.churn.test", i % 64);
+        let ttl = 60 + (mix(i) % 541) as u32;
+        let rrs: Vec<Rr> = (0..per)
+            .map(|k| {
+                let IpAddr::V6(ip) = dest(i * per + k) else {
+                    unreachable!()
+                };
+                Rr::Aaaa(&name, ttl, ip.octets())
+            })
+            .collect();
+        let msg = dns_answer(i as u16, &name, 28, &rrs);
+        let mut ev = abi::rf_dns_event::default();
+        ev.hdr.r#type = abi::rf_event_type::RF_EVENT_DNS.0;
+        ev.hdr.job_id = job;
+        ev.hdr.ts_ns = ts;
+        ev.server = abi::addr_to_bytes(resolver());
+        ev.len = msg.len() as u16;
+        ev.bound = per as u16;
+        ev.flags = abi::DNS_ALLOWED;
+        let mut rec = abi::bytes_of(&ev).to_vec();
+        rec.extend_from_slice(&msg);
+        agent.handle(&rec);
+        // One flow to the first address.
+        let mut fl = abi::rf_flow_event::default();
+        fl.hdr.r#type = abi::rf_event_type::RF_EVENT_FLOW.0;
+        fl.hdr.job_id = job;
+        fl.hdr.ts_ns = ts + 1_000_000;
+        fl.pid = std::process::id();
+        fl.saddr = abi::addr_to_bytes(client());
+        fl.daddr = abi::addr_to_bytes(dest(i * per));
+        fl.sport = 40000 + (i % 20000) as u16;
+        fl.dport = 443;
+        fl.proto = 6;
+        agent.handle(abi::bytes_of(&fl));
+        if (i + 1) % 1000 == 0 {
+            agent.flush();
+        }
+        if i + 1 == first {
+            rss_first = status_kib("VmRSS:");
+        }
+        if (i + 1) % (total / 20) == 0 {
+            let rss = status_kib("VmRSS:");
+            let names: usize = agent.jobs.values().map(|j| j.names_kept()).sum();
+            println!(
+                "  {:>7} names, {:>6.1} h: RSS {:>6.1} MiB, addresses named {names}",
+                i + 1,
+                (ts - t0) as f64 / 3.6e12,
+                rss as f64 / 1024.0
+            );
+            curve.push(json!({"names": i + 1, "hours": round2((ts - t0) as f64 / 3.6e12), "rss_mib": round2(rss as f64 / 1024.0), "addresses_named": names}));
+        }
+    }
+    let _ = now;
+    agent.finish();
+    let rss_end = status_kib("VmRSS:");
+    let ratio = rss_end as f64 / rss_first.max(1) as f64;
+    println!(
+        "churn: {total} names over {:.1} simulated hours ({:.1} s): RSS after {first} names {:.1} MiB, at the end {:.1} MiB: {ratio:.3}x ({}; idle {:.1} MiB, peak {:.1} MiB)",
+        (total * every_ns) as f64 / 3.6e12,
+        t.elapsed().as_secs_f64(),
+        rss_first as f64 / 1024.0,
+        rss_end as f64 / 1024.0,
+        if ratio <= 1.10 { "flat: within 10%" } else { "NOT flat: more than 10% over" },
+        rss0 as f64 / 1024.0,
+        status_kib("VmHWM:") as f64 / 1024.0,
+    );
+    let out = json!({
+        "kind": "churn",
+        "machine": machine(),
+        "quick": args.quick,
+        "names": total,
+        "first": first,
+        "jobs": jobs,
+        "addresses_per_name": per,
+        "rss_idle_mib": round2(rss0 as f64 / 1024.0),
+        "rss_first_mib": round2(rss_first as f64 / 1024.0),
+        "rss_end_mib": round2(rss_end as f64 / 1024.0),
+        "rss_peak_mib": round2(status_kib("VmHWM:") as f64 / 1024.0),
+        "end_over_first": (ratio * 1000.0).round() / 1000.0,
+        "flat": ratio <= 1.10,
+        "curve": curve,
     });
     drop(dp);
     write_json(&args.json, &out)

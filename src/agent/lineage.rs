@@ -4,7 +4,9 @@
 //! agent adds where it came from: `/proc/PID/exe`, and the same for its parent, grandparent…
 //! up to [`MAX_PARENTS`], following `/proc/PID/stat`'s ppid. Each process is read once and
 //! kept in a bounded cache (a build's compiler runs reach the same shell again and again),
-//! so a flow costs hash lookups, not file reads.
+//! so a flow costs hash lookups, not file reads. The chain a process's flows get is put
+//! together once and shared (`Arc`) by every flow of the process until its entry is read
+//! again: at a million events a second, one lookup and two reference counts per event.
 //!
 //! A process may have exited by the time its event is read (events wait in the ring buffer
 //! for up to the agent's tick): the event then says so with no `exe` and no parents; an
@@ -17,9 +19,12 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Duration;
+#[cfg(test)]
+use std::time::Instant;
 
-pub use crate::trail::events::{Ancestor, MAX_PARENTS};
+pub use crate::trail::events::{Ancestor, Parents, MAX_PARENTS};
 
 /// Processes remembered at once. Past it the oldest entry goes (read again if needed).
 pub const CACHE_ENTRIES: usize = 4096;
@@ -38,15 +43,20 @@ struct Proc {
     /// (a named thread's differs from its process's): to tell the process from a later one
     /// with its pid. At most [`COMMS`].
     comms: Vec<String>,
-    exe: Option<String>,
-    read_at: Instant,
+    exe: Option<Arc<str>>,
+    /// CLOCK_BOOTTIME ns.
+    read_at: u64,
+    /// The parent chain as the last flow of this process got it, shared by its next flows
+    /// (put together again when this entry is read again: at most [`TTL`] old).
+    parents: Option<Parents>,
 }
 
-/// A process's executable and its ancestors, nearest first.
+/// A process's executable and its ancestors, nearest first. Cheap to clone: both are
+/// shared with the cache.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Lineage {
-    pub exe: Option<String>,
-    pub parents: Vec<Ancestor>,
+    pub exe: Option<Arc<str>>,
+    pub parents: Parents,
 }
 
 /// The bounded cache of processes read from `/proc`.
@@ -55,7 +65,7 @@ pub struct ProcCache {
     procs: HashMap<u32, Proc>,
     /// Pids in the order they were read, oldest first, for eviction; an entry read again is
     /// pushed again, and its older place is skipped when reached.
-    order: VecDeque<(u32, Instant)>,
+    order: VecDeque<(u32, u64)>,
     capacity: usize,
     proc_root: PathBuf,
     /// `/proc` reads, for tests and the curious.
@@ -91,42 +101,63 @@ impl ProcCache {
     /// The lineage of `pid`, whose comm the kernel reported as `comm` (empty: unknown).
     /// Empty when pid is 0 or the process is gone.
     pub fn lineage(&mut self, pid: u32, comm: &str) -> Lineage {
+        self.lineage_at(pid, comm, crate::agent::boottime_ns())
+    }
+
+    /// [`Self::lineage`] at `now` (CLOCK_BOOTTIME ns): the agent has read the clock for the
+    /// event already.
+    pub fn lineage_at(&mut self, pid: u32, comm: &str, now: u64) -> Lineage {
         if pid == 0 {
             return Lineage::default();
         }
-        let Some(me) = self.get(pid, Some(comm)) else {
-            return Lineage::default();
-        };
-        let mut out = Lineage {
-            exe: me.exe,
-            parents: Vec::new(),
-        };
-        let mut next = me.ppid;
-        while next != 0 && out.parents.len() < MAX_PARENTS {
-            let Some(p) = self.get(next, None) else {
-                break; // exited meanwhile: the chain ends here
-            };
-            out.parents.push(Ancestor {
-                pid: next,
-                exe: p.exe,
-            });
-            next = p.ppid;
-        }
-        out
-    }
-
-    /// The entry of `pid`, read from `/proc` if it is not cached, too old, or (when the
-    /// kernel's comm is known) names another comm.
-    fn get(&mut self, pid: u32, comm: Option<&str>) -> Option<Proc> {
-        let now = Instant::now();
-        let comm = comm.filter(|c| !c.is_empty());
-        if let Some(p) = self.procs.get(&pid) {
-            let fresh = now.duration_since(p.read_at) < TTL;
-            let same = comm.is_none_or(|c| p.comms.iter().any(|k| k == c));
-            if fresh && same {
-                return Some(p.clone());
+        // The common case: a process whose chain is already put together.
+        if let Some(p) = self.fresh(pid, Some(comm), now) {
+            if let Some(parents) = &p.parents {
+                return Lineage {
+                    exe: p.exe.clone(),
+                    parents: parents.clone(),
+                };
             }
         }
+        let Some((exe, ppid)) = self.get(pid, Some(comm), now) else {
+            return Lineage::default();
+        };
+        let mut parents = Vec::new();
+        let mut next = ppid;
+        while next != 0 && parents.len() < MAX_PARENTS {
+            let Some((exe, ppid)) = self.get(next, None, now) else {
+                break; // exited meanwhile: the chain ends here
+            };
+            parents.push(Ancestor {
+                pid: next,
+                exe: exe.map(|e| e.to_string()),
+            });
+            next = ppid;
+        }
+        let parents: Parents = parents.into();
+        if let Some(p) = self.procs.get_mut(&pid) {
+            p.parents = Some(parents.clone());
+        }
+        Lineage { exe, parents }
+    }
+
+    /// The cached entry of `pid` if it may be used as is: read less than [`TTL`] ago and
+    /// (when the kernel's comm is known) naming that comm.
+    fn fresh(&self, pid: u32, comm: Option<&str>, now: u64) -> Option<&Proc> {
+        let comm = comm.filter(|c| !c.is_empty());
+        let p = self.procs.get(&pid)?;
+        let fresh = now.saturating_sub(p.read_at) < TTL.as_nanos() as u64;
+        let same = comm.is_none_or(|c| p.comms.iter().any(|k| k == c));
+        (fresh && same).then_some(p)
+    }
+
+    /// (exe, ppid) of `pid`, read from `/proc` if it is not cached, too old, or (when the
+    /// kernel's comm is known) names another comm.
+    fn get(&mut self, pid: u32, comm: Option<&str>, now: u64) -> Option<(Option<Arc<str>>, u32)> {
+        if let Some(p) = self.fresh(pid, comm, now) {
+            return Some((p.exe.clone(), p.ppid));
+        }
+        let comm = comm.filter(|c| !c.is_empty());
         self.reads += 1;
         let Some(mut p) = self.read(pid, now) else {
             // Gone: nothing to remember (the pid may be someone else's next time).
@@ -141,8 +172,9 @@ impl ProcCache {
                 p.comms.push(c.to_string());
             }
         }
-        self.insert(pid, p.clone());
-        Some(p)
+        let out = (p.exe.clone(), p.ppid);
+        self.insert(pid, p);
+        Some(out)
     }
 
     fn insert(&mut self, pid: u32, p: Proc) {
@@ -166,7 +198,7 @@ impl ProcCache {
     }
 
     /// Reads `/proc/PID/stat` (ppid, comm) and `/proc/PID/exe`. None when the process is gone.
-    fn read(&self, pid: u32, now: Instant) -> Option<Proc> {
+    fn read(&self, pid: u32, now: u64) -> Option<Proc> {
         let dir = self.proc_root.join(pid.to_string());
         let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
         let (comm, ppid) = parse_stat(&stat)?;
@@ -174,12 +206,13 @@ impl ProcCache {
         // neither (it is still named, by its stat).
         let exe = std::fs::read_link(dir.join("exe"))
             .ok()
-            .map(|p| p.to_string_lossy().into_owned());
+            .map(|p| Arc::from(p.to_string_lossy()));
         Some(Proc {
             ppid,
             comms: vec![comm],
             exe,
             read_at: now,
+            parents: None,
         })
     }
 }

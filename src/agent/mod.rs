@@ -15,13 +15,15 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token};
 
 pub mod lineage;
+pub mod names;
 
 use crate::kernel::abi;
 use crate::kernel::dataplane::Dataplane;
 use crate::trail::dns;
 use crate::trail::events::{
-    boottime_to_system, DnsEvent, Event, FindingEvent, FlowEvent, JobEvent, JsonLinesWriter,
-    PolicySummary, Proto, Reason, StepEvent, SuppressedEvent, TruncatedEvent, Verdict,
+    boottime_to_system, BootClock, DnsEvent, Event, FindingEvent, FlowEvent, JobEvent,
+    JsonLinesWriter, PolicySummary, Proto, Reason, StepEvent, SuppressedEvent, TruncatedEvent,
+    Verdict,
 };
 use crate::trail::exfil::{ExfilDetector, Thresholds};
 use crate::trail::limits::{CutCounts, FloodGuard, Limits};
@@ -31,6 +33,9 @@ use crate::trail::report::{Cuts, Report};
 /// (Live flows do not need the trie at all — their verdict is cached in the flow table —
 /// this only keeps a just-used address for the flow's next connection.)
 const FLOW_IDLE_NS: u64 = 60_000_000_000;
+
+/// How often the names of expired answers are forgotten (a pass over every job's names).
+const NAMES_SWEEP_NS: u64 = 5_000_000_000;
 
 /// One job as the agent knows it.
 pub struct JobState {
@@ -43,10 +48,10 @@ pub struct JobState {
     pub policy: Option<crate::policy::Policy>,
     /// DNS exfiltration signals over every query name of the job.
     pub exfil: ExfilDetector,
-    /// Address -> the question name whose answer produced it (for naming flows).
-    /// One shared string per answer, not one per address. At most
-    /// `limits.max_destinations` entries.
-    names: HashMap<IpAddr, std::sync::Arc<str>>,
+    /// Address -> the question name whose answer produced it (for naming flows), kept for
+    /// the answer's TTL and while flows use the address. At most `limits.max_destinations`
+    /// addresses.
+    names: names::Names,
     limits: Limits,
     /// The rate limit on the job's flow and DNS events, and what it held back.
     guard: FloodGuard,
@@ -88,23 +93,23 @@ impl JobState {
     /// executable and parent chain are added when the event is written (`Agent::emit_at`).
     fn flow(
         &self,
-        who: (u64, u32, &[i8; 16], u64),
+        who: (std::time::SystemTime, u32, &[i8; 16], u64),
         proto: Proto,
         to: (IpAddr, u16, Option<String>),
         verdict: Verdict,
         reason: Reason,
     ) -> FlowEvent {
-        let (ts_ns, pid, comm, cgroup) = who;
+        let (ts, pid, comm, cgroup) = who;
         let (pid, comm) = self.attribute(pid, abi::comm_to_string(comm));
         let (dst, port, domain) = to;
         FlowEvent {
-            ts: boottime_to_system(ts_ns),
+            ts,
             job: self.name.clone(),
             step: self.step.clone(),
             pid,
             comm,
             exe: None,
-            parents: Vec::new(),
+            parents: Default::default(),
             cgroup,
             container: None,
             proto,
@@ -152,7 +157,7 @@ impl JobState {
             report: Report::new(name, mode),
             policy: None,
             exfil: ExfilDetector::new(Thresholds::default()),
-            names: HashMap::new(),
+            names: names::Names::default(),
             limits: Limits::unlimited(),
             guard: FloodGuard::new(&Limits::unlimited(), 0),
             dropped: CutCounts::default(),
@@ -179,14 +184,19 @@ impl JobState {
         self
     }
 
-    /// Remembers that `addr` came from an answer for `name`, if the table has room (the
-    /// table is bounded; what does not fit is counted).
-    fn remember_name(&mut self, addr: IpAddr, name: &std::sync::Arc<str>) {
-        if self.names.len() < self.limits.max_destinations || self.names.contains_key(&addr) {
-            self.names.insert(addr, name.clone());
+    /// Remembers that `addr` came from an answer for `name` until `until_ns`, if the table
+    /// has room (the table is bounded; what does not fit is counted).
+    fn remember_name(&mut self, addr: IpAddr, name: &str, until_ns: u64) {
+        if self.names.len() < self.limits.max_destinations || self.names.contains(addr) {
+            self.names.insert(addr, name, until_ns);
         } else {
             self.names_not_kept += 1;
         }
+    }
+
+    /// Addresses whose DNS name the job remembers now.
+    pub fn names_kept(&self) -> usize {
+        self.names.len()
     }
 
     /// Everything the job's limits cut so far, as the report says it.
@@ -204,8 +214,12 @@ pub struct Agent {
     /// Names for the senders of forwarded flows (containers).
     container_names: crate::job::containers::ContainerNames,
     sink: Option<JsonLinesWriter<io::BufWriter<std::fs::File>>>,
-    /// (deadline in CLOCK_BOOTTIME ns, job, address) of learned addresses to re-check.
-    expiry: BinaryHeap<Reverse<(u64, u32, IpAddr)>>,
+    /// Learned addresses to re-check.
+    expiry: Expiry,
+    /// When the names of expired answers were last forgotten (CLOCK_BOOTTIME ns).
+    names_swept_ns: u64,
+    /// Both clocks as of the last flush: event stamps become wall-clock times with it.
+    clock: BootClock,
     min_ttl_ns: u64,
     grace_ns: u64,
     pub decode_errors: u64,
@@ -226,6 +240,52 @@ pub struct Agent {
     /// The latest flow events of every job, numbered, for `ringfence watch` (the daemon turns
     /// it on; bounded by RECENT).
     pub recent: Option<Recent>,
+}
+
+/// Learned addresses to re-check, soonest first: 24 bytes each (a million take 24 MiB;
+/// with the deadline in nanoseconds and an `IpAddr` they took 32). Deadlines are kept in
+/// whole CLOCK_BOOTTIME seconds, rounded up: an address outlives its TTL and grace by less
+/// than a second more.
+#[derive(Default)]
+struct Expiry {
+    /// (deadline second, job, address as the kernel keys it).
+    heap: BinaryHeap<Reverse<(u32, u32, [u8; 16])>>,
+}
+
+impl Expiry {
+    fn push(&mut self, deadline_ns: u64, job_id: u32, addr: IpAddr) {
+        let s = u32::try_from(deadline_ns.div_ceil(1_000_000_000)).unwrap_or(u32::MAX);
+        self.heap
+            .push(Reverse((s, job_id, abi::addr_to_bytes(addr))));
+    }
+
+    /// CLOCK_BOOTTIME ns.
+    fn next_deadline(&self) -> Option<u64> {
+        self.heap
+            .peek()
+            .map(|Reverse((s, _, _))| u64::from(*s) * 1_000_000_000)
+    }
+
+    /// The next (job, address) due by `now_ns`, taken off the heap.
+    fn pop_due(&mut self, now_ns: u64) -> Option<(u32, IpAddr)> {
+        let Reverse((s, job_id, addr)) = *self.heap.peek()?;
+        if u64::from(s) * 1_000_000_000 > now_ns {
+            return None;
+        }
+        self.heap.pop();
+        Some((job_id, abi::addr_from_bytes(addr)))
+    }
+
+    fn forget_job(&mut self, job_id: u32) {
+        self.heap.retain(|Reverse((_, id, _))| *id != job_id);
+    }
+
+    /// Gives back the room of a heap left mostly empty (a burst of answers expired).
+    fn shrink(&mut self) {
+        if self.heap.capacity() > 1024 && self.heap.len() * 4 <= self.heap.capacity() {
+            self.heap.shrink_to(self.heap.len() * 2);
+        }
+    }
 }
 
 /// Flow events kept for `ringfence watch`.
@@ -289,7 +349,9 @@ impl Agent {
         Ok(Agent {
             jobs: HashMap::new(),
             sink,
-            expiry: BinaryHeap::new(),
+            expiry: Expiry::default(),
+            names_swept_ns: 0,
+            clock: BootClock::now(),
             container_names: Default::default(),
             min_ttl_ns: min_ttl.as_nanos() as u64,
             grace_ns: grace.as_nanos() as u64,
@@ -367,7 +429,7 @@ impl Agent {
 
     /// Re-checks a learned address at `deadline` (a daemon taking over pinned maps).
     pub fn watch_expiry(&mut self, job_id: u32, addr: IpAddr, deadline: u64) {
-        self.expiry.push(Reverse((deadline, job_id, addr)));
+        self.expiry.push(deadline, job_id, addr);
     }
 
     fn emit(&mut self, job_id: u32, ev: Event) {
@@ -382,7 +444,11 @@ impl Agent {
             Some(j) => j.guard.admit(&ev, now_ns),
             None => true,
         };
-        let ev = if admitted { self.with_lineage(ev) } else { ev };
+        let ev = if admitted {
+            self.with_lineage(ev, now_ns)
+        } else {
+            ev
+        };
         if let Some(j) = self.jobs.get_mut(&job_id) {
             j.report.add(&ev);
         }
@@ -411,10 +477,10 @@ impl Agent {
 
     /// A flow event with its process's executable and parent chain (see [`lineage`]). Only
     /// events that are written get them: what the rate limit holds back costs no /proc read.
-    fn with_lineage(&mut self, ev: Event) -> Event {
+    fn with_lineage(&mut self, ev: Event, now_ns: u64) -> Event {
         match ev {
             Event::Flow(mut f) if f.pid != 0 && f.exe.is_none() && f.parents.is_empty() => {
-                let l = self.procs.lineage(f.pid, &f.comm);
+                let l = self.procs.lineage_at(f.pid, &f.comm, now_ns);
                 f.exe = l.exe;
                 f.parents = l.parents;
                 Event::Flow(f)
@@ -538,7 +604,7 @@ impl Agent {
 
     /// Forgets a job (after [`Self::finish_job`]): its report, names and pending expiry.
     pub fn remove_job(&mut self, job_id: u32) -> Option<JobState> {
-        self.expiry.retain(|Reverse((_, id, _))| *id != job_id);
+        self.expiry.forget_job(job_id);
         self.streams.retain(|_, st| st.job_id != job_id);
         self.jobs.remove(&job_id)
     }
@@ -697,7 +763,7 @@ impl Agent {
             return;
         };
         let dst = abi::addr_from_bytes(ev.daddr);
-        let domain = job.names.get(&dst).map(|n| n.to_string());
+        let domain = job.names.get(dst).map(|n| n.to_string());
         let mut reason = Reason::try_from(ev.reason).unwrap_or(Reason::DirectIp);
         // In block mode the kernel does not keep addresses of names it will not allow, so
         // it can only say "direct-ip"; the agent saw the answer and knows better.
@@ -712,7 +778,12 @@ impl Agent {
             ev.sport
         };
         let flow = job.flow(
-            (ev.hdr.ts_ns, ev.pid, &ev.comm, ev.cgroup_id),
+            (
+                self.clock.to_system(ev.hdr.ts_ns),
+                ev.pid,
+                &ev.comm,
+                ev.cgroup_id,
+            ),
             Proto::from(ev.proto),
             (dst, port, domain),
             Verdict::try_from(ev.verdict).unwrap_or(Verdict::Blocked),
@@ -827,7 +898,7 @@ impl Agent {
                         match dp.bind_learned(job_id, a, &ports, exp) {
                             Ok(true) => {
                                 self.bound_late += 1;
-                                self.expiry.push(Reverse((exp, job_id, a)));
+                                self.expiry.push(exp, job_id, a);
                             }
                             // A special address (reported as dns-rebinding with its answer).
                             Ok(false) => {}
@@ -870,6 +941,7 @@ impl Agent {
     /// message, the start of one, or raw segment bytes: it is named when its question reads.
     fn on_unjudged(&mut self, ev: &abi::rf_dns_event, payload: &[u8]) {
         let job_id = ev.hdr.job_id;
+        let clock = self.clock;
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
@@ -885,7 +957,7 @@ impl Agent {
         } else {
             Verdict::Audited
         };
-        let ts = boottime_to_system(ev.hdr.ts_ns);
+        let ts = clock.to_system(ev.hdr.ts_ns);
         let findings: Vec<Event> = match &name {
             Some(n) => (job.exfil.observe(n).iter())
                 .map(|f| Event::Finding(FindingEvent::new(f, ts, &job.name, job.step.as_deref())))
@@ -893,7 +965,7 @@ impl Agent {
             None => Vec::new(),
         };
         let flow = job.flow(
-            (ev.hdr.ts_ns, ev.pid, &ev.comm, ev.cgroup_id),
+            (ts, ev.pid, &ev.comm, ev.cgroup_id),
             if tcp { Proto::Tcp } else { Proto::Udp },
             (abi::addr_from_bytes(ev.server), 53, name),
             verdict,
@@ -905,6 +977,8 @@ impl Agent {
 
     fn on_dns_message(&mut self, ev: &abi::rf_dns_event, msg: dns::DnsMessage) {
         let job_id = ev.hdr.job_id;
+        let clock = self.clock;
+        let (min_ttl_ns, grace_ns) = (self.min_ttl_ns, self.grace_ns);
         let Some(job) = self.jobs.get_mut(&job_id) else {
             return;
         };
@@ -913,7 +987,7 @@ impl Agent {
         };
         // Every name the job looks up reaches here once or twice (the query copy of a name
         // the policy does not allow, and any answer): the detector counts a lookup once.
-        let ts = boottime_to_system(ev.hdr.ts_ns);
+        let ts = clock.to_system(ev.hdr.ts_ns);
         let findings: Vec<Event> = (job.exfil.observe(&q.name).iter())
             .map(|f| Event::Finding(FindingEvent::new(f, ts, &job.name, job.step.as_deref())))
             .collect();
@@ -926,7 +1000,7 @@ impl Agent {
                 Verdict::Audited
             };
             let mut flow = job.flow(
-                (ev.hdr.ts_ns, ev.pid, &ev.comm, ev.cgroup_id),
+                (ts, ev.pid, &ev.comm, ev.cgroup_id),
                 if ev.flags & abi::DNS_TCP != 0 {
                     Proto::Tcp
                 } else {
@@ -961,15 +1035,18 @@ impl Agent {
                 )));
             }
         }
-        let name: std::sync::Arc<str> = q.name.as_str().into();
-        for (a, _) in &addrs {
-            job.remember_name(*a, &name);
+        // Named as long as the kernel may keep the address (its TTL and grace), and a
+        // flow's idle time more: a connection made just before the entry went is named too.
+        for (a, ttl) in &addrs {
+            let life = (u64::from(*ttl) * 1_000_000_000).max(min_ttl_ns);
+            let until = ev.hdr.ts_ns + life + grace_ns + FLOW_IDLE_NS;
+            job.remember_name(*a, &q.name, until);
         }
         let mut answers: Vec<String> = msg.cname_chain().into_iter().skip(1).collect();
         answers.extend(addrs.iter().map(|(a, _)| a.to_string()));
         let bound = ev.flags & abi::DNS_ALLOWED != 0 && ev.bound > 0;
         let dns_ev = DnsEvent {
-            ts: boottime_to_system(ev.hdr.ts_ns),
+            ts,
             job: job.name.clone(),
             step: job.step.clone(),
             name: q.name.clone(),
@@ -998,7 +1075,7 @@ impl Agent {
             for (a, ttl) in &addrs {
                 let life = (u64::from(*ttl) * 1_000_000_000).max(self.min_ttl_ns);
                 self.expiry
-                    .push(Reverse((ev.hdr.ts_ns + life + self.grace_ns, job_id, *a)));
+                    .push(ev.hdr.ts_ns + life + self.grace_ns, job_id, *a);
             }
         }
         if ev.flags & abi::DNS_TRIE_FULL != 0 {
@@ -1030,18 +1107,14 @@ impl Agent {
 
     /// The next expiry deadline, CLOCK_BOOTTIME ns.
     pub fn next_deadline(&self) -> Option<u64> {
-        self.expiry.peek().map(|Reverse((t, _, _))| *t)
+        self.expiry.next_deadline()
     }
 
     /// Removes learned addresses whose TTL and grace have run out and that no flow used
     /// lately. The kernel may have refreshed an entry since it was scheduled: its own
     /// `expires_ns` decides, and the entry is re-queued for then.
     pub fn expire(&mut self, dp: &Dataplane, now: u64) {
-        while let Some(Reverse((t, job_id, addr))) = self.expiry.peek().copied() {
-            if t > now {
-                break;
-            }
-            self.expiry.pop();
+        while let Some((job_id, addr)) = self.expiry.pop_due(now) {
             let Ok(Some(v)) = dp.host_entry(job_id, addr) else {
                 continue;
             };
@@ -1052,7 +1125,10 @@ impl Agent {
                 .expires_ns
                 .max(v.last_used_ns.saturating_add(FLOW_IDLE_NS));
             if keep_until > now {
-                self.expiry.push(Reverse((keep_until, job_id, addr)));
+                self.expiry.push(keep_until, job_id, addr);
+                if let Some(j) = self.jobs.get_mut(&job_id) {
+                    j.names.keep(addr, keep_until + FLOW_IDLE_NS);
+                }
                 continue;
             }
             match dp.delete_host_entry(job_id, addr) {
@@ -1060,10 +1136,30 @@ impl Agent {
                 Err(e) => tracing::warn!("expiring {addr}: {e}"),
             }
         }
+        self.forget_names(now);
+    }
+
+    /// Forgets the names of answers that expired (every [`NAMES_SWEEP_NS`] at most), and
+    /// gives back the room the expiry heap no longer needs: a daemon's memory follows the
+    /// names alive, not the most it ever saw.
+    pub fn forget_names(&mut self, now: u64) {
+        if now < self.names_swept_ns.saturating_add(NAMES_SWEEP_NS) {
+            return;
+        }
+        self.names_swept_ns = now;
+        let mut forgotten = 0;
+        for j in self.jobs.values_mut() {
+            forgotten += j.names.expire(now);
+        }
+        self.expiry.shrink();
+        if forgotten > 0 {
+            tracing::debug!(forgotten, "names of expired answers forgotten");
+        }
     }
 
     /// Writes any `suppressed` lines that are due, then pushes buffered lines to the files.
     pub fn flush(&mut self) {
+        self.clock = BootClock::now();
         self.summarize(boottime_ns(), false);
         let own = self.jobs.values_mut().filter_map(|j| j.sink.as_mut());
         for w in own.chain(self.sink.as_mut()) {
@@ -1244,7 +1340,7 @@ mod tests {
             pid: 7,
             comm: "python3".into(),
             exe: None,
-            parents: Vec::new(),
+            parents: Default::default(),
             cgroup: 1,
             container: None,
             proto: Proto::Udp,
@@ -1445,16 +1541,15 @@ mod tests {
             max_destinations: 2,
             ..Limits::default()
         });
-        let (x, y): (std::sync::Arc<str>, std::sync::Arc<str>) = ("x.test".into(), "y.test".into());
         let addr = |i: u32| IpAddr::from(std::net::Ipv4Addr::from(0xc000_0200 + i));
         for i in 0..5 {
-            job.remember_name(addr(i), &x);
+            job.remember_name(addr(i), "x.test", 100 * SEC);
         }
         assert_eq!(job.names.len(), 2);
         assert_eq!(job.names_not_kept, 3);
         // An address already there is renamed: it takes no room.
-        job.remember_name(addr(1), &y);
-        assert_eq!(&*job.names[&addr(1)], "y.test");
+        job.remember_name(addr(1), "y.test", 100 * SEC);
+        assert_eq!(job.names.get(addr(1)).map(|n| &**n), Some("y.test"));
         assert_eq!(job.cuts().names_not_kept, 3);
     }
 }

@@ -393,6 +393,10 @@ pub struct ContainerNames {
     by_addr: std::collections::HashMap<std::net::IpAddr, String>,
     by_link: std::collections::HashMap<u32, String>,
     last_ask: Option<std::time::Instant>,
+    /// `via <device>` by ifindex, asked of the kernel at most once a second per device: a
+    /// flood of forwarded flows would otherwise cost a socket and an ioctl each.
+    via: std::collections::HashMap<u32, String>,
+    via_since: Option<std::time::Instant>,
 }
 
 impl ContainerNames {
@@ -400,11 +404,10 @@ impl ContainerNames {
     /// event has it).
     pub fn label(&mut self, ifindex: u32, saddr: Option<std::net::IpAddr>) -> String {
         let Some(saddr) = saddr else {
-            return self
-                .by_link
-                .get(&ifindex)
-                .cloned()
-                .unwrap_or_else(|| via(ifindex));
+            return match self.by_link.get(&ifindex) {
+                Some(l) => l.clone(),
+                None => self.via(ifindex),
+            };
         };
         if !self.by_addr.contains_key(&saddr)
             && self
@@ -416,16 +419,34 @@ impl ContainerNames {
                 self.by_addr = m;
             }
         }
-        let label = self
-            .by_addr
-            .get(&saddr)
-            .cloned()
-            .unwrap_or_else(|| via(ifindex));
-        if self.by_link.len() > 4096 {
-            self.by_link.clear(); // links come and go: forget the old ones now and then
+        let label = match self.by_addr.get(&saddr) {
+            Some(l) => l.clone(),
+            None => self.via(ifindex),
+        };
+        if self.by_link.get(&ifindex) != Some(&label) {
+            if self.by_link.len() > 4096 {
+                self.by_link.clear(); // links come and go: forget the old ones now and then
+            }
+            self.by_link.insert(ifindex, label.clone());
         }
-        self.by_link.insert(ifindex, label.clone());
         label
+    }
+
+    /// `via <device>`, from the cache while it is less than a second old (a device renamed
+    /// or gone is named anew within a second).
+    fn via(&mut self, ifindex: u32) -> String {
+        let now = std::time::Instant::now();
+        if self
+            .via_since
+            .is_none_or(|t| now.duration_since(t) >= std::time::Duration::from_secs(1))
+        {
+            self.via.clear();
+            self.via_since = Some(now);
+        }
+        self.via
+            .entry(ifindex)
+            .or_insert_with(|| via(ifindex))
+            .clone()
     }
 
     /// Names `flow` after the container it came from, and in place of a process where

@@ -427,7 +427,7 @@ mod tests {
             pid: 7,
             comm: "node".into(),
             exe: None,
-            parents: Vec::new(),
+            parents: Default::default(),
             cgroup: 1,
             container: None,
             proto: Proto::Tcp,

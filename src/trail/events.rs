@@ -13,6 +13,7 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, BufWriter, Write};
 use std::net::IpAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::de::{self, Deserializer};
@@ -20,7 +21,7 @@ use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 use time::macros::format_description;
-use time::{OffsetDateTime, PrimitiveDateTime};
+use time::PrimitiveDateTime;
 
 use crate::kernel::abi::{rf_direction, rf_reason, rf_verdict};
 use crate::trail::dns::{self, DnsMessage, RecordData};
@@ -255,12 +256,21 @@ pub struct FlowEvent {
     pub comm: String,
     /// The process's executable (`/proc/PID/exe` as the agent read it); absent when the
     /// process was gone by then, or no pid is known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exe: Option<String>,
+    /// Shared with the agent's process cache and every other flow of the process.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "shared_json::exe"
+    )]
+    pub exe: Option<Arc<str>>,
     /// Its parent, grandparent… (at most [`MAX_PARENTS`]), nearest first. Absent when empty:
     /// no pid, or the process was gone before the agent read its event.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub parents: Vec<Ancestor>,
+    #[serde(
+        default,
+        skip_serializing_if = "parents_empty",
+        serialize_with = "shared_json::parents"
+    )]
+    pub parents: Parents,
     pub cgroup: u64,
     /// For a packet no socket sent — forwarded from a container or a namespace the job
     /// started — who sent it: `docker:<name>` where the Docker Engine names the address,
@@ -268,6 +278,7 @@ pub struct FlowEvent {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<String>,
     pub proto: Proto,
+    #[serde(serialize_with = "ip_serde::serialize")]
     pub dst: IpAddr,
     pub port: u16,
     /// The DNS name whose answer produced `dst`, when one did.
@@ -281,6 +292,14 @@ pub struct FlowEvent {
 
 /// Ancestors a flow event names: the parent chain up to here.
 pub const MAX_PARENTS: usize = 4;
+
+/// A parent chain, shared by every flow of a process (see `agent::lineage`): a flow event
+/// costs a reference count, not a copy of the chain.
+pub type Parents = Arc<[Ancestor]>;
+
+fn parents_empty(p: &Parents) -> bool {
+    p.is_empty()
+}
 
 /// One ancestor of a flow's process.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -620,14 +639,66 @@ impl<'de> Deserialize<'de> for Event {
 /// Times outside 1970-01-01 … 9999-12-31 are clamped to those bounds: an event carries no
 /// such time unless a clock is broken, and the line must still be written and read back.
 pub fn format_ts(t: SystemTime) -> String {
+    let mut buf = [0u8; TS_LEN];
+    write_ts(t, &mut buf).to_string()
+}
+
+/// The length of what [`format_ts`] writes.
+const TS_LEN: usize = 27;
+
+/// [`format_ts`] into a buffer on the stack. Hand-written rather than `time`'s formatter:
+/// every event has a timestamp, and at a million events a second the general formatter
+/// (format items, a `String` each) was a tenth of the agent's time. Tested against it.
+fn write_ts(t: SystemTime, buf: &mut [u8; TS_LEN]) -> &str {
+    // 9999-12-31T23:59:59.999999Z, the last instant a 4-digit year can say.
+    const MAX_US: u64 = 253_402_300_799_999_999;
     let since_epoch = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
-    let dt = time::Duration::try_from(since_epoch)
-        .ok()
-        .and_then(|d| OffsetDateTime::UNIX_EPOCH.checked_add(d))
-        .filter(|dt| dt.year() <= 9999)
-        .unwrap_or_else(|| time::macros::datetime!(9999-12-31 23:59:59.999_999).assume_utc());
-    dt.format(TS_FORMAT)
-        .expect("every field of TS_FORMAT exists in an OffsetDateTime with a 4-digit year")
+    let us = u64::try_from(since_epoch.as_micros())
+        .unwrap_or(MAX_US)
+        .min(MAX_US);
+    let (secs, micros) = (us / 1_000_000, us % 1_000_000);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days);
+    let put = |buf: &mut [u8; TS_LEN], at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            buf[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    put(buf, 0, 4, y);
+    put(buf, 5, 2, m);
+    put(buf, 8, 2, d);
+    put(buf, 11, 2, rem / 3600);
+    put(buf, 14, 2, rem / 60 % 60);
+    put(buf, 17, 2, rem % 60);
+    put(buf, 20, 6, micros);
+    for (i, c) in [
+        (4, b'-'),
+        (7, b'-'),
+        (10, b'T'),
+        (13, b':'),
+        (16, b':'),
+        (19, b'.'),
+        (26, b'Z'),
+    ] {
+        buf[i] = c;
+    }
+    std::str::from_utf8(buf).expect("digits and ASCII punctuation")
+}
+
+/// (year, month, day) of the day `days` after 1970-01-01, proleptic Gregorian: Howard
+/// Hinnant's `civil_from_days` (chrono-compatible algorithms), for days ≥ 0.
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
 }
 
 /// Parses what [`format_ts`] writes.
@@ -639,11 +710,162 @@ pub fn parse_ts(s: &str) -> Result<SystemTime, time::error::Parse> {
 const TS_FORMAT: &[time::format_description::BorrowedFormatItem<'static>] =
     format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z");
 
+/// An address as `Display` writes it, without the formatting machinery: every flow event
+/// has one, and `Ipv6Addr`'s `Display` (RFC 5952, through `fmt::Formatter`) was a tenth of
+/// the agent's time at a million events a second. Tested against `Display`.
+fn write_ip(a: IpAddr, buf: &mut [u8; 48]) -> &str {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut n = 0;
+    let mut put = |buf: &mut [u8; 48], b: u8| {
+        buf[n] = b;
+        n += 1;
+    };
+    let dec = |buf: &mut [u8; 48], put: &mut dyn FnMut(&mut [u8; 48], u8), v: u8| {
+        if v >= 100 {
+            put(buf, b'0' + v / 100);
+        }
+        if v >= 10 {
+            put(buf, b'0' + v / 10 % 10);
+        }
+        put(buf, b'0' + v % 10);
+    };
+    let v4 = |buf: &mut [u8; 48], put: &mut dyn FnMut(&mut [u8; 48], u8), o: [u8; 4]| {
+        for (i, b) in o.into_iter().enumerate() {
+            if i > 0 {
+                put(buf, b'.');
+            }
+            dec(buf, put, b);
+        }
+    };
+    match a {
+        IpAddr::V4(a) => v4(buf, &mut put, a.octets()),
+        IpAddr::V6(a) => {
+            if let Some(m) = a.to_ipv4_mapped() {
+                for &b in b"::ffff:" {
+                    put(buf, b);
+                }
+                v4(buf, &mut put, m.octets());
+            } else {
+                let seg = a.segments();
+                // The longest run of zero segments (the first of equals), if longer than one.
+                let (mut best, mut best_len, mut cur, mut cur_len) = (0, 0, 0, 0);
+                for (i, &s) in seg.iter().enumerate() {
+                    if s == 0 {
+                        if cur_len == 0 {
+                            cur = i;
+                        }
+                        cur_len += 1;
+                        if cur_len > best_len {
+                            (best, best_len) = (cur, cur_len);
+                        }
+                    } else {
+                        cur_len = 0;
+                    }
+                }
+                let hex = |buf: &mut [u8; 48], put: &mut dyn FnMut(&mut [u8; 48], u8), s: u16| {
+                    let mut started = false;
+                    for sh in [12, 8, 4, 0] {
+                        let d = (s >> sh) & 0xf;
+                        if d != 0 || started || sh == 0 {
+                            started = true;
+                            put(buf, HEX[d as usize]);
+                        }
+                    }
+                };
+                let mut i = 0;
+                while i < 8 {
+                    if best_len > 1 && i == best {
+                        put(buf, b':');
+                        put(buf, b':');
+                        i += best_len;
+                        continue;
+                    }
+                    if i > 0 && !(best_len > 1 && i == best + best_len) {
+                        put(buf, b':');
+                    }
+                    hex(buf, &mut put, seg[i]);
+                    i += 1;
+                }
+            }
+        }
+    }
+    std::str::from_utf8(&buf[..n]).expect("ASCII")
+}
+
+/// The JSON of a process's executable and parent chain, made once per process: every flow
+/// of a process shares them (`Arc`s from the agent's process cache), and their paths were
+/// most of the bytes each line escaped. Cached by the `Arc`'s address, with a clone of it
+/// held so the address cannot be another's while cached.
+mod shared_json {
+    use super::*;
+    use serde_json::value::RawValue;
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    /// Entries at most; past it the cache starts again.
+    const ENTRIES: usize = 4096;
+
+    /// By the `Arc`'s address: the `Arc` (held, so the address stays its own) and its JSON.
+    type Cache<T> = RefCell<HashMap<usize, (Arc<T>, Box<RawValue>)>>;
+
+    thread_local! {
+        static EXES: Cache<str> = RefCell::default();
+        static PARENTS: Cache<[Ancestor]> = RefCell::default();
+    }
+
+    fn cached<T: ?Sized + Serialize, S: Serializer>(
+        cache: &'static std::thread::LocalKey<Cache<T>>,
+        v: &Arc<T>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        let key = Arc::as_ptr(v) as *const u8 as usize;
+        cache.with(|c| {
+            let mut c = c.borrow_mut();
+            if !c.contains_key(&key) {
+                let raw = serde_json::to_string(&**v)
+                    .ok()
+                    .and_then(|j| RawValue::from_string(j).ok());
+                let Some(raw) = raw else {
+                    return v.serialize(s);
+                };
+                if c.len() >= ENTRIES {
+                    c.clear();
+                }
+                c.insert(key, (v.clone(), raw));
+            }
+            c[&key].1.serialize(s)
+        })
+    }
+
+    pub fn exe<S: Serializer>(v: &Option<Arc<str>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => cached(&EXES, v, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn parents<S: Serializer>(v: &Parents, s: S) -> Result<S::Ok, S::Error> {
+        cached(&PARENTS, v, s)
+    }
+}
+
+mod ip_serde {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(a: &IpAddr, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(write_ip(*a, &mut [0; 48]))
+        } else {
+            a.serialize(s)
+        }
+    }
+}
+
 mod ts_serde {
     use super::*;
 
     pub fn serialize<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&format_ts(*t))
+        s.serialize_str(write_ts(*t, &mut [0; TS_LEN]))
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<SystemTime, D::Error> {
@@ -658,26 +880,47 @@ mod ts_serde {
 /// Both clocks are read on every call rather than once at start-up: runner VMs often step
 /// their wall clock (NTP) after the agent has started, and a cached offset would then date
 /// every later event wrongly. BOOTTIME, unlike MONOTONIC, keeps counting through suspend, so
-/// the offset between the two stays meaningful.
+/// the offset between the two stays meaningful. (The agent's event path reads them once
+/// per batch instead: [`BootClock`].)
 pub fn boottime_to_system(boot_ns: u64) -> SystemTime {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `now` is a valid, writable timespec; CLOCK_BOOTTIME exists on every kernel
-    // that runs BPF programs (2.6.39+), so the call cannot fail.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
-    let wall = SystemTime::now();
-    debug_assert_eq!(rc, 0);
-    let now_ns = (now.tv_sec as u64)
-        .saturating_mul(1_000_000_000)
-        .saturating_add(now.tv_nsec as u64);
-    if boot_ns <= now_ns {
-        let age = Duration::from_nanos(now_ns - boot_ns);
-        wall.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH)
-    } else {
-        // Not expected (the stamp was taken before we read the clock), but never panic.
-        wall + Duration::from_nanos(boot_ns - now_ns)
+    BootClock::now().to_system(boot_ns)
+}
+
+/// Both clocks, read at one moment: converts boot-time stamps to wall-clock time the way
+/// [`boottime_to_system`] does, without reading the clocks for each. The agent reads it
+/// again on every flush (each tick of its loop, 10 ms), so a step of the wall clock dates
+/// events wrongly for at most that long.
+#[derive(Debug, Clone, Copy)]
+pub struct BootClock {
+    boot_ns: u64,
+    wall: SystemTime,
+}
+
+impl BootClock {
+    pub fn now() -> BootClock {
+        let mut now = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `now` is a valid, writable timespec; CLOCK_BOOTTIME exists on every
+        // kernel that runs BPF programs (2.6.39+), so the call cannot fail.
+        let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+        let wall = SystemTime::now();
+        debug_assert_eq!(rc, 0);
+        let boot_ns = (now.tv_sec as u64)
+            .saturating_mul(1_000_000_000)
+            .saturating_add(now.tv_nsec as u64);
+        BootClock { boot_ns, wall }
+    }
+
+    pub fn to_system(&self, boot_ns: u64) -> SystemTime {
+        if boot_ns <= self.boot_ns {
+            let age = Duration::from_nanos(self.boot_ns - boot_ns);
+            self.wall.checked_sub(age).unwrap_or(SystemTime::UNIX_EPOCH)
+        } else {
+            // A stamp taken after the clocks were read (the agent reads them once a batch).
+            self.wall + Duration::from_nanos(boot_ns - self.boot_ns)
+        }
     }
 }
 
@@ -700,7 +943,13 @@ pub struct JsonLinesWriter<W: Write = BufWriter<File>> {
     written: u64,
     /// 0: no limit.
     max_bytes: u64,
+    /// Lines not yet handed to `w`: serialised straight into it (no copy per line, no
+    /// allocation), handed over [`PENDING`] bytes at a time and on flush.
+    pending: Vec<u8>,
 }
+
+/// Bytes of lines the writer keeps before handing them to the file.
+const PENDING: usize = 64 << 10;
 
 /// Room kept below the size limit for the final `truncated` lines (one is ~200 bytes).
 pub const MARKER_RESERVE: u64 = 1024;
@@ -728,6 +977,7 @@ impl<W: Write> JsonLinesWriter<W> {
             w,
             written: 0,
             max_bytes: 0,
+            pending: Vec::new(),
         }
     }
 
@@ -759,19 +1009,36 @@ impl<W: Write> JsonLinesWriter<W> {
     }
 
     fn write_within(&mut self, ev: &Event, room: u64) -> io::Result<bool> {
-        // Serialise to memory first so a serialisation error cannot leave half a line.
-        let mut line = serde_json::to_vec(ev)?;
-        line.push(b'\n');
-        let len = line.len() as u64;
+        // Serialised to memory first, and taken back on an error or when it does not fit,
+        // so that no half line reaches the file.
+        let start = self.pending.len();
+        if let Err(e) = serde_json::to_writer(&mut self.pending, ev) {
+            self.pending.truncate(start);
+            return Err(e.into());
+        }
+        self.pending.push(b'\n');
+        let len = (self.pending.len() - start) as u64;
         if self.max_bytes != 0 && self.written + len > room {
+            self.pending.truncate(start);
             return Ok(false);
         }
-        self.w.write_all(&line)?;
         self.written += len;
+        if self.pending.len() >= PENDING {
+            self.hand_over()?;
+        }
         Ok(true)
     }
 
+    /// Gives the pending lines to `w`. On an error they are lost (the caller hears of it
+    /// once; a full disk would refuse them again).
+    fn hand_over(&mut self) -> io::Result<()> {
+        let res = self.w.write_all(&self.pending);
+        self.pending.clear();
+        res
+    }
+
     pub fn flush(&mut self) -> io::Result<()> {
+        self.hand_over()?;
         self.w.flush()
     }
 
@@ -782,7 +1049,7 @@ impl<W: Write> JsonLinesWriter<W> {
 
 impl<W: Write> Drop for JsonLinesWriter<W> {
     fn drop(&mut self) {
-        let _ = self.w.flush();
+        let _ = self.flush();
     }
 }
 
@@ -836,7 +1103,7 @@ mod tests {
             pid: 4242,
             comm: "node".into(),
             exe: None,
-            parents: Vec::new(),
+            parents: Default::default(),
             cgroup: 12345,
             container: None,
             proto: Proto::Tcp,
@@ -896,7 +1163,8 @@ mod tests {
                 exe: Some("/usr/bin/bash".into()),
             },
             Ancestor { pid: 2, exe: None },
-        ];
+        ]
+        .into();
         let l = line(&Event::Flow(f.clone()));
         assert!(
             l.contains(concat!(
@@ -1123,7 +1391,8 @@ mod tests {
                 exe: Some("/usr/bin/bash".into()),
             },
             Ancestor { pid: 2, exe: None },
-        ];
+        ]
+        .into();
         let events = vec![
             Event::Flow(flow()),
             Event::Flow(named),
@@ -1274,6 +1543,7 @@ mod tests {
         });
         assert!(w.write_marker(&marker).unwrap());
         assert!(w.written() <= max);
+        w.flush().unwrap();
         assert_eq!(w.get_ref().len() as u64, w.written());
         // No limit: everything is written.
         let mut w = JsonLinesWriter::new(Vec::new());
@@ -1296,6 +1566,98 @@ mod tests {
         assert_eq!(format_ts(far), "9999-12-31T23:59:59.999999Z");
         let before = SystemTime::UNIX_EPOCH - Duration::from_secs(10);
         assert_eq!(format_ts(before), "1970-01-01T00:00:00.000000Z");
+    }
+
+    /// The hand-written address formatter writes what `Display` does.
+    #[test]
+    fn addresses_as_display_writes_them() {
+        let mut z: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = || {
+            z ^= z << 13;
+            z ^= z >> 7;
+            z ^= z << 17;
+            z
+        };
+        let mut addrs: Vec<IpAddr> = [
+            "::",
+            "::1",
+            "1::",
+            "1::1",
+            "::ffff:1.2.3.4",
+            "::1.2.3.4",
+            "0.0.0.0",
+            "255.255.255.255",
+            "2001:db8::",
+            "2001:db8:0:1:0:0:0:1",
+            "2001:0:0:1:0:0:1:1",
+            "1:0:1:0:1:0:1:0",
+            "0:0:1:0:0:1:0:0",
+            "fe80::1:0:0:0",
+            "ffff::ffff:1:2",
+            "::ffff:0:0",
+            "64:ff9b::1.2.3.4",
+        ]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+        for _ in 0..50_000 {
+            let r = next();
+            let mut segs = [0u16; 8];
+            for (i, s) in segs.iter_mut().enumerate() {
+                // Mostly zeros or small values, so that runs of zeros of every length come up.
+                let k = (next() >> (i * 3)) & 7;
+                *s = match k {
+                    0..=3 => 0,
+                    4 => (next() & 0xf) as u16,
+                    5 => 0xffff,
+                    _ => next() as u16,
+                };
+            }
+            addrs.push(IpAddr::from(segs));
+            addrs.push(IpAddr::from(std::net::Ipv4Addr::from(r as u32)));
+        }
+        for a in addrs {
+            assert_eq!(write_ip(a, &mut [0; 48]), a.to_string(), "{a:?}");
+        }
+    }
+
+    /// The hand-written formatter writes what `time`'s does, over leap days, century
+    /// years, month ends and the whole range, and its lines parse back.
+    #[test]
+    fn timestamps_as_time_formats_them() {
+        let by_time = |t: SystemTime| {
+            let d = t.duration_since(SystemTime::UNIX_EPOCH).unwrap();
+            (time::OffsetDateTime::UNIX_EPOCH + d)
+                .format(TS_FORMAT)
+                .unwrap()
+        };
+        let mut z: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut ts: Vec<SystemTime> = [
+            951_782_400,
+            951_868_799,
+            4_107_542_399,
+            4_107_542_400,
+            1_709_164_800,
+            253_402_300_799,
+        ]
+        .iter()
+        .map(|&s| SystemTime::UNIX_EPOCH + Duration::new(s, 999_999_999))
+        .collect();
+        for _ in 0..20_000 {
+            z ^= z << 13;
+            z ^= z >> 7;
+            z ^= z << 17;
+            ts.push(
+                SystemTime::UNIX_EPOCH
+                    + Duration::from_micros(z % 253_402_300_800_000_000)
+                    + Duration::from_nanos(z >> 54),
+            );
+        }
+        for t in ts {
+            let s = format_ts(t);
+            assert_eq!(s, by_time(t), "{t:?}");
+            assert!(parse_ts(&s).is_ok(), "{s}");
+        }
     }
 
     fn boottime_now_ns() -> u64 {

@@ -320,7 +320,7 @@ mod tests {
             pid: 1,
             comm: "x".into(),
             exe: None,
-            parents: Vec::new(),
+            parents: Default::default(),
             cgroup: 1,
             container: None,
             proto: Proto::Udp,

@@ -19,7 +19,9 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::trail::baseline::Baseline;
-use crate::trail::events::{format_ts, Ancestor, Event, FlowEvent, Proto, Reason, Verdict};
+use crate::trail::events::{
+    format_ts, Ancestor, Event, FlowEvent, Parents, Proto, Reason, Verdict,
+};
 use crate::trail::exfil::{Finding, Signal};
 use crate::trail::limits::{Bytes, CutCounts, Limits};
 
@@ -67,8 +69,8 @@ struct Row {
     first_pid: u32,
     first_comm: String,
     /// The earliest flow's executable and parent chain (as the events file has them).
-    first_exe: Option<String>,
-    first_parents: Vec<Ancestor>,
+    first_exe: Option<std::sync::Arc<str>>,
+    first_parents: Parents,
     /// A step's call (see `step_calls`) to a destination new since the baseline.
     new: bool,
     /// The steps its outbound flows came from, each with its own count and earliest
@@ -85,18 +87,22 @@ struct StepHit {
     first_ts: SystemTime,
     first_pid: u32,
     first_comm: String,
-    first_exe: Option<String>,
-    first_parents: Vec<Ancestor>,
+    first_exe: Option<std::sync::Arc<str>>,
+    first_parents: Parents,
 }
 
 #[derive(Debug, Clone, Default)]
 struct DnsRow {
     count: usize,
-    /// Distinct answers in the order first seen.
-    answers: Vec<String>,
+    /// Distinct answers in the order first seen: the CNAME targets, and the addresses kept
+    /// as addresses (17 bytes each, where their text took a `String` and a heap block of
+    /// 32–48: a report can hold a million).
+    cnames: Vec<Box<str>>,
+    addrs: Vec<IpAddr>,
     /// Bound by any answer: the policy is per job, so in practice all or none.
     bound: bool,
-    rcodes: BTreeSet<String>,
+    /// Sorted, distinct (one, nearly always: a `BTreeSet` cost a node of ~300 bytes a name).
+    rcodes: Vec<Box<str>>,
 }
 
 /// A row of flows folded together once `max_destinations` rows exist.
@@ -109,6 +115,59 @@ struct FoldKey {
 
 /// Answers kept per DNS name (a name can be answered with a new address every time).
 const MAX_ANSWERS_PER_NAME: usize = 256;
+
+impl DnsRow {
+    /// Answers kept (CNAME targets and addresses).
+    fn len(&self) -> usize {
+        self.cnames.len() + self.addrs.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keeps one answer as the event wrote it, if it is new and there is room; false when
+    /// it is new and there is not.
+    fn add_answer(&mut self, a: &str) -> bool {
+        // An address is kept as one, only from its canonical text (what the agent writes):
+        // anything else is kept as written.
+        let addr = a.parse::<IpAddr>().ok().filter(|ip| ip.to_string() == a);
+        let known = match addr {
+            Some(ip) => self.addrs.contains(&ip),
+            None => self.cnames.iter().any(|n| &**n == a),
+        };
+        if known {
+            return true;
+        }
+        if self.len() >= MAX_ANSWERS_PER_NAME {
+            return false;
+        }
+        match addr {
+            Some(ip) => self.addrs.push(ip),
+            None => self.cnames.push(a.into()),
+        }
+        true
+    }
+
+    /// The answers as text: CNAME targets, then addresses, each in the order first seen.
+    fn answers(&self) -> impl Iterator<Item = String> + '_ {
+        (self.cnames.iter().map(|n| n.to_string())).chain(self.addrs.iter().map(|a| a.to_string()))
+    }
+}
+
+/// `a, b, c`.
+fn join_answers(row: &DnsRow) -> String {
+    row.answers().collect::<Vec<_>>().join(", ")
+}
+
+/// A row's answers in the JSON report: a list of strings.
+struct JsonAnswers<'a>(&'a DnsRow);
+
+impl Serialize for JsonAnswers<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.answers())
+    }
+}
 
 /// Steps tabled one by one; the flows of later ones are counted, and said to be.
 const MAX_STEPS: usize = 256;
@@ -353,14 +412,11 @@ impl Report {
                 let row = self.dns.entry(d.name.clone()).or_default();
                 row.count += 1;
                 row.bound |= d.bound;
-                row.rcodes.insert(d.rcode.clone());
+                if let Err(i) = row.rcodes.binary_search_by(|r| (**r).cmp(d.rcode.as_str())) {
+                    row.rcodes.insert(i, d.rcode.as_str().into());
+                }
                 for a in &d.answers {
-                    if row.answers.contains(a) {
-                        continue;
-                    }
-                    if row.answers.len() < MAX_ANSWERS_PER_NAME {
-                        row.answers.push(a.clone());
-                    } else {
+                    if !row.add_answer(a) {
                         self.answers_not_listed += 1;
                     }
                 }
@@ -444,7 +500,12 @@ impl Report {
             reason: f.reason,
         };
         let max = self.limits.max_destinations;
-        if self.rows.len() >= max && !self.rows.contains_key(&key) {
+        // One hash for a row seen before (most flows), two for a new one.
+        if let Some(row) = self.rows.get_mut(&key) {
+            Self::count_in(row, f, step, &mut self.step_rows, max, &mut self.steps);
+            return;
+        }
+        if self.rows.len() >= max {
             self.folded_flows += 1;
             *self
                 .folded
@@ -470,6 +531,18 @@ impl Report {
             steps: Vec::new(),
         };
         let row = self.rows.entry(key).or_insert_with(first);
+        Self::count_in(row, f, step, &mut self.step_rows, max, &mut self.steps);
+    }
+
+    /// Counts flow `f` (from step `step`) in its row.
+    fn count_in(
+        row: &mut Row,
+        f: &FlowEvent,
+        step: Option<usize>,
+        step_rows: &mut usize,
+        max: usize,
+        steps: &mut [Step],
+    ) {
         if f.ts < row.first_ts {
             row.first_ts = f.ts;
             row.first_pid = f.pid;
@@ -492,8 +565,8 @@ impl Report {
                 }
                 h.count += 1;
             }
-            None if self.step_rows < max => {
-                self.step_rows += 1;
+            None if *step_rows < max => {
+                *step_rows += 1;
                 row.steps.push(StepHit {
                     step: i,
                     count: 1,
@@ -504,7 +577,7 @@ impl Report {
                     first_parents: f.parents.clone(),
                 });
             }
-            None => self.steps[i].folded += 1,
+            None => steps[i].folded += 1,
         }
     }
 
@@ -897,11 +970,11 @@ impl Report {
     }
 
     fn dns_line(name: &str, row: &DnsRow) -> String {
-        let answers = if row.answers.is_empty() {
+        let answers = if row.is_empty() {
             // No answers: the response code is the interesting part (NXDOMAIN, SERVFAIL…).
-            row.rcodes.iter().cloned().collect::<Vec<_>>().join(", ")
+            row.rcodes.join(", ")
         } else {
-            row.answers.join(", ")
+            join_answers(row)
         };
         let bound = if row.bound { "bound" } else { "not bound" };
         format!("{name} -> {answers} ({bound})")
@@ -1154,9 +1227,9 @@ impl Report {
             first_pid: u32,
             first_comm: String,
             #[serde(skip_serializing_if = "Option::is_none")]
-            first_exe: Option<String>,
-            #[serde(skip_serializing_if = "Vec::is_empty")]
-            first_parents: Vec<Ancestor>,
+            first_exe: Option<std::sync::Arc<str>>,
+            #[serde(skip_serializing_if = "<[Ancestor]>::is_empty")]
+            first_parents: Parents,
             first_ts: String,
             #[serde(skip_serializing_if = "is_false")]
             new: bool,
@@ -1185,10 +1258,10 @@ impl Report {
         #[derive(Serialize)]
         struct JsonDns<'a> {
             name: &'a str,
-            answers: &'a [String],
+            answers: JsonAnswers<'a>,
             bound: bool,
             count: usize,
-            rcodes: &'a BTreeSet<String>,
+            rcodes: &'a [Box<str>],
         }
         #[derive(Serialize)]
         struct JsonFinding<'a> {
@@ -1372,7 +1445,7 @@ impl Report {
                 .iter()
                 .map(|(name, d)| JsonDns {
                     name,
-                    answers: &d.answers,
+                    answers: JsonAnswers(d),
                     bound: d.bound,
                     count: d.count,
                     rcodes: &d.rcodes,
@@ -1588,7 +1661,7 @@ mod tests {
             pid,
             comm: comm.into(),
             exe: None,
-            parents: Vec::new(),
+            parents: Parents::default(),
             cgroup: 12345,
             container: None,
             proto: Proto::Tcp,
@@ -2393,7 +2466,7 @@ DNS:
         ));
         let d = &r.dns["cdn.test"];
         assert_eq!(d.count, 2);
-        assert_eq!(d.answers, ["192.0.2.1", "192.0.2.2", "192.0.2.3"]);
+        assert_eq!(join_answers(d), "192.0.2.1, 192.0.2.2, 192.0.2.3");
         assert!(r
             .render(Format::Text)
             .contains("  cdn.test -> 192.0.2.1, 192.0.2.2, 192.0.2.3 (bound)\n"));
@@ -2515,7 +2588,7 @@ DNS:
             let a = std::net::Ipv4Addr::from(0xc000_0200 + i).to_string();
             r.add(&dns("cdn.test", &[a.as_str()], true, "NOERROR"));
         }
-        assert_eq!(r.dns["cdn.test"].answers.len(), MAX_ANSWERS_PER_NAME);
+        assert_eq!(r.dns["cdn.test"].len(), MAX_ANSWERS_PER_NAME);
         assert_eq!(r.answers_not_listed, 300 - MAX_ANSWERS_PER_NAME);
         assert!(r
             .render(Format::Text)
@@ -2689,11 +2762,12 @@ DNS:
         );
         if let Event::Flow(f) = &mut ev {
             f.step = Some(hostile.into());
-            f.exe = Some(format!("/tmp/{hostile}"));
+            f.exe = Some(format!("/tmp/{hostile}").into());
             f.parents = vec![Ancestor {
                 pid: 1,
                 exe: Some(format!("/bin/\"{hostile}")),
-            }];
+            }]
+            .into();
         }
         r.add(&step_marker(0, hostile));
         r.add(&ev);

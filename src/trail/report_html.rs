@@ -120,7 +120,7 @@ fn process_html(r: &Row) -> String {
     }
     if !r.first_parents.is_empty() {
         s.push_str("<div class=\"chain\">");
-        for a in &r.first_parents {
+        for a in r.first_parents.iter() {
             let exe = a.exe.as_deref().map_or_else(|| "?".to_owned(), esc);
             let _ = write!(s, "← <code>{exe}[{}]</code> ", a.pid);
         }
@@ -450,10 +450,8 @@ pub(super) fn render(r: &Report) -> String {
     if !r.dns.is_empty() {
         let mut by_addr: BTreeMap<IpAddr, Vec<&str>> = BTreeMap::new();
         for (name, row) in &r.dns {
-            for a in &row.answers {
-                if let Ok(ip) = a.parse::<IpAddr>() {
-                    by_addr.entry(ip).or_default().push(name);
-                }
+            for ip in &row.addrs {
+                by_addr.entry(*ip).or_default().push(name);
             }
         }
         out.push_str("<h2 id=\"dns\">DNS</h2>\n");
@@ -479,10 +477,10 @@ pub(super) fn render(r: &Report) -> String {
             .dns
             .iter()
             .map(|(name, row)| {
-                let answers = if row.answers.is_empty() {
-                    row.rcodes.iter().cloned().collect::<Vec<_>>().join(", ")
+                let answers = if row.is_empty() {
+                    row.rcodes.join(", ")
                 } else {
-                    row.answers.join(", ")
+                    super::join_answers(row)
                 };
                 (
                     String::new(),
