@@ -35,6 +35,8 @@ IPERF_PORT, CONN_PORT = 5201, 5299
 # repeats, and the server's rule always comes last (the worst case: every rule is tried).
 FILLER = [f"203.0.113.{i}" for i in range(1, 255)] + [f"198.51.100.{i}" for i in range(10, 255)]
 
+VERIFIER_FILE = BENCH / "verifier.json"
+
 TARGETS = {
     "tcp1": 0.98, "tcp8": 0.98, "udp64": 0.90, "conn": 0.95,
 }
@@ -464,6 +466,14 @@ def targets_report(res):
             out.append((f"veth {test}: ringfence ahead of iptables/nft at 1k+",
                         f"ringfence {rf['ratio']['median']:.3f} vs best rival {best[0]} {best[1]['ratio']['median']:.3f}",
                         rf["ratio"]["median"] >= best[1]["ratio"]["median"]))
+    vf = res.get("verifier")
+    if vf:
+        c = vf["comparison"]
+        grown = max((r["growth"] for r in c["rows"] if r["growth"] is not None), default=None)
+        out.append((f"verifier cost on {c['kernel']}: no program grows > {c['warn_growth'] * 100:.0f}% (warning only)",
+                    "no figures for this kernel" if grown is None else
+                    f"largest change {grown * 100:+.1f}%; rf_egress {vf['measured']['programs'].get('rf_egress')} insns",
+                    None if grown is None else not c["warnings"]))
     pl = res.get("pipeline")
     if pl:
         s = pl["sustained_events_per_s"]
@@ -605,9 +615,28 @@ def print_table(res):
     dm = res.get("daemon")
     if dm:
         print_daemon(dm)
+    vf = res.get("verifier")
+    if vf:
+        c = vf["comparison"]
+        p(f"\n## Verifier cost on {c['kernel']} ({vf['measured']['release']}): instructions processed, "
+          f"beside {VERIFIER_FILE.name}")
+        p(f"  {'program':<24}{'now':>10}{'baseline':>10}{'change':>9}")
+        for r in c["rows"]:
+            g = "-" if r["growth"] is None else f"{r['growth'] * 100:+.1f}%"
+            p(f"  {r['program']:<24}{r['now'] if r['now'] is not None else '-':>10}"
+              f"{r['baseline'] if r['baseline'] is not None else '-':>10}{g:>9}")
+        for w in c["warnings"]:
+            p(f"  WARNING: {w}")
+        for n in c["notes"]:
+            p(f"  note: {n}")
     p("\n## Targets" + (" (--quick: indicative only, one pair, few packets)" if res.get("quick") else ""))
     for label, got, ok in targets_report(res):
         p(f"  [{'n/a ' if ok is None else 'met ' if ok else 'MISS'}] {label}: {got}")
+
+
+def verifier_warnings(res):
+    """The verifier part's warnings (growth past bench/verifier.json's warn_growth)."""
+    return (res.get("verifier") or {}).get("comparison", {}).get("warnings", [])
 
 
 def check(res, baseline_path, quick):
@@ -651,7 +680,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="seconds, for CI: few packets, 1 pair, short runs")
     ap.add_argument("--check", action="store_true", help="compare to bench/baseline.json; exit 1 on a regression (never with --quick)")
-    ap.add_argument("--only", default="dataplane,veth,pipeline,criterion,memory,daemon,policy",
+    ap.add_argument("--only", default="dataplane,veth,pipeline,criterion,memory,daemon,policy,verifier",
                     help="comma-separated parts to run")
     ap.add_argument("--pairs", type=int, default=0, help="override the number of pairs per veth test")
     ap.add_argument("--max-minutes", type=float, default=40, help="time budget of the veth part")
@@ -699,6 +728,8 @@ def main():
     part("daemon", lambda: run_rfbench(args.rfbench, "daemon", outdir / "daemon.json", args.quick,
                                        ["--ringfence", args.ringfence]))
     part("criterion", lambda: criterion(args))
+    part("verifier", lambda: run_rfbench(args.rfbench, "verifier", outdir / "verifier.json", False,
+                                         ["--baseline", str(VERIFIER_FILE)] + (["--record"] if args.write_baseline else [])))
     if "veth" in parts:
         log("== veth throughput")
     part("veth", lambda: veth(args, args.rfbench, args.ringfence, res.get("dataplane")))
@@ -713,7 +744,12 @@ def main():
     print(f"\nload average at start {res['machine']['loadavg_start']}, at end {res['machine']['loadavg_end']} "
           f"({res['machine']['cpus']} CPUs): above ~0.5 the numbers are noisy.")
     print(f"results: {outdir / 'results.json'}")
-    if args.write_baseline:
+    # The verifier figures live in bench/verifier.json, per kernel (`rfbench verifier --record`
+    # wrote this kernel's above); a run of that part alone leaves baseline.json as it is.
+    if args.write_baseline and parts == {"verifier"}:
+        print(f"verifier figures written: {VERIFIER_FILE} (baseline.json unchanged)")
+    elif args.write_baseline:
+        res = {k: v for k, v in res.items() if k != "verifier"}
         res["tolerance"] = {"ratio_abs": 0.05, "ns_rel": 0.5, "ns_abs": 20, "rate_rel": 0.3,
                             "note": "a regression is a ringfence veth ratio below baseline - max(ratio_abs, mean of both runs' p75-p25), "
                                     "a per-packet diff above baseline * (1 + ns_rel) + ns_abs, or "
@@ -725,6 +761,11 @@ def main():
         print("\nFAILED parts (functional, not timing):\n  " + "\n  ".join(failures))
         rc = 1
     if args.check:
+        vw = verifier_warnings(res)
+        if vw:
+            print(f"\nverifier cost warnings (growth over {VERIFIER_FILE.name}; not a failure):")
+            for w in vw:
+                print("  " + w)
         bad = check(res, Path(args.baseline), args.quick)
         if bad:
             print("\nregressions against the baseline" + (" (--quick: reported, not enforced)" if args.quick else "") + ":")

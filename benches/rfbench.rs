@@ -10,6 +10,9 @@
 //!   rfbench daemon --ringfence PATH [--quick] [--json FILE]   `ringfence run` from outside:
 //!                     job start/end latency and leaks, memory at 0/32/256 jobs, events
 //!                     under load (benches/rfbench/daemon.rs)
+//!   rfbench verifier [--baseline FILE] [--record] [--json FILE]   instructions the
+//!                     verifier processed per program, against bench/verifier.json
+//!                     (benches/rfbench/verifier.rs)
 //!   rfbench connect-server ADDR:PORT SECONDS    accept and close, until SECONDS pass
 //!   rfbench connect-client ADDR:PORT SECONDS MAX   connect/close loop; prints conns/s
 //!
@@ -41,9 +44,12 @@ use serde_json::{json, Value};
 mod daemon;
 #[path = "rfbench/policy.rs"]
 mod policy;
+#[path = "rfbench/verifier.rs"]
+mod verifier;
 
 const USAGE: &str = "usage: rfbench dataplane|pipeline|memory|policy [--quick] [--json FILE] \
      | daemon --ringfence PATH [--quick] [--json FILE] \
+     | verifier [--baseline FILE] [--record] [--json FILE] \
      | connect-server ADDR:PORT SECS | connect-client ADDR:PORT SECS MAX";
 
 const LO: u32 = 1;
@@ -152,6 +158,7 @@ fn main() -> Result<()> {
         Some("memory") => memory(&args),
         Some("policy") => policy::policy(&args),
         Some("daemon") => daemon::daemon(&args),
+        Some("verifier") => verifier::verifier(&args),
         Some("daemon-sender") => daemon::sender_main(&args.rest[1..]),
         Some("connect-server") => connect_server(&args.rest[1..]),
         Some("connect-client") => connect_client(&args.rest[1..]),

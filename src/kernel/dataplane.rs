@@ -770,6 +770,13 @@ impl Dataplane {
             .expect("bss is mmapped by the skeleton")
     }
 
+    /// Every program of the loaded object, loaded or not (a hook this kernel lacks is left
+    /// out of the load: `autoload()` is false and it has no fd). For bench/verifier.json.
+    pub fn programs(&self) -> impl Iterator<Item = libbpf_rs::Program<'_>> {
+        use libbpf_rs::skel::Skel;
+        self.skel.object().progs()
+    }
+
     pub fn attach_kind(&self) -> AttachKind {
         self.kind
     }
