@@ -2,9 +2,11 @@
 """The throughput-regression harness behind bench/run (see bench/README.md).
 
 Runs, in one go: the per-packet BPF_PROG_TEST_RUN costs, veth throughput between two
-network namespaces under every filter configuration (paired against "no filter"), the
-event pipeline, the userspace criterion benches, the memory footprint and the host
-daemon (job start/end latency and leaks, memory per job, events under load). Prints one
+network namespaces under every filter configuration (paired against "no filter";
+ringfence holding 1k / 100k addresses learned through DNS answers, the rivals' sets the
+same addresses), the event pipeline, the userspace criterion benches, the memory
+footprint, the host daemon (job start/end latency and leaks, memory per job, events under
+load) and the verifier's cost per program against bench/verifier.json (warnings only). Prints one
 table, writes bench/out/<stamp>/*.json and bench/out/latest.json, and with --check
 compares the ratios to bench/baseline.json.
 
@@ -367,6 +369,9 @@ def run_one(tb, flt, test, quick, rfbench, ringfence):
             if not lines:
                 raise RuntimeError(f"{flt.name}/{test}: no trie count from rfbench resolve: {r.stderr.strip()[-400:]}")
             learned = json.loads(lines[-1])
+            # The job's DNS queries left through the same device before the measured
+            # command started: they are not the test's packets.
+            tx -= learned["queries_sent"]
         # Egress packets (as the filter sees them: GSO super-packets for TCP) over the
         # test's own duration; the few packets of iperf3's control connection are noise.
         out = {"value": value, "pps": tx / max(secs, 1e-9), "tx": tx, "wall_s": el}

@@ -150,6 +150,7 @@ pub fn resolve(rest: &[String]) -> Result<()> {
     let secs = t0.elapsed().as_secs_f64();
     let mut out = json!({
         "names": names.len(), "addresses": addresses, "resent": resent,
+        "queries_sent": names.len() as u64 + resent,
         "seconds": secs, "names_per_s": names.len() as f64 / secs,
     });
     if let Some(want) = expect {
