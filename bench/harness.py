@@ -338,7 +338,15 @@ def run_one(tb, flt, test, quick, rfbench, ringfence):
         el = time.monotonic() - t0
         tx = tb.tx_packets() - tx0
         if r.returncode != 0:
-            raise RuntimeError(f"{flt.name}/{test}: exit {r.returncode}: {r.stderr.strip()[-400:]}")
+            # The cause, not the tail of ringfence's report: rfbench's "Error:" lines and
+            # iperf3's own error (with -J it goes to the log file, not to stderr).
+            why = [l for l in r.stderr.splitlines() if l.startswith(("Error", "iperf3:", "rfbench"))]
+            try:
+                why.append("iperf3: " + json.loads(Path(tmp.name).read_text()).get("error", ""))
+            except (ValueError, OSError):
+                pass
+            raise RuntimeError(f"{flt.name}/{test}: exit {r.returncode}: {' | '.join(why)[-600:]} "
+                               f"... {r.stderr.strip()[-300:]}")
         if test == "conn":
             line = [l for l in r.stdout.splitlines() if l.startswith("{")][-1]
             j = json.loads(line)

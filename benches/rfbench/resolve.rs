@@ -25,7 +25,7 @@ use serde_json::json;
 const WINDOW: usize = 256;
 // A lost query (a burst overflows a socket buffer now and then) is asked again soon.
 const RETRY_AFTER: Duration = Duration::from_millis(250);
-const TRIES: u32 = 8;
+const TRIES: u32 = 20;
 
 pub fn resolve(rest: &[String]) -> Result<()> {
     let usage = "usage: rfbench resolve SERVER:PORT NAMES_FILE [--expect-allow N]";
