@@ -60,21 +60,23 @@ pub fn resolve(rest: &[String]) -> Result<()> {
     } else {
         "[::]:0".parse()?
     };
-    let sock = UdpSocket::bind(bind)?;
-    sock.connect(server)?;
-    sock.set_read_timeout(Some(Duration::from_millis(20)))?;
+    let mut sock = open_socket(bind, server)?;
 
     let t0 = Instant::now();
     let mut next = 0usize;
-    let mut id: u16 = 0;
-    // id -> (name index, sent at, tries so far)
-    let mut pending: HashMap<u16, (usize, Instant, u32)> = HashMap::new();
+    // Queries are numbered 1, 2, ...: the DNS id is the low 16 bits, and every 65536 a new
+    // socket (a new source port) takes over, so no (port, id) is ever asked twice: an
+    // answer meant for an earlier query with the same id must not bind or be taken for
+    // this one. Answers still due on the old socket are lost and asked again.
+    let mut seq: u32 = 0;
+    // seq -> (name index, sent at, tries so far)
+    let mut pending: HashMap<u32, (usize, Instant, u32)> = HashMap::new();
     let mut answered = vec![false; names.len()];
     let (mut done, mut addresses, mut resent) = (0usize, 0u64, 0u64);
     let mut buf = vec![0u8; 4096];
-    let send = |sock: &UdpSocket, id: u16, (name, t): &(Name, RecordType)| -> Result<()> {
+    let send = |sock: &UdpSocket, seq: u32, (name, t): &(Name, RecordType)| -> Result<()> {
         let mut m = Message::new();
-        m.set_id(id)
+        m.set_id(seq as u16)
             .set_message_type(MessageType::Query)
             .set_recursion_desired(true)
             .add_query(Query::query(name.clone(), *t));
@@ -83,9 +85,9 @@ pub fn resolve(rest: &[String]) -> Result<()> {
     };
     while done < names.len() {
         while pending.len() < WINDOW && next < names.len() {
-            id = id.wrapping_add(1);
-            send(&sock, id, &names[next])?;
-            pending.insert(id, (next, Instant::now(), 1));
+            let q = next_seq(&mut seq, &mut sock, bind, server)?;
+            send(&sock, q, &names[next])?;
+            pending.insert(q, (next, Instant::now(), 1));
             next += 1;
         }
         match sock.recv(&mut buf) {
@@ -93,14 +95,15 @@ pub fn resolve(rest: &[String]) -> Result<()> {
                 let Ok(m) = Message::from_vec(&buf[..n]) else {
                     continue;
                 };
-                let Some(&(idx, _, _)) = pending.get(&m.id()) else {
+                let key = (seq & !0xffff) | u32::from(m.id());
+                let Some(&(idx, _, _)) = pending.get(&key) else {
                     continue; // an answer to a query already retried and answered
                 };
                 // A late answer to an id since reused names another question.
                 if m.queries().first().map(|q| q.name()) != Some(&names[idx].0) {
                     continue;
                 }
-                pending.remove(&m.id());
+                pending.remove(&key);
                 let got = m
                     .answers()
                     .iter()
@@ -128,7 +131,7 @@ pub fn resolve(rest: &[String]) -> Result<()> {
             Err(e) => return Err(e).context("receiving answers"),
         }
         let now = Instant::now();
-        let late: Vec<u16> = pending
+        let late: Vec<u32> = pending
             .iter()
             .filter(|(_, (_, at, _))| now - *at > RETRY_AFTER)
             .map(|(k, _)| *k)
@@ -141,9 +144,9 @@ pub fn resolve(rest: &[String]) -> Result<()> {
                     names[idx].0
                 );
             }
-            id = id.wrapping_add(1);
-            send(&sock, id, &names[idx])?;
-            pending.insert(id, (idx, now, tries + 1));
+            let q = next_seq(&mut seq, &mut sock, bind, server)?;
+            send(&sock, q, &names[idx])?;
+            pending.insert(q, (idx, now, tries + 1));
             resent += 1;
         }
     }
@@ -164,6 +167,28 @@ pub fn resolve(rest: &[String]) -> Result<()> {
     }
     println!("{out}");
     Ok(())
+}
+
+fn open_socket(bind: SocketAddr, server: SocketAddr) -> Result<UdpSocket> {
+    let sock = UdpSocket::bind(bind)?;
+    sock.connect(server)?;
+    sock.set_read_timeout(Some(Duration::from_millis(20)))?;
+    Ok(sock)
+}
+
+/// The next query number; at every 65536th a fresh socket takes over (see `resolve`).
+fn next_seq(
+    seq: &mut u32,
+    sock: &mut UdpSocket,
+    bind: SocketAddr,
+    server: SocketAddr,
+) -> Result<u32> {
+    *seq += 1;
+    if *seq & 0xffff == 0 {
+        *sock = open_socket(bind, server)?;
+        *seq += 1;
+    }
+    Ok(*seq)
 }
 
 /// (pid, entries of its `allow` map) of the nearest ancestor process running `ringfence`.
