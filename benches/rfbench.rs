@@ -11,6 +11,12 @@
 //!   rfbench daemon --ringfence PATH [--quick] [--json FILE]   `ringfence run` from outside:
 //!                     job start/end latency and leaks, memory at 0/32/256 jobs, events
 //!                     under load (benches/rfbench/daemon.rs)
+//!   rfbench verifier [--baseline FILE] [--record] [--json FILE]   instructions the
+//!                     verifier processed per program, against bench/verifier.json
+//!                     (benches/rfbench/verifier.rs)
+//!   rfbench resolve SERVER:PORT NAMES_FILE [--expect-allow N]   look every name up, many
+//!                     at once (a ringfence job learns the answers); check its allow trie
+//!                     (benches/rfbench/resolve.rs)
 //!   rfbench connect-server ADDR:PORT SECONDS    accept and close, until SECONDS pass
 //!   rfbench connect-client ADDR:PORT SECONDS MAX   connect/close loop; prints conns/s
 //!
@@ -42,10 +48,16 @@ use serde_json::{json, Value};
 mod daemon;
 #[path = "rfbench/policy.rs"]
 mod policy;
+#[path = "rfbench/resolve.rs"]
+mod resolve;
+#[path = "rfbench/verifier.rs"]
+mod verifier;
 
 const USAGE: &str =
     "usage: rfbench dataplane|pipeline|memory|churn|policy [--quick] [--json FILE] \
      | daemon --ringfence PATH [--quick] [--json FILE] \
+     | verifier [--baseline FILE] [--record] [--json FILE] \
+     | resolve SERVER:PORT NAMES_FILE [--expect-allow N] \
      | connect-server ADDR:PORT SECS | connect-client ADDR:PORT SECS MAX";
 
 const LO: u32 = 1;
@@ -155,6 +167,8 @@ fn main() -> Result<()> {
         Some("churn") => churn(&args),
         Some("policy") => policy::policy(&args),
         Some("daemon") => daemon::daemon(&args),
+        Some("verifier") => verifier::verifier(&args),
+        Some("resolve") => resolve::resolve(&args.rest[1..]),
         Some("daemon-sender") => daemon::sender_main(&args.rest[1..]),
         Some("connect-server") => connect_server(&args.rest[1..]),
         Some("connect-client") => connect_client(&args.rest[1..]),

@@ -790,6 +790,13 @@ impl Dataplane {
         bss.verdict_gen = bss.verdict_gen.wrapping_add(1);
     }
 
+    /// Every program of the loaded object, loaded or not (a hook this kernel lacks is left
+    /// out of the load: `autoload()` is false and it has no fd). For bench/verifier.json.
+    pub fn programs(&self) -> impl Iterator<Item = libbpf_rs::Program<'_>> {
+        use libbpf_rs::skel::Skel;
+        self.skel.object().progs()
+    }
+
     pub fn attach_kind(&self) -> AttachKind {
         self.kind
     }
