@@ -189,14 +189,13 @@ struct rf_sk_flow {
 	__u32 seq;
 	__u32 _pad0;
 	__u8 daddr[16];
-	__u32 job_id;
 	__u32 ifindex;  /* the device it was judged on */
 	__u32 gen;      /* verdict_gen when it was made */
 	__be16 sport;   /* network order, as in the packet */
 	__be16 dport;
 	__u8 proto;     /* IPPROTO_TCP or IPPROTO_UDP */
 	__u8 family;    /* 4 or 6 */
-	__u8 _pad[6];
+	__u8 _pad[2];
 	__u64 touched;  /* jiffies at the last keep-alive of the flow and its address */
 };
 

@@ -104,10 +104,10 @@ static __always_inline int host_side(const struct rf_job *j)
 
 /* The job a packet belongs to: the interface job `link` of its device (link_job()) when
  * that device's egress is the job's own, else the job of the socket that sent it.
- * RF_BY_SOCKET in *how says it was sent by a socket of the job's cgroup (not only seen on a job's interface,
- * where ARP and neighbour discovery also pass). The host side of an interface job's link
- * is not: what leaves there goes to that job, and is only some other job's when one of its
- * sockets sent it. */
+ * RF_BY_SOCKET in *how says it was sent by a socket of the job's cgroup (not only seen on a
+ * job's interface, where ARP and neighbour discovery also pass). The host side of an
+ * interface job's link is not: what leaves there goes to that job, and is only some other
+ * job's when one of its sockets sent it. */
 static __always_inline struct rf_job *find_job(struct __sk_buff *skb, struct rf_job *link,
 					       __u64 *cgid, __u64 *how)
 {
@@ -423,9 +423,10 @@ static __always_inline struct rf_sk_flow *sk_flow_of(struct __sk_buff *skb, int 
  * packet itself, leaving by the same device), kept under the current verdict_gen and judged
  * allowed or audited then. `touch`: every RF_TOUCH_JIFFIES the flow takes the slow path
  * once, which keeps its flow entry and learned address alive (jiffies, which the verifier
- * inlines to one load: the coarse clock cost 15-20 ns a packet here, more than all the rest). It reads only the common shape, plain IPv4 or IPv6 then TCP or UDP; any
- * other (options, extension headers, fragments, a short header) misses and the slow path
- * judges it as before. Written here rather than with parse_pkt, whose zeroed struct pkt
+ * inlines to one load: the coarse clock cost 15-20 ns a packet here, more than all the
+ * rest). It reads only the common shape, plain IPv4 or IPv6 then TCP or UDP; any other
+ * (options, extension headers, fragments, a short header) misses and the slow path judges
+ * it as before. Written here rather than with parse_pkt, whose zeroed struct pkt
  * alone pushed the verdict path's calls over the verifier's 512-byte stack and cost more
  * than the rest. Inline: a call was a measurable part of ~13 ns (bench/run, established). */
 static __always_inline int kept_flow(struct __sk_buff *skb, __u32 l2, int touch)
@@ -491,8 +492,7 @@ static __always_inline int kept_flow(struct __sk_buff *skb, __u32 l2, int touch)
 
 /* Keeps the flow of an allowed or audited packet with its socket (see kept_flow). Never
  * DNS: queries are all filtered (to port 53) and answers all read (from it). */
-static __always_inline void keep_flow(struct __sk_buff *skb, const struct rf_job *job,
-				      const struct pkt *p)
+static __always_inline void keep_flow(struct __sk_buff *skb, const struct pkt *p)
 {
 	struct rf_sk_flow *f;
 	__u32 seq;
@@ -509,7 +509,6 @@ static __always_inline void keep_flow(struct __sk_buff *skb, const struct rf_job
 		return;
 	barrier();
 	__builtin_memcpy(f->daddr, p->daddr, 16);
-	f->job_id = job->job_id;
 	f->ifindex = skb->ifindex;
 	f->sport = bpf_htons(p->sport);
 	f->dport = bpf_htons(p->dport);
@@ -608,7 +607,7 @@ static __noinline int judge_packet(struct __sk_buff *skb, struct rf_job *job, __
 		if (dns && cached->verdict == RF_VERDICT_ALLOWED)
 			goto query;
 		if (!dns && !rx)
-			keep_flow(skb, job, &p);
+			keep_flow(skb, &p);
 		return TC_ACT_UNSPEC;
 	}
 
@@ -658,7 +657,7 @@ static __noinline int judge_packet(struct __sk_buff *skb, struct rf_job *job, __
 	count(verdict == RF_VERDICT_AUDITED ? RF_CNT_AUDITED : RF_CNT_ALLOWED);
 	if (!dns) {
 		if (!rx)
-			keep_flow(skb, job, &p);
+			keep_flow(skb, &p);
 		return TC_ACT_UNSPEC;
 	}
 	if (verdict != RF_VERDICT_ALLOWED)
