@@ -3,8 +3,9 @@ use clap::Parser;
 use ringfence::cli::{Cli, Cmd};
 
 fn main() {
-    ringfence::logging::init();
     let cli = Cli::parse();
+    let daemon = matches!(cli.command, Cmd::Run(_) | Cmd::Kubernetes(_));
+    ringfence::logging::init(if daemon { "info" } else { "warn" });
     let result = match cli.command {
         Cmd::Exec(args) => ringfence::exec::run(&args),
         #[cfg(feature = "testkit")]
