@@ -552,8 +552,12 @@ static __noinline int judge_packet(struct __sk_buff *skb, struct rf_job *job, __
 		rc = parse_pkt(skb, &p, l2);
 	}
 	if (rc != RF_PARSE_OK) {
-		/* ARP of a job keyed by interface carries no job data. */
-		if (rc == RF_PARSE_NOT_IP && !(how & RF_BY_SOCKET))
+		/* ARP of a job keyed by interface carries no job data. Nothing else that is not
+		 * IP passes unjudged: a second VLAN tag (the kernel takes only the outer one off
+		 * before TC), MPLS, PPPoE or an 802.3 frame from a job with a raw socket would be
+		 * forwarded on by a bridge, unread. */
+		if (rc == RF_PARSE_NOT_IP && !(how & RF_BY_SOCKET) &&
+		    skb->protocol == bpf_htons(ETH_P_ARP))
 			return TC_ACT_UNSPEC;
 		return unparsed(job, cgid, &p, RF_SENDER_TC, skb);
 	}

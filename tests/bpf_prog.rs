@@ -442,6 +442,71 @@ fn packets_that_are_not_ours_pass() {
     assert!(r.flows().is_empty());
 }
 
+/// An interface job's frames that carry no IP and are not ARP: a second VLAN tag (the kernel
+/// takes the outer one off before TC, the inner stays in the frame: 802.1ad in 802.1Q), MPLS,
+/// PPPoE, an 802.3 length frame. A container with CAP_NET_RAW (Docker's default) can send any
+/// of them on its veth, and a bridge forwards them on unread: in block mode they are dropped
+/// and reported (once per kind), in audit mode reported and passed. ARP still passes.
+#[test]
+fn non_ip_frames_of_an_interface_job_fail_closed() {
+    let frame_of = |ethertype: [u8; 2]| {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&[2, 0, 0, 0, 0, 1]);
+        f.extend_from_slice(&ethertype);
+        // A VLAN tag, then an IPv4 header to 203.0.113.9 behind it (what a tag would carry).
+        f.extend_from_slice(&[0x00, 0x05, 0x08, 0x00]);
+        f.extend_from_slice(&[
+            0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 198, 51, 100, 2, 203, 0, 113, 9,
+        ]);
+        f.extend_from_slice(&[0; 8]);
+        f
+    };
+    let kinds: [(&str, [u8; 2]); 6] = [
+        ("802.1Q", [0x81, 0x00]),
+        ("802.1ad", [0x88, 0xa8]),
+        ("MPLS", [0x88, 0x47]),
+        ("PPPoE session", [0x88, 0x64]),
+        ("802.3 length", [0x00, 0x26]),
+        ("LLDP", [0x88, 0xcc]),
+    ];
+    let mut arp = vec![0xff; 6];
+    arp.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
+    arp.extend_from_slice(&[0; 28]);
+    for host_side in [false, true] {
+        let r = rig_job(Mode::Block, Mode::Block, "", false, host_side);
+        let run = |f: &[u8]| if host_side { r.ingress(f) } else { r.egress(f) };
+        assert_eq!(run(&arp), PASS, "ARP (host side: {host_side})");
+        for (what, et) in kinds {
+            assert_eq!(run(&frame_of(et)), DROP, "{what} (host side: {host_side})");
+            assert_eq!(
+                run(&frame_of(et)),
+                DROP,
+                "{what} again (host side: {host_side})"
+            );
+        }
+        let unparsed = r
+            .flows()
+            .iter()
+            .filter(|f| f.reason() == abi::rf_reason::RF_REASON_UNPARSED)
+            .count();
+        assert!(unparsed >= 1, "reported (host side: {host_side})");
+        drop(r);
+        let r = rig_job(Mode::Audit, Mode::Audit, "", false, host_side);
+        let run = |f: &[u8]| if host_side { r.ingress(f) } else { r.egress(f) };
+        for (what, et) in kinds {
+            assert_eq!(
+                run(&frame_of(et)),
+                PASS,
+                "{what} in audit mode (host side: {host_side})"
+            );
+        }
+        assert!(
+            !r.flows().is_empty(),
+            "reported in audit mode (host side: {host_side})"
+        );
+    }
+}
+
 /// A job whose policy also has `allowed-inbound`.
 fn rig_inbound(mode: Mode, allow: &str, inbound: &str) -> Rig {
     let mut r = rig(mode, Mode::Block, allow);
