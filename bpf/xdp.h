@@ -147,7 +147,7 @@ static __always_inline void xdp_emit_blocked(const struct rf_job *job, const str
 SEC("xdp")
 int rf_xdp(struct xdp_md *ctx)
 {
-	__u32 ifindex = ctx->ingress_ifindex, *l2;
+	__u32 ifindex = ctx->ingress_ifindex, *l2, l2v = RF_L2_ETHER;
 	struct rf_flow_key fk = {};
 	struct rf_flow_val fv = {}, *cached;
 	struct pkt p = {};
@@ -157,11 +157,17 @@ int rf_xdp(struct xdp_md *ctx)
 
 	if (!have_ifjobs)
 		return XDP_PASS;
+	/* Only a job's own packets, on the host side of its link. */
 	job = bpf_map_lookup_elem(&ifjobs, &ifindex);
-	/* Only a job's own packets, on the host side of its link; and only on a device TC
-	 * watches (its link header recorded), which judges whatever is passed. */
-	l2 = bpf_map_lookup_elem(&devices, &ifindex);
-	if (!host_side(job) || !l2 || xdp_parse(ctx, &p, *l2))
+	if (!host_side(job))
+		return XDP_PASS;
+	/* The link header as TC reads it (link_hdr_len): looked up only once some attached
+	 * device is not Ethernet. */
+	if (have_l3_devs) {
+		l2 = bpf_map_lookup_elem(&devices, &ifindex);
+		l2v = l2 ? *l2 : RF_L2_ETHER;
+	}
+	if (xdp_parse(ctx, &p, l2v))
 		return XDP_PASS;
 	/* DNS (filtered, answered REFUSED by TC), loopback (always allowed) and the job's
 	 * SYN-ACKs (TC answers a refused one with a RST) are TC's alone. */

@@ -258,6 +258,12 @@ pub struct Dataplane {
     /// ifindex: its link's fd. An accelerator, never the enforcement (TC judges all it
     /// passes), so it is not pinned: it goes with the process, and TC's programs stay.
     xdp: std::collections::BTreeMap<u32, std::os::fd::OwnedFd>,
+    /// Whether interface jobs get the XDP pre-judge ([`set_xdp_prejudge`]). Off by default:
+    /// measured on veth and tap (`rfbench xdp`, bench/README.md), it costs more than the TC
+    /// program alone, dropping and passing.
+    ///
+    /// [`set_xdp_prejudge`]: Dataplane::set_xdp_prejudge
+    xdp_prejudge: bool,
 }
 
 /// How [`Dataplane::attach_xdp`] went.
@@ -774,6 +780,7 @@ impl Dataplane {
             adopt_filters: Default::default(),
             deferred: Default::default(),
             xdp: Default::default(),
+            xdp_prejudge: false,
         };
         // A generation no earlier load used, so nothing kept before can match (the kept
         // verdicts' map is never pinned; this is belt and braces).
@@ -1568,7 +1575,7 @@ impl Dataplane {
         let bss = self.bss();
         bss.have_ifjobs = 1;
         self.invalidate_kept();
-        if job.flags & abi::rf_job::host_side_flag() != 0 {
+        if self.xdp_prejudge && job.flags & abi::rf_job::host_side_flag() != 0 {
             match self.attach_xdp(ifindex) {
                 Ok(XdpAttach::Native) => tracing::debug!(ifindex, "xdp pre-judge attached"),
                 Ok(XdpAttach::Skipped(why)) => {
@@ -1579,6 +1586,13 @@ impl Dataplane {
             }
         }
         Ok(())
+    }
+
+    /// Interface jobs registered from now on get the XDP pre-judge on the host side of their
+    /// link ([`attach_xdp`](Self::attach_xdp)), TC still judging all it passes. Off by
+    /// default: see `xdp_prejudge`.
+    pub fn set_xdp_prejudge(&mut self, on: bool) {
+        self.xdp_prejudge = on;
     }
 
     /// Attaches the XDP pre-judge (rf_xdp, bpf/xdp.h) to `ifindex`, the host side of an
