@@ -69,11 +69,8 @@ fn rig() -> Rig {
         ],
         &[sa(link_v4(OK_V4), 80), sa(link_v4(BAD_V4), 80)],
     );
-    tb.start_udp_echo(&[
-        sa(link_v4(OK_V4), UDP_PORT),
-        sa(link_v4(BAD_V4), UDP_PORT),
-    ])
-    .expect("UDP echo in the server namespace");
+    tb.start_udp_echo(&[sa(link_v4(OK_V4), UDP_PORT), sa(link_v4(BAD_V4), UDP_PORT)])
+        .expect("UDP echo in the server namespace");
     let link = VethJob::named(&tb, 0, "i11x");
     let in_host = InNetns::enter(tb.client_ns());
     let mut dp = Dataplane::load(&Options::default()).expect("load the dataplane (root?)");
@@ -83,8 +80,7 @@ fn rig() -> Rig {
         mode: Mode::Block,
         direct_ip: Mode::Block,
         dns_resolvers: vec![DNS_V4.into(), DNS_V6.into()],
-        endpoints: Policy::parse_endpoints("ok.test:80 ok.test:7777", "test")
-            .expect("test policy"),
+        endpoints: Policy::parse_endpoints("ok.test:80 ok.test:7777", "test").expect("test policy"),
         dns_filter: true,
         ..Policy::default()
     };
@@ -209,7 +205,12 @@ fn ethtool_stats(dev: &str) -> Vec<(String, u64)> {
         // SAFETY: ifr is a struct ifreq whose ifr_data points at `data`, sized by the caller
         // for what the command writes.
         let r = unsafe { libc::ioctl(sock.as_raw_fd(), SIOCETHTOOL, ifr.as_mut_ptr()) };
-        assert_eq!(r, 0, "SIOCETHTOOL on {dev}: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            r,
+            0,
+            "SIOCETHTOOL on {dev}: {}",
+            std::io::Error::last_os_error()
+        );
     };
     // struct ethtool_sset_info: cmd, reserved, u64 sset_mask, then one u32 per set.
     let mut info = [ETHTOOL_GSSET_INFO, 0, 1 << ETH_SS_STATS, 0, 0];
@@ -227,8 +228,9 @@ fn ethtool_stats(dev: &str) -> Vec<(String, u64)> {
     (0..n)
         .map(|i| {
             let name = &bytes[i * 32..(i + 1) * 32];
-            let name = String::from_utf8_lossy(&name[..name.iter().position(|&b| b == 0).unwrap_or(32)])
-                .into_owned();
+            let name =
+                String::from_utf8_lossy(&name[..name.iter().position(|&b| b == 0).unwrap_or(32)])
+                    .into_owned();
             let v = u64::from(stats[2 + 2 * i]) | (u64::from(stats[3 + 2 * i]) << 32);
             (name, v)
         })
@@ -261,11 +263,13 @@ fn xdp_prejudge_of_an_interface_job_on_a_veth() {
     assert!(r.tb.dns_queries_for("ok.test") >= 1);
 
     // A name not allowed: XDP passes DNS on, TC answers REFUSED in the job's place.
-    let (_, out, _) = r
-        .link
-        .run(&["dig", "+tries=1", "+time=3", "bad.test"]);
+    let (_, out, _) = r.link.run(&["dig", "+tries=1", "+time=3", "bad.test"]);
     assert!(out.contains("status: REFUSED"), "dig bad.test: {out}");
-    assert_eq!(r.tb.dns_queries_for("bad.test"), 0, "the refused query went out");
+    assert_eq!(
+        r.tb.dns_queries_for("bad.test"),
+        0,
+        "the refused query went out"
+    );
 
     let drops0 = r.xdp_drops();
     // An allowed UDP flow: every datagram arrives, none dropped by XDP.
@@ -276,14 +280,21 @@ fn xdp_prejudge_of_an_interface_job_on_a_veth() {
     // A blocked UDP flow (an address no answer gave this job): none arrives, every one
     // was dropped by XDP, and it is reported once, as TC would report it.
     r.send_udp(bad, 40002, 200);
-    assert_eq!(r.tb.udp_hits(sa(link_v4(BAD_V4), UDP_PORT)), 0, "blocked datagrams arrived");
+    assert_eq!(
+        r.tb.udp_hits(sa(link_v4(BAD_V4), UDP_PORT)),
+        0,
+        "blocked datagrams arrived"
+    );
     assert_eq!(
         r.xdp_drops() - drops0,
         200,
         "XDP did not drop the blocked flow's datagrams itself"
     );
     let evs = r.flows();
-    let blocked: Vec<&Flow> = evs.iter().filter(|f| f.0 == bad && f.1 == UDP_PORT).collect();
+    let blocked: Vec<&Flow> = evs
+        .iter()
+        .filter(|f| f.0 == bad && f.1 == UDP_PORT)
+        .collect();
     assert_eq!(
         blocked,
         [&(
@@ -340,8 +351,14 @@ fn no_xdp_unless_asked() {
     // Off by default: measured slower than TC alone (bench/README.md).
     assert!(dp.xdp_interfaces().is_empty());
     // Asked for: in the driver (veth has native XDP).
-    assert_eq!(dp.attach_xdp(ifindex).expect("attach_xdp"), XdpAttach::Native);
+    assert_eq!(
+        dp.attach_xdp(ifindex).expect("attach_xdp"),
+        XdpAttach::Native
+    );
     assert_eq!(dp.xdp_interfaces(), [ifindex]);
     dp.remove_interface_job(ifindex).expect("remove");
-    assert!(dp.xdp_interfaces().is_empty(), "removing the job detaches XDP");
+    assert!(
+        dp.xdp_interfaces().is_empty(),
+        "removing the job detaches XDP"
+    );
 }

@@ -7,6 +7,9 @@
 //!   xdp-drop   rf_xdp drops it before TC (TC still attached)
 //!   tc-pass    rf_ingress passes an allowed flow
 //!   xdp-pass   rf_xdp passes it on, then rf_ingress judges it as before
+//!   bare-drop  a two-instruction XDP program that drops everything: the floor of a drop
+//!   bare-pass  one that passes everything, then rf_ingress (tc-pass plus the XDP hook's
+//!              own cost, what any pre-judge pays before doing anything)
 //!
 //! ```text
 //!  i11x-bj-PID (job)                       i11x-bh-PID (host, forwarding on)
@@ -74,6 +77,8 @@ enum Config {
     XdpDrop,
     TcPass,
     XdpPass,
+    BareDrop,
+    BarePass,
 }
 
 impl Config {
@@ -84,26 +89,88 @@ impl Config {
             Config::XdpDrop => "xdp-drop",
             Config::TcPass => "tc-pass",
             Config::XdpPass => "xdp-pass",
+            Config::BareDrop => "bare-drop",
+            Config::BarePass => "bare-pass",
         }
     }
     fn dst(self) -> Ipv4Addr {
         match self {
-            Config::TcDrop | Config::XdpDrop => BLOCKED,
+            Config::TcDrop | Config::XdpDrop | Config::BareDrop => BLOCKED,
             _ => ALLOWED,
         }
     }
     fn drops(self) -> bool {
-        matches!(self, Config::TcDrop | Config::XdpDrop)
+        matches!(self, Config::TcDrop | Config::XdpDrop | Config::BareDrop)
     }
 }
 
-const CONFIGS: [Config; 5] = [
+const CONFIGS: [Config; 7] = [
     Config::None,
     Config::TcDrop,
     Config::XdpDrop,
     Config::TcPass,
     Config::XdpPass,
+    Config::BareDrop,
+    Config::BarePass,
 ];
+
+/// A program that returns `action` and nothing else, attached in driver mode to `ifindex`
+/// in this thread's namespace: (program, link), detached when both are dropped.
+fn bare_xdp(ifindex: u32, action: i32) -> Result<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)> {
+    use libbpf_rs::libbpf_sys as sys;
+    use std::os::fd::FromRawFd;
+    // r0 = action; exit
+    let insns = [
+        sys::bpf_insn {
+            code: (sys::BPF_ALU64 | sys::BPF_MOV | sys::BPF_K) as u8,
+            _bitfield_align_1: [],
+            _bitfield_1: sys::bpf_insn::new_bitfield_1(0, 0),
+            off: 0,
+            imm: action,
+        },
+        sys::bpf_insn {
+            code: (sys::BPF_JMP | sys::BPF_EXIT) as u8,
+            _bitfield_align_1: [],
+            _bitfield_1: sys::bpf_insn::new_bitfield_1(0, 0),
+            off: 0,
+            imm: 0,
+        },
+    ];
+    // SAFETY: insns and the strings outlive the call; no options.
+    let prog = unsafe {
+        sys::bpf_prog_load(
+            sys::BPF_PROG_TYPE_XDP,
+            c"rf_bare_xdp".as_ptr(),
+            c"GPL".as_ptr(),
+            insns.as_ptr(),
+            insns.len() as _,
+            std::ptr::null_mut(),
+        )
+    };
+    if prog < 0 {
+        bail!(
+            "loading a bare XDP program: {}",
+            std::io::Error::from_raw_os_error(-prog)
+        );
+    }
+    // SAFETY: a new fd nothing else owns.
+    let prog = unsafe { std::os::fd::OwnedFd::from_raw_fd(prog) };
+    // SAFETY: zeroed opts with their size set are libbpf's defaults.
+    let mut opts: sys::bpf_link_create_opts = unsafe { std::mem::zeroed() };
+    opts.sz = std::mem::size_of::<sys::bpf_link_create_opts>() as _;
+    opts.flags = sys::XDP_FLAGS_DRV_MODE;
+    // SAFETY: prog is a loaded program; opts outlives the call.
+    let link =
+        unsafe { sys::bpf_link_create(prog.as_raw_fd(), ifindex as i32, sys::BPF_XDP, &opts) };
+    if link < 0 {
+        bail!(
+            "attaching a bare XDP program: {}",
+            std::io::Error::from_raw_os_error(-link)
+        );
+    }
+    // SAFETY: as above.
+    Ok((prog, unsafe { std::os::fd::OwnedFd::from_raw_fd(link) }))
+}
 
 fn ip(args: &[&str]) -> Result<String> {
     let out = Command::new("ip")
@@ -145,8 +212,8 @@ impl Net {
             ip(&["netns", "add", ns])?;
         }
         ip(&[
-            "link", "add", "name", &n.host_if, "netns", &n.host_ns, "type", "veth", "peer",
-            "name", &n.job_if, "netns", &n.job_ns,
+            "link", "add", "name", &n.host_if, "netns", &n.host_ns, "type", "veth", "peer", "name",
+            &n.job_if, "netns", &n.job_ns,
         ])?;
         let (j, h, t) = (&n.job_if, &n.host_if, &n.tap);
         let steps: Vec<(&str, String)> = vec![
@@ -228,8 +295,8 @@ impl Drop for Net {
 /// This thread in network namespace `ns` (setns is per thread).
 fn enter(ns: &str) -> Result<std::fs::File> {
     let back = std::fs::File::open("/proc/thread-self/ns/net")?;
-    let there = std::fs::File::open(format!("/run/netns/{ns}"))
-        .with_context(|| format!("netns {ns}"))?;
+    let there =
+        std::fs::File::open(format!("/run/netns/{ns}")).with_context(|| format!("netns {ns}"))?;
     nix::sched::setns(&there, nix::sched::CloneFlags::CLONE_NEWNET).context("setns")?;
     Ok(back)
 }
@@ -327,9 +394,7 @@ fn blast(ns: &str, ifname: &str, frame: &[u8], cpu: usize, secs: f64) -> Result<
         let until = Instant::now() + Duration::from_secs_f64(secs);
         while Instant::now() < until {
             // SAFETY: msgs and what they point to are live for the call.
-            let n = unsafe {
-                libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0)
-            };
+            let n = unsafe { libc::sendmmsg(sock.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0) };
             if n > 0 {
                 sent += n as u64;
             }
@@ -372,7 +437,11 @@ fn blast_tap(ns: &str, tap: &str, frame: &[u8], cpu: usize, secs: f64) -> Result
             for _ in 0..BATCH {
                 // SAFETY: frame is live for the call.
                 let n = unsafe {
-                    libc::write(f.as_raw_fd(), frame.as_ptr() as *const libc::c_void, frame.len())
+                    libc::write(
+                        f.as_raw_fd(),
+                        frame.as_ptr() as *const libc::c_void,
+                        frame.len(),
+                    )
                 };
                 if n > 0 {
                     sent += 1;
@@ -478,16 +547,20 @@ pub fn xdp(args: &Args) -> Result<()> {
                 dp.detach_all();
                 if c != Config::None {
                     dp.attach(name)?;
-                    dp.add_interface_job(
-                        index,
-                        abi::rf_job::for_policy(JOB, &policy).host_side(),
-                    )?;
-                    if matches!(c, Config::TcDrop | Config::TcPass) {
+                    dp.add_interface_job(index, abi::rf_job::for_policy(JOB, &policy).host_side())?;
+                    if matches!(c, Config::XdpDrop | Config::XdpPass) {
+                        if let XdpAttach::Skipped(why) = dp.attach_xdp(index)? {
+                            bail!("no XDP on {name}: {why}");
+                        }
+                    } else {
                         dp.detach_xdp(index);
-                    } else if let XdpAttach::Skipped(why) = dp.attach_xdp(index)? {
-                        bail!("no XDP on {name}: {why}");
                     }
                 }
+                let _bare = match c {
+                    Config::BareDrop => Some(bare_xdp(index, 1)?), // XDP_DROP
+                    Config::BarePass => Some(bare_xdp(index, 2)?), // XDP_PASS
+                    _ => None,
+                };
                 // A new source port per sample: the first packet is a new flow (judged,
                 // cached), the rest are that flow's established packets, as a stream's are.
                 let sport = 40000 + (round * CONFIGS.len() + i) as u16;
@@ -510,6 +583,7 @@ pub fn xdp(args: &Args) -> Result<()> {
                 // Let the last NAPI batches land before the receiver is counted.
                 std::thread::sleep(Duration::from_millis(50));
                 let rx1 = Net::ip_in_receives()?;
+                drop(_bare);
                 let soft = ksoftirqd_ns(cpu).saturating_sub(soft0);
                 let s = Sample {
                     ns_per_packet: (cpu_ns + soft) as f64 / offered.max(1) as f64,
@@ -598,6 +672,8 @@ pub fn xdp(args: &Args) -> Result<()> {
         for (x, t) in [
             (Config::XdpDrop, Config::TcDrop),
             (Config::XdpPass, Config::TcPass),
+            (Config::BareDrop, Config::TcDrop),
+            (Config::BarePass, Config::TcPass),
         ] {
             let mut r: Vec<f64> = ns_of(x).iter().zip(ns_of(t)).map(|(a, b)| a / b).collect();
             let m = median(&mut r);
@@ -605,7 +681,10 @@ pub fn xdp(args: &Args) -> Result<()> {
                 "{} / {}: CPU per packet x{m:.3} (rounds: {})",
                 x.name(),
                 t.name(),
-                r.iter().map(|v| format!("{v:.2}")).collect::<Vec<_>>().join(" ")
+                r.iter()
+                    .map(|v| format!("{v:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
             );
             d.insert(format!("{}_over_{}", x.name(), t.name()), json!(m));
         }
