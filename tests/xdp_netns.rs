@@ -103,8 +103,18 @@ fn rig() -> Rig {
     }
 }
 
-/// The flow events since the last call, as (dst, dport, proto, verdict, reason, ifindex).
-type Flow = (IpAddr, u16, u8, abi::rf_verdict, abi::rf_reason, u32);
+/// The flow events since the last call, as (dst, dport, proto, verdict, reason, ifindex,
+/// cgroup, pid): every field but the source port and the time.
+type Flow = (
+    IpAddr,
+    u16,
+    u8,
+    abi::rf_verdict,
+    abi::rf_reason,
+    u32,
+    u64,
+    u32,
+);
 
 impl Rig {
     fn flows(&self) -> Vec<Flow> {
@@ -122,6 +132,8 @@ impl Rig {
                     f.verdict(),
                     f.reason(),
                     f.ifindex,
+                    f.cgroup_id,
+                    f.pid,
                 ));
             }
             0
@@ -303,10 +315,13 @@ fn xdp_prejudge_of_an_interface_job_on_a_veth() {
             17,
             abi::rf_verdict::RF_VERDICT_BLOCKED,
             abi::rf_reason::RF_REASON_DIRECT_IP,
-            r.ifindex
+            r.ifindex,
+            0,
+            0
         )],
         "one event for the blocked flow: {evs:?}"
     );
+    let xdp_event = *blocked[0];
     // And one for the allowed flow, from TC (XDP never reports what it passes).
     assert_eq!(
         evs.iter().filter(|f| f.0 == ok && f.1 == UDP_PORT).count(),
@@ -331,6 +346,31 @@ fn xdp_prejudge_of_an_interface_job_on_a_veth() {
     r.send_udp(bad, 40003, 100);
     assert_eq!(r.tb.udp_hits(sa(link_v4(BAD_V4), UDP_PORT)), 0);
     assert_eq!(r.xdp_drops(), drops1);
+    // TC's event for that flow is the one XDP sent for the other, field for field but one:
+    // a veth hands the sender's socket on with the skb, and TC reports its cgroup (here the
+    // test's own); XDP sees no socket and says 0, as TC does on a tap.
+    let mut tc: Vec<Flow> = r
+        .flows()
+        .into_iter()
+        .filter(|f| f.0 == bad && f.1 == UDP_PORT)
+        .collect();
+    assert_eq!(tc.len(), 1, "TC's event for a blocked flow: {tc:?}");
+    let own_cgroup = std::fs::metadata(format!(
+        "/sys/fs/cgroup{}",
+        std::fs::read_to_string("/proc/self/cgroup")
+            .expect("/proc/self/cgroup")
+            .trim()
+            .trim_start_matches("0::")
+    ))
+    .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+    .unwrap_or(1);
+    assert_eq!(tc[0].6, own_cgroup, "TC names the sending socket's cgroup");
+    tc[0].6 = 0;
+    assert_eq!(
+        tc,
+        [xdp_event],
+        "TC's event for a blocked flow, but the cgroup"
+    );
 }
 
 #[test]
@@ -361,4 +401,268 @@ fn no_xdp_unless_asked() {
         dp.xdp_interfaces().is_empty(),
         "removing the job detaches XDP"
     );
+}
+
+// ---------------------------------------------------------------------------------------
+// rf_xdp against rf_ingress, frame by frame (BPF_PROG_TEST_RUN, no namespaces)
+// ---------------------------------------------------------------------------------------
+
+const LO: u32 = 1;
+const XDP_DROP: i32 = 1;
+const XDP_PASS: i32 = 2;
+const TC_ACT_SHOT: i32 = 2;
+
+/// Runs rf_xdp once on `frame` as if it came in on `ifindex` (a `struct xdp_md` whose
+/// data_end is the frame's length, as the kernel asks).
+fn run_xdp(dp: &Dataplane, frame: &[u8], ifindex: u32) -> i32 {
+    let mut ctx = [0u32; 6]; // data, data_end, data_meta, ingress_ifindex, rx_queue, egress
+    ctx[1] = frame.len() as u32;
+    ctx[3] = ifindex;
+    let mut bytes: Vec<u8> = ctx.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let input = libbpf_rs::ProgramInput {
+        data_in: Some(frame),
+        context_in: Some(&mut bytes[..]),
+        repeat: 1,
+        ..Default::default()
+    };
+    dp.xdp_prog()
+        .test_run(input)
+        .expect("BPF_PROG_TEST_RUN of rf_xdp")
+        .return_value as i32
+}
+
+/// A dataplane whose job (block mode unless `audit`) is the host side of LO's link.
+fn table_rig(audit: bool) -> Dataplane {
+    let mut dp = Dataplane::load(&Options::default()).expect("load the dataplane (root?)");
+    let mode = if audit { Mode::Audit } else { Mode::Block };
+    let policy = Policy {
+        mode,
+        direct_ip: mode,
+        dns_resolvers: vec!["198.51.100.53".parse().unwrap()],
+        endpoints: Policy::parse_endpoints("198.51.100.10:443 [2001:db8:2::10]:443", "test")
+            .expect("test policy"),
+        dns_filter: true,
+        ..Policy::default()
+    };
+    dp.install_policy(
+        JOB,
+        &policy.compile().expect("compile"),
+        &policy.dns_resolvers,
+    )
+    .expect("install");
+    dp.add_interface_job(LO, abi::rf_job::for_policy(JOB, &policy).host_side())
+        .expect("register");
+    dp
+}
+
+/// Every frame through rf_xdp on one dataplane and through rf_ingress on another (same
+/// policy, its own flow cache): XDP's verdict is the one expected, and whatever XDP drops
+/// TC drops too. What XDP passes, TC judges (its verdict is TC's business, checked by
+/// tests/bpf_prog.rs).
+#[test]
+fn rf_xdp_drops_only_what_tc_drops() {
+    use ringfence::testkit::testrun::{frame, ip_frame, run_tc_meta, SkbMeta, TCP_ACK, TCP_SYN};
+    require_root();
+    let ip = |s: &str| -> IpAddr { s.parse().unwrap() };
+    let (job, job6) = (ip("203.0.113.2"), ip("2001:db8:3::2"));
+    let udp = |dst: &str, sport: u16, dport: u16| {
+        let src = if dst.contains(':') { job6 } else { job };
+        frame(src, ip(dst), 17, sport, dport, 0, b"payload")
+    };
+    let tcp = |dst: &str, sport: u16, dport: u16, flags: u8| {
+        let src = if dst.contains(':') { job6 } else { job };
+        frame(src, ip(dst), 6, sport, dport, flags, &[])
+    };
+    // IPv4 with 4 bytes of options (a no-op and an end of list): header length 6 words.
+    let with_options = {
+        let mut f = udp("198.51.100.66", 40100, 9);
+        f[14] = 0x46;
+        let total = u16::from_be_bytes([f[16], f[17]]) + 4;
+        f[16..18].copy_from_slice(&total.to_be_bytes());
+        f.splice(34..34, [1, 1, 1, 0]);
+        f
+    };
+    // IPv6 with a hop-by-hop header (8 bytes, padding) before UDP.
+    let with_hbh = {
+        let mut l4 = vec![17, 0, 1, 4, 0, 0, 0, 0];
+        l4.extend_from_slice(&40101u16.to_be_bytes());
+        l4.extend_from_slice(&9u16.to_be_bytes());
+        l4.extend_from_slice(&15u16.to_be_bytes());
+        l4.extend_from_slice(&[0, 0]);
+        l4.extend_from_slice(b"payload");
+        ip_frame(job6, ip("2001:db8:2::66"), 0, &l4, 0)
+    };
+    let arp = {
+        let mut f = vec![0xff; 6];
+        f.extend_from_slice(&[2, 0, 0, 0, 0, 1, 0x08, 0x06]);
+        f.extend_from_slice(&[0u8; 28]);
+        f
+    };
+    let cases: Vec<(&str, Vec<u8>, i32)> = vec![
+        (
+            "udp to a direct address",
+            udp("198.51.100.66", 40001, 9),
+            XDP_DROP,
+        ),
+        (
+            "...its next datagram (cached blocked)",
+            udp("198.51.100.66", 40001, 9),
+            XDP_DROP,
+        ),
+        (
+            "udp6 to a direct address",
+            udp("2001:db8:2::66", 40002, 9),
+            XDP_DROP,
+        ),
+        (
+            "syn to an allowed endpoint",
+            tcp("198.51.100.10", 40003, 443, TCP_SYN),
+            XDP_PASS,
+        ),
+        (
+            "...its ack (cached allowed)",
+            tcp("198.51.100.10", 40003, 443, TCP_ACK),
+            XDP_PASS,
+        ),
+        (
+            "syn6 to an allowed endpoint",
+            tcp("2001:db8:2::10", 40004, 443, TCP_SYN),
+            XDP_PASS,
+        ),
+        (
+            "syn to an allowed address, port not listed",
+            tcp("198.51.100.10", 40005, 80, TCP_SYN),
+            XDP_DROP,
+        ),
+        (
+            "ack without a flow, to a direct address",
+            tcp("198.51.100.66", 40006, 80, TCP_ACK),
+            XDP_DROP,
+        ),
+        (
+            "metadata address",
+            tcp("169.254.169.254", 40007, 80, TCP_SYN),
+            XDP_DROP,
+        ),
+        (
+            "dns to the resolver",
+            udp("198.51.100.53", 40008, 53),
+            XDP_PASS,
+        ),
+        (
+            "dns to another server (tc blocks it)",
+            udp("198.51.100.66", 40009, 53),
+            XDP_PASS,
+        ),
+        (
+            "tcp dns to another server",
+            tcp("198.51.100.66", 40010, 53, TCP_SYN),
+            XDP_PASS,
+        ),
+        ("loopback", udp("127.0.0.1", 40011, 9), XDP_PASS),
+        (
+            "the job's syn-ack (tc answers it with a rst)",
+            tcp("198.51.100.66", 40012, 80, TCP_SYN | TCP_ACK),
+            XDP_PASS,
+        ),
+        (
+            "ipv4 fragment",
+            ip_frame(job, ip("198.51.100.66"), 17, &[0u8; 16], 0x2000),
+            XDP_PASS,
+        ),
+        (
+            "ipv4 later fragment",
+            ip_frame(job, ip("198.51.100.66"), 17, &[0u8; 16], 0x0010),
+            XDP_PASS,
+        ),
+        ("ipv4 options", with_options, XDP_PASS),
+        ("ipv6 hop-by-hop header", with_hbh, XDP_PASS),
+        (
+            "icmp",
+            ip_frame(job, ip("198.51.100.66"), 1, &[8, 0, 0, 0, 0, 0, 0, 0], 0),
+            XDP_PASS,
+        ),
+        ("arp", arp, XDP_PASS),
+        (
+            "cut udp header",
+            udp("198.51.100.66", 40013, 9)[..38].to_vec(),
+            XDP_PASS,
+        ),
+    ];
+    let (dpx, dpt) = (table_rig(false), table_rig(false));
+    let mut dropped = 0;
+    for (what, f, want) in &cases {
+        let x = run_xdp(&dpx, f, LO);
+        assert_eq!(x, *want, "rf_xdp on: {what}");
+        // Came in on LO, as on the real link (skb->ingress_ifindex is the event's ifindex).
+        let meta = SkbMeta {
+            ingress_ifindex: LO,
+            ..Default::default()
+        };
+        let (t, _) = run_tc_meta(dpt.ingress_prog(), f, LO, meta).expect("rf_ingress");
+        if x == XDP_DROP {
+            dropped += 1;
+            assert_eq!(
+                t, TC_ACT_SHOT,
+                "rf_xdp dropped what rf_ingress passes: {what}"
+            );
+        }
+    }
+    // One event per blocked flow, as TC's: the cached datagram sent none.
+    let blocked_flows = cases.iter().filter(|c| c.2 == XDP_DROP).count() - 1;
+    assert_eq!(dropped, blocked_flows + 1);
+    let evs = events_of(&dpx);
+    assert_eq!(evs.len(), blocked_flows, "{evs:?}");
+    let tc_evs = events_of(&dpt);
+    for e in &evs {
+        assert!(
+            tc_evs.contains(e),
+            "rf_xdp's event {e:?} is not the one rf_ingress sent for that flow: {tc_evs:?}"
+        );
+    }
+
+    // Audit mode: only what is blocked whatever the mode (metadata) is dropped.
+    let audit = table_rig(true);
+    assert_eq!(
+        run_xdp(&audit, &udp("198.51.100.66", 40020, 9), LO),
+        XDP_PASS
+    );
+    assert_eq!(
+        run_xdp(&audit, &tcp("169.254.169.254", 40021, 80, TCP_SYN), LO),
+        XDP_DROP
+    );
+    // A device that is not the host side of a job's link: nothing is XDP's.
+    assert_eq!(run_xdp(&dpx, &udp("198.51.100.66", 40022, 9), 2), XDP_PASS);
+}
+
+/// Flow events as (job, dst, sport, dport, proto, verdict, reason, direction, pid, ifindex).
+/// Not the cgroup: a test run gives TC's packet a socket of the test's own cgroup, where on
+/// a job's link it has none (0, as rf_xdp says; tests above check it on a real veth).
+#[allow(clippy::type_complexity)]
+fn events_of(dp: &Dataplane) -> Vec<(u32, IpAddr, u16, u16, u8, u8, u8, u8, u32, u32)> {
+    let out = RefCell::new(Vec::new());
+    let map = dp.events_map().expect("events map");
+    let mut b = libbpf_rs::RingBufferBuilder::new();
+    b.add(&map, |d: &[u8]| {
+        let hdr: abi::rf_event_hdr = abi::from_bytes(d).expect("event header");
+        if hdr.r#type == abi::rf_event_type::RF_EVENT_FLOW.0 {
+            let f: abi::rf_flow_event = abi::from_bytes(d).expect("flow event");
+            out.borrow_mut().push((
+                f.hdr.job_id,
+                abi::addr_from_bytes(f.daddr),
+                f.sport,
+                f.dport,
+                f.proto,
+                f.verdict,
+                f.reason,
+                f.direction,
+                f.pid,
+                f.ifindex,
+            ));
+        }
+        0
+    })
+    .expect("ring buffer");
+    b.build().expect("ring buffer").consume().expect("consume");
+    out.into_inner()
 }

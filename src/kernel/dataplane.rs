@@ -2258,6 +2258,10 @@ impl Dataplane {
     pub fn empty_prog(&self) -> &libbpf_rs::ProgramMut<'static> {
         &self.skel.progs.rf_empty
     }
+
+    pub fn xdp_prog(&self) -> &libbpf_rs::ProgramMut<'static> {
+        &self.skel.progs.rf_xdp
+    }
 }
 
 // SAFETY: the skeleton is Send; the clsact hooks hold libbpf option structs whose only
