@@ -773,6 +773,12 @@ def print_table(res):
     dm = res.get("daemon")
     if dm:
         print_daemon(dm)
+    xd = res.get("xdp")
+    if xd:
+        p("\n## Interface jobs: XDP pre-judge against TC (rfbench xdp; 64-byte UDP, CPU ns per packet on the sending CPU)")
+        for dev, rows in xd["xdp"].items():
+            p(f"  {dev:<5}" + "".join(f"{k} {v['ns_per_packet']:.0f}  " for k, v in rows.items() if isinstance(v, dict)))
+            p("       " + "".join(f"{k} x{v:.3f}  " for k, v in rows.items() if not isinstance(v, dict)))
     vf = res.get("verifier")
     if vf:
         c = vf["comparison"]
@@ -846,7 +852,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="seconds, for CI: few packets, 1 pair, short runs")
     ap.add_argument("--check", action="store_true", help="compare to bench/baseline.json; exit 1 on a regression (never with --quick)")
-    ap.add_argument("--only", default="dataplane,veth,pipeline,criterion,memory,daemon,policy,verifier",
+    ap.add_argument("--only", default="dataplane,veth,pipeline,criterion,memory,daemon,policy,verifier,xdp",
                     help="comma-separated parts to run")
     ap.add_argument("--pairs", type=int, default=0, help="override the number of pairs per veth test")
     ap.add_argument("--max-minutes", type=float, default=40, help="time budget of the veth part")
@@ -894,6 +900,7 @@ def main():
     part("daemon", lambda: run_rfbench(args.rfbench, "daemon", outdir / "daemon.json", args.quick,
                                        ["--ringfence", args.ringfence]))
     part("criterion", lambda: criterion(args))
+    part("xdp", lambda: run_rfbench(args.rfbench, "xdp", outdir / "xdp.json", args.quick))
     part("verifier", lambda: run_rfbench(args.rfbench, "verifier", outdir / "verifier.json", False,
                                          ["--baseline", str(VERIFIER_FILE)] + (["--record"] if args.write_baseline else [])))
     if "veth" in parts:

@@ -14,6 +14,9 @@
 //!   rfbench verifier [--baseline FILE] [--record] [--json FILE]   instructions the
 //!                     verifier processed per program, against bench/verifier.json
 //!                     (benches/rfbench/verifier.rs)
+//!   rfbench xdp [--quick] [--secs S] [--rounds N] [--json FILE]   an interface job's
+//!                     64-byte UDP packets/s on a veth: XDP pre-judge against TC alone
+//!                     (benches/rfbench/xdp.rs)
 //!   rfbench resolve SERVER:PORT NAMES_FILE [--expect-allow N]   look every name up, many
 //!                     at once (a ringfence job learns the answers); check its allow trie
 //!                     (benches/rfbench/resolve.rs)
@@ -52,11 +55,14 @@ mod policy;
 mod resolve;
 #[path = "rfbench/verifier.rs"]
 mod verifier;
+#[path = "rfbench/xdp.rs"]
+mod xdp;
 
 const USAGE: &str =
     "usage: rfbench dataplane|pipeline|memory|churn|policy [--quick] [--json FILE] \
      | daemon --ringfence PATH [--quick] [--json FILE] \
      | verifier [--baseline FILE] [--record] [--json FILE] \
+     | xdp [--quick] [--secs S] [--rounds N] [--json FILE] \
      | resolve SERVER:PORT NAMES_FILE [--expect-allow N] \
      | connect-server ADDR:PORT SECS | connect-client ADDR:PORT SECS MAX";
 
@@ -168,6 +174,7 @@ fn main() -> Result<()> {
         Some("policy") => policy::policy(&args),
         Some("daemon") => daemon::daemon(&args),
         Some("verifier") => verifier::verifier(&args),
+        Some("xdp") => xdp::xdp(&args),
         Some("resolve") => resolve::resolve(&args.rest[1..]),
         Some("daemon-sender") => daemon::sender_main(&args.rest[1..]),
         Some("connect-server") => connect_server(&args.rest[1..]),

@@ -844,6 +844,9 @@ int rf_empty(struct __sk_buff *skb)
 	return TC_ACT_UNSPEC;
 }
 
+/* The XDP pre-judge of interface jobs: drops early what rf_ingress would drop. */
+#include "xdp.h"
+
 #include "sockopt.h"
 
 /* Who owns each socket of a job: cgroup socket hooks, attached with the backstop. */

@@ -254,6 +254,25 @@ pub struct Dataplane {
     adopt_filters: std::collections::HashMap<(i32, bool), (u32, u32)>,
     /// New veths not attached yet: their peer was still here (see follow_links).
     deferred: std::collections::BTreeMap<u32, u16>,
+    /// The XDP pre-judge (bpf/xdp.h) on the host side of each interface job's link, by
+    /// ifindex: its link's fd. An accelerator, never the enforcement (TC judges all it
+    /// passes), so it is not pinned: it goes with the process, and TC's programs stay.
+    xdp: std::collections::BTreeMap<u32, std::os::fd::OwnedFd>,
+    /// Whether interface jobs get the XDP pre-judge ([`set_xdp_prejudge`]). Off by default:
+    /// measured on veth and tap (`rfbench xdp`, bench/README.md), it costs more than the TC
+    /// program alone, dropping and passing.
+    ///
+    /// [`set_xdp_prejudge`]: Dataplane::set_xdp_prejudge
+    xdp_prejudge: bool,
+}
+
+/// How [`Dataplane::attach_xdp`] went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum XdpAttach {
+    /// In the driver (veth, tun/tap, most NICs): before the stack builds its skb.
+    Native,
+    /// Not attached, and why: TC judges the device's packets alone, as without XDP.
+    Skipped(&'static str),
 }
 
 /// One clsact filter ringfence added: enough to find it again (and to tell it from a filter
@@ -760,6 +779,8 @@ impl Dataplane {
             adopted,
             adopt_filters: Default::default(),
             deferred: Default::default(),
+            xdp: Default::default(),
+            xdp_prejudge: false,
         };
         // A generation no earlier load used, so nothing kept before can match (the kept
         // verdicts' map is never pinned; this is belt and braces).
@@ -1477,6 +1498,7 @@ impl Dataplane {
 
     /// Detaches everything this instance attached (also done on drop).
     pub fn detach_all(&mut self) {
+        self.xdp.clear();
         self.watched.clear();
         self.process_watch.clear();
         let owners: Vec<String> = self.job_links.iter().map(|(o, _, _)| o.clone()).collect();
@@ -1553,7 +1575,76 @@ impl Dataplane {
         let bss = self.bss();
         bss.have_ifjobs = 1;
         self.invalidate_kept();
+        if self.xdp_prejudge && job.flags & abi::rf_job::host_side_flag() != 0 {
+            match self.attach_xdp(ifindex) {
+                Ok(XdpAttach::Native) => tracing::debug!(ifindex, "xdp pre-judge attached"),
+                Ok(XdpAttach::Skipped(why)) => {
+                    tracing::info!(ifindex, "no xdp pre-judge ({why}): tc judges alone")
+                }
+                // Not fatal: TC judges every packet of the job as before.
+                Err(e) => tracing::warn!(ifindex, "attaching the xdp pre-judge: {e}"),
+            }
+        }
         Ok(())
+    }
+
+    /// Interface jobs registered from now on get the XDP pre-judge on the host side of their
+    /// link ([`attach_xdp`](Self::attach_xdp)), TC still judging all it passes. Off by
+    /// default: see `xdp_prejudge`.
+    pub fn set_xdp_prejudge(&mut self, on: bool) {
+        self.xdp_prejudge = on;
+    }
+
+    /// Attaches the XDP pre-judge (rf_xdp, bpf/xdp.h) to `ifindex`, the host side of an
+    /// interface job's link, in driver mode only. Generic (skb) XDP is not used: it runs
+    /// after the skb exists, linearizes it, and costs more than the TC program it would
+    /// spare. Nor is another XDP program replaced (the device's owner put it there).
+    pub fn attach_xdp(&mut self, ifindex: u32) -> Result<XdpAttach> {
+        use libbpf_rs::libbpf_sys as sys;
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+        if self.xdp.contains_key(&ifindex) {
+            return Ok(XdpAttach::Native);
+        }
+        let prog = self.skel.progs.rf_xdp.as_fd().as_raw_fd();
+        // SAFETY: a zeroed opts struct with its size set is libbpf's documented default.
+        let mut opts: sys::bpf_link_create_opts = unsafe { std::mem::zeroed() };
+        opts.sz = std::mem::size_of::<sys::bpf_link_create_opts>() as _;
+        opts.flags = sys::XDP_FLAGS_DRV_MODE;
+        // SAFETY: prog is a loaded program's fd; opts outlives the call.
+        let fd = unsafe { sys::bpf_link_create(prog, ifindex as i32, sys::BPF_XDP, &opts) };
+        if fd < 0 {
+            return match -fd {
+                libc::EOPNOTSUPP => Ok(XdpAttach::Skipped("the driver has no native XDP")),
+                libc::EBUSY | libc::EEXIST => {
+                    Ok(XdpAttach::Skipped("another XDP program is attached"))
+                }
+                // veth: a peer MTU above a page's worth of frame.
+                libc::ERANGE | libc::EINVAL => Ok(XdpAttach::Skipped(
+                    "the device refuses XDP (its MTU or its peer's is too large)",
+                )),
+                e => Err(DataplaneError::Attach {
+                    ifname: format!("ifindex {ifindex}"),
+                    dir: "ingress",
+                    kind: "xdp",
+                    source: std::io::Error::from_raw_os_error(e),
+                }),
+            };
+        }
+        // SAFETY: bpf_link_create returned a new fd that nothing else owns.
+        self.xdp
+            .insert(ifindex, unsafe { OwnedFd::from_raw_fd(fd) });
+        Ok(XdpAttach::Native)
+    }
+
+    /// Detaches the XDP pre-judge from `ifindex` (closing its link's only fd).
+    pub fn detach_xdp(&mut self, ifindex: u32) {
+        self.xdp.remove(&ifindex);
+    }
+
+    /// The interfaces the XDP pre-judge is attached to.
+    pub fn xdp_interfaces(&self) -> Vec<u32> {
+        self.xdp.keys().copied().collect()
     }
 
     /// The host default policy's job: every packet sent by a socket of no job is judged
@@ -1653,6 +1744,7 @@ impl Dataplane {
                 }
             }
         }
+        self.detach_xdp(ifindex);
         let r = match self.skel.maps.ifjobs.delete(&ifindex.to_ne_bytes()) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => Ok(()),
@@ -2165,6 +2257,10 @@ impl Dataplane {
 
     pub fn empty_prog(&self) -> &libbpf_rs::ProgramMut<'static> {
         &self.skel.progs.rf_empty
+    }
+
+    pub fn xdp_prog(&self) -> &libbpf_rs::ProgramMut<'static> {
+        &self.skel.progs.rf_xdp
     }
 }
 

@@ -49,6 +49,13 @@ pub fn ip_cmd(args: &[&str]) {
 impl VethJob {
     /// The job namespace for `slot` (0..32) of `tb`, up and routed both ways.
     pub fn new(tb: &Testbed, slot: u8) -> VethJob {
+        VethJob::named(tb, slot, "rfj")
+    }
+
+    /// As [`new`](Self::new), its namespace and devices named after `prefix` (at most 4
+    /// bytes: interface names hold 15), so that concurrent suites can tell theirs apart.
+    pub fn named(tb: &Testbed, slot: u8, prefix: &str) -> VethJob {
+        assert!(prefix.len() <= 4, "prefix {prefix:?}: at most 4 bytes");
         assert!(
             slot < 32,
             "slot {slot}: 32 /30 links fit in 203.0.113.128/25"
@@ -56,7 +63,7 @@ impl VethJob {
         static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let pid = std::process::id();
         let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let ns = format!("rfj-{pid}-{n}");
+        let ns = format!("{prefix}-{pid}-{n}");
         // A namespace of this name left by a killed run of the same pid goes first.
         if Path::new("/run/netns").join(&ns).exists() {
             ip_cmd(&["netns", "del", &ns]);
@@ -65,15 +72,16 @@ impl VethJob {
         let s = u16::from(slot);
         let job = VethJob {
             resolv_dir: Path::new("/etc/netns").join(&ns),
-            // Interface names hold 15 bytes: "rfj", at most 7 hex digits of pid, n, one more.
-            host_if: format!("rfj{pid:x}x{n:x}h"),
+            // Interface names hold 15 bytes: a prefix of at most 4, at most 6 hex digits of
+            // pid (pid_max is 2^22 at most), "x", n, one more.
+            host_if: format!("{prefix}{pid:x}x{n:x}h"),
             ns,
             job_v4: Ipv4Addr::new(203, 0, 113, base + 2),
             host_v4: Ipv4Addr::new(203, 0, 113, base + 1),
             job_v6: Ipv6Addr::new(0x2001, 0xdb8, 3, s, 0, 0, 0, 2),
             host_v6: Ipv6Addr::new(0x2001, 0xdb8, 3, s, 0, 0, 0, 1),
         };
-        let job_if = format!("rfj{pid:x}x{n:x}j");
+        let job_if = format!("{prefix}{pid:x}x{n:x}j");
         let host = tb.client_ns();
         ip_cmd(&["netns", "add", &job.ns]);
         ip_cmd(&[
