@@ -1592,6 +1592,9 @@ impl Dataplane {
         if let Ok(Some(_)) = allow.lookup(bytes_of(&key), MapFlags::ANY) {
             return Ok(false);
         }
+        if name == "allow_cidrs" && !self.hosts_have_room() {
+            return Err(self.allow_full());
+        }
         let val = abi::rf_addr_val {
             ports: ports_to_abi(&PortSet::Any),
             flags: abi::ADDR_STATIC,
@@ -1887,18 +1890,16 @@ impl Dataplane {
                 ..Default::default()
             };
             let (name, allow) = self.allow_map(&key);
+            // The fit check counts static entries only: learned addresses past their share
+            // can still leave no room. Say so rather than a bare ENOSPC.
+            if name == "allow_cidrs" && !self.hosts_have_room() {
+                return Err(self.allow_full());
+            }
             allow
                 .update(bytes_of(&key), bytes_of(&val), MapFlags::ANY)
                 .map_err(|e| {
-                    // The fit check counts static entries only: learned addresses past their
-                    // share can still leave no room. Say so rather than a bare ENOSPC.
                     if allow.keys().count() as u64 >= u64::from(allow.max_entries()) {
-                        DataplaneError::Policy(format!(
-                            "map allow is full ({} entries: the jobs' static entries and the \
-                             addresses learned from DNS answers): raise max-learned-addresses \
-                             (exec --max-learned-addresses, daemon config max-learned-addresses)",
-                            allow.max_entries()
-                        ))
+                        self.allow_full()
                     } else {
                         map_err(name)(e)
                     }
@@ -2020,6 +2021,42 @@ impl Dataplane {
         } else {
             ("allow_cidrs", &self.skel.maps.allow_cidrs)
         }
+    }
+
+    /// Whether the `allow` hash can take one more entry. Its two halves share one budget,
+    /// static and learned entries together, as the one trie did: a CIDR is refused once the
+    /// host entries (learned addresses, mostly) have used it up. A hash keeps no count that
+    /// userspace can read without walking every key, so it is asked by inserting a probe
+    /// entry and deleting it again: job slot `u32::MAX` (no job's) and address `::` (never a
+    /// destination, never bound), so no packet can match it meanwhile.
+    fn hosts_have_room(&self) -> bool {
+        let key = abi::rf_lpm_key {
+            prefixlen: abi::LPM_FULL,
+            job_id: u32::MAX,
+            addr: [0; 16],
+        };
+        let map = &self.skel.maps.allow;
+        let probe = abi::rf_addr_val {
+            prefixlen: abi::LPM_FULL,
+            ..Default::default()
+        };
+        match map.update(bytes_of(&key), bytes_of(&probe), MapFlags::NO_EXIST) {
+            Ok(()) => {
+                let _ = map.delete(bytes_of(&key));
+                true
+            }
+            // Full (E2BIG), or no memory for one more: no room either way.
+            Err(_) => false,
+        }
+    }
+
+    fn allow_full(&self) -> DataplaneError {
+        DataplaneError::Policy(format!(
+            "map allow is full ({} entries: the jobs' static entries and the addresses learned \
+             from DNS answers): raise max-learned-addresses (exec --max-learned-addresses, \
+             daemon config max-learned-addresses)",
+            self.skel.maps.allow.max_entries()
+        ))
     }
 
     /// The host entry for `addr` in job `job_id`'s allow map, if there is one.
