@@ -363,11 +363,14 @@ impl Drain {
     fn finish(mut self, dp: &Dataplane) -> Result<()> {
         self.stop.store(true, Ordering::Release);
         if let Some(t) = self.thread.take() {
-            t.join().map_err(|_| anyhow::anyhow!("drain thread panicked"))??;
+            t.join()
+                .map_err(|_| anyhow::anyhow!("drain thread panicked"))??;
         }
         let dropped = ringbuf_drops(dp)? - self.drops0;
         if dropped > 0 {
-            bail!("{dropped} flow events dropped: the ring buffer was not drained, the row is wrong");
+            bail!(
+                "{dropped} flow events dropped: the ring buffer was not drained, the row is wrong"
+            );
         }
         Ok(())
     }

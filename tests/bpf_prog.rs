@@ -1200,7 +1200,9 @@ fn exact_address_inside_a_cidr_longest_match_decides() {
         let r = rig(Mode::Block, Mode::Block, allow);
         let entries = r.dp().allow_entries();
         assert!(
-            entries.iter().any(|e| e.addr == ip(host) && e.prefix_bits == abi::LPM_FULL),
+            entries
+                .iter()
+                .any(|e| e.addr == ip(host) && e.prefix_bits == abi::LPM_FULL),
             "{allow}: the host entry is listed: {entries:?}"
         );
         assert!(
@@ -1209,10 +1211,34 @@ fn exact_address_inside_a_cidr_longest_match_decides() {
         );
         let cases = [
             (host, 22, PASS, V::RF_VERDICT_ALLOWED, R::RF_REASON_ALLOWED),
-            (host, 443, DROP, V::RF_VERDICT_BLOCKED, R::RF_REASON_NOT_ALLOWED),
-            (sibling, 443, PASS, V::RF_VERDICT_ALLOWED, R::RF_REASON_ALLOWED),
-            (sibling, 22, DROP, V::RF_VERDICT_BLOCKED, R::RF_REASON_NOT_ALLOWED),
-            (outside, 443, DROP, V::RF_VERDICT_BLOCKED, R::RF_REASON_DIRECT_IP),
+            (
+                host,
+                443,
+                DROP,
+                V::RF_VERDICT_BLOCKED,
+                R::RF_REASON_NOT_ALLOWED,
+            ),
+            (
+                sibling,
+                443,
+                PASS,
+                V::RF_VERDICT_ALLOWED,
+                R::RF_REASON_ALLOWED,
+            ),
+            (
+                sibling,
+                22,
+                DROP,
+                V::RF_VERDICT_BLOCKED,
+                R::RF_REASON_NOT_ALLOWED,
+            ),
+            (
+                outside,
+                443,
+                DROP,
+                V::RF_VERDICT_BLOCKED,
+                R::RF_REASON_DIRECT_IP,
+            ),
         ];
         for (dst, port, rc, verdict, reason) in cases {
             assert_eq!(r.syn(dst, port), rc, "{allow}: {dst} port {port}");
@@ -1260,7 +1286,12 @@ fn learned_host_entries_inherit_from_the_cidr_in_both_binders() {
     let expires = r.host("203.0.113.40").unwrap().expires_ns;
     assert!(r
         .dp()
-        .bind_learned(JOB, ip("203.0.113.41"), &PortSet::Ports([443].into()), expires)
+        .bind_learned(
+            JOB,
+            ip("203.0.113.41"),
+            &PortSet::Ports([443].into()),
+            expires
+        )
         .unwrap());
     assert_eq!(ports("203.0.113.41"), (0, vec![443, 8443]));
     assert_eq!(r.syn("203.0.113.41", 443), PASS);
