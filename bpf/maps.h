@@ -25,14 +25,29 @@ struct {
 	__type(value, struct rf_job);
 } ifjobs SEC(".maps");
 
-/* (job, address/prefix) -> ports allowed. Static CIDRs and addresses learned from DNS. */
+/* What a job may reach, by destination: (job, address) -> ports allowed. Split in two by
+ * prefix length, one answer: the longest match (see allow_lookup in lib/common.h).
+ * `allow` holds the host entries (prefixlen RF_LPM_FULL: the whole address), the bulk:
+ * every address learned from a DNS answer and every exact address of a policy. A hash
+ * lookup costs the same at 10 entries as at 1M, where a trie lookup walks a node per
+ * branching bit. `allow_cidrs` holds the shorter prefixes (a policy's CIDRs, networks a
+ * job shares with its containers): a host entry is the longest match there can be, so the
+ * trie is asked only when the hash has no entry. Both sized alike from userspace. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory for what is learned, as the trie did */
+	__type(key, struct rf_lpm_key);       /* prefixlen always RF_LPM_FULL */
+	__type(value, struct rf_addr_val);
+} allow SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, 65536);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, struct rf_lpm_key);
 	__type(value, struct rf_addr_val);
-} allow SEC(".maps");
+} allow_cidrs SEC(".maps");
 
 /* (job, peer address/prefix) -> the job's local ports a peer may connect to (allowed-inbound).
  * A prefix of 32 bits (the job id alone) is "every peer". */

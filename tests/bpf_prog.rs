@@ -8,7 +8,7 @@ use std::net::IpAddr;
 
 use ringfence::kernel::abi;
 use ringfence::kernel::dataplane::{Dataplane, Options};
-use ringfence::policy::{Mode, Policy};
+use ringfence::policy::{Mode, Policy, PortSet};
 use ringfence::testkit::testrun::{
     self, dns_answer, dns_query, frame, run_tc, run_tc_meta, Rr, SkbMeta, DROP, PASS, TCP_ACK,
     TCP_SYN,
@@ -1237,6 +1237,132 @@ fn learned_host_inside_listed_cidr_keeps_the_cidr_ports() {
     );
     assert_eq!(r.syn("203.0.113.40", 443), PASS);
     assert_eq!(r.syn("203.0.113.40", 8443), PASS);
+}
+
+// ---- host entries (the `allow` hash) before CIDRs (the `allow_cidrs` trie) ----------------
+
+/// An exact address with a port list of its own inside a covering CIDR with other ports: the
+/// host entry is the longest match, so it decides alone (its ports, not the union), as the
+/// one trie that held both used to answer. Without it the CIDR decides again.
+#[test]
+fn exact_address_inside_a_cidr_longest_match_decides() {
+    use abi::rf_reason as R;
+    use abi::rf_verdict as V;
+    for (allow, host, sibling, outside) in [
+        (
+            "203.0.113.7:22 203.0.113.0/24:443",
+            "203.0.113.7",
+            "203.0.113.8",
+            "203.0.114.7",
+        ),
+        (
+            "2001:db8:5::7/128:22 2001:db8:5::/48:443",
+            "2001:db8:5::7",
+            "2001:db8:5::8",
+            "2001:db8:6::7",
+        ),
+    ] {
+        let r = rig(Mode::Block, Mode::Block, allow);
+        let entries = r.dp().allow_entries();
+        assert!(
+            entries
+                .iter()
+                .any(|e| e.addr == ip(host) && e.prefix_bits == abi::LPM_FULL),
+            "{allow}: the host entry is listed: {entries:?}"
+        );
+        assert!(
+            entries.iter().any(|e| e.prefix_bits < abi::LPM_FULL),
+            "{allow}: the CIDR is listed: {entries:?}"
+        );
+        let cases = [
+            (host, 22, PASS, V::RF_VERDICT_ALLOWED, R::RF_REASON_ALLOWED),
+            (
+                host,
+                443,
+                DROP,
+                V::RF_VERDICT_BLOCKED,
+                R::RF_REASON_NOT_ALLOWED,
+            ),
+            (
+                sibling,
+                443,
+                PASS,
+                V::RF_VERDICT_ALLOWED,
+                R::RF_REASON_ALLOWED,
+            ),
+            (
+                sibling,
+                22,
+                DROP,
+                V::RF_VERDICT_BLOCKED,
+                R::RF_REASON_NOT_ALLOWED,
+            ),
+            (
+                outside,
+                443,
+                DROP,
+                V::RF_VERDICT_BLOCKED,
+                R::RF_REASON_DIRECT_IP,
+            ),
+        ];
+        for (dst, port, rc, verdict, reason) in cases {
+            assert_eq!(r.syn(dst, port), rc, "{allow}: {dst} port {port}");
+            let f = r.flows();
+            assert_eq!(f.len(), 1, "{allow}: {dst} port {port}: one event");
+            assert_eq!(
+                (f[0].verdict, f[0].reason),
+                (verdict.0 as u8, reason.0 as u8),
+                "{allow}: {dst} port {port}"
+            );
+        }
+        // The host entry gone (as the agent expires a learned one): the CIDR decides for it.
+        r.dp().delete_host_entry(JOB, ip(host)).unwrap();
+        assert!(r.host(host).is_none());
+        assert_eq!(r.syn(host, 443), PASS, "{allow}: {host} 443 by the CIDR");
+        assert_eq!(r.syn(host, 22), DROP, "{allow}: {host} 22 no longer");
+    }
+}
+
+/// A learned address inside a CIDR inherits the CIDR's ports in the host entry, bound by the
+/// kernel (an answer) or by userspace (a TCP answer the agent reassembled), and keeps them
+/// when the answer is refreshed; a learned address outside has only the name's ports.
+#[test]
+fn learned_host_entries_inherit_from_the_cidr_in_both_binders() {
+    let r = rig(Mode::Block, Mode::Block, "203.0.113.0/24:8443 cdn.test:443");
+    let ports = |a: &str| {
+        let v = r.host(a).expect("a host entry");
+        let mut p: Vec<u16> = v.ports.port[..v.ports.n as usize].to_vec();
+        p.sort();
+        (v.ports.any, p)
+    };
+    for id in 0..2 {
+        r.resolve(
+            20 + id,
+            "cdn.test",
+            1,
+            &[
+                Rr::A("cdn.test", 30, a4("203.0.113.40")),
+                Rr::A("cdn.test", 30, a4("198.51.100.40")),
+            ],
+        );
+        assert_eq!(ports("203.0.113.40"), (0, vec![443, 8443]));
+        assert_eq!(ports("198.51.100.40"), (0, vec![443]));
+    }
+    let expires = r.host("203.0.113.40").unwrap().expires_ns;
+    assert!(r
+        .dp()
+        .bind_learned(
+            JOB,
+            ip("203.0.113.41"),
+            &PortSet::Ports([443].into()),
+            expires
+        )
+        .unwrap());
+    assert_eq!(ports("203.0.113.41"), (0, vec![443, 8443]));
+    assert_eq!(r.syn("203.0.113.41", 443), PASS);
+    assert_eq!(r.syn("203.0.113.41", 8443), PASS);
+    assert_eq!(r.syn("203.0.113.41", 22), DROP);
+    assert_eq!(r.syn("198.51.100.40", 8443), DROP);
 }
 
 // ---- answers that must bind nothing ------------------------------------------------------

@@ -112,7 +112,7 @@ fn measure(n: u64, load: bool) -> Result<Row> {
     let load_ms = t.elapsed().as_secs_f64() * 1e3;
     let memlock = my_maps()
         .into_iter()
-        .filter(|(_, name, _)| name == "allow" || name == "names")
+        .filter(|(_, name, _)| name == "allow" || name == "allow_cidrs" || name == "names")
         .map(|(_, name, m)| (name, m))
         .collect();
     drop(dp);
@@ -160,12 +160,13 @@ pub fn policy(args: &Args) -> Result<()> {
     for r in &rows {
         let per = r.parse_ms / r.entries as f64;
         let load_per = r.load_ms.map(|l| l / r.entries as f64);
-        let mem = |name: &str| {
+        // "allow": both halves of the allow map, host entries and CIDRs (bpf/maps.h).
+        let mem = |name: &str| -> u64 {
             r.memlock
                 .iter()
-                .find(|(n, _)| n == name)
+                .filter(|(n, _)| n == name || (name == "allow" && n == "allow_cidrs"))
                 .map(|(_, m)| *m)
-                .unwrap_or(0)
+                .sum()
         };
         println!(
             "{:>9} {:>8} {:>7} {:>7} {:>10.1} ms {:>7.2} us {:>6.2} {:>7} {:>10} {:>6} {:>9.1} MiB {:>9.1} MiB",

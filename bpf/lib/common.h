@@ -32,6 +32,19 @@ static __always_inline __u64 ringbuf_flags(int urgent)
 	return BPF_RB_NO_WAKEUP;
 }
 
+/* The allow entry that decides for `key` (prefixlen RF_LPM_FULL, job and address set): the
+ * longest match of the job's entries, as one trie holding them all answered. A host entry
+ * (in `allow`) is the longest possible match; only without one does a covering prefix (in
+ * `allow_cidrs`) decide. */
+static __always_inline struct rf_addr_val *allow_lookup(const struct rf_lpm_key *key)
+{
+	struct rf_addr_val *v = bpf_map_lookup_elem(&allow, key);
+
+	if (v)
+		return v;
+	return bpf_map_lookup_elem(&allow_cidrs, key);
+}
+
 static __always_inline void count(__u32 idx)
 {
 	__u64 *c = bpf_map_lookup_elem(&counters, &idx);

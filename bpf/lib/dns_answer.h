@@ -1,6 +1,6 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
 /* Ingress: DNS answers to a job's queries. The A/AAAA records of an answer to an allowed
- * name are bound into the job's allow trie before the answer reaches the application. */
+ * name are bound into the job's allow map before the answer reaches the application. */
 #ifndef RINGFENCE_LIB_DNS_ANSWER_H
 #define RINGFENCE_LIB_DNS_ANSWER_H
 
@@ -98,8 +98,9 @@ bad:
 	return 1;
 }
 
-/* One address per call into the job's trie: refresh in place when the host entry exists
- * (an update would allocate), otherwise insert, inheriting the ports of a covering CIDR. */
+/* One address per call into the job's host entries (`allow`): refresh in place when the
+ * host entry exists (an update would allocate), otherwise insert, inheriting the ports of
+ * a covering CIDR (`allow_cidrs`). */
 static long bind_cb(__u32 i, void *ctx)
 {
 	struct rf_scratch *s = get_scratch();
@@ -127,7 +128,7 @@ static long bind_cb(__u32 i, void *ctx)
 		life = config.dns_min_ttl_ns;
 	exp = s->now + life + config.dns_grace_ns;
 
-	v = bpf_map_lookup_elem(&allow, &key);
+	v = allow_lookup(&key);
 	if (v && v->prefixlen == RF_LPM_FULL) {
 		if (allowed) {
 			ports_union(&v->ports, &s->ports);

@@ -5,8 +5,8 @@
 //!
 //! | setting | map | key + value | bytes per entry (kernel) | allocated |
 //! |---|---|---|---|---|
-//! | `max-static-addresses` | `allow` (LPM trie) | 24 + 56 | ~100 accounted, 128–192 in slabs | per entry |
-//! | `max-learned-addresses` | `allow` (the same trie) | 24 + 56 | as above | per entry |
+//! | `max-static-addresses` | `allow` (host entries: hash, no prealloc) and `allow_cidrs` (CIDRs: LPM trie) | 24 + 56 | hash: 48 + 80 per entry + 16 per slot; trie: ~100 accounted, 128–192 in slabs | per entry (hash buckets up front) |
+//! | `max-learned-addresses` | `allow` (the same hash) | 24 + 56 | as above | per entry |
 //! | `max-names` | `names` (hash, no prealloc) | 16 + 952 | ~1 KiB per entry + 16 per slot | per entry (buckets up front) |
 //! | `max-inbound` | `inbound` (LPM trie) | 24 + 24 | ~70 accounted, 96–160 in slabs | per entry |
 //! | `max-flows` | `flows` (LRU hash, preallocated) | 28 + 24 | ~120 | all up front |
@@ -18,8 +18,10 @@
 //! added per entry where prefixes branch. `bpftool map show` (`memlock`) reports the
 //! accounted figure: README's "Map sizes" has them measured.
 //!
-//! The trie holds static entries (the policies' addresses and networks) and learned ones
-//! (addresses bound from DNS answers) alike; its size is the sum of both settings. Policies
+//! The allow map holds static entries (the policies' addresses and networks) and learned
+//! ones (addresses bound from DNS answers) alike, in two halves by prefix length (host
+//! entries in a hash, CIDRs in a trie: see bpf/maps.h); each half's size is the sum of both
+//! settings. Policies
 //! are checked against `max-static-addresses`, so the learned share stays free for answers.
 //! When learned addresses overflow it anyway, the kernel's insert fails: the answer's
 //! address is not bound, so a connection to it is judged as direct-ip (blocked in block
@@ -163,7 +165,8 @@ impl fmt::Display for CapacityError {
 pub const CONTAINER_CLAIMS: u32 = 1024;
 
 impl Capacity {
-    /// `max_entries` of the `allow` trie: static and learned entries share it.
+    /// `max_entries` of the `allow` hash and of the `allow_cidrs` trie: static and learned
+    /// entries share them.
     pub fn allow_entries(&self) -> u32 {
         self.static_addresses.saturating_add(self.learned_addresses)
     }

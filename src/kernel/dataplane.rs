@@ -707,6 +707,7 @@ impl Dataplane {
         let cap = &opts.capacity;
         let sizes = [
             ("allow", cap.allow_entries()),
+            ("allow_cidrs", cap.allow_entries()),
             ("names", cap.names),
             ("inbound", cap.inbound),
             ("flows", cap.flows),
@@ -719,6 +720,7 @@ impl Dataplane {
         let maps = &mut open.maps;
         for (m, (name, entries)) in [
             &mut maps.allow,
+            &mut maps.allow_cidrs,
             &mut maps.names,
             &mut maps.inbound,
             &mut maps.flows,
@@ -1677,9 +1679,12 @@ impl Dataplane {
     /// policy already has an entry for exactly that network: it is the policy's to keep.
     pub fn allow_network(&mut self, job_id: u32, net: IpNet) -> Result<bool> {
         let key = net_key(job_id, net);
-        let allow = &self.skel.maps.allow;
+        let (name, allow) = self.allow_map(&key);
         if let Ok(Some(_)) = allow.lookup(bytes_of(&key), MapFlags::ANY) {
             return Ok(false);
+        }
+        if name == "allow_cidrs" && !self.hosts_have_room() {
+            return Err(self.allow_full());
         }
         let val = abi::rf_addr_val {
             ports: ports_to_abi(&PortSet::Any),
@@ -1689,7 +1694,7 @@ impl Dataplane {
         };
         allow
             .update(bytes_of(&key), bytes_of(&val), MapFlags::NO_EXIST)
-            .map_err(map_err("allow"))?;
+            .map_err(map_err(name))?;
         // Both ways: a service container answering the job, a sibling connecting to one.
         self.skel
             .maps
@@ -1706,10 +1711,7 @@ impl Dataplane {
     /// Takes back what [`allow_network`](Self::allow_network) added.
     pub fn forget_network(&mut self, job_id: u32, net: IpNet) -> Result<()> {
         let key = net_key(job_id, net);
-        for (name, map) in [
-            ("allow", &self.skel.maps.allow),
-            ("inbound", &self.skel.maps.inbound),
-        ] {
+        for (name, map) in [self.allow_map(&key), ("inbound", &self.skel.maps.inbound)] {
             match map.delete(bytes_of(&key)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == libbpf_rs::ErrorKind::NotFound => {}
@@ -1789,12 +1791,9 @@ impl Dataplane {
             Ok(())
         };
         use std::mem::offset_of;
-        purge(
-            "allow",
-            &maps.allow,
-            Some(offset_of!(abi::rf_lpm_key, job_id)),
-            None,
-        )?;
+        for (name, map) in [("allow", &maps.allow), ("allow_cidrs", &maps.allow_cidrs)] {
+            purge(name, map, Some(offset_of!(abi::rf_lpm_key, job_id)), None)?;
+        }
         purge(
             "inbound",
             &maps.inbound,
@@ -1875,7 +1874,13 @@ impl Dataplane {
         vec![
             ("jobs", count(&maps.jobs), maps.jobs.max_entries()),
             ("ifjobs", count(&maps.ifjobs), maps.ifjobs.max_entries()),
-            ("allow", count(&maps.allow), maps.allow.max_entries()),
+            // One figure for the two halves of the allow map (see bpf/maps.h): each holds up
+            // to the capacity, host entries are the bulk.
+            (
+                "allow",
+                count(&maps.allow) + count(&maps.allow_cidrs),
+                maps.allow.max_entries(),
+            ),
             ("names", count(&maps.names), maps.names.max_entries()),
             (
                 "resolvers",
@@ -1976,21 +1981,19 @@ impl Dataplane {
                 prefixlen,
                 ..Default::default()
             };
-            let allow = &self.skel.maps.allow;
+            let (name, allow) = self.allow_map(&key);
+            // The fit check counts static entries only: learned addresses past their share
+            // can still leave no room. Say so rather than a bare ENOSPC.
+            if name == "allow_cidrs" && !self.hosts_have_room() {
+                return Err(self.allow_full());
+            }
             allow
                 .update(bytes_of(&key), bytes_of(&val), MapFlags::ANY)
                 .map_err(|e| {
-                    // The fit check counts static entries only: learned addresses past their
-                    // share can still leave no room. Say so rather than a bare ENOSPC.
                     if allow.keys().count() as u64 >= u64::from(allow.max_entries()) {
-                        DataplaneError::Policy(format!(
-                            "map allow is full ({} entries: the jobs' static entries and the \
-                             addresses learned from DNS answers): raise max-learned-addresses \
-                             (exec --max-learned-addresses, daemon config max-learned-addresses)",
-                            allow.max_entries()
-                        ))
+                        self.allow_full()
                     } else {
-                        map_err("allow")(e)
+                        map_err(name)(e)
                     }
                 })?;
         }
@@ -2037,6 +2040,7 @@ impl Dataplane {
             ("ifjobs", &maps.ifjobs),
             ("names", &maps.names),
             ("allow", &maps.allow),
+            ("allow_cidrs", &maps.allow_cidrs),
             ("resolvers", &maps.resolvers),
             ("queries", &maps.queries),
             ("flows", &maps.flows),
@@ -2101,7 +2105,53 @@ impl Dataplane {
         Ok(out)
     }
 
-    /// The host entry for `addr` in job `job_id`'s trie, if there is one.
+    /// The map an allow entry of `key` lives in (see bpf/maps.h): host entries (the whole
+    /// address) in the `allow` hash, shorter prefixes in the `allow_cidrs` trie.
+    fn allow_map(&self, key: &abi::rf_lpm_key) -> (&'static str, &libbpf_rs::MapMut<'static>) {
+        if key.prefixlen == abi::LPM_FULL {
+            ("allow", &self.skel.maps.allow)
+        } else {
+            ("allow_cidrs", &self.skel.maps.allow_cidrs)
+        }
+    }
+
+    /// Whether the `allow` hash can take one more entry. Its two halves share one budget,
+    /// static and learned entries together, as the one trie did: a CIDR is refused once the
+    /// host entries (learned addresses, mostly) have used it up. A hash keeps no count that
+    /// userspace can read without walking every key, so it is asked by inserting a probe
+    /// entry and deleting it again: job slot `u32::MAX` (no job's) and address `::` (never a
+    /// destination, never bound), so no packet can match it meanwhile.
+    fn hosts_have_room(&self) -> bool {
+        let key = abi::rf_lpm_key {
+            prefixlen: abi::LPM_FULL,
+            job_id: u32::MAX,
+            addr: [0; 16],
+        };
+        let map = &self.skel.maps.allow;
+        let probe = abi::rf_addr_val {
+            prefixlen: abi::LPM_FULL,
+            ..Default::default()
+        };
+        match map.update(bytes_of(&key), bytes_of(&probe), MapFlags::NO_EXIST) {
+            Ok(()) => {
+                let _ = map.delete(bytes_of(&key));
+                true
+            }
+            // Full (E2BIG), or no memory for one more: no room either way.
+            Err(_) => false,
+        }
+    }
+
+    fn allow_full(&self) -> DataplaneError {
+        DataplaneError::Policy(format!(
+            "map allow is full ({} entries: the jobs' static entries and the addresses learned \
+             from DNS answers): raise max-learned-addresses (exec --max-learned-addresses, \
+             daemon config max-learned-addresses)",
+            self.skel.maps.allow.max_entries()
+        ))
+    }
+
+    /// The host entry for `addr` in job `job_id`'s allow map, if there is one.
     pub fn host_entry(&self, job_id: u32, addr: IpAddr) -> Result<Option<abi::rf_addr_val>> {
         let key = host_key(job_id, addr);
         let v = self
@@ -2131,13 +2181,18 @@ impl Dataplane {
             return Ok(false);
         }
         let key = host_key(job_id, addr);
-        let found = self
-            .skel
-            .maps
-            .allow
-            .lookup(bytes_of(&key), MapFlags::ANY)
-            .map_err(map_err("allow"))?
-            .and_then(|b| from_bytes::<abi::rf_addr_val>(&b));
+        // The longest match, as the programs' allow_lookup finds it: the host entry, else
+        // the covering CIDR's.
+        let found = match self.host_entry(job_id, addr)? {
+            Some(v) => Some(v),
+            None => self
+                .skel
+                .maps
+                .allow_cidrs
+                .lookup(bytes_of(&key), MapFlags::ANY)
+                .map_err(map_err("allow_cidrs"))?
+                .and_then(|b| from_bytes::<abi::rf_addr_val>(&b)),
+        };
         let mut v = match found {
             Some(v) if v.prefixlen == abi::LPM_FULL => v,
             Some(cover) => abi::rf_addr_val {
@@ -2204,7 +2259,7 @@ impl Dataplane {
                 }
             }
         }
-        for k in maps.allow.keys() {
+        for k in maps.allow.keys().chain(maps.allow_cidrs.keys()) {
             slots.extend(at(&k, offset_of!(abi::rf_lpm_key, job_id)));
         }
         for k in maps.inbound.keys() {
@@ -2228,11 +2283,12 @@ impl Dataplane {
         slots
     }
 
-    /// Every entry of the allow trie (tests, status, reports).
+    /// Every allow entry, host entries and CIDRs (tests, status, reports).
     pub fn allow_entries(&self) -> Vec<AddrEntry> {
-        let map = &self.skel.maps.allow;
-        map.keys()
-            .filter_map(|k| {
+        [&self.skel.maps.allow, &self.skel.maps.allow_cidrs]
+            .into_iter()
+            .flat_map(|map| map.keys().map(move |k| (map, k)))
+            .filter_map(|(map, k)| {
                 let key = from_bytes::<abi::rf_lpm_key>(&k)?;
                 let v = map.lookup(&k, MapFlags::ANY).ok()??;
                 let val = from_bytes::<abi::rf_addr_val>(&v)?;
