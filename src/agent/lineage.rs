@@ -89,6 +89,15 @@ impl ProcCache {
         }
     }
 
+    /// A cache reading another `/proc` (a fake one, in tests).
+    #[cfg(test)]
+    pub fn with_root(capacity: usize, proc_root: PathBuf) -> ProcCache {
+        ProcCache {
+            proc_root,
+            ..ProcCache::new(capacity)
+        }
+    }
+
     /// Processes cached now.
     pub fn len(&self) -> usize {
         self.procs.len()

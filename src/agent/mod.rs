@@ -1518,6 +1518,140 @@ mod tests {
         assert_eq!(flows[0].parents[0].exe.as_deref(), me.to_str());
     }
 
+    /// The JSON Lines the agent writes for a fixed run of ring-buffer records, byte for
+    /// byte: flows of three jobs (names, steps and comms that need escaping, every
+    /// protocol, verdict, reason and direction, IPv4, IPv6 and mapped addresses), processes
+    /// from a fake `/proc` (exe and parent chain, an exe that needs escaping, a process with
+    /// no exe, one gone), names learned from DNS answers, a flow that came in on a device.
+    /// The file was written by the agent before its flow lines got a writer of their own
+    /// (`RF_BLESS=1` writes it again): how the lines are made may change, not what they say.
+    #[test]
+    fn flow_lines_are_byte_identical_to_the_golden_file() {
+        let golden =
+            env!("CARGO_MANIFEST_DIR").to_string() + "/src/agent/testdata/flow_lines.jsonl";
+        let dir = tempfile::tempdir().unwrap();
+        let proc_root = dir.path().join("proc");
+        for (pid, stat, exe) in [
+            (100, "100 (node) S 50 1 1 0", Some("/usr/bin/node")),
+            (50, "50 (s\"h) S 1 1 1 0", Some("/bin/s\"h\\x")),
+            (1, "1 (init) S 0 1 1 0", Some("/sbin/init")),
+            (200, "200 (kworker) S 2 0 0 0", None),
+            (2, "2 (kthreadd) S 0 0 0 0", None),
+            (300, "300 (ünï) S 100 1 1 0", Some("/opt/ünï/bin")),
+        ] {
+            let d = proc_root.join(pid.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("stat"), stat).unwrap();
+            if let Some(exe) = exe {
+                std::os::unix::fs::symlink(exe, d.join("exe")).unwrap();
+            }
+        }
+        let path = dir.path().join("events.jsonl");
+        let mut agent = Agent::new(Some(&path), Duration::ZERO, Duration::ZERO).unwrap();
+        agent.procs = lineage::ProcCache::with_root(16, proc_root);
+        // 2026-11-25T21:04:05.123456Z at boot time 1000 s.
+        let wall = std::time::UNIX_EPOCH + Duration::from_micros(1_764_104_645_123_456);
+        agent.clock = BootClock::at(1000 * SEC, wall);
+        let jobs = [
+            (1, "build-42", Some("npm install")),
+            (2, "we\"ird\\job\n\u{1}", None),
+            (3, "ünïcode ✓", Some("tab\tstep")),
+        ];
+        for (id, name, step) in jobs {
+            let mut j = JobState::new(name, "block", None);
+            j.step = step.map(str::to_string);
+            agent.jobs.insert(id, j);
+        }
+        let comm = |s: &[u8]| {
+            let mut c = [0i8; 16];
+            for (d, b) in c.iter_mut().zip(s) {
+                *d = *b as i8;
+            }
+            c
+        };
+        // Names for some destinations: an answer for each job.
+        for (job, name, addr) in [
+            (1u32, "api.example.test", [198, 51, 100, 7]),
+            (3, "xn--bcher-kva.example", [203, 0, 113, 9]),
+        ] {
+            let msg = crate::testkit::testrun::dns_answer(
+                7,
+                name,
+                1,
+                &[crate::testkit::testrun::Rr::A(name, 300, addr)],
+            );
+            let mut ev = abi::rf_dns_event::default();
+            ev.hdr.r#type = abi::rf_event_type::RF_EVENT_DNS.0;
+            ev.hdr.job_id = job;
+            ev.hdr.ts_ns = 999 * SEC;
+            ev.server = abi::addr_to_bytes("198.51.100.53".parse().unwrap());
+            ev.len = msg.len() as u16;
+            ev.flags = abi::DNS_ALLOWED;
+            ev.bound = 1;
+            let mut rec = abi::bytes_of(&ev).to_vec();
+            rec.extend_from_slice(&msg);
+            agent.handle(&rec);
+        }
+        let dsts: [IpAddr; 6] = [
+            "198.51.100.7".parse().unwrap(),
+            "203.0.113.9".parse().unwrap(),
+            "2001:db8::1".parse().unwrap(),
+            "2001:db8:0:0:1:0:0:1".parse().unwrap(),
+            "fe80::1:0:0:0".parse().unwrap(),
+            "2001:db8:ab:cd:ef01:2345:6789:abcd".parse().unwrap(),
+        ];
+        let comms: [&[u8]; 6] = [
+            b"node",
+            b"sh",
+            b"a\"b\\c",
+            b"\xff\xfeok",
+            b"",
+            b"0123456789abcdef",
+        ];
+        let pids = [100u32, 50, 200, 300, 0, 4_000_000];
+        for i in 0..240u32 {
+            let mut ev = abi::rf_flow_event::default();
+            ev.hdr.r#type = abi::rf_event_type::RF_EVENT_FLOW.0;
+            ev.hdr.job_id = 1 + i % 4; // job 4 is unknown: no line
+            ev.hdr.ts_ns = 990 * SEC + u64::from(i) * 1_234_567;
+            ev.cgroup_id = 4242 + u64::from(i % 3);
+            ev.pid = pids[(i / 4) as usize % pids.len()];
+            ev.comm = comm(comms[(i / 3) as usize % comms.len()]);
+            ev.saddr = abi::addr_to_bytes("198.51.100.1".parse().unwrap());
+            ev.daddr = abi::addr_to_bytes(dsts[(i / 2) as usize % dsts.len()]);
+            ev.sport = 40000 + i as u16;
+            ev.dport = [443, 53, 80, 0, 65535][(i / 5) as usize % 5];
+            ev.proto = [6, 17, 1, 58, 132][(i / 7) as usize % 5];
+            ev.verdict = (i % 4) as u8; // 3 is out of range: read as blocked
+            ev.reason = (i / 11 % 11) as u8; // the last ones out of range: direct-ip
+            ev.direction = u8::from(i % 13 == 0);
+            // A few came in on a device (a container's link): lo is 1 in every namespace.
+            ev.ifindex = u32::from(i % 17 == 0);
+            agent.handle(abi::bytes_of(&ev));
+        }
+        // A step of job 1 starts: later flows carry it.
+        agent.jobs.get_mut(&1).unwrap().step = Some("test \u{7f}".into());
+        let mut ev = abi::rf_flow_event::default();
+        ev.hdr.r#type = abi::rf_event_type::RF_EVENT_FLOW.0;
+        ev.hdr.job_id = 1;
+        ev.hdr.ts_ns = 1001 * SEC;
+        ev.daddr = abi::addr_to_bytes(dsts[0]);
+        ev.dport = 443;
+        ev.proto = 6;
+        agent.handle(abi::bytes_of(&ev));
+        drop(agent);
+        let got = std::fs::read_to_string(&path).unwrap();
+        if std::env::var_os("RF_BLESS").is_some() {
+            std::fs::write(&golden, &got).unwrap();
+        }
+        let want = std::fs::read_to_string(&golden).unwrap();
+        assert!(got.lines().count() > 180, "{got}");
+        for (n, (g, w)) in got.lines().zip(want.lines()).enumerate() {
+            assert_eq!(g, w, "line {}", n + 1);
+        }
+        assert_eq!(got, want);
+    }
+
     #[test]
     fn half_assembled_tcp_answers_are_bounded() {
         let mut agent = Agent::new(None, Duration::ZERO, Duration::ZERO).unwrap();

@@ -913,6 +913,11 @@ impl BootClock {
         BootClock { boot_ns, wall }
     }
 
+    /// The clocks as they were at one known moment (tests that need fixed times).
+    pub fn at(boot_ns: u64, wall: SystemTime) -> BootClock {
+        BootClock { boot_ns, wall }
+    }
+
     pub fn to_system(&self, boot_ns: u64) -> SystemTime {
         if boot_ns <= self.boot_ns {
             let age = Duration::from_nanos(self.boot_ns - boot_ns);
