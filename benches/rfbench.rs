@@ -749,8 +749,16 @@ fn pipeline(args: &Args) -> Result<()> {
             ready.store(true, Ordering::Release);
             while !stop.load(Ordering::Acquire) {
                 // Like the agent's loop: the kernel wakes only when the ring fills up, so
-                // drain on every 10 ms tick as well; one flush (write) per drain.
-                rb.poll(Duration::from_millis(10))?;
+                // drain on every tick as well (10 ms, 1 ms while busy: Agent::poll_timeout);
+                // one flush (write) per drain.
+                let tick = Duration::from_millis(10);
+                let tick = agents
+                    .borrow()
+                    .iter()
+                    .map(|a| a.poll_timeout(tick))
+                    .min()
+                    .unwrap_or(tick);
+                rb.poll(tick)?;
                 rb.consume()?;
                 agents.borrow_mut().iter_mut().for_each(Agent::flush);
                 consumer_cpu.store(thread_cpu_ns(), Ordering::Relaxed);
