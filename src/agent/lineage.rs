@@ -62,7 +62,7 @@ pub struct Lineage {
 /// The bounded cache of processes read from `/proc`.
 #[derive(Debug)]
 pub struct ProcCache {
-    procs: HashMap<u32, Proc>,
+    procs: HashMap<u32, Proc, crate::agent::FastHash>,
     /// Pids in the order they were read, oldest first, for eviction; an entry read again is
     /// pushed again, and its older place is skipped when reached.
     order: VecDeque<(u32, u64)>,
@@ -81,11 +81,20 @@ impl Default for ProcCache {
 impl ProcCache {
     pub fn new(capacity: usize) -> ProcCache {
         ProcCache {
-            procs: HashMap::new(),
+            procs: HashMap::default(),
             order: VecDeque::new(),
             capacity: capacity.max(1),
             proc_root: PathBuf::from("/proc"),
             reads: 0,
+        }
+    }
+
+    /// A cache reading another `/proc` (a fake one, in tests).
+    #[cfg(test)]
+    pub fn with_root(capacity: usize, proc_root: PathBuf) -> ProcCache {
+        ProcCache {
+            proc_root,
+            ..ProcCache::new(capacity)
         }
     }
 

@@ -20,7 +20,8 @@ type NameId = u32;
 /// The addresses of one job's answers and the names they came from.
 #[derive(Debug, Default)]
 pub struct Names {
-    by_addr: HashMap<[u8; 16], NameId>,
+    /// Looked up for every flow: the fast hasher (seeded: answers cannot aim at a bucket).
+    by_addr: HashMap<[u8; 16], NameId, crate::agent::FastHash>,
     /// Indexed by [`NameId`]; a free slot has no name.
     slots: Vec<Slot>,
     free: Vec<NameId>,
@@ -174,7 +175,7 @@ impl Names {
     }
 }
 
-fn shrink_map<K: std::hash::Hash + Eq, V>(m: &mut HashMap<K, V>) {
+fn shrink_map<K: std::hash::Hash + Eq, V, S: std::hash::BuildHasher>(m: &mut HashMap<K, V, S>) {
     if m.capacity() > SHRINK_ABOVE && m.len() * 4 <= m.capacity() {
         m.shrink_to(m.len() * 2);
     }

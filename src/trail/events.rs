@@ -135,19 +135,21 @@ impl TryFrom<u8> for Reason {
     }
 }
 
-impl fmt::Display for Verdict {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Verdict {
+    /// As the event schema spells it (serde's name for it, tested).
+    pub fn as_str(&self) -> &'static str {
+        match self {
             Self::Allowed => "allowed",
             Self::Blocked => "blocked",
             Self::Audited => "audited",
-        })
+        }
     }
 }
 
-impl fmt::Display for Reason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Reason {
+    /// As the event schema spells it (serde's name for it, tested).
+    pub fn as_str(&self) -> &'static str {
+        match self {
             Self::Allowed => "allowed",
             Self::NotAllowed => "not-allowed",
             Self::DirectIp => "direct-ip",
@@ -157,7 +159,19 @@ impl fmt::Display for Reason {
             Self::DnsUnjudged => "dns-unjudged",
             Self::Unparsed => "unparsed",
             Self::Inbound => "inbound",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -194,6 +208,19 @@ impl From<Proto> for u8 {
             Proto::Icmp => 1,
             Proto::Icmpv6 => 58,
             Proto::Other(n) => n,
+        }
+    }
+}
+
+impl Proto {
+    /// The name of a named protocol; an `Other` one's is its number, written by callers.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+            Self::Icmp => "icmp",
+            Self::Icmpv6 => "icmpv6",
+            Self::Other(_) => "",
         }
     }
 }
@@ -288,6 +315,87 @@ pub struct FlowEvent {
     /// Written only for inbound connections.
     #[serde(default, skip_serializing_if = "Direction::is_outbound")]
     pub direction: Direction,
+}
+
+impl FlowEvent {
+    /// Appends the event's JSON to `out`: what `serde_json` writes for it, byte for byte
+    /// (tested against it, and the agent's lines against a golden file), without serde's
+    /// machinery. Flow lines are nearly all of a busy trail; through serde they were half
+    /// of the agent's time per event (each key and value a call, every string scanned
+    /// byte by byte for escapes).
+    pub fn write_json(&self, out: &mut Vec<u8>) {
+        let int = |out: &mut Vec<u8>, key: &[u8], v: u64| {
+            out.extend_from_slice(key);
+            out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+        };
+        let opt_str = |out: &mut Vec<u8>, key: &[u8], v: Option<&str>| {
+            out.extend_from_slice(key);
+            match v {
+                Some(v) => put_json_str(out, v),
+                None => out.extend_from_slice(b"null"),
+            }
+        };
+        out.extend_from_slice(b"{\"ts\":\"");
+        let mut ts = [0; TS_LEN];
+        ts_bytes(self.ts, &mut ts);
+        out.extend_from_slice(&ts);
+        out.extend_from_slice(b"\",\"job\":");
+        put_json_str(out, &self.job);
+        opt_str(out, b",\"step\":", self.step.as_deref());
+        int(out, b",\"pid\":", self.pid.into());
+        out.extend_from_slice(b",\"comm\":");
+        put_json_str(out, &self.comm);
+        if let Some(exe) = &self.exe {
+            out.extend_from_slice(b",\"exe\":");
+            shared_json::exe_into(exe, out);
+        }
+        if !self.parents.is_empty() {
+            out.extend_from_slice(b",\"parents\":");
+            shared_json::parents_into(&self.parents, out);
+        }
+        int(out, b",\"cgroup\":", self.cgroup);
+        if let Some(c) = &self.container {
+            out.extend_from_slice(b",\"container\":");
+            put_json_str(out, c);
+        }
+        match Proto::from(u8::from(self.proto)) {
+            Proto::Other(n) => int(out, b",\"proto\":", n.into()),
+            named => {
+                out.extend_from_slice(b",\"proto\":\"");
+                out.extend_from_slice(named.name().as_bytes());
+                out.push(b'"');
+            }
+        }
+        out.extend_from_slice(b",\"dst\":\"");
+        let mut ip = [0; 48];
+        let n = ip_bytes(self.dst, &mut ip);
+        out.extend_from_slice(&ip[..n]);
+        out.push(b'"');
+        int(out, b",\"port\":", self.port.into());
+        opt_str(out, b",\"domain\":", self.domain.as_deref());
+        out.extend_from_slice(b",\"verdict\":\"");
+        out.extend_from_slice(self.verdict.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"reason\":\"");
+        out.extend_from_slice(self.reason.as_str().as_bytes());
+        out.push(b'"');
+        if !self.direction.is_outbound() {
+            out.extend_from_slice(b",\"direction\":\"inbound\"");
+        }
+        out.push(b'}');
+    }
+}
+
+/// `s` as a JSON string. Names, comms and paths rarely need escaping: those that do go
+/// through `serde_json`, so the escapes are its own.
+fn put_json_str(out: &mut Vec<u8>, s: &str) {
+    if s.bytes().any(|b| b < 0x20 || b == b'"' || b == b'\\') {
+        serde_json::to_writer(&mut *out, s).expect("a str always serialises");
+    } else {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+    }
 }
 
 /// Ancestors a flow event names: the parent chain up to here.
@@ -650,40 +758,60 @@ const TS_LEN: usize = 27;
 /// every event has a timestamp, and at a million events a second the general formatter
 /// (format items, a `String` each) was a tenth of the agent's time. Tested against it.
 fn write_ts(t: SystemTime, buf: &mut [u8; TS_LEN]) -> &str {
+    ts_bytes(t, buf);
+    std::str::from_utf8(buf).expect("digits and ASCII punctuation")
+}
+
+/// Fills `buf` with [`format_ts`]'s text. The date and time to the second are made once a
+/// second (a thread's last one is kept): events come many to a second.
+fn ts_bytes(t: SystemTime, buf: &mut [u8; TS_LEN]) {
+    use std::cell::Cell;
     // 9999-12-31T23:59:59.999999Z, the last instant a 4-digit year can say.
     const MAX_US: u64 = 253_402_300_799_999_999;
+    /// `YYYY-MM-DDTHH:MM:SS.` of the last second written, and that second.
+    const PREFIX: usize = 20;
+    thread_local! {
+        static LAST: Cell<(u64, [u8; PREFIX])> = const { Cell::new((u64::MAX, [0; PREFIX])) };
+    }
     let since_epoch = t.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default();
     let us = u64::try_from(since_epoch.as_micros())
         .unwrap_or(MAX_US)
         .min(MAX_US);
     let (secs, micros) = (us / 1_000_000, us % 1_000_000);
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days);
-    let put = |buf: &mut [u8; TS_LEN], at: usize, width: usize, mut v: u64| {
+    let put = |buf: &mut [u8], at: usize, width: usize, mut v: u64| {
         for i in (at..at + width).rev() {
             buf[i] = b'0' + (v % 10) as u8;
             v /= 10;
         }
     };
-    put(buf, 0, 4, y);
-    put(buf, 5, 2, m);
-    put(buf, 8, 2, d);
-    put(buf, 11, 2, rem / 3600);
-    put(buf, 14, 2, rem / 60 % 60);
-    put(buf, 17, 2, rem % 60);
-    put(buf, 20, 6, micros);
-    for (i, c) in [
-        (4, b'-'),
-        (7, b'-'),
-        (10, b'T'),
-        (13, b':'),
-        (16, b':'),
-        (19, b'.'),
-        (26, b'Z'),
-    ] {
-        buf[i] = c;
+    let (last, prefix) = LAST.get();
+    if last == secs {
+        buf[..PREFIX].copy_from_slice(&prefix);
+    } else {
+        let (days, rem) = (secs / 86_400, secs % 86_400);
+        let (y, m, d) = civil_from_days(days);
+        put(buf, 0, 4, y);
+        put(buf, 5, 2, m);
+        put(buf, 8, 2, d);
+        put(buf, 11, 2, rem / 3600);
+        put(buf, 14, 2, rem / 60 % 60);
+        put(buf, 17, 2, rem % 60);
+        for (i, c) in [
+            (4, b'-'),
+            (7, b'-'),
+            (10, b'T'),
+            (13, b':'),
+            (16, b':'),
+            (19, b'.'),
+        ] {
+            buf[i] = c;
+        }
+        let mut p = [0; PREFIX];
+        p.copy_from_slice(&buf[..PREFIX]);
+        LAST.set((secs, p));
     }
-    std::str::from_utf8(buf).expect("digits and ASCII punctuation")
+    put(buf, 20, 6, micros);
+    buf[26] = b'Z';
 }
 
 /// (year, month, day) of the day `days` after 1970-01-01, proleptic Gregorian: Howard
@@ -714,37 +842,60 @@ const TS_FORMAT: &[time::format_description::BorrowedFormatItem<'static>] =
 /// has one, and `Ipv6Addr`'s `Display` (RFC 5952, through `fmt::Formatter`) was a tenth of
 /// the agent's time at a million events a second. Tested against `Display`.
 fn write_ip(a: IpAddr, buf: &mut [u8; 48]) -> &str {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut n = 0;
-    let mut put = |buf: &mut [u8; 48], b: u8| {
-        buf[n] = b;
-        n += 1;
-    };
-    let dec = |buf: &mut [u8; 48], put: &mut dyn FnMut(&mut [u8; 48], u8), v: u8| {
-        if v >= 100 {
-            put(buf, b'0' + v / 100);
+    let n = ip_bytes(a, buf);
+    std::str::from_utf8(&buf[..n]).expect("ASCII")
+}
+
+/// Writes [`write_ip`]'s text at the start of `buf`; returns its length.
+fn ip_bytes(a: IpAddr, buf: &mut [u8; 48]) -> usize {
+    struct Cursor<'a> {
+        buf: &'a mut [u8; 48],
+        n: usize,
+    }
+    impl Cursor<'_> {
+        fn put(&mut self, b: u8) {
+            self.buf[self.n] = b;
+            self.n += 1;
         }
-        if v >= 10 {
-            put(buf, b'0' + v / 10 % 10);
-        }
-        put(buf, b'0' + v % 10);
-    };
-    let v4 = |buf: &mut [u8; 48], put: &mut dyn FnMut(&mut [u8; 48], u8), o: [u8; 4]| {
-        for (i, b) in o.into_iter().enumerate() {
-            if i > 0 {
-                put(buf, b'.');
+        fn dec(&mut self, v: u8) {
+            if v >= 100 {
+                self.put(b'0' + v / 100);
             }
-            dec(buf, put, b);
+            if v >= 10 {
+                self.put(b'0' + v / 10 % 10);
+            }
+            self.put(b'0' + v % 10);
         }
-    };
+        fn v4(&mut self, o: [u8; 4]) {
+            for (i, b) in o.into_iter().enumerate() {
+                if i > 0 {
+                    self.put(b'.');
+                }
+                self.dec(b);
+            }
+        }
+        /// One segment in lowercase hex, no leading zeros.
+        fn hex(&mut self, s: u16) {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            let mut started = false;
+            for sh in [12, 8, 4, 0] {
+                let d = (s >> sh) & 0xf;
+                if d != 0 || started || sh == 0 {
+                    started = true;
+                    self.put(HEX[d as usize]);
+                }
+            }
+        }
+    }
+    let mut c = Cursor { buf, n: 0 };
     match a {
-        IpAddr::V4(a) => v4(buf, &mut put, a.octets()),
+        IpAddr::V4(a) => c.v4(a.octets()),
         IpAddr::V6(a) => {
             if let Some(m) = a.to_ipv4_mapped() {
                 for &b in b"::ffff:" {
-                    put(buf, b);
+                    c.put(b);
                 }
-                v4(buf, &mut put, m.octets());
+                c.v4(m.octets());
             } else {
                 let seg = a.segments();
                 // The longest run of zero segments (the first of equals), if longer than one.
@@ -762,34 +913,24 @@ fn write_ip(a: IpAddr, buf: &mut [u8; 48]) -> &str {
                         cur_len = 0;
                     }
                 }
-                let hex = |buf: &mut [u8; 48], put: &mut dyn FnMut(&mut [u8; 48], u8), s: u16| {
-                    let mut started = false;
-                    for sh in [12, 8, 4, 0] {
-                        let d = (s >> sh) & 0xf;
-                        if d != 0 || started || sh == 0 {
-                            started = true;
-                            put(buf, HEX[d as usize]);
-                        }
-                    }
-                };
                 let mut i = 0;
                 while i < 8 {
                     if best_len > 1 && i == best {
-                        put(buf, b':');
-                        put(buf, b':');
+                        c.put(b':');
+                        c.put(b':');
                         i += best_len;
                         continue;
                     }
                     if i > 0 && !(best_len > 1 && i == best + best_len) {
-                        put(buf, b':');
+                        c.put(b':');
                     }
-                    hex(buf, &mut put, seg[i]);
+                    c.hex(seg[i]);
                     i += 1;
                 }
             }
         }
     }
-    std::str::from_utf8(&buf[..n]).expect("ASCII")
+    c.n
 }
 
 /// The JSON of a process's executable and parent chain, made once per process: every flow
@@ -806,18 +947,21 @@ mod shared_json {
     const ENTRIES: usize = 4096;
 
     /// By the `Arc`'s address: the `Arc` (held, so the address stays its own) and its JSON.
-    type Cache<T> = RefCell<HashMap<usize, (Arc<T>, Box<RawValue>)>>;
+    /// Addresses are not chosen by anyone a job controls: the fast hash is enough.
+    type Cache<T> = RefCell<HashMap<usize, (Arc<T>, Box<RawValue>), foldhash::fast::RandomState>>;
 
     thread_local! {
         static EXES: Cache<str> = RefCell::default();
         static PARENTS: Cache<[Ancestor]> = RefCell::default();
     }
 
-    fn cached<T: ?Sized + Serialize, S: Serializer>(
+    /// Runs `f` on the JSON of `v`, made now if it is not cached (None: it does not
+    /// serialise, which a str or a list of ancestors always does).
+    fn with_cached<T: ?Sized + Serialize, R>(
         cache: &'static std::thread::LocalKey<Cache<T>>,
         v: &Arc<T>,
-        s: S,
-    ) -> Result<S::Ok, S::Error> {
+        f: impl FnOnce(Option<&RawValue>) -> R,
+    ) -> R {
         let key = Arc::as_ptr(v) as *const u8 as usize;
         cache.with(|c| {
             let mut c = c.borrow_mut();
@@ -826,14 +970,37 @@ mod shared_json {
                     .ok()
                     .and_then(|j| RawValue::from_string(j).ok());
                 let Some(raw) = raw else {
-                    return v.serialize(s);
+                    return f(None);
                 };
                 if c.len() >= ENTRIES {
                     c.clear();
                 }
                 c.insert(key, (v.clone(), raw));
             }
-            c[&key].1.serialize(s)
+            f(Some(&c[&key].1))
+        })
+    }
+
+    fn cached<T: ?Sized + Serialize, S: Serializer>(
+        cache: &'static std::thread::LocalKey<Cache<T>>,
+        v: &Arc<T>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        with_cached(cache, v, |raw| match raw {
+            Some(raw) => raw.serialize(s),
+            None => v.serialize(s),
+        })
+    }
+
+    /// Appends the JSON of `v` to `out`.
+    fn cached_into<T: ?Sized + Serialize>(
+        cache: &'static std::thread::LocalKey<Cache<T>>,
+        v: &Arc<T>,
+        out: &mut Vec<u8>,
+    ) {
+        with_cached(cache, v, |raw| match raw {
+            Some(raw) => out.extend_from_slice(raw.get().as_bytes()),
+            None => serde_json::to_writer(&mut *out, &**v).expect("serialises"),
         })
     }
 
@@ -846,6 +1013,14 @@ mod shared_json {
 
     pub fn parents<S: Serializer>(v: &Parents, s: S) -> Result<S::Ok, S::Error> {
         cached(&PARENTS, v, s)
+    }
+
+    pub fn exe_into(v: &Arc<str>, out: &mut Vec<u8>) {
+        cached_into(&EXES, v, out)
+    }
+
+    pub fn parents_into(v: &Parents, out: &mut Vec<u8>) {
+        cached_into(&PARENTS, v, out)
     }
 }
 
@@ -910,6 +1085,11 @@ impl BootClock {
         let boot_ns = (now.tv_sec as u64)
             .saturating_mul(1_000_000_000)
             .saturating_add(now.tv_nsec as u64);
+        BootClock { boot_ns, wall }
+    }
+
+    /// The clocks as they were at one known moment (tests that need fixed times).
+    pub fn at(boot_ns: u64, wall: SystemTime) -> BootClock {
         BootClock { boot_ns, wall }
     }
 
@@ -1012,9 +1192,14 @@ impl<W: Write> JsonLinesWriter<W> {
         // Serialised to memory first, and taken back on an error or when it does not fit,
         // so that no half line reaches the file.
         let start = self.pending.len();
-        if let Err(e) = serde_json::to_writer(&mut self.pending, ev) {
-            self.pending.truncate(start);
-            return Err(e.into());
+        match ev {
+            Event::Flow(f) => f.write_json(&mut self.pending),
+            ev => {
+                if let Err(e) = serde_json::to_writer(&mut self.pending, ev) {
+                    self.pending.truncate(start);
+                    return Err(e.into());
+                }
+            }
         }
         self.pending.push(b'\n');
         let len = (self.pending.len() - start) as u64;
@@ -1114,6 +1299,119 @@ mod tests {
             reason: Reason::NotAllowed,
             direction: Direction::Outbound,
         }
+    }
+
+    /// The flow writer against serde_json, over every field's kinds of value: strings that
+    /// need escaping (quotes, backslashes, every control character, DEL, non-ASCII),
+    /// absent and present optional fields, every protocol, verdict, reason and direction,
+    /// addresses of each family, extreme numbers and times.
+    #[test]
+    fn flow_writer_matches_serde_json() {
+        let strings: Vec<String> = [
+            "",
+            "node",
+            "a\"b",
+            "back\\slash",
+            "tab\tnl\ncr\r",
+            "\u{7f}del",
+            "ünï ✓ 😀",
+            "/usr/bin/x y",
+            "</script>",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain((0u8..0x20).map(|c| format!("c{}c", c as char)))
+        .collect();
+        let addrs: Vec<IpAddr> = [
+            "0.0.0.0",
+            "255.255.255.255",
+            "198.51.100.66",
+            "::",
+            "::1",
+            "::ffff:1.2.3.4",
+            "2001:db8::",
+            "2001:db8:0:1:0:0:0:1",
+            "fe80::1:0:0:1",
+            "1:2:3:4:5:6:7:8",
+        ]
+        .iter()
+        .map(|a| a.parse().unwrap())
+        .collect();
+        let times = [
+            SystemTime::UNIX_EPOCH,
+            t0(),
+            SystemTime::UNIX_EPOCH + Duration::from_micros(253_402_300_799_999_999),
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 40),
+        ];
+        let verdicts = [Verdict::Allowed, Verdict::Blocked, Verdict::Audited];
+        let reasons = [
+            Reason::Allowed,
+            Reason::NotAllowed,
+            Reason::DirectIp,
+            Reason::DnsResolver,
+            Reason::Metadata,
+            Reason::DnsQuery,
+            Reason::DnsUnjudged,
+            Reason::Unparsed,
+            Reason::Inbound,
+        ];
+        let parents: Vec<Parents> = vec![
+            Parents::default(),
+            vec![Ancestor { pid: 1, exe: None }].into(),
+            vec![
+                Ancestor {
+                    pid: 7,
+                    exe: Some("/bin/s\"h".into()),
+                },
+                Ancestor {
+                    pid: u32::MAX,
+                    exe: Some("ü".into()),
+                },
+            ]
+            .into(),
+        ];
+        let mut n = 0;
+        for i in 0..strings.len() * 12 {
+            let s = |k: usize| strings[(i * 7 + k * 13) % strings.len()].clone();
+            let f = FlowEvent {
+                ts: times[i % times.len()],
+                job: s(0),
+                step: (i % 3 != 0).then(|| s(1)),
+                pid: [0, 1, 4242, u32::MAX][i % 4],
+                comm: s(2),
+                exe: (i % 5 != 0).then(|| Arc::from(s(3))),
+                parents: parents[i % parents.len()].clone(),
+                cgroup: [0, 12345, u64::MAX][i % 3],
+                container: (i % 4 == 1).then(|| s(4)),
+                proto: Proto::from([6, 17, 1, 58, 0, 132, 255][i % 7]),
+                dst: addrs[i % addrs.len()],
+                port: [0, 443, u16::MAX][i % 3],
+                domain: (i % 2 == 0).then(|| s(5)),
+                verdict: verdicts[i % 3],
+                reason: reasons[i % reasons.len()],
+                direction: if i % 6 == 0 {
+                    Direction::Inbound
+                } else {
+                    Direction::Outbound
+                },
+            };
+            let mut got = Vec::new();
+            f.write_json(&mut got);
+            let want = serde_json::to_vec(&Event::Flow(f.clone())).unwrap();
+            assert_eq!(
+                String::from_utf8(got).unwrap(),
+                String::from_utf8(want).unwrap(),
+                "{f:?}"
+            );
+            n += 1;
+        }
+        assert!(n > 400, "{n}");
+        // Proto::Other(6) is written as tcp, as serde writes it.
+        let mut f = flow();
+        f.proto = Proto::Other(6);
+        let mut got = Vec::new();
+        f.write_json(&mut got);
+        assert_eq!(got, serde_json::to_vec(&Event::Flow(f)).unwrap());
     }
 
     fn dns_event() -> DnsEvent {

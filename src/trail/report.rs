@@ -247,7 +247,9 @@ pub struct JobMetrics {
 pub struct Report {
     job: String,
     mode: String,
-    rows: HashMap<RowKey, Row>,
+    /// Looked up for every flow: the fast hasher (seeded, so a job cannot aim its
+    /// destinations at one bucket).
+    rows: HashMap<RowKey, Row, crate::agent::FastHash>,
     dns: BTreeMap<String, DnsRow>,
     /// DNS exfiltration findings by (domain, signal).
     findings: BTreeMap<(String, Signal), Finding>,
@@ -291,7 +293,7 @@ impl Report {
         Self {
             job: job.to_owned(),
             mode: mode.to_owned(),
-            rows: HashMap::new(),
+            rows: HashMap::default(),
             dns: BTreeMap::new(),
             findings: BTreeMap::new(),
             alerts: BTreeMap::new(),
