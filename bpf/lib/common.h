@@ -22,12 +22,24 @@ const volatile struct rf_config config = {
 
 /* Waking the agent for every record costs a context switch per DNS answer, which on a busy
  * runner lands on the lookup's critical path. Records wait in the ring buffer until a quarter
- * of it is used (or the agent's 10 ms tick drains it); what must not wait forces a wakeup. */
+ * of it is used (or the agent's tick drains it); what must not wait forces a wakeup.
+ * Past the quarter, only the records that land in the first RF_WAKE_WINDOW bytes of each
+ * further RF_WAKE_STEP force one: waking for every record there made each an interrupt the
+ * CPU sends itself (a VM exit under a hypervisor), which halved a flooding producer and the
+ * agent with it, while one wakeup per megabyte is all a draining agent needs. The window is
+ * wider than any record, so a growing backlog cannot step over it. */
 #define RF_WAKE_BYTES (2 << 20)
+#define RF_WAKE_STEP (1 << 20)
+#define RF_WAKE_WINDOW (8 << 10)
 
 static __always_inline __u64 ringbuf_flags(int urgent)
 {
-	if (urgent || bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > RF_WAKE_BYTES)
+	__u64 avail;
+
+	if (urgent)
+		return BPF_RB_FORCE_WAKEUP;
+	avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	if (avail > RF_WAKE_BYTES && ((avail - RF_WAKE_BYTES) & (RF_WAKE_STEP - 1)) < RF_WAKE_WINDOW)
 		return BPF_RB_FORCE_WAKEUP;
 	return BPF_RB_NO_WAKEUP;
 }
