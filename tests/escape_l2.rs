@@ -18,13 +18,12 @@
 
 mod common;
 
-use std::fs::File;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::run_timeout;
 use common::vethjob::ip_cmd;
+use common::{run_timeout, InNetns};
 use ringfence::kernel::abi;
 use ringfence::kernel::dataplane::{Dataplane, Options};
 use ringfence::policy::{Mode, Policy};
@@ -93,26 +92,6 @@ for _ in range(20):
     for f in frames.values():
         s.send(dst + src + f)
 "#;
-
-/// This thread inside network namespace `ns` until dropped (the dataplane attaches in the
-/// namespace of the thread that asks).
-struct InNetns(File);
-
-impl InNetns {
-    fn enter(ns: &str) -> InNetns {
-        let back = File::open("/proc/thread-self/ns/net").expect("this thread's netns");
-        let there = File::open(Path::new("/run/netns").join(ns)).expect("the host netns");
-        nix::sched::setns(&there, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        InNetns(back)
-    }
-}
-
-impl Drop for InNetns {
-    fn drop(&mut self) {
-        nix::sched::setns(&self.0, nix::sched::CloneFlags::CLONE_NEWNET)
-            .expect("back to the test's own netns");
-    }
-}
 
 /// The three namespaces; removed when dropped.
 struct Bridged {

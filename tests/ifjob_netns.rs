@@ -18,9 +18,7 @@
 mod common;
 
 use std::cell::RefCell;
-use std::fs::File;
 use std::net::IpAddr;
-use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -37,25 +35,6 @@ use ringfence::testkit::testrun::wire;
 
 /// The job's policy slot.
 const JOB: u32 = 9;
-/// This thread inside network namespace `ns` until dropped: the dataplane attaches to
-/// interfaces (and detaches from them) in the namespace of the thread that asks.
-struct InNetns(File);
-
-impl InNetns {
-    fn enter(ns: &str) -> InNetns {
-        let back = File::open("/proc/thread-self/ns/net").expect("this thread's netns");
-        let there = File::open(Path::new("/run/netns").join(ns)).expect("the host netns");
-        nix::sched::setns(&there, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        InNetns(back)
-    }
-}
-
-impl Drop for InNetns {
-    fn drop(&mut self) {
-        nix::sched::setns(&self.0, nix::sched::CloneFlags::CLONE_NEWNET)
-            .expect("back to the test's own netns");
-    }
-}
 
 enum Ev {
     Flow(abi::rf_flow_event),

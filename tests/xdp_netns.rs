@@ -12,10 +12,8 @@
 mod common;
 
 use std::cell::RefCell;
-use std::fs::File;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
-use std::path::Path;
 use std::process::Command;
 
 use common::vethjob::VethJob;
@@ -30,26 +28,6 @@ const JOB: u32 = 11;
 const OK_V4: u8 = 10; // ok.test: allowed on 80 and UDP 7777
 const BAD_V4: u8 = 13; // bad.test: not allowed; also the direct address below
 const UDP_PORT: u16 = 7777;
-
-/// This thread inside network namespace `ns` until dropped (the dataplane attaches in the
-/// namespace of the thread that asks).
-struct InNetns(File);
-
-impl InNetns {
-    fn enter(ns: &str) -> InNetns {
-        let back = File::open("/proc/thread-self/ns/net").expect("this thread's netns");
-        let there = File::open(Path::new("/run/netns").join(ns)).expect("the host netns");
-        nix::sched::setns(&there, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
-        InNetns(back)
-    }
-}
-
-impl Drop for InNetns {
-    fn drop(&mut self) {
-        nix::sched::setns(&self.0, nix::sched::CloneFlags::CLONE_NEWNET)
-            .expect("back to the test's own netns");
-    }
-}
 
 /// Fields drop in order: the dataplane detaches inside the host namespace, then the thread
 /// leaves it, then the namespaces go.

@@ -389,3 +389,25 @@ pub fn read_events(path: &std::path::Path) -> Vec<Value> {
         .map(|l| serde_json::from_str(l).expect("an events line is JSON"))
         .collect()
 }
+
+/// This thread inside network namespace `ns` (by its name under /run/netns) until dropped:
+/// the dataplane attaches to interfaces (and detaches from them) in the namespace of the
+/// thread that asks.
+pub struct InNetns(std::fs::File);
+
+impl InNetns {
+    pub fn enter(ns: &str) -> InNetns {
+        let back = std::fs::File::open("/proc/thread-self/ns/net").expect("this thread's netns");
+        let there = std::fs::File::open(std::path::Path::new("/run/netns").join(ns))
+            .expect("the namespace");
+        nix::sched::setns(&there, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns");
+        InNetns(back)
+    }
+}
+
+impl Drop for InNetns {
+    fn drop(&mut self) {
+        nix::sched::setns(&self.0, nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("back to the test's own netns");
+    }
+}
