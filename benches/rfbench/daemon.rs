@@ -8,6 +8,8 @@
 //!    server. Right after `job start` returns, the job's sender opens a fresh socket and
 //!    sends one more datagram. A leak is a datagram the server received that was sent
 //!    after `job start` returned and before `job end` was asked for; there must be none.
+//!    (Each datagram carries the time stamped before its send; a send that returned only
+//!    after `job end` was asked, its sender descheduled in between, is counted apart.)
 //!    The same triggered datagram sent with no job must arrive (else the receiver could
 //!    not see a leak). Latencies: `job start` and `job end` round trips on the control
 //!    socket, beside a request the daemon refuses at once (its protocol floor); the same
@@ -53,6 +55,10 @@ const TRIGGERED: u8 = 1;
 /// Try numbers of the no-job control datagrams (never a real try's).
 const CONTROL_BASE: u64 = 1 << 40;
 const EPERM: i32 = libc::EPERM;
+/// A stream send that took longer than this (its stamp to its return) is reported with the
+/// time it returned: the stamp in the datagram is taken before the send, so a sender
+/// descheduled in between can send long after its stamp, after the job ended.
+const SLOW_SEND_NS: u64 = 100_000;
 /// Endpoints the flood goes to: 198.51.100.10..=30, on the link, none of them allowed.
 const FLOOD_ADDRS: u64 = 21;
 const FLOOD_PORTS: u64 = 64512;
@@ -536,6 +542,7 @@ struct Rec {
     kind: u8,
     try_no: u64,
     ts: u64,
+    seq: u64,
 }
 
 fn payload(sender: u8, kind: u8, try_no: u64, ts: u64, seq: u64) -> [u8; 32] {
@@ -599,6 +606,7 @@ impl Receiver {
                                     kind: buf[1],
                                     try_no: u(8..16),
                                     ts: u(16..24),
+                                    seq: u(24..32),
                                 });
                             }
                         }
@@ -696,6 +704,8 @@ fn leak_sender(id: u8) -> Result<()> {
     // (time of the send whose result differs from the last one, its errno, time of the
     // send before it): the moment a job began to refuse lies between the two.
     let mut transitions: Vec<(u64, i32, u64)> = Vec::new();
+    // (seq, stamp, return) of every stream send that passed and took over SLOW_SEND_NS.
+    let mut slow: Vec<(u64, u64, u64)> = Vec::new();
     let mut prev_ts = 0;
     let mut cmd = Vec::new();
     loop {
@@ -715,7 +725,7 @@ fn leak_sender(id: u8) -> Result<()> {
                 writeln!(
                     out,
                     "{}",
-                    json!({"sent": sent, "eperm": eperm, "other": other, "transitions": transitions})
+                    json!({"sent": sent, "eperm": eperm, "other": other, "transitions": transitions, "slow": slow})
                 )?;
                 out.flush()?;
                 return Ok(());
@@ -731,6 +741,10 @@ fn leak_sender(id: u8) -> Result<()> {
         }
         let ts = mono_ns();
         let e = errno_of(&stream.send_to(&payload(id, STREAM, 0, ts, seq), to_stream));
+        let done = mono_ns();
+        if e == 0 && done - ts > SLOW_SEND_NS {
+            slow.push((seq, ts, done));
+        }
         seq += 1;
         sent += 1;
         match e {
@@ -1004,20 +1018,58 @@ fn enforcement(rig: &mut Rig, quick: bool) -> Result<Value> {
             )
         })
         .collect();
+    // The cgroup sender's slow sends, by sequence number: (stamp, return).
+    let slow: std::collections::HashMap<u64, (u64, u64)> = stream_report[0]["slow"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|t| {
+            let f = |i: usize| t[i].as_u64().unwrap_or(0);
+            (f(0), (f(1), f(2)))
+        })
+        .collect();
+    let mut straddled = 0;
     for t in &tries {
         trig_leaks += recs
             .iter()
             .filter(|r| r.kind == TRIGGERED && r.try_no == t.k)
             .count();
         let sender = if t.pid_target { 2 } else { 1 };
-        let in_job = recs
+        let in_job: Vec<&Rec> = recs
             .iter()
             .filter(|r| r.kind == STREAM && r.sender == sender && r.ts > t.t1 && r.ts < t.t2)
-            .count();
+            .collect();
         if t.pid_target {
-            premove_passed += in_job;
+            premove_passed += in_job.len();
         } else {
-            stream_leaks += in_job;
+            // A send stamped inside the job that returned only after `job end` was asked
+            // (its sender descheduled between the stamp and the send) may have been sent
+            // after the job ended: not a leak, counted apart. Every other one is.
+            for r in in_job {
+                match slow.get(&r.seq) {
+                    Some(&(_, done)) if done >= t.t2 => straddled += 1,
+                    s => {
+                        stream_leaks += 1;
+                        eprintln!(
+                            "LEAK detail: try {} stream seq {} stamped {} us after start returned, {} us before end was asked; send {}; sender's transitions then (us from start's request, errno): {:?}",
+                            t.k,
+                            r.seq,
+                            (r.ts - t.t1) / 1000,
+                            (t.t2 - r.ts) / 1000,
+                            match s {
+                                Some(&(a, b)) => format!("took {} us", (b - a) / 1000),
+                                None => format!("took under {} us", SLOW_SEND_NS / 1000),
+                            },
+                            transitions
+                                .iter()
+                                .filter(|(ts, _, _)| *ts + 50_000_000 >= t.t0 && *ts <= t.t2 + 50_000_000)
+                                .map(|(ts, e, _)| ((*ts as i64 - t.t0 as i64) / 1000, *e))
+                                .collect::<Vec<_>>()
+                        );
+                    }
+                }
+            }
             if let Some((ts, _, passed)) = transitions
                 .iter()
                 .find(|(ts, e, _)| *ts >= t.t0 && *ts <= t.t2 && *e == EPERM as i64)
@@ -1059,6 +1111,7 @@ fn enforcement(rig: &mut Rig, quick: bool) -> Result<Value> {
         "triggered_leaks": trig_leaks,
         "stream_refused_in_jobs": stream_report[0]["eperm"],
         "stream_leaks": stream_leaks,
+        "stream_straddled_end": straddled,
         "stream_sent": [stream_report[0]["sent"], stream_report[1]["sent"]],
         "premove_socket_passed": premove_passed,
         "receiver_drops": rcvbuf_drops,
@@ -1466,8 +1519,9 @@ fn print_daemon(v: &Value) {
     println!("job start -> enforcement ({} tries: {} on a cgroup, {} on a pid, {} of them through the CLI)",
         e["tries"], e["tries_cgroup"], e["tries_pid"], e["tries_cli"]);
     println!(
-        "  leaks: {} triggered + {} stream datagrams reached the server during a job (control with no job: {}/{} arrived)",
-        e["triggered_leaks"], e["stream_leaks"], e["control_received"], e["control_sent"]
+        "  leaks: {} triggered + {} stream datagrams reached the server during a job (control with no job: {}/{} arrived; \
+         {} stamped in a job but sent across its end, not counted)",
+        e["triggered_leaks"], e["stream_leaks"], e["control_received"], e["control_sent"], e["stream_straddled_end"]
     );
     println!(
         "  stream datagrams refused while the cgroup job was on: {}; first refusal {} after the request was sent; \
