@@ -346,17 +346,43 @@ fn resolve_over_tcp_then_connect_never_races() {
     assert_eq!(job.code(), Some(0), "{}", job.dump());
     let lines: Vec<&str> = job.stdout.lines().collect();
     assert_eq!(lines.len(), ITERATIONS, "{}", job.dump());
-    let slow: Vec<&&str> = lines
+    let parsed: Vec<(f64, bool)> = lines
         .iter()
-        .filter(|l| {
+        .map(|l| {
             let mut p = l.split_whitespace();
             let t: f64 = p.next().and_then(|t| t.parse().ok()).unwrap_or(f64::MAX);
-            p.next() != Some("200") || t >= 1.0
+            (t, p.next() == Some("200"))
         })
         .collect();
+    let failed: Vec<&&str> = lines
+        .iter()
+        .zip(&parsed)
+        .filter(|(_, (_, ok))| !ok)
+        .map(|(l, _)| l)
+        .collect();
+    assert!(failed.is_empty(), "failed connects: {failed:?}\n{}", job.dump());
+    // A SYN judged before its answer was bound is blocked and cached as blocked: it shows as
+    // a blocked flow event and a connect that fails (its retransmits meet the cached verdict).
+    // Every connection's first packet must have been judged allowed.
+    let flows = job.flows_to(ip.into(), 80);
+    assert_eq!(flows.len(), ITERATIONS, "{}", job.dump());
     assert!(
-        slow.is_empty(),
-        "slow or failed connects: {slow:?}\n{}",
+        flows.iter().all(|f| f["verdict"] == "allowed"),
+        "a connection judged before its answer was bound\n{}",
+        job.dump()
+    );
+    // A ~1 s connect is a retransmitted SYN. One packet lost once on a host saturated by
+    // other work (seen once, with the first SYN's allowed verdict stamped 54 ms after the
+    // answer) is not a race; a dropping pattern is, even one that leaves no event.
+    let slow: Vec<&&str> = lines
+        .iter()
+        .zip(&parsed)
+        .filter(|(_, (t, _))| *t >= 1.0)
+        .map(|(l, _)| l)
+        .collect();
+    assert!(
+        slow.len() <= 1,
+        "slow connects (retransmitted SYNs): {slow:?}\n{}",
         job.dump()
     );
     assert_eq!(tb.http_hits(sa(ip, 80)), ITERATIONS);
