@@ -360,7 +360,11 @@ fn resolve_over_tcp_then_connect_never_races() {
         .filter(|(_, (_, ok))| !ok)
         .map(|(l, _)| l)
         .collect();
-    assert!(failed.is_empty(), "failed connects: {failed:?}\n{}", job.dump());
+    assert!(
+        failed.is_empty(),
+        "failed connects: {failed:?}\n{}",
+        job.dump()
+    );
     // A SYN judged before its answer was bound is blocked and cached as blocked: it shows as
     // a blocked flow event and a connect that fails (its retransmits meet the cached verdict).
     // Every connection's first packet must have been judged allowed.
