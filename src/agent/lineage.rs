@@ -336,7 +336,10 @@ mod tests {
         let reads = cache.reads;
         let b = cache.lineage_at(me, "", t0 + TTL.as_nanos() as u64 + 1);
         assert!(cache.reads > reads, "read again after its TTL");
-        assert!(Arc::ptr_eq(a.exe.as_ref().unwrap(), b.exe.as_ref().unwrap()));
+        assert!(Arc::ptr_eq(
+            a.exe.as_ref().unwrap(),
+            b.exe.as_ref().unwrap()
+        ));
         assert!(Arc::ptr_eq(&a.parents, &b.parents));
         // A changed chain is a new one.
         cache.procs.get_mut(&me).unwrap().parents = Some(Arc::from(vec![]));

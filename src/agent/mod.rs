@@ -1787,7 +1787,11 @@ mod tests {
         q.push(20 * S, 9, a(5));
         assert_eq!(q.len(), 5);
         assert_eq!(q.next_deadline(), Some(11 * S));
-        assert_eq!(q.pop_due(10 * S + 1), None, "not due before its second ends");
+        assert_eq!(
+            q.pop_due(10 * S + 1),
+            None,
+            "not due before its second ends"
+        );
         let mut got = vec![q.pop_due(11 * S).unwrap(), q.pop_due(11 * S).unwrap()];
         got.sort();
         assert_eq!(got, vec![(7, a(2)), (7, a(3))]);

@@ -88,9 +88,10 @@ impl Names {
     /// Indexes `addrs[i]` (not indexed yet).
     fn index_at(&mut self, i: usize) {
         let (addrs, hasher) = (&self.addrs, &self.hasher);
-        self.by_addr.insert_unique(hasher.hash_one(addrs[i].0), i as u32, |&j| {
-            hasher.hash_one(addrs[j as usize].0)
-        });
+        self.by_addr
+            .insert_unique(hasher.hash_one(addrs[i].0), i as u32, |&j| {
+                hasher.hash_one(addrs[j as usize].0)
+            });
     }
 
     /// Distinct names kept.
@@ -144,10 +145,12 @@ impl Names {
         }
         let before = self.addrs.len();
         let slots = &self.slots;
-        self.addrs.retain(|(_, id)| slots[*id as usize].until_s > now);
+        self.addrs
+            .retain(|(_, id)| slots[*id as usize].until_s > now);
         // The survivors moved: indexed again (as a rehash would, once per expiry pass).
         self.by_addr.clear();
-        if self.by_addr.capacity() > SHRINK_ABOVE && self.addrs.len() * 4 <= self.by_addr.capacity() {
+        if self.by_addr.capacity() > SHRINK_ABOVE && self.addrs.len() * 4 <= self.by_addr.capacity()
+        {
             self.by_addr = hashbrown::HashTable::with_capacity(self.addrs.len() * 2);
         }
         if self.addrs.capacity() > SHRINK_ABOVE && self.addrs.len() * 4 <= self.addrs.capacity() {
@@ -304,7 +307,18 @@ mod tests {
     #[test]
     fn survivors_are_found_after_an_expiry_moves_them() {
         let mut n = Names::default();
-        let v6 = |i: u32| IpAddr::from(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, (i >> 16) as u16, i as u16));
+        let v6 = |i: u32| {
+            IpAddr::from(std::net::Ipv6Addr::new(
+                0x2001,
+                0xdb8,
+                0,
+                0,
+                0,
+                0,
+                (i >> 16) as u16,
+                i as u16,
+            ))
+        };
         // 1000 names of 4 addresses, v4 and v6; odd names live to 20 s, even ones to 10 s.
         for i in 0..4000u32 {
             let until = if (i / 4) % 2 == 1 { 20 * S } else { 10 * S };
