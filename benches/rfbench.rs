@@ -1201,6 +1201,18 @@ fn my_maps() -> Vec<(u32, String, u64)> {
         .collect()
 }
 
+/// glibc's view of the heap (mallinfo2): bytes handed out and not freed, and bytes freed
+/// but kept by the allocator (in its arenas, not returned to the kernel), in MiB. RSS is
+/// roughly the first plus the part of the second that was touched.
+fn heap_mib() -> (f64, f64) {
+    // SAFETY: mallinfo2 only reads the allocator's counters.
+    let m = unsafe { libc::mallinfo2() };
+    (
+        (m.uordblks + m.hblkhd) as f64 / 1048576.0,
+        m.fordblks as f64 / 1048576.0,
+    )
+}
+
 fn memory(args: &Args) -> Result<()> {
     let total: u64 = if args.quick { 20_000 } else { 1_000_000 };
     let jobs: u32 = 256;
@@ -1325,6 +1337,12 @@ fn memory(args: &Args) -> Result<()> {
 fn churn(args: &Args) -> Result<()> {
     use ringfence::testkit::testrun::{dns_answer, Rr};
     let total: u64 = if args.quick { 20_000 } else { 200_000 };
+    // Profiling (heaptrack): a shorter life, and an exit with the agent still alive, so its
+    // live allocations show as "leaked" by site.
+    let total: u64 = std::env::var("RFBENCH_CHURN_NAMES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(total);
     let first: u64 = if args.quick { 2_000 } else { 10_000 };
     let jobs: u32 = 4;
     let per: u64 = 4;
@@ -1425,16 +1443,20 @@ fn churn(args: &Args) -> Result<()> {
         if (i + 1) % (total / 20) == 0 {
             let rss = status_kib("VmRSS:");
             let names: usize = agent.jobs.values().map(|j| j.names_kept()).sum();
+            let (used, free) = heap_mib();
             println!(
-                "  {:>7} names, {:>6.1} h: RSS {:>6.1} MiB, addresses named {names}",
+                "  {:>7} names, {:>6.1} h: RSS {:>6.1} MiB (malloc: {used:.1} MiB in use, {free:.1} MiB free and kept), addresses named {names}",
                 i + 1,
                 (ts - t0) as f64 / 3.6e12,
                 rss as f64 / 1024.0
             );
-            curve.push(json!({"names": i + 1, "hours": round2((ts - t0) as f64 / 3.6e12), "rss_mib": round2(rss as f64 / 1024.0), "addresses_named": names}));
+            curve.push(json!({"names": i + 1, "hours": round2((ts - t0) as f64 / 3.6e12), "rss_mib": round2(rss as f64 / 1024.0), "heap_in_use_mib": round2(used), "heap_free_kept_mib": round2(free), "addresses_named": names}));
         }
     }
     let _ = now;
+    if std::env::var_os("RFBENCH_CHURN_EXIT").is_some() {
+        std::process::exit(0);
+    }
     agent.finish();
     let rss_end = status_kib("VmRSS:");
     let ratio = rss_end as f64 / rss_first.max(1) as f64;

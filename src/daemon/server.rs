@@ -171,6 +171,9 @@ pub struct Daemon {
     host_usage: Usage,
     /// The host's webhooks (config `[[webhook]]`), told of every job's blocks and findings.
     webhooks: Vec<crate::notify::Sink>,
+    /// A job ended: once its reply (the rendered report) is sent and dropped, the heap's
+    /// free pages go back to the kernel (see `agent::trim_heap`).
+    trim_due: bool,
 }
 
 /// `ringfence run`.
@@ -421,6 +424,7 @@ impl Daemon {
             unload: false,
             host_usage,
             webhooks,
+            trim_due: false,
         };
         d.agent.borrow_mut().recent = Some(Default::default());
         d.save_state();
@@ -636,6 +640,11 @@ impl Daemon {
                         if done {
                             if let Some(mut c) = conns.remove(&t) {
                                 let _ = poll.registry().deregister(&mut c.stream);
+                            }
+                            // After a 32-job flood the ended jobs' freed heap stayed in the
+                            // daemon's RSS (193-274 MiB; trimmed: 40-44, rfbench daemon).
+                            if std::mem::take(&mut self.trim_due) {
+                                crate::agent::trim_heap();
                             }
                         }
                     }
@@ -1362,6 +1371,7 @@ impl Daemon {
             }
         }
         self.agent.borrow_mut().remove_job(slot);
+        self.trim_due = true;
         self.jobs.remove(id);
         self.state.jobs.retain(|j| j.id != id);
         self.save_state();
